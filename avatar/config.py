@@ -1,0 +1,121 @@
+"""One dataclass config per component; every default lives here. The CLI is built from these.
+
+`add_config_arguments` turns a config class into argparse options (`--face.min-face-size 64`),
+and `config_from_args` builds the instance back, so a default is never written twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    """Wav2Lip-compatible log-mel front-end (80 mel frames per second at 16 kHz)."""
+
+    sample_rate: int = 16000
+    n_fft: int = 800
+    hop_length: int = 200
+    win_length: int = 800
+    n_mels: int = 80
+    fmin: float = 55.0
+    fmax: float = 7600.0
+    preemphasis: float = 0.97
+    ref_level_db: float = 20.0
+    min_level_db: float = -100.0
+    max_abs_value: float = 4.0
+    # Per-video-frame windows: frame i uses mel[start : start + window_frames] with
+    # start = int(i * 80 / fps) + window_offset. Negative offsets centre the window (less look-ahead).
+    window_frames: int = 16
+    window_offset: int = 0
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    """Energy-based voice activity per video frame, with a tracked noise floor."""
+
+    margin_db: float = 12.0  # speech is this far above the tracked noise floor
+    absolute_floor_dbfs: float = -55.0  # anything quieter is silence, whatever the floor
+    floor_rise_db_per_s: float = 3.0  # how fast the noise-floor tracker may rise
+    softness_db: float = 2.0  # width of the soft decision around the threshold
+    hangover_s: float = 0.12  # speech stays "on" this long after the energy drops
+
+
+@dataclass(frozen=True)
+class FaceConfig:
+    """Face detection, choice and landmark tracking (mediapipe face mesh, 478 points)."""
+
+    max_faces: int = 6
+    face_index: typing.Optional[int] = None  # faces are numbered left to right; None: the largest
+    min_face_size: int = 48  # px: the face box height in the source image must be at least this
+    ambiguity_ratio: float = 0.8  # a second face this close in size to the largest needs face_index
+    min_detection_confidence: float = 0.5
+    mesh_input_size: int = 256  # px: face region is resized to this before the mesh model
+    # Temporal smoothing in video (one-euro filters; units: inter-ocular distances and seconds).
+    smooth: bool = True
+    landmark_min_cutoff_hz: float = 3.0
+    landmark_beta: float = 4.0
+    transform_min_cutoff_hz: float = 1.0
+    transform_beta: float = 1.5
+    redetect_every_s: float = 2.0  # re-run full detection this often while tracking
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Canonical alignment to a square crop and paste-back."""
+
+    crop_size: int = 128
+    feather_frac: float = 0.06  # feather band width as a fraction of the crop size
+    lower_face_dilate_frac: float = 0.04  # grow the lower-face mask by this fraction of the crop
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Dataset preprocessing into the training cache."""
+
+    crop_sizes: typing.Tuple[int, ...] = (128,)
+    kinds: typing.Tuple[str, ...] = ("video", "video_silent")
+    workers: int = 2
+    max_yaw_deg: float = 40.0  # frames turned further are dropped as "profile"
+    min_sharpness_ratio: float = 0.35  # Laplacian variance below this fraction of the clip median: "blur"
+    crop_crf: int = 16  # H.264 quality of cached crops (lower is better)
+    val_seed: int = 20261122
+
+
+def _field_type(field: dataclasses.Field, cls: type) -> type:
+    hints = typing.get_type_hints(cls)
+    return hints[field.name]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+    """Add one `--{prefix}.{field-name}` option per dataclass field, defaulting to the config's."""
+    group = parser.add_argument_group(f"{prefix} options ({cls.__name__})")
+    for field in dataclasses.fields(cls):
+        hint = _field_type(field, cls)
+        flag = f"--{prefix}.{field.name.replace('_', '-')}"
+        dest = f"{prefix}__{field.name}"
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if hint is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=field.default)
+        elif origin is typing.Union and type(None) in args:
+            inner = next(a for a in args if a is not type(None))
+            group.add_argument(flag, dest=dest, type=inner, default=field.default, metavar=inner.__name__.upper())
+        elif origin in (tuple, typing.Tuple):
+            group.add_argument(flag, dest=dest, type=args[0], nargs="+", default=field.default)
+        else:
+            group.add_argument(flag, dest=dest, type=hint, default=field.default, metavar=hint.__name__.upper())
+
+
+def config_from_args(args: argparse.Namespace, cls: type, prefix: str):
+    """Build a `cls` instance from options added by `add_config_arguments`."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(args, f"{prefix}__{field.name}")
+        if isinstance(value, list):
+            value = tuple(value)
+        values[field.name] = value
+    return cls(**values)

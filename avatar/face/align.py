@@ -1,0 +1,233 @@
+"""Canonical alignment: a similarity transform from stable landmarks (eye corners, nose bridge) to a
+template, a square crop (default 128, 256 supported), landmarks in crop coordinates, the inverse
+warp with a feathered mask to paste a crop back, and the lower-face mask the renderer repaints.
+
+Transforms are `(2, 3) float64` affine matrices mapping frame pixels → crop pixels (x right, y down,
+pixel centres at integer coordinates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import math
+import typing
+
+import cv2
+import numpy as np
+
+from avatar.config import AlignConfig, FaceConfig
+from avatar.face import landmarks as lm
+from avatar.face.smoothing import OneEuroFilter
+
+# Where the canonical face sits in a crop, as fractions of the crop side.
+FOREHEAD_Y = 0.12  # landmark 10 (top of the face oval)
+CHIN_Y = 0.80  # landmark 152 (the chin, mouth closed); room below it for an open jaw
+TEMPLATE_FILE = "face_template.npy"
+
+
+@functools.lru_cache(maxsize=None)
+def canonical_template() -> np.ndarray:
+    """Mean frontal face, `(478, 2) float64`: eye-centre midpoint at (0, 0), eyes on the x axis,
+    inter-ocular distance 1. Built from real portraits by `python -m training.make_face_template`."""
+    path = importlib.resources.files("avatar.face").joinpath(TEMPLATE_FILE)
+    with importlib.resources.as_file(path) as p:
+        return np.load(p).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def crop_template(crop_size: int) -> np.ndarray:
+    """The canonical face in crop pixels, `(478, 2) float64`, for a crop of side `crop_size`."""
+    t = canonical_template()
+    scale = (CHIN_Y - FOREHEAD_Y) * crop_size / (t[lm.CHIN, 1] - t[10, 1])
+    centre_x = (t[234, 0] + t[454, 0]) / 2
+    x = (t[:, 0] - centre_x) * scale + (crop_size - 1) / 2
+    y = (t[:, 1] - t[10, 1]) * scale + FOREHEAD_Y * crop_size
+    return np.stack([x, y], axis=1)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation; no reflection) src → dst.
+
+    src, dst: `(N, 2)`. Returns `(2, 3) float64`.
+    """
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    var = (a ** 2).sum()
+    if var <= 1e-12:
+        raise ValueError("degenerate landmarks: all points coincide")
+    # Closed form for the 2D similarity: [c -s; s c] minimising |b - R a|.
+    c = (a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1]).sum() / var
+    s = (a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]).sum() / var
+    rotation = np.array([[c, -s], [s, c]])
+    return np.hstack([rotation, (mu_d - rotation @ mu_s)[:, None]])
+
+
+def apply_transform(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Map `(..., 2+)` points by a `(2, 3)` affine; extra columns (z) are scaled by the transform's scale."""
+    points = np.asarray(points, np.float64)
+    xy = points[..., :2] @ matrix[:, :2].T + matrix[:, 2]
+    if points.shape[-1] > 2:
+        return np.concatenate([xy, points[..., 2:] * transform_scale(matrix)], axis=-1)
+    return xy
+
+
+def invert_transform(matrix: np.ndarray) -> np.ndarray:
+    return cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+
+
+def transform_scale(matrix: np.ndarray) -> float:
+    return math.sqrt(abs(np.linalg.det(np.asarray(matrix)[:, :2])))
+
+
+def warp_image(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Warp `(H, W, C) uint8` into a `(size, size, C)` square by `matrix` (image → output pixels).
+
+    When the output is smaller than the source region (scale < 1) the region is first shrunk with
+    area averaging, so the result is not aliased; upscaling uses bicubic interpolation. Pixels from
+    outside the image repeat the border.
+    """
+    matrix = np.asarray(matrix, np.float64)
+    scale = transform_scale(matrix)
+    if scale >= 0.75:
+        return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    inverse = invert_transform(matrix)
+    corners = apply_transform(np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64), inverse)
+    h, w = image.shape[:2]
+    x0, y0 = np.floor(corners.min(0)).astype(int) - 2
+    x1, y1 = np.ceil(corners.max(0)).astype(int) + 2
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 - x0 < 2 or y1 - y0 < 2:  # the region is (almost) entirely outside the image
+        return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out_w, out_h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+    window = cv2.resize(image[y0:y1, x0:x1], (out_w, out_h), interpolation=cv2.INTER_AREA)
+    fx, fy = out_w / (x1 - x0), out_h / (y1 - y0)
+    # window pixel centre j ↔ image coordinate x0 + (j + 0.5) / fx - 0.5
+    to_window = np.array([[fx, 0, fx * (0.5 - x0) - 0.5], [0, fy, fy * (0.5 - y0) - 0.5], [0, 0, 1]])
+    composed = np.vstack([matrix, [0, 0, 1]]) @ np.linalg.inv(to_window)
+    return cv2.warpAffine(window, composed[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+@dataclasses.dataclass
+class AlignedFace:
+    """crop: `(S, S, 3) uint8` RGB. landmarks: `(478, 3) float32` in crop pixels (z scaled alike).
+    transform: `(2, 3) float64`, frame → crop."""
+
+    crop: np.ndarray
+    landmarks: np.ndarray
+    transform: np.ndarray
+
+
+class FaceAligner:
+    """Align faces to the canonical crop and paste crops back into frames."""
+
+    def __init__(self, config: AlignConfig = AlignConfig()):
+        if config.crop_size < 32:
+            raise ValueError(f"crop_size must be at least 32, got {config.crop_size}")
+        self.config = config
+        self.size = config.crop_size
+        self.template = crop_template(self.size)
+
+    def transform_for(self, landmarks: np.ndarray) -> np.ndarray:
+        """Frame → crop similarity from a face's stable points. `landmarks: (478, 2+)` frame pixels."""
+        return similarity_transform(np.asarray(landmarks)[lm.STABLE, :2], self.template[lm.STABLE])
+
+    def align(self, image: np.ndarray, landmarks: np.ndarray, transform: typing.Optional[np.ndarray] = None) -> AlignedFace:
+        """Crop `image: (H, W, 3) uint8` around the face with `landmarks: (478, 2|3)` in its pixels."""
+        matrix = self.transform_for(landmarks) if transform is None else np.asarray(transform, np.float64)
+        crop = warp_image(image, matrix, self.size)
+        points = apply_transform(np.asarray(landmarks, np.float64), matrix).astype(np.float32)
+        return AlignedFace(crop, points, matrix)
+
+    @functools.cached_property
+    def border_mask(self) -> np.ndarray:
+        """The whole crop with feathered edges, `(S, S) float32` in [0, 1]."""
+        feather = max(1, int(round(self.config.feather_frac * self.size)))
+        mask = np.zeros((self.size, self.size), np.float32)
+        mask[feather:-feather, feather:-feather] = 1.0
+        return cv2.GaussianBlur(mask, (0, 0), sigmaX=feather / 2.0, borderType=cv2.BORDER_CONSTANT)
+
+    def lower_face_mask(self, crop_landmarks: np.ndarray, feather: bool = True) -> np.ndarray:
+        """What the renderer repaints: mouth, chin and jaw, `(S, S) float32` in [0, 1].
+
+        The polygon runs along the jaw (cheek at nose height → chin → other cheek) and closes under
+        the nose; it is grown by `lower_face_dilate_frac` (more downwards, for an opening jaw) and
+        feathered.
+        """
+        points = np.asarray(crop_landmarks)[:, :2]
+        polygon = np.concatenate([points[lm.JAW], points[[lm.SUBNASALE]]], axis=0)
+        mask = np.zeros((self.size, self.size), np.uint8)
+        cv2.fillPoly(mask, [np.round(polygon * 16).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
+        grow = max(1, int(round(self.config.lower_face_dilate_frac * self.size)))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+        mask = cv2.dilate(mask, kernel)
+        shifted = np.zeros_like(mask)
+        shifted[grow:] = mask[:-grow]  # the jaw drops when the mouth opens
+        mask = np.maximum(mask, shifted).astype(np.float32) / 255.0
+        if feather:
+            sigma = max(0.5, self.config.feather_frac * self.size / 2.0)
+            mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma)
+        return np.clip(mask, 0.0, 1.0)
+
+    def paste_back(
+        self, frame: np.ndarray, crop: np.ndarray, transform: np.ndarray, mask: typing.Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """Blend `crop: (S, S, 3) uint8` into a copy of `frame: (H, W, 3) uint8` where `mask`
+        (`(S, S) float32` in [0, 1], default: the feathered crop border) is set. Pixels outside the
+        mask's footprint are returned unchanged."""
+        if crop.shape[:2] != (self.size, self.size):
+            raise ValueError(f"crop must be {self.size}x{self.size}, got {crop.shape[:2]}")
+        mask = self.border_mask if mask is None else np.asarray(mask, np.float32)
+        inverse = invert_transform(transform)
+        h, w = frame.shape[:2]
+        corners = apply_transform(np.array([[0, 0], [self.size, 0], [0, self.size], [self.size, self.size]], float), inverse)
+        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int) - 1, 0)
+        x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2, [w, h])
+        out = frame.copy()
+        if x1 <= x0 or y1 <= y0:
+            return out
+        shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
+        region_from_crop = shift @ np.vstack([inverse, [0, 0, 1]])
+        size = (int(x1 - x0), int(y1 - y0))
+        warped = cv2.warpAffine(crop, region_from_crop, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+        alpha = cv2.warpAffine(mask, region_from_crop, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)[..., None]
+        region = out[y0:y1, x0:x1].astype(np.float32)
+        out[y0:y1, x0:x1] = np.clip(region + alpha * (warped.astype(np.float32) - region) + 0.5, 0, 255).astype(np.uint8)
+        return out
+
+    def paste_alpha(self, frame_shape: typing.Tuple[int, int], transform: np.ndarray,
+                    mask: typing.Optional[np.ndarray] = None) -> np.ndarray:
+        """The blend weight `paste_back` uses at each frame pixel, `(H, W) float32` in [0, 1]."""
+        mask = self.border_mask if mask is None else np.asarray(mask, np.float32)
+        h, w = frame_shape[:2]
+        return cv2.warpAffine(mask, invert_transform(transform), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+
+class TransformSmoother:
+    """One-euro smoothing of a stream of similarity transforms: (log-scale, angle) and the frame
+    position of the crop centre, whose speeds are measured in crop sides per second, so the same
+    settings fit any frame size."""
+
+    def __init__(self, config: FaceConfig = FaceConfig(), crop_size: int = 128):
+        self.pose_filter = OneEuroFilter(config.transform_min_cutoff_hz, config.transform_beta)
+        self.centre_filter = OneEuroFilter(config.transform_min_cutoff_hz, config.transform_beta)
+        self.crop_size = crop_size
+
+    def reset(self) -> None:
+        self.pose_filter.reset()
+        self.centre_filter.reset()
+
+    def __call__(self, matrix: np.ndarray, t: float) -> np.ndarray:
+        scale = transform_scale(matrix)
+        angle = math.atan2(matrix[1, 0], matrix[0, 0])
+        c = (self.crop_size - 1) / 2
+        centre = apply_transform(np.array([[c, c]]), invert_transform(matrix))[0]
+        log_s, a = self.pose_filter(np.array([math.log(scale), angle]), t)
+        cx, cy = self.centre_filter(centre, t, scale=self.crop_size / scale)
+        s = math.exp(log_s)
+        rotation = s * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+        translation = np.array([c, c]) - rotation @ np.array([cx, cy])
+        return np.hstack([rotation, translation[:, None]])
