@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/lock.txt Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/avatar inspect --image assets/samples/portrait.png --audio assets/samples/speech.flac \
+	$(VENV)/bin/avatar inspect --image assets/samples/portrait.jpg --audio assets/samples/speech.flac \
 		--output out/demo_frontends.mp4
 
 test: $(STAMP)

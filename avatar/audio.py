@@ -242,8 +242,21 @@ def mel_windows(mel: np.ndarray, fps: float, n_frames: int, config: MelConfig = 
     """
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    starts = window_starts(n_frames, fps, config)
+    return cut_windows(mel, window_starts(n_frames, fps, config), config)
+
+
+def timestamp_window_starts(timestamps: np.ndarray, config: MelConfig = MelConfig()) -> np.ndarray:
+    """Window starts for frames at given times (variable frame rate): `(T,) int64`."""
+    mel_fps = config.sample_rate / config.hop_length
+    return np.floor(np.asarray(timestamps, np.float64) * mel_fps + 1e-6).astype(np.int64) + config.window_offset
+
+
+def cut_windows(mel: np.ndarray, starts: np.ndarray, config: MelConfig = MelConfig()) -> np.ndarray:
+    """`mel: (F, 80)`, `starts: (T,) int` → `(T, window_frames, 80) float32`, silence-padded at both ends."""
     w = config.window_frames
+    starts = np.asarray(starts, np.int64)
+    if starts.size == 0:
+        return np.zeros((0, w, mel.shape[1]), np.float32)
     pad_before = max(0, -int(starts.min()))
     pad_after = max(0, int(starts.max()) + w - mel.shape[0])
     padded = np.pad(mel, ((pad_before, pad_after), (0, 0)), constant_values=-config.max_abs_value)

@@ -56,11 +56,10 @@ class FaceConfig:
     mesh_input_size: int = 256  # px: face region is resized to this before the mesh model
     # Temporal smoothing in video (one-euro filters; units: inter-ocular distances and seconds).
     smooth: bool = True
-    landmark_min_cutoff_hz: float = 3.0
-    landmark_beta: float = 4.0
+    landmark_min_cutoff_hz: float = 8.0  # lips must keep their motion: r > 0.98 with raw on real clips
+    landmark_beta: float = 20.0
     transform_min_cutoff_hz: float = 1.0
     transform_beta: float = 1.5
-    redetect_every_s: float = 2.0  # re-run full detection this often while tracking
 
 
 @dataclass(frozen=True)
@@ -91,11 +90,12 @@ def _field_type(field: dataclasses.Field, cls: type) -> type:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
-    """Add one `--{prefix}.{field-name}` option per dataclass field, defaulting to the config's."""
-    group = parser.add_argument_group(f"{prefix} options ({cls.__name__})")
+    """Add one `--{prefix}.{field-name}` option per dataclass field (`--{field-name}` when the prefix
+    is empty), defaulting to the config's."""
+    group = parser.add_argument_group(f"{prefix or cls.__name__} options")
     for field in dataclasses.fields(cls):
         hint = _field_type(field, cls)
-        flag = f"--{prefix}.{field.name.replace('_', '-')}"
+        flag = f"--{prefix + '.' if prefix else ''}{field.name.replace('_', '-')}"
         dest = f"{prefix}__{field.name}"
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)

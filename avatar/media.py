@@ -257,6 +257,8 @@ def check_output_path(output: PathLike, inputs: typing.Sequence[PathLike] = ()) 
     folder = out.parent if str(out.parent) else pathlib.Path(".")
     if out.is_dir():
         raise MediaError(f"{out}: is a folder; give a file name such as {out / 'out.mp4'}")
+    if folder.exists() and not folder.is_dir():
+        raise MediaError(f"{folder}: is a file, not a folder; choose an output path in a writable folder")
     if not folder.exists():
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -267,15 +269,25 @@ def check_output_path(output: PathLike, inputs: typing.Sequence[PathLike] = ()) 
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(output: PathLike, inputs: typing.Sequence[PathLike] = ()) -> typing.Iterator[pathlib.Path]:
     """Yield a temporary path beside `output`; on success rename it over `output`, on failure delete it."""
     out = check_output_path(output, inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}", dir=out.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}", dir=out.parent)
+    except OSError as exc:
+        raise MediaError(f"{out.parent}: cannot write there ({exc.strerror}); choose a writable output folder") from exc
     os.close(fd)
     tmp = pathlib.Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -288,13 +300,15 @@ class VideoWriter:
     `audio`: `(N,) float32` mono at `sample_rate` for the whole clip (optional). At close the audio is
     trimmed or padded with silence to the video's duration, so the two match within one frame.
     Frames: `(H, W, 3) uint8` RGB, all the same size; odd sizes are padded by one edge pixel
-    (yuv420p needs even dimensions). The file appears at `path` only when writing succeeded.
+    (yuv420p needs even dimensions). `pix_fmt="yuv444p"` keeps full colour resolution (used for the
+    training cache; players other than ffmpeg-based ones may not show it). The file appears at
+    `path` only when writing succeeded.
     """
 
     def __init__(
         self, path: PathLike, fps: float, audio: typing.Optional[np.ndarray] = None, sample_rate: int = 16000,
         crf: int = 18, preset: str = "medium", metadata: typing.Optional[typing.Dict[str, str]] = None,
-        inputs: typing.Sequence[PathLike] = (),
+        inputs: typing.Sequence[PathLike] = (), pix_fmt: str = "yuv420p",
     ):
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
@@ -302,7 +316,7 @@ class VideoWriter:
         self.fps = fps
         self.audio = None if audio is None else np.asarray(audio, np.float32)
         self.sample_rate = sample_rate
-        self.crf, self.preset = crf, preset
+        self.crf, self.preset, self.pix_fmt = crf, preset, pix_fmt
         self.metadata = metadata or {}
         self._inputs = inputs
         self._atomic = None
@@ -324,7 +338,7 @@ class VideoWriter:
             self._container.metadata[key] = value
         rate = fractions.Fraction(self.fps).limit_denominator(1001)
         self._video = self._container.add_stream("libx264", rate=rate)
-        self._video.pix_fmt = "yuv420p"
+        self._video.pix_fmt = self.pix_fmt
         self._video.options = {"crf": str(self.crf), "preset": self.preset}
         if self.audio is not None:
             self._audio_stream = self._container.add_stream("aac", rate=OUTPUT_AUDIO_RATE)

@@ -42,9 +42,18 @@ def crop_template(crop_size: int) -> np.ndarray:
     t = canonical_template()
     scale = (CHIN_Y - FOREHEAD_Y) * crop_size / (t[lm.CHIN, 1] - t[10, 1])
     centre_x = (t[234, 0] + t[454, 0]) / 2
-    x = (t[:, 0] - centre_x) * scale + (crop_size - 1) / 2
+    # Continuous crop coordinates (pixel edges at integers) scale exactly with the crop size;
+    # subtracting 0.5 gives pixel-centre coordinates, the convention of every transform here.
+    x = (t[:, 0] - centre_x) * scale + crop_size / 2
     y = (t[:, 1] - t[10, 1]) * scale + FOREHEAD_Y * crop_size
-    return np.stack([x, y], axis=1)
+    return np.stack([x, y], axis=1) - 0.5
+
+
+def rescale_transform(matrix: np.ndarray, from_size: int, to_size: int) -> np.ndarray:
+    """The frame → crop transform for a crop of side `to_size`, given the one for `from_size`."""
+    k = to_size / from_size
+    change = np.array([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1]])
+    return (change @ np.vstack([np.asarray(matrix, np.float64), [0, 0, 1]]))[:2]
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -51,15 +51,19 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
     return np.linalg.norm(landmarks[..., LOWER_LIP_INNER, :2] - landmarks[..., UPPER_LIP_INNER, :2], axis=-1)
 
 
-def yaw_degrees(landmarks: np.ndarray) -> np.ndarray:
-    """Rough head yaw from the nose tip's place between the cheeks, `(...)` degrees (0 = frontal).
+YAW_PAIRS = np.array([[33, 263], [133, 362], [234, 454], [93, 323], [58, 288]])  # subject's right → left
 
-    Positive when the nose points to the image's right.
+
+def yaw_degrees(landmarks: np.ndarray) -> np.ndarray:
+    """Head yaw from the mesh's depth, `(...)` degrees (0 = frontal); needs `(..., 478, 3)` landmarks.
+
+    For symmetric point pairs (eye corners, cheeks, jaw) the angle of the right → left vector out of
+    the image plane, averaged. (Judging yaw from where the nose sits between the cheeks overstates it
+    badly: the far cheek's landmarks slide along the silhouette.)
     """
-    right_cheek = landmarks[..., 234, :2]
-    left_cheek = landmarks[..., 454, :2]
-    nose = landmarks[..., NOSE_TIP, :2]
-    width = np.linalg.norm(left_cheek - right_cheek, axis=-1)
-    axis = (left_cheek - right_cheek) / np.maximum(width, 1e-9)[..., None]
-    along = ((nose - right_cheek) * axis).sum(-1) / np.maximum(width, 1e-9)  # 0.5 when frontal
-    return np.degrees(np.arcsin(np.clip(2.0 * along - 1.0, -1.0, 1.0)))
+    landmarks = np.asarray(landmarks, np.float64)
+    if landmarks.shape[-1] < 3:
+        raise ValueError("yaw needs 3D landmarks (..., 478, 3)")
+    d = landmarks[..., YAW_PAIRS[:, 1], :] - landmarks[..., YAW_PAIRS[:, 0], :]
+    in_plane = np.linalg.norm(d[..., :2], axis=-1)
+    return np.degrees(np.arctan2(d[..., 2], in_plane)).mean(axis=-1)

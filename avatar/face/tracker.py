@@ -42,6 +42,7 @@ class Face:
     landmarks: np.ndarray
     box: typing.Tuple[float, float, float, float]
     score: float
+    region: typing.Optional[np.ndarray] = None  # the mesh region `(cx, cy, side)` these came from
 
     @property
     def size(self) -> float:
@@ -151,7 +152,15 @@ class FaceTracker:
             points = self._mesh_in_region(image, region[0], region[1], region[2] * ROI_SCALE)
             if points is None:
                 continue
-            face = Face(points, _landmark_box(points), score)
+            # Refine once in the region the landmarks themselves define: the same region tracking
+            # uses next, so a still image gives the same landmarks in `detect` and in every frame.
+            mesh_region = _next_region(None, Face(points, _landmark_box(points), score))
+            refined = self._mesh_in_region(image, *mesh_region)
+            if refined is None:
+                mesh_region = None
+            else:
+                points = refined
+            face = Face(points, _landmark_box(points), score, mesh_region)
             if any(_iou(face.box, other.box) > 0.5 for other in faces):
                 continue
             faces.append(face)
@@ -207,13 +216,15 @@ class FaceTracker:
                 points = self._mesh_in_region(image, *region)
             if points is None:
                 faces = self.detect(image)
+                found = None
                 if faces and previous is None:
-                    chosen = self._choose(faces, what)
-                    points = chosen.landmarks
+                    found = self._choose(faces, what)
                 elif faces and previous is not None:
                     nearest = min(faces, key=lambda f: float(np.hypot(*(f.centre - previous.centre))))
                     if np.hypot(*(nearest.centre - previous.centre)) < 1.5 * previous.size:
-                        points = nearest.landmarks
+                        found = nearest
+                if found is not None:
+                    points, region = found.landmarks, found.region
                 if points is None:
                     region = None
                     landmark_filter.reset()
@@ -224,8 +235,8 @@ class FaceTracker:
             if c.smooth:
                 scale = float(lm.interocular(points))
                 points = landmark_filter(points, timestamp, scale=scale).astype(np.float32)
-            face = Face(points, _landmark_box(points), 1.0)
-            region = _next_region(region, face)
+            region = _next_region(region, Face(raw, _landmark_box(raw), 1.0))
+            face = Face(points, _landmark_box(points), 1.0, region)
             previous = face
             yield TrackedFrame(index, timestamp, face, raw)
         if not any_face:

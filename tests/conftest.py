@@ -1,0 +1,46 @@
+"""Shared fixtures: the real media in ../shared/data (read in place, never written)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = (REPO / ".." / "shared" / "data").resolve()
+
+GRID_CLIP = DATA / "video/rizkiarm__LipNet/bbaf2n.mpg"  # MPEG-1, 360x288, GRID-A (validation person)
+LRS2_CLIP = DATA / "video/smeetrs__deep_avsr/00001.mp4"  # MPEG-4 part 2, 160x160
+LRS2_YAW_CLIP = DATA / "video/smeetrs__deep_avsr/00009.mp4"  # profile / three-quarter view
+SMALL_FACE_CLIP = DATA / "video/emedinac__LatentSync/demo2_video.mp4"  # HEVC 1080x1920, face ~12% of height
+TWO_PEOPLE_CLIP = DATA / "video/facebookresearch__VisualVoice/interview.mp4"
+SILENT_CLIP = DATA / "video_silent/tanshuai0219__EDTalk/mouth_source.mp4"  # no audio track
+PORTRAIT = DATA / "faces/ageitgey__face_recognition/obama.jpg"
+GROUP_PHOTO = DATA / "faces/serengil__deepface/selfie-many-people.jpg"
+TWO_PEOPLE_PHOTO = DATA / "faces/ageitgey__face_recognition/two_people.jpg"
+SPEECH_FLAC = DATA / "speech/resemble-ai__Resemblyzer/19-198-0000.flac"  # LibriSpeech, 16 kHz
+
+
+def pytest_configure(config):
+    if not (DATA / "manifest.csv").exists():
+        raise pytest.UsageError(f"the shared data is missing: expected {DATA}/manifest.csv beside the repository")
+
+
+@pytest.fixture(scope="session")
+def tracker():
+    from avatar.face.tracker import FaceTracker
+
+    with FaceTracker() as t:
+        yield t
+
+
+@pytest.fixture(scope="session")
+def speech_16k():
+    from avatar import media
+
+    return media.read_audio(SPEECH_FLAC, 16000)
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask=None) -> float:
+    diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    mse = diff[mask].mean() if mask is not None else diff.mean()
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))

@@ -1,0 +1,170 @@
+"""Face front-end on real photos and clips: detection, choice, tracking, jitter, alignment, paste-back."""
+
+import numpy as np
+import pytest
+
+from avatar import media
+from avatar.config import AlignConfig, FaceConfig
+from avatar.errors import FaceTooSmallError, NoFaceError, SeveralFacesError
+from avatar.face import landmarks as lm
+from avatar.face.align import FaceAligner, apply_transform, rescale_transform
+from avatar.face.tracker import FaceTracker
+from avatar.face.video import align_video
+from conftest import (GRID_CLIP, GROUP_PHOTO, LRS2_CLIP, LRS2_YAW_CLIP, PORTRAIT, SMALL_FACE_CLIP, TWO_PEOPLE_CLIP,
+                      TWO_PEOPLE_PHOTO, psnr)
+
+
+def frames_of(path, n=None):
+    for i, item in enumerate(media.iter_video_frames(path)):
+        if n is not None and i >= n:
+            return
+        yield item
+
+
+def test_portrait_gives_478_landmarks_on_the_face(tracker):
+    image = media.read_image(PORTRAIT)
+    face = tracker.select(image)
+    assert face.landmarks.shape == (478, 3) and face.landmarks.dtype == np.float32
+    x0, y0, x1, y1 = face.box
+    assert 0 <= x0 < x1 <= image.shape[1] and 0 <= y0 < y1 <= image.shape[0]
+    eyes = lm.eye_centres(face.landmarks)
+    assert eyes[0, 0] < eyes[1, 0]  # subject's right eye on the image's left
+    assert face.landmarks[lm.CHIN, 1] > face.landmarks[lm.NOSE_TIP, 1] > eyes[:, 1].max()
+    assert abs(float(lm.yaw_degrees(face.landmarks))) < 15
+
+
+def test_group_photo_needs_a_choice_and_indices_go_left_to_right(tracker):
+    image = media.read_image(GROUP_PHOTO)
+    faces = tracker.detect(image)
+    assert len(faces) >= 3
+    centres = [f.centre[0] for f in faces]
+    assert centres == sorted(centres)
+    with pytest.raises(SeveralFacesError, match="face index") as info:
+        tracker.select(image)
+    assert "\n" not in str(info.value)
+    for index in (0, len(faces) - 1):
+        chosen = FaceTracker(FaceConfig(face_index=index)).select(image)
+        assert np.allclose(chosen.centre, faces[index].centre, atol=2)
+    with pytest.raises(SeveralFacesError, match="out of range"):
+        FaceTracker(FaceConfig(face_index=len(faces))).select(image)
+
+
+def test_two_people_photo_is_ambiguous(tracker):
+    with pytest.raises(SeveralFacesError):
+        tracker.select(media.read_image(TWO_PEOPLE_PHOTO))
+
+
+def test_no_face_and_too_small_face_are_clear_errors(tracker):
+    from skimage import data
+
+    with pytest.raises(NoFaceError, match="no face") as info:
+        tracker.select(np.ascontiguousarray(data.coffee()), what="coffee.png")  # a real photo of a cup
+    assert "coffee.png" in str(info.value)
+    import cv2
+
+    image = media.read_image(PORTRAIT)
+    tiny = cv2.resize(image, (image.shape[1] // 8, image.shape[0] // 8), interpolation=cv2.INTER_AREA)
+    with pytest.raises(FaceTooSmallError, match="minimum is 48 px"):
+        FaceTracker(FaceConfig(min_face_size=48)).select(tiny)
+
+
+def test_still_image_repeated_has_no_jitter():
+    image = media.read_image(PORTRAIT)
+    frames = list(align_video(((i / 25, image) for i in range(100))))
+    assert all(f.valid for f in frames)
+    crop_points = np.stack([f.aligned.landmarks[:, :2] for f in frames])
+    transforms = np.stack([f.aligned.transform for f in frames])
+    assert crop_points.std(axis=0).max() < 0.01  # pixels: nothing but float rounding
+    assert transforms.std(axis=0).max() < 1e-6
+    crops = np.stack([f.aligned.crop for f in frames])
+    assert (crops == crops[0]).all()
+
+
+def track(path, n=None, config=FaceConfig()):
+    return list(align_video(frames_of(path, n), config))
+
+
+def test_tracks_a_grid_clip_and_the_mouth_moves_with_speech():
+    frames = track(GRID_CLIP)
+    assert len(frames) == 75 and all(f.valid for f in frames)
+    opening = np.array([lm.mouth_opening(f.aligned.landmarks) for f in frames])  # 128-crop pixels
+    assert opening[:8].mean() < 1.5  # GRID clips start in silence, mouth closed
+    assert opening.max() > 5 and opening.std() > 1.0
+    # Alignment holds the face still in the crop: the stable points stay near the template.
+    template = FaceAligner().template
+    drift = [np.abs(f.aligned.landmarks[lm.STABLE, :2] - template[lm.STABLE]).max() for f in frames]
+    assert max(drift) < 4
+
+
+def test_smoothing_keeps_lip_motion():
+    smoothed = track(LRS2_CLIP)
+    raw = track(LRS2_CLIP, config=FaceConfig(smooth=False))
+    a = np.array([lm.mouth_opening(f.aligned.landmarks) for f in smoothed])
+    b = np.array([lm.mouth_opening(f.aligned.landmarks) for f in raw])
+    assert np.corrcoef(a, b)[0, 1] > 0.95
+    assert abs(a.std() - b.std()) < 0.15 * b.std()  # amplitude kept
+
+
+def test_tracks_a_small_face_in_a_1080x1920_clip():
+    frames = track(SMALL_FACE_CLIP, n=40)
+    assert all(f.valid for f in frames)
+    heights = [np.ptp(f.frame_landmarks[:, 1]) for f in frames]
+    assert 150 < np.median(heights) < 450  # face about 12-20% of 1920 px
+    assert frames[0].aligned.crop.shape == (128, 128, 3)
+
+
+def test_yawed_clip_reports_large_yaw_or_loses_the_face():
+    frames = track(LRS2_YAW_CLIP)
+    yaws = [abs(float(lm.yaw_degrees(f.aligned.landmarks))) for f in frames if f.valid]
+    assert len(yaws) > 10 and np.median(yaws) > 25
+    assert any(not f.valid for f in frames) or np.max(yaws) > 40
+
+
+def test_two_people_clip_needs_a_face_index():
+    with pytest.raises(SeveralFacesError):
+        track(TWO_PEOPLE_CLIP, n=3)
+    left = track(TWO_PEOPLE_CLIP, n=10, config=FaceConfig(face_index=0))
+    right = track(TWO_PEOPLE_CLIP, n=10, config=FaceConfig(face_index=1))
+    assert all(f.valid for f in left + right)
+    assert left[-1].frame_landmarks[:, 0].mean() < right[-1].frame_landmarks[:, 0].mean()
+
+
+@pytest.mark.parametrize("path,crop_size", [(GRID_CLIP, 256), (LRS2_CLIP, 128), (LRS2_CLIP, 256)])
+def test_paste_back_round_trip_is_seamless(path, crop_size):
+    """Crop a real frame and paste the crop back: ≥ 40 dB outside the feather band, and not a single
+    pixel changed outside the pasted footprint. (The crop must have the face's resolution: shrinking
+    a large face to 128 px and back loses detail, whatever the warp.)"""
+    frames = track(path, n=12, config=FaceConfig())
+    frame = frames[-1]
+    aligner = FaceAligner(AlignConfig(crop_size=crop_size))
+    transform = rescale_transform(frame.aligned.transform, 128, crop_size)
+    crop = aligner.align(frame.image, frame.frame_landmarks, transform=transform).crop
+    pasted = aligner.paste_back(frame.image, crop, transform)
+    alpha = aligner.paste_alpha(frame.image.shape, transform)
+    outside_band = (alpha < 1e-3) | (alpha > 0.999)
+    assert psnr(pasted, frame.image, outside_band) >= 40
+    assert (pasted[alpha < 1e-3] == frame.image[alpha < 1e-3]).all()
+    assert (alpha > 0.999).sum() > 0.1 * alpha.size / 4  # the face really was pasted
+
+
+def test_lower_face_mask_covers_mouth_and_jaw_not_eyes():
+    frames = track(GRID_CLIP, n=30)
+    aligner = FaceAligner()
+    for f in frames[::10]:
+        mask = aligner.lower_face_mask(f.aligned.landmarks)
+        assert mask.shape == (128, 128) and mask.dtype == np.float32 and 0 <= mask.min() and mask.max() <= 1
+        points = np.round(f.aligned.landmarks[:, :2]).astype(int)
+        mouth = points[np.concatenate([lm.LIPS_OUTER, lm.LIPS_INNER])]
+        assert mask[mouth[:, 1], mouth[:, 0]].min() > 0.9
+        eyes = points[np.concatenate([lm.RIGHT_EYE_CORNERS, lm.LEFT_EYE_CORNERS])]
+        assert mask[eyes[:, 1], eyes[:, 0]].max() < 0.05
+
+
+def test_crop_sizes_agree():
+    frames = track(LRS2_CLIP, n=5)
+    f = frames[-1]
+    big = FaceAligner(AlignConfig(crop_size=256)).align(f.image, f.frame_landmarks,
+                                                         transform=rescale_transform(f.aligned.transform, 128, 256))
+    assert np.allclose((f.aligned.landmarks[:, :2] + 0.5) * 2 - 0.5, big.landmarks[:, :2], atol=1e-3)
+    small_again = apply_transform(big.landmarks[:, :2], rescale_transform(np.hstack([np.eye(2), np.zeros((2, 1))]), 256, 128))
+    assert np.allclose(small_again, f.aligned.landmarks[:, :2], atol=1e-3)
