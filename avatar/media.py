@@ -90,8 +90,9 @@ def _open(path: PathLike):
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
+    """The reason only: ffmpeg's errors repeat the file name, which our messages already start with."""
+    text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:160]
 
 
 def probe(path: PathLike) -> MediaInfo:
