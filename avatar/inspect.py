@@ -106,9 +106,10 @@ def inspect_frontends(
     # 2. Face: one aligned crop for a still, or tracking through the video.
     aligner = FaceAligner(align_config)
     if image is not None:
+        portrait = media.read_image(image)
         with FaceTracker(face_config) as tracker:
-            face = tracker.select(media.read_image(image), what=str(image))
-        still = aligner.align(media.read_image(image), face.landmarks)
+            face = tracker.select(portrait, what=str(image))
+        still = aligner.align(portrait, face.landmarks)
         faces: typing.Iterator[typing.Optional[AlignedFace]] = (still for _ in range(n_frames))
     else:
         n_frames = max(1, info.n_frames) if info.n_frames else n_frames

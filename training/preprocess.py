@@ -54,8 +54,8 @@ from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, rescale_transform, warp_image
 from avatar.face.video import align_video
-from training.cache import BASE_CROP, encode_landmarks
-from training.split import VAL_FRACTION, VAL_SEED, person_key, split_identities
+from training.cache import BASE_CROP, encode_landmarks, open_cache
+from training.split import VAL_FRACTION, person_key, split_identities
 
 CACHE_VERSION = 4
 REASONS = ("kept", "no_face", "profile", "blur", "small")
@@ -255,8 +255,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     if not rows:
         print("error: no clips match; check --src, --kinds and --clips", file=sys.stderr)
         return 2
-    people = {person_key(r["identity"], r["file"]) for r in rows}
-    split = split_identities(people, cfg.val_seed, VAL_FRACTION if cfg.val_seed == VAL_SEED else VAL_FRACTION)
+    # The split is a property of each person (a keyed hash), computed over the whole manifest so that
+    # it does not depend on --kinds or --clips.
+    everyone = {person_key(r["identity"], r["file"]) for r in read_manifest(args.src, ("video", "video_silent"))}
+    split = split_identities(everyone, cfg.val_seed)
     val_people = set(split["val"])
     face = FaceConfig()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -280,10 +282,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             progress.update()
     progress.close()
     elapsed = time.perf_counter() - started
-    summary = summarise(results, elapsed)
+    summary = {"kinds": list(cfg.kinds), "clips_filter": args.clips, **summarise(results, elapsed)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    clips_by_split = {"train": sorted(m["clip_id"] for m in results if m["split"] == "train" and not m.get("skipped")),
-                      "val": sorted(m["clip_id"] for m in results if m["split"] == "val" and not m.get("skipped"))}
+    cached = [clip.meta for clip in open_cache(args.out)]  # every complete clip, from this run or earlier ones
+    clips_by_split = {name: sorted(m["clip_id"] for m in cached if m["split"] == name) for name in ("train", "val")}
     (args.out / "split.json").write_text(json.dumps(
         {"seed": cfg.val_seed, "fraction": VAL_FRACTION, "people": split, "clips": clips_by_split}, indent=1))
     print_summary(summary, args.out)

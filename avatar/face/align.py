@@ -144,6 +144,10 @@ class FaceAligner:
         """Frame → crop similarity from a face's stable points. `landmarks: (478, 2+)` frame pixels."""
         return similarity_transform(np.asarray(landmarks)[lm.STABLE, :2], self.template[lm.STABLE])
 
+    def crop(self, image: np.ndarray, transform: np.ndarray) -> np.ndarray:
+        """`image: (H, W, 3) uint8` → `(S, S, 3) uint8` crop by a frame → crop transform."""
+        return warp_image(image, np.asarray(transform, np.float64), self.size)
+
     def align(self, image: np.ndarray, landmarks: np.ndarray, transform: typing.Optional[np.ndarray] = None) -> AlignedFace:
         """Crop `image: (H, W, 3) uint8` around the face with `landmarks: (478, 2|3)` in its pixels."""
         matrix = self.transform_for(landmarks) if transform is None else np.asarray(transform, np.float64)

@@ -59,9 +59,8 @@ def align_video(
             image = images.pop(tracked.index)
             if tracked.face is None:
                 aligned = None
-                if last_transform is not None:
-                    aligned = aligner.align(image, np.zeros((1, 2)), transform=last_transform)
-                    aligned.landmarks = np.zeros((0, 3), np.float32)
+                if last_transform is not None:  # hold the last place; no landmarks in this frame
+                    aligned = AlignedFace(aligner.crop(image, last_transform), np.zeros((0, 3), np.float32), last_transform)
                 smoother.reset()
                 yield AlignedFrame(tracked.index, tracked.timestamp, False, aligned, None, image)
                 continue
