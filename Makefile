@@ -10,9 +10,9 @@ PYTEST_ARGS ?=
 
 $(STAMP): setup.cfg pyproject.toml requirements/lock.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/lock.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --quiet --disable-pip-version-check --no-deps -r requirements/lock.txt
+	$(PY) -m pip install --quiet --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -c "import avatar.face.mediapipe_loader as m; m.import_face_mesh()"
 	touch $(STAMP)
 
