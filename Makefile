@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.frontends
+	$(PY) -m benchmarks.motion
 
 clean-venv:
 	rm -rf $(VENV)

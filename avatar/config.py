@@ -119,3 +119,30 @@ def config_from_args(args: argparse.Namespace, cls: type, prefix: str):
             value = tuple(value)
         values[field.name] = value
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    """Speech → mouth and jaw landmarks (`avatar/motion/`).
+
+    Each video frame sees a mel context of `mel_window_frames` frames starting `-mel_window_offset`
+    frames before it: 300 ms of past and 87.5 ms of future at the defaults, i.e. a look-ahead of
+    87.5 + 25 (STFT half window) = 112.5 ms. Frame-level layers are causal, so the model adds no
+    look-ahead of its own and streams with exactly the offline numbers.
+    """
+
+    mel_window_frames: int = 32
+    mel_window_offset: int = -24
+    hidden: int = 128
+    temporal_kernel: int = 5
+    temporal_layers: int = 2
+    n_components: int = 12  # PCA components of the mouth/jaw offsets
+    dropout: float = 0.1
+
+    def mel_config(self) -> "MelConfig":
+        return MelConfig(window_frames=self.mel_window_frames, window_offset=self.mel_window_offset)
+
+    @property
+    def receptive_frames(self) -> int:
+        """Video frames (this one included) that a frame's output depends on."""
+        return 1 + (self.temporal_kernel - 1) * self.temporal_layers

@@ -44,3 +44,17 @@ def psnr(a: np.ndarray, b: np.ndarray, mask=None) -> float:
     diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
     mse = diff[mask].mean() if mask is not None else diff.mean()
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+TINY_CACHE_CLIPS = ("rizkiarm__LipNet/bbaf2n.mpg", "rizkiarm__LipNet/brbk7n.mpg", "smeetrs__deep_avsr/00001.mp4")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A preprocessing cache of three real talking clips: GRID-A (validation), GRID-B and LRS2-00001 (training)."""
+    from training import preprocess
+
+    out = tmp_path_factory.mktemp("tiny_cache")
+    code = preprocess.main(["--src", str(DATA), "--out", str(out), "--workers", "1", "--clips", *TINY_CACHE_CLIPS])
+    assert code == 0
+    return out

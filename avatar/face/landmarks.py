@@ -26,6 +26,11 @@ LOWER_LIP_INNER = 14
 RIGHT_IRIS = np.arange(468, 473)
 LEFT_IRIS = np.arange(473, 478)
 
+# The nostril wings: they move rigidly with the head, not with speech, and sit at about the mouth's
+# depth. Mouth motion is measured relative to them, which removes the shift of the whole mouth that
+# head yaw and pitch cause in a crop aligned on the eyes.
+MOUTH_ANCHOR = np.array([98, 327, 64, 294])
+
 # Points that do not move with speech or expression: the frame of the canonical alignment.
 STABLE = np.concatenate([RIGHT_EYE_CORNERS, LEFT_EYE_CORNERS, NOSE_BRIDGE])
 
@@ -38,6 +43,11 @@ def eye_centres(landmarks: np.ndarray) -> np.ndarray:
     right = landmarks[..., RIGHT_EYE_CORNERS, :2].mean(axis=-2)
     left = landmarks[..., LEFT_EYE_CORNERS, :2].mean(axis=-2)
     return np.stack([right, left], axis=-2)
+
+
+def mouth_anchor(landmarks: np.ndarray) -> np.ndarray:
+    """`(..., 478, 2+)` → `(..., 2)`: the point mouth motion is measured from (see MOUTH_ANCHOR)."""
+    return landmarks[..., MOUTH_ANCHOR, :2].mean(axis=-2)
 
 
 def interocular(landmarks: np.ndarray) -> np.ndarray:

@@ -1,0 +1,27 @@
+"""Lip-sync and landmark metrics shared by training, evaluation and (later) `avatar eval`."""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+
+
+def mouth_landmark_distance(predicted: np.ndarray, real: np.ndarray, iod: typing.Union[float, np.ndarray],
+                            mask: typing.Optional[np.ndarray] = None) -> float:
+    """Mean absolute difference per coordinate, in % of the inter-ocular distance.
+
+    predicted, real: `(T, K, 2)` landmarks in the same pixels; iod: scalar or `(T,)`; mask: `(T,) bool`.
+    """
+    diff = np.abs(np.asarray(predicted, np.float64) - np.asarray(real, np.float64))  # (T, K, 2)
+    per_frame = diff.mean(axis=(1, 2)) / np.broadcast_to(np.asarray(iod, np.float64), diff.shape[:1])
+    if mask is not None:
+        per_frame = per_frame[np.asarray(mask, bool)]
+    return float(100.0 * per_frame.mean()) if per_frame.size else float("nan")
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64) - np.mean(a)
+    b = np.asarray(b, np.float64) - np.mean(b)
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0

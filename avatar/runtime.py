@@ -1,0 +1,76 @@
+"""`OnnxSession`: one place that owns onnxruntime providers, threads, warm-up and named I/O.
+
+Providers are taken in the order TensorRT → CUDA → CPU, as far as the installed onnxruntime offers
+them (the `gpu` extra installs onnxruntime-gpu; the `cpu` extra plain onnxruntime, never both).
+The same code runs on CPU in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import typing
+
+import numpy as np
+
+from avatar.errors import AvatarError
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+ASSETS = pathlib.Path(os.environ.get("AVATAR_ASSETS", pathlib.Path(__file__).resolve().parents[1] / "assets"))
+
+
+def asset_path(name: str) -> pathlib.Path:
+    """A default model file in `assets/` (override the folder with AVATAR_ASSETS)."""
+    path = ASSETS / name
+    if not path.exists():
+        raise AvatarError(f"{path}: the default model file is missing; reinstall, or give a model path")
+    return path
+
+
+class OnnxSession:
+    """An onnxruntime InferenceSession with named inputs and outputs.
+
+    `run(**inputs)` → `{output name: array}`. `providers`: None picks the best available in
+    PREFERRED_PROVIDERS order; `threads`: intra-op threads (0: onnxruntime's default).
+    """
+
+    def __init__(self, path: typing.Union[str, os.PathLike], providers: typing.Optional[typing.Sequence[str]] = None,
+                 threads: int = 0):
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise AvatarError("onnxruntime is not installed; install the `cpu` or the `gpu` extra") from exc
+        self.path = pathlib.Path(path)
+        if not self.path.exists():
+            raise AvatarError(f"{self.path}: no such model file")
+        available = onnxruntime.get_available_providers()
+        chosen = [p for p in (providers or PREFERRED_PROVIDERS) if p in available]
+        if not chosen:
+            raise AvatarError(f"none of the providers {list(providers or PREFERRED_PROVIDERS)} is available (have {available})")
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for broken files
+            raise AvatarError(f"{self.path}: cannot load the model ({str(exc).splitlines()[0][:160]})") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.metadata: typing.Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def providers(self) -> typing.List[str]:
+        return self.session.get_providers()
+
+    def run(self, **inputs: np.ndarray) -> typing.Dict[str, np.ndarray]:
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise ValueError(f"missing model inputs: {sorted(missing)}")
+        outputs = self.session.run(self.output_names, {k: inputs[k] for k in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+    def warm_up(self, **inputs: np.ndarray) -> None:
+        """Run once so that lazy initialisation (and provider graph building) is not paid by the first frame."""
+        self.run(**inputs)

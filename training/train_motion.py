@@ -1,0 +1,243 @@
+"""Train the motion model (speech → mouth and jaw landmarks) on the preprocessing cache.
+
+    python -m training.train_motion --cache cache --out runs/motion [--steps 4000]
+    torchrun --nproc_per_node 2 -m training.train_motion --cache cache --out runs/motion   # DDP (gloo on CPU, NCCL on GPUs)
+
+Reads top to bottom: data → PCA basis → model → loop (loss = landmark L1 + velocity + acceleration +
+amplitude; an exponential moving average of the weights is kept) → validation of the averaged weights
+on held-out people every `--val-every` steps → checkpoints (`last.pt`, and `best.pt` by held-out lip
+distance; "model" holds the averaged weights, "raw" the trained ones) → TensorBoard logs in `<out>/tb`. `--resume` continues from
+`<out>/last.pt`; `--init` starts from given weights (e.g. the committed `assets/motion.pt`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import typing
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from avatar.config import MotionConfig, add_config_arguments, config_from_args
+from avatar.motion.model import MotionModel
+from training.motion_data import MotionSampler, load_motion_clips, pca_basis
+from training.motion_eval import evaluate_motion, format_summary
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000
+    batch: int = 32  # sequences per process and step
+    seq_len: int = 32  # video frames per sequence
+    lr: float = 2e-3
+    weight_decay: float = 0.02
+    warmup: int = 200
+    velocity_weight: float = 1.0
+    acceleration_weight: float = 0.5
+    amplitude_weight: float = 0.5
+    silence_prob: float = 0.08
+    ema: float = 0.995  # weights are averaged over steps; validation, best.pt and export use the average
+    val_every: int = 250
+    seed: int = 0
+    bf16: bool = True
+    threads: int = 0  # torch threads per process (0: leave torch's default)
+
+
+def ddp_setup() -> typing.Tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group when launched by torchrun."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, dist.get_world_size(), torch.device("cuda", local)
+    return rank, dist.get_world_size(), torch.device("cpu")
+
+
+def sequence_loss(predicted: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+                  cfg: TrainConfig) -> typing.Tuple[torch.Tensor, typing.Dict[str, float]]:
+    """Loss on offsets in rest mouth widths: predicted, target `(B, L, K, 2)`; keep `(B, L) bool`."""
+    mask = keep.float()[..., None, None]
+    l1 = ((predicted - target).abs() * mask).sum() / (mask.sum() * target.shape[2] * 2).clamp(min=1)
+    vel_mask = (keep[:, 1:] & keep[:, :-1]).float()[..., None, None]
+    velocity = ((torch.diff(predicted, dim=1) - torch.diff(target, dim=1)).abs() * vel_mask).sum() / (
+        vel_mask.sum() * target.shape[2] * 2).clamp(min=1)
+    acc_mask = (keep[:, 2:] & keep[:, 1:-1] & keep[:, :-2]).float()[..., None, None]
+    acceleration = ((torch.diff(predicted, n=2, dim=1) - torch.diff(target, n=2, dim=1)).abs() * acc_mask).sum() / (
+        acc_mask.sum() * target.shape[2] * 2).clamp(min=1)
+    # Amplitude: per sequence, the spread over time of every coordinate should match the real one
+    # (plain L1 on little data shrinks motion towards the mean).
+    weight = keep.float()[..., None, None]
+    count = weight.sum(dim=1, keepdim=True).clamp(min=1)
+    def spread(x):
+        centre = (x * weight).sum(dim=1, keepdim=True) / count
+        return (((x - centre).abs() * weight).sum(dim=1) / count[:, 0])
+    amplitude = (spread(predicted) - spread(target)).abs().mean()
+    loss = l1 + cfg.velocity_weight * velocity + cfg.acceleration_weight * acceleration + cfg.amplitude_weight * amplitude
+    parts = {"l1": l1, "velocity": velocity, "acceleration": acceleration, "amplitude": amplitude}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+class CoefficientsOnly(torch.nn.Module):
+    """What DDP wraps: forward returns the PCA coefficients, in which every parameter takes part."""
+
+    def __init__(self, model: MotionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.model.coefficients(windows)
+
+
+def torch_predictor(model: MotionModel, device: torch.device):
+    def predict(windows: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = model(torch.from_numpy(windows[None]).to(device), torch.from_numpy(rest[None]).to(device))
+        return out[0].float().cpu().numpy()
+    return predict
+
+
+def save_checkpoint(path: pathlib.Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train_motion", description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=pathlib.Path, required=True)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--init", type=pathlib.Path, help="start from these weights (a checkpoint or assets/motion.pt)")
+    add_config_arguments(parser, TrainConfig, "")
+    add_config_arguments(parser, MotionConfig, "model")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, TrainConfig, "")
+    model_cfg = config_from_args(args, MotionConfig, "model")
+    rank, world, device = ddp_setup()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)
+    main_process = rank == 0
+
+    # 1. Data: talking clips of training people; validation clips of held-out people.
+    train_clips = load_motion_clips(args.cache, "train")
+    val_clips = load_motion_clips(args.cache, "val")
+    if not train_clips:
+        print(f"error: no training clips with audio in {args.cache}; run training.preprocess first", file=sys.stderr)
+        return 2
+    sampler = MotionSampler(train_clips, model_cfg, cfg.seq_len, silence_prob=cfg.silence_prob, seed=cfg.seed * 1000 + rank)
+
+    # 2. Model with the PCA basis of the training offsets; optimiser; schedule.
+    start_step, best = 0, math.inf
+    checkpoint = None
+    if args.resume and (args.out / "last.pt").exists():
+        checkpoint = torch.load(args.out / "last.pt", map_location="cpu", weights_only=False)
+    elif args.init:
+        checkpoint = torch.load(args.init, map_location="cpu", weights_only=False)
+    if checkpoint is not None:
+        model_cfg = MotionConfig(**checkpoint["model_config"])
+        basis, mean = checkpoint["model"]["basis"], checkpoint["model"]["mean"]
+    else:
+        basis_np, mean_np, explained = pca_basis(train_clips, model_cfg.n_components)
+        basis, mean = torch.from_numpy(basis_np), torch.from_numpy(mean_np)
+        if main_process:
+            print(f"PCA: {model_cfg.n_components} components hold {100 * explained.sum():.1f}% of the offsets' energy")
+    model = MotionModel(model_cfg, basis, mean).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    average = MotionModel(model_cfg, basis, mean).to(device)
+    if checkpoint is not None:
+        model.load_state_dict({k: v.float() for k, v in checkpoint.get("raw", checkpoint["model"]).items()})
+        if args.resume:
+            optimiser.load_state_dict(checkpoint["optimiser"])
+            start_step, best = checkpoint["step"], checkpoint.get("best", math.inf)
+    average.load_state_dict(checkpoint["model"] if checkpoint is not None else model.state_dict())
+    average.requires_grad_(False)
+    trainable = CoefficientsOnly(model)
+    if world > 1:
+        trainable = DistributedDataParallel(trainable)
+    schedule = lambda step: min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+
+    writer = None
+    if main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(args.out / "tb"))
+        (args.out / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+                                                          "train_clips": len(train_clips), "val_clips": len(val_clips)}, indent=1))
+        print(f"{len(train_clips)} training clips ({sum(int(c.keep.sum()) for c in train_clips)} frames), "
+              f"{len(val_clips)} held-out clips; {sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters; "
+              f"{world} process(es) on {device}")
+
+    # 3. The loop.
+    started = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        model.train()
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr * schedule(step)
+        batch = sampler.batch(cfg.batch)
+        windows = torch.from_numpy(batch["windows"]).to(device)
+        target = torch.from_numpy(batch["offsets"]).to(device)
+        keep = torch.from_numpy(batch["keep"]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            coefficients = trainable(windows)
+        loss, parts = sequence_loss(model.offsets(coefficients.float()), target, keep, cfg)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        with torch.no_grad():
+            for kept, trained in zip(average.parameters(), model.parameters()):
+                kept.lerp_(trained, 1.0 - cfg.ema)
+        if main_process and (step % 25 == 0 or step == cfg.steps - 1):
+            writer.add_scalar("train/loss", float(loss.detach()), step)
+            for key, value in parts.items():
+                writer.add_scalar(f"train/{key}", value, step)
+            writer.add_scalar("train/lr", optimiser.param_groups[0]["lr"], step)
+            rate = (step + 1 - start_step) / (time.perf_counter() - started)
+            print(f"step {step:6d} loss {float(loss.detach()):.4f} l1 {parts['l1']:.4f} amp {parts['amplitude']:.4f} ({rate:.1f} steps/s)", flush=True)
+
+        # 4. Validation on held-out people; checkpoints.
+        last = step == cfg.steps - 1
+        if main_process and ((step + 1) % cfg.val_every == 0 or last):
+            average.eval()
+            result = evaluate_motion(torch_predictor(average, device), val_clips, model_cfg, shifts=(0,)) if val_clips else None
+            state = {"model": average.state_dict(), "raw": model.state_dict(), "optimiser": optimiser.state_dict(), "step": step + 1,
+                     "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg)}
+            if result is not None:
+                s = result["summary"]
+                for key in ("lips_model", "lips_rest", "lips_mismatched", "jaw_model", "opening_r_model", "opening_r_mismatched", "opening_std_ratio"):
+                    writer.add_scalar(f"val/{key}", s[key], step)
+                print(f"val step {step + 1}: lips {s['lips_model']:.3f} (rest {s['lips_rest']:.3f}, mismatched "
+                      f"{s['lips_mismatched']:.3f}) %IOD, opening r {s['opening_r_model']:.3f} (mismatched "
+                      f"{s['opening_r_mismatched']:.3f}), amplitude {s['opening_std_ratio']:.2f}", flush=True)
+                if s["lips_model"] < best:
+                    best = s["lips_model"]
+                    save_checkpoint(args.out / "best.pt", **state, best=best, val=s)
+            state["best"] = best
+            save_checkpoint(args.out / "last.pt", **state)
+            writer.flush()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if main_process:
+        writer.close()
+        print(f"done: {cfg.steps - start_step} steps in {time.perf_counter() - started:.0f} s; checkpoints in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
