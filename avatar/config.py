@@ -137,6 +137,7 @@ class MotionConfig:
     temporal_kernel: int = 5
     temporal_layers: int = 2
     n_components: int = 12  # PCA components of the mouth/jaw offsets
+    n_visemes: int = 13  # classes of the training-only viseme head (training/visemes.py)
     dropout: float = 0.1
 
     def mel_config(self) -> "MelConfig":

@@ -18,13 +18,11 @@ import numpy as np
 from avatar import media
 from avatar.motion.runner import MotionPredictor, POINTS
 
-DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=pathlib.Path, default=None)
-    parser.add_argument("--audio", type=pathlib.Path, default=DATA / "speech/resemble-ai__Resemblyzer/19-198-0000.flac")
+    parser.add_argument("--audio", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1] / "assets/samples/speech.flac")
     parser.add_argument("--fps", type=float, default=25.0)
     args = parser.parse_args(argv)
     predictor = MotionPredictor(args.model, threads=1, providers=["CPUExecutionProvider"])

@@ -27,7 +27,9 @@ OPSET = 17
 def load_model(checkpoint: pathlib.Path) -> MotionModel:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = MotionModel(MotionConfig(**state["model_config"]))
-    model.load_state_dict({k: v.float() for k, v in state["model"].items()})
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state["model"].items()}, strict=False)
+    if unexpected or any(not key.startswith("viseme_head.") for key in missing):  # that head is training-only
+        raise RuntimeError(f"{checkpoint}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     return model.eval()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 import typing
 
 import numpy as np
@@ -77,10 +78,20 @@ class MotionClip:
     rest: np.ndarray
     width: float
     iod: float
+    visemes: typing.Optional[np.ndarray] = None  # (F,) int8 per mel frame, when labelled
 
     @property
     def n_frames(self) -> int:
         return int(self.keep.size)
+
+
+@dataclasses.dataclass
+class SpeechClip:
+    """Speech without video: mel `(F, 80) float32` and viseme labels `(F,) int8` per mel frame."""
+
+    clip_id: str
+    mel: np.ndarray
+    visemes: np.ndarray
 
 
 def motion_clip(cache: ClipCache, min_kept: int = 25) -> typing.Optional[MotionClip]:
@@ -99,14 +110,71 @@ def motion_clip(cache: ClipCache, min_kept: int = 25) -> typing.Optional[MotionC
     offsets = ((mouth - anchor_shift[:, None] - rest) / width).astype(np.float32)
     iod = float(np.median(lm.interocular(landmarks[keep])))
     frame_mel = cache.arrays["timestamps"] * 80.0
+    viseme_file = cache.folder / "visemes.npy"
+    visemes = np.load(viseme_file) if viseme_file.exists() else None
     return MotionClip(cache.clip_id, cache.meta["person"], cache.fps, cache.arrays["mel"].astype(np.float32),
                       frame_mel, mouth.astype(np.float32), np.nan_to_num(anchor_shift), offsets, keep,
-                      rest.astype(np.float32), width, iod)
+                      rest.astype(np.float32), width, iod, visemes)
 
 
 def load_motion_clips(cache_root, split: str) -> typing.List[MotionClip]:
     clips = [motion_clip(c) for c in open_cache(cache_root, split=split, kind="video")]
     return [c for c in clips if c is not None]
+
+
+# One normalised log-mel unit is 12.5 dB; the power sum of two mels a, b is logaddexp(k a, k b) / k.
+POWER_SCALE = 12.5 / 10.0 * np.log(10.0)
+
+
+def noise_bank(seed: int = 0, seconds: float = 3.0, count: int = 48) -> typing.List[np.ndarray]:
+    """Mels `(F, 80)` of background-noise recordings made here: white, pink, brown and mains hum
+    (with harmonics) at -72 to -38 dBFS, through the real mel front-end."""
+    from avatar.audio import MelFrontend
+
+    rng = np.random.default_rng(10_000 + seed)
+    frontend = MelFrontend()
+    n = int(seconds * 16000)
+    bank = []
+    for i in range(count):
+        kind = ("white", "pink", "brown", "hum")[i % 4]
+        if kind == "hum":
+            t = np.arange(n) / 16000
+            base = rng.choice([50.0, 60.0])
+            signal = sum(rng.uniform(0.2, 1.0) / h * np.sin(2 * np.pi * base * h * t + rng.uniform(0, 6.3)) for h in range(1, 6))
+            signal = signal + 0.05 * rng.normal(0, 1, n)
+        else:
+            spectrum = np.fft.rfft(rng.normal(0, 1, n))
+            freqs = np.maximum(np.fft.rfftfreq(n, 1 / 16000), 1.0)
+            spectrum /= {"white": 1.0, "pink": np.sqrt(freqs), "brown": freqs}[kind]
+            signal = np.fft.irfft(spectrum, n)
+        level_dbfs = rng.uniform(-72, -38)
+        signal = signal / np.sqrt(np.mean(signal ** 2)) * 10 ** (level_dbfs / 20)
+        bank.append(frontend(signal.astype(np.float32)))
+    return bank
+
+
+def room_tone(clips: typing.Sequence[MotionClip], min_frames: int = 40) -> typing.List[np.ndarray]:
+    """Mel stretches of the training recordings' own background: runs of mel frames quieter than the
+    clip's speech floor (a real room, with its hum and breaths)."""
+    stretches = []
+    for clip in clips:
+        loudness = clip.mel.mean(axis=1)
+        quiet = loudness < np.percentile(loudness, 15) + 0.1
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]])))
+        for start, end in zip(edges[::2], edges[1::2]):
+            if end - start >= min_frames:
+                stretches.append(clip.mel[start:end])
+    return stretches
+
+
+def load_speech_clips(cache_root) -> typing.List[SpeechClip]:
+    """Speech-only clips labelled by `python -m training.visemes` (none if it has not run)."""
+    clips = []
+    for path in sorted((pathlib.Path(cache_root) / "speech").glob("*.npz")):
+        with np.load(path) as data:
+            if data["mel"].shape[0] >= 64:
+                clips.append(SpeechClip(path.stem, data["mel"].astype(np.float32), data["visemes"].astype(np.int8)))
+    return clips
 
 
 def interpolate_rows(table: np.ndarray, positions: np.ndarray, fill: float) -> np.ndarray:
@@ -132,32 +200,54 @@ def clip_windows(clip: MotionClip, config: MotionConfig, frames: typing.Optional
 
 
 class MotionSampler:
-    """Random training sequences: `batch(n)` → windows `(n, L, W, 80)`, offsets `(n, L, K, 2)`, keep `(n, L)`."""
+    """Random training sequences: `batch(n)` → windows `(n, L, W, 80)`, offsets `(n, L, K, 2)`, keep `(n, L)`
+    (frames with landmark targets), visemes `(n, L)` int64 (-1: unknown). With `speech`, a fraction
+    `speech_prob` of the sequences come from speech-only clips (viseme targets only)."""
 
     def __init__(self, clips: typing.Sequence[MotionClip], config: MotionConfig, seq_len: int = 32,
-                 augment: bool = True, silence_prob: float = 0.08, seed: int = 0):
+                 augment: bool = True, silence_prob: float = 0.08, seed: int = 0,
+                 speech: typing.Sequence[SpeechClip] = (), speech_prob: float = 0.0):
         if not clips:
             raise ValueError("no training clips with audio and kept frames")
         self.clips, self.config, self.seq_len = list(clips), config, seq_len
         self.augment, self.silence_prob = augment, silence_prob
+        self.speech, self.speech_prob = list(speech), (speech_prob if speech else 0.0)
         self.rng = np.random.default_rng(seed)
         weights = np.array([c.keep.sum() for c in self.clips], np.float64)
         self.weights = weights / weights.sum()
         self.mirror = mirror_permutation()
+        self.noise_bank = noise_bank(seed) + room_tone(self.clips)
 
-    def _noise_mel(self, shape: typing.Tuple[int, ...]) -> np.ndarray:
-        """Log-mel of low-level background noise: a random level and spectral shape, flickering in time."""
-        rng = self.rng
-        level = rng.uniform(-4.0, -1.8)
-        shape_over_bins = rng.normal(0, 0.25) * np.linspace(-1, 1, 80) + rng.normal(0, 0.15, 80)
-        return (level + shape_over_bins + rng.normal(0, 0.12, shape)).astype(np.float32)
+    def _noise_windows(self, length: int) -> np.ndarray:
+        """`(length, W, 80)` mel contexts of background noise: a real noise recording's mel from the bank."""
+        W = self.config.mel_window_frames
+        noise = self.noise_bank[self.rng.integers(len(self.noise_bank))]
+        start = self.rng.integers(0, max(1, noise.shape[0] - length - W))
+        rows = start + np.arange(length)[:, None] + np.arange(W)[None, :]
+        return noise[np.minimum(rows, noise.shape[0] - 1)]
 
-    def _sequence(self) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _speech_sequence(self):
+        """A sequence from speech without video: windows and viseme targets, no landmark targets."""
+        c, rng, L, W = self.config, self.rng, self.seq_len, self.config.mel_window_frames
+        clip = self.speech[rng.integers(len(self.speech))]
+        stretch = rng.uniform(0.92, 1.08) if self.augment else 1.0
+        step = 80.0 / rng.choice([25.0, 29.97, 30.0]) * stretch  # mel frames from one video frame to the next
+        start = rng.uniform(0, max(1.0, clip.mel.shape[0] - L * step))
+        frame_mel = start + np.arange(L) * step
+        rows = frame_mel[:, None] + (c.mel_window_offset + np.arange(W))[None, :] * stretch
+        windows = interpolate_rows(clip.mel, rows, SILENCE)
+        windows = self._augment_mel(windows) if self.augment else windows
+        visemes = clip.visemes[np.clip(np.round(frame_mel).astype(np.int64), 0, clip.visemes.size - 1)].astype(np.int64)
+        return windows.astype(np.float32), np.zeros((L, len(POINTS), 2), np.float32), np.zeros(L, bool), visemes
+
+    def _sequence(self):
         c, rng, L, W = self.config, self.rng, self.seq_len, self.config.mel_window_frames
         k = len(POINTS)
-        if self.augment and rng.random() < self.silence_prob:
-            windows = np.full((L, W, 80), SILENCE, np.float32) if rng.random() < 0.4 else self._noise_mel((L, W, 80))
-            return np.clip(windows, -4, 4), np.zeros((L, k, 2), np.float32), np.ones(L, bool)
+        if self.augment and rng.random() < self.silence_prob:  # silence or background noise: the mouth rests
+            windows = np.full((L, W, 80), SILENCE, np.float32) if rng.random() < 0.25 else self._noise_windows(L)
+            return windows, np.zeros((L, k, 2), np.float32), np.ones(L, bool), np.zeros(L, np.int64)
+        if self.speech and rng.random() < self.speech_prob:
+            return self._speech_sequence()
         clip = self.clips[rng.choice(len(self.clips), p=self.weights)]
         stretch = rng.uniform(0.92, 1.08) if self.augment else 1.0
         span = (L - 1) * stretch
@@ -178,11 +268,16 @@ class MotionSampler:
             frame_mel = np.floor(frame_mel + 1e-6)
         rows = frame_mel[:, None] + (c.mel_window_offset + np.arange(W))[None, :] * stretch
         windows = interpolate_rows(clip.mel, rows, SILENCE)
+        if clip.visemes is not None:
+            at = np.round(frame_mel).astype(np.int64)
+            visemes = np.where((at >= 0) & (at < clip.visemes.size), clip.visemes[np.clip(at, 0, clip.visemes.size - 1)], 0)
+        else:
+            visemes = np.full(L, -1, np.int64)
         if self.augment:
             windows = self._augment_mel(windows)
             if rng.random() < 0.5:
                 offsets = offsets[:, self.mirror] * np.array([-1.0, 1.0], np.float32)
-        return windows.astype(np.float32), offsets, keep
+        return windows.astype(np.float32), offsets, keep, visemes.astype(np.int64)
 
     def _augment_mel(self, windows: np.ndarray) -> np.ndarray:
         rng = self.rng
@@ -197,13 +292,14 @@ class MotionSampler:
         tilt = rng.uniform(-0.4, 0.4) * np.linspace(-1, 1, 80)
         out = windows + gain + tilt
         if rng.random() < 0.35:
-            out = np.logaddexp(out * 2.3, self._noise_mel(out.shape) * 2.3) / 2.3  # ~power sum in the log domain
+            noise = self._noise_windows(out.shape[0])
+            out = np.logaddexp(out * POWER_SCALE, noise * POWER_SCALE) / POWER_SCALE  # power sum of speech and noise
         return np.clip(out, -4.0, 4.0)
 
     def batch(self, size: int) -> typing.Dict[str, np.ndarray]:
         items = [self._sequence() for _ in range(size)]
         return {"windows": np.stack([i[0] for i in items]), "offsets": np.stack([i[1] for i in items]),
-                "keep": np.stack([i[2] for i in items])}
+                "keep": np.stack([i[2] for i in items]), "visemes": np.stack([i[3] for i in items])}
 
 
 def pca_basis(clips: typing.Sequence[MotionClip], n_components: int) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,13 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import MotionConfig, add_config_arguments, config_from_args
 from avatar.motion.model import MotionModel
-from training.motion_data import MotionSampler, load_motion_clips, pca_basis
+from training.motion_data import MotionSampler, load_motion_clips, load_speech_clips, pca_basis
 from training.motion_eval import evaluate_motion, format_summary
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 4000
+    steps: int = 1000
     batch: int = 32  # sequences per process and step
     seq_len: int = 32  # video frames per sequence
     lr: float = 2e-3
@@ -44,9 +44,11 @@ class TrainConfig:
     velocity_weight: float = 1.0
     acceleration_weight: float = 0.5
     amplitude_weight: float = 0.5
-    silence_prob: float = 0.08
+    silence_prob: float = 0.1
+    viseme_weight: float = 0.0  # auxiliary viseme classification (pseudo-labels); measured: no gain here, so off
+    speech_prob: float = 0.3  # share of sequences drawn from speech-only clips (when labelled)
     ema: float = 0.995  # weights are averaged over steps; validation, best.pt and export use the average
-    val_every: int = 250
+    val_every: int = 50
     seed: int = 0
     bf16: bool = True
     threads: int = 0  # torch threads per process (0: leave torch's default)
@@ -90,15 +92,16 @@ def sequence_loss(predicted: torch.Tensor, target: torch.Tensor, keep: torch.Ten
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
-class CoefficientsOnly(torch.nn.Module):
-    """What DDP wraps: forward returns the PCA coefficients, in which every parameter takes part."""
+class TrainingForward(torch.nn.Module):
+    """What DDP wraps: forward returns PCA coefficients and viseme logits (every parameter takes part)."""
 
     def __init__(self, model: MotionModel):
         super().__init__()
         self.model = model
 
-    def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        return self.model.coefficients(windows)
+    def forward(self, windows: torch.Tensor) -> typing.Tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.model.embed(windows)
+        return self.model.coefficients_from(embedding), self.model.viseme_logits(embedding)
 
 
 def torch_predictor(model: MotionModel, device: torch.device):
@@ -138,7 +141,9 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     if not train_clips:
         print(f"error: no training clips with audio in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2
-    sampler = MotionSampler(train_clips, model_cfg, cfg.seq_len, silence_prob=cfg.silence_prob, seed=cfg.seed * 1000 + rank)
+    speech_clips = load_speech_clips(args.cache) if cfg.viseme_weight > 0 else []
+    sampler = MotionSampler(train_clips, model_cfg, cfg.seq_len, silence_prob=cfg.silence_prob, seed=cfg.seed * 1000 + rank,
+                            speech=speech_clips, speech_prob=cfg.speech_prob)
 
     # 2. Model with the PCA basis of the training offsets; optimiser; schedule.
     start_step, best = 0, math.inf
@@ -156,7 +161,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         if main_process:
             print(f"PCA: {model_cfg.n_components} components hold {100 * explained.sum():.1f}% of the offsets' energy")
     model = MotionModel(model_cfg, basis, mean).to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.viseme_head.requires_grad_(cfg.viseme_weight > 0)  # unused parameters would stall DDP
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     average = MotionModel(model_cfg, basis, mean).to(device)
     if checkpoint is not None:
         model.load_state_dict({k: v.float() for k, v in checkpoint.get("raw", checkpoint["model"]).items()})
@@ -165,7 +171,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             start_step, best = checkpoint["step"], checkpoint.get("best", math.inf)
     average.load_state_dict(checkpoint["model"] if checkpoint is not None else model.state_dict())
     average.requires_grad_(False)
-    trainable = CoefficientsOnly(model)
+    trainable = TrainingForward(model)
     if world > 1:
         trainable = DistributedDataParallel(trainable)
     schedule = lambda step: min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
@@ -179,6 +185,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         (args.out / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                                                           "train_clips": len(train_clips), "val_clips": len(val_clips)}, indent=1))
         print(f"{len(train_clips)} training clips ({sum(int(c.keep.sum()) for c in train_clips)} frames), "
+              f"{len(speech_clips)} speech-only clips ({sum(c.mel.shape[0] for c in speech_clips) / 80:.0f} s) for the viseme task, "
               f"{len(val_clips)} held-out clips; {sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters; "
               f"{world} process(es) on {device}")
 
@@ -192,12 +199,18 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         windows = torch.from_numpy(batch["windows"]).to(device)
         target = torch.from_numpy(batch["offsets"]).to(device)
         keep = torch.from_numpy(batch["keep"]).to(device)
+        visemes = torch.from_numpy(batch["visemes"]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            coefficients = trainable(windows)
+            coefficients, logits = trainable(windows)
         loss, parts = sequence_loss(model.offsets(coefficients.float()), target, keep, cfg)
+        labelled = visemes >= 0
+        if cfg.viseme_weight > 0 and bool(labelled.any()):
+            viseme_loss = torch.nn.functional.cross_entropy(logits.float()[labelled], visemes[labelled])
+            loss = loss + cfg.viseme_weight * viseme_loss
+            parts["visemes"] = float(viseme_loss.detach())
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimiser.step()
         with torch.no_grad():
             for kept, trained in zip(average.parameters(), model.parameters()):
@@ -208,7 +221,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
                 writer.add_scalar(f"train/{key}", value, step)
             writer.add_scalar("train/lr", optimiser.param_groups[0]["lr"], step)
             rate = (step + 1 - start_step) / (time.perf_counter() - started)
-            print(f"step {step:6d} loss {float(loss.detach()):.4f} l1 {parts['l1']:.4f} amp {parts['amplitude']:.4f} ({rate:.1f} steps/s)", flush=True)
+            print(f"step {step:6d} loss {float(loss.detach()):.4f} l1 {parts['l1']:.4f} amp {parts['amplitude']:.4f} "
+                  f"visemes {parts.get('visemes', float('nan')):.3f} ({rate:.1f} steps/s)", flush=True)
 
         # 4. Validation on held-out people; checkpoints.
         last = step == cfg.steps - 1

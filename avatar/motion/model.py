@@ -64,15 +64,29 @@ class MotionModel(nn.Module):
         )
         reduced = (c.mel_window_frames + 3) // 4
         self.project = nn.Sequential(nn.Flatten(), nn.Dropout(c.dropout), nn.Linear(c.hidden * reduced, c.hidden), nn.GELU())
+        # Training-only auxiliary head: the viseme at each frame's time, from that frame's audio
+        # embedding (pseudo-labels from a phone recogniser; see training/visemes.py). Not exported.
+        self.viseme_head = nn.Linear(c.hidden, c.n_visemes)
         self.temporal = nn.Sequential(*[CausalConv(c.hidden, c.temporal_kernel, c.dropout) for _ in range(c.temporal_layers)])
         self.head = nn.Conv1d(c.hidden, c.n_components, 1)
 
-    def coefficients(self, windows: torch.Tensor) -> torch.Tensor:
-        """`(B, T, W, 80)` → PCA coefficients `(B, T, n_components)`."""
+    def embed(self, windows: torch.Tensor) -> torch.Tensor:
+        """`(B, T, W, 80)` → per-frame audio embeddings `(B, hidden, T)` (no temporal mixing yet)."""
         b, t, w, f = windows.shape
         x = self.encoder(windows.reshape(b * t, w, f).transpose(1, 2))  # (B*T, hidden, W/4)
-        x = self.project(x).reshape(b, t, -1).transpose(1, 2)  # (B, hidden, T)
-        return self.head(self.temporal(x)).transpose(1, 2)
+        return self.project(x).reshape(b, t, -1).transpose(1, 2)
+
+    def coefficients_from(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Per-frame embeddings `(B, hidden, T)` → PCA coefficients `(B, T, n_components)` (causal over T)."""
+        return self.head(self.temporal(embedding)).transpose(1, 2)
+
+    def viseme_logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """`(B, hidden, T)` → `(B, T, n_visemes)` logits (training only)."""
+        return self.viseme_head(embedding.transpose(1, 2))
+
+    def coefficients(self, windows: torch.Tensor) -> torch.Tensor:
+        """`(B, T, W, 80)` → PCA coefficients `(B, T, n_components)`."""
+        return self.coefficients_from(self.embed(windows))
 
     def offsets(self, coefficients: torch.Tensor) -> torch.Tensor:
         """PCA coefficients `(B, T, C)` → offsets in mouth widths `(B, T, N_POINTS, 2)`."""
