@@ -147,3 +147,15 @@ class MotionConfig:
     def receptive_frames(self) -> int:
         """Video frames (this one included) that a frame's output depends on."""
         return 1 + (self.temporal_kernel - 1) * self.temporal_layers
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """Identity-drift monitoring of output frames (`avatar/identity.py`)."""
+
+    sample_every_s: float = 0.5  # embed an output frame this often
+    identity_threshold: float = 0.55  # dlib embedding distance to the nearest reference (same person < 0.6)
+    geometry_threshold: float = 0.2  # largest relative change of a 3D face-shape ratio (gross failures only)
+    colour_threshold: float = 10.0  # ΔE (CIE76) of repainted-minus-upper-face colour vs the references
+    consecutive: int = 2  # samples over a threshold in a row before an alarm
+    clear_fraction: float = 0.9  # an alarm ends when the value falls below threshold × this
