@@ -159,3 +159,20 @@ class IdentityConfig:
     colour_threshold: float = 10.0  # ΔE (CIE76) of repainted-minus-upper-face colour vs the references
     consecutive: int = 2  # samples over a threshold in a row before an alarm
     clear_fraction: float = 0.9  # an alarm ends when the value falls below threshold × this
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """The lower-face renderer: a conditional denoiser over the aligned crop (`avatar/render/`)."""
+
+    crop_size: int = 128
+    references: int = 2  # reference crops of the same person (a closed and an open mouth)
+    base_channels: int = 32
+    channel_mults: typing.Tuple[int, ...] = (1, 2, 4, 4)
+    blocks_per_level: int = 1
+    attention_levels: typing.Tuple[int, ...] = (3,)  # self-attention at these levels (3: 16² at 128)
+    steps: int = 4  # sampling steps (deterministic DDIM on a cosine schedule)
+
+    @property
+    def condition_channels(self) -> int:
+        return 3 + 1 + 3 * self.references + 3  # masked target, mask, references, landmark sketch

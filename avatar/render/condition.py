@@ -1,0 +1,61 @@
+"""What the renderer is conditioned on, built the same way in training and in the engine.
+
+- the target crop with its lower face masked out (pose, background, upper face stay visible);
+- the mask itself;
+- `references` crops of the same person (appearance, teeth, beard), e.g. a closed and an open mouth;
+- a sketch of the target lips (outer, inner) and jaw, drawn from the 59 `MOUTH_AND_JAW` points that
+  the motion model outputs, one channel each (ControlNet-style structure input).
+"""
+
+from __future__ import annotations
+
+import typing
+
+import cv2
+import numpy as np
+
+from avatar.face import landmarks as lm
+
+N_OUTER, N_INNER = len(lm.LIPS_OUTER), len(lm.LIPS_INNER)
+
+
+def to_unit(image: np.ndarray) -> np.ndarray:
+    """`(S, S, 3) uint8` → `(3, S, S) float32` in [-1, 1]."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1), np.float32) / 127.5 - 1.0
+
+
+def from_unit(tensor: np.ndarray) -> np.ndarray:
+    """`(3, S, S)` in [-1, 1] → `(S, S, 3) uint8`."""
+    return np.clip((np.asarray(tensor).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def landmark_sketch(mouth_points: np.ndarray, size: int) -> np.ndarray:
+    """`(59, 2)` crop pixels in MOUTH_AND_JAW order → `(3, S, S) float32` in [0, 1]: outer lips, inner
+    lips (closed contours) and jaw (open line), anti-aliased, about one pixel wide per 128 px."""
+    points = np.asarray(mouth_points, np.float64)
+    scale = 16  # 4 fractional bits for sub-pixel drawing
+    thickness = max(1, round(size / 128))
+    sketch = np.zeros((3, size, size), np.uint8)
+    parts = [(points[:N_OUTER], True), (points[N_OUTER:N_OUTER + N_INNER], True), (points[N_OUTER + N_INNER:], False)]
+    for channel, (contour, closed) in enumerate(parts):
+        canvas = np.zeros((size, size), np.uint8)
+        cv2.polylines(canvas, [np.round(contour * scale).astype(np.int32)], closed, 255, thickness, cv2.LINE_AA, shift=4)
+        sketch[channel] = canvas
+    return sketch.astype(np.float32) / 255.0
+
+
+def build_condition(target: np.ndarray, mask: np.ndarray, references: typing.Sequence[np.ndarray],
+                    mouth_points: np.ndarray) -> np.ndarray:
+    """`target: (S, S, 3) uint8`, `mask: (S, S) float32` in [0, 1] (1: repaint), `references`: crops
+    `(S, S, 3) uint8`, `mouth_points: (59, 2)` → condition `(3 + 1 + 3K + 3, S, S) float32`."""
+    size = target.shape[0]
+    keep = 1.0 - (np.asarray(mask, np.float32) > 0.02).astype(np.float32)  # hide every repainted pixel
+    masked = to_unit(target) * keep[None]
+    refs = [to_unit(r) for r in references]
+    return np.concatenate([masked, (1.0 - keep)[None], *refs, landmark_sketch(mouth_points, size)], axis=0).astype(np.float32)
+
+
+def composite(rendered: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rendered crop inside the (feathered) mask, the target outside: all `(S, S, 3) uint8`."""
+    alpha = np.asarray(mask, np.float32)[..., None]
+    return np.clip(rendered * alpha + target * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,45 @@
+"""Run the renderer through onnxruntime: condition → a few deterministic DDIM steps → the crop.
+
+    renderer = Renderer("assets/render.onnx")
+    crop = renderer.render(condition, noise)        # (S, S, 3) uint8 inside the mask, as sampled
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import typing
+
+import numpy as np
+
+from avatar.config import RenderConfig
+from avatar.render.condition import from_unit
+from avatar.render.sampling import Callback, sample_ddim
+from avatar.runtime import OnnxSession
+
+
+class Renderer:
+    """The ONNX denoiser with its sampler. `steps` defaults to the model's configured few-step count."""
+
+    def __init__(self, model_path: typing.Union[str, os.PathLike], threads: int = 0,
+                 providers: typing.Optional[typing.Sequence[str]] = None):
+        self.session = OnnxSession(model_path, providers=providers, threads=threads)
+        meta = self.session.metadata
+        fields = {}
+        for name in RenderConfig.__dataclass_fields__:
+            if name in meta:
+                value = ast.literal_eval(meta[name])
+                fields[name] = tuple(value) if isinstance(value, list) else value
+        self.config = RenderConfig(**fields)
+
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, condition: np.ndarray) -> np.ndarray:
+        return self.session.run(x_t=x_t.astype(np.float32), t=t.astype(np.float32), condition=condition.astype(np.float32))["v"]
+
+    def sample(self, condition: np.ndarray, noise: np.ndarray, steps: typing.Optional[int] = None,
+               callback: typing.Optional[Callback] = None) -> np.ndarray:
+        """`condition: (B, C, S, S)`, `noise: (B, 3, S, S)` → clean crops `(B, 3, S, S)` in [-1, 1]."""
+        return sample_ddim(self.denoise, noise, condition, steps or self.config.steps, callback)
+
+    def render(self, condition: np.ndarray, noise: np.ndarray, steps: typing.Optional[int] = None) -> np.ndarray:
+        """One crop: `condition (C, S, S)`, `noise (3, S, S)` → `(S, S, 3) uint8`."""
+        return from_unit(self.sample(condition[None], noise[None], steps)[0])

@@ -1,0 +1,51 @@
+"""Diffusion schedule and samplers, as plain functions (k-diffusion style): the model is any callable
+`model(x_t, t, condition) → v`, torch or onnxruntime alike (numpy in, numpy out).
+
+Continuous cosine schedule: alpha(t) = cos(πt/2), sigma(t) = sin(πt/2), x_t = alpha·x0 + sigma·noise;
+the model predicts v = alpha·noise − sigma·x0, from which x0 = alpha·x_t − sigma·v.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+
+Model = typing.Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Callback = typing.Callable[[int, int, np.ndarray], None]
+
+
+def alpha_sigma(t):
+    """(alpha, sigma) of the cosine schedule at time(s) t in [0, 1]."""
+    return np.cos(0.5 * np.pi * t), np.sin(0.5 * np.pi * t)
+
+
+def timesteps(steps: int, start: float = 1.0) -> np.ndarray:
+    """`steps + 1` times from `start` down to 0, uniform in t."""
+    if steps < 1:
+        raise ValueError(f"need at least one sampling step, got {steps}")
+    return np.linspace(start, 0.0, steps + 1)
+
+
+def sample_ddim(model: Model, noise: np.ndarray, condition: np.ndarray, steps: int = 4,
+                callback: typing.Optional[Callback] = None) -> np.ndarray:
+    """Deterministic DDIM from pure noise to a clean crop.
+
+    noise: `(B, 3, S, S) float32` standard normal (share it across frames for temporal stability);
+    condition: `(B, C, S, S) float32`. Returns x0 `(B, 3, S, S) float32` in about [-1, 1].
+    `callback(step, steps, x0_estimate)` is called after every step.
+    """
+    x = noise.astype(np.float32)
+    times = timesteps(steps)
+    x0 = x
+    for i in range(steps):
+        t, t_next = times[i], times[i + 1]
+        alpha, sigma = alpha_sigma(t)
+        v = model(x, np.full((x.shape[0],), t, np.float32), condition)
+        x0 = np.clip(alpha * x - sigma * v, -1.0, 1.0)
+        eps = sigma * x + alpha * v
+        alpha_next, sigma_next = alpha_sigma(t_next)
+        x = (alpha_next * x0 + sigma_next * eps).astype(np.float32)
+        if callback is not None:
+            callback(i + 1, steps, x0)
+    return x0.astype(np.float32)

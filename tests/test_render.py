@@ -1,0 +1,116 @@
+"""Renderer building blocks: denoiser shapes, the sampler's maths (an exact oracle), the conditioning,
+ONNX parity with the sampler loop on onnxruntime, data sampling and DDP training on real crops."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from avatar.config import RenderConfig
+from avatar.face import landmarks as lm
+from avatar.render.condition import build_condition, landmark_sketch
+from avatar.render.sampling import alpha_sigma, sample_ddim
+from avatar.render.unet import Denoiser
+from conftest import REPO
+
+SMALL = RenderConfig(crop_size=64, base_channels=16, channel_mults=(1, 2, 2), attention_levels=(2,), steps=3)
+
+
+def test_denoiser_shapes():
+    model = Denoiser(SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x, torch.tensor([0.1, 0.9]), torch.randn(2, SMALL.condition_channels, 64, 64))
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 25])
+def test_ddim_recovers_the_clean_image_with_an_exact_denoiser(steps):
+    """With the true v, DDIM lands on the clean image in any number of steps; the callback sees each."""
+    rng = np.random.default_rng(steps)
+    clean = rng.uniform(-0.9, 0.9, (2, 3, 8, 8)).astype(np.float32)
+
+    def oracle(x, t, condition):
+        alpha, sigma = alpha_sigma(t[:, None, None, None])
+        eps = (x - alpha * clean) / np.maximum(sigma, 1e-8)
+        return (alpha * eps - sigma * clean).astype(np.float32)
+
+    seen = []
+    out = sample_ddim(oracle, rng.standard_normal(clean.shape).astype(np.float32), np.zeros((2, 1, 8, 8), np.float32),
+                      steps, callback=lambda i, n, x0: seen.append((i, n)))
+    np.testing.assert_allclose(out, clean, atol=1e-5)
+    assert seen == [(i, steps) for i in range(1, steps + 1)]
+
+
+def test_sketch_draws_the_mouth_where_the_points_are():
+    rng = np.random.default_rng(0)
+    points = np.stack([np.linspace(40, 88, 59), 80 + 8 * np.sin(np.linspace(0, 6.28, 59))], axis=1) + rng.normal(0, 0.2, (59, 2))
+    sketch = landmark_sketch(points, 128)
+    assert sketch.shape == (3, 128, 128) and sketch.max() <= 1 and sketch.min() >= 0
+    lit = sketch.max(axis=0) > 0.3
+    ys, xs = np.nonzero(lit)
+    nearest = np.min(np.hypot(xs[:, None] - points[None, :, 0], ys[:, None] - points[None, :, 1]), axis=1)
+    assert lit.sum() > 100 and np.percentile(nearest, 99) < 8  # lines between the points, nowhere else
+    assert (sketch.reshape(3, -1).max(axis=1) > 0.5).all()  # outer lips, inner lips, jaw
+
+
+def test_condition_hides_the_repainted_region():
+    target = np.full((64, 64, 3), 200, np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[32:, 16:48] = 1.0
+    condition = build_condition(target, mask, [target, target], np.full((59, 2), 32.0))
+    assert condition.shape == (SMALL.condition_channels, 64, 64)
+    assert (condition[:3, 40, 30] == 0).all() and (condition[:3, 5, 5] > 0.5).all()
+    assert condition[3, 40, 30] == 1 and condition[3, 5, 5] == 0
+
+
+def test_onnx_denoiser_parity_and_sampling_on_onnxruntime(tmp_path):
+    from avatar.render.runner import Renderer
+    from training.export_render import export, parity
+    from training.train_render import torch_model_fn
+
+    torch.manual_seed(0)
+    model = Denoiser(SMALL).eval()
+    export(model, tmp_path / "render.onnx")
+    assert parity(model, tmp_path / "render.onnx", batch=3) <= 1e-3
+    renderer = Renderer(tmp_path / "render.onnx")
+    assert renderer.config == SMALL
+    rng = np.random.default_rng(1)
+    condition = rng.uniform(-1, 1, (2, SMALL.condition_channels, 64, 64)).astype(np.float32)
+    noise = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
+    on_onnx = renderer.sample(condition, noise)
+    on_torch = sample_ddim(torch_model_fn(model, torch.device("cpu")), noise, condition, SMALL.steps)
+    np.testing.assert_allclose(on_onnx, on_torch, atol=1e-3)
+    assert renderer.render(condition[0], noise[0]).shape == (64, 64, 3)
+
+
+def test_training_samples_from_real_crops(tiny_cache):
+    from training.render_data import REFERENCE_GAP, RenderSampler, load_render_clips
+
+    clips = load_render_clips(tiny_cache, "train", 128)
+    assert clips and all(c.crops.shape[1:] == (128, 128, 3) for c in clips)
+    sampler = RenderSampler(clips, RenderConfig(), seed=0)
+    batch = sampler.batch(4)
+    assert batch["clean"].shape == (4, 3, 128, 128) and batch["condition"].shape == (4, RenderConfig().condition_channels, 128, 128)
+    assert -1 <= batch["clean"].min() and batch["clean"].max() <= 1
+    clip = clips[0]
+    index = int(np.flatnonzero(clip.usable)[len(clip.usable) // 2])
+    refs = clip.references(index, np.random.default_rng(0), 2)
+    assert all(abs(r - index) >= REFERENCE_GAP for r in refs)
+    assert clip.gap[refs[0]] <= clip.gap[refs[1]]  # a closed, then an open mouth
+
+
+@pytest.mark.slow
+def test_render_training_runs_under_torchrun_with_two_gloo_processes(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training.train_render", "--cache", str(tiny_cache), "--out", str(out), "--steps", "2", "--batch", "2",
+               "--val-every", "2", "--val-samples", "2", "--threads", "1", "--model.base-channels", "8",
+               "--model.channel-mults", "1", "2", "--model.attention-levels", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "mouth-region PSNR" in result.stdout
+    assert (out / "last.pt").exists() and list((out / "samples").glob("*.png"))

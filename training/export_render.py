@@ -1,0 +1,85 @@
+"""Export the renderer's denoiser to ONNX (dynamic batch), check parity (fp32 ≤ 1e-3), optionally fp16.
+
+    python -m training.export_render --checkpoint runs/render/best.pt --out assets/render.onnx [--fp16]
+
+The sampler loop stays in Python (`avatar.render.sampling`), calling the ONNX denoiser each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from avatar.config import RenderConfig
+from avatar.render.unet import Denoiser
+from avatar.runtime import OnnxSession
+
+OPSET = 18
+
+
+def load_denoiser(checkpoint: pathlib.Path) -> Denoiser:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = RenderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
+    model = Denoiser(config)
+    model.load_state_dict({k: v.float() for k, v in state["model"].items()})
+    return model.eval()
+
+
+def export(model: Denoiser, out: pathlib.Path) -> None:
+    c = model.config
+    x = torch.zeros(2, 3, c.crop_size, c.crop_size)
+    t = torch.full((2,), 0.5)
+    condition = torch.zeros(2, c.condition_channels, c.crop_size, c.crop_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(model, (x, t, condition), str(out), input_names=["x_t", "t", "condition"], output_names=["v"],
+                      dynamic_shapes={"x_t": {0: batch}, "t": {0: batch}, "condition": {0: batch}},
+                      opset_version=OPSET, dynamo=True, verbose=False)
+    import onnx
+
+    proto = onnx.load(str(out))
+    for key, value in dataclasses.asdict(c).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(list(value) if isinstance(value, tuple) else value)
+    onnx.save(proto, str(out))
+
+
+def parity(model: Denoiser, onnx_path: pathlib.Path, batch: int = 2, seed: int = 0) -> float:
+    c = model.config
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 3, c.crop_size, c.crop_size)).astype(np.float32)
+    t = rng.uniform(0, 1, batch).astype(np.float32)
+    condition = rng.uniform(-1, 1, (batch, c.condition_channels, c.crop_size, c.crop_size)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(condition)).numpy()
+    got = OnnxSession(onnx_path, providers=["CPUExecutionProvider"]).run(x_t=x, t=t, condition=condition)["v"]
+    return float(np.abs(got - expected).max())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export_render", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=pathlib.Path, required=True)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/render.onnx"))
+    args = parser.parse_args(argv)
+    model = load_denoiser(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        candidate = pathlib.Path(tmp) / args.out.name
+        export(model, candidate)
+        worst = max(parity(model, candidate, batch) for batch in (1, 3))
+        if worst > 1e-3:
+            print(f"error: ONNX and torch differ by {worst:.2e} (> 1e-3); {args.out} left as it was", file=sys.stderr)
+            return 1
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(candidate), str(args.out))
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); max |onnx - torch| = {worst:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

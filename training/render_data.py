@@ -1,0 +1,111 @@
+"""Training data for the renderer, from the preprocessing cache (talking and silent videos alike:
+the renderer learns landmarks → pixels and needs no audio).
+
+Each sample: a target crop; the repaint mask (the union of the lower-face masks of the target frame
+and of another frame of the clip, as in dubbing, where the mask must cover both the old and the new
+jaw); two references from the same clip at least `REFERENCE_GAP` frames away (a closed and an open
+mouth); the sketch of the target's lips and jaw. Augmentation: horizontal flip of everything,
+brightness/contrast applied to target and references alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import numpy as np
+
+from avatar.config import AlignConfig, RenderConfig
+from avatar.face import landmarks as lm
+from avatar.face.align import FaceAligner
+from avatar.render.condition import build_condition, to_unit
+from training.cache import ClipCache, open_cache
+
+REFERENCE_GAP = 12  # frames between a target and its references
+
+
+@dataclasses.dataclass
+class RenderClip:
+    """crops `(T, S, S, 3) uint8`; landmarks `(T, 478, 2)` crop pixels; usable `(T,) bool`; gap `(T,)`."""
+
+    clip_id: str
+    person: str
+    crops: np.ndarray
+    landmarks: np.ndarray
+    usable: np.ndarray
+    gap: np.ndarray
+
+    def references(self, index: int, rng: np.random.Generator, count: int) -> typing.List[int]:
+        """Reference frames for target `index`: the first from the most-closed third of the usable
+        frames, the next from the most-open third, ..., all at least REFERENCE_GAP frames away."""
+        far = self.usable & (np.abs(np.arange(self.usable.size) - index) >= REFERENCE_GAP)
+        pool = np.flatnonzero(far) if far.any() else np.flatnonzero(self.usable)
+        order = pool[np.argsort(self.gap[pool])]
+        thirds = [order[: max(1, len(order) // 3)], order[-max(1, len(order) // 3):]]
+        return [int(rng.choice(thirds[k % 2])) for k in range(count)]
+
+
+def render_clip(cache: ClipCache, crop_size: int, every: int = 1, min_usable: int = 2 * REFERENCE_GAP) -> typing.Optional[RenderClip]:
+    usable = cache.keep.copy()
+    if int(usable.sum()) < min_usable:
+        return None
+    landmarks = cache.landmarks(crop_size)
+    crops = cache.crops(crop_size)
+    if crops.shape[0] != usable.size:
+        return None
+    frames = np.arange(0, usable.size, every)
+    landmarks, crops, usable = landmarks[frames], crops[frames], usable[frames] & np.isfinite(landmarks[frames]).all(axis=(1, 2))
+    gap = np.nan_to_num(lm.mouth_opening(landmarks), nan=0.0)
+    return RenderClip(cache.clip_id, cache.meta["person"], crops, landmarks.astype(np.float32), usable, gap)
+
+
+def load_render_clips(cache_root, split: str, crop_size: int = 128, every: int = 1,
+                      kinds: typing.Sequence[str] = ("video", "video_silent")) -> typing.List[RenderClip]:
+    clips = []
+    for kind in kinds:
+        for cache in open_cache(cache_root, split=split, kind=kind):
+            clip = render_clip(cache, crop_size, every)
+            if clip is not None:
+                clips.append(clip)
+    return clips
+
+
+def make_sample(clip: RenderClip, index: int, rng: np.random.Generator, config: RenderConfig, aligner: FaceAligner,
+                augment: bool) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(clean target `(3, S, S)` in [-1, 1], condition `(C, S, S)`, loss weight `(1, S, S)`)."""
+    other = int(rng.choice(np.flatnonzero(clip.usable)))
+    mask = np.maximum(aligner.lower_face_mask(clip.landmarks[index]), aligner.lower_face_mask(clip.landmarks[other]))
+    refs = [clip.crops[i] for i in clip.references(index, rng, config.references)]
+    target = clip.crops[index]
+    if augment:
+        gain, bias = rng.uniform(0.85, 1.15), rng.uniform(-12, 12)
+        adjust = lambda image: np.clip(image.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+        target, refs = adjust(target), [adjust(r) for r in refs]
+    condition = build_condition(target, mask, refs, clip.landmarks[index][lm.MOUTH_AND_JAW])
+    clean = to_unit(target)
+    weight = (0.1 + mask)[None].astype(np.float32)
+    if augment and rng.random() < 0.5:
+        clean, condition, weight = clean[..., ::-1], condition[..., ::-1], weight[..., ::-1]
+    return np.ascontiguousarray(clean), np.ascontiguousarray(condition), np.ascontiguousarray(weight)
+
+
+class RenderSampler:
+    """`batch(n)` → clean `(n, 3, S, S)`, condition `(n, C, S, S)`, weight `(n, 1, S, S)` (all float32)."""
+
+    def __init__(self, clips: typing.Sequence[RenderClip], config: RenderConfig, augment: bool = True, seed: int = 0):
+        if not clips:
+            raise ValueError("no clips with enough usable frames for the renderer")
+        self.clips, self.config, self.augment = list(clips), config, augment
+        self.rng = np.random.default_rng(seed)
+        self.aligner = FaceAligner(AlignConfig(crop_size=config.crop_size))
+        weights = np.array([c.usable.sum() for c in self.clips], np.float64)
+        self.weights = weights / weights.sum()
+
+    def batch(self, size: int) -> typing.Dict[str, np.ndarray]:
+        items = []
+        for _ in range(size):
+            clip = self.clips[self.rng.choice(len(self.clips), p=self.weights)]
+            index = int(self.rng.choice(np.flatnonzero(clip.usable)))
+            items.append(make_sample(clip, index, self.rng, self.config, self.aligner, self.augment))
+        return {"clean": np.stack([i[0] for i in items]), "condition": np.stack([i[1] for i in items]),
+                "weight": np.stack([i[2] for i in items])}
