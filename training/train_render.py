@@ -160,9 +160,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
+        decay = min(cfg.ema, (1.0 + step) / (10.0 + step))  # warm-up: early averages forget the random start
         with torch.no_grad():
             for kept, trained in zip(average.parameters(), model.parameters()):
-                kept.lerp_(trained, 1.0 - cfg.ema)
+                kept.lerp_(trained, 1.0 - decay)
         if main_process and (step % 50 == 0 or step == cfg.steps - 1):
             writer.add_scalar("train/loss", float(loss.detach()), step)
             writer.add_scalar("train/v", float(v_loss.detach()), step)

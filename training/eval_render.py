@@ -1,0 +1,165 @@
+"""Held-out report for the renderer, next to baselines in the same run.
+
+    python -m training.eval_render --cache cache --model assets/render.onnx [--frames 64] [--json report.json]
+
+On frames of validation people (never seen in training), each target's lower face is repainted from
+its masked frame, two references of the same clip and the sketch of its real landmarks, then
+composited into the crop. Compared with the real crop in the repainted region:
+- model in `--steps` (few-step, default the model's) and in `--many-steps` DDIM steps;
+- baseline "reference mouth": the closed-mouth reference's lower face pasted in;
+- baseline "nearest reference": the clip's frame (≥ 12 frames away) whose mouth landmarks are
+  closest to the target's, its lower face pasted in.
+Metrics: PSNR and SSIM of the repainted region, sharpness ratio (Laplacian variance there, output /
+real; ≥ 0.8 is the target), mouth landmark error of the re-detected output vs the target landmarks
+(% of inter-ocular distance), identity distance (dlib) to the references, and flicker (mean absolute
+frame-to-frame change of the repainted region over consecutive frames, output / real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import typing
+
+import cv2
+import numpy as np
+
+from avatar.config import AlignConfig
+from avatar.errors import FaceError
+from avatar.face import landmarks as lm
+from avatar.face.align import FaceAligner
+from avatar.render.condition import build_condition, composite
+from avatar.render.runner import Renderer
+from training.render_data import REFERENCE_GAP, RenderClip, load_render_clips
+
+METHODS = ("model_few", "model_many", "reference_mouth", "nearest_reference")
+
+
+def _region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2)[region].mean()
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)))
+
+
+def _region_ssim(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    ys, xs = np.nonzero(region)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    return float(structural_similarity(a[y0:y1, x0:x1], b[y0:y1, x0:x1], channel_axis=2, data_range=255))
+
+
+def _sharpness(image: np.ndarray, region: np.ndarray) -> float:
+    return float(cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F)[region].var())
+
+
+def nearest_reference(clip: RenderClip, index: int) -> int:
+    far = clip.usable & (np.abs(np.arange(clip.usable.size) - index) >= REFERENCE_GAP)
+    pool = np.flatnonzero(far)
+    mouth = clip.landmarks[:, lm.MOUTH_AND_JAW]
+    distance = np.abs(mouth[pool] - mouth[index]).mean(axis=(1, 2))
+    return int(pool[np.argmin(distance)])
+
+
+def evaluate_render(renderer: Renderer, clips: typing.Sequence[RenderClip], frames: int, few_steps: int, many_steps: int,
+                    runs: int = 4, seed: int = 0) -> typing.Dict[str, typing.Any]:
+    """Metrics per method over `frames` targets, taken as `runs` runs of consecutive frames (for flicker)."""
+    from avatar.face.tracker import FaceTracker
+    from avatar.identity import FaceEmbedder
+
+    rng = np.random.default_rng(seed)
+    size = renderer.config.crop_size
+    aligner = FaceAligner(AlignConfig(crop_size=size))
+    tracker, embedder = FaceTracker(), FaceEmbedder()
+    noise = rng.standard_normal((3, size, size)).astype(np.float32)  # shared across frames: temporal stability
+    rows: typing.Dict[str, typing.List[typing.Dict[str, float]]] = {m: [] for m in METHODS}
+    flicker: typing.Dict[str, typing.List[float]] = {m: [] for m in (*METHODS, "real")}
+    per_run = max(2, frames // runs)
+    for run in range(runs):
+        clip = clips[run % len(clips)]
+        usable = np.flatnonzero(clip.usable)
+        start = int(rng.choice(usable[: max(1, len(usable) - per_run)]))
+        indices = [i for i in range(start, start + per_run) if i < clip.usable.size and clip.usable[i]]
+        references = clip.references(start, rng, renderer.config.references)
+        ref_crops = [clip.crops[r] for r in references]
+        ref_embeddings = [embedder.embed(c, clip.landmarks[r]) for c, r in zip(ref_crops, references)]
+        previous: typing.Dict[str, np.ndarray] = {}
+        mask = np.maximum.reduce([aligner.lower_face_mask(clip.landmarks[i]) for i in indices])
+        region = mask > 0.5
+        for index in indices:
+            target = clip.crops[index]
+            condition = build_condition(target, mask, ref_crops, clip.landmarks[index][lm.MOUTH_AND_JAW])
+            outputs = {
+                "model_few": composite(renderer.render(condition, noise, few_steps), target, mask),
+                "model_many": composite(renderer.render(condition, noise, many_steps), target, mask),
+                "reference_mouth": composite(ref_crops[0], target, mask),
+                "nearest_reference": composite(clip.crops[nearest_reference(clip, index)], target, mask),
+            }
+            iod = float(lm.interocular(clip.landmarks[index]))
+            for method, output in outputs.items():
+                try:
+                    detected = tracker.select(output).landmarks
+                    landmark_error = float(np.abs(detected[lm.MOUTH_AND_JAW, :2] - clip.landmarks[index][lm.MOUTH_AND_JAW]).mean() / iod * 100)
+                except FaceError:  # a rendering without a detectable face counts as a large error
+                    landmark_error = 100.0
+                embedding = embedder.embed(output, clip.landmarks[index])
+                rows[method].append({
+                    "psnr": _region_psnr(output, target, region), "ssim": _region_ssim(output, target, region),
+                    "sharpness_ratio": _sharpness(output, region) / max(_sharpness(target, region), 1e-9),
+                    "landmark_error": landmark_error,
+                    "identity_distance": float(min(np.linalg.norm(embedding - e) for e in ref_embeddings)),
+                })
+                if method in previous:
+                    flicker[method].append(float(np.abs(output.astype(np.float32) - previous[method])[region].mean()))
+                previous[method] = output.astype(np.float32)
+            if "real" in previous:
+                flicker["real"].append(float(np.abs(target.astype(np.float32) - previous["real"])[region].mean()))
+            previous["real"] = target.astype(np.float32)
+    real_flicker = float(np.mean(flicker["real"])) if flicker["real"] else float("nan")
+    summary = {}
+    for method in METHODS:
+        values = rows[method]
+        summary[method] = {key: float(np.mean([v[key] for v in values])) for key in values[0]}
+        summary[method]["flicker_ratio"] = float(np.mean(flicker[method])) / real_flicker if flicker[method] else float("nan")
+    return {"frames": sum(len(v) for v in rows.values()) // len(METHODS), "runs": runs, "few_steps": few_steps,
+            "many_steps": many_steps, "summary": summary}
+
+
+def format_report(report: typing.Dict[str, typing.Any]) -> str:
+    lines = [f"held-out: {report['frames']} frames in {report['runs']} runs of consecutive frames (people never seen in training)",
+             f"{'':30s} {'PSNR dB':>8s} {'SSIM':>6s} {'sharp':>6s} {'lmk %IOD':>9s} {'identity':>9s} {'flicker':>8s}"]
+    names = {"model_few": f"model, {report['few_steps']} steps", "model_many": f"model, {report['many_steps']} steps",
+             "reference_mouth": "reference mouth pasted", "nearest_reference": "nearest reference pasted"}
+    for method, name in names.items():
+        s = report["summary"][method]
+        lines.append(f"{name:30s} {s['psnr']:8.2f} {s['ssim']:6.3f} {s['sharpness_ratio']:6.2f} {s['landmark_error']:9.2f} "
+                     f"{s['identity_distance']:9.3f} {s['flicker_ratio']:8.2f}")
+    lines.append("sharp = Laplacian variance ratio output/real in the region (target ≥ 0.8); flicker = frame-to-frame change output/real")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.eval_render", description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=pathlib.Path, required=True)
+    parser.add_argument("--model", type=pathlib.Path, required=True, help="ONNX denoiser (training.export_render)")
+    parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=None, help="few-step count (default: the model's)")
+    parser.add_argument("--many-steps", type=int, default=25)
+    parser.add_argument("--json", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    renderer = Renderer(args.model)
+    clips = load_render_clips(args.cache, "val", renderer.config.crop_size, kinds=("video",))
+    if not clips:
+        print(f"error: no validation clips in {args.cache}; run training.preprocess first", file=sys.stderr)
+        return 2
+    report = evaluate_render(renderer, clips, args.frames, args.steps or renderer.config.steps, args.many_steps)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
