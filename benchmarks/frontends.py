@@ -13,7 +13,6 @@ import argparse
 import pathlib
 import time
 
-import numpy as np
 
 from avatar import audio, media
 from avatar.config import AlignConfig

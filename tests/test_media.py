@@ -3,7 +3,6 @@
 import csv
 import fractions
 import os
-import pathlib
 
 import av
 import numpy as np

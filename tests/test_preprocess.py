@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from avatar import audio, media
-from conftest import DATA, GRID_CLIP, LRS2_CLIP, REPO
+from conftest import DATA, GRID_CLIP, REPO
 from training.cache import decode_landmarks, encode_landmarks, open_cache
 from training.split import VALIDATION_IDENTITIES, person_key, split_identities
 

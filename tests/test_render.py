@@ -2,7 +2,6 @@
 ONNX parity with the sampler loop on onnxruntime, data sampling and DDP training on real crops."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from avatar.config import RenderConfig
-from avatar.face import landmarks as lm
 from avatar.render.condition import build_condition, landmark_sketch
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser

@@ -12,12 +12,12 @@ at 0). What is measured is documented in training/motion_eval.py.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
 from avatar.errors import AvatarError
 from avatar.motion.runner import MotionPredictor
+from training.common import emit_report
 from training.motion_data import load_motion_clips
 from training.motion_eval import evaluate_motion, format_summary
 
@@ -39,10 +39,7 @@ def main(argv=None) -> int:
         print(f"error: no {args.split} clips with speech in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2
     report = evaluate_motion(predictor.predict, clips, predictor.config)
-    print(format_summary(report["summary"]))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    emit_report(format_summary(report["summary"]), report, args.json)
     return 0
 
 

@@ -18,7 +18,6 @@ frame-to-frame change of the repainted region over consecutive frames, output / 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import typing
@@ -32,6 +31,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
 from avatar.render.condition import build_condition, composite
 from avatar.render.runner import Renderer
+from training.common import emit_report
 from training.render_data import REFERENCE_GAP, RenderClip, load_render_clips
 
 METHODS = ("model_few", "model_many", "reference_mouth", "nearest_reference")
@@ -154,10 +154,7 @@ def main(argv=None) -> int:
         print(f"error: no validation clips in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2
     report = evaluate_render(renderer, clips, args.frames, args.steps or renderer.config.steps, args.many_steps)
-    print(format_report(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    emit_report(format_report(report), report, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -24,13 +23,13 @@ import typing
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import MotionConfig, add_config_arguments, config_from_args
 from avatar.motion.model import MotionModel
+from training.common import ddp_teardown, start_process, save_checkpoint, update_average
 from training.motion_data import MotionSampler, load_motion_clips, load_speech_clips, pca_basis
-from training.motion_eval import evaluate_motion, format_summary
+from training.motion_eval import evaluate_motion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,20 +51,6 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True
     threads: int = 0  # torch threads per process (0: leave torch's default)
-
-
-def ddp_setup() -> typing.Tuple[int, int, torch.device]:
-    """(rank, world size, device); starts the process group when launched by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, dist.get_world_size(), torch.device("cuda", local)
-    return rank, dist.get_world_size(), torch.device("cpu")
 
 
 def sequence_loss(predicted: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
@@ -112,12 +97,6 @@ def torch_predictor(model: MotionModel, device: torch.device):
     return predict
 
 
-def save_checkpoint(path: pathlib.Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.train_motion", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=pathlib.Path, required=True)
@@ -129,10 +108,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, TrainConfig, "")
     model_cfg = config_from_args(args, MotionConfig, "model")
-    rank, world, device = ddp_setup()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + rank)
+    rank, world, device = start_process(cfg.threads, cfg.seed)
     main_process = rank == 0
 
     # 1. Data: talking clips of training people; validation clips of held-out people.
@@ -212,9 +188,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimiser.step()
-        with torch.no_grad():
-            for kept, trained in zip(average.parameters(), model.parameters()):
-                kept.lerp_(trained, 1.0 - cfg.ema)
+        update_average(average, model, cfg.ema)
         if main_process and (step % 25 == 0 or step == cfg.steps - 1):
             writer.add_scalar("train/loss", float(loss.detach()), step)
             for key, value in parts.items():
@@ -244,9 +218,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             state["best"] = best
             save_checkpoint(args.out / "last.pt", **state)
             writer.flush()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    ddp_teardown(world)
     if main_process:
         writer.close()
         print(f"done: {cfg.steps - start_step} steps in {time.perf_counter() - started:.0f} s; checkpoints in {args.out}")

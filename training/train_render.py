@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -24,7 +23,6 @@ import typing
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import RenderConfig, add_config_arguments, config_from_args
@@ -32,7 +30,7 @@ from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser
 from training.render_data import RenderSampler, load_render_clips
-from training.train_motion import ddp_setup, save_checkpoint
+from training.common import ddp_teardown, start_process, save_checkpoint, update_average
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +89,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, RenderTrainConfig, "")
     model_cfg = config_from_args(args, RenderConfig, "model")
-    rank, world, device = ddp_setup()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + rank)
+    rank, world, device = start_process(cfg.threads, cfg.seed)
     main_process = rank == 0
 
     # 1. Data: every usable frame of the training people; a fixed held-out batch of validation people.
@@ -160,10 +155,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
-        decay = min(cfg.ema, (1.0 + step) / (10.0 + step))  # warm-up: early averages forget the random start
-        with torch.no_grad():
-            for kept, trained in zip(average.parameters(), model.parameters()):
-                kept.lerp_(trained, 1.0 - decay)
+        update_average(average, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))  # warm-up: forget the random start
         if main_process and (step % 50 == 0 or step == cfg.steps - 1):
             writer.add_scalar("train/loss", float(loss.detach()), step)
             writer.add_scalar("train/v", float(v_loss.detach()), step)
@@ -186,9 +178,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
                 save_checkpoint(args.out / "best.pt", **state, best=best)
             save_checkpoint(args.out / "last.pt", **state, best=best)
             writer.flush()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    ddp_teardown(world)
     if main_process:
         writer.close()
         print(f"done: {cfg.steps - start_step} steps in {time.perf_counter() - started:.0f} s; checkpoints in {args.out}")

@@ -1,0 +1,63 @@
+"""Pieces every training and evaluation script shares: DDP set-up and teardown, atomic checkpoints,
+weight averaging, report output."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import typing
+
+import torch
+import torch.distributed as dist
+
+
+def ddp_setup() -> typing.Tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, dist.get_world_size(), torch.device("cuda", local)
+    return rank, dist.get_world_size(), torch.device("cpu")
+
+
+def start_process(threads: int, seed: int) -> typing.Tuple[int, int, torch.device]:
+    """Start a training process: DDP (when under torchrun), torch threads (0: default), per-rank seed."""
+    rank, world, device = ddp_setup()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed + rank)
+    return rank, world, device
+
+
+def ddp_teardown(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def save_checkpoint(path: pathlib.Path, **state) -> None:
+    """torch.save to a temporary name, then rename: a checkpoint is complete or absent."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def update_average(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Exponential moving average of the trainable parameters: average ← decay·average + (1−decay)·model."""
+    with torch.no_grad():
+        for kept, trained in zip(average.parameters(), model.parameters()):
+            kept.lerp_(trained, 1.0 - decay)
+
+
+def emit_report(text: str, report: typing.Dict[str, typing.Any], json_path: typing.Optional[pathlib.Path]) -> None:
+    """Print a report's table and, if asked, write the whole report as JSON."""
+    print(text)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1))
+        print(f"wrote {json_path}")
