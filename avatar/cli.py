@@ -21,9 +21,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         args.output, image=args.image, video=args.video, audio=args.audio, fps=args.fps,
         face_config=config_from_args(args, FaceConfig, "face"), align_config=config_from_args(args, AlignConfig, "align"),
         mel_config=config_from_args(args, MelConfig, "mel"), vad_config=config_from_args(args, VadConfig, "vad"),
-        progress=not args.quiet,
+        progress=not args.quiet, motion=not args.no_motion,
     )
-    print(f"front-ends only (the motion model and renderer are not trained yet, so the mouth does not move): "
+    print(f"front-ends{'' if args.no_motion else ' and motion model (magenta: lips and jaw predicted from the speech)'}; "
+          f"the renderer is not trained yet, so the face itself does not move: "
           f"{result.n_frames} frames at {result.fps:g} fps, {result.audio_seconds:.1f} s of audio, "
           f"speech in {100 * result.speech_fraction:.0f}% of frames, face in {result.face_frames}, "
           f"{result.seconds:.1f} s")
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     inspect = commands.add_parser(
-        "inspect", help="show what the front-ends see: aligned face, landmarks, repaint mask, mel, voice activity",
-        description="Write a video of the front-ends' view of a face (photo or video) and speech.")
+        "inspect", help="show what the front-ends see and the mouth the motion model predicts from the speech",
+        description="Write a video of the front-ends' view of a face (photo or video) and speech, with the motion "
+                    "model's predicted lips and jaw.")
     source = inspect.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="portrait photo (PNG/JPEG/...)")
     source.add_argument("--video", help="video with a face (its own audio is used unless --audio is given)")
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--output", required=True, help="output mp4")
     inspect.add_argument("--fps", type=float, default=25.0, help="frame rate for a still image (default 25)")
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
+    inspect.add_argument("--no-motion", action="store_true", help="do not run the motion model")
     add_config_arguments(inspect, FaceConfig, "face")
     add_config_arguments(inspect, AlignConfig, "align")
     add_config_arguments(inspect, MelConfig, "mel")

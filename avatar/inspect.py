@@ -1,8 +1,9 @@
-"""Visualise the front-ends on a face and some speech: what the motion model and renderer will see.
+"""Visualise the front-ends and the motion model on a face and some speech.
 
-Each output frame shows, left, the aligned face crop with the mouth/jaw landmarks (green), the
-alignment's stable points (yellow) and the lower-face mask the renderer will repaint (red tint);
-right, the frame's 16×80 mel window and its voice-activity score. The audio is muxed in.
+Each output frame shows, left, the aligned face crop with the lower-face mask the renderer will
+repaint (red tint), the alignment's stable points (yellow), the tracked mouth/jaw landmarks (green;
+for a still they do not move) and the mouth/jaw the motion model predicts from the speech (magenta);
+right, the frame's mel window and its voice-activity score. The audio is muxed in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import AlignedFace, FaceAligner
 from avatar.face.tracker import FaceTracker
 from avatar.face.video import align_video
+from avatar.motion.runner import MotionPredictor, rest_from_landmarks
 
 PANEL = 256
 
@@ -39,7 +41,12 @@ class InspectResult:
     seconds: float
 
 
-def _draw_face(aligned: typing.Optional[AlignedFace], aligner: FaceAligner) -> np.ndarray:
+def _draw_points(panel: np.ndarray, points: np.ndarray, scale: float, colour: typing.Tuple[int, int, int]) -> None:
+    for x, y in np.asarray(points)[:, :2] * scale + (scale - 1) / 2:
+        cv2.circle(panel, (int(round(x)), int(round(y))), 2, colour, -1, cv2.LINE_AA)
+
+
+def _draw_face(aligned: typing.Optional[AlignedFace], aligner: FaceAligner, predicted: typing.Optional[np.ndarray] = None) -> np.ndarray:
     if aligned is None or aligned.landmarks.shape[0] == 0:
         panel = np.zeros((PANEL, PANEL, 3), np.uint8) if aligned is None else cv2.resize(aligned.crop, (PANEL, PANEL))
         cv2.putText(panel, "no face", (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 80, 80), 1, cv2.LINE_AA)
@@ -49,12 +56,10 @@ def _draw_face(aligned: typing.Optional[AlignedFace], aligner: FaceAligner) -> n
     tinted = crop * (1 - 0.35 * mask) + np.array([255.0, 0, 0]) * 0.35 * mask
     scale = PANEL / aligner.size
     panel = cv2.resize(np.clip(tinted, 0, 255).astype(np.uint8), (PANEL, PANEL), interpolation=cv2.INTER_CUBIC)
-    for index in lm.MOUTH_AND_JAW:
-        x, y = aligned.landmarks[index, :2] * scale + (scale - 1) / 2
-        cv2.circle(panel, (int(round(x)), int(round(y))), 2, (0, 255, 0), -1, cv2.LINE_AA)
-    for index in lm.STABLE:
-        x, y = aligned.landmarks[index, :2] * scale + (scale - 1) / 2
-        cv2.circle(panel, (int(round(x)), int(round(y))), 2, (255, 255, 0), -1, cv2.LINE_AA)
+    _draw_points(panel, aligned.landmarks[lm.MOUTH_AND_JAW], scale, (0, 255, 0))
+    _draw_points(panel, aligned.landmarks[lm.STABLE], scale, (255, 255, 0))
+    if predicted is not None:
+        _draw_points(panel, predicted, scale, (255, 0, 255))
     return panel
 
 
@@ -83,6 +88,7 @@ def inspect_frontends(
     mel_config: MelConfig = MelConfig(),
     vad_config: VadConfig = VadConfig(),
     progress: bool = True,
+    motion: bool = True,
 ) -> InspectResult:
     """Write the front-end visualisation of (`image` + `audio`) or (`video` [+ `audio`]) to `output`."""
     if (image is None) == (video is None):
@@ -116,16 +122,30 @@ def inspect_frontends(
         faces = (frame.aligned for frame in align_video(media.iter_video_frames(video), face_config, align_config, what=str(video)))
     windows = audio_frontend.mel_windows(mel, fps, n_frames, mel_config)
     vad = audio_frontend.voice_activity(samples, fps, n_frames, mel_config.sample_rate, vad_config)
+    predictor = MotionPredictor() if motion else None
 
-    # 3. Per frame: draw the panels and encode them with the audio.
+    # 3. Motion model: mouth and jaw from the speech, relative to the person's rest mouth, placed at each
+    #    frame's head pose (the mouth anchor's shift from the rest frame).
+    predicted = None
+    rest_anchor = None
+
+    # 4. Per frame: draw the panels and encode them with the audio.
     face_frames = 0
     written = 0
     with media.VideoWriter(output, fps, samples, mel_config.sample_rate, inputs=inputs) as writer:
         for i, aligned in enumerate(tqdm(faces, total=n_frames, desc="frames", unit="frame", disable=not progress)):
             if i >= n_frames:
                 break
-            face_frames += int(aligned is not None and aligned.landmarks.shape[0] > 0)
-            writer.write(np.concatenate([_draw_face(aligned, aligner), _draw_audio(windows[i], vad[i], mel_config)], axis=1))
+            has_face = aligned is not None and aligned.landmarks.shape[0] > 0
+            face_frames += int(has_face)
+            points = None
+            if predictor is not None and has_face:
+                if predicted is None:  # the first face is the reference: its mouth is the rest shape
+                    rest = rest_from_landmarks(aligned.landmarks[None])
+                    rest_anchor = lm.mouth_anchor(aligned.landmarks)
+                    predicted = predictor.from_audio(samples, fps, rest, n_frames)
+                points = predicted[i] + (lm.mouth_anchor(aligned.landmarks) - rest_anchor)
+            writer.write(np.concatenate([_draw_face(aligned, aligner, points), _draw_audio(windows[i], vad[i], mel_config)], axis=1))
             written += 1
     return InspectResult(pathlib.Path(output), written, fps, samples.size / mel_config.sample_rate,
                          float((vad[:written] > 0.5).mean()), face_frames, time.perf_counter() - started)
