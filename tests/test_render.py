@@ -112,3 +112,21 @@ def test_render_training_runs_under_torchrun_with_two_gloo_processes(tiny_cache,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "mouth-region PSNR" in result.stdout
     assert (out / "last.pt").exists() and list((out / "samples").glob("*.png"))
+
+
+def test_held_out_evaluation_reports_model_and_both_baselines(tiny_cache, tmp_path):
+    from avatar.render.runner import Renderer
+    from training.eval_render import evaluate_render, format_report
+    from training.export_render import export
+    from training.render_data import load_render_clips
+
+    torch.manual_seed(0)
+    export(Denoiser(RenderConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), steps=2)).eval(), tmp_path / "r.onnx")
+    clips = load_render_clips(tiny_cache, "val", 128, kinds=("video",))
+    report = evaluate_render(Renderer(tmp_path / "r.onnx"), clips, frames=4, few_steps=2, many_steps=3, runs=2)
+    text = format_report(report)
+    for name in ("model, 2 steps", "model, 3 steps", "reference mouth pasted", "nearest reference pasted"):
+        assert name in text
+    baseline = report["summary"]["nearest_reference"]
+    assert baseline["psnr"] > 15 and 0 <= baseline["identity_distance"] < 0.6  # the same person's real mouth
+    assert report["summary"]["model_few"]["psnr"] < baseline["psnr"]  # an untrained denoiser does not beat it
