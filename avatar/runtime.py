@@ -52,9 +52,13 @@ class OnnxSession:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        load_errors = tuple(getattr(ort_errors, name) for name in ("InvalidProtobuf", "InvalidGraph", "Fail", "NoSuchFile",
+                                                                    "NotImplemented", "RuntimeException") if hasattr(ort_errors, name))
         try:
             self.session = onnxruntime.InferenceSession(str(self.path), options, providers=chosen)
-        except Exception as exc:  # onnxruntime raises its own untyped errors for broken files
+        except load_errors as exc:
             raise AvatarError(f"{self.path}: cannot load the model ({str(exc).splitlines()[0][:160]})") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

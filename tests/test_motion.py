@@ -161,3 +161,15 @@ def test_eval_reports_model_and_baselines(tiny_cache):
     assert result.returncode == 0, result.stderr
     for words in ("model", "rest pose", "mismatched audio", "opening r", "audio shift", "lowest error at shift"):
         assert words in result.stdout
+
+
+def test_a_broken_model_file_is_a_one_line_error(tmp_path):
+    from avatar.errors import AvatarError
+
+    broken = tmp_path / "motion.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(AvatarError, match="cannot load the model") as info:
+        MotionPredictor(broken)
+    assert "\n" not in str(info.value)
+    with pytest.raises(AvatarError, match="no such model file"):
+        MotionPredictor(tmp_path / "missing.onnx")
