@@ -143,14 +143,14 @@ def test_training_runs_under_torchrun_with_two_gloo_processes_and_resumes(tiny_c
                "-m", "training.train_motion", "--cache", str(tiny_cache), "--out", str(out),
                "--steps", "4", "--batch", "4", "--val-every", "2", "--threads", "1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:3000] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "val step 4" in result.stdout
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["step"] == 4 and (out / "best.pt").exists() and any((out / "tb").iterdir())
     resumed = subprocess.run([sys.executable, "-m", "training.train_motion", "--cache", str(tiny_cache), "--out", str(out),
                               "--steps", "6", "--batch", "4", "--val-every", "2", "--resume", "--threads", "1"],
                              cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "done: 2 steps" in resumed.stdout and "step      0" not in resumed.stdout  # continued at step 4
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 6
 

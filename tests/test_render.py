@@ -109,7 +109,7 @@ def test_render_training_runs_under_torchrun_with_two_gloo_processes(tiny_cache,
                "--val-every", "2", "--val-samples", "2", "--threads", "1", "--model.base-channels", "8",
                "--model.channel-mults", "1", "2", "--model.attention-levels", "1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:3000] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "mouth-region PSNR" in result.stdout
     assert (out / "last.pt").exists() and list((out / "samples").glob("*.png"))
 

@@ -3,6 +3,7 @@ weight averaging, report output."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pathlib
@@ -36,7 +37,11 @@ def start_process(threads: int, seed: int) -> typing.Tuple[int, int, torch.devic
 
 
 def ddp_teardown(world: int) -> None:
+    """End DDP cleanly. Call it after dropping every DDP wrapper: gloo work still referenced from
+    Python at interpreter shutdown can abort the process (SIGABRT, "terminate called without an
+    active exception")."""
     if world > 1:
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

@@ -218,6 +218,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             state["best"] = best
             save_checkpoint(args.out / "last.pt", **state)
             writer.flush()
+    del trainable  # the DDP wrapper and its reducer go before the process group
     ddp_teardown(world)
     if main_process:
         writer.close()

@@ -178,6 +178,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
                 save_checkpoint(args.out / "best.pt", **state, best=best)
             save_checkpoint(args.out / "last.pt", **state, best=best)
             writer.flush()
+    del trainable  # the DDP wrapper and its reducer go before the process group
     ddp_teardown(world)
     if main_process:
         writer.close()
