@@ -130,3 +130,27 @@ def test_held_out_evaluation_reports_model_and_both_baselines(tiny_cache, tmp_pa
     baseline = report["summary"]["nearest_reference"]
     assert baseline["psnr"] > 15 and 0 <= baseline["identity_distance"] < 0.6  # the same person's real mouth
     assert report["summary"]["model_few"]["psnr"] < baseline["psnr"]  # an untrained denoiser does not beat it
+
+
+def test_colour_match_removes_a_cast_inside_the_mask_only(tiny_cache):
+    import cv2
+
+    from avatar.face.align import FaceAligner
+    from avatar.render.condition import colour_match
+    from training.cache import open_cache
+
+    clip = open_cache(tiny_cache, kind="video")[0]
+    crop, points = clip.crops()[30], clip.landmarks()[30]
+    mask = FaceAligner().lower_face_mask(points)
+    cast = np.clip(crop.astype(np.int16) + np.array([25, -10, -20]), 0, 255).astype(np.uint8)  # a renderer's tint
+    region = mask > 0.5
+
+    def lab_mean(image):
+        return cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)[region].mean(axis=0)
+
+    before = np.linalg.norm(lab_mean(cast) - lab_mean(crop))
+    fixed = colour_match(cast, crop, mask)
+    after = np.linalg.norm(lab_mean(fixed) - lab_mean(crop))
+    assert before > 10 and after < 1.5
+    assert (fixed[~region] == cast[~region]).all()
+    assert np.abs(fixed.astype(int) - crop.astype(int))[region].mean() < 4  # the real texture is kept

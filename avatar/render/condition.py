@@ -59,3 +59,24 @@ def composite(rendered: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.
     """Rendered crop inside the (feathered) mask, the target outside: all `(S, S, 3) uint8`."""
     alpha = np.asarray(mask, np.float32)[..., None]
     return np.clip(rendered * alpha + target * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+
+
+def colour_match(rendered: np.ndarray, original: np.ndarray, mask: np.ndarray, strength: float = 1.0) -> np.ndarray:
+    """Match the rendered crop's colour to the original's inside the repainted region.
+
+    Per CIELAB channel, the rendered pixels under the mask get the original region's mean and spread
+    (`strength` in [0, 1] blends towards that), so a renderer's colour cast does not show as a patch
+    once pasted back. rendered, original: `(S, S, 3) uint8` RGB; mask: `(S, S)` in [0, 1].
+    Returns `(S, S, 3) uint8`; pixels outside the mask are the rendered ones, unchanged.
+    """
+    region = np.asarray(mask) > 0.5
+    if not region.any():
+        return rendered.copy()
+    lab_rendered = cv2.cvtColor(rendered, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab_original = cv2.cvtColor(original, cv2.COLOR_RGB2LAB).astype(np.float32)
+    src, ref = lab_rendered[region], lab_original[region]
+    scale = ref.std(axis=0) / np.maximum(src.std(axis=0), 1e-3)
+    matched = (lab_rendered - src.mean(axis=0)) * scale + ref.mean(axis=0)
+    adjusted = lab_rendered + strength * (matched - lab_rendered)
+    out = cv2.cvtColor(np.clip(adjusted + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+    return np.where(region[..., None], out, rendered)
