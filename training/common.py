@@ -46,6 +46,14 @@ def ddp_teardown(world: int) -> None:
         dist.destroy_process_group()
 
 
+def finish_training(world: int, writer, steps: int, seconds: float, out: pathlib.Path) -> None:
+    """End DDP (after the caller has dropped its DDP wrapper), close the main process's log, say where the checkpoints went."""
+    ddp_teardown(world)
+    if writer is not None:
+        writer.close()
+        print(f"done: {steps} steps in {seconds:.0f} s; checkpoints in {out}")
+
+
 def save_checkpoint(path: pathlib.Path, **state) -> None:
     """torch.save to a temporary name, then rename: a checkpoint is complete or absent."""
     tmp = path.with_suffix(".tmp")

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import MotionConfig, add_config_arguments, config_from_args
 from avatar.motion.model import MotionModel
-from training.common import ddp_teardown, start_process, save_checkpoint, update_average
+from training.common import finish_training, start_process, save_checkpoint, update_average
 from training.motion_data import MotionSampler, load_motion_clips, load_speech_clips, pca_basis
 from training.motion_eval import evaluate_motion
 
@@ -219,10 +219,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             save_checkpoint(args.out / "last.pt", **state)
             writer.flush()
     del trainable  # the DDP wrapper and its reducer go before the process group
-    ddp_teardown(world)
-    if main_process:
-        writer.close()
-        print(f"done: {cfg.steps - start_step} steps in {time.perf_counter() - started:.0f} s; checkpoints in {args.out}")
+    finish_training(world, writer, cfg.steps - start_step, time.perf_counter() - started, args.out)
     return 0
 
 

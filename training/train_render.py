@@ -30,7 +30,7 @@ from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser
 from training.render_data import RenderSampler, load_render_clips
-from training.common import ddp_teardown, start_process, save_checkpoint, update_average
+from training.common import finish_training, start_process, save_checkpoint, update_average
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,10 +179,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             save_checkpoint(args.out / "last.pt", **state, best=best)
             writer.flush()
     del trainable  # the DDP wrapper and its reducer go before the process group
-    ddp_teardown(world)
-    if main_process:
-        writer.close()
-        print(f"done: {cfg.steps - start_step} steps in {time.perf_counter() - started:.0f} s; checkpoints in {args.out}")
+    finish_training(world, writer, cfg.steps - start_step, time.perf_counter() - started, args.out)
     return 0
 
 
