@@ -95,7 +95,7 @@ def _region_masks(shape: typing.Tuple[int, int], landmarks: np.ndarray) -> typin
     (eyes to forehead, inside the face oval), in frame pixels."""
     points = np.asarray(landmarks)[:, :2]
     lower = np.zeros(shape, np.uint8)
-    cv2.fillPoly(lower, [np.round(np.concatenate([points[lm.JAW], points[[lm.SUBNASALE]]])).astype(np.int32)], 1)
+    cv2.fillPoly(lower, [np.round(lm.lower_face_polygon(points)).astype(np.int32)], 1)
     oval = np.zeros(shape, np.uint8)
     cv2.fillPoly(oval, [np.round(points[lm.FACE_OVAL]).astype(np.int32)], 1)
     eye_line = float(lm.eye_centres(points)[:, 1].mean())

@@ -25,7 +25,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import AlignedFace, FaceAligner
 from avatar.face.tracker import FaceTracker
 from avatar.face.video import align_video
-from avatar.motion.runner import MotionPredictor, rest_from_landmarks
+from avatar.motion.runner import MotionPredictor, rest_pose
 
 PANEL = 256
 
@@ -141,8 +141,7 @@ def inspect_frontends(
             points = None
             if predictor is not None and has_face:
                 if predicted is None:  # the first face is the reference: its mouth is the rest shape
-                    rest = rest_from_landmarks(aligned.landmarks[None])
-                    rest_anchor = lm.mouth_anchor(aligned.landmarks)
+                    rest, rest_anchor = rest_pose(aligned.landmarks)
                     predicted = predictor.from_audio(samples, fps, rest, n_frames)
                 points = predicted[i] + (lm.mouth_anchor(aligned.landmarks) - rest_anchor)
             writer.write(np.concatenate([_draw_face(aligned, aligner, points), _draw_audio(windows[i], vad[i], mel_config)], axis=1))

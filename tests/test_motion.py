@@ -13,7 +13,7 @@ from avatar import audio, media
 from avatar.config import MotionConfig
 from avatar.face import landmarks as lm
 from avatar.motion.model import N_POINTS, MotionModel
-from avatar.motion.runner import MotionPredictor, rest_from_landmarks
+from avatar.motion.runner import MotionPredictor, rest_pose
 from avatar.runtime import ASSETS
 from conftest import GRID_CLIP, REPO, SPEECH_FLAC
 
@@ -32,7 +32,7 @@ def rest():
     from avatar.face.video import align_video
 
     frames = [f for f, _ in zip(align_video(media.iter_video_frames(GRID_CLIP)), range(10))]
-    return rest_from_landmarks(np.stack([f.aligned.landmarks for f in frames]))
+    return rest_pose(np.stack([f.aligned.landmarks for f in frames]))[0]
 
 
 def gap(points):

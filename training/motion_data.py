@@ -4,7 +4,8 @@ Per clip (talking videos with audio): the clip's mel, the mel position of each v
 mouth/jaw landmarks as offsets from the person's rest shape in units of the rest mouth width,
 measured relative to the mouth anchor (the nostril wings), so that the shift of the whole mouth that
 head pose causes is not in the target: audio cannot predict it, the video (or idle motion) gives it.
-The rest shape is the median of the clip's most-closed-mouth frames (lowest 10% inner-lip gap).
+The rest shape is the median of the clip's most-closed-mouth frames (`avatar.motion.runner.rest_pose`,
+the rule the engine uses too).
 
 `MotionSampler` draws sequences with augmentations that keep sync: vocal tract length perturbation
 (the mel-frequency axis stretched by ±12%), gain and spectral tilt (in the log-mel domain), added noise, a small time-stretch (mel and landmarks resampled together), mirroring
@@ -25,10 +26,10 @@ from avatar.config import MotionConfig
 from avatar.face import landmarks as lm
 from avatar.face.align import canonical_template
 from avatar.motion.model import CORNERS, POINTS
+from avatar.motion.runner import rest_pose
 from training.cache import ClipCache, open_cache
 
 SILENCE = -4.0
-REST_QUANTILE = 10  # percent of most-closed frames that define the rest shape
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,16 +43,6 @@ def mirror_permutation() -> np.ndarray:
     if not (permutation[permutation] == np.arange(len(POINTS))).all():
         raise RuntimeError("the mouth/jaw mirror map is not an involution")
     return permutation
-
-
-def closed_frames(keep: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """`(T,) bool`: the kept frames with the smallest inner-lip gap (the lowest REST_QUANTILE %)."""
-    return keep & (gap <= np.percentile(gap[keep], REST_QUANTILE))
-
-
-def rest_shape(mouth: np.ndarray, keep: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """Closed, relaxed mouth: `(K, 2)` median of the kept frames with the smallest inner-lip gap."""
-    return np.median(mouth[closed_frames(keep, gap)], axis=0)
 
 
 def width_of(rest: np.ndarray) -> float:
@@ -101,11 +92,8 @@ def motion_clip(cache: ClipCache, min_kept: int = 25) -> typing.Optional[MotionC
     landmarks = cache.landmarks()
     keep = cache.keep & np.isfinite(landmarks).all(axis=(1, 2))
     mouth = landmarks[:, POINTS]
-    gap = lm.mouth_opening(landmarks)
-    anchor = lm.mouth_anchor(landmarks)
-    closed = closed_frames(keep, gap)
-    anchor_shift = (anchor - np.median(anchor[closed], axis=0)).astype(np.float32)
-    rest = np.median((mouth - anchor_shift[:, None])[closed], axis=0)
+    rest, rest_anchor = rest_pose(landmarks, keep)
+    anchor_shift = (lm.mouth_anchor(landmarks) - rest_anchor).astype(np.float32)
     width = width_of(rest)
     offsets = ((mouth - anchor_shift[:, None] - rest) / width).astype(np.float32)
     iod = float(np.median(lm.interocular(landmarks[keep])))

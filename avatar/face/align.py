@@ -170,8 +170,7 @@ class FaceAligner:
         the nose; it is grown by `lower_face_dilate_frac` (more downwards, for an opening jaw) and
         feathered.
         """
-        points = np.asarray(crop_landmarks)[:, :2]
-        polygon = np.concatenate([points[lm.JAW], points[[lm.SUBNASALE]]], axis=0)
+        polygon = lm.lower_face_polygon(crop_landmarks)
         mask = np.zeros((self.size, self.size), np.uint8)
         cv2.fillPoly(mask, [np.round(polygon * 16).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
         grow = max(1, int(round(self.config.lower_face_dilate_frac * self.size)))

@@ -50,6 +50,13 @@ def mouth_anchor(landmarks: np.ndarray) -> np.ndarray:
     return landmarks[..., MOUTH_ANCHOR, :2].mean(axis=-2)
 
 
+def lower_face_polygon(landmarks: np.ndarray) -> np.ndarray:
+    """`(478, 2+)` → `(len(JAW) + 1, 2)`: the region the renderer repaints, along the jaw (cheek at nose
+    height → chin → other cheek) and closed under the nose."""
+    points = np.asarray(landmarks)[:, :2]
+    return np.concatenate([points[JAW], points[[SUBNASALE]]], axis=0)
+
+
 def interocular(landmarks: np.ndarray) -> np.ndarray:
     """Distance between the eye centres, `(...)`, in the landmarks' units."""
     eyes = eye_centres(landmarks)

@@ -8,7 +8,7 @@ import typing
 import numpy as np
 
 from avatar.config import AlignConfig, FaceConfig
-from avatar.face.align import AlignedFace, FaceAligner, TransformSmoother, apply_transform
+from avatar.face.align import AlignedFace, FaceAligner, TransformSmoother
 from avatar.face.tracker import FaceTracker
 
 
@@ -74,7 +74,3 @@ def align_video(
         if own_tracker:
             tracker.close()
 
-
-def crop_landmarks(frame_landmarks: np.ndarray, transform: np.ndarray) -> np.ndarray:
-    """Frame-pixel landmarks `(478, 2|3)` → crop pixels by a frame → crop transform."""
-    return apply_transform(frame_landmarks, transform).astype(np.float32)

@@ -6,7 +6,7 @@
     indices, landmarks = stream.push(chunk)                               # identical numbers
 
 `rest`: the person's closed, relaxed mouth and jaw, `(K, 2)` crop pixels in `POINTS` order
-(`rest_from_landmarks` picks it from reference frames).
+(`rest_pose` picks it from reference frames, the same rule training uses).
 """
 
 from __future__ import annotations
@@ -25,14 +25,31 @@ POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.mod
 DEFAULT_MODEL = "motion.onnx"
 
 
-def rest_from_landmarks(landmarks: np.ndarray, quantile: float = 10.0) -> np.ndarray:
-    """Rest mouth `(K, 2)` from reference landmarks `(N, 478, 2+)`: the median of the most-closed frames."""
+REST_QUANTILE = 10.0  # percent of most-closed frames that define the rest shape
+
+
+def rest_pose(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """The person's closed, relaxed mouth from reference landmarks `(N, 478, 2+)` (or one `(478, 2+)`).
+
+    Among the kept frames (`keep: (N,) bool`; default every frame with finite landmarks), those with
+    the smallest inner-lip gap (the lowest REST_QUANTILE %) are the closed ones. Returns `rest (K, 2)`,
+    the median of their mouth and jaw in `POINTS` order measured from the mouth anchor (so head motion
+    between them does not blur it), and `anchor (2,)`, the anchor's median there. The model's
+    output is relative to that anchor: add `lm.mouth_anchor(frame) - anchor` to place it in a frame.
+    """
     landmarks = np.asarray(landmarks, np.float64)
     if landmarks.ndim == 2:
         landmarks = landmarks[None]
+    finite = np.isfinite(landmarks).all(axis=(1, 2))
+    keep = finite if keep is None else np.asarray(keep, bool) & finite
+    if not keep.any():
+        raise ValueError("no reference frame with a face to take the rest mouth from")
     gap = lm.mouth_opening(landmarks)
-    closed = gap <= np.percentile(gap, quantile)
-    return np.median(landmarks[closed][:, POINTS, :2], axis=0).astype(np.float32)
+    closed = keep & (gap <= np.percentile(gap[keep], REST_QUANTILE))
+    anchors = lm.mouth_anchor(landmarks)
+    anchor = np.median(anchors[closed], axis=0)
+    mouth = landmarks[:, POINTS, :2] - (anchors - anchor)[:, None]
+    return np.median(mouth[closed], axis=0).astype(np.float32), anchor.astype(np.float32)
 
 
 class MotionPredictor:
