@@ -99,11 +99,14 @@ class ClipCache:
         """`(T,) bool`: frames kept for training (reason 0)."""
         return self.arrays["reason"] == 0
 
+    @functools.cached_property
+    def _landmarks(self) -> np.ndarray:
+        return decode_landmarks((self.folder / "landmarks.bin").read_bytes(), self.valid)
+
     def landmarks(self, crop_size: int = BASE_CROP) -> np.ndarray:
-        """`(T, 478, 2) float32` landmarks in pixels of a `crop_size` crop; NaN where no face."""
-        points = decode_landmarks((self.folder / "landmarks.bin").read_bytes(), self.valid)
+        """`(T, 478, 2) float32` landmarks in pixels of a `crop_size` crop; NaN where no face (a new array)."""
         k = crop_size / BASE_CROP
-        return (points + 0.5) * k - 0.5 if crop_size != BASE_CROP else points
+        return (self._landmarks + 0.5) * k - 0.5 if crop_size != BASE_CROP else self._landmarks.copy()
 
     def crops(self, crop_size: int = BASE_CROP) -> np.ndarray:
         """`(T, S, S, 3) uint8` RGB aligned crops."""

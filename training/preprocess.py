@@ -118,7 +118,7 @@ def process_clip(job: ClipJob) -> typing.Dict[str, typing.Any]:
     started = time.perf_counter()
     try:
         info = media.probe(path)
-        result = _track_and_write(path, partial, job)
+        result = _track_and_write(path, partial, job, info.fps or 25.0)
     except AvatarError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         return {**base, "skipped": str(exc), "n_frames": 0, "seconds": time.perf_counter() - started}
@@ -147,12 +147,11 @@ def process_clip(job: ClipJob) -> typing.Dict[str, typing.Any]:
     return meta
 
 
-def _track_and_write(path: pathlib.Path, folder: pathlib.Path, job: ClipJob):
+def _track_and_write(path: pathlib.Path, folder: pathlib.Path, job: ClipJob, fps: float):
     """Track and align every frame, write the crop videos; returns (per-frame arrays, fps)."""
     cfg = job.config
     tracker = _worker_tracker(job.face)
     aligner = FaceAligner(AlignConfig(crop_size=BASE_CROP))
-    fps = media.probe(path).fps or 25.0
     columns: typing.Dict[str, list] = {k: [] for k in ("timestamps", "valid", "transforms", "landmarks", "yaw", "face_px", "sharpness")}
     pending = []  # frames before the first face: cropped with the first face's transform
 

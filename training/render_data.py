@@ -72,7 +72,7 @@ def load_render_clips(cache_root, split: str, crop_size: int = 128, every: int =
 
 def make_sample(clip: RenderClip, index: int, rng: np.random.Generator, config: RenderConfig, aligner: FaceAligner,
                 augment: bool) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(clean target `(3, S, S)` in [-1, 1], condition `(C, S, S)`, loss weight `(1, S, S)`)."""
+    """(clean target `(3, S, S)` in [-1, 1], condition `(C, S, S)`, repaint mask `(1, S, S)` in [0, 1])."""
     other = int(rng.choice(np.flatnonzero(clip.usable)))
     mask = np.maximum(aligner.lower_face_mask(clip.landmarks[index]), aligner.lower_face_mask(clip.landmarks[other]))
     refs = [clip.crops[i] for i in clip.references(index, rng, config.references)]
@@ -83,14 +83,14 @@ def make_sample(clip: RenderClip, index: int, rng: np.random.Generator, config: 
         target, refs = adjust(target), [adjust(r) for r in refs]
     condition = build_condition(target, mask, refs, clip.landmarks[index][lm.MOUTH_AND_JAW])
     clean = to_unit(target)
-    weight = (0.1 + mask)[None].astype(np.float32)
+    mask = mask[None].astype(np.float32)
     if augment and rng.random() < 0.5:
-        clean, condition, weight = clean[..., ::-1], condition[..., ::-1], weight[..., ::-1]
-    return np.ascontiguousarray(clean), np.ascontiguousarray(condition), np.ascontiguousarray(weight)
+        clean, condition, mask = clean[..., ::-1], condition[..., ::-1], mask[..., ::-1]
+    return np.ascontiguousarray(clean), np.ascontiguousarray(condition), np.ascontiguousarray(mask)
 
 
 class RenderSampler:
-    """`batch(n)` → clean `(n, 3, S, S)`, condition `(n, C, S, S)`, weight `(n, 1, S, S)` (all float32)."""
+    """`batch(n)` → clean `(n, 3, S, S)`, condition `(n, C, S, S)`, mask `(n, 1, S, S)` (all float32)."""
 
     def __init__(self, clips: typing.Sequence[RenderClip], config: RenderConfig, augment: bool = True, seed: int = 0):
         if not clips:
@@ -108,4 +108,4 @@ class RenderSampler:
             index = int(self.rng.choice(np.flatnonzero(clip.usable)))
             items.append(make_sample(clip, index, self.rng, self.config, self.aligner, self.augment))
         return {"clean": np.stack([i[0] for i in items]), "condition": np.stack([i[1] for i in items]),
-                "weight": np.stack([i[2] for i in items])}
+                "mask": np.stack([i[2] for i in items])}

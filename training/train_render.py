@@ -137,10 +137,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         batch = sampler.batch(cfg.batch)
         clean = torch.from_numpy(batch["clean"]).to(device)
         condition = torch.from_numpy(batch["condition"]).to(device)
-        weight = torch.from_numpy(batch["weight"]).to(device)
-        t = torch.from_numpy(rng.uniform(0.0, 1.0, cfg.batch).astype(np.float32)).to(device)
+        mask = torch.from_numpy(batch["mask"]).to(device)
+        weight = 0.1 + mask  # the whole crop counts a little, the repainted region most
+        times = rng.uniform(0.0, 1.0, cfg.batch).astype(np.float32)
+        t = torch.from_numpy(times).to(device)
         noise = torch.randn_like(clean)
-        alpha, sigma = (torch.as_tensor(v, dtype=torch.float32, device=device)[:, None, None, None] for v in alpha_sigma(t.cpu().numpy()))
+        alpha, sigma = (torch.from_numpy(v.astype(np.float32)).to(device)[:, None, None, None] for v in alpha_sigma(times))
         x_t = alpha * clean + sigma * noise
         target_v = alpha * noise - sigma * clean
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -148,8 +150,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         v = v.float()
         v_loss = ((v - target_v) ** 2 * weight).mean() / weight.mean()
         x0 = alpha * x_t - sigma * v
-        region = (weight - 0.1).clamp(min=0)
-        x0_loss = ((x0 - clean).abs() * region).sum() / (region.sum() * 3).clamp(min=1)
+        x0_loss = ((x0 - clean).abs() * mask).sum() / (mask.sum() * 3).clamp(min=1)
         loss = v_loss + cfg.x0_weight * x0_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
