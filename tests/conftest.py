@@ -40,6 +40,30 @@ def speech_16k():
     return media.read_audio(SPEECH_FLAC, 16000)
 
 
+def random_chunks(rng: np.random.Generator, n: int):
+    """Chunk sizes covering n samples, mixed from 1 sample to 10 s."""
+    sizes, total = [], 0
+    while total < n:
+        kind = rng.integers(4)
+        size = [1, int(rng.integers(2, 400)), int(rng.integers(400, 20000)), int(rng.integers(20000, 160001))][kind]
+        sizes.append(size)
+        total += size
+    return sizes
+
+
+def feed_in_chunks(stream, samples: np.ndarray, rng: np.random.Generator):
+    """Push `samples` through a streaming object (`push`/`flush`) in random chunks and join what comes out:
+    one array, or a tuple of arrays when the stream returns tuples."""
+    outputs, start = [], 0
+    for size in random_chunks(rng, samples.size):
+        outputs.append(stream.push(samples[start : start + size]))
+        start += size
+    outputs.append(stream.flush())
+    if isinstance(outputs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*outputs))
+    return np.concatenate(outputs)
+
+
 def psnr(a: np.ndarray, b: np.ndarray, mask=None) -> float:
     diff = (a.astype(np.float64) - b.astype(np.float64)) ** 2
     mse = diff[mask].mean() if mask is not None else diff.mean()

@@ -15,7 +15,7 @@ from avatar.face import landmarks as lm
 from avatar.motion.model import N_POINTS, MotionModel
 from avatar.motion.runner import MotionPredictor, rest_pose
 from avatar.runtime import ASSETS
-from conftest import GRID_CLIP, REPO, SPEECH_FLAC
+from conftest import GRID_CLIP, REPO, SPEECH_FLAC, feed_in_chunks
 
 UPPER = int(np.where(lm.MOUTH_AND_JAW == lm.UPPER_LIP_INNER)[0][0])
 LOWER = int(np.where(lm.MOUTH_AND_JAW == lm.LOWER_LIP_INNER)[0][0])
@@ -87,20 +87,9 @@ def test_streaming_equals_offline(predictor, rest):
     samples = media.read_audio(SPEECH_FLAC, 16000)[: 16000 * 4]
     for fps in (25, 29.97):
         offline = predictor.from_audio(samples, fps, rest)
-        rng = np.random.default_rng(int(fps))
-        stream = predictor.stream(fps, rest)
-        indices, outputs, start = [], [], 0
-        while start < samples.size:
-            size = int(rng.choice([1, 160, 320, 1000, 7000, 20000]))
-            i, out = stream.push(samples[start : start + size])
-            indices.append(i)
-            outputs.append(out)
-            start += size
-        i, out = stream.flush()
-        indices.append(i)
-        outputs.append(out)
-        np.testing.assert_array_equal(np.concatenate(indices), np.arange(len(offline)))
-        np.testing.assert_allclose(np.concatenate(outputs), offline, atol=1e-4)
+        indices, outputs = feed_in_chunks(predictor.stream(fps, rest), samples, np.random.default_rng(int(fps)))
+        np.testing.assert_array_equal(indices, np.arange(len(offline)))
+        np.testing.assert_allclose(outputs, offline, atol=1e-4)
     assert predictor.stream(25, rest).lookahead_ms == pytest.approx(112.5)
 
 
