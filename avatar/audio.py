@@ -228,10 +228,14 @@ def n_video_frames(n_samples: int, fps: float, sample_rate: int = 16000) -> int:
     return max(1, int(math.ceil(n_samples * fps / sample_rate - 1e-9)))
 
 
+def window_start(i: int, fps: float, config: MelConfig = MelConfig()) -> int:
+    """Mel index where video frame i's window starts: int(i * mel_fps / fps) + offset (DESIGN.md)."""
+    return int(i * (config.sample_rate / config.hop_length) / fps) + config.window_offset
+
+
 def window_starts(n_frames: int, fps: float, config: MelConfig = MelConfig()) -> np.ndarray:
-    """Mel index where each video frame's window starts: `(T,) int64`, int(i * mel_fps / fps) + offset."""
-    mel_fps = config.sample_rate / config.hop_length
-    return np.array([int(i * mel_fps / fps) for i in range(n_frames)], np.int64) + config.window_offset
+    """`window_start` for frames 0..T-1: `(T,) int64`."""
+    return np.array([window_start(i, fps, config) for i in range(n_frames)], np.int64)
 
 
 def mel_windows(mel: np.ndarray, fps: float, n_frames: int, config: MelConfig = MelConfig()) -> np.ndarray:
@@ -289,7 +293,7 @@ class StreamingMelWindows:
         return 1000.0 * (last_mel * c.hop_length + c.n_fft // 2) / c.sample_rate
 
     def _start(self, i: int) -> int:
-        return int(i * (self.config.sample_rate / self.config.hop_length) / self.fps) + self.config.window_offset
+        return window_start(i, self.fps, self.config)
 
     def _take(self, n_mel_total: int, final: bool) -> typing.Tuple[np.ndarray, np.ndarray]:
         c = self.config

@@ -11,14 +11,12 @@ import torch
 
 from avatar import audio, media
 from avatar.config import MotionConfig
-from avatar.face import landmarks as lm
 from avatar.motion.model import N_POINTS, MotionModel
 from avatar.motion.runner import MotionPredictor, rest_pose
 from avatar.runtime import ASSETS
 from conftest import GRID_CLIP, REPO, SPEECH_FLAC, feed_in_chunks
+from training.motion_eval import inner_gap as gap
 
-UPPER = int(np.where(lm.MOUTH_AND_JAW == lm.UPPER_LIP_INNER)[0][0])
-LOWER = int(np.where(lm.MOUTH_AND_JAW == lm.LOWER_LIP_INNER)[0][0])
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +31,6 @@ def rest():
 
     frames = [f for f, _ in zip(align_video(media.iter_video_frames(GRID_CLIP)), range(10))]
     return rest_pose(np.stack([f.aligned.landmarks for f in frames]))[0]
-
-
-def gap(points):
-    return np.linalg.norm(points[..., LOWER, :] - points[..., UPPER, :], axis=-1)
 
 
 def test_model_shapes_and_rest_is_zero_motion():

@@ -33,7 +33,8 @@ Predictor = typing.Callable[[np.ndarray, np.ndarray], np.ndarray]  # (T, W, 80),
 
 
 def inner_gap(points: np.ndarray) -> np.ndarray:
-    return np.linalg.norm(points[:, LOWER_INNER] - points[:, UPPER_INNER], axis=-1)
+    """Inner-lip gap of `(..., K, 2)` mouth/jaw points (POINTS order) → `(...)`."""
+    return np.linalg.norm(points[..., LOWER_INNER, :] - points[..., UPPER_INNER, :], axis=-1)
 
 
 def shifted(windows: np.ndarray, shift: int) -> np.ndarray:
