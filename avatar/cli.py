@@ -10,7 +10,8 @@ import sys
 import typing
 
 from avatar import __version__
-from avatar.config import AlignConfig, FaceConfig, MelConfig, VadConfig, add_config_arguments, config_from_args
+from avatar.config import (AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig, VadConfig,
+                           add_config_arguments, config_from_args)
 from avatar.errors import AvatarError
 
 
@@ -30,6 +31,102 @@ def _run_inspect(args: argparse.Namespace) -> int:
           f"{result.seconds:.1f} s")
     print(f"wrote {result.output}")
     return 0
+
+
+def _pipeline(args: argparse.Namespace):
+    from avatar.pipeline import AvatarPipeline
+
+    return AvatarPipeline.from_pretrained(args.models, config=config_from_args(args, PipelineConfig, ""),
+                                          face_config=config_from_args(args, FaceConfig, "face"),
+                                          identity_config=config_from_args(args, IdentityConfig, "identity"))
+
+
+def _print_result(result) -> None:
+    print(result.summary())
+    if result.report.get("drift") and result.report["drift"]["alarms"]:
+        kinds = sorted({a["kind"] for a in result.report["drift"]["alarms"]})
+        print(f"warning: identity-drift alarms ({', '.join(kinds)}); see the report for when")
+    print(f"wrote {result.output} (labelled synthetic; manifest {result.sidecar})")
+
+
+def _run_animate(args: argparse.Namespace) -> int:
+    result = _pipeline(args).animate(args.image, args.audio, args.output, config_from_args(args, IdleConfig, "idle"),
+                                     references=args.reference or (), report=args.report, progress=not args.quiet)
+    _print_result(result)
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
+
+
+def _run_dub(args: argparse.Namespace) -> int:
+    result = _pipeline(args).dub(args.video, args.audio, args.output, config_from_args(args, DubConfig, ""),
+                                 references=args.reference or (), report=args.report, progress=not args.quiet)
+    _print_result(result)
+    if args.report:
+        print(f"report: {args.report}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from avatar import media
+    from avatar.evaluate import evaluate_pair, format_evaluation
+
+    if args.json:
+        media.check_output_path(args.json, [args.generated, args.real] + ([args.reference] if args.reference else []))
+    result = evaluate_pair(args.generated, args.real, args.reference, progress=not args.quiet)
+    print(format_evaluation(result))
+    if args.json:
+        with media.atomic_output(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from avatar.doctor import run_checks
+
+    checks = run_checks()
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+    failed = [c.name for c in checks if not c.ok]
+    print("all checks passed" if not failed else f"{len(failed)} check(s) failed: {', '.join(failed)}; run `make install` again")
+    return 1 if failed else 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from avatar.provenance import verify
+
+    result = verify(args.file, progress=not args.quiet)
+    mark = result["watermark"]
+    side = result["sidecar"]
+    print(f"container metadata: {'says synthetic' if result['metadata_says_synthetic'] else 'no synthetic label'}"
+          + (f" ({result['metadata'].get('comment')})" if result['metadata'].get('comment') else ""))
+    print(f"sidecar manifest: " + ("none" if not side["present"] else
+                                   ("present, matches this file" if side.get("matches_file") else "present, but for other bytes (re-encoded or edited)")))
+    print(f"watermark: {'found' if mark['found'] else 'not found'} (z = {mark['z']:.1f}, threshold 5; "
+          f"{mark['face_frames']} of {mark['frames']} frames with a face)")
+    print(f"verdict: {'SYNTHETIC' if result['synthetic'] else 'no sign of this engine'}")
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    return 0 if result["synthetic"] else 1
+
+
+def _common_render_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--output", required=True, help="output mp4 (written atomically; never an input)")
+    command.add_argument("--report", help="write a JSON report here: timings per stage, frames, drift series and alarms, model hashes")
+    command.add_argument("--reference", action="append", metavar="PHOTO",
+                         help="another photo of the same person for the identity-drift check (repeatable)")
+    command.add_argument("--face-index", dest="face__face_index", type=int, default=None, metavar="N",
+                         help="which face to use when there are several (0.. left to right)")
+    command.add_argument("--models", help="folder with motion.onnx and render.onnx (default: the bundled ones)")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_arguments(command, PipelineConfig, "")
+    add_config_arguments(command, FaceConfig, "face")
+    add_config_arguments(command, IdentityConfig, "identity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +151,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(inspect, MelConfig, "mel")
     add_config_arguments(inspect, VadConfig, "vad")
     inspect.set_defaults(run=_run_inspect)
+
+    animate = commands.add_parser(
+        "animate", help="a portrait and speech → a talking video",
+        description="Animate a still portrait with speech: lips and jaw from the audio, natural blinks and a little "
+                    "head motion (turn off with --no-idle.enabled; seed with --idle.seed). 25 fps unless --fps.")
+    animate.add_argument("--image", required=True, help="portrait photo (PNG/JPEG/...; CMYK, 16-bit, alpha and huge images are handled)")
+    animate.add_argument("--audio", required=True, help="speech (wav/flac/mp3/m4a/ogg/... or a video's audio)")
+    _common_render_options(animate)
+    add_config_arguments(animate, IdleConfig, "idle")
+    animate.set_defaults(run=_run_animate)
+
+    dub = commands.add_parser(
+        "dub", help="re-lip-sync a video to new speech",
+        description="Repaint the lower face of a video to match new speech; everything outside the lower face stays "
+                    "as it was. Speech longer than the video: --audio-longer pingpong (play back and forth, turning "
+                    "at a still moment; default), loop, or trim (cut the speech). Speech shorter: --audio-shorter "
+                    "trim (default) or keep (the whole video, mouth at rest after the speech).")
+    dub.add_argument("--video", required=True, help="video with a face")
+    dub.add_argument("--audio", required=True, help="the new speech")
+    _common_render_options(dub)
+    add_config_arguments(dub, DubConfig, "")
+    dub.set_defaults(run=_run_dub)
+
+    evaluate = commands.add_parser(
+        "eval", help="lip-sync, identity, sharpness, flicker and A/V-offset metrics for a generated video",
+        description="Compare a generated video with the real one, frame by frame (the model cards' metrics).")
+    evaluate.add_argument("--generated", required=True, help="the generated video")
+    evaluate.add_argument("--real", required=True, help="the real video of the same speech")
+    evaluate.add_argument("--reference", help="a photo of the person for the identity distance (default: frames of --real)")
+    evaluate.add_argument("--json", help="also write the metrics as JSON here")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=_run_eval)
+
+    doctor = commands.add_parser("doctor", help="check the install: versions, providers, models, face front-end, codecs",
+                                 description="Run every part once; exit 1 if anything is broken.")
+    doctor.set_defaults(run=_run_doctor)
+
+    verify = commands.add_parser(
+        "verify", help="is this video made by this engine? (metadata, manifest, watermark)",
+        description="Report the synthetic labels of a video: container metadata, the .provenance.json sidecar and "
+                    "the invisible watermark. Exit 0 when it is labelled synthetic, 1 when no label is found.")
+    verify.add_argument("file", help="the video to check")
+    verify.add_argument("--json", action="store_true", help="also print the full result as JSON")
+    verify.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify.set_defaults(run=_run_verify)
     return parser
 
 

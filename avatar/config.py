@@ -176,3 +176,47 @@ class RenderConfig:
     @property
     def condition_channels(self) -> int:
         return 3 + 1 + 3 * self.references + 3  # masked target, mask, references, landmark sketch
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    """Life for a still portrait (`avatar animate`): blinks and a little head motion, seeded.
+
+    Blinks close the eyes by warping the lids together (no eye model), at random intervals. The head
+    motion is a smooth similarity warp of the whole picture about the face: slow sums of sines in
+    rotation, shift and scale, so the background moves with it like a hand-held camera would.
+    """
+
+    enabled: bool = True
+    seed: int = 0
+    blinks_per_minute: float = 14.0
+    blink_seconds: float = 0.26  # close and open again
+    min_blink_gap_s: float = 1.8
+    head_rotation_deg: float = 1.2  # largest roll
+    head_shift: float = 0.015  # largest shift, in face heights
+    head_scale: float = 0.01  # largest zoom change
+    head_period_s: float = 7.0  # the slowest sway
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Speech + a face → lip-synced frames (`avatar.pipeline.AvatarPipeline`)."""
+
+    fps: float = 25.0  # output frame rate for a still (a video keeps its own)
+    steps: int = 0  # renderer sampling steps (0: the model's own few-step count)
+    batch: int = 8  # crops per renderer call
+    seed: int = 0  # renderer noise, shared by every frame (temporal stability)
+    colour_match: float = 0.8  # pull the repainted colour towards the frame's (0: off, 1: full)
+    watermark: bool = True  # the invisible "synthetic" mark in the repainted region
+    drift: bool = True  # identity-drift monitoring of sampled output frames
+    drift_references: int = 8  # frames of a video kept as identity references for the drift monitor (dub)
+    crf: int = 18  # H.264 quality of the output (lower is better)
+    threads: int = 0  # onnxruntime threads (0: its default)
+
+
+@dataclass(frozen=True)
+class DubConfig:
+    """How `avatar dub` fits the new speech to the video."""
+
+    audio_longer: str = "pingpong"  # pingpong: play the video back and forth, turning at a still moment; loop; trim (cut the speech)
+    audio_shorter: str = "trim"  # trim: end the video with the speech; keep: keep the whole video, the mouth at rest after the speech

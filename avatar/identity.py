@@ -64,6 +64,7 @@ class FaceEmbedder:
         x0, y0 = np.asarray(landmarks)[:, :2].min(axis=0)
         x1, y1 = np.asarray(landmarks)[:, :2].max(axis=0)
         box = self._dlib.rectangle(int(x0), int(y0), int(x1), int(y1))
+        image = np.ascontiguousarray(image, np.uint8)  # dlib takes only C-contiguous uint8 arrays
         shape = self.shape_predictor(image, box)
         chip = self._dlib.get_face_chip(image, shape, size=150, padding=0.25)
         return np.asarray(self.recogniser.compute_face_descriptor(chip), np.float32)

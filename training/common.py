@@ -74,3 +74,33 @@ def emit_report(text: str, report: typing.Dict[str, typing.Any], json_path: typi
     if json_path:
         json_path.write_text(json.dumps(report, indent=1))
         print(f"wrote {json_path}")
+
+
+def store_weights_fp16(path: pathlib.Path, min_elements: int = 256) -> int:
+    """Rewrite an ONNX file so that its float32 weights (initialisers of at least `min_elements`) are
+    stored as float16 and cast back to float32 when the graph loads: half the file, fp32 arithmetic
+    (onnxruntime folds the casts once, at session start). Returns the number of weights converted."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    kept, casts, converted = [], [], 0
+    for weight in graph.initializer:
+        if weight.data_type == onnx.TensorProto.FLOAT and int(np.prod(weight.dims)) >= min_elements:
+            half = numpy_helper.from_array(numpy_helper.to_array(weight).astype(np.float16), weight.name + "__fp16")
+            kept.append(half)
+            casts.append(onnx.helper.make_node("Cast", [half.name], [weight.name], to=onnx.TensorProto.FLOAT,
+                                               name=weight.name + "__to_fp32"))
+            converted += 1
+        else:
+            kept.append(weight)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return converted

@@ -20,6 +20,7 @@ import torch
 from avatar.config import RenderConfig
 from avatar.render.unet import Denoiser
 from avatar.runtime import OnnxSession
+from training.common import store_weights_fp16
 
 OPSET = 18
 
@@ -66,18 +67,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export_render", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=pathlib.Path, required=True)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/render.onnx"))
+    parser.add_argument("--fp16", action="store_true", help="store the weights as fp16 (computed in fp32); parity must still hold")
     args = parser.parse_args(argv)
     model = load_denoiser(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         candidate = pathlib.Path(tmp) / args.out.name
         export(model, candidate)
         worst = max(parity(model, candidate, batch) for batch in (1, 3))
+        fp32_worst = worst
+        if args.fp16:
+            store_weights_fp16(candidate)
+            worst = max(parity(model, candidate, batch) for batch in (1, 3))
         if worst > 1e-3:
             print(f"error: ONNX and torch differ by {worst:.2e} (> 1e-3); {args.out} left as it was", file=sys.stderr)
             return 1
         args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(candidate), str(args.out))
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); max |onnx - torch| = {worst:.1e}")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); max |onnx - torch| = {fp32_worst:.1e} in fp32"
+          + (f", {worst:.1e} with fp16 weights" if args.fp16 else ""))
     return 0
 
 

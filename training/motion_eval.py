@@ -21,20 +21,14 @@ from avatar.config import MotionConfig
 from avatar.face import landmarks as lm
 from avatar.metrics import mouth_landmark_distance, pearson
 from avatar.motion.model import POINTS
+from avatar.motion.runner import inner_gap
 from training.motion_data import MotionClip, clip_windows
 
 LIPS = np.arange(len(lm.LIPS_OUTER) + len(lm.LIPS_INNER))  # first 40 of POINTS
 JAW = np.arange(len(LIPS), len(POINTS))
-UPPER_INNER = int(np.where(POINTS == lm.UPPER_LIP_INNER)[0][0])
-LOWER_INNER = int(np.where(POINTS == lm.LOWER_LIP_INNER)[0][0])
 SHIFTS = (-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5)
 
 Predictor = typing.Callable[[np.ndarray, np.ndarray], np.ndarray]  # (T, W, 80), (K, 2) → (T, K, 2)
-
-
-def inner_gap(points: np.ndarray) -> np.ndarray:
-    """Inner-lip gap of `(..., K, 2)` mouth/jaw points (POINTS order) → `(...)`."""
-    return np.linalg.norm(points[..., LOWER_INNER, :] - points[..., UPPER_INNER, :], axis=-1)
 
 
 def shifted(windows: np.ndarray, shift: int) -> np.ndarray:

@@ -188,7 +188,7 @@ class FaceTracker:
             face = by_size[0]
             if len(by_size) > 1 and by_size[1].size >= c.ambiguity_ratio * face.size:
                 raise SeveralFacesError(
-                    f"{len(faces)} faces of similar size in {what}; choose one with the face index (0..{len(faces) - 1}, left to right)")
+                    f"{len(faces)} faces of similar size in {what}; choose one with --face-index (0..{len(faces) - 1}, left to right)")
         if face.size < c.min_face_size:
             raise FaceTooSmallError(
                 f"the face in {what} is {face.size:.0f} px tall; the minimum is {c.min_face_size} px: use a larger or closer view")

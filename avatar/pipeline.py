@@ -1,0 +1,511 @@
+"""The engine end to end: speech + a face → a lip-synced video (`avatar animate`, `avatar dub`).
+
+    pipeline = AvatarPipeline.from_pretrained()            # assets/ (or a folder of models)
+    result = pipeline.animate("face.jpg", "speech.wav", "out.mp4")
+    result = pipeline.dub("talk.mp4", "new_speech.wav", "dubbed.mp4")
+    identity = pipeline.prepare_image(portrait)             # once per person, then frame by frame:
+    for frame in pipeline.animate_frames(identity, samples): ...
+
+Per output frame (the numbered loop in `_render_batch`):
+1. crop the face at the frame's alignment transform;
+2. the target mouth: the motion model's lips and jaw for this frame's speech (relative to the
+   person's rest mouth, placed at the frame's mouth anchor);
+3. the repaint mask: the lower face as it is ∪ as it will be (the old jaw must go, the new one fits);
+4. the renderer's condition (masked crop, mask, the person's reference crops, the mouth sketch), and
+   a few DDIM steps from noise that is the same for every frame (so a still target does not flicker);
+5. colour matching of the repainted region to the crop, and the invisible watermark;
+6. paste back into the frame with the mask's feathered edge: every pixel outside it is the input's.
+The identity-drift monitor samples output frames as they are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import time
+import typing
+
+import numpy as np
+from tqdm import tqdm
+
+from avatar import __version__, idle, media, provenance
+from avatar import audio as audio_frontend
+from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig
+from avatar.errors import FaceError, MediaError, NoFaceError
+from avatar.face import landmarks as lm
+from avatar.face.align import FaceAligner, apply_transform
+from avatar.render.condition import build_condition, colour_match, from_unit
+from avatar.runtime import asset_path
+
+PathLike = typing.Union[str, os.PathLike]
+MOTION_MODEL, RENDER_MODEL = "motion.onnx", "render.onnx"
+
+
+@dataclasses.dataclass
+class Identity:
+    """A person, prepared once.
+
+    references: the renderer's reference crops, `(S, S, 3) uint8` each (a closed mouth first, then
+    an open one when the source has one). rest / rest_anchor: the closed mouth `(59, 2)` and its
+    anchor `(2,)` in crop pixels (`avatar.motion.runner.rest_pose`). drift_references: `(image,
+    landmarks (478, 3))` pairs in image pixels for the drift monitor.
+    """
+
+    references: typing.List[np.ndarray]
+    rest: np.ndarray
+    rest_anchor: np.ndarray
+    drift_references: typing.List[typing.Tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass
+class FrameJob:
+    """One output frame to make. transform None: no face, the frame is passed through.
+
+    frame: `(H, W, 3) uint8`; transform: `(2, 3)` frame → crop; crop_landmarks: `(478, 3)` the face as it
+    is, crop pixels; frame_landmarks: the same in frame pixels; mouth: `(59, 2)` target, crop pixels.
+    """
+
+    frame: np.ndarray
+    transform: typing.Optional[np.ndarray] = None
+    crop_landmarks: typing.Optional[np.ndarray] = None
+    frame_landmarks: typing.Optional[np.ndarray] = None
+    mouth: typing.Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    output: pathlib.Path
+    frames: int
+    fps: float
+    audio_seconds: float
+    seconds: float
+    report: typing.Dict[str, typing.Any]
+    sidecar: typing.Optional[pathlib.Path] = None
+
+    def summary(self) -> str:
+        drift = self.report.get("drift", {})
+        alarms = len(drift.get("alarms", [])) if drift else 0
+        identity = drift.get("signals", {}).get("identity", {}).get("mean") if drift else None
+        parts = [f"{self.frames} frames at {self.fps:g} fps ({self.frames / self.fps:.1f} s)",
+                 f"{self.seconds:.1f} s ({self.seconds / max(self.audio_seconds, 1e-9):.1f}× the audio's length)"]
+        if identity is not None:
+            parts.append(f"identity distance {identity:.2f}, {alarms} drift alarm{'s' * (alarms != 1)}")
+        return ", ".join(parts)
+
+
+class StageClock:
+    """Seconds spent per named stage."""
+
+    def __init__(self):
+        self.seconds: typing.Dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def time(self, stage: str):
+        clock = self
+
+        class _Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.add(stage, time.perf_counter() - self.start)
+
+        return _Timer()
+
+
+class FrameStore:
+    """A video's decoded frames in a temporary file, read back memory-mapped (random access for
+    ping-pong without holding a long video in memory)."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="avatar-frames-")
+        self._path = os.path.join(self._dir.name, "frames.raw")
+        self._file = open(self._path, "wb")
+        self.shape: typing.Optional[typing.Tuple[int, int, int]] = None
+        self.count = 0
+        self._frames: typing.Optional[np.ndarray] = None
+
+    def append(self, frame: np.ndarray) -> None:
+        if self.shape is None:
+            self.shape = frame.shape
+        if frame.shape != self.shape:
+            raise MediaError(f"the video changes size mid-stream ({frame.shape[:2]} after {self.shape[:2]}); re-encode it first")
+        self._file.write(np.ascontiguousarray(frame, np.uint8).tobytes())
+        self.count += 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self._frames is None:
+            self._file.close()
+            self._frames = np.memmap(self._path, dtype=np.uint8, mode="r", shape=(self.count, *self.shape))
+        return np.array(self._frames[index])
+
+    def close(self) -> None:
+        self._file.close()
+        self._frames = None
+        self._dir.cleanup()
+
+
+def pingpong_schedule(n_source: int, n_out: int, motion: np.ndarray, fps: float, mode: str) -> np.ndarray:
+    """Which source frame each output frame shows, `(n_out,) int`.
+
+    mode "pingpong": forward, then backward, turning at the stillest frame (least landmark motion,
+    `motion: (n_source,)`) within the last (first) second, so the reversal falls on a moment of rest;
+    "loop": start again from the first frame. When n_out ≤ n_source it is the first n_out frames.
+    """
+    if n_out <= n_source:
+        return np.arange(n_out)
+    if mode == "loop":
+        return np.arange(n_out) % n_source
+    if mode != "pingpong":
+        raise ValueError(f"unknown loop mode {mode!r}")
+    if n_source < 3:
+        return np.arange(n_out) % n_source
+    window = max(2, min(int(round(fps)), n_source // 3))
+    late = n_source - window + int(np.argmin(motion[n_source - window:]))
+    early = int(np.argmin(motion[:window]))
+    if late - early < 2:
+        early, late = 0, n_source - 1
+    schedule = list(range(0, late + 1))
+    forward = False
+    while len(schedule) < n_out:
+        leg = range(late - 1, early - 1, -1) if not forward else range(early + 1, late + 1)
+        schedule.extend(leg)
+        forward = not forward
+    return np.array(schedule[:n_out])
+
+
+class AvatarPipeline:
+    """Motion model + renderer + face front-ends + drift monitor + writer.
+
+    Construct with `from_pretrained()`; the ONNX sessions, the face tracker and the embedder load here,
+    not at import.
+    """
+
+    def __init__(self, motion_model: PathLike, render_model: PathLike, config: PipelineConfig = PipelineConfig(),
+                 face_config: FaceConfig = FaceConfig(), identity_config: IdentityConfig = IdentityConfig(),
+                 providers: typing.Optional[typing.Sequence[str]] = None):
+        from avatar.motion.runner import MotionPredictor
+        from avatar.render.runner import Renderer
+
+        self.config, self.face_config, self.identity_config = config, face_config, identity_config
+        self.motion = MotionPredictor(motion_model, threads=config.threads, providers=providers)
+        self.renderer = Renderer(render_model, threads=config.threads, providers=providers)
+        self.crop_size = self.renderer.config.crop_size
+        self.aligner = FaceAligner(AlignConfig(crop_size=self.crop_size))
+        self.model_hashes = {pathlib.Path(p).name: provenance.file_sha256(p) for p in (motion_model, render_model)}
+        self.noise = np.random.default_rng(config.seed).standard_normal((3, self.crop_size, self.crop_size)).astype(np.float32)
+        self._embedder = None
+
+    @classmethod
+    def from_pretrained(cls, folder: typing.Optional[PathLike] = None, **kwargs) -> "AvatarPipeline":
+        """The default models from `assets/` (or `AVATAR_ASSETS`), or from `folder`."""
+        if folder is None:
+            return cls(asset_path(MOTION_MODEL), asset_path(RENDER_MODEL), **kwargs)
+        folder = pathlib.Path(folder)
+        for name in (MOTION_MODEL, RENDER_MODEL):
+            if not (folder / name).exists():
+                raise MediaError(f"{folder / name}: missing; a model folder needs {MOTION_MODEL} and {RENDER_MODEL}")
+        return cls(folder / MOTION_MODEL, folder / RENDER_MODEL, **kwargs)
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from avatar.identity import FaceEmbedder
+
+            self._embedder = FaceEmbedder()
+        return self._embedder
+
+    # ------------------------------------------------------------------ identity
+    def _tracker(self):
+        from avatar.face.tracker import FaceTracker
+
+        return FaceTracker(self.face_config)
+
+    def _reference_photos(self, paths: typing.Sequence[PathLike]) -> typing.List[typing.Tuple[np.ndarray, np.ndarray]]:
+        out = []
+        with self._tracker() as tracker:
+            for path in paths:
+                image = media.read_image(path)
+                out.append((image, tracker.select(image, what=str(path)).landmarks))
+        return out
+
+    def prepare_image(self, image: np.ndarray, landmarks: typing.Optional[np.ndarray] = None, what: str = "the image",
+                      extra_references: typing.Sequence[PathLike] = ()) -> Identity:
+        """A person from one portrait `(H, W, 3) uint8` (its face found unless `landmarks (478, 3)` given)."""
+        from avatar.motion.runner import rest_pose
+
+        if landmarks is None:
+            with self._tracker() as tracker:
+                landmarks = tracker.select(image, what=what).landmarks
+        aligned = self.aligner.align(image, landmarks)
+        rest, anchor = rest_pose(aligned.landmarks)
+        references = [aligned.crop] * self.renderer.config.references
+        return Identity(references, rest, anchor, [(image, landmarks)] + self._reference_photos(extra_references))
+
+    def reference_frames(self, crop_landmarks: np.ndarray) -> typing.List[int]:
+        """Which of N frames (`crop_landmarks (N, 478, 3)`) give the renderer's K references: the
+        median of the most-closed tenth of the mouths, then of the most-open tenth, alternating, so
+        the renderer sees the lips at rest and the teeth."""
+        order = np.argsort(lm.mouth_opening(crop_landmarks))
+        tenth = max(1, len(order) // 10)
+        closed, opened = order[:tenth], order[-tenth:]
+        return [int(closed[len(closed) // 2]) if k % 2 == 0 else int(opened[len(opened) // 2])
+                for k in range(self.renderer.config.references)]
+
+    def prepare_frames(self, crops: typing.Sequence[np.ndarray], crop_landmarks: np.ndarray,
+                       drift_frames: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]],
+                       extra_references: typing.Sequence[PathLike] = ()) -> Identity:
+        """A person from frames of a video: `crop_landmarks (N, 478, 3)` crop pixels of every usable
+        frame, and `crops`, the K crops `(S, S, 3) uint8` of `reference_frames(crop_landmarks)`.
+        `drift_frames`: `(frame, landmarks)` pairs for the drift monitor."""
+        from avatar.motion.runner import rest_pose
+
+        rest, anchor = rest_pose(crop_landmarks)
+        return Identity(list(crops), rest, anchor, list(drift_frames) + self._reference_photos(extra_references))
+
+    # ------------------------------------------------------------------ rendering
+    def _drift_monitor(self, identity: Identity, events: typing.List[typing.Dict[str, typing.Any]]):
+        if not self.config.drift:
+            return None
+        from avatar.identity import DriftMonitor
+
+        def on_alarm(alarm) -> None:
+            # The renderer keeps no state between frames (every frame is conditioned on the
+            # references afresh), so re-anchoring has nothing to reset; the alarm is reported.
+            events.append({"t": alarm.start, "kind": alarm.kind, "value": alarm.peak, "threshold": alarm.threshold})
+
+        return DriftMonitor(identity.drift_references, self.identity_config, embedder=self.embedder, on_alarm=on_alarm)
+
+    def _render_batch(self, identity: Identity, jobs: typing.Sequence[FrameJob], first_index: int = 0) -> typing.List[np.ndarray]:
+        """The numbered per-frame loop of the module docstring, batched through the renderer."""
+        todo = [i for i, job in enumerate(jobs) if job.transform is not None]
+        outputs = [job.frame for job in jobs]
+        if not todo:
+            return outputs
+        crops, masks, conditions = {}, {}, []
+        for i in todo:
+            job = jobs[i]
+            crop = self.aligner.crop(job.frame, job.transform)  # 1.
+            target = job.crop_landmarks.copy()
+            target[lm.MOUTH_AND_JAW, :2] = job.mouth  # 2.
+            mask = np.maximum(self.aligner.lower_face_mask(job.crop_landmarks), self.aligner.lower_face_mask(target))  # 3.
+            conditions.append(build_condition(crop, mask, identity.references, job.mouth))  # 4.
+            crops[i], masks[i] = crop, mask
+        noise = np.broadcast_to(self.noise, (len(todo), *self.noise.shape)).copy()
+        rendered = self.renderer.sample(np.stack(conditions), noise, self.config.steps or None)
+        for k, i in enumerate(todo):
+            face = from_unit(rendered[k])
+            if self.config.colour_match > 0:  # 5.
+                face = colour_match(face, crops[i], masks[i], self.config.colour_match)
+            if self.config.watermark:
+                face = provenance.embed_watermark(face, masks[i], first_index + i)
+            outputs[i] = self.aligner.paste_back(jobs[i].frame, face, jobs[i].transform, masks[i])  # 6.
+        return outputs
+
+    def render_jobs(self, identity: Identity, jobs: typing.Iterable[FrameJob], fps: float,
+                    monitor=None, clock: typing.Optional[StageClock] = None) -> typing.Iterator[np.ndarray]:
+        """Output frames for a stream of jobs, in order, rendered `config.batch` at a time; each frame
+        is offered to the drift monitor (which samples at its own rate)."""
+        clock = clock or StageClock()
+        pending: typing.List[FrameJob] = []
+        index = 0
+
+        def flush():
+            nonlocal index
+            with clock.time("render"):
+                frames = self._render_batch(identity, pending, index)
+            for job, frame in zip(pending, frames):
+                if monitor is not None and job.frame_landmarks is not None:
+                    with clock.time("drift"):
+                        monitor.observe(index / fps, frame, job.frame_landmarks)
+                index += 1
+                yield frame
+            pending.clear()
+
+        for job in jobs:
+            pending.append(job)
+            if len(pending) >= max(1, self.config.batch):
+                yield from flush()
+        if pending:
+            yield from flush()
+
+    def animate_frames(self, identity: Identity, portrait: np.ndarray, landmarks: np.ndarray, samples: np.ndarray,
+                       idle_config: IdleConfig = IdleConfig(), fps: typing.Optional[float] = None,
+                       monitor=None, clock: typing.Optional[StageClock] = None) -> typing.Iterator[np.ndarray]:
+        """Frames `(H, W, 3) uint8` of `portrait` speaking `samples` (16 kHz mono float32), one at a time."""
+        fps = fps or self.config.fps
+        clock = clock or StageClock()
+        n = audio_frontend.n_video_frames(samples.size, fps, self.motion.mel_config.sample_rate)
+        with clock.time("motion"):
+            mouths = self.motion.from_audio(samples, fps, identity.rest, n)
+        closure = idle.blink_curve(n, fps, idle_config)
+        box = np.asarray(landmarks)[:, :2]
+        moves = idle.head_motion(n, fps, idle_config, box.mean(axis=0), float(np.ptp(box[:, 1])))
+
+        def jobs() -> typing.Iterator[FrameJob]:
+            for i in range(n):
+                with clock.time("idle"):
+                    frame = idle.move_frame(idle.close_eyes(portrait, landmarks, float(closure[i])), moves[i])
+                frame_landmarks = apply_transform(landmarks, moves[i]).astype(np.float32)
+                transform = self.aligner.transform_for(frame_landmarks)
+                crop_landmarks = apply_transform(frame_landmarks, transform).astype(np.float32)
+                mouth = mouths[i] + (lm.mouth_anchor(crop_landmarks) - identity.rest_anchor)
+                yield FrameJob(frame, transform, crop_landmarks, frame_landmarks, mouth)
+
+        yield from self.render_jobs(identity, jobs(), fps, monitor, clock)
+
+    # ------------------------------------------------------------------ commands
+    def _finish(self, command: str, output: pathlib.Path, inputs: typing.Dict[str, typing.Optional[str]], frames: int,
+                fps: float, samples: np.ndarray, started: float, clock: StageClock, monitor, events,
+                extra: typing.Dict[str, typing.Any], report_path: typing.Optional[PathLike]) -> RunResult:
+        sidecar = provenance.write_sidecar(output, provenance.manifest(output, command, inputs, self.model_hashes))
+        seconds = time.perf_counter() - started
+        audio_seconds = samples.size / self.motion.mel_config.sample_rate
+        report = {
+            "engine": f"avatar {__version__}", "command": command, "output": str(output), "frames": frames, "fps": fps,
+            "audio_seconds": audio_seconds, "seconds": seconds, "real_time_factor": seconds / max(audio_seconds, 1e-9),
+            "stages_s": {k: round(v, 3) for k, v in clock.seconds.items()},
+            "models": {name: f"sha256:{digest}" for name, digest in self.model_hashes.items()},
+            "providers": self.renderer.session.providers, "config": dataclasses.asdict(self.config), **extra,
+            "drift": monitor.summary() if monitor is not None else None,
+            "drift_per_second": monitor.per_second() if monitor is not None else None,
+            "drift_events": events, "provenance": str(sidecar),
+        }
+        if report_path is not None:
+            path = pathlib.Path(report_path)
+            with media.atomic_output(path, [p for p in inputs.values() if p]) as tmp:
+                tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
+        return RunResult(output, frames, fps, audio_seconds, seconds, report, sidecar)
+
+    def animate(self, image: PathLike, audio: PathLike, output: PathLike, idle_config: IdleConfig = IdleConfig(),
+                references: typing.Sequence[PathLike] = (), report: typing.Optional[PathLike] = None,
+                progress: bool = True) -> RunResult:
+        """A still portrait + speech → a talking video at `config.fps`, written atomically to `output`."""
+        inputs = [image, audio, *references]
+        output = media.check_output_path(output, inputs)
+        if report is not None:
+            media.check_output_path(report, inputs + [output])
+        started, clock = time.perf_counter(), StageClock()
+        with clock.time("decode"):
+            samples = media.read_audio(audio, self.motion.mel_config.sample_rate)
+            portrait = media.read_image(image)
+        with clock.time("face"):
+            with self._tracker() as tracker:
+                landmarks = tracker.select(portrait, what=str(image)).landmarks
+            identity = self.prepare_image(portrait, landmarks, what=str(image), extra_references=references)
+        fps = self.config.fps
+        events: typing.List[typing.Dict[str, typing.Any]] = []
+        monitor = self._drift_monitor(identity, events)
+        n = audio_frontend.n_video_frames(samples.size, fps, self.motion.mel_config.sample_rate)
+        if n == 0:
+            raise MediaError(f"{audio}: the speech is shorter than one video frame; give longer audio")
+        metadata = provenance.container_metadata(self.model_hashes)
+        with media.VideoWriter(output, fps, samples, self.motion.mel_config.sample_rate, crf=self.config.crf,
+                               metadata=metadata, inputs=inputs) as writer:
+            frames = self.animate_frames(identity, portrait, landmarks, samples, idle_config, fps, monitor, clock)
+            for frame in tqdm(frames, total=n, desc="animate", unit="frame", disable=not progress):
+                with clock.time("encode"):
+                    writer.write(frame)
+        return self._finish("animate", output, {"image": str(image), "audio": str(audio)}, n, fps, samples, started, clock,
+                            monitor, events, {"idle": dataclasses.asdict(idle_config)}, report)
+
+    def dub(self, video: PathLike, audio: PathLike, output: PathLike, dub_config: DubConfig = DubConfig(),
+            references: typing.Sequence[PathLike] = (), report: typing.Optional[PathLike] = None,
+            progress: bool = True) -> RunResult:
+        """Re-lip-sync `video` to `audio`; outside the repainted lower face every pixel is the input's."""
+        from avatar.face.video import align_video
+
+        if dub_config.audio_longer not in ("pingpong", "loop", "trim"):
+            raise MediaError(f"audio_longer must be pingpong, loop or trim, not {dub_config.audio_longer!r}")
+        if dub_config.audio_shorter not in ("trim", "keep"):
+            raise MediaError(f"audio_shorter must be trim or keep, not {dub_config.audio_shorter!r}")
+        inputs = [video, audio, *references]
+        output = media.check_output_path(output, inputs)
+        if report is not None:
+            media.check_output_path(report, inputs + [output])
+        started, clock = time.perf_counter(), StageClock()
+        info = media.probe(video)
+        if not info.has_video:
+            raise MediaError(f"{video}: has no video frames; give a video with a face in it")
+        fps = info.fps or self.config.fps
+        with clock.time("decode"):
+            samples = media.read_audio(audio, self.motion.mel_config.sample_rate)
+
+        # 1. Track the face through the whole video once; keep the frames on disk for random access.
+        store = FrameStore()
+        try:
+            valid, transforms, crop_lms, frame_lms = [], [], [], []
+            with clock.time("face"):
+                tracked = align_video(media.iter_video_frames(video), self.face_config, AlignConfig(crop_size=self.crop_size), what=str(video))
+                for item in tqdm(tracked, total=info.n_frames or None, desc="tracking", unit="frame", disable=not progress):
+                    store.append(item.image)
+                    valid.append(item.valid)
+                    transforms.append(item.aligned.transform if item.aligned is not None else None)
+                    crop_lms.append(item.aligned.landmarks if item.valid else None)
+                    frame_lms.append(item.frame_landmarks)
+            n_source = store.count
+            if n_source == 0:
+                raise MediaError(f"{video}: no frame could be decoded; the file may be corrupt")
+            good = np.flatnonzero(valid)
+            if good.size == 0:
+                raise NoFaceError(f"{video}: no face found in any frame; give a video where a face is visible")
+
+            # 2. The person: rest mouth and references from the video's own frames (+ extra photos).
+            with clock.time("face"):
+                spread = good[np.linspace(0, good.size - 1, min(self.config.drift_references, good.size)).round().astype(int)]
+                good_lms = np.stack([crop_lms[i] for i in good])
+                picks = [int(good[k]) for k in self.reference_frames(good_lms)]
+                identity = self.prepare_frames([self.aligner.crop(store[i], transforms[i]) for i in picks], good_lms,
+                                               [(store[i], frame_lms[i]) for i in spread], references)
+
+            # 3. Fit the speech to the video: output length and which source frame each shows.
+            n_audio = audio_frontend.n_video_frames(samples.size, fps, self.motion.mel_config.sample_rate)
+            if n_audio == 0:
+                raise MediaError(f"{audio}: the speech is shorter than one video frame; give longer audio")
+            if n_audio > n_source and dub_config.audio_longer == "trim":
+                n_out = n_source
+            elif n_audio < n_source and dub_config.audio_shorter == "keep":
+                n_out = n_source
+            else:
+                n_out = n_audio
+            samples_out = samples[: int(round(n_out / fps * self.motion.mel_config.sample_rate))]
+            anchors = np.full((n_source, 2), np.nan)
+            anchors[good] = lm.mouth_anchor(np.stack([crop_lms[i] for i in good]))
+            motion = np.r_[0.0, np.linalg.norm(np.diff(np.stack([t if t is not None else np.zeros((2, 3)) for t in transforms]), axis=0), axis=(1, 2))]
+            schedule = pingpong_schedule(n_source, n_out, motion, fps, dub_config.audio_longer)
+
+            # 4. Mouths from the new speech (closed after it ends, when the video is kept longer).
+            with clock.time("motion"):
+                mouths = self.motion.from_audio(samples_out, fps, identity.rest, n_out)
+
+            events: typing.List[typing.Dict[str, typing.Any]] = []
+            monitor = self._drift_monitor(identity, events)
+
+            def jobs() -> typing.Iterator[FrameJob]:
+                for j, source in enumerate(schedule):
+                    frame = store[int(source)]
+                    if not valid[source]:
+                        yield FrameJob(frame)
+                        continue
+                    mouth = mouths[j] + (anchors[source] - identity.rest_anchor)
+                    yield FrameJob(frame, transforms[source], crop_lms[source], frame_lms[source], mouth)
+
+            metadata = provenance.container_metadata(self.model_hashes)
+            with media.VideoWriter(output, fps, samples_out, self.motion.mel_config.sample_rate, crf=self.config.crf,
+                                   metadata=metadata, inputs=inputs) as writer:
+                for frame in tqdm(self.render_jobs(identity, jobs(), fps, monitor, clock), total=n_out, desc="dub",
+                                  unit="frame", disable=not progress):
+                    with clock.time("encode"):
+                        writer.write(frame)
+        finally:
+            store.close()
+        loops = int(np.sum(np.diff(schedule) < 0)) if schedule.size > 1 else 0
+        extra = {"dub": dataclasses.asdict(dub_config), "source_frames": n_source, "frames_without_face": int(n_source - good.size),
+                 "speech_frames": n_audio, "reversals_or_restarts": loops}
+        return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,
+                            clock, monitor, events, extra, report)
