@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--fps", type=float, default=25.0, help="frame rate for a still image (default 25)")
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.add_argument("--no-motion", action="store_true", help="do not run the motion model")
+    inspect.add_argument("--face-index", dest="face__face_index", type=int, default=None, metavar="N",
+                         help="which face to use when there are several (0.. left to right)")
     add_config_arguments(inspect, FaceConfig, "face")
     add_config_arguments(inspect, AlignConfig, "align")
     add_config_arguments(inspect, MelConfig, "mel")

@@ -203,6 +203,7 @@ class PipelineConfig:
     """Speech + a face → lip-synced frames (`avatar.pipeline.AvatarPipeline`)."""
 
     fps: float = 25.0  # output frame rate for a still (a video keeps its own)
+    max_side: int = 1920  # a still larger than this on its longer side is downscaled (area) to it
     steps: int = 0  # renderer sampling steps (0: the model's own few-step count)
     batch: int = 8  # crops per renderer call
     seed: int = 0  # renderer noise, shared by every frame (temporal stability)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from avatar import __version__, idle, media, provenance
 from avatar import audio as audio_frontend
 from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig
-from avatar.errors import FaceError, MediaError, NoFaceError
+from avatar.errors import MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, apply_transform
 from avatar.render.condition import build_condition, colour_match, from_unit
@@ -148,6 +148,17 @@ class FrameStore:
         self._file.close()
         self._frames = None
         self._dir.cleanup()
+
+
+def fit_image(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale `(H, W, 3) uint8` (area averaging) so its longer side is at most `max_side`."""
+    import cv2
+
+    scale = max_side / max(image.shape[:2])
+    if scale >= 1:
+        return image
+    size = (max(2, round(image.shape[1] * scale)), max(2, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def pingpong_schedule(n_source: int, n_out: int, motion: np.ndarray, fps: float, mode: str) -> np.ndarray:
@@ -393,7 +404,7 @@ class AvatarPipeline:
         started, clock = time.perf_counter(), StageClock()
         with clock.time("decode"):
             samples = media.read_audio(audio, self.motion.mel_config.sample_rate)
-            portrait = media.read_image(image)
+            portrait = fit_image(media.read_image(image), self.config.max_side)
         with clock.time("face"):
             with self._tracker() as tracker:
                 landmarks = tracker.select(portrait, what=str(image)).landmarks
@@ -504,7 +515,8 @@ class AvatarPipeline:
                         writer.write(frame)
         finally:
             store.close()
-        loops = int(np.sum(np.diff(schedule) < 0)) if schedule.size > 1 else 0
+        steps = np.diff(schedule)
+        loops = int(np.sum((steps < 0) & (np.r_[0, steps[:-1]] >= 0)))  # times the video turned or jumped back
         extra = {"dub": dataclasses.asdict(dub_config), "source_frames": n_source, "frames_without_face": int(n_source - good.size),
                  "speech_frames": n_audio, "reversals_or_restarts": loops}
         return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,

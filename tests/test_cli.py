@@ -53,7 +53,7 @@ def bad_files(tmp_path_factory):
 def bad_cases(folder, out):
     return [
         (["--image", folder / "no_face.jpg", "--audio", SPEECH], "no face"),
-        (["--image", TWO_PEOPLE_PHOTO, "--audio", SPEECH], "face index"),
+        (["--image", TWO_PEOPLE_PHOTO, "--audio", SPEECH], "face-index"),
         (["--image", PORTRAIT, "--audio", folder / "empty.wav"], "empty"),
         (["--image", PORTRAIT, "--audio", folder / "corrupt.mp4"], "cannot be read"),
         (["--video", folder / "corrupt.mp4"], "cannot be read"),

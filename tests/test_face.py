@@ -39,7 +39,7 @@ def test_group_photo_needs_a_choice_and_indices_go_left_to_right(tracker):
     assert len(faces) >= 3
     centres = [f.centre[0] for f in faces]
     assert centres == sorted(centres)
-    with pytest.raises(SeveralFacesError, match="face index") as info:
+    with pytest.raises(SeveralFacesError, match="face-index") as info:
         tracker.select(image)
     assert "\n" not in str(info.value)
     for index in (0, len(faces) - 1):

@@ -1,0 +1,267 @@
+"""The product on real media: `avatar animate`, `dub`, `eval`, `verify`, `doctor`, the Python API,
+provenance labels, and one-line errors for bad input (each with no output left behind)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from avatar import media, provenance
+from avatar.config import DubConfig, IdleConfig, PipelineConfig
+from avatar.face import landmarks as lm
+from avatar.face.video import align_video
+from avatar.pipeline import AvatarPipeline, FrameJob, pingpong_schedule
+from conftest import DATA, GRID_CLIP, PORTRAIT, REPO, SPEECH_FLAC, TWO_PEOPLE_PHOTO
+
+OTHER_CLIP = DATA / "video/smeetrs__deep_avsr/00001.mp4"
+LONG_SPEECH = DATA / "speech/kleinlee__DH_live/audio0.wav"  # 7.6 s, Mandarin
+
+
+def avatar(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "avatar.cli", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return AvatarPipeline.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Short real inputs: 1.4 s of LibriSpeech, and the first 1.2 s (30 frames) of a GRID clip."""
+    folder = tmp_path_factory.mktemp("inputs")
+    speech = media.read_audio(SPEECH_FLAC)
+    media.write_audio(folder / "speech.wav", speech[:22400])
+    clip = media.read_video(GRID_CLIP, max_frames=30)
+    media.write_video(folder / "clip.mp4", clip.frames, clip.fps, clip.audio[: int(30 / clip.fps * 16000)], crf=12)
+    return folder
+
+
+def test_animate_cli_writes_a_labelled_talking_video_and_a_report(tmp_path, inputs):
+    out, report = tmp_path / "talk.mp4", tmp_path / "report.json"
+    result = avatar("animate", "--image", PORTRAIT, "--audio", inputs / "speech.wav", "--output", out, "--report", report, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout and "frames at 25 fps" in result.stdout
+    clip = media.read_video(out)
+    assert len(clip.frames) == 35  # 1.4 s at 25 fps
+    assert abs(clip.audio.size / 16000 - 1.4) < 1 / 25
+    data = json.loads(report.read_text())
+    assert set(data["stages_s"]) >= {"decode", "face", "motion", "render", "encode"}
+    assert data["drift"]["samples"] >= 2 and data["drift"]["signals"]["identity"]["mean"] < 0.55
+    assert set(data["models"]) == {"motion.onnx", "render.onnx"}
+    with __import__("av").open(str(out)) as container:
+        assert "synthetic" in container.metadata.get("comment", "")
+    assert provenance.sidecar_path(out).exists()
+    # The mouth moves with the speech: re-detected, its opening varies far more than a still's would.
+    opening = [lm.mouth_opening(t.aligned.landmarks) / lm.interocular(t.aligned.landmarks)
+               for t in align_video(media.iter_video_frames(out)) if t.valid]
+    assert len(opening) == 35 and np.ptp(opening) > 0.04
+
+
+def test_animate_without_idle_motion_keeps_everything_outside_the_face_still(pipeline, inputs):
+    portrait = media.read_image(PORTRAIT)
+    samples = media.read_audio(inputs / "speech.wav")[:8000]
+    from avatar.face.tracker import FaceTracker
+
+    with FaceTracker() as tracker:
+        landmarks = tracker.select(portrait).landmarks
+    identity = pipeline.prepare_image(portrait, landmarks)
+    frames = list(pipeline.animate_frames(identity, portrait, landmarks, samples, IdleConfig(enabled=False)))
+    assert len(frames) == 13
+    transform = pipeline.aligner.transform_for(landmarks)
+    footprint = pipeline.aligner.paste_alpha(portrait.shape, transform, np.ones((pipeline.crop_size,) * 2, np.float32)) > 0
+    for frame in frames:
+        assert np.array_equal(frame[~footprint], portrait[~footprint])
+    moving = list(pipeline.animate_frames(identity, portrait, landmarks, samples, IdleConfig(seed=3)))
+    assert not np.array_equal(moving[5][~footprint], portrait[~footprint])  # idle head motion moves the picture
+    again = list(pipeline.animate_frames(identity, portrait, landmarks, samples, IdleConfig(seed=3)))
+    assert all(np.array_equal(a, b) for a, b in zip(moving, again))  # seeded
+
+
+def test_dub_changes_only_the_lower_face(pipeline, inputs):
+    """Pixel-identical outside the repainted region's feathered footprint, and the mouth really changes."""
+    frames = [(t, f) for t, f in media.iter_video_frames(inputs / "clip.mp4")][:8]
+    tracked = list(align_video(frames))
+    identity = pipeline.prepare_frames([t.aligned.crop for t in tracked[:2]], np.stack([t.aligned.landmarks for t in tracked]),
+                                       [(tracked[0].image, tracked[0].frame_landmarks)])
+    open_mouth = identity.rest.copy()
+    open_mouth[20:40, 1] += np.where(np.arange(20) > 10, 6.0, 0.0)  # drop the lower inner lip by 6 px
+    jobs = [FrameJob(t.image, t.aligned.transform, t.aligned.landmarks, t.frame_landmarks,
+                     open_mouth + (lm.mouth_anchor(t.aligned.landmarks) - identity.rest_anchor))
+            for t in tracked]
+    outputs = pipeline._render_batch(identity, jobs)
+    for job, out in zip(jobs, outputs):
+        target = job.crop_landmarks.copy()
+        target[lm.MOUTH_AND_JAW, :2] = job.mouth
+        mask = np.maximum(pipeline.aligner.lower_face_mask(job.crop_landmarks), pipeline.aligner.lower_face_mask(target))
+        alpha = pipeline.aligner.paste_alpha(job.frame.shape, job.transform, mask)
+        outside = alpha == 0
+        assert outside.mean() > 0.6  # the face fills much of a GRID frame
+        assert np.array_equal(out[outside], job.frame[outside])
+        assert np.abs(out.astype(np.float32) - job.frame)[alpha > 0.9].mean() > 2
+
+
+@pytest.mark.parametrize("longer, shorter, audio_s, frames, reversals", [
+    ("pingpong", "trim", 2.0, 50, 1), ("trim", "trim", 2.0, 30, 0), ("loop", "trim", 2.0, 50, 1),
+    ("pingpong", "keep", 0.6, 30, 0), ("pingpong", "trim", 0.6, 15, 0)])
+def test_dub_fits_speech_to_the_video(pipeline, inputs, tmp_path, longer, shorter, audio_s, frames, reversals):
+    speech = media.read_audio(LONG_SPEECH)[: int(audio_s * 16000)]
+    media.write_audio(tmp_path / "speech.wav", speech)
+    result = pipeline.dub(inputs / "clip.mp4", tmp_path / "speech.wav", tmp_path / "out.mp4",
+                          DubConfig(audio_longer=longer, audio_shorter=shorter), progress=False)
+    assert result.frames == frames and len(media.read_video(tmp_path / "out.mp4").frames) == frames
+    assert result.report["reversals_or_restarts"] == reversals
+    audio = media.read_audio(tmp_path / "out.mp4")
+    assert abs(audio.size / 16000 - frames / 25) < 1 / 25
+
+
+def test_pingpong_turns_at_the_stillest_moment():
+    motion = np.ones(50)
+    motion[44] = 0.0  # still near the end
+    motion[3] = 0.0  # and near the start
+    schedule = pingpong_schedule(50, 120, motion, 25.0, "pingpong")
+    assert list(schedule[:46]) == list(range(45)) + [43]
+    turns = [i for i in range(1, len(schedule) - 1) if (schedule[i] - schedule[i - 1]) * (schedule[i + 1] - schedule[i]) < 0]
+    assert {int(schedule[t]) for t in turns} == {44, 3}
+    assert np.abs(np.diff(schedule)).max() == 1  # no jumps
+
+
+def test_dub_cli_verify_and_eval(tmp_path, inputs):
+    out = tmp_path / "dubbed.mp4"
+    result = avatar("dub", "--video", inputs / "clip.mp4", "--audio", inputs / "speech.wav", "--output", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    verified = avatar("verify", out, "--quiet")
+    assert verified.returncode == 0 and "watermark: found" in verified.stdout and "matches this file" in verified.stdout, verified.stdout
+    real = avatar("verify", inputs / "clip.mp4", "--quiet")
+    assert real.returncode == 1 and "watermark: not found" in real.stdout and "no sign" in real.stdout
+    metrics = tmp_path / "metrics.json"
+    evaluated = avatar("eval", "--generated", out, "--real", inputs / "clip.mp4", "--json", metrics, "--quiet")
+    assert evaluated.returncode == 0, evaluated.stderr
+    data = json.loads(metrics.read_text())
+    assert data["frames_compared"] == 30 and data["identity_distance"] < 0.55
+    assert 0 < data["mouth_landmark_distance_pct_iod"] < 20 and 0 < data["sharpness_ratio"] < 2
+    same = avatar("eval", "--generated", inputs / "clip.mp4", "--real", inputs / "clip.mp4", "--quiet")
+    assert "distance: 0.00 %" in same.stdout and "r = 1.000" in same.stdout
+
+
+def test_watermark_survives_crf28_and_half_size_and_real_videos_stay_clean(pipeline, tmp_path):
+    speech = media.read_audio(LONG_SPEECH)[: 16000 * 3]
+    media.write_audio(tmp_path / "speech.wav", speech)
+    out = tmp_path / "dub.mp4"
+    pipeline.dub(GRID_CLIP, tmp_path / "speech.wav", out, progress=False)
+    clip = media.read_video(out)
+    small = [cv2.resize(f, (f.shape[1] // 2, f.shape[0] // 2), interpolation=cv2.INTER_AREA) for f in clip.frames]
+    media.write_video(tmp_path / "small.mp4", small, clip.fps, crf=28)
+    assert provenance.detect_watermark(out).found
+    assert provenance.detect_watermark(tmp_path / "small.mp4").found
+    for real in (GRID_CLIP, OTHER_CLIP):
+        assert abs(provenance.detect_watermark(real).z) < 3
+
+
+def test_doctor_passes_here_and_fails_without_models(tmp_path):
+    result = avatar("doctor")
+    assert result.returncode == 0 and "all checks passed" in result.stdout, result.stdout
+    env = dict(os.environ, AVATAR_ASSETS=str(tmp_path))
+    broken = avatar("doctor", env=env)
+    assert broken.returncode == 1 and "FAIL renderer model" in broken.stdout and "FAIL motion model" in broken.stdout
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    portrait = Image.open(PORTRAIT).convert("RGB")
+    portrait.convert("CMYK").save(folder / "cmyk.jpg")
+    rgba = portrait.convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(folder / "alpha.png")
+    grey16 = (np.asarray(portrait.convert("L"), np.uint16) * 257)
+    Image.fromarray(grey16).save(folder / "grey16.png")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["cmyk.jpg", "alpha.png", "grey16.png"])
+def test_animate_takes_images_of_any_mode(tmp_path, inputs, odd_images, name):
+    result = avatar("animate", "--image", odd_images / name, "--audio", inputs / "speech.wav", "--output", tmp_path / "o.mp4",
+                    "--quiet", "--no-drift")
+    assert result.returncode == 0, result.stderr
+    assert media.read_video(tmp_path / "o.mp4").frames.shape[0] == 35
+
+
+def test_huge_portrait_is_downscaled_to_max_side():
+    from avatar.pipeline import fit_image
+
+    big = np.zeros((12000, 9000, 3), np.uint8)
+    assert fit_image(big, 1920).shape == (1920, 1440, 3)
+    assert fit_image(big[:100, :80], 1920).shape == (100, 80, 3)
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, inputs):
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "corrupt.mp4").write_bytes((inputs / "clip.mp4").read_bytes()[:3000])
+    Image.fromarray(data.coffee()).save(folder / "no_face.jpg")
+    portrait = Image.open(PORTRAIT).convert("RGB")
+    portrait.resize((portrait.width // 8, portrait.height // 8), Image.Resampling.BOX).save(folder / "tiny_face.png")
+    (folder / "a_file").write_text("not a folder")
+    media.write_audio(folder / "speech_only.flac", media.read_audio(inputs / "speech.wav"))
+    return folder
+
+
+def test_bad_input_one_line_nonzero_no_output(tmp_path, inputs, bad):
+    out = tmp_path / "out.mp4"
+    speech, clip = inputs / "speech.wav", inputs / "clip.mp4"
+    cases = [
+        (["animate", "--image", bad / "no_face.jpg", "--audio", speech], "no face"),
+        (["animate", "--image", TWO_PEOPLE_PHOTO, "--audio", speech], "--face-index"),
+        (["animate", "--image", bad / "tiny_face.png", "--audio", speech], "minimum is 48 px"),
+        (["animate", "--image", PORTRAIT, "--audio", bad / "empty.wav"], "empty"),
+        (["animate", "--image", bad / "corrupt.mp4", "--audio", speech], "cannot be read"),
+        (["dub", "--video", bad / "corrupt.mp4", "--audio", speech], ""),
+        (["dub", "--video", bad / "speech_only.flac", "--audio", speech], "no video"),
+        (["dub", "--video", clip, "--audio", bad / "empty.wav"], "empty"),
+        (["dub", "--video", clip, "--audio", speech, "--audio-longer", "sideways"], "pingpong, loop or trim"),
+        (["eval", "--generated", bad / "speech_only.flac", "--real", clip], "no video"),
+        (["verify", bad / "empty.wav"], "empty"),
+    ]
+    for args, words in cases:
+        extra = ["--output", out, "--quiet"] if args[0] in ("animate", "dub") else []
+        result = avatar(*args, *extra)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert words in result.stderr, (args, result.stderr)
+        assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_outputs_never_overwrite_inputs_and_need_a_writable_folder(tmp_path, inputs, bad):
+    speech = tmp_path / "speech.wav"
+    speech.write_bytes((inputs / "speech.wav").read_bytes())
+    before = speech.read_bytes()
+    for args in (["animate", "--image", PORTRAIT, "--audio", speech, "--output", speech],
+                 ["dub", "--video", inputs / "clip.mp4", "--audio", speech, "--output", speech],
+                 ["animate", "--image", PORTRAIT, "--audio", speech, "--output", tmp_path / "o.mp4", "--report", speech]):
+        result = avatar(*args, "--quiet")
+        assert result.returncode == 2 and "also an input" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert speech.read_bytes() == before
+    result = avatar("animate", "--image", PORTRAIT, "--audio", speech, "--output", bad / "a_file" / "o.mp4", "--quiet")
+    assert result.returncode == 2 and "not a folder" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
+
+
+def test_python_api_from_pretrained_folder(tmp_path, inputs):
+    with pytest.raises(Exception, match="render.onnx"):
+        AvatarPipeline.from_pretrained(tmp_path)
+    pipeline = AvatarPipeline.from_pretrained(REPO / "assets", config=PipelineConfig(drift=False, watermark=False))
+    result = pipeline.animate(PORTRAIT, inputs / "speech.wav", tmp_path / "api.mp4", progress=False)
+    assert result.frames == 35 and result.output.exists() and result.report["drift"] is None
