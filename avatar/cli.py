@@ -6,12 +6,13 @@ Every user error ends in one line, `error: <what is wrong and what to do>`, and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 
 from avatar import __version__
-from avatar.config import (AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig, VadConfig,
-                           add_config_arguments, config_from_args)
+from avatar.config import (AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig,
+                           RealtimeConfig, VadConfig, add_config_arguments, config_from_args)
 from avatar.errors import AvatarError
 
 
@@ -115,6 +116,19 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0 if result["synthetic"] else 1
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from realtime import server  # the only place avatar/ reaches realtime/, lazily
+
+    return server.run(args.image, args.host, args.port, args.token, config_from_args(args, RealtimeConfig, ""),
+                      config_from_args(args, IdleConfig, "idle"))
+
+
+def _run_webcam(args: argparse.Namespace) -> int:
+    from realtime import webcam
+
+    return webcam.run(args.image, config_from_args(args, RealtimeConfig, ""), config_from_args(args, IdleConfig, "idle"))
+
+
 def _common_render_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--output", required=True, help="output mp4 (written atomically; never an input)")
     command.add_argument("--report", help="write a JSON report here: timings per stage, frames, drift series and alarms, model hashes")
@@ -198,6 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="also print the full result as JSON")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
     verify.set_defaults(run=_run_verify)
+
+    serve = commands.add_parser(
+        "serve", help="live avatar over WebSocket, with a browser page",
+        description="Stream a live avatar: clients send speech (PCM) over a WebSocket and get frames with timestamps "
+                    "and the audio back; GET / is a browser page that uses the microphone. Protocol: realtime/server.py.")
+    serve.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),
+                       help="the token clients must give (default: $AVATAR_TOKEN, else a random one, printed)")
+    add_config_arguments(serve, RealtimeConfig, "")
+    add_config_arguments(serve, IdleConfig, "idle")
+    serve.set_defaults(run=_run_serve)
+
+    webcam = commands.add_parser("webcam", help="microphone → live avatar → virtual camera",
+                                 description="Needs the realtime extra, a microphone and a virtual camera (v4l2loopback).")
+    webcam.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
+    add_config_arguments(webcam, RealtimeConfig, "")
+    add_config_arguments(webcam, IdleConfig, "idle")
+    webcam.set_defaults(run=_run_webcam)
     return parser
 
 

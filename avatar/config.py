@@ -221,3 +221,22 @@ class DubConfig:
 
     audio_longer: str = "pingpong"  # pingpong: play the video back and forth, turning at a still moment; loop; trim (cut the speech)
     audio_shorter: str = "trim"  # trim: end the video with the speech; keep: keep the whole video, the mouth at rest after the speech
+
+
+@dataclass(frozen=True)
+class RealtimeConfig:
+    """The live engine and its server (`realtime/`)."""
+
+    fps: float = 25.0
+    steps: int = 1  # renderer steps per frame live (the offline commands use the model's own count)
+    batch: int = 8  # most frames (from all sessions) per renderer call
+    max_side: int = 512  # the portrait is scaled so its longer side is at most this
+    jpeg_quality: int = 85
+    max_backlog_s: float = 0.3  # frames whose audio is older than this are not rendered but repeated (counted as dropped)
+    drift_every_s: float = 2.0  # identity-drift sample interval per session (0: off)
+    # Server limits
+    max_sessions: int = 4
+    max_message_bytes: int = 1 << 20
+    idle_timeout_s: float = 30.0  # close a connection that sends nothing for this long
+    client_queue_frames: int = 25  # frames waiting for a slow client; older ones are dropped first
+    silence_after_s: float = 0.5  # no audio for this long: feed silence (this far behind real time), the avatar idles

@@ -22,36 +22,51 @@ from avatar.config import IdleConfig
 EYES = ((33, 133, 159, 145), (263, 362, 386, 374))
 
 
+class BlinkSchedule:
+    """Blink times drawn as needed (a live stream can ask for any time): the first blink comes early
+    but not at once, then gaps of `min_blink_gap_s` plus an exponential wait (`blinks_per_minute` on
+    average). Each blink closes in 40% of `blink_seconds` and opens in the rest."""
+
+    def __init__(self, config: IdleConfig = IdleConfig()):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+        self.mean_gap = 60.0 / config.blinks_per_minute if config.blinks_per_minute > 0 else math.inf
+        self.starts: typing.List[float] = []
+        self.next_start = self.rng.uniform(0.5, max(0.6, self.mean_gap)) if math.isfinite(self.mean_gap) else math.inf
+
+    def closure(self, times: np.ndarray) -> np.ndarray:
+        """Eye closure at `times (T,)` seconds → `(T,) float32` in [0, 1] (1: shut)."""
+        times = np.asarray(times, np.float64)
+        out = np.zeros(times.shape, np.float32)
+        if not self.config.enabled or times.size == 0:
+            return out
+        while self.next_start <= times.max():
+            self.starts.append(self.next_start)
+            self.next_start += self.config.min_blink_gap_s + self.rng.exponential(max(self.mean_gap - self.config.min_blink_gap_s, 0.1))
+        for start in self.starts:
+            u = (times - start) / self.config.blink_seconds
+            inside = (u >= 0) & (u <= 1)
+            if not inside.any():
+                continue
+            shape = np.where(u < 0.4, np.sin(np.clip(u / 0.4, 0, 1) * math.pi / 2), np.sin(np.clip((1 - u) / 0.6, 0, 1) * math.pi / 2))
+            out = np.maximum(out, (shape * inside).astype(np.float32))
+        return out
+
+
 def blink_curve(n_frames: int, fps: float, config: IdleConfig = IdleConfig()) -> np.ndarray:
-    """Eye closure per frame, `(T,) float32` in [0, 1]. Blinks start at random (at least
-    `min_blink_gap_s` apart, `blinks_per_minute` on average); each closes in 40% of `blink_seconds`
-    and opens in the rest."""
-    closure = np.zeros(n_frames, np.float32)
-    if not config.enabled or config.blinks_per_minute <= 0 or n_frames == 0:
-        return closure
-    rng = np.random.default_rng(config.seed)
-    mean_gap = 60.0 / config.blinks_per_minute
-    t = rng.uniform(0.5, max(0.6, mean_gap))  # the first blink comes early, but not at once
-    duration = n_frames / fps
-    times = np.arange(n_frames) / fps
-    while t < duration:
-        u = (times - t) / config.blink_seconds
-        closing = np.clip(u / 0.4, 0, 1)
-        opening = np.clip((1 - u) / 0.6, 0, 1)
-        shape = np.where(u < 0.4, np.sin(closing * math.pi / 2), np.sin(opening * math.pi / 2)) * ((u >= 0) & (u <= 1))
-        closure = np.maximum(closure, shape.astype(np.float32))
-        t += config.min_blink_gap_s + rng.exponential(max(mean_gap - config.min_blink_gap_s, 0.1))
-    return closure
+    """Eye closure per frame, `(T,) float32` in [0, 1] (see `BlinkSchedule`)."""
+    return BlinkSchedule(config).closure(np.arange(n_frames) / fps)
 
 
-def head_motion(n_frames: int, fps: float, config: IdleConfig, centre: np.ndarray, face_height: float) -> np.ndarray:
-    """Similarity transforms frame → moved frame, `(T, 2, 3) float64`: smooth roll, shift and zoom
-    about `centre (2,)` (the face centre in pixels); identity transforms when idle motion is off."""
+def head_motion(n_frames: int, fps: float, config: IdleConfig, centre: np.ndarray, face_height: float, start: int = 0) -> np.ndarray:
+    """Similarity transforms frame → moved frame for frames `start .. start + n_frames - 1`,
+    `(T, 2, 3) float64`: smooth roll, shift and zoom about `centre (2,)` (the face centre in pixels);
+    identity transforms when idle motion is off. The same frame gets the same motion in any call."""
     moves = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (n_frames, 1, 1))
     if not config.enabled or n_frames == 0:
         return moves
     rng = np.random.default_rng(config.seed + 1)
-    t = np.arange(n_frames) / fps
+    t = (start + np.arange(n_frames)) / fps
 
     def sway() -> np.ndarray:  # in [-1, 1], three incommensurate slow sines with random phases
         periods = config.head_period_s * np.array([1.0, 0.61, 0.37])

@@ -6,7 +6,7 @@
     identity = pipeline.prepare_image(portrait)             # once per person, then frame by frame:
     for frame in pipeline.animate_frames(identity, samples): ...
 
-Per output frame (the numbered loop in `_render_batch`):
+Per output frame (the numbered loop in `render_batch`):
 1. crop the face at the frame's alignment transform;
 2. the target mouth: the motion model's lips and jaw for this frame's speech (relative to the
    person's rest mouth, placed at the frame's mouth anchor);
@@ -148,6 +148,12 @@ class FrameStore:
         self._file.close()
         self._frames = None
         self._dir.cleanup()
+
+
+def face_centre_and_height(landmarks: np.ndarray) -> typing.Tuple[np.ndarray, float]:
+    """Centre `(2,)` and height (px) of the landmarks' box: what idle head motion turns about."""
+    box = np.asarray(landmarks)[:, :2]
+    return box.mean(axis=0), float(np.ptp(box[:, 1]))
 
 
 def fit_image(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -292,8 +298,11 @@ class AvatarPipeline:
 
         return DriftMonitor(identity.drift_references, self.identity_config, embedder=self.embedder, on_alarm=on_alarm)
 
-    def _render_batch(self, identity: Identity, jobs: typing.Sequence[FrameJob], first_index: int = 0) -> typing.List[np.ndarray]:
-        """The numbered per-frame loop of the module docstring, batched through the renderer."""
+    def render_batch(self, jobs: typing.Sequence[FrameJob], identities: typing.Sequence[Identity],
+                     frame_indices: typing.Sequence[int], steps: typing.Optional[int] = None) -> typing.List[np.ndarray]:
+        """The numbered per-frame loop of the module docstring for a batch of frames, in one renderer
+        call; each job has its person (`identities`, so several live sessions can share a call) and its
+        output frame index (which sets the watermark's phase). Returns the output frames."""
         todo = [i for i, job in enumerate(jobs) if job.transform is not None]
         outputs = [job.frame for job in jobs]
         if not todo:
@@ -305,16 +314,16 @@ class AvatarPipeline:
             target = job.crop_landmarks.copy()
             target[lm.MOUTH_AND_JAW, :2] = job.mouth  # 2.
             mask = np.maximum(self.aligner.lower_face_mask(job.crop_landmarks), self.aligner.lower_face_mask(target))  # 3.
-            conditions.append(build_condition(crop, mask, identity.references, job.mouth))  # 4.
+            conditions.append(build_condition(crop, mask, identities[i].references, job.mouth))  # 4.
             crops[i], masks[i] = crop, mask
         noise = np.broadcast_to(self.noise, (len(todo), *self.noise.shape)).copy()
-        rendered = self.renderer.sample(np.stack(conditions), noise, self.config.steps or None)
+        rendered = self.renderer.sample(np.stack(conditions), noise, steps or self.config.steps or None)
         for k, i in enumerate(todo):
             face = from_unit(rendered[k])
             if self.config.colour_match > 0:  # 5.
                 face = colour_match(face, crops[i], masks[i], self.config.colour_match)
             if self.config.watermark:
-                face = provenance.embed_watermark(face, masks[i], first_index + i)
+                face = provenance.embed_watermark(face, masks[i], int(frame_indices[i]))
             outputs[i] = self.aligner.paste_back(jobs[i].frame, face, jobs[i].transform, masks[i])  # 6.
         return outputs
 
@@ -329,7 +338,7 @@ class AvatarPipeline:
         def flush():
             nonlocal index
             with clock.time("render"):
-                frames = self._render_batch(identity, pending, index)
+                frames = self.render_batch(pending, [identity] * len(pending), range(index, index + len(pending)))
             for job, frame in zip(pending, frames):
                 if monitor is not None and job.frame_landmarks is not None:
                     with clock.time("drift"):
@@ -345,6 +354,21 @@ class AvatarPipeline:
         if pending:
             yield from flush()
 
+    def still_job(self, identity: Identity, portrait: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray,
+                  closure: float = 0.0, move: typing.Optional[np.ndarray] = None) -> FrameJob:
+        """One frame of a still portrait: eyes closed by `closure`, the picture moved by `move`
+        (`(2, 3)`, frame → moved frame; None: still), the motion model's `mouth (59, 2)` (relative to
+        the rest anchor) placed on the moved face."""
+        frame = idle.close_eyes(portrait, landmarks, closure)
+        frame_landmarks = np.asarray(landmarks, np.float32)
+        if move is not None:
+            frame = idle.move_frame(frame, move)
+            frame_landmarks = apply_transform(landmarks, move).astype(np.float32)
+        transform = self.aligner.transform_for(frame_landmarks)
+        crop_landmarks = apply_transform(frame_landmarks, transform).astype(np.float32)
+        return FrameJob(frame, transform, crop_landmarks, frame_landmarks,
+                        mouth + (lm.mouth_anchor(crop_landmarks) - identity.rest_anchor))
+
     def animate_frames(self, identity: Identity, portrait: np.ndarray, landmarks: np.ndarray, samples: np.ndarray,
                        idle_config: IdleConfig = IdleConfig(), fps: typing.Optional[float] = None,
                        monitor=None, clock: typing.Optional[StageClock] = None) -> typing.Iterator[np.ndarray]:
@@ -355,18 +379,13 @@ class AvatarPipeline:
         with clock.time("motion"):
             mouths = self.motion.from_audio(samples, fps, identity.rest, n)
         closure = idle.blink_curve(n, fps, idle_config)
-        box = np.asarray(landmarks)[:, :2]
-        moves = idle.head_motion(n, fps, idle_config, box.mean(axis=0), float(np.ptp(box[:, 1])))
+        moves = idle.head_motion(n, fps, idle_config, *face_centre_and_height(landmarks))
 
         def jobs() -> typing.Iterator[FrameJob]:
             for i in range(n):
                 with clock.time("idle"):
-                    frame = idle.move_frame(idle.close_eyes(portrait, landmarks, float(closure[i])), moves[i])
-                frame_landmarks = apply_transform(landmarks, moves[i]).astype(np.float32)
-                transform = self.aligner.transform_for(frame_landmarks)
-                crop_landmarks = apply_transform(frame_landmarks, transform).astype(np.float32)
-                mouth = mouths[i] + (lm.mouth_anchor(crop_landmarks) - identity.rest_anchor)
-                yield FrameJob(frame, transform, crop_landmarks, frame_landmarks, mouth)
+                    job = self.still_job(identity, portrait, landmarks, mouths[i], float(closure[i]), moves[i])
+                yield job
 
         yield from self.render_jobs(identity, jobs(), fps, monitor, clock)
 

@@ -4,14 +4,16 @@
 2. A sidecar manifest `<output>.provenance.json` (engine, models, inputs' names and hashes, time).
 3. An invisible watermark in the repainted region. It lives in the aligned face crop, so it follows
    the face through re-encoding, rescaling and cropping: a fixed band-pass pattern (spatial
-   wavelengths of about 4-25 px in the 128² crop) added to the luma of the repainted lower face,
-   its strength swinging slowly as `AMPLITUDE · sin(2π t / PERIOD_FRAMES)` over the output frames t.
+   Gaussian band between `BAND_SIGMAS` px in the 128² crop) added to the luma of the repainted
+   lower face, its strength swinging slowly as `AMPLITUDE · sin(2π t / PERIOD_FRAMES)` over the output frames t.
    `detect_watermark` re-finds the face in consecutive frames, aligns it, high-passes the crop and
    correlates it with the pattern, frame by frame; the score is the size of that series' component
    at the period (any phase, so cutting the video does not matter), as a z-value among `DECOYS`
    patterns that were never embedded. A face correlates with any pattern by chance, but the same
    way in every frame, so it has no component at the period; the swing is what makes many frames add
-   up. Measured figures: `benchmarks/` and the README.
+   up. Measured figures: `benchmarks/` and the README. Side effect, measured: face-mesh landmark
+   detectors are sensitive enough that re-detected mouth openings wobble by up to 0.03-0.08 of the
+   inter-ocular distance on a still mouth (`--no-watermark` turns the mark off; the other two labels stay).
 
 `avatar verify FILE` prints all three.
 """

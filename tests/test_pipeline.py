@@ -94,7 +94,7 @@ def test_dub_changes_only_the_lower_face(pipeline, inputs):
     jobs = [FrameJob(t.image, t.aligned.transform, t.aligned.landmarks, t.frame_landmarks,
                      open_mouth + (lm.mouth_anchor(t.aligned.landmarks) - identity.rest_anchor))
             for t in tracked]
-    outputs = pipeline._render_batch(identity, jobs)
+    outputs = pipeline.render_batch(jobs, [identity] * len(jobs), range(len(jobs)))
     for job, out in zip(jobs, outputs):
         target = job.crop_landmarks.copy()
         target[lm.MOUTH_AND_JAW, :2] = job.mouth

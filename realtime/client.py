@@ -1,0 +1,176 @@
+"""A small Python client for `avatar serve` (protocol in `realtime/server.py`).
+
+    python -m realtime.client --url "ws://127.0.0.1:8765/ws?token=..." --audio speech.wav --output out.mp4
+
+streams a speech file at real-time pace (as a TTS service or a microphone would), collects the frames
+that come back and writes them with their audio to an mp4, then prints the latency figures.
+
+In code:
+
+    async with AvatarClient(url, sample_rate=16000) as client:
+        await client.send_audio(chunk)                  # float32 mono
+        frame = await client.next_frame()               # ReceivedFrame(index, pts, repeated, image, audio, received_at)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+import typing
+
+import numpy as np
+
+from realtime.server import decode_frame
+
+
+@dataclasses.dataclass
+class ReceivedFrame:
+    index: int
+    pts: float
+    repeated: bool
+    jpeg: bytes
+    audio: np.ndarray  # (n,) float32, 16 kHz
+    received_at: float  # time.perf_counter()
+
+    def image(self) -> np.ndarray:
+        """The picture, `(H, W, 3) uint8` RGB."""
+        import cv2
+
+        return cv2.imdecode(np.frombuffer(self.jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+
+
+class AvatarClient:
+    """One live session. `ready` holds the server's first message (fps, size, look-ahead)."""
+
+    def __init__(self, url: str, sample_rate: int = 16000, fmt: str = "f32", max_size: int = 1 << 24):
+        self.url, self.sample_rate, self.fmt, self.max_size = url, sample_rate, fmt, max_size
+        self.ready: typing.Dict[str, typing.Any] = {}
+        self.stats: typing.Dict[str, typing.Any] = {}
+        self.frames: asyncio.Queue = asyncio.Queue()
+        self.connection = None
+        self._reader: typing.Optional[asyncio.Task] = None
+        self.closed: typing.Optional[typing.Tuple[int, str]] = None
+
+    async def __aenter__(self) -> "AvatarClient":
+        from websockets.asyncio.client import connect
+
+        self.connection = await connect(self.url, max_size=self.max_size, compression=None)
+        await self.connection.send(json.dumps({"type": "start", "sample_rate": self.sample_rate, "format": self.fmt}))
+        self.ready = json.loads(await self.connection.recv())
+        if self.ready.get("type") != "ready":
+            raise RuntimeError(f"the server refused the session: {self.ready}")
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        import websockets
+
+        try:
+            async for message in self.connection:
+                if isinstance(message, bytes):
+                    index, pts, repeated, jpeg, audio = decode_frame(message)
+                    await self.frames.put(ReceivedFrame(index, pts, repeated, jpeg, audio, time.perf_counter()))
+                else:
+                    data = json.loads(message)
+                    if data.get("type") == "stats":
+                        self.stats = data
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed = (self.connection.close_code, self.connection.close_reason)
+            await self.frames.put(None)
+
+    async def send_audio(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, np.float32)
+        data = samples.astype("<f4").tobytes() if self.fmt == "f32" else (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+        await self.connection.send(data)
+
+    async def send_json(self, message: typing.Dict[str, typing.Any]) -> None:
+        await self.connection.send(json.dumps(message))
+
+    async def next_frame(self, timeout: float = 10.0) -> typing.Optional[ReceivedFrame]:
+        """The next frame, or None once the connection has closed."""
+        return await asyncio.wait_for(self.frames.get(), timeout)
+
+    async def __aexit__(self, *exc) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        await self.connection.close()
+
+
+async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: float = 0.02, tail_s: float = 0.5
+                      ) -> typing.Tuple[typing.List[ReceivedFrame], typing.Dict[str, typing.Any], float]:
+    """Send `samples` in `chunk_s` chunks at real-time pace; collect frames until `tail_s` after the
+    end. Returns (frames, the server's last stats, wall time of the first sample)."""
+    frames: typing.List[ReceivedFrame] = []
+    async with AvatarClient(url, sample_rate) as client:
+        async def collect():
+            while True:
+                frame = await client.frames.get()
+                if frame is None:
+                    return
+                frames.append(frame)
+
+        collector = asyncio.create_task(collect())
+        step = max(1, int(chunk_s * sample_rate))
+        started = time.perf_counter()
+        for k in range(0, samples.size, step):
+            delay = started + k / sample_rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await client.send_audio(samples[k:k + step])
+        await asyncio.sleep(tail_s)
+        await client.send_json({"type": "stats"})
+        await asyncio.sleep(0.2)
+        collector.cancel()
+        return frames, client.stats, started
+
+
+def latency_figures(frames: typing.Sequence[ReceivedFrame], started: float, lookahead_s: float) -> typing.Dict[str, float]:
+    """Audio → frame latency as the client sees it: a frame's arrival minus the moment its audio
+    (pts + look-ahead) had been sent; first-frame latency from the first sample sent."""
+    if not frames:
+        return {}
+    waits = np.array([f.received_at - (started + f.pts + lookahead_s) for f in frames])
+    span = frames[-1].received_at - frames[0].received_at
+    return {"frames": len(frames), "dropped": int(sum(f.repeated for f in frames)),
+            "first_frame_s": frames[0].received_at - started, "p50_ms": 1000 * float(np.median(waits)),
+            "p95_ms": 1000 * float(np.percentile(waits, 95)), "fps": (len(frames) - 1) / span if span > 0 else 0.0,
+            "lookahead_ms": 1000 * lookahead_s}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m realtime.client", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="ws://host:port/ws?token=...")
+    parser.add_argument("--audio", required=True, help="speech to stream")
+    parser.add_argument("--output", help="write what comes back to this mp4")
+    args = parser.parse_args(argv)
+    from avatar import media
+    from avatar.errors import AvatarError
+
+    try:
+        samples = media.read_audio(args.audio, 16000)
+        if args.output:
+            media.check_output_path(args.output, [args.audio])
+        frames, stats, started = asyncio.run(stream_file(args.url, samples, 16000))
+    except AvatarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot reach {args.url.split('?')[0]} ({exc.strerror or exc}); is `avatar serve` running?", file=sys.stderr)
+        return 2
+    figures = latency_figures(frames, started, stats.get("lookahead_ms", 0) / 1000)
+    print(json.dumps({"client": figures, "server": stats}, indent=1))
+    if args.output and frames:
+        audio = np.concatenate([f.audio for f in frames])
+        media.write_video(args.output, (f.image() for f in frames), 25.0, audio, 16000, inputs=[args.audio])
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The live engine: PCM chunks of any size in, video frames with presentation timestamps out.
+
+    engine = Engine()                                    # models load here (onnxruntime: TRT → CUDA → CPU)
+    avatar = engine.prepare(portrait)                    # once per person; cached by content
+    session = engine.open(avatar, sample_rate=48000)
+    session.push(chunk)                                  # float32 mono at that rate, any size
+    engine.step()                                        # renders what is due, all sessions in one batch
+    for frame in session.pop_frames(): frame.pts, frame.image, frame.audio, frame.repeated
+
+Clock: frame i has `pts = i / fps` on the session's audio clock (second 0 is the first sample
+pushed) and carries the 16 kHz audio of `[pts, pts + 1/fps)`, so a player that follows pts stays in
+sync whatever the network does. A frame can be made once its speech context has arrived (the motion
+model's look-ahead, 112.5 ms). Each has a deadline on the wall clock: `anchor + pts + look-ahead +
+max_backlog_s`, where the anchor is when audio second 0 arrived, slipping forward only when audio
+comes later than real time (a client that sends faster than real time, like a TTS service, is never
+dropped; a jittery one only moves the schedule). When the renderer cannot keep up, frames that would
+miss their deadline are not rendered: the previous image is sent again under the new pts
+(`repeated`, counted as dropped). Sync never drifts, only smoothness suffers.
+
+Idling: `keep_alive(now)` feeds silence when no audio has come for `silence_after_s`, up to
+`silence_after_s` behind real time (never ahead of it, so a late packet only adds that much delay),
+so the mouth closes and the avatar keeps blinking and moving a little instead of freezing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import threading
+import time
+import typing
+
+import numpy as np
+
+from avatar import idle
+from avatar.config import IdentityConfig, IdleConfig, PipelineConfig, RealtimeConfig
+from avatar.errors import MediaError
+
+STREAM_RATE = 16000  # what the motion model hears
+
+
+@dataclasses.dataclass
+class Avatar:
+    """A prepared portrait: picture `(H, W, 3) uint8` (scaled to `max_side`), its landmarks
+    `(478, 3)`, the renderer/drift identity, and where idle head motion turns about."""
+
+    key: str
+    portrait: np.ndarray
+    landmarks: np.ndarray
+    identity: typing.Any
+    centre: np.ndarray
+    height: float
+
+
+@dataclasses.dataclass
+class OutputFrame:
+    """index: frame number in the session; pts: seconds on the session's audio clock; image:
+    `(H, W, 3) uint8`; audio: `(n,) float32` 16 kHz for [pts, pts + 1/fps); repeated: the renderer was
+    behind, so this is the previous image again; ready_at: wall time the frame's audio was complete
+    (its look-ahead included); made_at: wall time it was finished."""
+
+    index: int
+    pts: float
+    image: np.ndarray
+    audio: np.ndarray
+    repeated: bool
+    ready_at: float
+    made_at: float
+
+    @property
+    def latency_s(self) -> float:
+        """From the moment the frame could be made (its audio had arrived) to the moment it was."""
+        return self.made_at - self.ready_at
+
+
+class _Resampler:
+    """Streaming resampling of float32 mono to 16 kHz (PyAV's swresample keeps its filter state)."""
+
+    def __init__(self, rate: int):
+        import av
+
+        self.rate = rate
+        self.resampler = None if rate == STREAM_RATE else av.AudioResampler(format="flt", layout="mono", rate=STREAM_RATE)
+        self.pts = 0
+
+    def __call__(self, chunk: np.ndarray) -> np.ndarray:
+        if self.resampler is None or chunk.size == 0:
+            return chunk
+        import av
+
+        frame = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
+        frame.sample_rate = self.rate
+        frame.pts = self.pts
+        self.pts += chunk.size
+        out = [f.to_ndarray()[0] for f in self.resampler.resample(frame)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+class Session:
+    """One live stream of one avatar. `push` audio; the engine's `step` renders; `pop_frames` takes
+    what is finished. Thread-safe: push/pop from the I/O side, step from the render side."""
+
+    def __init__(self, engine: "Engine", avatar: Avatar, sample_rate: int, now: typing.Optional[float] = None):
+        if not 8000 <= sample_rate <= 192000:
+            raise MediaError(f"sample rate {sample_rate} Hz is not supported; send 8-192 kHz audio")
+        self.engine, self.avatar, self.sample_rate = engine, avatar, sample_rate
+        config = engine.config
+        self.fps = config.fps
+        self.motion = engine.pipeline.motion.stream(config.fps, avatar.identity.rest)
+        self.lookahead_s = self.motion.lookahead_ms / 1000.0
+        self.resample = _Resampler(sample_rate)
+        self.blinks = idle.BlinkSchedule(engine.idle_config)
+        self.lock = threading.Lock()
+        self.anchor = time.perf_counter() if now is None else now  # wall time of audio second 0 (see the module doc)
+        self.samples = 0  # 16 kHz samples received (the audio clock)
+        self.audio = np.zeros(0, np.float32)  # received audio not yet handed out with frames
+        self.audio_offset = 0  # sample index of self.audio[0]
+        self.pending: typing.Deque[typing.Tuple[int, np.ndarray, float]] = collections.deque()  # (index, mouth, ready_at)
+        self.done: typing.Deque[OutputFrame] = collections.deque()
+        self.last_image = avatar.portrait
+        self.frames_out = 0
+        self.dropped = 0
+        self.closed = False
+        self.last_audio_at = self.anchor
+        self.monitor = None
+        if config.drift_every_s > 0:
+            from avatar.identity import DriftMonitor
+
+            self.monitor = DriftMonitor(avatar.identity.drift_references, IdentityConfig(sample_every_s=config.drift_every_s),
+                                        embedder=engine.pipeline.embedder)
+
+    # ---------------------------------------------------------------- input side
+    def push(self, chunk: np.ndarray, now: typing.Optional[float] = None) -> None:
+        """Audio `(n,)` float32 in [-1, 1] at the session's sample rate."""
+        chunk = np.asarray(chunk, np.float32).reshape(-1)
+        if not np.isfinite(chunk).all():
+            raise MediaError("audio contains NaN or infinity; send PCM in [-1, 1]")
+        now = time.perf_counter() if now is None else now
+        self._push16(self.resample(np.clip(chunk, -1.0, 1.0)), now, real=True)
+        self.last_audio_at = now
+
+    def _push16(self, samples: np.ndarray, now: float, real: bool) -> None:
+        with self.lock:
+            self.samples += samples.size
+            self.audio = np.concatenate([self.audio, samples])
+            indices, mouths = self.motion.push(samples)
+            for index, mouth in zip(indices, mouths):
+                if real:  # real audio later than real time moves the schedule; our own silence does not
+                    self.anchor = max(self.anchor, now - index / self.fps - self.lookahead_s)
+                self.pending.append((int(index), mouth, now))
+
+    def keep_alive(self, now: typing.Optional[float] = None) -> None:
+        """Feed silence up to the wall clock when no audio has come for `silence_after_s` (idling)."""
+        now = time.perf_counter() if now is None else now
+        if now - self.last_audio_at < self.engine.config.silence_after_s:
+            return
+        missing = int((now - self.anchor - self.engine.config.silence_after_s) * STREAM_RATE) - self.samples
+        if missing > 0:
+            self._push16(np.zeros(missing, np.float32), now, real=False)
+
+    def pop_frames(self) -> typing.List[OutputFrame]:
+        with self.lock:
+            out = list(self.done)
+            self.done.clear()
+        return out
+
+    # ---------------------------------------------------------------- render side (Engine.step)
+    def deadline(self, index: int) -> float:
+        return self.anchor + index / self.fps + self.lookahead_s + self.engine.config.max_backlog_s
+
+    def _frame_audio(self, index: int) -> np.ndarray:
+        begin = int(round(index / self.fps * STREAM_RATE))
+        end = int(round((index + 1) / self.fps * STREAM_RATE))
+        piece = self.audio[max(0, begin - self.audio_offset): max(0, end - self.audio_offset)]
+        drop = max(0, end - self.audio_offset)
+        self.audio = self.audio[drop:]
+        self.audio_offset += drop
+        return piece
+
+    def take_due(self, now: float, limit: int, render_s: float = 0.0) -> typing.List[typing.Tuple[int, np.ndarray, float]]:
+        """Drop what would miss its deadline if rendered now (`render_s`: how long the coming batch is
+        expected to take), repeating the last image instead; hand out up to `limit` frames to render,
+        oldest first. The newest frame is never dropped."""
+        with self.lock:
+            while len(self.pending) > 1 and self.deadline(self.pending[0][0]) < now + render_s:
+                index, _, ready = self.pending.popleft()
+                self._finish(index, self.last_image, True, ready, now)
+            taken = []
+            while self.pending and len(taken) < limit:
+                taken.append(self.pending.popleft())
+            return taken
+
+    def _finish(self, index: int, image: np.ndarray, repeated: bool, ready_at: float, now: float) -> None:
+        self.done.append(OutputFrame(index, index / self.fps, image, self._frame_audio(index), repeated, ready_at, now))
+        self.frames_out += 1
+        self.dropped += int(repeated)
+
+    def deliver(self, items: typing.Sequence[typing.Tuple[int, float]], images: typing.Sequence[np.ndarray],
+                landmarks: typing.Sequence[np.ndarray], now: float) -> None:
+        with self.lock:
+            for (index, ready), image, points in zip(items, images, landmarks):
+                self.last_image = image
+                self._finish(index, image, False, ready, now)
+        if self.monitor is not None:
+            for (index, _), image, points in zip(items, images, landmarks):
+                self.monitor.observe(index / self.fps, image, points)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.pending)
+
+    def stats(self) -> typing.Dict[str, typing.Any]:
+        return {"frames": self.frames_out, "dropped": self.dropped, "audio_s": self.samples / STREAM_RATE,
+                "lookahead_ms": 1000 * self.lookahead_s, "backlog": self.backlog,
+                "drift_alarms": len(self.monitor.alarms) if self.monitor is not None else 0}
+
+    def close(self) -> None:
+        self.closed = True
+        self.engine.forget(self)
+
+
+class Engine:
+    """Shared models and the render step for every live session."""
+
+    def __init__(self, pipeline=None, config: RealtimeConfig = RealtimeConfig(), idle_config: IdleConfig = IdleConfig(),
+                 providers: typing.Optional[typing.Sequence[str]] = None):
+        from avatar.pipeline import AvatarPipeline
+
+        self.config, self.idle_config = config, idle_config
+        self.pipeline = pipeline or AvatarPipeline.from_pretrained(config=PipelineConfig(batch=config.batch), providers=providers)
+        self.avatars: typing.Dict[str, Avatar] = {}
+        self.sessions: typing.List[Session] = []
+        self.lock = threading.Lock()
+        self.render_calls = 0
+        self.rendered = 0
+        self.frame_seconds = 0.05  # running estimate of the render time per frame
+
+    def prepare(self, image: np.ndarray) -> Avatar:
+        """A portrait `(H, W, 3) uint8` → Avatar, cached by the picture's content."""
+        from avatar.pipeline import face_centre_and_height, fit_image
+
+        image = np.ascontiguousarray(image, np.uint8)
+        key = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
+        if key in self.avatars:
+            return self.avatars[key]
+        portrait = fit_image(image, self.config.max_side)
+        with self.pipeline._tracker() as tracker:
+            landmarks = tracker.select(portrait, what="the portrait").landmarks
+        identity = self.pipeline.prepare_image(portrait, landmarks)
+        centre, height = face_centre_and_height(landmarks)
+        avatar = Avatar(key, portrait, landmarks, identity, centre, height)
+        self.avatars[key] = avatar
+        return avatar
+
+    def open(self, avatar: Avatar, sample_rate: int = STREAM_RATE, now: typing.Optional[float] = None) -> Session:
+        session = Session(self, avatar, sample_rate, now)
+        with self.lock:
+            self.sessions.append(session)
+        return session
+
+    def forget(self, session: Session) -> None:
+        with self.lock:
+            if session in self.sessions:
+                self.sessions.remove(session)
+
+    def step(self, now: typing.Optional[float] = None) -> int:
+        """Render one batch of due frames across sessions (round robin, oldest first per session).
+        Returns how many frames were rendered."""
+        now = time.perf_counter() if now is None else now
+        with self.lock:
+            sessions = list(self.sessions)
+        if not sessions:
+            return 0
+        share = max(1, self.config.batch // len(sessions))
+        expected = self.frame_seconds * min(self.config.batch, share * len(sessions))
+        work = [(s, s.take_due(now, share, expected)) for s in sessions]
+        jobs, identities, indices, owners = [], [], [], []
+        for session, items in work:
+            avatar = session.avatar
+            for index, mouth, ready in items:
+                t = index / session.fps
+                closure = float(session.blinks.closure(np.array([t]))[0])
+                move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
+                jobs.append(self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move))
+                identities.append(avatar.identity)
+                indices.append(index)
+                owners.append((session, index, ready))
+        if not jobs:
+            return 0
+        started = time.perf_counter()
+        images = self.pipeline.render_batch(jobs, identities, indices, steps=self.config.steps)
+        self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (time.perf_counter() - started) / len(jobs)
+        self.render_calls += 1
+        self.rendered += len(jobs)
+        by_session: typing.Dict[int, typing.List[int]] = collections.defaultdict(list)
+        for k, (session, _, _) in enumerate(owners):
+            by_session[id(session)].append(k)
+        for session, _ in work:
+            ks = by_session.get(id(session), [])
+            if ks:
+                session.deliver([(owners[k][1], owners[k][2]) for k in ks], [images[k] for k in ks],
+                                [jobs[k].frame_landmarks for k in ks], time.perf_counter())
+        return len(jobs)

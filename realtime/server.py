@@ -1,0 +1,286 @@
+"""`avatar serve`: a WebSocket endpoint for live avatars, and the browser page that uses it.
+
+    avatar serve [--image PORTRAIT] [--host 127.0.0.1] [--port 8765] [--token SECRET]
+
+HTTP GET `/` serves the browser page (`realtime/static/index.html`): microphone in, avatar out.
+The WebSocket is `/ws`; the protocol (version 1, little-endian):
+
+client → server
+- text `{"type": "start", "sample_rate": 48000, "format": "f32" | "s16"}`: first message, once;
+- binary: mono PCM in that format and rate, any chunk size (at most `max_message_bytes`);
+- text `{"type": "ping"}` (keeps an otherwise silent connection open), `{"type": "stats"}`,
+  `{"type": "client_stats", ...}` (the page reports what it received; logged in the server's stats).
+server → client
+- text `{"type": "ready", "protocol": 1, "fps", "width", "height", "lookahead_ms", "session"}`;
+- binary, one per video frame: `b"AVF1"`, uint32 frame index, float64 pts (s, on the audio
+  clock), uint8 repeated (1: the renderer was behind and this is the previous picture), uint32 JPEG
+  length, the JPEG, then the frame's audio as PCM16 mono 16 kHz (the rest of the message);
+- text `{"type": "stats", ...}` about once a second; `{"type": "error", "message": ...}` before a close.
+
+Authentication: `?token=` in the URL or `Authorization: Bearer` (HTTP 401 otherwise). Limits: at
+most `max_sessions` connections (HTTP 503 beyond), messages up to `max_message_bytes` (close 1009),
+a connection that sends nothing for `idle_timeout_s` is closed (1000, "idle timeout"), and each
+client has a queue of `client_queue_frames` frames: a slow client loses its oldest frames (counted
+in its stats) and never holds up the render loop or the other clients. When a client's audio stops,
+its avatar idles (silence is fed: the mouth closes, the eyes blink).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import importlib.resources
+import json
+import secrets
+import struct
+import threading
+import time
+import typing
+import urllib.parse
+
+import numpy as np
+
+from avatar.config import RealtimeConfig
+from avatar.errors import AvatarError
+
+PROTOCOL = 1
+FRAME_MAGIC = b"AVF1"
+FRAME_HEADER = struct.Struct("<4sIdBI")  # magic, index, pts, repeated, jpeg length
+
+
+def encode_frame(index: int, pts: float, repeated: bool, jpeg: bytes, audio: np.ndarray) -> bytes:
+    pcm = (np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes()
+    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts, int(repeated), len(jpeg)) + jpeg + pcm
+
+
+def decode_frame(message: bytes) -> typing.Tuple[int, float, bool, bytes, np.ndarray]:
+    """→ (index, pts, repeated, jpeg bytes, audio `(n,) float32` 16 kHz)."""
+    magic, index, pts, repeated, length = FRAME_HEADER.unpack_from(message)
+    if magic != FRAME_MAGIC:
+        raise ValueError("not a frame message")
+    start = FRAME_HEADER.size
+    jpeg = bytes(message[start:start + length])
+    audio = np.frombuffer(message[start + length:], "<i2").astype(np.float32) / 32767.0
+    return index, pts, bool(repeated), jpeg, audio
+
+
+@dataclasses.dataclass
+class Client:
+    session: typing.Any
+    queue: asyncio.Queue
+    fmt: str
+    started: float
+    queue_dropped: int = 0
+    reported: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+    latencies: typing.List[float] = dataclasses.field(default_factory=list)
+
+
+class AvatarServer:
+    """The server: one render thread for all sessions, one asyncio loop for the connections."""
+
+    def __init__(self, engine, portrait: np.ndarray, config: RealtimeConfig = RealtimeConfig(), token: typing.Optional[str] = None):
+        self.engine, self.config = engine, config
+        self.token = token or secrets.token_urlsafe(16)
+        self.avatar = engine.prepare(portrait)
+        self.clients: typing.Dict[int, Client] = {}
+        self.loop: typing.Optional[asyncio.AbstractEventLoop] = None
+        self.stopping = threading.Event()
+        self.page = importlib.resources.files("realtime").joinpath("static/index.html").read_text()
+        self.rejected = {"auth": 0, "busy": 0}
+
+    # ------------------------------------------------------------------ render thread
+    def _render_loop(self) -> None:
+        import cv2
+
+        while not self.stopping.is_set():
+            now = time.perf_counter()
+            for client in list(self.clients.values()):
+                client.session.keep_alive(now)
+            if self.engine.step() == 0:
+                time.sleep(0.003)
+            for client in list(self.clients.values()):
+                for frame in client.session.pop_frames():
+                    ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
+                    message = encode_frame(frame.index, frame.pts, frame.repeated, jpeg.tobytes(), frame.audio)
+                    client.latencies.append(frame.latency_s)
+                    self.loop.call_soon_threadsafe(self._enqueue, client, message)
+
+    def _enqueue(self, client: Client, message: bytes) -> None:
+        while client.queue.full():  # a slow client loses its oldest frames, nobody waits
+            client.queue.get_nowait()
+            client.queue_dropped += 1
+        client.queue.put_nowait(message)
+
+    # ------------------------------------------------------------------ connections
+    def _authorised(self, request) -> bool:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        given = (query.get("token") or [""])[0]
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            given = header[len("Bearer "):]
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def process_request(self, connection, request):
+        path = urllib.parse.urlsplit(request.path).path
+        if path in ("/", "/index.html"):
+            response = connection.respond(200, self.page)
+            response.headers["Content-Type"] = "text/html; charset=utf-8"
+            return response
+        if path != "/ws":
+            return connection.respond(404, "not found\n")
+        if not self._authorised(request):
+            self.rejected["auth"] += 1
+            return connection.respond(401, "a valid token is needed (?token= or Authorization: Bearer)\n")
+        if len(self.clients) >= self.config.max_sessions:
+            self.rejected["busy"] += 1
+            return connection.respond(503, f"the server is busy ({self.config.max_sessions} sessions); try again later\n")
+        return None
+
+    async def handle(self, connection) -> None:
+        import websockets
+
+        try:
+            first = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
+            start = json.loads(first) if isinstance(first, str) else {}
+            if start.get("type") != "start":
+                raise ValueError('the first message must be {"type": "start", "sample_rate": ..., "format": "f32"|"s16"}')
+            fmt = start.get("format", "f32")
+            if fmt not in ("f32", "s16"):
+                raise ValueError(f"format must be f32 or s16, not {fmt!r}")
+            session = self.engine.open(self.avatar, int(start.get("sample_rate", 16000)))
+        except (ValueError, TypeError, AvatarError) as exc:
+            await connection.send(json.dumps({"type": "error", "message": str(exc)}))
+            await connection.close(1003, "bad start message")
+            return
+        except (asyncio.TimeoutError, websockets.ConnectionClosed):
+            return
+        client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), fmt, time.perf_counter())
+        key = id(client)
+        self.clients[key] = client
+        height, width = self.avatar.portrait.shape[:2]
+        await connection.send(json.dumps({"type": "ready", "protocol": PROTOCOL, "fps": self.config.fps, "width": width,
+                                          "height": height, "lookahead_ms": session.lookahead_s * 1000, "session": key}))
+        sender = asyncio.create_task(self._send(connection, client))
+        try:
+            while True:
+                message = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
+                if isinstance(message, bytes):
+                    dtype = "<f4" if fmt == "f32" else "<i2"
+                    if len(message) % np.dtype(dtype).itemsize:
+                        raise ValueError(f"binary audio must be whole {fmt} samples")
+                    pcm = np.frombuffer(message, dtype).astype(np.float32)
+                    session.push(pcm / 32768.0 if fmt == "s16" else pcm)
+                    continue
+                request = json.loads(message)
+                if request.get("type") == "stats":
+                    await connection.send(json.dumps(self._stats(client)))
+                elif request.get("type") == "client_stats":
+                    client.reported = {k: v for k, v in request.items() if k != "type"}
+        except asyncio.TimeoutError:
+            await connection.close(1000, "idle timeout")
+        except (ValueError, AvatarError) as exc:
+            await connection.send(json.dumps({"type": "error", "message": str(exc)}))
+            await connection.close(1003, "bad message")
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+            self.clients.pop(key, None)
+            session.close()
+
+    async def _send(self, connection, client: Client) -> None:
+        import websockets
+
+        last_stats = time.perf_counter()
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(client.queue.get(), timeout=1.0)
+                    await connection.send(message)
+                except asyncio.TimeoutError:
+                    pass
+                if time.perf_counter() - last_stats > 1.0:
+                    last_stats = time.perf_counter()
+                    await connection.send(json.dumps(self._stats(client)))
+        except websockets.ConnectionClosed:
+            return
+
+    def _stats(self, client: Client) -> typing.Dict[str, typing.Any]:
+        latencies = client.latencies[-500:]
+        return {"type": "stats", **client.session.stats(), "queue_dropped": client.queue_dropped,
+                "latency_p50_ms": 1000 * float(np.median(latencies)) if latencies else None,
+                "latency_p95_ms": 1000 * float(np.percentile(latencies, 95)) if latencies else None,
+                "sessions": len(self.clients), "client": client.reported}
+
+    def stats(self) -> typing.Dict[str, typing.Any]:
+        """Every connected client's stats, and the refused connections."""
+        return {"clients": [self._stats(c) for c in list(self.clients.values())], "rejected": dict(self.rejected)}
+
+    async def serve(self, host: str, port: int, ready: typing.Optional[threading.Event] = None,
+                    bound: typing.Optional[list] = None) -> None:
+        from websockets.asyncio.server import serve
+
+        self.loop = asyncio.get_running_loop()
+        renderer = threading.Thread(target=self._render_loop, name="avatar-render", daemon=True)
+        renderer.start()
+        try:
+            async with serve(self.handle, host, port, process_request=self.process_request,
+                             max_size=self.config.max_message_bytes, compression=None) as server:
+                if bound is not None:
+                    bound.append(server.sockets[0].getsockname()[1])
+                if ready is not None:
+                    ready.set()
+                while not self.stopping.is_set():
+                    await asyncio.sleep(0.1)
+        finally:
+            self.stopping.set()
+            renderer.join()
+
+
+class BackgroundServer:
+    """Run an AvatarServer in a thread (tests, benchmarks): `with BackgroundServer(...) as s: s.url`."""
+
+    def __init__(self, server: AvatarServer, host: str = "127.0.0.1", port: int = 0):
+        self.server, self.host, self.port = server, host, port
+        self.thread: typing.Optional[threading.Thread] = None
+
+    def __enter__(self) -> "BackgroundServer":
+        ready, bound = threading.Event(), []
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(self.host, self.port, ready, bound)), daemon=True)
+        self.thread.start()
+        if not ready.wait(60):
+            raise RuntimeError("the server did not start")
+        self.port = bound[0]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}/ws?token={self.server.token}"
+
+    @property
+    def page(self) -> str:
+        return f"http://{self.host}:{self.port}/?token={self.server.token}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.stopping.set()
+        self.thread.join(30)
+
+
+def run(image: typing.Optional[str], host: str, port: int, token: typing.Optional[str], config: RealtimeConfig, idle_config) -> int:
+    """`avatar serve`: prepare the portrait, print the page's address, serve until Ctrl-C."""
+    from avatar import media
+    from avatar.runtime import asset_path
+    from realtime.engine import Engine
+
+    portrait = media.read_image(image or asset_path("samples/portrait.jpg"))
+    engine = Engine(config=config, idle_config=idle_config)
+    server = AvatarServer(engine, portrait, config, token)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    print(f"serving on ws://{shown}:{port}/ws (token {server.token}); providers {', '.join(engine.pipeline.renderer.session.providers)}")
+    print(f"browser page: http://{shown}:{port}/?token={server.token}", flush=True)
+    try:
+        asyncio.run(server.serve(host, port))
+    except KeyboardInterrupt:
+        print("stopped")
+    return 0

@@ -1,0 +1,311 @@
+"""The live engine and server on real media: timestamps locked to the audio clock, idling, A/V sync
+under overload (an artificially slowed renderer), the WebSocket protocol with its auth and limits, a
+slow client, the browser page in headless Chromium, and the webcam's one-line refusal."""
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from avatar import media
+from avatar.config import IdleConfig, RealtimeConfig
+from conftest import DATA, PORTRAIT, REPO, feed_in_chunks
+
+SPEECH = DATA / "speech/kleinlee__DH_live/audio0.wav"  # 7.6 s of real speech
+FRAME = 16000 // 25
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from realtime.engine import Engine
+
+    return Engine(config=RealtimeConfig(drift_every_s=0.5), idle_config=IdleConfig(enabled=False))
+
+
+@pytest.fixture(scope="module")
+def avatar(engine):
+    return engine.prepare(media.read_image(PORTRAIT))
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return media.read_audio(SPEECH, 16000)
+
+
+def mouth_openings(images):
+    """Inner-lip gap over the inter-ocular distance, re-detected in each image."""
+    from avatar.face import landmarks as lm
+    from avatar.face.tracker import FaceTracker
+
+    with FaceTracker() as tracker:
+        points = [tracker.select(image).landmarks for image in images]
+    return np.array([float(lm.mouth_opening(p) / lm.interocular(p)) for p in points])
+
+
+def run_offline(engine, session, chunks, now=0.0):
+    """Push chunks and render with a simulated clock that never makes a frame late."""
+    frames = []
+    for chunk in chunks:
+        session.push(chunk, now=now)
+        while engine.step(now=now):
+            pass
+        frames += session.pop_frames()
+    return frames
+
+
+def test_frames_are_locked_to_the_audio_clock_for_any_chunking(engine, avatar, speech):
+    rng = np.random.default_rng(5)
+    samples = speech[:16000 * 2]
+    session = engine.open(avatar, 16000, now=0.0)
+    pieces, start = [], 0
+    while start < samples.size:  # chunks from 1 sample to 0.3 s
+        size = int(rng.choice([1, 37, 320, 999, 4800]))
+        pieces.append(samples[start:start + size])
+        start += size
+    frames = run_offline(engine, session, pieces)
+    session.close()
+    lookahead_frames = int(np.ceil(session.lookahead_s * 25))
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert len(frames) >= 50 - lookahead_frames - 1
+    assert all(abs(f.pts - f.index / 25) < 1e-9 and f.audio.size == FRAME and not f.repeated for f in frames)
+    returned = np.concatenate([f.audio for f in frames])
+    assert np.array_equal(returned, samples[:returned.size])  # each frame carries its own audio
+    assert np.ptp(mouth_openings([f.image for f in frames[::2]])) > 0.04  # the mouth moves with the speech
+    assert session.monitor.samples and not session.monitor.alarms
+
+
+def test_resampled_input_keeps_the_clock(engine, avatar, speech):
+    samples48 = media.read_audio(SPEECH, 48000)[:48000]
+    session = engine.open(avatar, 48000, now=0.0)
+    frames = run_offline(engine, session, [samples48[i:i + 960] for i in range(0, samples48.size, 960)])
+    session.close()
+    assert [f.index for f in frames] == list(range(len(frames))) and len(frames) >= 21
+    assert abs(session.samples - 16000) <= 16
+
+
+def test_idles_when_the_audio_stops(engine, avatar, speech):
+    """After the speech, silence is fed: frames keep coming and the mouth comes to rest (without the
+    watermark's swing, the resting frames are identical; with it, they differ by the mark only)."""
+    from avatar import provenance
+
+    session = engine.open(avatar, 16000, now=0.0)
+    frames = run_offline(engine, session, [speech[:16000]], now=0.0)
+    for t in np.arange(1.0, 3.0, 0.1):  # no audio for 2 s: silence is fed, frames keep coming
+        session.keep_alive(now=t)
+        while engine.step(now=t):
+            pass
+        frames += session.pop_frames()
+    session.close()
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert frames[-1].pts > 2.0
+    assert all(np.all(f.audio == 0) for f in frames if f.pts > 1.05)
+    resting = np.stack([f.image for f in frames if f.pts > 1.9]).astype(np.int16)
+    assert len(resting) >= 8
+    swing = np.abs(resting - resting[0]).max()
+    assert 0 < swing <= 4 * provenance.AMPLITUDE * 1.5  # the watermark's swing, no more
+    original = engine.pipeline.config
+    engine.pipeline.config = dataclasses.replace(original, watermark=False)
+    try:
+        session = engine.open(avatar, 16000, now=0.0)
+        quiet = run_offline(engine, session, [np.zeros(16000 * 2, np.float32)])
+        session.close()
+    finally:
+        engine.pipeline.config = original
+    still = np.stack([f.image for f in quiet if f.pts > 0.9])
+    assert len(still) >= 10 and (still == still[0]).all()
+
+
+def test_overload_drops_frames_but_never_loses_sync(engine, avatar, speech):
+    """A renderer slowed to ~6 frames/s under real-time audio: frames are repeated, counted, and every
+    pts still sits on the audio clock with its own audio."""
+    pipeline = engine.pipeline
+    original = pipeline.renderer.sample
+
+    def slow(*args, **kwargs):
+        out = original(*args, **kwargs)
+        time.sleep(0.15 * args[0].shape[0])
+        return out
+
+    pipeline.renderer.sample = slow
+    try:
+        session = engine.open(avatar, 16000)
+        samples = speech[:16000 * 3]
+        started, frames = time.perf_counter(), []
+        for k in range(0, samples.size, 320):
+            while time.perf_counter() < started + k / 16000:
+                engine.step() or time.sleep(0.001)
+            session.push(samples[k:k + 320])
+            frames += session.pop_frames()
+        deadline = time.perf_counter() + 3
+        while session.backlog and time.perf_counter() < deadline:
+            engine.step()
+        frames += session.pop_frames()
+        session.close()
+    finally:
+        pipeline.renderer.sample = original
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert len(frames) >= 75 - 4
+    dropped = sum(f.repeated for f in frames)
+    assert dropped > 20 and dropped == session.dropped
+    assert all(abs(f.pts - f.index / 25) < 1e-9 and f.audio.size == FRAME for f in frames)
+    returned = np.concatenate([f.audio for f in frames])
+    assert np.array_equal(returned, samples[:returned.size])
+    rendered = [f.latency_s for f in frames if not f.repeated]
+    assert np.median(rendered) < 0.3 + 0.15 * engine.config.batch  # bounded by the backlog rule
+
+
+# ------------------------------------------------------------------------------ server
+@pytest.fixture
+def serve(engine, avatar):
+    from realtime.server import AvatarServer, BackgroundServer
+
+    started = []
+
+    def start(**overrides):
+        config = dataclasses.replace(RealtimeConfig(), **overrides)
+        background = BackgroundServer(AvatarServer(engine, media.read_image(PORTRAIT), config)).__enter__()
+        started.append(background)
+        return background
+
+    yield start
+    for background in started:
+        background.__exit__(None, None, None)
+
+
+async def _stream(url, samples, rate=16000, fmt="f32", chunk=320):
+    from realtime.client import AvatarClient
+
+    frames = []
+    async with AvatarClient(url, rate, fmt) as client:
+        started = time.perf_counter()
+        for k in range(0, samples.size, chunk):
+            await asyncio.sleep(max(0.0, started + k / rate - time.perf_counter()))
+            await client.send_audio(samples[k:k + chunk])
+        await asyncio.sleep(0.4)
+        while not client.frames.empty():
+            frame = client.frames.get_nowait()
+            if frame is not None:
+                frames.append(frame)
+        return frames, client.ready
+
+
+def test_protocol_round_trip_f32_and_s16(serve, speech):
+    server = serve()
+    for fmt in ("f32", "s16"):
+        frames, ready = asyncio.run(_stream(server.url, speech[:16000], fmt=fmt))
+        assert ready["type"] == "ready" and ready["protocol"] == 1 and ready["fps"] == 25 and ready["lookahead_ms"] == 112.5
+        assert len(frames) >= 15
+        assert [f.index for f in frames] == list(range(frames[0].index, frames[0].index + len(frames)))
+        image = frames[-1].image()
+        assert image.shape == (ready["height"], ready["width"], 3)
+        assert all(f.audio.size == FRAME for f in frames)
+
+
+def test_auth_session_limit_message_size_and_idle_timeout(serve, speech):
+    import websockets
+    from websockets.asyncio.client import connect
+
+    server = serve(max_sessions=1, max_message_bytes=64_000, idle_timeout_s=1.0)
+    base = server.url.split("?")[0]
+
+    async def scenario():
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with connect(base + "?token=wrong"):
+                pass
+        assert info.value.response.status_code == 401
+        async with connect(server.url) as first:
+            await first.send(json.dumps({"type": "start", "sample_rate": 16000, "format": "f32"}))
+            assert json.loads(await first.recv())["type"] == "ready"
+            with pytest.raises(websockets.InvalidStatus) as busy:
+                async with connect(server.url):
+                    pass
+            assert busy.value.response.status_code == 503
+            await first.send(np.zeros(20_000, "<f4").tobytes())  # 80 kB > 64 kB
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await first.recv()
+            assert first.close_code == 1009
+        async with connect(server.url, additional_headers={"Authorization": f"Bearer {server.server.token}"}) as idle:
+            await idle.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await idle.recv()
+            assert idle.close_code == 1000 and idle.close_reason == "idle timeout"
+        async with connect(server.url) as bad:
+            await bad.send(json.dumps({"type": "hello"}))
+            assert "first message" in json.loads(await bad.recv())["message"]
+
+    asyncio.run(scenario())
+    assert server.server.rejected == {"auth": 1, "busy": 1}
+
+
+def test_a_slow_client_does_not_hold_up_another(serve, speech):
+    from websockets.asyncio.client import connect
+
+    server = serve(client_queue_frames=5)
+
+    async def scenario():
+        async with connect(server.url, max_queue=1) as slow:
+            await slow.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            await slow.recv()
+            for k in range(0, 16000 * 2, 3200):  # sends audio, never reads frames
+                await slow.send(speech[k:k + 3200].astype("<f4").tobytes())
+            frames, _ = await _stream(server.url, speech[:16000 * 2])
+            slow_stats = [c for c in server.server.stats()["clients"] if c["queue_dropped"] > 0]
+            return frames, slow_stats
+
+    frames, slow_stats = asyncio.run(scenario())
+    assert len(frames) >= 35  # the reading client got its frames at full rate
+    assert slow_stats  # the slow one lost frames from its own queue instead
+
+
+def _browser():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_browser() is None and os.environ.get("AVATAR_REQUIRE_BROWSER") != "1",
+                    reason="no Chromium here (CI installs it and sets AVATAR_REQUIRE_BROWSER=1)")
+def test_browser_page_streams_the_microphone_and_shows_the_avatar(serve, tmp_path):
+    """Headless Chromium with a fake microphone playing real speech: frames arrive at the page and
+    change with the speech (idle motion is off, so only the mouth changes them)."""
+    assert _browser(), "AVATAR_REQUIRE_BROWSER=1 but no chromium on PATH"
+    server = serve()
+    wav = tmp_path / "mic.wav"
+    media.write_audio(wav, media.read_audio(SPEECH, 48000), 48000)
+    profile = tempfile.mkdtemp()
+    command = [_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
+               "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
+               "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}", server.page + "&autostart=1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, report = time.time() + 60, {}
+        while time.time() < deadline:
+            time.sleep(0.5)
+            clients = server.server.stats()["clients"]
+            report = clients[0]["client"] if clients else {}
+            if report.get("decoded", 0) >= 40 and report.get("distinct", 0) >= 10:
+                break
+    finally:
+        process.terminate()
+        process.wait(20)
+        shutil.rmtree(profile, ignore_errors=True)
+    assert report.get("decoded", 0) >= 40, report  # frames arrived and were drawn on the page's canvas
+    assert report.get("distinct", 0) >= 10, report  # and they change with the speech
+
+
+def test_webcam_names_what_is_missing_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "avatar.cli", "webcam"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert any(word in result.stderr for word in ("PortAudio", "pyvirtualcam", "microphone", "virtual camera", "realtime"))
