@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install demo test bench bench-sync clean-venv
 
 $(STAMP): setup.cfg pyproject.toml requirements/lock.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,8 @@ $(STAMP): setup.cfg pyproject.toml requirements/lock.txt Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/avatar inspect --image assets/samples/portrait.jpg --audio assets/samples/speech.flac \
-		--output out/demo_frontends.mp4
+	$(VENV)/bin/avatar animate --image assets/samples/portrait.jpg --audio assets/samples/speech.flac \
+		--output out/demo.mp4 --report out/demo_report.json
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
@@ -28,6 +28,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.frontends
 	$(PY) -m benchmarks.motion
+	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.realtime
+
+# Held-out lip sync of the whole engine with its baselines (about 10 minutes on 2 cores).
+bench-sync: $(STAMP)
+	$(PY) -m benchmarks.sync
 
 clean-venv:
 	rm -rf $(VENV)

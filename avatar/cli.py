@@ -26,7 +26,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         progress=not args.quiet, motion=not args.no_motion,
     )
     print(f"front-ends{'' if args.no_motion else ' and motion model (magenta: lips and jaw predicted from the speech)'}; "
-          f"the renderer is not trained yet, so the face itself does not move: "
+          f"the face pixels are not rendered here (`avatar animate` and `avatar dub` do that): "
           f"{result.n_frames} frames at {result.fps:g} fps, {result.audio_seconds:.1f} s of audio, "
           f"speech in {100 * result.speech_fraction:.0f}% of frames, face in {result.face_frames}, "
           f"{result.seconds:.1f} s")

@@ -229,6 +229,17 @@ class AvatarPipeline:
                 raise MediaError(f"{folder / name}: missing; a model folder needs {MOTION_MODEL} and {RENDER_MODEL}")
         return cls(folder / MOTION_MODEL, folder / RENDER_MODEL, **kwargs)
 
+    def warm_up(self, batch: int = 1) -> None:
+        """Run both models once, so that a provider's lazy set-up (graph building, CUDA/TensorRT
+        kernels) is not paid by the first frame of a live session."""
+        from avatar.motion.runner import POINTS
+
+        config = self.renderer.config
+        self.renderer.sample(np.zeros((batch, config.condition_channels, self.crop_size, self.crop_size), np.float32),
+                             np.zeros((batch, 3, self.crop_size, self.crop_size), np.float32), steps=1)
+        self.motion.predict(np.zeros((9, self.motion.config.mel_window_frames, 80), np.float32) - 4.0,
+                            np.zeros((len(POINTS), 2), np.float32))
+
     @property
     def embedder(self):
         if self._embedder is None:

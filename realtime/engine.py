@@ -229,6 +229,7 @@ class Engine:
 
         self.config, self.idle_config = config, idle_config
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(config=PipelineConfig(batch=config.batch), providers=providers)
+        self.pipeline.warm_up(config.batch)
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []
         self.lock = threading.Lock()

@@ -250,13 +250,18 @@ def test_auth_session_limit_message_size_and_idle_timeout(serve, speech):
 def test_a_slow_client_does_not_hold_up_another(serve, speech):
     from websockets.asyncio.client import connect
 
+    import socket
+
     server = serve(client_queue_frames=5)
+    tight = socket.socket()
+    tight.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow link: little room in flight
+    tight.connect(("127.0.0.1", server.port))
 
     async def scenario():
-        async with connect(server.url, max_queue=1) as slow:
+        async with connect(server.url, max_queue=1, sock=tight) as slow:
             await slow.send(json.dumps({"type": "start", "sample_rate": 16000}))
             await slow.recv()
-            for k in range(0, 16000 * 2, 3200):  # sends audio, never reads frames
+            for k in range(0, 16000 * 6, 3200):  # sends 6 s of audio at once (150 frames), never reads frames
                 await slow.send(speech[k:k + 3200].astype("<f4").tobytes())
             frames, _ = await _stream(server.url, speech[:16000 * 2])
             slow_stats = [c for c in server.server.stats()["clients"] if c["queue_dropped"] > 0]

@@ -1,0 +1,61 @@
+"""Live serving on this machine: 1, 2 and 4 concurrent sessions over loopback WebSockets.
+
+    python -m benchmarks.realtime [--seconds 8] [--sessions 1 2 4] [--steps 1]
+
+Each session streams real speech at real-time pace in 20 ms chunks (as a microphone would) and
+receives the frames. Per session count: sustained frames/s per session, first-frame latency (first
+sample sent → first frame received), audio → frame latency p50/p95 (a frame's arrival minus the moment
+the audio it needs, pts + look-ahead, had been sent), the look-ahead, and frames repeated to hold
+sync (dropped). The server runs in this process (one render thread); the clients share its CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+
+import numpy as np
+
+from avatar import media
+from avatar.config import RealtimeConfig
+from realtime.client import latency_figures, stream_file
+from realtime.engine import Engine
+from realtime.server import AvatarServer, BackgroundServer
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+async def run_sessions(url: str, samples: np.ndarray, count: int):
+    return await asyncio.gather(*(stream_file(url, samples, 16000) for _ in range(count)))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=RealtimeConfig.steps)
+    parser.add_argument("--image", type=pathlib.Path, default=DATA / "faces/ageitgey__face_recognition/obama.jpg")
+    parser.add_argument("--audio", type=pathlib.Path, default=DATA / "speech/kleinlee__DH_live/audio0.wav")
+    args = parser.parse_args(argv)
+    config = RealtimeConfig(steps=args.steps)
+    engine = Engine(config=config)
+    samples = media.read_audio(args.audio, 16000)
+    samples = np.resize(samples, int(args.seconds * 16000))
+    print(f"renderer: {config.steps} step(s), crop {engine.pipeline.crop_size}², providers {', '.join(engine.pipeline.renderer.session.providers)}; "
+          f"portrait {args.image.name}, {args.seconds:g} s of speech per session")
+    print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9}")
+    for count in args.sessions:
+        server = AvatarServer(engine, media.read_image(args.image), RealtimeConfig(steps=args.steps, max_sessions=max(args.sessions)))
+        with BackgroundServer(server) as background:
+            results = asyncio.run(run_sessions(background.url, samples, count))
+        figures = [latency_figures(frames, started, stats.get("lookahead_ms", 112.5) / 1000) for frames, stats, started in results]
+        fps = np.mean([f["fps"] for f in figures])
+        dropped = sum(f["dropped"] for f in figures) / max(1, sum(f["frames"] for f in figures))
+        print(f"{count:>8} {fps:>12.1f} {1000 * np.mean([f['first_frame_s'] for f in figures]):>10.0f} ms "
+              f"{np.mean([f['p50_ms'] for f in figures]):>9.0f} ms {np.mean([f['p95_ms'] for f in figures]):>9.0f} ms "
+              f"{figures[0]['lookahead_ms']:>8.1f} ms {100 * dropped:>8.0f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
