@@ -204,10 +204,13 @@ class PipelineConfig:
 
     fps: float = 25.0  # output frame rate for a still (a video keeps its own)
     max_side: int = 1920  # a still larger than this on its longer side is downscaled (area) to it
-    steps: int = 0  # renderer sampling steps (0: the model's own few-step count)
-    batch: int = 8  # crops per renderer call
+    renderer: str = "warp"  # "warp": the person's own pixels moved (avatar/render/warp.py); "diffusion": the learned denoiser
+    warp_max_size: int = 384  # the warp works on a crop at the face's own resolution, up to this side
+    steps: int = 0  # diffusion sampling steps (0: the model's own few-step count)
+    batch: int = 8  # crops per diffusion call
     seed: int = 0  # renderer noise, shared by every frame (temporal stability)
     colour_match: float = 0.8  # pull the repainted colour towards the frame's (0: off, 1: full)
+    detail: bool = True  # restore the frame's fine detail where it agrees with the rendering (faces larger than the crop)
     watermark: bool = True  # the invisible "synthetic" mark in the repainted region
     drift: bool = True  # identity-drift monitoring of sampled output frames
     drift_references: int = 8  # frames of a video kept as identity references for the drift monitor (dub)
@@ -228,7 +231,7 @@ class RealtimeConfig:
     """The live engine and its server (`realtime/`)."""
 
     fps: float = 25.0
-    steps: int = 1  # renderer steps per frame live (the offline commands use the model's own count)
+    steps: int = 1  # diffusion steps per frame live (the offline commands use the model's own count)
     batch: int = 8  # most frames (from all sessions) per renderer call
     max_side: int = 512  # the portrait is scaled so its longer side is at most this
     jpeg_quality: int = 85

@@ -11,10 +11,15 @@ Per output frame (the numbered loop in `render_batch`):
 2. the target mouth: the motion model's lips and jaw for this frame's speech (relative to the
    person's rest mouth, placed at the frame's mouth anchor);
 3. the repaint mask: the lower face as it is ∪ as it will be (the old jaw must go, the new one fits);
-4. the renderer's condition (masked crop, mask, the person's reference crops, the mouth sketch), and
-   a few DDIM steps from noise that is the same for every frame (so a still target does not flicker);
-5. colour matching of the repainted region to the crop, and the invisible watermark;
-6. paste back into the frame with the mask's feathered edge: every pixel outside it is the input's.
+4. the lower face drawn to the target mouth by one of two renderers (`PipelineConfig.renderer`):
+   "warp" (default) moves the person's own pixels there (`avatar/render/warp.py`, on a crop at the
+   face's own resolution); "diffusion" conditions the learned denoiser on the masked crop, the
+   mask, the person's reference crops and the mouth sketch, and runs a few DDIM steps from noise
+   that is the same for every frame (so a still target does not flicker);
+5. (diffusion) colour matching of the repainted region to the crop; the invisible watermark;
+6. paste back into the frame with the mask's feathered edge (every pixel outside it is the input's),
+   and give the repainted region back the frame's fine detail where it agrees with the rendering
+   (a face larger than the crop would otherwise come back smoother than its surroundings).
 The identity-drift monitor samples output frames as they are written.
 """
 
@@ -34,22 +39,25 @@ from tqdm import tqdm
 from avatar import __version__, idle, media, provenance
 from avatar import audio as audio_frontend
 from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig
-from avatar.errors import MediaError, NoFaceError
+from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
-from avatar.face.align import FaceAligner, apply_transform
-from avatar.render.condition import build_condition, colour_match, from_unit
+from avatar.face.align import FaceAligner, apply_transform, rescale_transform, transform_scale
+from avatar.render.condition import build_condition, colour_match, from_unit, transfer_detail
+from avatar.render.warp import MIN_OPEN, InnerMouth, inner_gap_ratio, render_warp, resize_inner
 from avatar.runtime import asset_path
 
 PathLike = typing.Union[str, os.PathLike]
 MOTION_MODEL, RENDER_MODEL = "motion.onnx", "render.onnx"
+INNER_SIZE = 256  # crop side at which an identity's open mouth is kept for the warp renderer
 
 
 @dataclasses.dataclass
 class Identity:
     """A person, prepared once.
 
-    references: the renderer's reference crops, `(S, S, 3) uint8` each (a closed mouth first, then
-    an open one when the source has one). rest / rest_anchor: the closed mouth `(59, 2)` and its
+    references: the diffusion renderer's reference crops, `(S, S, 3) uint8` each (a closed mouth
+    first, then an open one when the source has one). inner: the open mouth the warp renderer takes
+    the inside of the mouth from (at `INNER_SIZE`), if the person has one. rest / rest_anchor: the closed mouth `(59, 2)` and its
     anchor `(2,)` in crop pixels (`avatar.motion.runner.rest_pose`). drift_references: `(image,
     landmarks (478, 3))` pairs in image pixels for the drift monitor.
     """
@@ -58,6 +66,7 @@ class Identity:
     rest: np.ndarray
     rest_anchor: np.ndarray
     drift_references: typing.List[typing.Tuple[np.ndarray, np.ndarray]]
+    inner: InnerMouth = dataclasses.field(default_factory=lambda: InnerMouth(None, None))
 
 
 @dataclasses.dataclass
@@ -209,6 +218,8 @@ class AvatarPipeline:
         from avatar.motion.runner import MotionPredictor
         from avatar.render.runner import Renderer
 
+        if config.renderer not in ("warp", "diffusion"):
+            raise AvatarError(f"renderer must be warp or diffusion, not {config.renderer!r}")
         self.config, self.face_config, self.identity_config = config, face_config, identity_config
         self.motion = MotionPredictor(motion_model, threads=config.threads, providers=providers)
         self.renderer = Renderer(render_model, threads=config.threads, providers=providers)
@@ -217,6 +228,7 @@ class AvatarPipeline:
         self.model_hashes = {pathlib.Path(p).name: provenance.file_sha256(p) for p in (motion_model, render_model)}
         self.noise = np.random.default_rng(config.seed).standard_normal((3, self.crop_size, self.crop_size)).astype(np.float32)
         self._embedder = None
+        self._aligners: typing.Dict[int, FaceAligner] = {self.crop_size: self.aligner}
 
     @classmethod
     def from_pretrained(cls, folder: typing.Optional[PathLike] = None, **kwargs) -> "AvatarPipeline":
@@ -273,7 +285,8 @@ class AvatarPipeline:
         aligned = self.aligner.align(image, landmarks)
         rest, anchor = rest_pose(aligned.landmarks)
         references = [aligned.crop] * self.renderer.config.references
-        return Identity(references, rest, anchor, [(image, landmarks)] + self._reference_photos(extra_references))
+        return Identity(references, rest, anchor, [(image, landmarks)] + self._reference_photos(extra_references),
+                        self.open_mouth(image, aligned.transform, aligned.landmarks))
 
     def reference_frames(self, crop_landmarks: np.ndarray) -> typing.List[int]:
         """Which of N frames (`crop_landmarks (N, 478, 3)`) give the renderer's K references: the
@@ -285,16 +298,33 @@ class AvatarPipeline:
         return [int(closed[len(closed) // 2]) if k % 2 == 0 else int(opened[len(opened) // 2])
                 for k in range(self.renderer.config.references)]
 
+    def open_mouth(self, frame: np.ndarray, transform: np.ndarray, crop_landmarks: np.ndarray) -> InnerMouth:
+        """A frame's mouth at INNER_SIZE for the warp renderer, if it is open (else an empty one).
+        `transform`: frame → crop at the pipeline's crop size; `crop_landmarks` in that crop."""
+        k = INNER_SIZE / self.crop_size
+        mouth = (np.asarray(crop_landmarks)[lm.MOUTH_AND_JAW, :2] + 0.5) * k - 0.5
+        if inner_gap_ratio(mouth) <= MIN_OPEN:
+            return InnerMouth(None, None)
+        crop = self._aligner(INNER_SIZE).crop(frame, rescale_transform(transform, self.crop_size, INNER_SIZE))
+        return InnerMouth(crop, mouth)
+
     def prepare_frames(self, crops: typing.Sequence[np.ndarray], crop_landmarks: np.ndarray,
                        drift_frames: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]],
-                       extra_references: typing.Sequence[PathLike] = ()) -> Identity:
+                       extra_references: typing.Sequence[PathLike] = (), inner: typing.Optional[InnerMouth] = None) -> Identity:
         """A person from frames of a video: `crop_landmarks (N, 478, 3)` crop pixels of every usable
         frame, and `crops`, the K crops `(S, S, 3) uint8` of `reference_frames(crop_landmarks)`.
-        `drift_frames`: `(frame, landmarks)` pairs for the drift monitor."""
+        `drift_frames`: `(frame, landmarks)` pairs for the drift monitor; `inner`: the open mouth
+        (`open_mouth` of the most open frame)."""
         from avatar.motion.runner import rest_pose
 
         rest, anchor = rest_pose(crop_landmarks)
-        return Identity(list(crops), rest, anchor, list(drift_frames) + self._reference_photos(extra_references))
+        return Identity(list(crops), rest, anchor, list(drift_frames) + self._reference_photos(extra_references),
+                        inner or InnerMouth(None, None))
+
+    def _aligner(self, size: int) -> FaceAligner:
+        if size not in self._aligners:
+            self._aligners[size] = FaceAligner(AlignConfig(crop_size=size))
+        return self._aligners[size]
 
     # ------------------------------------------------------------------ rendering
     def _drift_monitor(self, identity: Identity, events: typing.List[typing.Dict[str, typing.Any]]):
@@ -318,6 +348,10 @@ class AvatarPipeline:
         outputs = [job.frame for job in jobs]
         if not todo:
             return outputs
+        if self.config.renderer == "warp":
+            for i in todo:
+                outputs[i] = self._warp_frame(jobs[i], identities[i], int(frame_indices[i]))
+            return outputs
         crops, masks, conditions = {}, {}, []
         for i in todo:
             job = jobs[i]
@@ -335,8 +369,31 @@ class AvatarPipeline:
                 face = colour_match(face, crops[i], masks[i], self.config.colour_match)
             if self.config.watermark:
                 face = provenance.embed_watermark(face, masks[i], int(frame_indices[i]))
-            outputs[i] = self.aligner.paste_back(jobs[i].frame, face, jobs[i].transform, masks[i])  # 6.
+            pasted = self.aligner.paste_back(jobs[i].frame, face, jobs[i].transform, masks[i])  # 6.
+            if self.config.detail:
+                scale = transform_scale(jobs[i].transform)  # crop px per frame px
+                alpha = self.aligner.paste_alpha(jobs[i].frame.shape, jobs[i].transform, masks[i])
+                pasted = transfer_detail(jobs[i].frame, pasted, alpha, sigma=0.7 / scale)
+            outputs[i] = pasted
         return outputs
+
+    def _warp_frame(self, job: FrameJob, identity: Identity, frame_index: int) -> np.ndarray:
+        """The warp renderer's version of steps 1-6, on a crop at the face's own resolution (a multiple
+        of 16 between the pipeline's crop size and `warp_max_size`)."""
+        native = self.crop_size / transform_scale(job.transform)
+        size = int(np.clip(16 * round(native / 16), self.crop_size, max(self.crop_size, self.config.warp_max_size)))
+        aligner, k = self._aligner(size), size / self.crop_size
+        transform = rescale_transform(job.transform, self.crop_size, size)
+        crop = aligner.crop(job.frame, transform)  # 1.
+        landmarks = (np.asarray(job.crop_landmarks)[:, :2] + 0.5) * k - 0.5
+        mouth = (np.asarray(job.mouth) + 0.5) * k - 0.5  # 2.
+        target = landmarks.copy()
+        target[lm.MOUTH_AND_JAW] = mouth
+        mask = np.maximum(aligner.lower_face_mask(landmarks), aligner.lower_face_mask(target))  # 3.
+        face = render_warp(crop, landmarks, mouth, mask, resize_inner(identity.inner, size))  # 4.
+        if self.config.watermark:  # 5.
+            face = provenance.embed_watermark(face, mask, frame_index)
+        return aligner.paste_back(job.frame, face, transform, mask)  # 6.
 
     def render_jobs(self, identity: Identity, jobs: typing.Iterable[FrameJob], fps: float,
                     monitor=None, clock: typing.Optional[StageClock] = None) -> typing.Iterator[np.ndarray]:
@@ -501,8 +558,10 @@ class AvatarPipeline:
                 spread = good[np.linspace(0, good.size - 1, min(self.config.drift_references, good.size)).round().astype(int)]
                 good_lms = np.stack([crop_lms[i] for i in good])
                 picks = [int(good[k]) for k in self.reference_frames(good_lms)]
+                widest = int(good[np.argmax(lm.mouth_opening(good_lms) / lm.interocular(good_lms))])
                 identity = self.prepare_frames([self.aligner.crop(store[i], transforms[i]) for i in picks], good_lms,
-                                               [(store[i], frame_lms[i]) for i in spread], references)
+                                               [(store[i], frame_lms[i]) for i in spread], references,
+                                               self.open_mouth(store[widest], transforms[widest], crop_lms[widest]))
 
             # 3. Fit the speech to the video: output length and which source frame each shows.
             n_audio = audio_frontend.n_video_frames(samples.size, fps, self.motion.mel_config.sample_rate)

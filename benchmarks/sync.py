@@ -1,6 +1,6 @@
 """Held-out lip sync of the whole engine, measured by `avatar eval`, next to baselines in the same run.
 
-    python -m benchmarks.sync [--clips 6] [--seconds 4]
+    python -m benchmarks.sync [--clips 6] [--seconds 4] [--renderer warp|diffusion]
 
 For talking clips of validation people (never seen in training; `training.split`), the first
 `--seconds` are dubbed three ways and each result is compared with the real clip:
@@ -47,8 +47,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--renderer", choices=("warp", "diffusion"), default=PipelineConfig.renderer)
     args = parser.parse_args(argv)
-    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(drift=False))
+    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(drift=False, renderer=args.renderer))
     clips = validation_clips(args.clips, args.seconds)
     results = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
             print(f"{person} ({path.name}): " + ", ".join(
                 f"{m} {results[m][-1]['mouth_landmark_distance_pct_iod']:.2f}/{results[m][-1]['mouth_opening_r']:.2f}" for m in METHODS)
                 + "  (mouth distance %IOD / opening r)", flush=True)
-    print(f"\nheld out: {len(clips)} people, {args.seconds:g} s each, dubbed and re-tracked (avatar eval)")
+    print(f"\nheld out: {len(clips)} people, {args.seconds:g} s each, dubbed with the {args.renderer} renderer and re-tracked (avatar eval)")
     print(f"{'':<20}" + "".join(f"{k.split('_pct')[0]:>34}" for k in KEYS))
     for method in METHODS:
         print(f"{method:<20}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>34.3f}" for k in KEYS))

@@ -127,14 +127,14 @@ def test_overload_drops_frames_but_never_loses_sync(engine, avatar, speech):
     """A renderer slowed to ~6 frames/s under real-time audio: frames are repeated, counted, and every
     pts still sits on the audio clock with its own audio."""
     pipeline = engine.pipeline
-    original = pipeline.renderer.sample
+    original = pipeline.render_batch
 
-    def slow(*args, **kwargs):
-        out = original(*args, **kwargs)
-        time.sleep(0.15 * args[0].shape[0])
+    def slow(jobs, *args, **kwargs):
+        out = original(jobs, *args, **kwargs)
+        time.sleep(0.15 * len(jobs))
         return out
 
-    pipeline.renderer.sample = slow
+    pipeline.render_batch = slow
     try:
         session = engine.open(avatar, 16000)
         samples = speech[:16000 * 3]
@@ -150,7 +150,7 @@ def test_overload_drops_frames_but_never_loses_sync(engine, avatar, speech):
         frames += session.pop_frames()
         session.close()
     finally:
-        pipeline.renderer.sample = original
+        del pipeline.render_batch  # back to the class's method
     assert [f.index for f in frames] == list(range(len(frames)))
     assert len(frames) >= 75 - 4
     dropped = sum(f.repeated for f in frames)

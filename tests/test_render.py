@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from avatar.config import RenderConfig
+from avatar.face import landmarks as lm
 from avatar.render.condition import build_condition, landmark_sketch
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser
@@ -154,3 +155,76 @@ def test_colour_match_removes_a_cast_inside_the_mask_only(tiny_cache):
     assert before > 10 and after < 1.5
     assert (fixed[~region] == cast[~region]).all()
     assert np.abs(fixed.astype(int) - crop.astype(int))[region].mean() < 4  # the real texture is kept
+
+
+# ------------------------------------------------------------------------------ warp renderer
+@pytest.fixture(scope="module")
+def grid_frames():
+    from avatar import media
+    from avatar.config import AlignConfig
+    from avatar.face.video import align_video
+    from conftest import GRID_CLIP
+
+    frames = [f.aligned for f in align_video(media.iter_video_frames(GRID_CLIP), align_config=AlignConfig(crop_size=256)) if f.valid]
+    openings = np.array([lm.mouth_opening(f.landmarks) / lm.interocular(f.landmarks) for f in frames])
+    return frames, openings
+
+
+def _warp_to(source, target):
+    from avatar.config import AlignConfig
+    from avatar.face.align import FaceAligner
+    from avatar.render.warp import InnerMouth, render_warp
+
+    aligner = FaceAligner(AlignConfig(crop_size=256))
+    mouth = target.landmarks[lm.MOUTH_AND_JAW, :2] - lm.mouth_anchor(target.landmarks) + lm.mouth_anchor(source.landmarks)
+    goal = source.landmarks.copy()
+    goal[lm.MOUTH_AND_JAW, :2] = mouth
+    mask = np.maximum(aligner.lower_face_mask(source.landmarks), aligner.lower_face_mask(goal))
+    out = render_warp(source.crop, source.landmarks, mouth, mask, InnerMouth(target.crop, target.landmarks[lm.MOUTH_AND_JAW, :2]))
+    alpha = mask[..., None]
+    return np.clip(out * alpha + source.crop * (1 - alpha) + 0.5, 0, 255).astype(np.uint8), mask
+
+
+def test_warp_to_its_own_mouth_changes_nothing(grid_frames):
+    frames, _ = grid_frames
+    out, mask = _warp_to(frames[10], frames[10])
+    region = mask > 0.5
+    assert np.abs(out.astype(np.float32) - frames[10].crop)[region].mean() < 1.5
+
+
+@pytest.mark.parametrize("direction", ["open", "close"])
+def test_warp_opens_and_closes_a_real_mouth_and_stays_sharp(grid_frames, tracker, direction):
+    """From the most closed frame to the most open one's mouth and back: the re-detected mouth
+    follows the target, and the repainted region keeps the real frame's sharpness."""
+    import cv2
+
+    frames, openings = grid_frames
+    closed, opened = int(np.argmin(openings)), int(np.argmax(openings))
+    source, target = (frames[closed], frames[opened]) if direction == "open" else (frames[opened], frames[closed])
+    out, mask = _warp_to(source, target)
+    detected = tracker.select(out).landmarks
+    got = lm.mouth_opening(detected) / lm.interocular(detected)
+    want, start = openings[opened if direction == "open" else closed], openings[closed if direction == "open" else opened]
+    assert abs(got - want) < 0.35 * abs(start - want), (got, want, start)
+    region = mask > 0.5
+    sharp = lambda image: cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F)[region].var()
+    assert sharp(out) > 0.8 * sharp(target.crop)
+
+
+def test_detail_comes_back_where_the_rendering_agrees_and_not_where_it_changed(grid_frames):
+    import cv2
+
+    from avatar.render.condition import transfer_detail
+
+    original = grid_frames[0][5].crop
+    rendered = cv2.GaussianBlur(original, (0, 0), 2.0)  # a smooth rendering of the same face
+    rendered[150:200, 90:170] = (40, 20, 20)  # ... except a patch that really changed (say, an open mouth)
+    alpha = np.ones(original.shape[:2], np.float32)
+    out = transfer_detail(original, rendered, alpha, sigma=2.0)
+    same = np.zeros(alpha.shape, bool)
+    same[40:120, 40:210] = True
+    error_before = np.abs(rendered.astype(np.float32) - original)[same].mean()
+    error_after = np.abs(out.astype(np.float32) - original)[same].mean()
+    assert error_after < 0.5 * error_before  # detail restored where the two agree
+    assert np.abs(out.astype(np.float32) - rendered)[160:190, 100:160].max() < 3  # nothing ghosts into the change
+    assert np.array_equal(transfer_detail(original, rendered, np.zeros_like(alpha), 2.0), rendered)

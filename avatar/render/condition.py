@@ -80,3 +80,34 @@ def colour_match(rendered: np.ndarray, original: np.ndarray, mask: np.ndarray, s
     adjusted = lab_rendered + strength * (matched - lab_rendered)
     out = cv2.cvtColor(np.clip(adjusted + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
     return np.where(region[..., None], out, rendered)
+
+
+def transfer_detail(original: np.ndarray, rendered: np.ndarray, alpha: np.ndarray, sigma: float,
+                    tolerance: float = 10.0) -> np.ndarray:
+    """Give a repainted region back the fine detail of the original frame where the two agree.
+
+    The renderer works on a small crop, so a face larger than the crop comes back smoother than the
+    frame around it. Where the original's coarse content (Gaussian blur at `sigma` px, about the
+    crop's pixel size in the frame) matches the rendered one within `tolerance` luma levels, the
+    original's detail (original minus its blur: skin texture, stubble) is added back; where the mouth
+    really changed (teeth, lips, a moved jaw line), it is not, so nothing ghosts.
+    original, rendered: `(H, W, 3) uint8` frames; alpha: `(H, W)` in [0, 1], the blend weight of the
+    repainted region. Returns `(H, W, 3) uint8`, equal to `rendered` where alpha is 0.
+    """
+    ys, xs = np.nonzero(alpha > 1e-3)
+    if ys.size == 0 or sigma < 0.75:
+        return rendered
+    pad = int(3 * sigma) + 2
+    y0, y1 = max(0, ys.min() - pad), min(alpha.shape[0], ys.max() + pad + 1)
+    x0, x1 = max(0, xs.min() - pad), min(alpha.shape[1], xs.max() + pad + 1)
+    o = original[y0:y1, x0:x1].astype(np.float32)
+    r = rendered[y0:y1, x0:x1].astype(np.float32)
+    coarse_o = cv2.GaussianBlur(o, (0, 0), sigma)
+    coarse_r = cv2.GaussianBlur(r, (0, 0), sigma)
+    difference = np.abs(coarse_o - coarse_r).mean(axis=2)
+    agree = np.exp(-(difference / tolerance) ** 2)
+    agree = cv2.GaussianBlur(agree, (0, 0), sigma)
+    weight = (agree * alpha[y0:y1, x0:x1])[..., None]
+    out = rendered.copy()
+    out[y0:y1, x0:x1] = np.clip(r + weight * (o - coarse_o) + 0.5, 0, 255).astype(np.uint8)
+    return out

@@ -1,0 +1,159 @@
+"""The warp renderer: the lower face moved to the target mouth with the person's own pixels.
+
+A learned renderer needs far more training than a CPU affords; this one needs none and keeps every
+pixel's sharpness and the person's identity, because it only moves what is there:
+
+1. two thin-plate-spline warps (backward maps, from the target to where things are in the source
+   crop) move lips, chin and jaw; fixed anchors (nose, eyes, the crop's border, a ring outside the
+   repaint region) hold everything else in place. Both follow the outer lips and the jaw; one also
+   the inner edge of the upper lip, the other that of the lower lip, and the output takes the first
+   above the target's mouth line and the second below it. One smooth warp cannot close an open
+   mouth (the lips' inner edges would have to land on the same line from two places); two can;
+2. inside the target's inner lips, the mouth's inside (teeth, tongue, shadow) comes from the
+   person's open-mouth reference, warped the same way from its own inner lips; when the person has
+   no open-mouth reference, a shaded dark fill stands in (and says so in `inner_source`);
+3. the caller blends the result into the frame under the repaint mask (`mask` here only places
+   the ring of fixed anchors).
+
+Shapes: crops `(S, S, 3) uint8`; landmarks `(478, 2+)` and mouths `(59, 2)` (MOUTH_AND_JAW order),
+all in that crop's pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import cv2
+import numpy as np
+
+from avatar.face import landmarks as lm
+
+N_OUTER, N_INNER = len(lm.LIPS_OUTER), len(lm.LIPS_INNER)
+INNER = slice(N_OUTER, N_OUTER + N_INNER)
+N_LIPS = N_OUTER + N_INNER
+# Both warps follow the outer lips and the jaw (so they agree everywhere but between the lips); the
+# upper one also the inner edge of the upper lip, the lower one that of the lower lip.
+SHARED = np.r_[np.arange(N_OUTER), np.arange(N_LIPS, N_LIPS + len(lm.JAW))]
+UPPER = np.r_[SHARED, N_OUTER + np.arange(0, 11)]
+LOWER = np.r_[SHARED, N_OUTER + np.arange(10, 20), N_OUTER]
+FIXED_POINTS = np.array([1, 2, 4, 5, 6, 168, 33, 133, 263, 362, 98, 327, 64, 294, 129, 358, 50, 280, 117, 346])  # nose, eyes, cheeks
+GRID_STEP = 4  # the spline is evaluated every GRID_STEP px and interpolated in between
+MIN_OPEN = 0.04  # inner-lip gap (× mouth width) below which a mouth counts as closed
+
+
+@dataclasses.dataclass
+class InnerMouth:
+    """An open mouth to take the inside of the mouth from: crop `(S, S, 3) uint8` and its 59 mouth
+    points; None → a shaded dark fill."""
+
+    crop: typing.Optional[np.ndarray]
+    mouth: typing.Optional[np.ndarray]
+
+
+def mouth_width(mouth: np.ndarray) -> float:
+    return float(np.linalg.norm(mouth[0] - mouth[N_OUTER // 2]))  # outer-lip corners (61 and 291)
+
+
+def inner_gap_ratio(mouth: np.ndarray) -> float:
+    inner = mouth[INNER]
+    return float(np.linalg.norm(inner[15] - inner[5]) / max(mouth_width(mouth), 1e-6))  # 14 vs 13 over the width
+
+
+def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
+    """Fixed points: the crop border and a ring just outside the repaint region."""
+    border = np.linspace(0, size - 1, 9)
+    points = [np.stack([border, np.zeros(9)], 1), np.stack([border, np.full(9, size - 1.0)], 1),
+              np.stack([np.zeros(7), border[1:-1]], 1), np.stack([np.full(7, size - 1.0), border[1:-1]], 1)]
+    region = (mask > 0.02).astype(np.uint8)
+    grow = max(2, size // 24)
+    ring = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if contours:
+        contour = max(contours, key=len)[:, 0, :].astype(np.float64)
+        points.append(contour[np.linspace(0, len(contour) - 1, 24, endpoint=False).astype(int)])
+    return np.concatenate(points)
+
+
+def backward_map(target: np.ndarray, source: np.ndarray, size: int) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """Thin-plate spline through `target (N, 2)` → `source (N, 2)`: for every output pixel, where to
+    sample the source. Returns `(map_x, map_y)`, each `(S, S) float32`, for cv2.remap."""
+    from scipy.interpolate import RBFInterpolator
+
+    _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
+    keep = np.sort(keep)
+    spline = RBFInterpolator(target[keep], source[keep] - target[keep], kernel="thin_plate_spline", smoothing=1e-3)
+    coarse = np.arange(0, size + GRID_STEP, GRID_STEP, dtype=np.float64)
+    gx, gy = np.meshgrid(coarse, coarse)
+    shift = spline(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(len(coarse), len(coarse), 2).astype(np.float32)
+    full = cv2.resize(shift, (len(coarse) * GRID_STEP, len(coarse) * GRID_STEP), interpolation=cv2.INTER_LINEAR)[:size, :size]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    # resize aligns pixel edges; the coarse grid sits on pixel centres 0, STEP, ...: shift by half a step
+    offset = (GRID_STEP - 1) / 2.0
+    full = cv2.warpAffine(full, np.float32([[1, 0, offset], [0, 1, offset]]), (size, size), borderMode=cv2.BORDER_REPLICATE)
+    return xs + full[..., 0], ys + full[..., 1]
+
+
+def _polygon_mask(points: np.ndarray, size: int, feather: float) -> np.ndarray:
+    canvas = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    mask = canvas.astype(np.float32) / 255.0
+    return cv2.GaussianBlur(mask, (0, 0), feather) if feather > 0 else mask
+
+
+def upper_side(target_mouth: np.ndarray, size: int) -> np.ndarray:
+    """`(S, S) float32` in [0, 1]: 1 above the target's mouth line (the midline between its inner
+    lips, continued sideways from the corners), softened over about a pixel."""
+    inner = target_mouth[INNER]
+    upper, lower = inner[0:11], inner[[0, *range(19, 9, -1)]]  # both run corner 78 → corner 308
+    middle = (upper + lower) / 2
+    left, right = middle[np.argmin(middle[:, 0])], middle[np.argmax(middle[:, 0])]
+    outline = np.concatenate([[[-1.0, left[1]]], middle[np.argsort(middle[:, 0])], [[size, right[1]], [size, -1.0], [-1.0, -1.0]]])
+    return _polygon_mask(outline, size, feather=0.8)
+
+
+def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray, mask: np.ndarray,
+                inner: InnerMouth) -> np.ndarray:
+    """The crop with its lower face moved to `target_mouth` (see the module docstring); the caller
+    blends it in under `mask`, the repaint region `(S, S)` in [0, 1]. Returns `(S, S, 3) uint8`."""
+    size = crop.shape[0]
+    points = np.asarray(crop_landmarks, np.float64)[:, :2]
+    source_mouth = points[lm.MOUTH_AND_JAW]
+    target_mouth = np.asarray(target_mouth, np.float64)
+    fixed = np.concatenate([points[FIXED_POINTS], _anchor_ring(size, mask)])
+    pieces = []
+    for part in (UPPER, LOWER):
+        map_x, map_y = backward_map(np.concatenate([target_mouth[part], fixed]), np.concatenate([source_mouth[part], fixed]), size)
+        pieces.append(cv2.remap(crop, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32))
+    above = upper_side(target_mouth, size)[..., None]
+    moved = pieces[0] * above + pieces[1] * (1 - above)
+
+    # The inside of the mouth: wherever the target's lips part wider than the source's could supply.
+    width = max(mouth_width(target_mouth), 1.0)
+    opening = inner_gap_ratio(target_mouth) - max(inner_gap_ratio(source_mouth), MIN_OPEN)
+    if opening > 0:  # wider than the source's own mouth can show
+        hole = _polygon_mask(target_mouth[INNER], size, feather=max(0.6, width * 0.02)) * min(1.0, opening / 0.06)
+        if inner.crop is not None and inner.mouth is not None and inner_gap_ratio(inner.mouth) > MIN_OPEN:
+            ref_inner = np.asarray(inner.mouth, np.float64)
+            pairs_t = np.concatenate([target_mouth[:N_OUTER + N_INNER], fixed])
+            pairs_s = np.concatenate([ref_inner[:N_OUTER + N_INNER], fixed])
+            rx, ry = backward_map(pairs_t, pairs_s, size)
+            fill = cv2.remap(inner.crop, rx, ry, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        else:
+            lips = _polygon_mask(target_mouth[:N_OUTER], size, 0) > 0.5
+            lip_colour = moved[lips].mean(axis=0) if lips.any() else np.array([120.0, 60, 60])
+            ys = np.arange(size, dtype=np.float32)[:, None, None]
+            top, bottom = target_mouth[INNER][:, 1].min(), target_mouth[INNER][:, 1].max()
+            shade = np.clip((ys - top) / max(bottom - top, 1.0), 0, 1)
+            fill = np.broadcast_to(lip_colour * (0.18 + 0.12 * (1 - np.abs(2 * shade - 1))), moved.shape)
+        moved = moved * (1 - hole[..., None]) + fill * hole[..., None]
+    return np.clip(moved + 0.5, 0, 255).astype(np.uint8)
+
+
+def resize_inner(inner: InnerMouth, size: int) -> InnerMouth:
+    """The same open mouth for a crop of side `size` (pixel-centre coordinates scale about -0.5)."""
+    if inner.crop is None or inner.crop.shape[0] == size:
+        return inner
+    k = size / inner.crop.shape[0]
+    crop = cv2.resize(inner.crop, (size, size), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+    return InnerMouth(crop, (np.asarray(inner.mouth) + 0.5) * k - 0.5)
