@@ -42,30 +42,27 @@ def _pipeline(args: argparse.Namespace):
                                           identity_config=config_from_args(args, IdentityConfig, "identity"))
 
 
-def _print_result(result) -> None:
+def _print_result(result, report: typing.Optional[str]) -> int:
     print(result.summary())
     if result.report.get("drift") and result.report["drift"]["alarms"]:
         kinds = sorted({a["kind"] for a in result.report["drift"]["alarms"]})
         print(f"warning: identity-drift alarms ({', '.join(kinds)}); see the report for when")
     print(f"wrote {result.output} (labelled synthetic; manifest {result.sidecar})")
+    if report:
+        print(f"report: {report}")
+    return 0
 
 
 def _run_animate(args: argparse.Namespace) -> int:
     result = _pipeline(args).animate(args.image, args.audio, args.output, config_from_args(args, IdleConfig, "idle"),
                                      references=args.reference or (), report=args.report, progress=not args.quiet)
-    _print_result(result)
-    if args.report:
-        print(f"report: {args.report}")
-    return 0
+    return _print_result(result, args.report)
 
 
 def _run_dub(args: argparse.Namespace) -> int:
     result = _pipeline(args).dub(args.video, args.audio, args.output, config_from_args(args, DubConfig, ""),
                                  references=args.reference or (), report=args.report, progress=not args.quiet)
-    _print_result(result)
-    if args.report:
-        print(f"report: {args.report}")
-    return 0
+    return _print_result(result, args.report)
 
 
 def _run_eval(args: argparse.Namespace) -> int:

@@ -3,7 +3,10 @@
     python -m benchmarks.sync [--clips 6] [--seconds 4] [--renderer warp|diffusion]
 
 For talking clips of validation people (never seen in training; `training.split`), the first
-`--seconds` are dubbed three ways and each result is compared with the real clip:
+`--seconds` are dubbed three ways and each result is compared with the real clip. The picture that
+is dubbed is the same clip played backwards, so its own mouth motion has nothing to do with the
+speech: a renderer that left some of the original mouth showing would otherwise score well for the
+wrong reason. Methods:
 - model: the clip's own speech;
 - rest pose: silence of the same length (the mouth stays at the person's rest shape);
 - mismatched speech: another validation clip's speech.
@@ -60,6 +63,7 @@ def main(argv=None) -> None:
             real = folder / f"real{k}.mp4"
             n_samples = int(len(clip.frames) / clip.fps * 16000)
             media.write_video(real, clip.frames, clip.fps, clip.audio[:n_samples], crf=12)
+            media.write_video(folder / f"backwards{k}.mp4", clip.frames[::-1], clip.fps, crf=12)
             speech[k] = media.read_audio(real)[:n_samples]
         for k, (person, path) in enumerate(clips):
             real = folder / f"real{k}.mp4"
@@ -70,7 +74,7 @@ def main(argv=None) -> None:
             for method, audio in inputs.items():
                 wav, out = folder / f"{method}{k}.wav", folder / f"{method}{k}.mp4"
                 media.write_audio(wav, audio)
-                pipeline.dub(real, wav, out, DubConfig(audio_shorter="keep"), progress=False)
+                pipeline.dub(folder / f"backwards{k}.mp4", wav, out, DubConfig(audio_shorter="keep"), progress=False)
                 results[method].append(evaluate_pair(out, real))
             print(f"{person} ({path.name}): " + ", ".join(
                 f"{m} {results[m][-1]['mouth_landmark_distance_pct_iod']:.2f}/{results[m][-1]['mouth_opening_r']:.2f}" for m in METHODS)

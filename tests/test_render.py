@@ -126,11 +126,13 @@ def test_held_out_evaluation_reports_model_and_both_baselines(tiny_cache, tmp_pa
     clips = load_render_clips(tiny_cache, "val", 128, kinds=("video",))
     report = evaluate_render(Renderer(tmp_path / "r.onnx"), clips, frames=4, few_steps=2, many_steps=3, runs=2)
     text = format_report(report)
-    for name in ("model, 2 steps", "model, 3 steps", "reference mouth pasted", "nearest reference pasted"):
+    for name in ("model, 2 steps", "model, 3 steps", "warp renderer", "reference mouth pasted", "nearest reference pasted"):
         assert name in text
     baseline = report["summary"]["nearest_reference"]
     assert baseline["psnr"] > 15 and 0 <= baseline["identity_distance"] < 0.6  # the same person's real mouth
     assert report["summary"]["model_few"]["psnr"] < baseline["psnr"]  # an untrained denoiser does not beat it
+    warp = report["summary"]["warp"]
+    assert warp["psnr"] > report["summary"]["model_few"]["psnr"] and warp["sharpness_ratio"] > 0.6
 
 
 def test_colour_match_removes_a_cast_inside_the_mask_only(tiny_cache):

@@ -6,6 +6,8 @@ On frames of validation people (never seen in training), each target's lower fac
 its masked frame, two references of the same clip and the sketch of its real landmarks, then
 composited into the crop. Compared with the real crop in the repainted region:
 - model in `--steps` (few-step, default the model's) and in `--many-steps` DDIM steps;
+- the warp renderer (`avatar/render/warp.py`): the closed-mouth reference's lower face warped to the
+  target's lips and jaw, the inside of the mouth from the open-mouth reference;
 - baseline "reference mouth": the closed-mouth reference's lower face pasted in;
 - baseline "nearest reference": the clip's frame (≥ 12 frames away) whose mouth landmarks are
   closest to the target's, its lower face pasted in.
@@ -31,10 +33,11 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
 from avatar.render.condition import build_condition, composite
 from avatar.render.runner import Renderer
+from avatar.render.warp import InnerMouth, render_warp
 from training.common import emit_report
 from training.render_data import REFERENCE_GAP, RenderClip, load_render_clips
 
-METHODS = ("model_few", "model_many", "reference_mouth", "nearest_reference")
+METHODS = ("model_few", "model_many", "warp", "reference_mouth", "nearest_reference")
 
 
 def _region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
@@ -90,9 +93,13 @@ def evaluate_render(renderer: Renderer, clips: typing.Sequence[RenderClip], fram
         for index in indices:
             target = clip.crops[index]
             condition = build_condition(target, mask, ref_crops, clip.landmarks[index][lm.MOUTH_AND_JAW])
+            target_mouth = clip.landmarks[index][lm.MOUTH_AND_JAW, :2]
+            warped = render_warp(ref_crops[0], clip.landmarks[references[0]], target_mouth, mask,
+                                 InnerMouth(ref_crops[1], clip.landmarks[references[1]][lm.MOUTH_AND_JAW, :2]))
             outputs = {
                 "model_few": composite(renderer.render(condition, noise, few_steps), target, mask),
                 "model_many": composite(renderer.render(condition, noise, many_steps), target, mask),
+                "warp": composite(warped, target, mask),
                 "reference_mouth": composite(ref_crops[0], target, mask),
                 "nearest_reference": composite(clip.crops[nearest_reference(clip, index)], target, mask),
             }
@@ -130,7 +137,7 @@ def format_report(report: typing.Dict[str, typing.Any]) -> str:
     lines = [f"held-out: {report['frames']} frames in {report['runs']} runs of consecutive frames (people never seen in training)",
              f"{'':30s} {'PSNR dB':>8s} {'SSIM':>6s} {'sharp':>6s} {'lmk %IOD':>9s} {'identity':>9s} {'flicker':>8s}"]
     names = {"model_few": f"model, {report['few_steps']} steps", "model_many": f"model, {report['many_steps']} steps",
-             "reference_mouth": "reference mouth pasted", "nearest_reference": "nearest reference pasted"}
+             "warp": "warp renderer", "reference_mouth": "reference mouth pasted", "nearest_reference": "nearest reference pasted"}
     for method, name in names.items():
         s = report["summary"][method]
         lines.append(f"{name:30s} {s['psnr']:8.2f} {s['ssim']:6.3f} {s['sharpness_ratio']:6.2f} {s['landmark_error']:9.2f} "
