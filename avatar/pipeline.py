@@ -247,8 +247,9 @@ class AvatarPipeline:
         from avatar.motion.runner import POINTS
 
         config = self.renderer.config
-        self.renderer.sample(np.zeros((batch, config.condition_channels, self.crop_size, self.crop_size), np.float32),
-                             np.zeros((batch, 3, self.crop_size, self.crop_size), np.float32), steps=1)
+        if self.config.renderer == "diffusion":
+            self.renderer.sample(np.zeros((batch, config.condition_channels, self.crop_size, self.crop_size), np.float32),
+                                 np.zeros((batch, 3, self.crop_size, self.crop_size), np.float32), steps=1)
         self.motion.predict(np.zeros((9, self.motion.config.mel_window_frames, 80), np.float32) - 4.0,
                             np.zeros((len(POINTS), 2), np.float32))
 
@@ -261,14 +262,15 @@ class AvatarPipeline:
         return self._embedder
 
     # ------------------------------------------------------------------ identity
-    def _tracker(self):
+    def face_tracker(self):
+        """A FaceTracker with the pipeline's face settings (use as a context manager)."""
         from avatar.face.tracker import FaceTracker
 
         return FaceTracker(self.face_config)
 
     def _reference_photos(self, paths: typing.Sequence[PathLike]) -> typing.List[typing.Tuple[np.ndarray, np.ndarray]]:
         out = []
-        with self._tracker() as tracker:
+        with self.face_tracker() as tracker:
             for path in paths:
                 image = media.read_image(path)
                 out.append((image, tracker.select(image, what=str(path)).landmarks))
@@ -280,7 +282,7 @@ class AvatarPipeline:
         from avatar.motion.runner import rest_pose
 
         if landmarks is None:
-            with self._tracker() as tracker:
+            with self.face_tracker() as tracker:
                 landmarks = tracker.select(image, what=what).landmarks
         aligned = self.aligner.align(image, landmarks)
         rest, anchor = rest_pose(aligned.landmarks)
@@ -493,7 +495,7 @@ class AvatarPipeline:
             samples = media.read_audio(audio, self.motion.mel_config.sample_rate)
             portrait = fit_image(media.read_image(image), self.config.max_side)
         with clock.time("face"):
-            with self._tracker() as tracker:
+            with self.face_tracker() as tracker:
                 landmarks = tracker.select(portrait, what=str(image)).landmarks
             identity = self.prepare_image(portrait, landmarks, what=str(image), extra_references=references)
         fps = self.config.fps

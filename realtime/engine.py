@@ -246,7 +246,7 @@ class Engine:
         if key in self.avatars:
             return self.avatars[key]
         portrait = fit_image(image, self.config.max_side)
-        with self.pipeline._tracker() as tracker:
+        with self.pipeline.face_tracker() as tracker:
             landmarks = tracker.select(portrait, what="the portrait").landmarks
         identity = self.pipeline.prepare_image(portrait, landmarks)
         centre, height = face_centre_and_height(landmarks)

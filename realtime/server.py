@@ -218,7 +218,7 @@ class AvatarServer:
         return {"clients": [self._stats(c) for c in list(self.clients.values())], "rejected": dict(self.rejected)}
 
     async def serve(self, host: str, port: int, ready: typing.Optional[threading.Event] = None,
-                    bound: typing.Optional[list] = None) -> None:
+                    bound: typing.Optional[list] = None, on_ready: typing.Optional[typing.Callable[[int], None]] = None) -> None:
         from websockets.asyncio.server import serve
 
         self.loop = asyncio.get_running_loop()
@@ -227,8 +227,11 @@ class AvatarServer:
         try:
             async with serve(self.handle, host, port, process_request=self.process_request,
                              max_size=self.config.max_message_bytes, compression=None) as server:
+                port = list(server.sockets)[0].getsockname()[1]
                 if bound is not None:
-                    bound.append(server.sockets[0].getsockname()[1])
+                    bound.append(port)
+                if on_ready is not None:
+                    on_ready(port)
                 if ready is not None:
                     ready.set()
                 while not self.stopping.is_set():
@@ -277,10 +280,14 @@ def run(image: typing.Optional[str], host: str, port: int, token: typing.Optiona
     engine = Engine(config=config, idle_config=idle_config)
     server = AvatarServer(engine, portrait, config, token)
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    print(f"serving on ws://{shown}:{port}/ws (token {server.token}); providers {', '.join(engine.pipeline.renderer.session.providers)}")
-    print(f"browser page: http://{shown}:{port}/?token={server.token}", flush=True)
+
+    def announce(bound: int) -> None:
+        print(f"serving on ws://{shown}:{bound}/ws (token {server.token}); {engine.pipeline.config.renderer} renderer, "
+              f"providers {', '.join(engine.pipeline.renderer.session.providers)}")
+        print(f"browser page: http://{shown}:{bound}/?token={server.token}", flush=True)
+
     try:
-        asyncio.run(server.serve(host, port))
+        asyncio.run(server.serve(host, port, on_ready=announce))
     except KeyboardInterrupt:
         print("stopped")
     return 0

@@ -314,3 +314,23 @@ def test_webcam_names_what_is_missing_in_one_line():
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert any(word in result.stderr for word in ("PortAudio", "pyvirtualcam", "microphone", "virtual camera", "realtime"))
+
+
+def test_serve_command_prints_its_address_and_serves_the_page():
+    import urllib.error
+    import urllib.request
+
+    process = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--port", "0", "--token", "s3cret"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        page = next(line.split("browser page: ")[1].strip() for line in lines if "browser page:" in line)
+        assert page.endswith("?token=s3cret")
+        with urllib.request.urlopen(page, timeout=10) as response:
+            assert response.status == 200 and "Live avatar" in response.read().decode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(page.split("/?")[0] + "/ws?token=wrong", timeout=10)
+        assert refused.value.code == 401
+    finally:
+        process.terminate()
+        process.wait(30)
