@@ -43,7 +43,7 @@ from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, apply_transform, rescale_transform, transform_scale
 from avatar.render.condition import build_condition, colour_match, from_unit, transfer_detail
-from avatar.render.warp import MIN_OPEN, InnerMouth, inner_gap_ratio, render_warp, resize_inner
+from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, render_warp, resize_inner
 from avatar.runtime import asset_path
 
 PathLike = typing.Union[str, os.PathLike]
@@ -301,14 +301,15 @@ class AvatarPipeline:
                 for k in range(self.renderer.config.references)]
 
     def open_mouth(self, frame: np.ndarray, transform: np.ndarray, crop_landmarks: np.ndarray) -> InnerMouth:
-        """A frame's mouth at INNER_SIZE for the warp renderer, if it is open (else an empty one).
+        """A frame's mouth at INNER_SIZE for the warp renderer if it is open; if it is not, the bundled
+        open mouth that suits these lips best (`avatar.render.warp.borrowed_mouth`).
         `transform`: frame → crop at the pipeline's crop size; `crop_landmarks` in that crop."""
         k = INNER_SIZE / self.crop_size
         mouth = (np.asarray(crop_landmarks)[lm.MOUTH_AND_JAW, :2] + 0.5) * k - 0.5
-        if inner_gap_ratio(mouth) <= MIN_OPEN:
-            return InnerMouth(None, None)
         crop = self._aligner(INNER_SIZE).crop(frame, rescale_transform(transform, self.crop_size, INNER_SIZE))
-        return InnerMouth(crop, mouth)
+        if inner_gap_ratio(mouth) <= MIN_OPEN:
+            return borrowed_mouth(crop, mouth)
+        return InnerMouth(crop, mouth, INNER_SIZE)
 
     def prepare_frames(self, crops: typing.Sequence[np.ndarray], crop_landmarks: np.ndarray,
                        drift_frames: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]],

@@ -265,3 +265,26 @@ def test_python_api_from_pretrained_folder(tmp_path, inputs):
     pipeline = AvatarPipeline.from_pretrained(REPO / "assets", config=PipelineConfig(drift=False, watermark=False))
     result = pipeline.animate(PORTRAIT, inputs / "speech.wav", tmp_path / "api.mp4", progress=False)
     assert result.frames == 35 and result.output.exists() and result.report["drift"] is None
+
+
+def test_a_closed_mouth_portrait_borrows_an_open_mouth_and_opens(pipeline, tracker):
+    """Most portraits show no teeth: the warp renderer borrows the inside of a real open mouth from
+    the bundled bank, and the re-detected mouth opens as asked."""
+    portrait = media.read_image(DATA / "faces/OpenTalker__SadTalker/art_1.png")
+    landmarks = tracker.select(portrait).landmarks
+    identity = pipeline.prepare_image(portrait, landmarks)
+    assert identity.inner.borrowed and identity.inner.crop is not None
+    width = np.ptp(identity.rest[:20, 0])
+    mouth = identity.rest.copy()
+    lower = np.r_[np.arange(11, 20), np.arange(31, 40), np.arange(40, 59)]  # lower lips and the jaw
+    mouth[lower, 1] += 0.35 * width
+    job = pipeline.still_job(identity, portrait, landmarks, mouth)
+    out = pipeline.render_batch([job], [identity], [0])[0]
+    before = lm.mouth_opening(landmarks) / lm.interocular(landmarks)
+    detected = tracker.select(out).landmarks
+    after = lm.mouth_opening(detected) / lm.interocular(detected)
+    asked = 0.35 * width / lm.interocular(job.crop_landmarks)
+    assert after - before > 0.5 * asked, (before, after, asked)
+    inside = np.zeros(out.shape[:2], np.uint8)
+    cv2.fillPoly(inside, [np.round(detected[lm.LIPS_INNER, :2]).astype(np.int32)], 1)
+    assert out[inside > 0].mean() < portrait[inside > 0].mean() - 10  # a real mouth's inside, darker than the lips were

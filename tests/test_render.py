@@ -182,7 +182,7 @@ def _warp_to(source, target):
     goal = source.landmarks.copy()
     goal[lm.MOUTH_AND_JAW, :2] = mouth
     mask = np.maximum(aligner.lower_face_mask(source.landmarks), aligner.lower_face_mask(goal))
-    out = render_warp(source.crop, source.landmarks, mouth, mask, InnerMouth(target.crop, target.landmarks[lm.MOUTH_AND_JAW, :2]))
+    out = render_warp(source.crop, source.landmarks, mouth, mask, InnerMouth(target.crop, target.landmarks[lm.MOUTH_AND_JAW, :2], 256))
     alpha = mask[..., None]
     return np.clip(out * alpha + source.crop * (1 - alpha) + 0.5, 0, 255).astype(np.uint8), mask
 

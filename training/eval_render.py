@@ -95,7 +95,7 @@ def evaluate_render(renderer: Renderer, clips: typing.Sequence[RenderClip], fram
             condition = build_condition(target, mask, ref_crops, clip.landmarks[index][lm.MOUTH_AND_JAW])
             target_mouth = clip.landmarks[index][lm.MOUTH_AND_JAW, :2]
             warped = render_warp(ref_crops[0], clip.landmarks[references[0]], target_mouth, mask,
-                                 InnerMouth(ref_crops[1], clip.landmarks[references[1]][lm.MOUTH_AND_JAW, :2]))
+                                 InnerMouth(ref_crops[1], clip.landmarks[references[1]][lm.MOUTH_AND_JAW, :2], size))
             outputs = {
                 "model_few": composite(renderer.render(condition, noise, few_steps), target, mask),
                 "model_many": composite(renderer.render(condition, noise, many_steps), target, mask),

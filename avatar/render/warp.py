@@ -9,9 +9,11 @@ pixel's sharpness and the person's identity, because it only moves what is there
    the inner edge of the upper lip, the other that of the lower lip, and the output takes the first
    above the target's mouth line and the second below it. One smooth warp cannot close an open
    mouth (the lips' inner edges would have to land on the same line from two places); two can;
-2. inside the target's inner lips, the mouth's inside (teeth, tongue, shadow) comes from the
-   person's open-mouth reference, warped the same way from its own inner lips; when the person has
-   no open-mouth reference, a shaded dark fill stands in (and says so in `inner_source`);
+2. where the target's lips part wider than the source's, the mouth's inside (teeth, tongue, shadow)
+   comes from the person's open-mouth reference, warped onto the target's lips; a person with no
+   open mouth anywhere (most portraits) borrows one from `assets/mouth_bank.npz` (real open mouths
+   of training people, `training/make_mouth_bank.py`), picked by lip colour and brought to the
+   person's brightness; with no bank either, a shaded dark fill stands in;
 3. the caller blends the result into the frame under the repaint mask (`mask` here only places
    the ring of fixed anchors).
 
@@ -22,6 +24,7 @@ all in that crop's pixels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 
 import cv2
@@ -44,11 +47,51 @@ MIN_OPEN = 0.04  # inner-lip gap (× mouth width) below which a mouth counts as 
 
 @dataclasses.dataclass
 class InnerMouth:
-    """An open mouth to take the inside of the mouth from: crop `(S, S, 3) uint8` and its 59 mouth
-    points; None → a shaded dark fill."""
+    """An open mouth to take the inside of the mouth from: an image `(h, w, 3) uint8` (a whole crop
+    or a patch of one) and its 59 mouth points in that image's pixels, at the scale of a crop of side
+    `crop_size`; None → a shaded dark fill. `borrowed`: it is another person's (from the bank)."""
 
     crop: typing.Optional[np.ndarray]
     mouth: typing.Optional[np.ndarray]
+    crop_size: int = 0
+    borrowed: bool = False
+
+
+BANK_FILE = "mouth_bank.npz"
+
+
+@functools.lru_cache(maxsize=None)
+def mouth_bank() -> typing.Tuple[InnerMouth, ...]:
+    """The bundled open mouths (empty when the file is absent)."""
+    from avatar.runtime import ASSETS
+
+    path = ASSETS / BANK_FILE
+    if not path.exists():
+        return ()
+    data = np.load(path)
+    size = int(data["crop_size"])
+    return tuple(InnerMouth(patch, mouth.astype(np.float64), size, True) for patch, mouth in zip(data["patches"], data["mouths"]))
+
+
+def lip_colour(image: np.ndarray, mouth: np.ndarray) -> np.ndarray:
+    """Mean RGB `(3,)` of the lips: between the outer and inner contours of `mouth (59, 2)`."""
+    h, w = image.shape[:2]
+    outer = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(outer, [np.round(np.asarray(mouth)[:N_OUTER] * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
+    inner = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(inner, [np.round(np.asarray(mouth)[INNER] * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
+    band = (outer > 0) & (inner == 0)
+    return image[band].reshape(-1, 3).astype(np.float64).mean(axis=0) if band.any() else image.reshape(-1, 3).mean(axis=0)
+
+
+def borrowed_mouth(image: np.ndarray, mouth: np.ndarray) -> InnerMouth:
+    """The bank's mouth whose lips are closest in colour (CIELAB) to these, or an empty one."""
+    bank = mouth_bank()
+    if not bank:
+        return InnerMouth(None, None)
+    to_lab = lambda rgb: cv2.cvtColor(np.uint8([[np.clip(rgb, 0, 255)]]), cv2.COLOR_RGB2LAB)[0, 0].astype(np.float64)
+    own = to_lab(lip_colour(image, mouth))
+    return min(bank, key=lambda entry: float(np.linalg.norm(to_lab(lip_colour(entry.crop, entry.mouth)) - own)))
 
 
 def mouth_width(mouth: np.ndarray) -> float:
@@ -135,25 +178,27 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
         hole = _polygon_mask(target_mouth[INNER], size, feather=max(0.6, width * 0.02)) * min(1.0, opening / 0.06)
         if inner.crop is not None and inner.mouth is not None and inner_gap_ratio(inner.mouth) > MIN_OPEN:
             ref_inner = np.asarray(inner.mouth, np.float64)
-            pairs_t = np.concatenate([target_mouth[:N_OUTER + N_INNER], fixed])
-            pairs_s = np.concatenate([ref_inner[:N_OUTER + N_INNER], fixed])
-            rx, ry = backward_map(pairs_t, pairs_s, size)
+            rx, ry = backward_map(target_mouth[:N_LIPS], ref_inner[:N_LIPS], size)  # the lips alone place the inside
             fill = cv2.remap(inner.crop, rx, ry, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+            if inner.borrowed:  # another person's mouth: bring it to this person's lighting, judged on the lips
+                gain = np.clip(lip_colour(moved, target_mouth) / np.maximum(lip_colour(inner.crop, ref_inner), 1.0), 0.7, 1.3)
+                fill = fill * gain.astype(np.float32)
         else:
-            lips = _polygon_mask(target_mouth[:N_OUTER], size, 0) > 0.5
-            lip_colour = moved[lips].mean(axis=0) if lips.any() else np.array([120.0, 60, 60])
+            lips_rgb = lip_colour(moved, target_mouth)
             ys = np.arange(size, dtype=np.float32)[:, None, None]
             top, bottom = target_mouth[INNER][:, 1].min(), target_mouth[INNER][:, 1].max()
             shade = np.clip((ys - top) / max(bottom - top, 1.0), 0, 1)
-            fill = np.broadcast_to(lip_colour * (0.18 + 0.12 * (1 - np.abs(2 * shade - 1))), moved.shape)
+            fill = np.broadcast_to(lips_rgb * (0.18 + 0.12 * (1 - np.abs(2 * shade - 1))), moved.shape)
         moved = moved * (1 - hole[..., None]) + fill * hole[..., None]
     return np.clip(moved + 0.5, 0, 255).astype(np.uint8)
 
 
 def resize_inner(inner: InnerMouth, size: int) -> InnerMouth:
-    """The same open mouth for a crop of side `size` (pixel-centre coordinates scale about -0.5)."""
-    if inner.crop is None or inner.crop.shape[0] == size:
+    """The same open mouth at the scale of a crop of side `size` (pixel-centre coordinates scale
+    about -0.5)."""
+    if inner.crop is None or inner.crop_size == size:
         return inner
-    k = size / inner.crop.shape[0]
-    crop = cv2.resize(inner.crop, (size, size), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
-    return InnerMouth(crop, (np.asarray(inner.mouth) + 0.5) * k - 0.5)
+    k = size / inner.crop_size
+    h, w = inner.crop.shape[:2]
+    crop = cv2.resize(inner.crop, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+    return InnerMouth(crop, (np.asarray(inner.mouth) + 0.5) * k - 0.5, size, inner.borrowed)
