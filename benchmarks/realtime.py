@@ -42,8 +42,11 @@ def main(argv=None) -> None:
     engine = Engine(config=config)
     samples = media.read_audio(args.audio, 16000)
     samples = np.resize(samples, int(args.seconds * 16000))
-    print(f"renderer: {config.steps} step(s), crop {engine.pipeline.crop_size}², providers {', '.join(engine.pipeline.renderer.session.providers)}; "
-          f"portrait {args.image.name}, {args.seconds:g} s of speech per session")
+    renderer = engine.pipeline.config.renderer
+    detail = f"{config.steps} diffusion step(s)" if renderer == "diffusion" else "warp"
+    print(f"renderer: {detail}, providers {', '.join(engine.pipeline.renderer.session.providers)}; "
+          f"portrait {args.image.name} (scaled to {config.max_side} px), {args.seconds:g} s of speech per session; "
+          f"server and clients share this process")
     print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9}")
     for count in args.sessions:
         server = AvatarServer(engine, media.read_image(args.image), RealtimeConfig(steps=args.steps, max_sessions=max(args.sessions)))

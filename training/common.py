@@ -76,9 +76,20 @@ def emit_report(text: str, report: typing.Dict[str, typing.Any], json_path: typi
         print(f"wrote {json_path}")
 
 
-def store_weights_fp16(path: pathlib.Path, min_elements: int = 256) -> int:
-    """Rewrite an ONNX file so that its float32 weights (initialisers of at least `min_elements`) are
-    stored as float16 and cast back to float32 when the graph loads: half the file, fp32 arithmetic
+def torch_copy(model: torch.nn.Module, path: pathlib.Path) -> None:
+    """The compact copy committed beside an ONNX export, that later runs start from (`--init`):
+    the fp16 state dict and the model's config (`model.config`, a dataclass)."""
+    import dataclasses
+
+    state = {"model": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+             "model_config": dataclasses.asdict(model.config)}
+    torch.save(state, path)
+
+
+def store_weights_fp16(path: pathlib.Path, min_elements: int = 16384) -> int:
+    """Rewrite an ONNX file so that its large float32 weights (initialisers of at least `min_elements`
+    values; the small ones, like biases and the output layer, stay fp32 and keep parity) are stored as
+    float16 and cast back to float32 when the graph loads: half the file, fp32 arithmetic
     (onnxruntime folds the casts once, at session start). Returns the number of weights converted."""
     import numpy as np
     import onnx

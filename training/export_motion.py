@@ -9,7 +9,6 @@ The torch copy (fp16 state dict + configs) is what later training runs start fro
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
 import shutil
 import sys
@@ -21,6 +20,7 @@ import torch
 from avatar.config import MotionConfig
 from avatar.motion.model import N_POINTS, MotionModel
 from avatar.runtime import OnnxSession
+from training.common import torch_copy
 
 OPSET = 18
 
@@ -65,12 +65,6 @@ def parity(model: MotionModel, onnx_path: pathlib.Path, windows: np.ndarray, res
         expected = model(torch.from_numpy(windows), torch.from_numpy(rest)).numpy()
     got = session.run(windows=windows, rest=rest)["landmarks"]
     return float(np.abs(got - expected).max())
-
-
-def torch_copy(model: MotionModel, path: pathlib.Path) -> None:
-    state = {"model": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
-             "model_config": dataclasses.asdict(model.config)}
-    torch.save(state, path)
 
 
 def main(argv=None) -> int:

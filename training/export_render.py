@@ -1,6 +1,6 @@
 """Export the renderer's denoiser to ONNX (dynamic batch), check parity (fp32 ≤ 1e-3), optionally fp16.
 
-    python -m training.export_render --checkpoint runs/render/best.pt --out assets/render.onnx [--fp16]
+    python -m training.export_render --checkpoint runs/render/best.pt --out assets/render.onnx [--fp16] [--torch-copy assets/render.pt]
 
 The sampler loop stays in Python (`avatar.render.sampling`), calling the ONNX denoiser each step.
 """
@@ -20,7 +20,7 @@ import torch
 from avatar.config import RenderConfig
 from avatar.render.unet import Denoiser
 from avatar.runtime import OnnxSession
-from training.common import store_weights_fp16
+from training.common import store_weights_fp16, torch_copy
 
 OPSET = 18
 
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", type=pathlib.Path, required=True)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/render.onnx"))
     parser.add_argument("--fp16", action="store_true", help="store the weights as fp16 (computed in fp32); parity must still hold")
+    parser.add_argument("--torch-copy", type=pathlib.Path, help="also save an fp16 torch copy here (for training --init)")
     args = parser.parse_args(argv)
     model = load_denoiser(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
             return 1
         args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(candidate), str(args.out))
+    if args.torch_copy:
+        torch_copy(model, args.torch_copy)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); max |onnx - torch| = {fp32_worst:.1e} in fp32"
           + (f", {worst:.1e} with fp16 weights" if args.fp16 else ""))
     return 0

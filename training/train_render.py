@@ -1,6 +1,6 @@
 """Train the lower-face renderer (a conditional denoiser) on the preprocessing cache.
 
-    python -m training.train_render --cache cache --out runs/render [--steps 20000] [--batch 8]
+    python -m training.train_render --cache cache --out runs/render [--steps 20000] [--batch 8] [--init assets/render.pt]
     torchrun --nproc_per_node N -m training.train_render --cache cache --out runs/render     # DDP
 
 Reads top to bottom: data (talking and silent videos of the training people) → model → loop
@@ -84,6 +84,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     parser.add_argument("--cache", type=pathlib.Path, required=True)
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--init", type=pathlib.Path, help="start from these weights (a checkpoint, or the committed assets/render.pt)")
     add_config_arguments(parser, RenderTrainConfig, "")
     add_config_arguments(parser, RenderConfig, "model")
     args = parser.parse_args(argv)
@@ -113,6 +114,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         optimiser.load_state_dict(state["optimiser"])
         start_step, best = state["step"], state.get("best", -math.inf)
     else:
+        if args.init:
+            initial = torch.load(args.init, map_location="cpu", weights_only=False)
+            if RenderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in initial["model_config"].items()}) != model_cfg:
+                print(f"error: {args.init} is a model of another shape; give the same --model.* options", file=sys.stderr)
+                return 2
+            model.load_state_dict({k: v.float() for k, v in initial["model"].items()})
         average.load_state_dict(model.state_dict())
     average.requires_grad_(False)
     trainable = DistributedDataParallel(model) if world > 1 else model
