@@ -261,15 +261,21 @@ def test_a_slow_client_does_not_hold_up_another(serve, speech):
         async with connect(server.url, max_queue=1, sock=tight) as slow:
             await slow.send(json.dumps({"type": "start", "sample_rate": 16000}))
             await slow.recv()
-            for k in range(0, 16000 * 6, 3200):  # sends 6 s of audio at once (150 frames), never reads frames
-                await slow.send(speech[k:k + 3200].astype("<f4").tobytes())
+            long_speech = np.resize(speech, 16000 * 12)
+            for k in range(0, long_speech.size, 3200):  # 12 s of audio at once (300 frames, ~10 MB), never reads
+                await slow.send(long_speech[k:k + 3200].astype("<f4").tobytes())
             frames, _ = await _stream(server.url, speech[:16000 * 2])
-            slow_stats = [c for c in server.server.stats()["clients"] if c["queue_dropped"] > 0]
+            deadline = time.perf_counter() + 60
+            while time.perf_counter() < deadline:  # let the slow session's frames pile up past every buffer
+                slow_stats = [c for c in server.server.stats()["clients"] if c["frames"] >= 280]
+                if slow_stats:
+                    break
+                await asyncio.sleep(0.2)
             return frames, slow_stats
 
     frames, slow_stats = asyncio.run(scenario())
     assert len(frames) >= 35  # the reading client got its frames at full rate
-    assert slow_stats  # the slow one lost frames from its own queue instead
+    assert slow_stats and slow_stats[0]["queue_dropped"] > 0  # the slow one lost frames from its own queue instead
 
 
 def _browser():
