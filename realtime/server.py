@@ -28,6 +28,7 @@ its avatar idles (silence is fed: the mouth closes, the eyes blink).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import importlib.resources
@@ -73,7 +74,7 @@ class Client:
     started: float
     queue_dropped: int = 0
     reported: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
-    latencies: typing.List[float] = dataclasses.field(default_factory=list)
+    latencies: typing.Deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=500))  # recent frames
 
 
 class AvatarServer:
@@ -207,7 +208,7 @@ class AvatarServer:
             return
 
     def _stats(self, client: Client) -> typing.Dict[str, typing.Any]:
-        latencies = client.latencies[-500:]
+        latencies = list(client.latencies)
         return {"type": "stats", **client.session.stats(), "queue_dropped": client.queue_dropped,
                 "latency_p50_ms": 1000 * float(np.median(latencies)) if latencies else None,
                 "latency_p95_ms": 1000 * float(np.percentile(latencies, 95)) if latencies else None,
