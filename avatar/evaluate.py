@@ -3,7 +3,8 @@
 Both videos are tracked with the same face front-end and aligned to the canonical 128² crop; frame i
 of one is compared with frame i of the other (up to the shorter). Metrics:
 - mouth_landmark_distance: lips and jaw measured from the mouth anchor (so head motion does not
-  count), mean absolute difference in % of the inter-ocular distance;
+  count), mean absolute difference in % of the inter-ocular distance; lips_distance: the same for
+  the 40 lip points alone (the jaw line is the least certain part of a tracked mesh);
 - mouth_opening_r: Pearson r of the inner-lip gaps (over the inter-ocular distance);
 - identity_distance: dlib embedding distance of sampled generated frames to the reference photo
   (or, without one, to sampled frames of the real video); same person typically < 0.6;
@@ -132,6 +133,8 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
     relative = lambda points: points[:, lm.MOUTH_AND_JAW, :2] - lm.mouth_anchor(points)[:, None]
     iod = lm.interocular(r[both])
     distance = mouth_landmark_distance(relative(g[both]), relative(r[both]), iod)
+    lips = len(lm.LIPS_OUTER) + len(lm.LIPS_INNER)  # MOUTH_AND_JAW starts with the lips
+    lips_distance = mouth_landmark_distance(relative(g[both])[:, :lips], relative(r[both])[:, :lips], iod)
     opening_r = pearson(lm.mouth_opening(g[both]) / lm.interocular(g[both]), lm.mouth_opening(r[both]) / iod)
 
     aligner = FaceAligner(AlignConfig(crop_size=CROP))
@@ -152,7 +155,7 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
     return {
         "generated": str(generated), "real": str(real), "reference": str(reference) if reference else None,
         "frames_compared": int(both.sum()), "frames_generated": len(gen.landmarks), "frames_real": len(ref.landmarks),
-        "mouth_landmark_distance_pct_iod": distance, "mouth_opening_r": opening_r,
+        "mouth_landmark_distance_pct_iod": distance, "lips_distance_pct_iod": lips_distance, "mouth_opening_r": opening_r,
         "identity_distance": float(np.mean(identity)), "identity_distance_max": float(np.max(identity)),
         "sharpness_ratio": float(sharp), "flicker_ratio": float(flicker),
         "av_offset_generated": estimate_av_offset(gen), "av_offset_real": estimate_av_offset(ref),
@@ -165,7 +168,8 @@ def format_evaluation(result: typing.Dict[str, typing.Any]) -> str:
 
     return "\n".join([
         f"frames compared: {result['frames_compared']} (generated {result['frames_generated']}, real {result['frames_real']})",
-        f"mouth landmark distance: {result['mouth_landmark_distance_pct_iod']:.2f} % of the inter-ocular distance",
+        f"mouth landmark distance: {result['mouth_landmark_distance_pct_iod']:.2f} % of the inter-ocular distance "
+        f"(lips alone {result['lips_distance_pct_iod']:.2f} %)",
         f"mouth-opening correlation: r = {result['mouth_opening_r']:.3f}",
         f"identity distance: {result['identity_distance']:.3f} mean, {result['identity_distance_max']:.3f} worst (same person < 0.6)",
         f"sharpness ratio: {result['sharpness_ratio']:.2f} (≥ 0.8 is sharp enough)",

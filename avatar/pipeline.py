@@ -250,6 +250,12 @@ class AvatarPipeline:
         if self.config.renderer == "diffusion":
             self.renderer.sample(np.zeros((batch, config.condition_channels, self.crop_size, self.crop_size), np.float32),
                                  np.zeros((batch, 3, self.crop_size, self.crop_size), np.float32), steps=1)
+        else:  # the warp's first call loads scipy's spline code
+            from avatar.face.align import crop_template
+
+            face = crop_template(self.crop_size)
+            crop = np.full((self.crop_size, self.crop_size, 3), 128, np.uint8)
+            render_warp(crop, face, face[lm.MOUTH_AND_JAW], self.aligner.lower_face_mask(face), InnerMouth(None, None))
         self.motion.predict(np.zeros((9, self.motion.config.mel_window_frames, 80), np.float32) - 4.0,
                             np.zeros((len(POINTS), 2), np.float32))
 

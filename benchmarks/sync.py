@@ -31,7 +31,7 @@ from training.split import VALIDATION_IDENTITIES, person_key
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 METHODS = ("model", "rest_pose", "mismatched_speech")
-KEYS = ("mouth_landmark_distance_pct_iod", "mouth_opening_r", "identity_distance", "sharpness_ratio", "flicker_ratio")
+KEYS = ("mouth_landmark_distance_pct_iod", "lips_distance_pct_iod", "mouth_opening_r", "identity_distance", "sharpness_ratio", "flicker_ratio")
 
 
 def validation_clips(count: int, seconds: float):
@@ -80,9 +80,9 @@ def main(argv=None) -> None:
                 f"{m} {results[m][-1]['mouth_landmark_distance_pct_iod']:.2f}/{results[m][-1]['mouth_opening_r']:.2f}" for m in METHODS)
                 + "  (mouth distance %IOD / opening r)", flush=True)
     print(f"\nheld out: {len(clips)} people, {args.seconds:g} s each, dubbed with the {args.renderer} renderer and re-tracked (avatar eval)")
-    print(f"{'':<20}" + "".join(f"{k.split('_pct')[0]:>34}" for k in KEYS))
+    print(f"{'':<20}" + "".join(f"{k.split('_pct')[0]:>26}" for k in KEYS))
     for method in METHODS:
-        print(f"{method:<20}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>34.3f}" for k in KEYS))
+        print(f"{method:<20}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>26.3f}" for k in KEYS))
     offsets = [r["av_offset_generated"]["ms"] for r in results["model"] if r["av_offset_generated"]]
     if offsets:
         print(f"model A/V offset estimate: median {np.median(offsets):+.0f} ms over {len(offsets)} clips")
