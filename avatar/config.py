@@ -231,6 +231,7 @@ class RealtimeConfig:
     """The live engine and its server (`realtime/`)."""
 
     fps: float = 25.0
+    renderer: str = "warp"  # as PipelineConfig.renderer
     steps: int = 1  # diffusion steps per frame live (the offline commands use the model's own count)
     batch: int = 8  # most frames (from all sessions) per renderer call
     max_side: int = 512  # the portrait is scaled so its longer side is at most this

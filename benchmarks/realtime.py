@@ -1,6 +1,6 @@
 """Live serving on this machine: 1, 2 and 4 concurrent sessions over loopback WebSockets.
 
-    python -m benchmarks.realtime [--seconds 8] [--sessions 1 2 4] [--steps 1]
+    python -m benchmarks.realtime [--seconds 8] [--sessions 1 2 4] [--renderer warp|diffusion] [--steps 1]
 
 Each session streams real speech at real-time pace in 20 ms chunks (as a microphone would) and
 receives the frames. Per session count: sustained frames/s per session, first-frame latency (first
@@ -35,10 +35,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=RealtimeConfig.steps)
+    parser.add_argument("--renderer", choices=("warp", "diffusion"), default=RealtimeConfig.renderer)
     parser.add_argument("--image", type=pathlib.Path, default=DATA / "faces/ageitgey__face_recognition/obama.jpg")
     parser.add_argument("--audio", type=pathlib.Path, default=DATA / "speech/kleinlee__DH_live/audio0.wav")
     args = parser.parse_args(argv)
-    config = RealtimeConfig(steps=args.steps)
+    config = RealtimeConfig(steps=args.steps, renderer=args.renderer)
     engine = Engine(config=config)
     samples = media.read_audio(args.audio, 16000)
     samples = np.resize(samples, int(args.seconds * 16000))
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
           f"server and clients share this process")
     print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9}")
     for count in args.sessions:
-        server = AvatarServer(engine, media.read_image(args.image), RealtimeConfig(steps=args.steps, max_sessions=max(args.sessions)))
+        server = AvatarServer(engine, media.read_image(args.image), RealtimeConfig(steps=args.steps, renderer=args.renderer, max_sessions=max(args.sessions)))
         with BackgroundServer(server) as background:
             results = asyncio.run(run_sessions(background.url, samples, count))
         figures = [latency_figures(frames, started, stats.get("lookahead_ms", 112.5) / 1000) for frames, stats, started in results]

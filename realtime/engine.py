@@ -228,7 +228,8 @@ class Engine:
         from avatar.pipeline import AvatarPipeline
 
         self.config, self.idle_config = config, idle_config
-        self.pipeline = pipeline or AvatarPipeline.from_pretrained(config=PipelineConfig(batch=config.batch), providers=providers)
+        self.pipeline = pipeline or AvatarPipeline.from_pretrained(
+            config=PipelineConfig(renderer=config.renderer, batch=config.batch), providers=providers)
         self.pipeline.warm_up(config.batch)
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []
