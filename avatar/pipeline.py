@@ -519,7 +519,8 @@ class AvatarPipeline:
                 with clock.time("encode"):
                     writer.write(frame)
         return self._finish("animate", output, {"image": str(image), "audio": str(audio)}, n, fps, samples, started, clock,
-                            monitor, events, {"idle": dataclasses.asdict(idle_config)}, report)
+                            monitor, events, {"idle": dataclasses.asdict(idle_config),
+                                              "identity_references": len(identity.drift_references)}, report)
 
     def dub(self, video: PathLike, audio: PathLike, output: PathLike, dub_config: DubConfig = DubConfig(),
             references: typing.Sequence[PathLike] = (), report: typing.Optional[PathLike] = None,
@@ -616,6 +617,6 @@ class AvatarPipeline:
         steps = np.diff(schedule)
         loops = int(np.sum((steps < 0) & (np.r_[0, steps[:-1]] >= 0)))  # times the video turned or jumped back
         extra = {"dub": dataclasses.asdict(dub_config), "source_frames": n_source, "frames_without_face": int(n_source - good.size),
-                 "speech_frames": n_audio, "reversals_or_restarts": loops}
+                 "speech_frames": n_audio, "reversals_or_restarts": loops, "identity_references": len(identity.drift_references)}
         return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,
                             clock, monitor, events, extra, report)

@@ -44,7 +44,9 @@ def inputs(tmp_path_factory):
 
 def test_animate_cli_writes_a_labelled_talking_video_and_a_report(tmp_path, inputs):
     out, report = tmp_path / "talk.mp4", tmp_path / "report.json"
-    result = avatar("animate", "--image", PORTRAIT, "--audio", inputs / "speech.wav", "--output", out, "--report", report, "--quiet")
+    extra_photo = DATA / "faces/FuxiVirtualHuman__styletalk/Obama_clip1.png"  # another photo of the same person
+    result = avatar("animate", "--image", PORTRAIT, "--audio", inputs / "speech.wav", "--output", out, "--report", report,
+                    "--reference", extra_photo, "--quiet")
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout and "frames at 25 fps" in result.stdout
     clip = media.read_video(out)
@@ -53,7 +55,7 @@ def test_animate_cli_writes_a_labelled_talking_video_and_a_report(tmp_path, inpu
     data = json.loads(report.read_text())
     assert set(data["stages_s"]) >= {"decode", "face", "motion", "render", "encode"}
     assert data["drift"]["samples"] >= 2 and data["drift"]["signals"]["identity"]["mean"] < 0.55
-    assert set(data["models"]) == {"motion.onnx", "render.onnx"}
+    assert set(data["models"]) == {"motion.onnx", "render.onnx"} and data["identity_references"] == 2
     with __import__("av").open(str(out)) as container:
         assert "synthetic" in container.metadata.get("comment", "")
     assert provenance.sidecar_path(out).exists()
