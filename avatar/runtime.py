@@ -2,7 +2,9 @@
 
 Providers are taken in the order TensorRT → CUDA → CPU, as far as the installed onnxruntime offers
 them (the `gpu` extra installs onnxruntime-gpu; the `cpu` extra plain onnxruntime, never both).
-The same code runs on CPU in CI.
+The same code runs on CPU in CI. `to_device` + `run_bound` use IO binding: an input that stays the
+same over several calls (the renderer's condition over its sampling steps) is copied to the
+provider's device once, and outputs are bound on that device.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class OnnxSession:
             self.session = onnxruntime.InferenceSession(str(self.path), options, providers=chosen)
         except load_errors as exc:
             raise AvatarError(f"{self.path}: cannot load the model ({str(exc).splitlines()[0][:160]})") from exc
+        self.device = "cuda" if self.session.get_providers()[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider") else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.metadata: typing.Dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -74,6 +77,30 @@ class OnnxSession:
             raise ValueError(f"missing model inputs: {sorted(missing)}")
         outputs = self.session.run(self.output_names, {k: inputs[k] for k in self.input_names})
         return dict(zip(self.output_names, outputs))
+
+    def to_device(self, array: np.ndarray):
+        """An onnxruntime OrtValue holding `array` on this session's device (for `run_bound`)."""
+        import onnxruntime
+
+        return onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def run_bound(self, **inputs) -> typing.Dict[str, np.ndarray]:
+        """`run` through IO binding: inputs are numpy arrays (copied in) or OrtValues from `to_device`
+        (used where they are); outputs are bound on the device and returned as numpy arrays."""
+        missing = set(self.input_names) - set(inputs)
+        if missing:
+            raise ValueError(f"missing model inputs: {sorted(missing)}")
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            value = inputs[name]
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device, 0)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
     def warm_up(self, **inputs: np.ndarray) -> None:
         """Run once so that lazy initialisation (and provider graph building) is not paid by the first frame."""

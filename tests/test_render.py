@@ -80,9 +80,10 @@ def test_onnx_denoiser_parity_and_sampling_on_onnxruntime(tmp_path):
     rng = np.random.default_rng(1)
     condition = rng.uniform(-1, 1, (2, SMALL.condition_channels, 64, 64)).astype(np.float32)
     noise = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
-    on_onnx = renderer.sample(condition, noise)
+    on_onnx = renderer.sample(condition, noise)  # IO binding: the condition is put on the device once
     on_torch = sample_ddim(torch_model_fn(model, torch.device("cpu")), noise, condition, SMALL.steps)
     np.testing.assert_allclose(on_onnx, on_torch, atol=1e-3)
+    np.testing.assert_array_equal(on_onnx, renderer.sample(condition, noise, io_binding=False))  # the same numbers either way
     assert renderer.render(condition[0], noise[0]).shape == (64, 64, 3)
 
 

@@ -36,9 +36,18 @@ class Renderer:
         return self.session.run(x_t=x_t.astype(np.float32), t=t.astype(np.float32), condition=condition.astype(np.float32))["v"]
 
     def sample(self, condition: np.ndarray, noise: np.ndarray, steps: typing.Optional[int] = None,
-               callback: typing.Optional[Callback] = None) -> np.ndarray:
-        """`condition: (B, C, S, S)`, `noise: (B, 3, S, S)` → clean crops `(B, 3, S, S)` in [-1, 1]."""
-        return sample_ddim(self.denoise, noise, condition, steps or self.config.steps, callback)
+               callback: typing.Optional[Callback] = None, io_binding: bool = True) -> np.ndarray:
+        """`condition: (B, C, S, S)`, `noise: (B, 3, S, S)` → clean crops `(B, 3, S, S)` in [-1, 1].
+
+        With `io_binding`, the condition goes to the provider's device once for all the steps."""
+        if not io_binding:
+            return sample_ddim(self.denoise, noise, condition, steps or self.config.steps, callback)
+        on_device = self.session.to_device(np.asarray(condition, np.float32))
+
+        def denoise(x_t: np.ndarray, t: np.ndarray, _condition: np.ndarray) -> np.ndarray:
+            return self.session.run_bound(x_t=x_t.astype(np.float32), t=t.astype(np.float32), condition=on_device)["v"]
+
+        return sample_ddim(denoise, noise, condition, steps or self.config.steps, callback)
 
     def render(self, condition: np.ndarray, noise: np.ndarray, steps: typing.Optional[int] = None) -> np.ndarray:
         """One crop: `condition (C, S, S)`, `noise (3, S, S)` → `(S, S, 3) uint8`."""
