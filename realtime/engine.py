@@ -151,7 +151,8 @@ class Session:
                 self.pending.append((int(index), mouth, now))
 
     def keep_alive(self, now: typing.Optional[float] = None) -> None:
-        """Feed silence up to the wall clock when no audio has come for `silence_after_s` (idling)."""
+        """When no audio has come for `silence_after_s`, feed silence up to that far behind the wall
+        clock, so that frames keep coming (idling) and a late packet adds at most that much delay."""
         now = time.perf_counter() if now is None else now
         if now - self.last_audio_at < self.engine.config.silence_after_s:
             return
