@@ -24,7 +24,7 @@ import typing
 
 import numpy as np
 
-from realtime.server import decode_frame
+from realtime.server import H264Decoder, decode_frame
 
 
 @dataclasses.dataclass
@@ -32,22 +32,26 @@ class ReceivedFrame:
     index: int
     pts: float
     repeated: bool
-    jpeg: bytes
+    picture: bytes  # a JPEG, or an H.264 access unit
     audio: np.ndarray  # (n,) float32, 16 kHz
     received_at: float  # time.perf_counter()
+    decoded: typing.Optional[np.ndarray] = None  # H.264 frames are decoded on arrival (in order)
 
-    def image(self) -> np.ndarray:
-        """The picture, `(H, W, 3) uint8` RGB."""
+    def image(self) -> typing.Optional[np.ndarray]:
+        """The picture, `(H, W, 3) uint8` RGB (None: an H.264 frame that could not be decoded)."""
+        if self.decoded is not None:
+            return self.decoded
         import cv2
 
-        return cv2.imdecode(np.frombuffer(self.jpeg, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        return cv2.imdecode(np.frombuffer(self.picture, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
 
 
 class AvatarClient:
     """One live session. `ready` holds the server's first message (fps, size, look-ahead)."""
 
-    def __init__(self, url: str, sample_rate: int = 16000, fmt: str = "f32", max_size: int = 1 << 24):
-        self.url, self.sample_rate, self.fmt, self.max_size = url, sample_rate, fmt, max_size
+    def __init__(self, url: str, sample_rate: int = 16000, fmt: str = "f32", max_size: int = 1 << 24, video: str = "jpeg"):
+        self.url, self.sample_rate, self.fmt, self.max_size, self.video = url, sample_rate, fmt, max_size, video
+        self.decoder = H264Decoder() if video == "h264" else None
         self.ready: typing.Dict[str, typing.Any] = {}
         self.stats: typing.Dict[str, typing.Any] = {}
         self.frames: asyncio.Queue = asyncio.Queue()
@@ -59,7 +63,7 @@ class AvatarClient:
         from websockets.asyncio.client import connect
 
         self.connection = await connect(self.url, max_size=self.max_size, compression=None)
-        await self.connection.send(json.dumps({"type": "start", "sample_rate": self.sample_rate, "format": self.fmt}))
+        await self.connection.send(json.dumps({"type": "start", "sample_rate": self.sample_rate, "format": self.fmt, "video": self.video}))
         self.ready = json.loads(await self.connection.recv())
         if self.ready.get("type") != "ready":
             raise RuntimeError(f"the server refused the session: {self.ready}")
@@ -72,8 +76,9 @@ class AvatarClient:
         try:
             async for message in self.connection:
                 if isinstance(message, bytes):
-                    index, pts, repeated, jpeg, audio = decode_frame(message)
-                    await self.frames.put(ReceivedFrame(index, pts, repeated, jpeg, audio, time.perf_counter()))
+                    index, pts, repeated, picture, audio = decode_frame(message)
+                    decoded = self.decoder.decode(picture) if self.decoder is not None else None
+                    await self.frames.put(ReceivedFrame(index, pts, repeated, picture, audio, time.perf_counter(), decoded))
                 else:
                     data = json.loads(message)
                     if data.get("type") == "stats":
@@ -102,12 +107,12 @@ class AvatarClient:
         await self.connection.close()
 
 
-async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: float = 0.02, tail_s: float = 0.5
-                      ) -> typing.Tuple[typing.List[ReceivedFrame], typing.Dict[str, typing.Any], float]:
+async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: float = 0.02, tail_s: float = 0.5,
+                      video: str = "jpeg") -> typing.Tuple[typing.List[ReceivedFrame], typing.Dict[str, typing.Any], float]:
     """Send `samples` in `chunk_s` chunks at real-time pace; collect frames until `tail_s` after the
     end. Returns (frames, the server's last stats, wall time of the first sample)."""
     frames: typing.List[ReceivedFrame] = []
-    async with AvatarClient(url, sample_rate) as client:
+    async with AvatarClient(url, sample_rate, video=video) as client:
         async def collect():
             while True:
                 frame = await client.frames.get()
@@ -148,6 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--url", required=True, help="ws://host:port/ws?token=...")
     parser.add_argument("--audio", required=True, help="speech to stream")
     parser.add_argument("--output", help="write what comes back to this mp4")
+    parser.add_argument("--video", choices=("jpeg", "h264"), default="jpeg", help="how the server sends the frames")
     args = parser.parse_args(argv)
     from avatar import media
     from avatar.errors import AvatarError
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
         samples = media.read_audio(args.audio, 16000)
         if args.output:
             media.check_output_path(args.output, [args.audio])
-        frames, stats, started = asyncio.run(stream_file(args.url, samples, 16000))
+        frames, stats, started = asyncio.run(stream_file(args.url, samples, 16000, video=args.video))
     except AvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -165,9 +171,11 @@ def main(argv=None) -> int:
         return 2
     figures = latency_figures(frames, started, stats.get("lookahead_ms", 0) / 1000)
     print(json.dumps({"client": figures, "server": stats}, indent=1))
-    if args.output and frames:
+    images = [f.image() for f in frames]
+    shown = [image for image in images if image is not None]
+    if args.output and shown:
         audio = np.concatenate([f.audio for f in frames])
-        media.write_video(args.output, (f.image() for f in frames), 25.0, audio, 16000, inputs=[args.audio])
+        media.write_video(args.output, (image if image is not None else shown[0] for image in images), 25.0, audio, 16000, inputs=[args.audio])
         print(f"wrote {args.output}")
     return 0
 

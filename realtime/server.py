@@ -6,15 +6,19 @@ HTTP GET `/` serves the browser page (`realtime/static/index.html`): microphone 
 The WebSocket is `/ws`; the protocol (version 1, little-endian):
 
 client → server
-- text `{"type": "start", "sample_rate": 48000, "format": "f32" | "s16"}`: first message, once;
+- text `{"type": "start", "sample_rate": 48000, "format": "f32" | "s16", "video": "jpeg" | "h264"}`:
+  first message, once (`video` defaults to jpeg);
 - binary: mono PCM in that format and rate, any chunk size (at most `max_message_bytes`);
 - text `{"type": "ping"}` (keeps an otherwise silent connection open), `{"type": "stats"}`,
   `{"type": "client_stats", ...}` (the page reports what it received; logged in the server's stats).
 server → client
 - text `{"type": "ready", "protocol": 1, "fps", "width", "height", "lookahead_ms", "session"}`;
 - binary, one per video frame: `b"AVF1"`, uint32 frame index, float64 pts (s, on the audio
-  clock), uint8 repeated (1: the renderer was behind and this is the previous picture), uint32 JPEG
-  length, the JPEG, then the frame's audio as PCM16 mono 16 kHz (the rest of the message);
+  clock), uint8 repeated (1: the renderer was behind and this is the previous picture), uint32
+  picture length, the picture, then the frame's audio as PCM16 mono 16 kHz (the rest of the
+  message). The picture is a JPEG, or with `"video": "h264"` one H.264 access unit (Annex B,
+  yuv420p, no B-frames, parameter sets in band; decode the messages in order; after frames were
+  dropped for a slow client the next one is a key frame);
 - text `{"type": "stats", ...}` about once a second; `{"type": "error", "message": ...}` before a close.
 
 Authentication: `?token=` in the URL or `Authorization: Bearer` (HTTP 401 otherwise). Limits: at
@@ -47,7 +51,58 @@ from avatar.errors import AvatarError
 
 PROTOCOL = 1
 FRAME_MAGIC = b"AVF1"
-FRAME_HEADER = struct.Struct("<4sIdBI")  # magic, index, pts, repeated, jpeg length
+FRAME_HEADER = struct.Struct("<4sIdBI")  # magic, index, pts, repeated, picture length
+VIDEO_CODECS = ("jpeg", "h264")
+
+
+class H264Encoder:
+    """One H.264 stream (libx264, ultrafast, zero latency: one access unit out per frame in)."""
+
+    def __init__(self, fps: float, crf: int = 23):
+        self.fps, self.crf = fps, crf
+        self.context = None
+        self.count = 0
+
+    def encode(self, image: np.ndarray, keyframe: bool = False) -> bytes:
+        """`(H, W, 3) uint8` RGB → the access unit's bytes (odd sizes are padded by an edge pixel)."""
+        import fractions
+
+        import av
+
+        h, w = image.shape[:2]
+        if h % 2 or w % 2:
+            image = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        if self.context is None:
+            self.context = av.CodecContext.create("libx264", "w")
+            self.context.width, self.context.height = image.shape[1], image.shape[0]
+            self.context.pix_fmt = "yuv420p"
+            self.context.time_base = fractions.Fraction(1, round(self.fps))
+            self.context.options = {"preset": "ultrafast", "tune": "zerolatency", "crf": str(self.crf)}
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame.pts = self.count
+        if keyframe:
+            frame.pict_type = av.video.frame.PictureType.I
+        self.count += 1
+        return b"".join(bytes(packet) for packet in self.context.encode(frame))
+
+
+class H264Decoder:
+    """The client side: one access unit in, the picture out (no frame of delay)."""
+
+    def __init__(self):
+        import av
+
+        self.context = av.CodecContext.create("h264", "r")
+
+    def decode(self, access_unit: bytes) -> typing.Optional[np.ndarray]:
+        """→ `(H, W, 3) uint8` RGB, or None when the unit cannot be shown (a reference was dropped)."""
+        import av
+
+        try:
+            frames = self.context.decode(av.Packet(access_unit))
+        except av.error.FFmpegError:
+            return None
+        return frames[-1].to_ndarray(format="rgb24") if frames else None
 
 
 def encode_frame(index: int, pts: float, repeated: bool, jpeg: bytes, audio: np.ndarray) -> bytes:
@@ -56,7 +111,7 @@ def encode_frame(index: int, pts: float, repeated: bool, jpeg: bytes, audio: np.
 
 
 def decode_frame(message: bytes) -> typing.Tuple[int, float, bool, bytes, np.ndarray]:
-    """→ (index, pts, repeated, jpeg bytes, audio `(n,) float32` 16 kHz)."""
+    """→ (index, pts, repeated, picture bytes (JPEG or an H.264 access unit), audio `(n,) float32` 16 kHz)."""
     magic, index, pts, repeated, length = FRAME_HEADER.unpack_from(message)
     if magic != FRAME_MAGIC:
         raise ValueError("not a frame message")
@@ -72,6 +127,9 @@ class Client:
     queue: asyncio.Queue
     fmt: str
     started: float
+    video: str = "jpeg"
+    encoder: typing.Optional[H264Encoder] = None
+    need_keyframe: bool = False  # set when frames were dropped from the queue (H.264 needs a fresh start)
     queue_dropped: int = 0
     reported: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
     latencies: typing.Deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=500))  # recent frames
@@ -102,8 +160,13 @@ class AvatarServer:
                 time.sleep(0.003)
             for client in list(self.clients.values()):
                 for frame in client.session.pop_frames():
-                    ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
-                    message = encode_frame(frame.index, frame.pts, frame.repeated, jpeg.tobytes(), frame.audio)
+                    if client.encoder is not None:
+                        picture = client.encoder.encode(frame.image, keyframe=client.need_keyframe)
+                        client.need_keyframe = False
+                    else:
+                        ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
+                        picture = jpeg.tobytes()
+                    message = encode_frame(frame.index, frame.pts, frame.repeated, picture, frame.audio)
                     client.latencies.append(frame.latency_s)
                     self.loop.call_soon_threadsafe(self._enqueue, client, message)
 
@@ -111,6 +174,7 @@ class AvatarServer:
         while client.queue.full():  # a slow client loses its oldest frames, nobody waits
             client.queue.get_nowait()
             client.queue_dropped += 1
+            client.need_keyframe = True
         client.queue.put_nowait(message)
 
     # ------------------------------------------------------------------ connections
@@ -149,6 +213,9 @@ class AvatarServer:
             fmt = start.get("format", "f32")
             if fmt not in ("f32", "s16"):
                 raise ValueError(f"format must be f32 or s16, not {fmt!r}")
+            video = start.get("video", "jpeg")
+            if video not in VIDEO_CODECS:
+                raise ValueError(f"video must be one of {', '.join(VIDEO_CODECS)}, not {video!r}")
             session = self.engine.open(self.avatar, int(start.get("sample_rate", 16000)))
         except (ValueError, TypeError, AvatarError) as exc:
             await connection.send(json.dumps({"type": "error", "message": str(exc)}))
@@ -156,12 +223,14 @@ class AvatarServer:
             return
         except (asyncio.TimeoutError, websockets.ConnectionClosed):
             return
-        client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), fmt, time.perf_counter())
+        client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), fmt, time.perf_counter(), video,
+                        H264Encoder(self.config.fps) if video == "h264" else None)
         key = id(client)
         self.clients[key] = client
         height, width = self.avatar.portrait.shape[:2]
         await connection.send(json.dumps({"type": "ready", "protocol": PROTOCOL, "fps": self.config.fps, "width": width,
-                                          "height": height, "lookahead_ms": session.lookahead_s * 1000, "session": key}))
+                                          "height": height, "video": video, "lookahead_ms": session.lookahead_s * 1000,
+                                          "session": key}))
         sender = asyncio.create_task(self._send(connection, client))
         try:
             while True:

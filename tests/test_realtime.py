@@ -180,11 +180,11 @@ def serve(engine, avatar):
         background.__exit__(None, None, None)
 
 
-async def _stream(url, samples, rate=16000, fmt="f32", chunk=320):
+async def _stream(url, samples, rate=16000, fmt="f32", chunk=320, video="jpeg"):
     from realtime.client import AvatarClient
 
     frames = []
-    async with AvatarClient(url, rate, fmt) as client:
+    async with AvatarClient(url, rate, fmt, video=video) as client:
         started = time.perf_counter()
         for k in range(0, samples.size, chunk):
             await asyncio.sleep(max(0.0, started + k / rate - time.perf_counter()))
@@ -207,6 +207,28 @@ def test_protocol_round_trip_f32_and_s16(serve, speech):
         image = frames[-1].image()
         assert image.shape == (ready["height"], ready["width"], 3)
         assert all(f.audio.size == FRAME for f in frames)
+
+
+def test_h264_frames_decode_to_the_same_pictures_in_far_fewer_bytes(engine, serve, speech):
+    from conftest import psnr
+
+    server = serve()
+    original = engine.config
+    engine.config = dataclasses.replace(original, max_backlog_s=30.0)  # every frame rendered, however busy the machine
+    try:
+        jpeg, _ = asyncio.run(_stream(server.url, speech[:16000]))
+        h264, ready = asyncio.run(_stream(server.url, speech[:16000], video="h264"))
+    finally:
+        engine.config = original
+    assert ready["video"] == "h264" and len(h264) >= 15
+    by_index = {f.index: f for f in jpeg}
+    pairs = [(by_index[f.index], f) for f in h264 if f.index in by_index and not f.repeated and not by_index[f.index].repeated]
+    assert len(pairs) >= 10
+    for a, b in pairs:
+        picture = b.image()
+        assert picture is not None and picture.shape == a.image().shape
+        assert psnr(picture, a.image()) > 30  # the same frame (sessions are deterministic), two codecs
+    assert np.mean([len(f.picture) for f in h264]) < 0.5 * np.mean([len(f.picture) for f in jpeg])
 
 
 def test_auth_session_limit_message_size_and_idle_timeout(serve, speech):
