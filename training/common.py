@@ -76,6 +76,40 @@ def emit_report(text: str, report: typing.Dict[str, typing.Any], json_path: typi
         print(f"wrote {json_path}")
 
 
+def training_arguments(prog: str, description: str, train_config: type, model_config: type, init_help: str,
+                       argv: typing.Optional[typing.Sequence[str]] = None):
+    """The command line every trainer shares: `--cache`, `--out`, `--resume`, `--init`, then the
+    training config's options and the model config's (`--model.*`). Returns (args, train config,
+    model config)."""
+    import argparse
+
+    from avatar.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--cache", type=pathlib.Path, required=True)
+    parser.add_argument("--out", type=pathlib.Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--init", type=pathlib.Path, help=init_help)
+    add_config_arguments(parser, train_config, "")
+    add_config_arguments(parser, model_config, "model")
+    args = parser.parse_args(argv)
+    return args, config_from_args(args, train_config, ""), config_from_args(args, model_config, "model")
+
+
+def accept_export(candidate: pathlib.Path, out: pathlib.Path, worst: float, limit: float) -> bool:
+    """Move an exported model into place if ONNX and torch agree within `limit` (max abs
+    difference `worst`); otherwise say so and leave `out` as it was."""
+    import shutil
+    import sys
+
+    if worst > limit:
+        print(f"error: ONNX and torch differ by {worst:.2e} (> {limit:g}); {out} left as it was", file=sys.stderr)
+        return False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(candidate), str(out))
+    return True
+
+
 def torch_copy(model: torch.nn.Module, path: pathlib.Path) -> None:
     """The compact copy committed beside an ONNX export, that later runs start from (`--init`):
     the fp16 state dict and the model's config (`model.config`, a dataclass)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import sys
 import tempfile
 
@@ -20,7 +19,7 @@ import torch
 from avatar.config import MotionConfig
 from avatar.motion.model import N_POINTS, MotionModel
 from avatar.runtime import OnnxSession
-from training.common import torch_copy
+from training.common import accept_export, torch_copy
 
 OPSET = 18
 
@@ -84,11 +83,8 @@ def main(argv=None) -> int:
             windows = rng.uniform(-4, 2, (batch, length, c.mel_window_frames, 80)).astype(np.float32)
             rest = (64 + rng.normal(0, 10, (batch, N_POINTS, 2))).astype(np.float32)
             worst = max(worst, parity(model, candidate, windows, rest))
-        if worst > 1e-4:
-            print(f"error: ONNX and torch differ by {worst:.2e} (> 1e-4); {args.out} left as it was", file=sys.stderr)
+        if not accept_export(candidate, args.out, worst, 1e-4):
             return 1
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(candidate), str(args.out))
     if args.torch_copy:
         torch_copy(model, args.torch_copy)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); max |onnx - torch| = {worst:.1e}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import shutil
 import sys
 import tempfile
 
@@ -20,7 +19,7 @@ import torch
 from avatar.config import RenderConfig
 from avatar.render.unet import Denoiser
 from avatar.runtime import OnnxSession
-from training.common import store_weights_fp16, torch_copy
+from training.common import accept_export, store_weights_fp16, torch_copy
 
 OPSET = 18
 
@@ -79,11 +78,8 @@ def main(argv=None) -> int:
         if args.fp16:
             store_weights_fp16(candidate)
             worst = max(parity(model, candidate, batch) for batch in (1, 3))
-        if worst > 1e-3:
-            print(f"error: ONNX and torch differ by {worst:.2e} (> 1e-3); {args.out} left as it was", file=sys.stderr)
+        if not accept_export(candidate, args.out, worst, 1e-3):
             return 1
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(candidate), str(args.out))
     if args.torch_copy:
         torch_copy(model, args.torch_copy)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); max |onnx - torch| = {fp32_worst:.1e} in fp32"

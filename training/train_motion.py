@@ -12,11 +12,9 @@ distance; "model" holds the averaged weights, "raw" the trained ones) → Tensor
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import pathlib
 import sys
 import time
 import typing
@@ -25,9 +23,9 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from avatar.config import MotionConfig, add_config_arguments, config_from_args
+from avatar.config import MotionConfig
 from avatar.motion.model import MotionModel
-from training.common import finish_training, start_process, save_checkpoint, update_average
+from training.common import finish_training, save_checkpoint, start_process, training_arguments, update_average
 from training.motion_data import MotionSampler, load_motion_clips, load_speech_clips, pca_basis
 from training.motion_eval import evaluate_motion
 
@@ -98,16 +96,8 @@ def torch_predictor(model: MotionModel, device: torch.device):
 
 
 def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train_motion", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=pathlib.Path, required=True)
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    parser.add_argument("--init", type=pathlib.Path, help="start from these weights (a checkpoint or assets/motion.pt)")
-    add_config_arguments(parser, TrainConfig, "")
-    add_config_arguments(parser, MotionConfig, "model")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args, TrainConfig, "")
-    model_cfg = config_from_args(args, MotionConfig, "model")
+    args, cfg, model_cfg = training_arguments("python -m training.train_motion", __doc__.splitlines()[0], TrainConfig, MotionConfig,
+                                              "start from these weights (a checkpoint or assets/motion.pt)", argv)
     rank, world, device = start_process(cfg.threads, cfg.seed)
     main_process = rank == 0
 

@@ -12,7 +12,6 @@ masked, sketch, output) in `<out>/samples/` → checkpoints (`last.pt`, `best.pt
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -25,12 +24,12 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from avatar.config import RenderConfig, add_config_arguments, config_from_args
+from avatar.config import RenderConfig
 from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser
 from training.render_data import RenderSampler, load_render_clips
-from training.common import finish_training, start_process, save_checkpoint, update_average
+from training.common import finish_training, save_checkpoint, start_process, training_arguments, update_average
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +79,8 @@ def save_grid(path: pathlib.Path, batch: typing.Dict[str, np.ndarray], x0: np.nd
 
 
 def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train_render", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=pathlib.Path, required=True)
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    parser.add_argument("--init", type=pathlib.Path, help="start from these weights (a checkpoint, or the committed assets/render.pt)")
-    add_config_arguments(parser, RenderTrainConfig, "")
-    add_config_arguments(parser, RenderConfig, "model")
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args, RenderTrainConfig, "")
-    model_cfg = config_from_args(args, RenderConfig, "model")
+    args, cfg, model_cfg = training_arguments("python -m training.train_render", __doc__.splitlines()[0], RenderTrainConfig,
+                                              RenderConfig, "start from these weights (a checkpoint, or the committed assets/render.pt)", argv)
     rank, world, device = start_process(cfg.threads, cfg.seed)
     main_process = rank == 0
 
