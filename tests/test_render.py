@@ -180,9 +180,7 @@ def _warp_to(source, target):
 
     aligner = FaceAligner(AlignConfig(crop_size=256))
     mouth = target.landmarks[lm.MOUTH_AND_JAW, :2] - lm.mouth_anchor(target.landmarks) + lm.mouth_anchor(source.landmarks)
-    goal = source.landmarks.copy()
-    goal[lm.MOUTH_AND_JAW, :2] = mouth
-    mask = np.maximum(aligner.lower_face_mask(source.landmarks), aligner.lower_face_mask(goal))
+    mask = aligner.repaint_mask(source.landmarks, lm.with_mouth(source.landmarks, mouth))
     out = render_warp(source.crop, source.landmarks, mouth, mask, InnerMouth(target.crop, target.landmarks[lm.MOUTH_AND_JAW, :2], 256))
     alpha = mask[..., None]
     return np.clip(out * alpha + source.crop * (1 - alpha) + 0.5, 0, 255).astype(np.uint8), mask

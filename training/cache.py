@@ -20,6 +20,7 @@ import numpy as np
 from avatar import media
 from avatar.audio import cut_windows
 from avatar.config import MelConfig
+from avatar.face.align import rescale_points
 
 BASE_CROP = 128
 LANDMARK_STEPS_PER_PIXEL = 64  # landmark quantisation: 1/64 px of the 128 crop
@@ -105,8 +106,7 @@ class ClipCache:
 
     def landmarks(self, crop_size: int = BASE_CROP) -> np.ndarray:
         """`(T, 478, 2) float32` landmarks in pixels of a `crop_size` crop; NaN where no face (a new array)."""
-        k = crop_size / BASE_CROP
-        return (self._landmarks + 0.5) * k - 0.5 if crop_size != BASE_CROP else self._landmarks.copy()
+        return rescale_points(self._landmarks, BASE_CROP, crop_size)
 
     def crops(self, crop_size: int = BASE_CROP) -> np.ndarray:
         """`(T, S, S, 3) uint8` RGB aligned crops."""

@@ -88,7 +88,7 @@ def evaluate_render(renderer: Renderer, clips: typing.Sequence[RenderClip], fram
         ref_crops = [clip.crops[r] for r in references]
         ref_embeddings = [embedder.embed(c, clip.landmarks[r]) for c, r in zip(ref_crops, references)]
         previous: typing.Dict[str, np.ndarray] = {}
-        mask = np.maximum.reduce([aligner.lower_face_mask(clip.landmarks[i]) for i in indices])
+        mask = aligner.repaint_mask(*(clip.landmarks[i] for i in indices))
         region = mask > 0.5
         for index in indices:
             target = clip.crops[index]

@@ -74,7 +74,7 @@ def make_sample(clip: RenderClip, index: int, rng: np.random.Generator, config: 
                 augment: bool) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(clean target `(3, S, S)` in [-1, 1], condition `(C, S, S)`, repaint mask `(1, S, S)` in [0, 1])."""
     other = int(rng.choice(np.flatnonzero(clip.usable)))
-    mask = np.maximum(aligner.lower_face_mask(clip.landmarks[index]), aligner.lower_face_mask(clip.landmarks[other]))
+    mask = aligner.repaint_mask(clip.landmarks[index], clip.landmarks[other])
     refs = [clip.crops[i] for i in clip.references(index, rng, config.references)]
     target = clip.crops[index]
     if augment:

@@ -56,6 +56,16 @@ def rescale_transform(matrix: np.ndarray, from_size: int, to_size: int) -> np.nd
     return (change @ np.vstack([np.asarray(matrix, np.float64), [0, 0, 1]]))[:2]
 
 
+def rescale_points(points: np.ndarray, from_size: int, to_size: int) -> np.ndarray:
+    """Crop-pixel points `(..., 2+)` for a crop of side `to_size`, given them for `from_size` (pixel
+    centres scale about -0.5; a depth column scales alike). Returns a new float array."""
+    k = to_size / from_size
+    out = np.array(points, dtype=np.result_type(np.asarray(points).dtype, np.float32), copy=True)
+    out[..., :2] = (out[..., :2] + 0.5) * k - 0.5
+    out[..., 2:] *= k
+    return out
+
+
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation; no reflection) src → dst.
 
@@ -183,6 +193,11 @@ class FaceAligner:
             sigma = max(0.5, self.config.feather_frac * self.size / 2.0)
             mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma)
         return np.clip(mask, 0.0, 1.0)
+
+    def repaint_mask(self, *crop_landmarks: np.ndarray) -> np.ndarray:
+        """The union of the lower-face masks of several landmark sets `(478, 2+)` (the face as it is
+        and as it will be), `(S, S) float32` in [0, 1]: the old jaw must go, the new one must fit."""
+        return np.maximum.reduce([self.lower_face_mask(points) for points in crop_landmarks])
 
     def paste_back(
         self, frame: np.ndarray, crop: np.ndarray, transform: np.ndarray, mask: typing.Optional[np.ndarray] = None,

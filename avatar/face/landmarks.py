@@ -38,6 +38,13 @@ STABLE = np.concatenate([RIGHT_EYE_CORNERS, LEFT_EYE_CORNERS, NOSE_BRIDGE])
 MOUTH_AND_JAW = np.concatenate([LIPS_OUTER, LIPS_INNER, JAW])
 
 
+def with_mouth(landmarks: np.ndarray, mouth: np.ndarray) -> np.ndarray:
+    """A copy of `(478, 2+)` landmarks with the MOUTH_AND_JAW points moved to `mouth (59, 2)`."""
+    out = np.array(landmarks, copy=True)
+    out[MOUTH_AND_JAW, :2] = mouth
+    return out
+
+
 def eye_centres(landmarks: np.ndarray) -> np.ndarray:
     """`(..., 478, 2+)` → `(..., 2, 2)`: the subject's right and left eye centres (mean of the corners)."""
     right = landmarks[..., RIGHT_EYE_CORNERS, :2].mean(axis=-2)

@@ -198,7 +198,9 @@ def resize_inner(inner: InnerMouth, size: int) -> InnerMouth:
     about -0.5)."""
     if inner.crop is None or inner.crop_size == size:
         return inner
+    from avatar.face.align import rescale_points
+
     k = size / inner.crop_size
     h, w = inner.crop.shape[:2]
     crop = cv2.resize(inner.crop, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
-    return InnerMouth(crop, (np.asarray(inner.mouth) + 0.5) * k - 0.5, size, inner.borrowed)
+    return InnerMouth(crop, rescale_points(inner.mouth, inner.crop_size, size), size, inner.borrowed)
