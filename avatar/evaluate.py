@@ -92,16 +92,16 @@ def _flicker(crops: np.ndarray, regions: np.ndarray, keep: np.ndarray) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def estimate_av_offset(video: TrackedVideo, max_offset_frames: int = 8) -> typing.Optional[typing.Dict[str, float]]:
+def estimate_av_offset(video: TrackedVideo, predictor, max_offset_frames: int = 8) -> typing.Optional[typing.Dict[str, float]]:
     """Best shift (frames, ms; positive: picture late) between the video's measured mouth opening and
-    the motion model's prediction from its own audio, with the correlation there. None without audio."""
-    from avatar.motion.runner import MotionPredictor, inner_gap, rest_pose
+    the motion model's (`predictor`, a MotionPredictor) prediction from its own audio, with the
+    correlation there. None without audio."""
+    from avatar.motion.runner import inner_gap, rest_pose
 
     keep = np.isfinite(video.landmarks).all(axis=(1, 2))
     if video.audio is None or keep.sum() < 2 * max_offset_frames + 4:
         return None
     rest, _ = rest_pose(video.landmarks, keep)
-    predictor = MotionPredictor()
     predicted = predictor.from_audio(video.audio, video.fps, rest, len(video.landmarks))
     predicted_gap = inner_gap(predicted)
     measured_gap = np.where(keep, lm.mouth_opening(np.nan_to_num(video.landmarks)), np.nan)
@@ -122,6 +122,7 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
                   max_frames: int = 1500, progress: bool = False) -> typing.Dict[str, typing.Any]:
     """The metrics of the module docstring (JSON-ready)."""
     from avatar.identity import FaceEmbedder
+    from avatar.motion.runner import MotionPredictor
 
     gen = track_video(generated, max_frames, progress=progress)
     ref = track_video(real, max_frames, progress=progress)
@@ -152,13 +153,14 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
     else:
         reference_embeddings = [embedder.embed(image, points) for image, points in ref.samples]
     identity = [min(float(np.linalg.norm(embedder.embed(image, points) - e)) for e in reference_embeddings) for image, points in gen.samples]
+    predictor = MotionPredictor()
     return {
         "generated": str(generated), "real": str(real), "reference": str(reference) if reference else None,
         "frames_compared": int(both.sum()), "frames_generated": len(gen.landmarks), "frames_real": len(ref.landmarks),
         "mouth_landmark_distance_pct_iod": distance, "lips_distance_pct_iod": lips_distance, "mouth_opening_r": opening_r,
         "identity_distance": float(np.mean(identity)), "identity_distance_max": float(np.max(identity)),
         "sharpness_ratio": float(sharp), "flicker_ratio": float(flicker),
-        "av_offset_generated": estimate_av_offset(gen), "av_offset_real": estimate_av_offset(ref),
+        "av_offset_generated": estimate_av_offset(gen, predictor), "av_offset_real": estimate_av_offset(ref, predictor),
     }
 
 

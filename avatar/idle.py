@@ -43,7 +43,9 @@ class BlinkSchedule:
         while self.next_start <= times.max():
             self.starts.append(self.next_start)
             self.next_start += self.config.min_blink_gap_s + self.rng.exponential(max(self.mean_gap - self.config.min_blink_gap_s, 0.1))
-        for start in self.starts:
+        starts = np.asarray(self.starts)
+        first, last = np.searchsorted(starts, [times.min() - self.config.blink_seconds, times.max()], side="right")
+        for start in starts[max(0, first - 1):last]:  # only blinks that can touch these times (a live stream grows)
             u = (times - start) / self.config.blink_seconds
             inside = (u >= 0) & (u <= 1)
             if not inside.any():

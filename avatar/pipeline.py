@@ -25,6 +25,7 @@ The identity-drift monitor samples output frames as they are written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,7 +42,7 @@ from avatar import audio as audio_frontend
 from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig
 from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
-from avatar.face.align import FaceAligner, apply_transform, rescale_transform, transform_scale
+from avatar.face.align import FaceAligner, apply_transform, rescale_points, rescale_transform, transform_scale
 from avatar.render.condition import build_condition, colour_match, from_unit, transfer_detail
 from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, render_warp, resize_inner
 from avatar.runtime import asset_path
@@ -111,20 +112,13 @@ class StageClock:
     def __init__(self):
         self.seconds: typing.Dict[str, float] = {}
 
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-    def time(self, stage: str):
-        clock = self
-
-        class _Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.add(stage, time.perf_counter() - self.start)
-
-        return _Timer()
+    @contextlib.contextmanager
+    def time(self, stage: str) -> typing.Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 class FrameStore:
@@ -209,23 +203,23 @@ class AvatarPipeline:
     """Motion model + renderer + face front-ends + drift monitor + writer.
 
     Construct with `from_pretrained()`; the ONNX sessions, the face tracker and the embedder load here,
-    not at import.
+    not at import. The diffusion model loads only when it is used (`renderer="diffusion"`).
     """
 
     def __init__(self, motion_model: PathLike, render_model: PathLike, config: PipelineConfig = PipelineConfig(),
                  face_config: FaceConfig = FaceConfig(), identity_config: IdentityConfig = IdentityConfig(),
                  providers: typing.Optional[typing.Sequence[str]] = None):
         from avatar.motion.runner import MotionPredictor
-        from avatar.render.runner import Renderer
 
         if config.renderer not in ("warp", "diffusion"):
             raise AvatarError(f"renderer must be warp or diffusion, not {config.renderer!r}")
         self.config, self.face_config, self.identity_config = config, face_config, identity_config
         self.motion = MotionPredictor(motion_model, threads=config.threads, providers=providers)
-        self.renderer = Renderer(render_model, threads=config.threads, providers=providers)
-        self.crop_size = self.renderer.config.crop_size
+        self._render_model, self._providers, self._renderer = pathlib.Path(render_model), providers, None
+        self.crop_size = AlignConfig().crop_size  # the canonical crop the landmarks live in (the diffusion model's too)
         self.aligner = FaceAligner(AlignConfig(crop_size=self.crop_size))
-        self.model_hashes = {pathlib.Path(p).name: provenance.file_sha256(p) for p in (motion_model, render_model)}
+        used = [motion_model] + ([render_model] if config.renderer == "diffusion" else [])
+        self.model_hashes = {pathlib.Path(p).name: provenance.file_sha256(p) for p in used}
         self.noise = np.random.default_rng(config.seed).standard_normal((3, self.crop_size, self.crop_size)).astype(np.float32)
         self._embedder = None
         self._aligners: typing.Dict[int, FaceAligner] = {self.crop_size: self.aligner}
@@ -241,13 +235,36 @@ class AvatarPipeline:
                 raise MediaError(f"{folder / name}: missing; a model folder needs {MOTION_MODEL} and {RENDER_MODEL}")
         return cls(folder / MOTION_MODEL, folder / RENDER_MODEL, **kwargs)
 
+    @property
+    def renderer(self):
+        """The diffusion renderer (`avatar.render.runner.Renderer`), loaded on first use."""
+        if self._renderer is None:
+            from avatar.render.runner import Renderer
+
+            renderer = Renderer(self._render_model, threads=self.config.threads, providers=self._providers)
+            if renderer.config.crop_size != self.crop_size:
+                raise AvatarError(f"{self._render_model}: renders {renderer.config.crop_size}² crops; this pipeline aligns to "
+                                  f"{self.crop_size}²")
+            self._renderer = renderer
+        return self._renderer
+
+    @property
+    def diffusion_references(self) -> int:
+        """How many reference crops an identity keeps for the diffusion renderer (none for the warp)."""
+        return self.renderer.config.references if self.config.renderer == "diffusion" else 0
+
+    @property
+    def providers(self) -> typing.List[str]:
+        """The onnxruntime providers in use, best first."""
+        return self.motion.session.providers
+
     def warm_up(self, batch: int = 1) -> None:
         """Run both models once, so that a provider's lazy set-up (graph building, CUDA/TensorRT
         kernels) is not paid by the first frame of a live session."""
         from avatar.motion.runner import POINTS
 
-        config = self.renderer.config
         if self.config.renderer == "diffusion":
+            config = self.renderer.config
             self.renderer.sample(np.zeros((batch, config.condition_channels, self.crop_size, self.crop_size), np.float32),
                                  np.zeros((batch, 3, self.crop_size, self.crop_size), np.float32), steps=1)
         else:  # the warp's first call loads scipy's spline code
@@ -292,7 +309,7 @@ class AvatarPipeline:
                 landmarks = tracker.select(image, what=what).landmarks
         aligned = self.aligner.align(image, landmarks)
         rest, anchor = rest_pose(aligned.landmarks)
-        references = [aligned.crop] * self.renderer.config.references
+        references = [aligned.crop] * self.diffusion_references
         return Identity(references, rest, anchor, [(image, landmarks)] + self._reference_photos(extra_references),
                         self.open_mouth(image, aligned.transform, aligned.landmarks))
 
@@ -304,14 +321,13 @@ class AvatarPipeline:
         tenth = max(1, len(order) // 10)
         closed, opened = order[:tenth], order[-tenth:]
         return [int(closed[len(closed) // 2]) if k % 2 == 0 else int(opened[len(opened) // 2])
-                for k in range(self.renderer.config.references)]
+                for k in range(self.diffusion_references)]
 
     def open_mouth(self, frame: np.ndarray, transform: np.ndarray, crop_landmarks: np.ndarray) -> InnerMouth:
         """A frame's mouth at INNER_SIZE for the warp renderer if it is open; if it is not, the bundled
         open mouth that suits these lips best (`avatar.render.warp.borrowed_mouth`).
         `transform`: frame → crop at the pipeline's crop size; `crop_landmarks` in that crop."""
-        k = INNER_SIZE / self.crop_size
-        mouth = (np.asarray(crop_landmarks)[lm.MOUTH_AND_JAW, :2] + 0.5) * k - 0.5
+        mouth = rescale_points(np.asarray(crop_landmarks)[lm.MOUTH_AND_JAW, :2], self.crop_size, INNER_SIZE)
         crop = self._aligner(INNER_SIZE).crop(frame, rescale_transform(transform, self.crop_size, INNER_SIZE))
         if inner_gap_ratio(mouth) <= MIN_OPEN:
             return borrowed_mouth(crop, mouth)
@@ -365,9 +381,7 @@ class AvatarPipeline:
         for i in todo:
             job = jobs[i]
             crop = self.aligner.crop(job.frame, job.transform)  # 1.
-            target = job.crop_landmarks.copy()
-            target[lm.MOUTH_AND_JAW, :2] = job.mouth  # 2.
-            mask = np.maximum(self.aligner.lower_face_mask(job.crop_landmarks), self.aligner.lower_face_mask(target))  # 3.
+            mask = self.aligner.repaint_mask(job.crop_landmarks, lm.with_mouth(job.crop_landmarks, job.mouth))  # 2., 3.
             conditions.append(build_condition(crop, mask, identities[i].references, job.mouth))  # 4.
             crops[i], masks[i] = crop, mask
         noise = np.broadcast_to(self.noise, (len(todo), *self.noise.shape)).copy()
@@ -391,14 +405,12 @@ class AvatarPipeline:
         of 16 between the pipeline's crop size and `warp_max_size`)."""
         native = self.crop_size / transform_scale(job.transform)
         size = int(np.clip(16 * round(native / 16), self.crop_size, max(self.crop_size, self.config.warp_max_size)))
-        aligner, k = self._aligner(size), size / self.crop_size
+        aligner = self._aligner(size)
         transform = rescale_transform(job.transform, self.crop_size, size)
         crop = aligner.crop(job.frame, transform)  # 1.
-        landmarks = (np.asarray(job.crop_landmarks)[:, :2] + 0.5) * k - 0.5
-        mouth = (np.asarray(job.mouth) + 0.5) * k - 0.5  # 2.
-        target = landmarks.copy()
-        target[lm.MOUTH_AND_JAW] = mouth
-        mask = np.maximum(aligner.lower_face_mask(landmarks), aligner.lower_face_mask(target))  # 3.
+        landmarks = rescale_points(np.asarray(job.crop_landmarks)[:, :2], self.crop_size, size)
+        mouth = rescale_points(job.mouth, self.crop_size, size)  # 2.
+        mask = aligner.repaint_mask(landmarks, lm.with_mouth(landmarks, mouth))  # 3.
         face = render_warp(crop, landmarks, mouth, mask, resize_inner(identity.inner, size))  # 4.
         if self.config.watermark:  # 5.
             face = provenance.embed_watermark(face, mask, frame_index)
@@ -478,7 +490,7 @@ class AvatarPipeline:
             "audio_seconds": audio_seconds, "seconds": seconds, "real_time_factor": seconds / max(audio_seconds, 1e-9),
             "stages_s": {k: round(v, 3) for k, v in clock.seconds.items()},
             "models": {name: f"sha256:{digest}" for name, digest in self.model_hashes.items()},
-            "providers": self.renderer.session.providers, "config": dataclasses.asdict(self.config), **extra,
+            "providers": self.providers, "config": dataclasses.asdict(self.config), **extra,
             "drift": monitor.summary() if monitor is not None else None,
             "drift_per_second": monitor.per_second() if monitor is not None else None,
             "drift_events": events, "provenance": str(sidecar),

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     samples = np.resize(samples, int(args.seconds * 16000))
     renderer = engine.pipeline.config.renderer
     detail = f"{config.steps} diffusion step(s)" if renderer == "diffusion" else "warp"
-    print(f"renderer: {detail}, providers {', '.join(engine.pipeline.renderer.session.providers)}; "
+    print(f"renderer: {detail}, providers {', '.join(engine.pipeline.providers)}; "
           f"portrait {args.image.name} (scaled to {config.max_side} px), {args.seconds:g} s of speech per session; "
           f"server and clients share this process")
     print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9}")

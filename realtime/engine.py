@@ -121,7 +121,6 @@ class Session:
         self.last_image = avatar.portrait
         self.frames_out = 0
         self.dropped = 0
-        self.closed = False
         self.last_audio_at = self.anchor
         self.monitor = None
         if config.drift_every_s > 0:
@@ -200,7 +199,7 @@ class Session:
     def deliver(self, items: typing.Sequence[typing.Tuple[int, float]], images: typing.Sequence[np.ndarray],
                 landmarks: typing.Sequence[np.ndarray], now: float) -> None:
         with self.lock:
-            for (index, ready), image, points in zip(items, images, landmarks):
+            for (index, ready), image in zip(items, images):
                 self.last_image = image
                 self._finish(index, image, False, ready, now)
         if self.monitor is not None:
@@ -217,7 +216,6 @@ class Session:
                 "drift_alarms": len(self.monitor.alarms) if self.monitor is not None else 0}
 
     def close(self) -> None:
-        self.closed = True
         self.engine.forget(self)
 
 
@@ -235,8 +233,6 @@ class Engine:
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []
         self.lock = threading.Lock()
-        self.render_calls = 0
-        self.rendered = 0
         self.frame_seconds = 0.05  # running estimate of the render time per frame
 
     def prepare(self, image: np.ndarray) -> Avatar:
@@ -294,8 +290,6 @@ class Engine:
         started = time.perf_counter()
         images = self.pipeline.render_batch(jobs, identities, indices, steps=self.config.steps)
         self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (time.perf_counter() - started) / len(jobs)
-        self.render_calls += 1
-        self.rendered += len(jobs)
         by_session: typing.Dict[int, typing.List[int]] = collections.defaultdict(list)
         for k, (session, _, _) in enumerate(owners):
             by_session[id(session)].append(k)

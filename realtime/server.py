@@ -353,7 +353,7 @@ def run(image: typing.Optional[str], host: str, port: int, token: typing.Optiona
 
     def announce(bound: int) -> None:
         print(f"serving on ws://{shown}:{bound}/ws (token {server.token}); {engine.pipeline.config.renderer} renderer, "
-              f"providers {', '.join(engine.pipeline.renderer.session.providers)}")
+              f"providers {', '.join(engine.pipeline.providers)}")
         print(f"browser page: http://{shown}:{bound}/?token={server.token}", flush=True)
 
     try:
