@@ -15,20 +15,12 @@ per-frame maths with the batch path.
 from __future__ import annotations
 
 import math
-import pathlib
 import typing
 
 import numpy as np
 
 from avatar.config import MelConfig, VadConfig
 from avatar.errors import MediaError
-
-
-def load_audio(path: typing.Union[str, pathlib.Path], sample_rate: int = 16000) -> np.ndarray:
-    """Read any common audio (or the audio track of a video) as `(N,) float32` mono in [-1, 1]."""
-    from avatar import media
-
-    return media.read_audio(path, sample_rate=sample_rate)
 
 
 # ----------------------------------------------------------------------------- mel filterbank

@@ -96,16 +96,16 @@ def _run_doctor(args: argparse.Namespace) -> int:
 def _run_verify(args: argparse.Namespace) -> int:
     import json
 
-    from avatar.provenance import verify
+    from avatar.provenance import DETECT_THRESHOLD, verify
 
     result = verify(args.file, progress=not args.quiet)
     mark = result["watermark"]
     side = result["sidecar"]
     print(f"container metadata: {'says synthetic' if result['metadata_says_synthetic'] else 'no synthetic label'}"
           + (f" ({result['metadata'].get('comment')})" if result['metadata'].get('comment') else ""))
-    print(f"sidecar manifest: " + ("none" if not side["present"] else
+    print("sidecar manifest: " + ("none" if not side["present"] else
                                    ("present, matches this file" if side.get("matches_file") else "present, but for other bytes (re-encoded or edited)")))
-    print(f"watermark: {'found' if mark['found'] else 'not found'} (z = {mark['z']:.1f}, threshold 5; "
+    print(f"watermark: {'found' if mark['found'] else 'not found'} (z = {mark['z']:.1f}, threshold {DETECT_THRESHOLD:g}; "
           f"{mark['face_frames']} of {mark['frames']} frames with a face)")
     print(f"verdict: {'SYNTHETIC' if result['synthetic'] else 'no sign of this engine'}")
     if args.json:

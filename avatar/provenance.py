@@ -132,20 +132,12 @@ def detect_watermark(path: typing.Union[str, os.PathLike], max_frames: int = 250
 
 
 # ---------------------------------------------------------------------------------- labels
-def file_sha256(path: typing.Union[str, os.PathLike], limit: typing.Optional[int] = None) -> str:
-    """SHA-256 of a file (of its first `limit` bytes when given), hex."""
+def file_sha256(path: typing.Union[str, os.PathLike]) -> str:
+    """SHA-256 of a file, hex."""
     digest = hashlib.sha256()
-    remaining = limit
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 20 if remaining is None else min(1 << 20, remaining))
-            if not chunk:
-                break
+        for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    break
     return digest.hexdigest()
 
 

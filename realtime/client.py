@@ -47,7 +47,8 @@ class ReceivedFrame:
 
 
 class AvatarClient:
-    """One live session. `ready` holds the server's first message (fps, size, look-ahead)."""
+    """One live session. `ready` holds the server's first message (fps, size, look-ahead), `stats`
+    the server's latest stats, and `closed` the close code and reason once the server has hung up."""
 
     def __init__(self, url: str, sample_rate: int = 16000, fmt: str = "f32", max_size: int = 1 << 24, video: str = "jpeg"):
         self.url, self.sample_rate, self.fmt, self.max_size, self.video = url, sample_rate, fmt, max_size, video

@@ -55,7 +55,7 @@ def test_animate_cli_writes_a_labelled_talking_video_and_a_report(tmp_path, inpu
     data = json.loads(report.read_text())
     assert set(data["stages_s"]) >= {"decode", "face", "motion", "render", "encode"}
     assert data["drift"]["samples"] >= 2 and data["drift"]["signals"]["identity"]["mean"] < 0.55
-    assert set(data["models"]) == {"motion.onnx", "render.onnx"} and data["identity_references"] == 2
+    assert set(data["models"]) == {"motion.onnx"} and data["identity_references"] == 2  # the warp uses no render.onnx
     with __import__("av").open(str(out)) as container:
         assert "synthetic" in container.metadata.get("comment", "")
     assert provenance.sidecar_path(out).exists()
@@ -98,9 +98,7 @@ def test_dub_changes_only_the_lower_face(pipeline, inputs):
             for t in tracked]
     outputs = pipeline.render_batch(jobs, [identity] * len(jobs), range(len(jobs)))
     for job, out in zip(jobs, outputs):
-        target = job.crop_landmarks.copy()
-        target[lm.MOUTH_AND_JAW, :2] = job.mouth
-        mask = np.maximum(pipeline.aligner.lower_face_mask(job.crop_landmarks), pipeline.aligner.lower_face_mask(target))
+        mask = pipeline.aligner.repaint_mask(job.crop_landmarks, lm.with_mouth(job.crop_landmarks, job.mouth))
         alpha = pipeline.aligner.paste_alpha(job.frame.shape, job.transform, mask)
         outside = alpha == 0
         assert outside.mean() > 0.6  # the face fills much of a GRID frame
@@ -230,7 +228,7 @@ def test_bad_input_one_line_nonzero_no_output(tmp_path, inputs, bad):
         (["animate", "--image", bad / "tiny_face.png", "--audio", speech], "minimum is 48 px"),
         (["animate", "--image", PORTRAIT, "--audio", bad / "empty.wav"], "empty"),
         (["animate", "--image", bad / "corrupt.mp4", "--audio", speech], "cannot be read"),
-        (["dub", "--video", bad / "corrupt.mp4", "--audio", speech], ""),
+        (["dub", "--video", bad / "corrupt.mp4", "--audio", speech], "cannot be read"),
         (["dub", "--video", bad / "speech_only.flac", "--audio", speech], "no video"),
         (["dub", "--video", clip, "--audio", bad / "empty.wav"], "empty"),
         (["dub", "--video", clip, "--audio", speech, "--audio-longer", "sideways"], "pingpong, loop or trim"),

@@ -17,7 +17,7 @@ import pytest
 
 from avatar import media
 from avatar.config import IdleConfig, RealtimeConfig
-from conftest import DATA, PORTRAIT, REPO, feed_in_chunks
+from conftest import DATA, PORTRAIT, REPO
 
 SPEECH = DATA / "speech/kleinlee__DH_live/audio0.wav"  # 7.6 s of real speech
 FRAME = 16000 // 25
@@ -180,7 +180,9 @@ def serve(engine, avatar):
         background.__exit__(None, None, None)
 
 
-async def _stream(url, samples, rate=16000, fmt="f32", chunk=320, video="jpeg"):
+async def _stream(url, samples, rate=16000, fmt="f32", chunk=320, video="jpeg", wait_s=10.0):
+    """Stream `samples` at real-time pace; collect frames until every frame the audio allows (its
+    length less the look-ahead) has come, or `wait_s` after the end of the audio."""
     from realtime.client import AvatarClient
 
     frames = []
@@ -189,9 +191,13 @@ async def _stream(url, samples, rate=16000, fmt="f32", chunk=320, video="jpeg"):
         for k in range(0, samples.size, chunk):
             await asyncio.sleep(max(0.0, started + k / rate - time.perf_counter()))
             await client.send_audio(samples[k:k + chunk])
-        await asyncio.sleep(0.4)
-        while not client.frames.empty():
-            frame = client.frames.get_nowait()
+        expected = int((samples.size / rate - client.ready["lookahead_ms"] / 1000) * client.ready["fps"])
+        deadline = time.perf_counter() + wait_s
+        while len(frames) < expected and time.perf_counter() < deadline:
+            try:
+                frame = await asyncio.wait_for(client.frames.get(), max(0.01, deadline - time.perf_counter()))
+            except asyncio.TimeoutError:
+                break
             if frame is not None:
                 frames.append(frame)
         return frames, client.ready
@@ -286,7 +292,7 @@ def test_a_slow_client_does_not_hold_up_another(serve, speech):
             long_speech = np.resize(speech, 16000 * 12)
             for k in range(0, long_speech.size, 3200):  # 12 s of audio at once (300 frames, ~10 MB), never reads
                 await slow.send(long_speech[k:k + 3200].astype("<f4").tobytes())
-            frames, _ = await _stream(server.url, speech[:16000 * 2])
+            frames, _ = await _stream(server.url, speech[:16000 * 2], wait_s=20)
             deadline = time.perf_counter() + 60
             while time.perf_counter() < deadline:  # let the slow session's frames pile up past every buffer
                 slow_stats = [c for c in server.server.stats()["clients"] if c["frames"] >= 280]
@@ -296,8 +302,11 @@ def test_a_slow_client_does_not_hold_up_another(serve, speech):
             return frames, slow_stats
 
     frames, slow_stats = asyncio.run(scenario())
-    assert len(frames) >= 35  # the reading client got its frames at full rate
-    assert slow_stats and slow_stats[0]["queue_dropped"] > 0  # the slow one lost frames from its own queue instead
+    # The reading client got its frames, in order. (Under heavy CPU load it can itself fall behind and
+    # lose a few from its own queue; the slow one loses them by the hundred.)
+    indices = [f.index for f in frames]
+    assert len(frames) >= 40 and indices == sorted(set(indices))
+    assert slow_stats and slow_stats[0]["queue_dropped"] > 0  # the slow one lost frames from its own queue
 
 
 def _browser():
