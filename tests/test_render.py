@@ -116,24 +116,57 @@ def test_render_training_runs_under_torchrun_with_two_gloo_processes(tiny_cache,
     assert (out / "last.pt").exists() and list((out / "samples").glob("*.png"))
 
 
+@pytest.mark.slow
+def test_few_step_distillation_runs_under_torchrun_and_moves_the_student(tiny_cache, tmp_path):
+    from training.common import torch_copy
+    from training.export_render import load_denoiser
+
+    torch.manual_seed(0)
+    teacher = Denoiser(RenderConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), steps=25))
+    torch_copy(teacher, tmp_path / "teacher.pt")
+    out = tmp_path / "distill"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "training.distill_render", "--cache", str(tiny_cache), "--teacher", str(tmp_path / "teacher.pt"),
+               "--out", str(out), "--steps", "3", "--batch", "2", "--val-every", "3", "--val-samples", "2", "--threads", "1",
+               "--adversarial-start", "1", "--model.steps", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and "student times [1.0, 0.5]" in result.stdout
+    assert "val step 3: region PSNR" in result.stdout and "sharpness" in result.stdout
+    student = load_denoiser(out / "step000003.pt")
+    assert student.config.steps == 2  # exported with the few-step count it was trained for
+    initial = load_denoiser(tmp_path / "teacher.pt")
+    moved = max(float((a - b).abs().max()) for a, b in zip(student.state_dict().values(), initial.state_dict().values()))
+    assert moved > 0  # the losses reached the student
+
+
+def test_missing_teacher_is_one_clear_line(tiny_cache, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "training.distill_render", "--cache", str(tiny_cache), "--teacher",
+                             str(tmp_path / "absent.pt"), "--out", str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: cannot load the teacher") and "Traceback" not in result.stderr
+
+
 def test_held_out_evaluation_reports_model_and_both_baselines(tiny_cache, tmp_path):
     from avatar.render.runner import Renderer
-    from training.eval_render import evaluate_render, format_report
+    from training.eval_render import ModelRow, evaluate_render, format_report
     from training.export_render import export
     from training.render_data import load_render_clips
 
     torch.manual_seed(0)
     export(Denoiser(RenderConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), steps=2)).eval(), tmp_path / "r.onnx")
     clips = load_render_clips(tiny_cache, "val", 128, kinds=("video",))
-    report = evaluate_render(Renderer(tmp_path / "r.onnx"), clips, frames=4, few_steps=2, many_steps=3, runs=2)
+    renderer = Renderer(tmp_path / "r.onnx")
+    report = evaluate_render([ModelRow("model", renderer, 1), ModelRow("model", renderer, 2), ModelRow("teacher", renderer, 3)],
+                             clips, frames=4, runs=2)
     text = format_report(report)
-    for name in ("model, 2 steps", "model, 3 steps", "warp renderer", "reference mouth pasted", "nearest reference pasted"):
+    for name in ("model, 1 step ", "model, 2 steps", "teacher, 3 steps", "warp renderer", "reference mouth pasted", "nearest reference pasted"):
         assert name in text
+    assert report["frames"] == 4
     baseline = report["summary"]["nearest_reference"]
     assert baseline["psnr"] > 15 and 0 <= baseline["identity_distance"] < 0.6  # the same person's real mouth
-    assert report["summary"]["model_few"]["psnr"] < baseline["psnr"]  # an untrained denoiser does not beat it
+    assert report["summary"]["model_2"]["psnr"] < baseline["psnr"]  # an untrained denoiser does not beat it
     warp = report["summary"]["warp"]
-    assert warp["psnr"] > report["summary"]["model_few"]["psnr"] and warp["sharpness_ratio"] > 0.6
+    assert warp["psnr"] > report["summary"]["model_2"]["psnr"] and warp["sharpness_ratio"] > 0.6
 
 
 def test_colour_match_removes_a_cast_inside_the_mask_only(tiny_cache):

@@ -1,11 +1,13 @@
 """Held-out report for the renderer, next to baselines in the same run.
 
-    python -m training.eval_render --cache cache --model assets/render.onnx [--frames 64] [--json report.json]
+    python -m training.eval_render --cache cache --model assets/render.onnx [--teacher teacher.onnx] [--steps 1 2 4] [--frames 64] [--json report.json]
 
 On frames of validation people (never seen in training), each target's lower face is repainted from
 its masked frame, two references of the same clip and the sketch of its real landmarks, then
 composited into the crop. Compared with the real crop in the repainted region:
-- model in `--steps` (few-step, default the model's) and in `--many-steps` DDIM steps;
+- the model in each of `--steps` (default: the model's own few-step count) and in `--many-steps`
+  DDIM steps; with `--teacher`, the many-step model it was distilled from, in the model's steps and
+  in `--many-steps` (the quality the few-step path is measured against);
 - the warp renderer (`avatar/render/warp.py`): the closed-mouth reference's lower face warped to the
   target's lips and jaw, the inside of the mouth from the open-mouth reference;
 - baseline "reference mouth": the closed-mouth reference's lower face pasted in;
@@ -20,6 +22,7 @@ frame-to-frame change of the repainted region over consecutive frames, output / 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import typing
@@ -37,7 +40,24 @@ from avatar.render.warp import InnerMouth, render_warp
 from training.common import emit_report
 from training.render_data import REFERENCE_GAP, RenderClip, load_render_clips
 
-METHODS = ("model_few", "model_many", "warp", "reference_mouth", "nearest_reference")
+BASELINES = {"warp": "warp renderer", "reference_mouth": "reference mouth pasted", "nearest_reference": "nearest reference pasted"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRow:
+    """One learned row of the report: `renderer` sampled in `steps` DDIM steps, called `name` ("model", "teacher")."""
+
+    name: str
+    renderer: Renderer
+    steps: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_{self.steps}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}, {self.steps} step" + ("s" if self.steps > 1 else "")
 
 
 def _region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
@@ -65,26 +85,28 @@ def nearest_reference(clip: RenderClip, index: int) -> int:
     return int(pool[np.argmin(distance)])
 
 
-def evaluate_render(renderer: Renderer, clips: typing.Sequence[RenderClip], frames: int, few_steps: int, many_steps: int,
+def evaluate_render(models: typing.Sequence[ModelRow], clips: typing.Sequence[RenderClip], frames: int,
                     runs: int = 4, seed: int = 0) -> typing.Dict[str, typing.Any]:
-    """Metrics per method over `frames` targets, taken as `runs` runs of consecutive frames (for flicker)."""
+    """Metrics per method (each model row, then the baselines) over `frames` targets, taken as `runs`
+    runs of consecutive frames (for flicker). All models must share one crop size."""
     from avatar.face.tracker import FaceTracker
     from avatar.identity import FaceEmbedder
 
     rng = np.random.default_rng(seed)
-    size = renderer.config.crop_size
+    size = models[0].renderer.config.crop_size
+    methods = [m.key for m in models] + list(BASELINES)
     aligner = FaceAligner(AlignConfig(crop_size=size))
     tracker, embedder = FaceTracker(), FaceEmbedder()
     noise = rng.standard_normal((3, size, size)).astype(np.float32)  # shared across frames: temporal stability
-    rows: typing.Dict[str, typing.List[typing.Dict[str, float]]] = {m: [] for m in METHODS}
-    flicker: typing.Dict[str, typing.List[float]] = {m: [] for m in (*METHODS, "real")}
+    rows: typing.Dict[str, typing.List[typing.Dict[str, float]]] = {m: [] for m in methods}
+    flicker: typing.Dict[str, typing.List[float]] = {m: [] for m in (*methods, "real")}
     per_run = max(2, frames // runs)
     for run in range(runs):
         clip = clips[run % len(clips)]
         usable = np.flatnonzero(clip.usable)
         start = int(rng.choice(usable[: max(1, len(usable) - per_run)]))
         indices = [i for i in range(start, start + per_run) if i < clip.usable.size and clip.usable[i]]
-        references = clip.references(start, rng, renderer.config.references)
+        references = clip.references(start, rng, models[0].renderer.config.references)
         ref_crops = [clip.crops[r] for r in references]
         ref_embeddings = [embedder.embed(c, clip.landmarks[r]) for c, r in zip(ref_crops, references)]
         previous: typing.Dict[str, np.ndarray] = {}
@@ -96,13 +118,12 @@ def evaluate_render(renderer: Renderer, clips: typing.Sequence[RenderClip], fram
             target_mouth = clip.landmarks[index][lm.MOUTH_AND_JAW, :2]
             warped = render_warp(ref_crops[0], clip.landmarks[references[0]], target_mouth, mask,
                                  InnerMouth(ref_crops[1], clip.landmarks[references[1]][lm.MOUTH_AND_JAW, :2], size))
-            outputs = {
-                "model_few": composite(renderer.render(condition, noise, few_steps), target, mask),
-                "model_many": composite(renderer.render(condition, noise, many_steps), target, mask),
+            outputs = {row.key: composite(row.renderer.render(condition, noise, row.steps), target, mask) for row in models}
+            outputs.update({
                 "warp": composite(warped, target, mask),
                 "reference_mouth": composite(ref_crops[0], target, mask),
                 "nearest_reference": composite(clip.crops[nearest_reference(clip, index)], target, mask),
-            }
+            })
             iod = float(lm.interocular(clip.landmarks[index]))
             for method, output in outputs.items():
                 try:
@@ -125,20 +146,18 @@ def evaluate_render(renderer: Renderer, clips: typing.Sequence[RenderClip], fram
             previous["real"] = target.astype(np.float32)
     real_flicker = float(np.mean(flicker["real"])) if flicker["real"] else float("nan")
     summary = {}
-    for method in METHODS:
+    for method in methods:
         values = rows[method]
         summary[method] = {key: float(np.mean([v[key] for v in values])) for key in values[0]}
         summary[method]["flicker_ratio"] = float(np.mean(flicker[method])) / real_flicker if flicker[method] else float("nan")
-    return {"frames": sum(len(v) for v in rows.values()) // len(METHODS), "runs": runs, "few_steps": few_steps,
-            "many_steps": many_steps, "summary": summary}
+    return {"frames": len(rows[methods[0]]), "runs": runs, "labels": {**{m.key: m.label for m in models}, **BASELINES},
+            "summary": summary}
 
 
 def format_report(report: typing.Dict[str, typing.Any]) -> str:
     lines = [f"held-out: {report['frames']} frames in {report['runs']} runs of consecutive frames (people never seen in training)",
              f"{'':30s} {'PSNR dB':>8s} {'SSIM':>6s} {'sharp':>6s} {'lmk %IOD':>9s} {'identity':>9s} {'flicker':>8s}"]
-    names = {"model_few": f"model, {report['few_steps']} steps", "model_many": f"model, {report['many_steps']} steps",
-             "warp": "warp renderer", "reference_mouth": "reference mouth pasted", "nearest_reference": "nearest reference pasted"}
-    for method, name in names.items():
+    for method, name in report["labels"].items():
         s = report["summary"][method]
         lines.append(f"{name:30s} {s['psnr']:8.2f} {s['ssim']:6.3f} {s['sharpness_ratio']:6.2f} {s['landmark_error']:9.2f} "
                      f"{s['identity_distance']:9.3f} {s['flicker_ratio']:8.2f}")
@@ -151,16 +170,26 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=pathlib.Path, required=True)
     parser.add_argument("--model", type=pathlib.Path, required=True, help="ONNX denoiser (training.export_render)")
     parser.add_argument("--frames", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="few-step count (default: the model's)")
+    parser.add_argument("--teacher", type=pathlib.Path, help="ONNX of the many-step model the --model was distilled from")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="few-step counts (default: the model's)")
     parser.add_argument("--many-steps", type=int, default=25)
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
     renderer = Renderer(args.model)
+    few = args.steps or [renderer.config.steps]
+    models = [ModelRow("model", renderer, steps) for steps in (*few, args.many_steps)]
+    if args.teacher:
+        teacher = Renderer(args.teacher)
+        if teacher.config.crop_size != renderer.config.crop_size:
+            print(f"error: {args.teacher} draws {teacher.config.crop_size}² crops and {args.model} {renderer.config.crop_size}²; "
+                  "compare models of one crop size", file=sys.stderr)
+            return 2
+        models += [ModelRow("teacher", teacher, steps) for steps in (max(few), args.many_steps)]
     clips = load_render_clips(args.cache, "val", renderer.config.crop_size, kinds=("video",))
     if not clips:
         print(f"error: no validation clips in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2
-    report = evaluate_render(renderer, clips, args.frames, args.steps or renderer.config.steps, args.many_steps)
+    report = evaluate_render(models, clips, args.frames)
     emit_report(format_report(report), report, args.json)
     return 0
 
