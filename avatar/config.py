@@ -206,7 +206,8 @@ class PipelineConfig:
     max_side: int = 1920  # a still larger than this on its longer side is downscaled (area) to it
     renderer: str = "warp"  # "warp": the person's own pixels moved (avatar/render/warp.py); "diffusion": the learned denoiser
     warp_max_size: int = 384  # the warp works on a crop at the face's own resolution, up to this side
-    steps: int = 0  # diffusion sampling steps (0: the model's own few-step count)
+    diffusion_start: float = 0.25  # the diffusion renderer refines the warp renderer's draft noised to this time (1: draws from pure noise)
+    steps: int = 0  # diffusion sampling steps (0: the model's own few-step count × diffusion_start, at least 1)
     batch: int = 8  # crops per diffusion call
     seed: int = 0  # renderer noise, shared by every frame (temporal stability)
     colour_match: float = 0.8  # pull the repainted colour towards the frame's (0: off, 1: full)

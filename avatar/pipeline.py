@@ -14,12 +14,14 @@ Per output frame (the numbered loop in `render_batch`):
 4. the lower face drawn to the target mouth by one of two renderers (`PipelineConfig.renderer`):
    "warp" (default) moves the person's own pixels there (`avatar/render/warp.py`, on a crop at the
    face's own resolution); "diffusion" conditions the learned denoiser on the masked crop, the
-   mask, the person's reference crops and the mouth sketch, and runs a few DDIM steps from noise
-   that is the same for every frame (so a still target does not flicker);
+   mask, the person's reference crops and the mouth sketch, and runs a few DDIM steps with noise
+   that is the same for every frame (so a still target does not flicker): by default it refines the
+   warp renderer's frame (its crop noised to `diffusion_start`), or draws from pure noise (1.0);
 5. (diffusion) colour matching of the repainted region to the crop; the invisible watermark;
 6. paste back into the frame with the mask's feathered edge (every pixel outside it is the input's),
-   and give the repainted region back the frame's fine detail where it agrees with the rendering
-   (a face larger than the crop would otherwise come back smoother than its surroundings).
+   and give the repainted region back the fine detail of the frame (or of the warp renderer's frame
+   it refined) where it agrees with the rendering (a face larger than the crop would otherwise come
+   back smoother than its surroundings).
 The identity-drift monitor samples output frames as they are written.
 """
 
@@ -43,7 +45,7 @@ from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, Id
 from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, apply_transform, rescale_points, rescale_transform, transform_scale
-from avatar.render.condition import build_condition, colour_match, from_unit, transfer_detail
+from avatar.render.condition import build_condition, colour_match, from_unit, to_unit, transfer_detail
 from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, render_warp, resize_inner
 from avatar.runtime import asset_path
 
@@ -213,6 +215,8 @@ class AvatarPipeline:
 
         if config.renderer not in ("warp", "diffusion"):
             raise AvatarError(f"renderer must be warp or diffusion, not {config.renderer!r}")
+        if not 0.0 < config.diffusion_start <= 1.0:
+            raise AvatarError(f"diffusion_start must be in (0, 1] (1: from pure noise), not {config.diffusion_start}")
         self.config, self.face_config, self.identity_config = config, face_config, identity_config
         self.motion = MotionPredictor(motion_model, threads=config.threads, providers=providers)
         self._render_model, self._providers, self._renderer = pathlib.Path(render_model), providers, None
@@ -377,15 +381,20 @@ class AvatarPipeline:
             for i in todo:
                 outputs[i] = self._warp_frame(jobs[i], identities[i], int(frame_indices[i]))
             return outputs
-        crops, masks, conditions = {}, {}, []
+        start = self.config.diffusion_start
+        crops, masks, conditions, sources, drafts = {}, {}, [], {}, []
         for i in todo:
             job = jobs[i]
             crop = self.aligner.crop(job.frame, job.transform)  # 1.
             mask = self.aligner.repaint_mask(job.crop_landmarks, lm.with_mouth(job.crop_landmarks, job.mouth))  # 2., 3.
             conditions.append(build_condition(crop, mask, identities[i].references, job.mouth))  # 4.
-            crops[i], masks[i] = crop, mask
+            crops[i], masks[i], sources[i] = crop, mask, job.frame
+            if start < 1:  # the draft: the warp renderer's frame, at the face's own resolution, cropped
+                sources[i] = self._warp_frame(job, identities[i], int(frame_indices[i]), watermark=False)
+                drafts.append(to_unit(self.aligner.crop(sources[i], job.transform)))
         noise = np.broadcast_to(self.noise, (len(todo), *self.noise.shape)).copy()
-        rendered = self.renderer.sample(np.stack(conditions), noise, steps or self.config.steps or None)
+        steps = steps or self.config.steps or max(1, round(start * self.renderer.config.steps))
+        rendered = self.renderer.sample(np.stack(conditions), noise, steps, init=np.stack(drafts) if drafts else None, start=start)
         for k, i in enumerate(todo):
             face = from_unit(rendered[k])
             if self.config.colour_match > 0:  # 5.
@@ -396,13 +405,13 @@ class AvatarPipeline:
             if self.config.detail:
                 scale = transform_scale(jobs[i].transform)  # crop px per frame px
                 alpha = self.aligner.paste_alpha(jobs[i].frame.shape, jobs[i].transform, masks[i])
-                pasted = transfer_detail(jobs[i].frame, pasted, alpha, sigma=0.7 / scale)
+                pasted = transfer_detail(sources[i], pasted, alpha, sigma=0.7 / scale)
             outputs[i] = pasted
         return outputs
 
-    def _warp_frame(self, job: FrameJob, identity: Identity, frame_index: int) -> np.ndarray:
+    def _warp_frame(self, job: FrameJob, identity: Identity, frame_index: int, watermark: bool = True) -> np.ndarray:
         """The warp renderer's version of steps 1-6, on a crop at the face's own resolution (a multiple
-        of 16 between the pipeline's crop size and `warp_max_size`)."""
+        of 16 between the pipeline's crop size and `warp_max_size`); `watermark=False` for a draft."""
         native = self.crop_size / transform_scale(job.transform)
         size = int(np.clip(16 * round(native / 16), self.crop_size, max(self.crop_size, self.config.warp_max_size)))
         aligner = self._aligner(size)
@@ -412,7 +421,7 @@ class AvatarPipeline:
         mouth = rescale_points(job.mouth, self.crop_size, size)  # 2.
         mask = aligner.repaint_mask(landmarks, lm.with_mouth(landmarks, mouth))  # 3.
         face = render_warp(crop, landmarks, mouth, mask, resize_inner(identity.inner, size))  # 4.
-        if self.config.watermark:  # 5.
+        if self.config.watermark and watermark:  # 5.
             face = provenance.embed_watermark(face, mask, frame_index)
         return aligner.paste_back(job.frame, face, transform, mask)  # 6.
 

@@ -9,7 +9,8 @@ composited into the crop. Compared with the real crop in the repainted region:
   DDIM steps; with `--teacher`, the many-step model it was distilled from, in the model's steps and
   in `--many-steps` (the quality the few-step path is measured against);
 - the warp renderer (`avatar/render/warp.py`): the closed-mouth reference's lower face warped to the
-  target's lips and jaw, the inside of the mouth from the open-mouth reference;
+  target's lips and jaw, the inside of the mouth from the open-mouth reference; with `--from-warp T`,
+  the model also starts from that crop noised to time T (SDEdit-style) instead of from pure noise;
 - baseline "reference mouth": the closed-mouth reference's lower face pasted in;
 - baseline "nearest reference": the clip's frame (≥ 12 frames away) whose mouth landmarks are
   closest to the target's, its lower face pasted in.
@@ -50,14 +51,16 @@ class ModelRow:
     name: str
     renderer: Renderer
     steps: int
+    start: float = 1.0  # below 1: start from the warp renderer's crop noised to this time
 
     @property
     def key(self) -> str:
-        return f"{self.name}_{self.steps}"
+        return f"{self.name}_{self.steps}" + (f"_warp{self.start:g}" if self.start < 1 else "")
 
     @property
     def label(self) -> str:
-        return f"{self.name}, {self.steps} step" + ("s" if self.steps > 1 else "")
+        steps = f"{self.name}, {self.steps} step" + ("s" if self.steps > 1 else "")
+        return steps + (f" from warp t={self.start:g}" if self.start < 1 else "")
 
 
 def _region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
@@ -118,9 +121,11 @@ def evaluate_render(models: typing.Sequence[ModelRow], clips: typing.Sequence[Re
             target_mouth = clip.landmarks[index][lm.MOUTH_AND_JAW, :2]
             warped = render_warp(ref_crops[0], clip.landmarks[references[0]], target_mouth, mask,
                                  InnerMouth(ref_crops[1], clip.landmarks[references[1]][lm.MOUTH_AND_JAW, :2], size))
-            outputs = {row.key: composite(row.renderer.render(condition, noise, row.steps), target, mask) for row in models}
+            warped = composite(warped, target, mask)
+            outputs = {row.key: composite(row.renderer.render(condition, noise, row.steps, warped, row.start), target, mask)
+                       for row in models}
             outputs.update({
-                "warp": composite(warped, target, mask),
+                "warp": warped,
                 "reference_mouth": composite(ref_crops[0], target, mask),
                 "nearest_reference": composite(clip.crops[nearest_reference(clip, index)], target, mask),
             })
@@ -173,11 +178,14 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", type=pathlib.Path, help="ONNX of the many-step model the --model was distilled from")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="few-step counts (default: the model's)")
     parser.add_argument("--many-steps", type=int, default=25)
+    parser.add_argument("--from-warp", type=float, nargs="*", default=[],
+                        help="also start the model from the warp renderer's crop at these times (steps: time × the model's steps)")
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
     renderer = Renderer(args.model)
     few = args.steps or [renderer.config.steps]
     models = [ModelRow("model", renderer, steps) for steps in (*few, args.many_steps)]
+    models += [ModelRow("model", renderer, max(1, round(start * renderer.config.steps)), start) for start in args.from_warp]
     if args.teacher:
         teacher = Renderer(args.teacher)
         if teacher.config.crop_size != renderer.config.crop_size:

@@ -13,7 +13,7 @@ import typing
 import numpy as np
 
 from avatar.config import RenderConfig
-from avatar.render.condition import from_unit
+from avatar.render.condition import from_unit, to_unit
 from avatar.render.sampling import Callback, sample_ddim
 from avatar.runtime import OnnxSession
 
@@ -36,19 +36,25 @@ class Renderer:
         return self.session.run(x_t=x_t.astype(np.float32), t=t.astype(np.float32), condition=condition.astype(np.float32))["v"]
 
     def sample(self, condition: np.ndarray, noise: np.ndarray, steps: typing.Optional[int] = None,
-               callback: typing.Optional[Callback] = None, io_binding: bool = True) -> np.ndarray:
+               callback: typing.Optional[Callback] = None, io_binding: bool = True,
+               init: typing.Optional[np.ndarray] = None, start: float = 1.0) -> np.ndarray:
         """`condition: (B, C, S, S)`, `noise: (B, 3, S, S)` → clean crops `(B, 3, S, S)` in [-1, 1].
 
+        `init` and `start` < 1: begin from a draft `(B, 3, S, S)` in [-1, 1] (`sample_ddim`).
         With `io_binding`, the condition goes to the provider's device once for all the steps."""
+        steps = steps or self.config.steps
         if not io_binding:
-            return sample_ddim(self.denoise, noise, condition, steps or self.config.steps, callback)
+            return sample_ddim(self.denoise, noise, condition, steps, callback, init, start)
         on_device = self.session.to_device(np.asarray(condition, np.float32))
 
         def denoise(x_t: np.ndarray, t: np.ndarray, _condition: np.ndarray) -> np.ndarray:
             return self.session.run_bound(x_t=x_t.astype(np.float32), t=t.astype(np.float32), condition=on_device)["v"]
 
-        return sample_ddim(denoise, noise, condition, steps or self.config.steps, callback)
+        return sample_ddim(denoise, noise, condition, steps, callback, init, start)
 
-    def render(self, condition: np.ndarray, noise: np.ndarray, steps: typing.Optional[int] = None) -> np.ndarray:
-        """One crop: `condition (C, S, S)`, `noise (3, S, S)` → `(S, S, 3) uint8`."""
-        return from_unit(self.sample(condition[None], noise[None], steps)[0])
+    def render(self, condition: np.ndarray, noise: np.ndarray, steps: typing.Optional[int] = None,
+               draft: typing.Optional[np.ndarray] = None, start: float = 1.0) -> np.ndarray:
+        """One crop: `condition (C, S, S)`, `noise (3, S, S)` [, a draft `(S, S, 3) uint8` to start
+        from at time `start`] → `(S, S, 3) uint8`."""
+        init = None if draft is None else to_unit(draft)[None]
+        return from_unit(self.sample(condition[None], noise[None], steps, init=init, start=start)[0])

@@ -28,15 +28,24 @@ def timesteps(steps: int, start: float = 1.0) -> np.ndarray:
 
 
 def sample_ddim(model: Model, noise: np.ndarray, condition: np.ndarray, steps: int = 4,
-                callback: typing.Optional[Callback] = None) -> np.ndarray:
-    """Deterministic DDIM from pure noise to a clean crop.
+                callback: typing.Optional[Callback] = None, init: typing.Optional[np.ndarray] = None,
+                start: float = 1.0) -> np.ndarray:
+    """Deterministic DDIM to a clean crop, from pure noise or (SDEdit-style) from a draft.
 
     noise: `(B, 3, S, S) float32` standard normal (share it across frames for temporal stability);
-    condition: `(B, C, S, S) float32`. Returns x0 `(B, 3, S, S) float32` in about [-1, 1].
-    `callback(step, steps, x0_estimate)` is called after every step.
+    condition: `(B, C, S, S) float32`. With `init` (`(B, 3, S, S)` in [-1, 1], a draft of the crop)
+    and `start` < 1, sampling begins at time `start` from the draft noised to that level, so the
+    result keeps the draft's coarse content and redraws its detail; `steps` then span [start, 0].
+    Returns x0 `(B, 3, S, S) float32` in about [-1, 1]. `callback(step, steps, x0_estimate)` is
+    called after every step.
     """
-    x = noise.astype(np.float32)
-    times = timesteps(steps)
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"the start time must be in (0, 1], got {start}")
+    if start < 1.0 and init is None:
+        raise ValueError("a start time below 1 needs a draft (init) to noise")
+    times = timesteps(steps, start)
+    alpha, sigma = alpha_sigma(start)
+    x = (noise if start >= 1.0 else alpha * init + sigma * noise).astype(np.float32)
     x0 = x
     for i in range(steps):
         t, t_next = times[i], times[i + 1]
