@@ -126,6 +126,11 @@ def test_training_samples_from_real_crops(tiny_cache):
     refs = clip.references(index, np.random.default_rng(0), 2)
     assert all(abs(r - index) >= REFERENCE_GAP for r in refs)
     assert clip.gap[refs[0]] <= clip.gap[refs[1]]  # a closed, then an open mouth
+    drafted = sampler.batch(3, draft_share=1.0)  # the warp renderer's draft of each target, for distillation
+    assert drafted["has_draft"].all() and drafted["draft"].shape == drafted["clean"].shape
+    outside, inside = drafted["mask"][:, 0] == 0, drafted["mask"][:, 0] > 0.9
+    difference = np.abs(drafted["draft"] - drafted["clean"]).mean(axis=1)
+    assert difference[outside].max() < 0.01 and difference[inside].mean() > 0.02  # the target outside, a warped mouth inside
 
 
 @pytest.mark.slow
@@ -153,10 +158,10 @@ def test_few_step_distillation_runs_under_torchrun_and_moves_the_student(tiny_ca
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "training.distill_render", "--cache", str(tiny_cache), "--teacher", str(tmp_path / "teacher.pt"),
                "--out", str(out), "--steps", "3", "--batch", "2", "--val-every", "3", "--val-samples", "2", "--threads", "1",
-               "--adversarial-start", "1", "--model.steps", "2"]
+               "--adversarial-start", "1", "--model.steps", "2", "--draft-share", "0.5"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and "student times [1.0, 0.5]" in result.stdout
+    assert "2 process(es)" in result.stdout and "student times [1.0, 0.5], from the warp's draft at [0.5]" in result.stdout
     assert "val step 3: region PSNR" in result.stdout and "sharpness" in result.stdout
     student = load_denoiser(out / "step000003.pt")
     assert student.config.steps == 2  # exported with the few-step count it was trained for

@@ -1,12 +1,15 @@
 """Few-step distillation of the renderer: adversarial diffusion distillation (ADD-style) on the
 preprocessing cache.
 
-    python -m training.distill_render --cache cache --teacher assets/render.pt --out runs/distill [--steps 3000]
+    python -m training.distill_render --cache cache --teacher assets/render.pt --out runs/distill [--steps 3000] [--draft-share 0.5]
     torchrun --nproc_per_node N -m training.distill_render ...     # DDP
 
-The student starts as a copy of the teacher and learns to give the clean crop in one call from the
-noisy crop at each time of the `--model.steps`-step sampler (t = 1, 0.75, 0.5, 0.25 for 4 steps; the
-1- and 2-step samplers use a subset of those times). The teacher, trained for many-step sampling with
+The student starts as a copy of the teacher (or `--init`) and learns to give the clean crop in one
+call from the noisy crop at each time of the `--model.steps`-step sampler (t = 1, 0.75, 0.5, 0.25 for
+4 steps; the 1- and 2-step samplers use a subset of those times). With `--draft-share`, that share of
+the samples starts instead from the warp renderer's draft of the target, noised to a time up to
+`--draft-max-time`: what the pipeline does by default (it refines the warp's frame), so the student
+learns to mend the draft (borrowed teeth, stretched skin) into the real crop. The teacher, trained for many-step sampling with
 a regression loss, is blurry in few steps; three losses on the student's clean crop x̂ push it to be
 sharp and still right:
 
@@ -58,6 +61,8 @@ class DistillConfig:
     distill_weight: float = 1.0
     adversarial: float = 0.5  # multiplies the adaptive weight
     adversarial_start: int = 100  # discriminator-only warm-up before it drives the student
+    draft_share: float = 0.0  # share of samples noised from the warp renderer's draft instead of the real crop (what the pipeline refines)
+    draft_max_time: float = 0.5  # those samples are taken at the student's times up to this
     ema: float = 0.995
     val_every: int = 250
     val_samples: int = 32
@@ -120,6 +125,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     parser.add_argument("--cache", type=pathlib.Path, required=True)
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--teacher", type=pathlib.Path, required=True, help="the many-step model (assets/render.pt or a training checkpoint)")
+    parser.add_argument("--init", type=pathlib.Path, help="start the student from these weights (default: the teacher's)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     add_config_arguments(parser, DistillConfig, "")
     parser.add_argument("--model.steps", dest="student_steps", type=int, default=RenderConfig().steps,
@@ -130,15 +136,20 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     main_process = rank == 0
 
     # 1. Teacher (frozen), student (a copy of it, sampled in `student_steps`), weight average, discriminator.
-    try:
-        teacher = load_denoiser(args.teacher)
-    except (OSError, KeyError, RuntimeError) as error:
-        print(f"error: cannot load the teacher {args.teacher}: {error}", file=sys.stderr)
+    loaded = {}
+    for role, path in (("teacher", args.teacher), ("student", args.init or args.teacher)):
+        try:
+            loaded[role] = load_denoiser(path)
+        except (OSError, KeyError, RuntimeError) as error:
+            print(f"error: cannot load the {role} {path}: {error}", file=sys.stderr)
+            return 2
+    if dataclasses.replace(loaded["student"].config, steps=0) != dataclasses.replace(loaded["teacher"].config, steps=0):
+        print(f"error: {args.init} is a model of another shape than the teacher {args.teacher}", file=sys.stderr)
         return 2
-    model_cfg = dataclasses.replace(teacher.config, steps=args.student_steps)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    model_cfg = dataclasses.replace(loaded["teacher"].config, steps=args.student_steps)
+    teacher = loaded["teacher"].to(device).eval().requires_grad_(False)
     student = Denoiser(model_cfg).to(device).to(memory_format=torch.channels_last)
-    student.load_state_dict(teacher.state_dict())
+    student.load_state_dict(loaded["student"].state_dict())
     average = Denoiser(model_cfg).to(device)
     average.load_state_dict(student.state_dict())
     average.requires_grad_(False)
@@ -167,6 +178,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     sampler = RenderSampler(train_clips, model_cfg, seed=cfg.seed * 1000 + rank + 77)
     val_batch = RenderSampler(val_clips or train_clips, model_cfg, augment=False, seed=12345).batch(cfg.val_samples)
     student_times = timesteps(model_cfg.steps)[:-1].astype(np.float32)  # 1, 0.75, 0.5, 0.25 for 4 steps
+    draft_times = student_times[student_times <= cfg.draft_max_time + 1e-6]
+    if cfg.draft_share > 0 and draft_times.size == 0:
+        print(f"error: no student time is at or below --draft-max-time {cfg.draft_max_time}", file=sys.stderr)
+        return 2
 
     writer = None
     if main_process:
@@ -176,12 +191,13 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         writer = SummaryWriter(str(args.out / "tb"))
         (args.out / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                                                           "teacher": str(args.teacher)}, indent=1))
-        print(f"{len(train_clips)} training clips, {len(val_clips)} held-out clips; student times {student_times.tolist()}; "
-              f"{world} process(es) on {device}", flush=True)
+        print(f"{len(train_clips)} training clips, {len(val_clips)} held-out clips; student times {student_times.tolist()}"
+              + (f", from the warp's draft at {draft_times.tolist()} for {cfg.draft_share:.0%} of samples" if cfg.draft_share > 0 else "")
+              + f"; {world} process(es) on {device}", flush=True)
         if start_step == 0:
             psnr, x0_val = validate(average, val_batch, device, model_cfg.steps)
             sharp = sharpness_ratio(x0_val, val_batch["clean"], val_batch["condition"][:, 3:4] > 0.5)
-            print(f"val step 0 (the teacher in {model_cfg.steps} steps): region PSNR {psnr:.2f} dB, sharpness {sharp:.2f}", flush=True)
+            print(f"val step 0 (the student's start in {model_cfg.steps} steps): region PSNR {psnr:.2f} dB, sharpness {sharp:.2f}", flush=True)
 
     # 3. The loop.
     started = time.perf_counter()
@@ -190,17 +206,21 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     cl = lambda x: x.contiguous(memory_format=torch.channels_last)
     for step in range(start_step, cfg.steps):
         student.train()
-        batch = sampler.batch(cfg.batch)
+        batch = sampler.batch(cfg.batch, cfg.draft_share)
         clean = torch.from_numpy(batch["clean"]).to(device)
         condition = torch.from_numpy(batch["condition"]).to(device)
         mask = torch.from_numpy(batch["mask"]).to(device)
         sketch = condition[:, -3:]
         patch_mask = nn.functional.avg_pool2d(mask, 8)  # which discriminator patches see the repainted region
 
-        # 3a. The student's clean crop from the noisy real crop at one of its sampling times.
+        # 3a. The student's clean crop from the noisy real crop (or the warp's draft of it) at one of its sampling times.
         times = rng.choice(student_times, cfg.batch)
+        source = clean
+        if cfg.draft_share > 0:
+            times = np.where(batch["has_draft"], rng.choice(draft_times, cfg.batch), times).astype(np.float32)
+            source = torch.from_numpy(batch["draft"]).to(device)  # the clean crop where a sample has no draft
         alpha, sigma = (torch.from_numpy(v.astype(np.float32)).to(device)[:, None, None, None] for v in alpha_sigma(times))
-        x_t = alpha * clean + sigma * torch.randn_like(clean)
+        x_t = alpha * source + sigma * torch.randn_like(clean)
         with autocast():
             v = trainable(cl(x_t), torch.from_numpy(times).to(device), cl(condition)).float()
         x0 = (alpha * x_t - sigma * v).clamp(-1, 1)

@@ -6,8 +6,8 @@ On frames of validation people (never seen in training), each target's lower fac
 its masked frame, two references of the same clip and the sketch of its real landmarks, then
 composited into the crop. Compared with the real crop in the repainted region:
 - the model in each of `--steps` (default: the model's own few-step count) and in `--many-steps`
-  DDIM steps; with `--teacher`, the many-step model it was distilled from, in the model's steps and
-  in `--many-steps` (the quality the few-step path is measured against);
+  DDIM steps; with `--teacher`, the many-step model it was distilled from, in the model's steps, in
+  `--many-steps` (the quality the few-step path is measured against) and from the warp;
 - the warp renderer (`avatar/render/warp.py`): the closed-mouth reference's lower face warped to the
   target's lips and jaw, the inside of the mouth from the open-mouth reference; with `--from-warp T`,
   the model also starts from that crop noised to time T (SDEdit-style) instead of from pure noise;
@@ -193,6 +193,7 @@ def main(argv=None) -> int:
                   "compare models of one crop size", file=sys.stderr)
             return 2
         models += [ModelRow("teacher", teacher, steps) for steps in (max(few), args.many_steps)]
+        models += [ModelRow("teacher", teacher, max(1, round(start * renderer.config.steps)), start) for start in args.from_warp]
     clips = load_render_clips(args.cache, "val", renderer.config.crop_size, kinds=("video",))
     if not clips:
         print(f"error: no validation clips in {args.cache}; run training.preprocess first", file=sys.stderr)

@@ -18,7 +18,8 @@ import numpy as np
 from avatar.config import AlignConfig, RenderConfig
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
-from avatar.render.condition import build_condition, to_unit
+from avatar.render.condition import build_condition, composite, to_unit
+from avatar.render.warp import InnerMouth, render_warp
 from training.cache import ClipCache, open_cache
 
 REFERENCE_GAP = 12  # frames between a target and its references
@@ -71,22 +72,29 @@ def load_render_clips(cache_root, split: str, crop_size: int = 128, every: int =
 
 
 def make_sample(clip: RenderClip, index: int, rng: np.random.Generator, config: RenderConfig, aligner: FaceAligner,
-                augment: bool) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(clean target `(3, S, S)` in [-1, 1], condition `(C, S, S)`, repaint mask `(1, S, S)` in [0, 1])."""
+                augment: bool, draft: bool = False) -> typing.Tuple[np.ndarray, ...]:
+    """(clean target `(3, S, S)` in [-1, 1], condition `(C, S, S)`, repaint mask `(1, S, S)` in [0, 1])
+    and, with `draft`, the warp renderer's draft of the target `(3, S, S)` in [-1, 1]: the first
+    reference's lower face warped to the target's lips and jaw, the inside of the mouth from the
+    second, composited into the target outside the mask (what the pipeline refines)."""
     other = int(rng.choice(np.flatnonzero(clip.usable)))
     mask = aligner.repaint_mask(clip.landmarks[index], clip.landmarks[other])
-    refs = [clip.crops[i] for i in clip.references(index, rng, config.references)]
+    chosen = clip.references(index, rng, config.references)
+    refs = [clip.crops[i] for i in chosen]
     target = clip.crops[index]
     if augment:
         gain, bias = rng.uniform(0.85, 1.15), rng.uniform(-12, 12)
         adjust = lambda image: np.clip(image.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
         target, refs = adjust(target), [adjust(r) for r in refs]
     condition = build_condition(target, mask, refs, clip.landmarks[index][lm.MOUTH_AND_JAW])
-    clean = to_unit(target)
-    mask = mask[None].astype(np.float32)
+    arrays = [to_unit(target), condition, mask[None].astype(np.float32)]
+    if draft:
+        inside = InnerMouth(refs[-1], clip.landmarks[chosen[-1]][lm.MOUTH_AND_JAW, :2], config.crop_size)
+        warped = render_warp(refs[0], clip.landmarks[chosen[0]], clip.landmarks[index][lm.MOUTH_AND_JAW, :2], mask, inside)
+        arrays.append(to_unit(composite(warped, target, mask)))
     if augment and rng.random() < 0.5:
-        clean, condition, mask = clean[..., ::-1], condition[..., ::-1], mask[..., ::-1]
-    return np.ascontiguousarray(clean), np.ascontiguousarray(condition), np.ascontiguousarray(mask)
+        arrays = [a[..., ::-1] for a in arrays]
+    return tuple(np.ascontiguousarray(a) for a in arrays)
 
 
 class RenderSampler:
@@ -101,11 +109,17 @@ class RenderSampler:
         weights = np.array([c.usable.sum() for c in self.clips], np.float64)
         self.weights = weights / weights.sum()
 
-    def batch(self, size: int) -> typing.Dict[str, np.ndarray]:
-        items = []
-        for _ in range(size):
+    def batch(self, size: int, draft_share: float = 0.0) -> typing.Dict[str, np.ndarray]:
+        """With `draft_share` > 0, also "draft" `(n, 3, S, S)` (the warp renderer's draft for about that
+        share of the samples, the clean crop for the others) and "has_draft" `(n,) bool`."""
+        items, has_draft = [], self.rng.random(size) < draft_share
+        for k in range(size):
             clip = self.clips[self.rng.choice(len(self.clips), p=self.weights)]
             index = int(self.rng.choice(np.flatnonzero(clip.usable)))
-            items.append(make_sample(clip, index, self.rng, self.config, self.aligner, self.augment))
-        return {"clean": np.stack([i[0] for i in items]), "condition": np.stack([i[1] for i in items]),
-                "mask": np.stack([i[2] for i in items])}
+            items.append(make_sample(clip, index, self.rng, self.config, self.aligner, self.augment, bool(has_draft[k])))
+        batch = {"clean": np.stack([i[0] for i in items]), "condition": np.stack([i[1] for i in items]),
+                 "mask": np.stack([i[2] for i in items])}
+        if draft_share > 0:
+            batch["draft"] = np.stack([i[3] if len(i) > 3 else i[0] for i in items])
+            batch["has_draft"] = has_draft
+        return batch
