@@ -52,6 +52,11 @@ from avatar.runtime import asset_path
 PathLike = typing.Union[str, os.PathLike]
 MOTION_MODEL, RENDER_MODEL = "motion.onnx", "render.onnx"
 INNER_SIZE = 256  # crop side at which an identity's open mouth is kept for the warp renderer
+# Detail transfer after the diffusion renderer (luma levels of coarse disagreement that stop it): from
+# the input frame only where the mouth did not move; from the warp renderer's frame that the model
+# refined, much more freely (its pixels are the person's, already at the target mouth). Measured on
+# two held-out dubs: sharpness ratio 0.44 → 0.62 and 0.62 → 0.74 from 10 to 30 levels.
+FRAME_DETAIL_TOLERANCE, DRAFT_DETAIL_TOLERANCE = 10.0, 30.0
 
 
 @dataclasses.dataclass
@@ -405,7 +410,8 @@ class AvatarPipeline:
             if self.config.detail:
                 scale = transform_scale(jobs[i].transform)  # crop px per frame px
                 alpha = self.aligner.paste_alpha(jobs[i].frame.shape, jobs[i].transform, masks[i])
-                pasted = transfer_detail(sources[i], pasted, alpha, sigma=0.7 / scale)
+                tolerance = DRAFT_DETAIL_TOLERANCE if start < 1 else FRAME_DETAIL_TOLERANCE
+                pasted = transfer_detail(sources[i], pasted, alpha, sigma=0.7 / scale, tolerance=tolerance)
             outputs[i] = pasted
         return outputs
 

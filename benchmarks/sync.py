@@ -1,6 +1,6 @@
 """Held-out lip sync of the whole engine, measured by `avatar eval`, next to baselines in the same run.
 
-    python -m benchmarks.sync [--clips 6] [--seconds 4] [--renderer warp|diffusion]
+    python -m benchmarks.sync [--clips 6] [--seconds 4] [--renderer warp|diffusion] [--diffusion-start 0.25] [--models FOLDER]
 
 For talking clips of validation people (never seen in training; `training.split`), the first
 `--seconds` are dubbed three ways and each result is compared with the real clip. The picture that
@@ -51,8 +51,12 @@ def main(argv=None) -> None:
     parser.add_argument("--clips", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--renderer", choices=("warp", "diffusion"), default=PipelineConfig.renderer)
+    parser.add_argument("--diffusion-start", type=float, default=PipelineConfig.diffusion_start,
+                        help="the diffusion renderer refines the warp's draft noised to this time (1: from pure noise)")
+    parser.add_argument("--models", type=pathlib.Path, help="a folder with motion.onnx and render.onnx (default: assets/)")
     args = parser.parse_args(argv)
-    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(drift=False, renderer=args.renderer))
+    pipeline = AvatarPipeline.from_pretrained(args.models, config=PipelineConfig(drift=False, renderer=args.renderer,
+                                                                                 diffusion_start=args.diffusion_start))
     clips = validation_clips(args.clips, args.seconds)
     results = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +83,8 @@ def main(argv=None) -> None:
             print(f"{person} ({path.name}): " + ", ".join(
                 f"{m} {results[m][-1]['mouth_landmark_distance_pct_iod']:.2f}/{results[m][-1]['mouth_opening_r']:.2f}" for m in METHODS)
                 + "  (mouth distance %IOD / opening r)", flush=True)
-    print(f"\nheld out: {len(clips)} people, {args.seconds:g} s each, dubbed with the {args.renderer} renderer and re-tracked (avatar eval)")
+    how = f"{args.renderer} renderer" + (f" (from the warp's draft at t={args.diffusion_start:g})" if args.renderer == "diffusion" else "")
+    print(f"\nheld out: {len(clips)} people, {args.seconds:g} s each, dubbed with the {how} and re-tracked (avatar eval)")
     print(f"{'':<20}" + "".join(f"{k.split('_pct')[0]:>26}" for k in KEYS))
     for method in METHODS:
         print(f"{method:<20}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>26.3f}" for k in KEYS))

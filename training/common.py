@@ -68,6 +68,15 @@ def update_average(average: torch.nn.Module, model: torch.nn.Module, decay: floa
             kept.lerp_(trained, 1.0 - decay)
 
 
+def log_training(writer, step: int, values: typing.Dict[str, "torch.Tensor | float"], steps_per_s: float) -> None:
+    """A training step's scalars: to TensorBoard as `train/<name>` and printed on one line."""
+    numbers = {name: float(value.detach() if isinstance(value, torch.Tensor) else value) for name, value in values.items()}
+    for name, value in numbers.items():
+        writer.add_scalar(f"train/{name}", value, step)
+    print(f"step {step:6d} " + " ".join(f"{name} {value:.4f}" for name, value in numbers.items()) + f" ({steps_per_s:.2f} steps/s)",
+          flush=True)
+
+
 def emit_report(text: str, report: typing.Dict[str, typing.Any], json_path: typing.Optional[pathlib.Path]) -> None:
     """Print a report's table and, if asked, write the whole report as JSON."""
     print(text)

@@ -45,7 +45,7 @@ from avatar.config import RenderConfig
 from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, timesteps
 from avatar.render.unet import Denoiser
-from training.common import finish_training, save_checkpoint, start_process, update_average
+from training.common import finish_training, log_training, save_checkpoint, start_process, update_average
 from training.render_data import RenderSampler, load_render_clips
 from training.export_render import load_denoiser
 from training.train_render import save_grid, validate
@@ -263,12 +263,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         optimiser_d.step()
 
         if main_process and (step % 25 == 0 or step == cfg.steps - 1):
-            for name, value in (("reconstruction", reconstruction), ("distillation", distillation), ("discriminator", d_loss)):
-                writer.add_scalar(f"train/{name}", float(value.detach()), step)
-            writer.add_scalar("train/adversarial_weight", adversarial_weight, step)
-            rate = (step + 1 - start_step) / (time.perf_counter() - started)
-            print(f"step {step:6d} rec {float(reconstruction.detach()):.4f} distill {float(distillation.detach()):.4f} d {float(d_loss.detach()):.3f} "
-                  f"adv weight {adversarial_weight:.3f} ({rate:.2f} steps/s)", flush=True)
+            log_training(writer, step, {"reconstruction": reconstruction, "distillation": distillation, "discriminator": d_loss,
+                                        "adversarial_weight": adversarial_weight}, (step + 1 - start_step) / (time.perf_counter() - started))
 
         # 4. Validation on held-out people; sample grid; snapshots of the average.
         if main_process and ((step + 1) % cfg.val_every == 0 or step == cfg.steps - 1):

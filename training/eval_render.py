@@ -161,10 +161,10 @@ def evaluate_render(models: typing.Sequence[ModelRow], clips: typing.Sequence[Re
 
 def format_report(report: typing.Dict[str, typing.Any]) -> str:
     lines = [f"held-out: {report['frames']} frames in {report['runs']} runs of consecutive frames (people never seen in training)",
-             f"{'':30s} {'PSNR dB':>8s} {'SSIM':>6s} {'sharp':>6s} {'lmk %IOD':>9s} {'identity':>9s} {'flicker':>8s}"]
+             f"{'':36s} {'PSNR dB':>8s} {'SSIM':>6s} {'sharp':>6s} {'lmk %IOD':>9s} {'identity':>9s} {'flicker':>8s}"]
     for method, name in report["labels"].items():
         s = report["summary"][method]
-        lines.append(f"{name:30s} {s['psnr']:8.2f} {s['ssim']:6.3f} {s['sharpness_ratio']:6.2f} {s['landmark_error']:9.2f} "
+        lines.append(f"{name:36s} {s['psnr']:8.2f} {s['ssim']:6.3f} {s['sharpness_ratio']:6.2f} {s['landmark_error']:9.2f} "
                      f"{s['identity_distance']:9.3f} {s['flicker_ratio']:8.2f}")
     lines.append("sharp = Laplacian variance ratio output/real in the region (target ≥ 0.8); flicker = frame-to-frame change output/real")
     return "\n".join(lines)

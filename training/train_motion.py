@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import MotionConfig
 from avatar.motion.model import MotionModel
-from training.common import finish_training, save_checkpoint, start_process, training_arguments, update_average
+from training.common import finish_training, log_training, save_checkpoint, start_process, training_arguments, update_average
 from training.motion_data import MotionSampler, load_motion_clips, load_speech_clips, pca_basis
 from training.motion_eval import evaluate_motion
 
@@ -180,13 +180,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         optimiser.step()
         update_average(average, model, cfg.ema)
         if main_process and (step % 25 == 0 or step == cfg.steps - 1):
-            writer.add_scalar("train/loss", float(loss.detach()), step)
-            for key, value in parts.items():
-                writer.add_scalar(f"train/{key}", value, step)
-            writer.add_scalar("train/lr", optimiser.param_groups[0]["lr"], step)
-            rate = (step + 1 - start_step) / (time.perf_counter() - started)
-            print(f"step {step:6d} loss {float(loss.detach()):.4f} l1 {parts['l1']:.4f} amp {parts['amplitude']:.4f} "
-                  f"visemes {parts.get('visemes', float('nan')):.3f} ({rate:.1f} steps/s)", flush=True)
+            log_training(writer, step, {"loss": loss, **parts, "lr": optimiser.param_groups[0]["lr"]},
+                         (step + 1 - start_step) / (time.perf_counter() - started))
 
         # 4. Validation on held-out people; checkpoints.
         last = step == cfg.steps - 1

@@ -29,7 +29,7 @@ from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser
 from training.render_data import RenderSampler, load_render_clips
-from training.common import finish_training, save_checkpoint, start_process, training_arguments, update_average
+from training.common import finish_training, log_training, save_checkpoint, start_process, training_arguments, update_average
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +156,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         optimiser.step()
         update_average(average, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))  # warm-up: forget the random start
         if main_process and (step % 50 == 0 or step == cfg.steps - 1):
-            writer.add_scalar("train/loss", float(loss.detach()), step)
-            writer.add_scalar("train/v", float(v_loss.detach()), step)
-            writer.add_scalar("train/x0_l1", float(x0_loss.detach()), step)
-            rate = (step + 1 - start_step) / (time.perf_counter() - started)
-            print(f"step {step:6d} loss {float(loss.detach()):.4f} v {float(v_loss.detach()):.4f} x0 {float(x0_loss.detach()):.4f} "
-                  f"({rate:.2f} steps/s)", flush=True)
+            log_training(writer, step, {"loss": loss, "v": v_loss, "x0_l1": x0_loss},
+                         (step + 1 - start_step) / (time.perf_counter() - started))
 
         # 4. Validation on held-out people; sample grid; checkpoints.
         if main_process and ((step + 1) % cfg.val_every == 0 or step == cfg.steps - 1):
