@@ -1,6 +1,6 @@
 """Export the renderer's denoiser to ONNX (dynamic batch), check parity (fp32 ≤ 1e-3), optionally fp16.
 
-    python -m training.export_render --checkpoint runs/render/best.pt --out assets/render.onnx [--fp16] [--torch-copy assets/render.pt]
+    python -m training.export_render --checkpoint runs/render/best.pt --out assets/render.onnx [--fp16] [--torch-copy assets/render.pt] [--steps 2]
 
 The sampler loop stays in Python (`avatar.render.sampling`), calling the ONNX denoiser each step.
 """
@@ -68,8 +68,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/render.onnx"))
     parser.add_argument("--fp16", action="store_true", help="store the weights as fp16 (computed in fp32); parity must still hold")
     parser.add_argument("--torch-copy", type=pathlib.Path, help="also save an fp16 torch copy here (for training --init)")
+    parser.add_argument("--steps", type=int, help="the few-step count stored with the model, the sampler's default (default: the checkpoint's)")
     args = parser.parse_args(argv)
     model = load_denoiser(args.checkpoint)
+    if args.steps is not None:
+        if args.steps < 1:
+            print(f"error: --steps must be at least 1, not {args.steps}", file=sys.stderr)
+            return 2
+        model.config = dataclasses.replace(model.config, steps=args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         candidate = pathlib.Path(tmp) / args.out.name
         export(model, candidate)
