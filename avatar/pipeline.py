@@ -276,7 +276,7 @@ class AvatarPipeline:
             config = self.renderer.config
             self.renderer.sample(np.zeros((batch, config.condition_channels, self.crop_size, self.crop_size), np.float32),
                                  np.zeros((batch, 3, self.crop_size, self.crop_size), np.float32), steps=1)
-        else:  # the warp's first call loads scipy's spline code
+        if self.config.renderer == "warp" or self.config.diffusion_start < 1:  # the warp's first call loads scipy's spline code
             from avatar.face.align import crop_template
 
             face = crop_template(self.crop_size)
