@@ -126,13 +126,25 @@ def _run_webcam(args: argparse.Namespace) -> int:
     return webcam.run(args.image, config_from_args(args, RealtimeConfig, ""), config_from_args(args, IdleConfig, "idle"))
 
 
+def _face_index_option(command: argparse.ArgumentParser) -> None:
+    """`--face-index N`: an alias of `--face.face-index` (FaceConfig), the option users look for."""
+    command.add_argument("--face-index", dest="face__face_index", type=int, default=None, metavar="N",
+                         help="which face to use when there are several (0.. left to right)")
+
+
+def _live_options(command: argparse.ArgumentParser) -> None:
+    """What `serve` and `webcam` share: the portrait, the live engine's config and the idle motion."""
+    command.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
+    add_config_arguments(command, RealtimeConfig, "")
+    add_config_arguments(command, IdleConfig, "idle")
+
+
 def _common_render_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--output", required=True, help="output mp4 (written atomically; never an input)")
     command.add_argument("--report", help="write a JSON report here: timings per stage, frames, drift series and alarms, model hashes")
     command.add_argument("--reference", action="append", metavar="PHOTO",
                          help="another photo of the same person for the identity-drift check (repeatable)")
-    command.add_argument("--face-index", dest="face__face_index", type=int, default=None, metavar="N",
-                         help="which face to use when there are several (0.. left to right)")
+    _face_index_option(command)
     command.add_argument("--models", help="folder with motion.onnx and render.onnx (default: the bundled ones)")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(command, PipelineConfig, "")
@@ -157,8 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--fps", type=float, default=25.0, help="frame rate for a still image (default 25)")
     inspect.add_argument("--quiet", action="store_true", help="no progress bar")
     inspect.add_argument("--no-motion", action="store_true", help="do not run the motion model")
-    inspect.add_argument("--face-index", dest="face__face_index", type=int, default=None, metavar="N",
-                         help="which face to use when there are several (0.. left to right)")
+    _face_index_option(inspect)
     add_config_arguments(inspect, FaceConfig, "face")
     add_config_arguments(inspect, AlignConfig, "align")
     add_config_arguments(inspect, MelConfig, "mel")
@@ -214,20 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="live avatar over WebSocket, with a browser page",
         description="Stream a live avatar: clients send speech (PCM) over a WebSocket and get frames with timestamps "
                     "and the audio back; GET / is a browser page that uses the microphone. Protocol: realtime/server.py.")
-    serve.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
+    _live_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--token", default=os.environ.get("AVATAR_TOKEN"),
                        help="the token clients must give (default: $AVATAR_TOKEN, else a random one, printed)")
-    add_config_arguments(serve, RealtimeConfig, "")
-    add_config_arguments(serve, IdleConfig, "idle")
     serve.set_defaults(run=_run_serve)
 
     webcam = commands.add_parser("webcam", help="microphone → live avatar → virtual camera",
                                  description="Needs the realtime extra, a microphone and a virtual camera (v4l2loopback).")
-    webcam.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
-    add_config_arguments(webcam, RealtimeConfig, "")
-    add_config_arguments(webcam, IdleConfig, "idle")
+    _live_options(webcam)
     webcam.set_defaults(run=_run_webcam)
     return parser
 

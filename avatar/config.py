@@ -233,7 +233,7 @@ class RealtimeConfig:
 
     fps: float = 25.0
     renderer: str = "warp"  # as PipelineConfig.renderer
-    steps: int = 1  # diffusion steps per frame live (the offline commands use the model's own count)
+    steps: int = 1  # diffusion steps per frame live (from the warp's draft, as PipelineConfig.diffusion_start)
     batch: int = 8  # most frames (from all sessions) per renderer call
     max_side: int = 512  # the portrait is scaled so its longer side is at most this
     jpeg_quality: int = 85

@@ -21,7 +21,6 @@ import dataclasses
 import os
 import typing
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -30,7 +29,7 @@ from avatar.config import AlignConfig, FaceConfig
 from avatar.errors import MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
-from avatar.metrics import mouth_landmark_distance, pearson
+from avatar.metrics import mouth_landmark_distance, pearson, sharpness
 
 PathLike = typing.Union[str, os.PathLike]
 CROP = 128
@@ -82,7 +81,7 @@ def _lower_face_regions(landmarks: np.ndarray, aligner: FaceAligner) -> np.ndarr
 
 
 def _sharpness(crops: np.ndarray, regions: np.ndarray, keep: np.ndarray) -> float:
-    values = [cv2.Laplacian(cv2.cvtColor(c, cv2.COLOR_RGB2GRAY), cv2.CV_64F)[r].var() for c, r, k in zip(crops, regions, keep) if k and r.any()]
+    values = [sharpness(c, r) for c, r, k in zip(crops, regions, keep) if k and r.any()]
     return float(np.mean(values)) if values else float("nan")
 
 
@@ -96,14 +95,14 @@ def estimate_av_offset(video: TrackedVideo, predictor, max_offset_frames: int = 
     """Best shift (frames, ms; positive: picture late) between the video's measured mouth opening and
     the motion model's (`predictor`, a MotionPredictor) prediction from its own audio, with the
     correlation there. None without audio."""
-    from avatar.motion.runner import inner_gap, rest_pose
+    from avatar.motion.runner import rest_pose
 
     keep = np.isfinite(video.landmarks).all(axis=(1, 2))
     if video.audio is None or keep.sum() < 2 * max_offset_frames + 4:
         return None
     rest, _ = rest_pose(video.landmarks, keep)
     predicted = predictor.from_audio(video.audio, video.fps, rest, len(video.landmarks))
-    predicted_gap = inner_gap(predicted)
+    predicted_gap = lm.inner_gap(predicted)
     measured_gap = np.where(keep, lm.mouth_opening(np.nan_to_num(video.landmarks)), np.nan)
     scores = {}
     for shift in range(-max_offset_frames, max_offset_frames + 1):

@@ -20,6 +20,14 @@ def mouth_landmark_distance(predicted: np.ndarray, real: np.ndarray, iod: typing
     return float(100.0 * per_frame.mean()) if per_frame.size else float("nan")
 
 
+def sharpness(image: np.ndarray, region: np.ndarray) -> float:
+    """Laplacian variance of `(H, W, 3) uint8` RGB inside `region (H, W) bool`: the detail there. The
+    sharpness ratios of the reports are this measure, output / real (≥ 0.8 counts as sharp)."""
+    import cv2
+
+    return float(cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F)[region].var())
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, np.float64) - np.mean(a)
     b = np.asarray(b, np.float64) - np.mean(b)

@@ -612,7 +612,7 @@ class AvatarPipeline:
                 n_out = n_audio
             samples_out = samples[: int(round(n_out / fps * self.motion.mel_config.sample_rate))]
             anchors = np.full((n_source, 2), np.nan)
-            anchors[good] = lm.mouth_anchor(np.stack([crop_lms[i] for i in good]))
+            anchors[good] = lm.mouth_anchor(good_lms)
             motion = np.r_[0.0, np.linalg.norm(np.diff(np.stack([t if t is not None else np.zeros((2, 3)) for t in transforms]), axis=0), axis=(1, 2))]
             schedule = pingpong_schedule(n_source, n_out, motion, fps, dub_config.audio_longer)
 

@@ -71,10 +71,13 @@ class OnnxSession:
     def providers(self) -> typing.List[str]:
         return self.session.get_providers()
 
-    def run(self, **inputs: np.ndarray) -> typing.Dict[str, np.ndarray]:
+    def _check_inputs(self, inputs: typing.Mapping[str, typing.Any]) -> None:
         missing = set(self.input_names) - set(inputs)
         if missing:
             raise ValueError(f"missing model inputs: {sorted(missing)}")
+
+    def run(self, **inputs: np.ndarray) -> typing.Dict[str, np.ndarray]:
+        self._check_inputs(inputs)
         outputs = self.session.run(self.output_names, {k: inputs[k] for k in self.input_names})
         return dict(zip(self.output_names, outputs))
 
@@ -87,9 +90,7 @@ class OnnxSession:
     def run_bound(self, **inputs) -> typing.Dict[str, np.ndarray]:
         """`run` through IO binding: inputs are numpy arrays (copied in) or OrtValues from `to_device`
         (used where they are); outputs are bound on the device and returned as numpy arrays."""
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise ValueError(f"missing model inputs: {sorted(missing)}")
+        self._check_inputs(inputs)
         binding = self.session.io_binding()
         for name in self.input_names:
             value = inputs[name]

@@ -19,7 +19,7 @@ import numpy as np
 
 from avatar import media
 from avatar.config import RealtimeConfig
-from realtime.client import latency_figures, stream_file
+from realtime.client import stream_file
 from realtime.engine import Engine
 from realtime.server import AvatarServer, BackgroundServer
 
@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     parser.add_argument("--image", type=pathlib.Path, default=DATA / "faces/ageitgey__face_recognition/obama.jpg")
     parser.add_argument("--audio", type=pathlib.Path, default=DATA / "speech/kleinlee__DH_live/audio0.wav")
     args = parser.parse_args(argv)
-    config = RealtimeConfig(steps=args.steps, renderer=args.renderer)
+    config = RealtimeConfig(steps=args.steps, renderer=args.renderer, max_sessions=max(args.sessions))
     engine = Engine(config=config)
     samples = media.read_audio(args.audio, 16000)
     samples = np.resize(samples, int(args.seconds * 16000))
@@ -50,10 +50,10 @@ def main(argv=None) -> None:
           f"server and clients share this process")
     print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9}")
     for count in args.sessions:
-        server = AvatarServer(engine, media.read_image(args.image), RealtimeConfig(steps=args.steps, renderer=args.renderer, max_sessions=max(args.sessions)))
+        server = AvatarServer(engine, media.read_image(args.image), config)
         with BackgroundServer(server) as background:
             results = asyncio.run(run_sessions(background.url, samples, count))
-        figures = [latency_figures(frames, started, stats.get("lookahead_ms", 112.5) / 1000) for frames, stats, started in results]
+        figures = [result.latency_figures() for result in results]
         fps = np.mean([f["fps"] for f in figures])
         dropped = sum(f["dropped"] for f in figures) / max(1, sum(f["frames"] for f in figures))
         print(f"{count:>8} {fps:>12.1f} {1000 * np.mean([f['first_frame_s'] for f in figures]):>10.0f} ms "

@@ -9,7 +9,7 @@ In code:
 
     async with AvatarClient(url, sample_rate=16000) as client:
         await client.send_audio(chunk)                  # float32 mono
-        frame = await client.next_frame()               # ReceivedFrame(index, pts, repeated, image, audio, received_at)
+        frame = await client.next_frame()               # ReceivedFrame: index, pts, repeated, picture, audio; .image()
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import typing
 
 import numpy as np
 
-from realtime.server import H264Decoder, decode_frame
+from realtime.server import VIDEO_CODECS, H264Decoder, decode_frame
 
 
 @dataclasses.dataclass
@@ -108,10 +108,33 @@ class AvatarClient:
         await self.connection.close()
 
 
+@dataclasses.dataclass
+class StreamResult:
+    """What `stream_file` got back: the frames, the server's `ready` message (fps, size, look-ahead)
+    and its last stats, and the wall time (`time.perf_counter()`) the first sample was sent."""
+
+    frames: typing.List[ReceivedFrame]
+    ready: typing.Dict[str, typing.Any]
+    stats: typing.Dict[str, typing.Any]
+    started: float
+
+    def latency_figures(self) -> typing.Dict[str, float]:
+        """Audio → frame latency as the client sees it: a frame's arrival minus the moment its audio
+        (pts + the server's look-ahead) had been sent; first-frame latency from the first sample sent."""
+        frames, lookahead_s = self.frames, self.ready["lookahead_ms"] / 1000.0
+        if not frames:
+            return {}
+        waits = np.array([f.received_at - (self.started + f.pts + lookahead_s) for f in frames])
+        span = frames[-1].received_at - frames[0].received_at
+        return {"frames": len(frames), "dropped": int(sum(f.repeated for f in frames)),
+                "first_frame_s": frames[0].received_at - self.started, "p50_ms": 1000 * float(np.median(waits)),
+                "p95_ms": 1000 * float(np.percentile(waits, 95)), "fps": (len(frames) - 1) / span if span > 0 else 0.0,
+                "lookahead_ms": 1000 * lookahead_s}
+
+
 async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: float = 0.02, tail_s: float = 0.5,
-                      video: str = "jpeg") -> typing.Tuple[typing.List[ReceivedFrame], typing.Dict[str, typing.Any], float]:
-    """Send `samples` in `chunk_s` chunks at real-time pace; collect frames until `tail_s` after the
-    end. Returns (frames, the server's last stats, wall time of the first sample)."""
+                      video: str = "jpeg") -> StreamResult:
+    """Send `samples` in `chunk_s` chunks at real-time pace; collect frames until `tail_s` after the end."""
     frames: typing.List[ReceivedFrame] = []
     async with AvatarClient(url, sample_rate, video=video) as client:
         async def collect():
@@ -133,20 +156,7 @@ async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: 
         await client.send_json({"type": "stats"})
         await asyncio.sleep(0.2)
         collector.cancel()
-        return frames, client.stats, started
-
-
-def latency_figures(frames: typing.Sequence[ReceivedFrame], started: float, lookahead_s: float) -> typing.Dict[str, float]:
-    """Audio → frame latency as the client sees it: a frame's arrival minus the moment its audio
-    (pts + look-ahead) had been sent; first-frame latency from the first sample sent."""
-    if not frames:
-        return {}
-    waits = np.array([f.received_at - (started + f.pts + lookahead_s) for f in frames])
-    span = frames[-1].received_at - frames[0].received_at
-    return {"frames": len(frames), "dropped": int(sum(f.repeated for f in frames)),
-            "first_frame_s": frames[0].received_at - started, "p50_ms": 1000 * float(np.median(waits)),
-            "p95_ms": 1000 * float(np.percentile(waits, 95)), "fps": (len(frames) - 1) / span if span > 0 else 0.0,
-            "lookahead_ms": 1000 * lookahead_s}
+        return StreamResult(frames, client.ready, client.stats, started)
 
 
 def main(argv=None) -> int:
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--url", required=True, help="ws://host:port/ws?token=...")
     parser.add_argument("--audio", required=True, help="speech to stream")
     parser.add_argument("--output", help="write what comes back to this mp4")
-    parser.add_argument("--video", choices=("jpeg", "h264"), default="jpeg", help="how the server sends the frames")
+    parser.add_argument("--video", choices=VIDEO_CODECS, default=VIDEO_CODECS[0], help="how the server sends the frames")
     args = parser.parse_args(argv)
     from avatar import media
     from avatar.errors import AvatarError
@@ -163,20 +173,20 @@ def main(argv=None) -> int:
         samples = media.read_audio(args.audio, 16000)
         if args.output:
             media.check_output_path(args.output, [args.audio])
-        frames, stats, started = asyncio.run(stream_file(args.url, samples, 16000, video=args.video))
+        result = asyncio.run(stream_file(args.url, samples, 16000, video=args.video))
     except AvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot reach {args.url.split('?')[0]} ({exc.strerror or exc}); is `avatar serve` running?", file=sys.stderr)
         return 2
-    figures = latency_figures(frames, started, stats.get("lookahead_ms", 0) / 1000)
-    print(json.dumps({"client": figures, "server": stats}, indent=1))
-    images = [f.image() for f in frames]
+    print(json.dumps({"client": result.latency_figures(), "server": result.stats}, indent=1))
+    images = [f.image() for f in result.frames]
     shown = [image for image in images if image is not None]
     if args.output and shown:
-        audio = np.concatenate([f.audio for f in frames])
-        media.write_video(args.output, (image if image is not None else shown[0] for image in images), 25.0, audio, 16000, inputs=[args.audio])
+        audio = np.concatenate([f.audio for f in result.frames])
+        media.write_video(args.output, (image if image is not None else shown[0] for image in images), result.ready["fps"], audio,
+                          16000, inputs=[args.audio])
         print(f"wrote {args.output}")
     return 0
 

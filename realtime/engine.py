@@ -274,28 +274,25 @@ class Engine:
         share = max(1, self.config.batch // len(sessions))
         expected = self.frame_seconds * min(self.config.batch, share * len(sessions))
         work = [(s, s.take_due(now, share, expected)) for s in sessions]
-        jobs, identities, indices, owners = [], [], [], []
-        for session, items in work:
+        jobs, identities, indices = [], [], []
+        for session, items in work:  # each session's frames are contiguous in the batch
             avatar = session.avatar
-            for index, mouth, ready in items:
-                t = index / session.fps
-                closure = float(session.blinks.closure(np.array([t]))[0])
+            for index, mouth, _ in items:
+                closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
                 move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
                 jobs.append(self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move))
                 identities.append(avatar.identity)
                 indices.append(index)
-                owners.append((session, index, ready))
         if not jobs:
             return 0
         started = time.perf_counter()
         images = self.pipeline.render_batch(jobs, identities, indices, steps=self.config.steps)
         self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (time.perf_counter() - started) / len(jobs)
-        by_session: typing.Dict[int, typing.List[int]] = collections.defaultdict(list)
-        for k, (session, _, _) in enumerate(owners):
-            by_session[id(session)].append(k)
-        for session, _ in work:
-            ks = by_session.get(id(session), [])
-            if ks:
-                session.deliver([(owners[k][1], owners[k][2]) for k in ks], [images[k] for k in ks],
-                                [jobs[k].frame_landmarks for k in ks], time.perf_counter())
+        first = 0
+        for session, items in work:
+            last = first + len(items)
+            if items:
+                session.deliver([(index, ready) for index, _, ready in items], images[first:last],
+                                [job.frame_landmarks for job in jobs[first:last]], time.perf_counter())
+            first = last
         return len(jobs)

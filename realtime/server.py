@@ -105,9 +105,10 @@ class H264Decoder:
         return frames[-1].to_ndarray(format="rgb24") if frames else None
 
 
-def encode_frame(index: int, pts: float, repeated: bool, jpeg: bytes, audio: np.ndarray) -> bytes:
+def encode_frame(index: int, pts: float, repeated: bool, picture: bytes, audio: np.ndarray) -> bytes:
+    """One frame message (the protocol above); `picture`: a JPEG or an H.264 access unit."""
     pcm = (np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes()
-    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts, int(repeated), len(jpeg)) + jpeg + pcm
+    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts, int(repeated), len(picture)) + picture + pcm
 
 
 def decode_frame(message: bytes) -> typing.Tuple[int, float, bool, bytes, np.ndarray]:
@@ -116,9 +117,9 @@ def decode_frame(message: bytes) -> typing.Tuple[int, float, bool, bytes, np.nda
     if magic != FRAME_MAGIC:
         raise ValueError("not a frame message")
     start = FRAME_HEADER.size
-    jpeg = bytes(message[start:start + length])
+    picture = bytes(message[start:start + length])
     audio = np.frombuffer(message[start + length:], "<i2").astype(np.float32) / 32767.0
-    return index, pts, bool(repeated), jpeg, audio
+    return index, pts, bool(repeated), picture, audio
 
 
 @dataclasses.dataclass
@@ -287,8 +288,8 @@ class AvatarServer:
         """Every connected client's stats, and the refused connections."""
         return {"clients": [self._stats(c) for c in list(self.clients.values())], "rejected": dict(self.rejected)}
 
-    async def serve(self, host: str, port: int, ready: typing.Optional[threading.Event] = None,
-                    bound: typing.Optional[list] = None, on_ready: typing.Optional[typing.Callable[[int], None]] = None) -> None:
+    async def serve(self, host: str, port: int, on_ready: typing.Optional[typing.Callable[[int], None]] = None) -> None:
+        """Serve until `stopping` is set; `on_ready(port)` is called once listening (port 0: any free one)."""
         from websockets.asyncio.server import serve
 
         self.loop = asyncio.get_running_loop()
@@ -297,13 +298,8 @@ class AvatarServer:
         try:
             async with serve(self.handle, host, port, process_request=self.process_request,
                              max_size=self.config.max_message_bytes, compression=None) as server:
-                port = list(server.sockets)[0].getsockname()[1]
-                if bound is not None:
-                    bound.append(port)
                 if on_ready is not None:
-                    on_ready(port)
-                if ready is not None:
-                    ready.set()
+                    on_ready(list(server.sockets)[0].getsockname()[1])
                 while not self.stopping.is_set():
                     await asyncio.sleep(0.1)
         finally:
@@ -319,12 +315,16 @@ class BackgroundServer:
         self.thread: typing.Optional[threading.Thread] = None
 
     def __enter__(self) -> "BackgroundServer":
-        ready, bound = threading.Event(), []
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(self.host, self.port, ready, bound)), daemon=True)
+        ready = threading.Event()
+
+        def listening(port: int) -> None:
+            self.port = port
+            ready.set()
+
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(self.host, self.port, listening)), daemon=True)
         self.thread.start()
         if not ready.wait(60):
             raise RuntimeError("the server did not start")
-        self.port = bound[0]
         return self
 
     @property

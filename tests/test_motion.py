@@ -15,7 +15,7 @@ from avatar.motion.model import N_POINTS, MotionModel
 from avatar.motion.runner import MotionPredictor, rest_pose
 from avatar.runtime import ASSETS
 from conftest import GRID_CLIP, REPO, SPEECH_FLAC, feed_in_chunks
-from avatar.motion.runner import inner_gap as gap
+from avatar.face.landmarks import inner_gap as gap
 
 
 

@@ -215,6 +215,20 @@ def test_protocol_round_trip_f32_and_s16(serve, speech):
         assert all(f.audio.size == FRAME for f in frames)
 
 
+def test_python_client_command_streams_a_file_and_writes_what_came_back(serve, speech, tmp_path, capsys):
+    from realtime import client
+
+    server = serve()
+    media.write_audio(tmp_path / "speech.wav", speech[:24000])  # 1.5 s
+    assert client.main(["--url", server.url, "--audio", str(tmp_path / "speech.wav"), "--output", str(tmp_path / "back.mp4")]) == 0
+    report = json.loads(capsys.readouterr().out.split("wrote ")[0])
+    figures = report["client"]
+    assert figures["frames"] >= 30 and figures["lookahead_ms"] == 112.5  # the look-ahead the server announced
+    back = media.read_video(tmp_path / "back.mp4")
+    assert back.fps == 25 and len(back.frames) == figures["frames"]
+    assert abs(back.audio.size - figures["frames"] * FRAME) <= FRAME  # each frame's own audio, in order
+
+
 def test_h264_frames_decode_to_the_same_pictures_in_far_fewer_bytes(engine, serve, speech):
     from conftest import psnr
 

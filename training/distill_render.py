@@ -42,12 +42,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import RenderConfig
+from avatar.metrics import sharpness
 from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, timesteps
 from avatar.render.unet import Denoiser
 from training.common import finish_training, log_training, save_checkpoint, start_process, update_average
 from training.render_data import RenderSampler, load_render_clips
-from training.export_render import load_denoiser
+from training.export_render import load_denoiser, same_architecture
 from training.train_render import save_grid, validate
 
 
@@ -105,15 +106,10 @@ def region_l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 
 
 def sharpness_ratio(x0: np.ndarray, clean: np.ndarray, region: np.ndarray) -> float:
-    """Mean over the batch of Laplacian variance in the region, output / real (crops in [-1, 1])."""
-    import cv2
-
-    ratios = []
-    for out, real, inside in zip(x0, clean, region[:, 0]):
-        grey = [cv2.cvtColor(from_unit(image), cv2.COLOR_RGB2GRAY) for image in (out, real)]
-        variance = [float(cv2.Laplacian(g, cv2.CV_64F)[inside].var()) for g in grey]
-        ratios.append(variance[0] / max(variance[1], 1e-9))
-    return float(np.mean(ratios))
+    """Mean over the batch of `avatar.metrics.sharpness` in the region, output / real (crops
+    `(B, 3, S, S)` in [-1, 1], region `(B, 1, S, S) bool`)."""
+    return float(np.mean([sharpness(from_unit(out), inside) / max(sharpness(from_unit(real), inside), 1e-9)
+                          for out, real, inside in zip(x0, clean, region[:, 0])]))
 
 
 def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
@@ -143,7 +139,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         except (OSError, KeyError, RuntimeError) as error:
             print(f"error: cannot load the {role} {path}: {error}", file=sys.stderr)
             return 2
-    if dataclasses.replace(loaded["student"].config, steps=0) != dataclasses.replace(loaded["teacher"].config, steps=0):
+    if not same_architecture(loaded["student"].config, loaded["teacher"].config):
         print(f"error: {args.init} is a model of another shape than the teacher {args.teacher}", file=sys.stderr)
         return 2
     model_cfg = dataclasses.replace(loaded["teacher"].config, steps=args.student_steps)

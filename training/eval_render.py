@@ -28,13 +28,13 @@ import pathlib
 import sys
 import typing
 
-import cv2
 import numpy as np
 
 from avatar.config import AlignConfig
 from avatar.errors import FaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
+from avatar.metrics import sharpness
 from avatar.render.condition import build_condition, composite
 from avatar.render.runner import Renderer
 from avatar.render.warp import InnerMouth, render_warp
@@ -74,10 +74,6 @@ def _region_ssim(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
     ys, xs = np.nonzero(region)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     return float(structural_similarity(a[y0:y1, x0:x1], b[y0:y1, x0:x1], channel_axis=2, data_range=255))
-
-
-def _sharpness(image: np.ndarray, region: np.ndarray) -> float:
-    return float(cv2.Laplacian(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.CV_64F)[region].var())
 
 
 def nearest_reference(clip: RenderClip, index: int) -> int:
@@ -139,7 +135,7 @@ def evaluate_render(models: typing.Sequence[ModelRow], clips: typing.Sequence[Re
                 embedding = embedder.embed(output, clip.landmarks[index])
                 rows[method].append({
                     "psnr": _region_psnr(output, target, region), "ssim": _region_ssim(output, target, region),
-                    "sharpness_ratio": _sharpness(output, region) / max(_sharpness(target, region), 1e-9),
+                    "sharpness_ratio": sharpness(output, region) / max(sharpness(target, region), 1e-9),
                     "landmark_error": landmark_error,
                     "identity_distance": float(min(np.linalg.norm(embedding - e) for e in ref_embeddings)),
                 })

@@ -25,11 +25,17 @@ OPSET = 18
 
 
 def load_denoiser(checkpoint: pathlib.Path) -> Denoiser:
+    """The denoiser (fp32, eval mode) of a training checkpoint or of a torch copy (`assets/render.pt`)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     config = RenderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()})
     model = Denoiser(config)
     model.load_state_dict({k: v.float() for k, v in state["model"].items()})
     return model.eval()
+
+
+def same_architecture(a: RenderConfig, b: RenderConfig) -> bool:
+    """Whether weights fit both configs (the sampler's default step count does not matter)."""
+    return dataclasses.replace(a, steps=0) == dataclasses.replace(b, steps=0)
 
 
 def export(model: Denoiser, out: pathlib.Path) -> None:

@@ -18,6 +18,7 @@ import sys
 import cv2
 import numpy as np
 
+from avatar import media
 from avatar.face import landmarks as lm
 from avatar.render.warp import inner_gap_ratio
 from training.cache import open_cache
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     # One array: each patch in the top-left corner of a square of the largest side, padded by edge repetition.
     canvas = np.stack([cv2.copyMakeBorder(p, 0, size - p.shape[0], 0, size - p.shape[1], cv2.BORDER_REPLICATE) for p in patches])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, patches=canvas, mouths=np.stack(mouths), crop_size=np.int32(CROP), people=np.array(people))
+    with media.atomic_output(args.out) as tmp, open(tmp, "wb") as f:  # a complete bank or the old one
+        np.savez_compressed(f, patches=canvas, mouths=np.stack(mouths), crop_size=np.int32(CROP), people=np.array(people))
     print("\n".join(people))
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB, {len(people)} mouths)")
     return 0

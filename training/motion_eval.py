@@ -21,7 +21,6 @@ from avatar.config import MotionConfig
 from avatar.face import landmarks as lm
 from avatar.metrics import mouth_landmark_distance, pearson
 from avatar.motion.model import POINTS
-from avatar.motion.runner import inner_gap
 from training.motion_data import MotionClip, clip_windows
 
 LIPS = np.arange(len(lm.LIPS_OUTER) + len(lm.LIPS_INNER))  # first 40 of POINTS
@@ -58,9 +57,9 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         for name, pred in (("model", own), ("rest", rest), ("mismatched", mismatched)):
             row[f"lips_{name}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)
             row[f"jaw_{name}"] = mouth_landmark_distance(pred[:, JAW], real[:, JAW], clip.iod, keep)
-        row["opening_r_model"] = pearson(inner_gap(own)[keep], inner_gap(real)[keep])
-        row["opening_r_mismatched"] = pearson(inner_gap(mismatched)[keep], inner_gap(real)[keep])
-        row["opening_std_ratio"] = float(inner_gap(own)[keep].std() / max(inner_gap(real)[keep].std(), 1e-9))
+        row["opening_r_model"] = pearson(lm.inner_gap(own)[keep], lm.inner_gap(real)[keep])
+        row["opening_r_mismatched"] = pearson(lm.inner_gap(mismatched)[keep], lm.inner_gap(real)[keep])
+        row["opening_std_ratio"] = float(lm.inner_gap(own)[keep].std() / max(lm.inner_gap(real)[keep].std(), 1e-9))
         for s in shifts:
             pred = own if s == 0 else predict(shifted(windows[i], s), clip.rest) + pose
             row[f"lips_shift_{s:+d}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)

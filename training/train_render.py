@@ -28,6 +28,7 @@ from avatar.config import RenderConfig
 from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser
+from training.export_render import load_denoiser, same_architecture
 from training.render_data import RenderSampler, load_render_clips
 from training.common import finish_training, log_training, save_checkpoint, start_process, training_arguments, update_average
 
@@ -106,11 +107,11 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         start_step, best = state["step"], state.get("best", -math.inf)
     else:
         if args.init:
-            initial = torch.load(args.init, map_location="cpu", weights_only=False)
-            if RenderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in initial["model_config"].items()}) != model_cfg:
+            initial = load_denoiser(args.init)
+            if not same_architecture(initial.config, model_cfg):
                 print(f"error: {args.init} is a model of another shape; give the same --model.* options", file=sys.stderr)
                 return 2
-            model.load_state_dict({k: v.float() for k, v in initial["model"].items()})
+            model.load_state_dict(initial.state_dict())
         average.load_state_dict(model.state_dict())
     average.requires_grad_(False)
     trainable = DistributedDataParallel(model) if world > 1 else model

@@ -38,6 +38,16 @@ STABLE = np.concatenate([RIGHT_EYE_CORNERS, LEFT_EYE_CORNERS, NOSE_BRIDGE])
 MOUTH_AND_JAW = np.concatenate([LIPS_OUTER, LIPS_INNER, JAW])
 
 
+MOUTH_UPPER_INNER = int(np.flatnonzero(MOUTH_AND_JAW == UPPER_LIP_INNER)[0])  # their places among MOUTH_AND_JAW
+MOUTH_LOWER_INNER = int(np.flatnonzero(MOUTH_AND_JAW == LOWER_LIP_INNER)[0])
+
+
+def inner_gap(mouth: np.ndarray) -> np.ndarray:
+    """Inner-lip gap of mouth/jaw points `(..., 59, 2)` in MOUTH_AND_JAW order → `(...)`, in their units
+    (`mouth_opening` is the same for a whole `(..., 478, 2+)` mesh)."""
+    return np.linalg.norm(mouth[..., MOUTH_LOWER_INNER, :] - mouth[..., MOUTH_UPPER_INNER, :], axis=-1)
+
+
 def with_mouth(landmarks: np.ndarray, mouth: np.ndarray) -> np.ndarray:
     """A copy of `(478, 2+)` landmarks with the MOUTH_AND_JAW points moved to `mouth (59, 2)`."""
     out = np.array(landmarks, copy=True)

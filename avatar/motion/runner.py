@@ -25,8 +25,6 @@ POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.mod
 DEFAULT_MODEL = "motion.onnx"
 
 
-UPPER_INNER = int(np.flatnonzero(POINTS == lm.UPPER_LIP_INNER)[0])
-LOWER_INNER = int(np.flatnonzero(POINTS == lm.LOWER_LIP_INNER)[0])
 REST_QUANTILE = 10.0  # percent of most-closed frames that define the rest shape
 
 
@@ -52,11 +50,6 @@ def rest_pose(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -
     anchor = np.median(anchors[closed], axis=0)
     mouth = landmarks[:, POINTS, :2] - (anchors - anchor)[:, None]
     return np.median(mouth[closed], axis=0).astype(np.float32), anchor.astype(np.float32)
-
-
-def inner_gap(points: np.ndarray) -> np.ndarray:
-    """Inner-lip gap of `(..., K, 2)` mouth/jaw points (POINTS order) → `(...)`."""
-    return np.linalg.norm(points[..., LOWER_INNER, :] - points[..., UPPER_INNER, :], axis=-1)
 
 
 class MotionPredictor:

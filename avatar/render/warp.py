@@ -99,8 +99,8 @@ def mouth_width(mouth: np.ndarray) -> float:
 
 
 def inner_gap_ratio(mouth: np.ndarray) -> float:
-    inner = mouth[INNER]
-    return float(np.linalg.norm(inner[15] - inner[5]) / max(mouth_width(mouth), 1e-6))  # 14 vs 13 over the width
+    """Inner-lip gap over the mouth width, of mouth/jaw points `(59, 2)`."""
+    return float(lm.inner_gap(mouth) / max(mouth_width(mouth), 1e-6))
 
 
 def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
