@@ -217,6 +217,7 @@ class PipelineConfig:
     drift_references: int = 8  # frames of a video kept as identity references for the drift monitor (dub)
     crf: int = 18  # H.264 quality of the output (lower is better)
     threads: int = 0  # onnxruntime threads (0: its default)
+    fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
 
 
 @dataclass(frozen=True)

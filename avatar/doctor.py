@@ -44,13 +44,14 @@ def versions() -> typing.Dict[str, str]:
 def _providers() -> str:
     import onnxruntime
 
-    from avatar.runtime import PREFERRED_PROVIDERS
+    from avatar.runtime import available_providers
 
-    available = onnxruntime.get_available_providers()
-    usable = [p for p in PREFERRED_PROVIDERS if p in available]
+    usable = available_providers()
     if not usable:
-        raise RuntimeError(f"no usable provider among {available}")
-    return f"{', '.join(usable)} (in the order used); device {onnxruntime.get_device()}"
+        raise RuntimeError(f"no usable provider among {onnxruntime.get_available_providers()}")
+    unusable = [p for p in onnxruntime.get_available_providers() if p not in usable and p != "AzureExecutionProvider"]
+    return (f"{', '.join(usable)} (in the order used); device {onnxruntime.get_device()}"
+            + (f"; offered but cannot start: {', '.join(unusable)}" if unusable else ""))
 
 
 def _model(name: str) -> typing.Callable[[], str]:

@@ -250,7 +250,8 @@ class AvatarPipeline:
         if self._renderer is None:
             from avatar.render.runner import Renderer
 
-            renderer = Renderer(self._render_model, threads=self.config.threads, providers=self._providers)
+            renderer = Renderer(self._render_model, threads=self.config.threads, providers=self._providers,
+                                fp16=self.config.fp16)
             if renderer.config.crop_size != self.crop_size:
                 raise AvatarError(f"{self._render_model}: renders {renderer.config.crop_size}² crops; this pipeline aligns to "
                                   f"{self.crop_size}²")

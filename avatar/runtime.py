@@ -4,7 +4,9 @@ Providers are taken in the order TensorRT → CUDA → CPU, as far as the instal
 them (the `gpu` extra installs onnxruntime-gpu; the `cpu` extra plain onnxruntime, never both).
 The same code runs on CPU in CI. `to_device` + `run_bound` use IO binding: an input that stays the
 same over several calls (the renderer's condition over its sampling steps) is copied to the
-provider's device once, and outputs are bound on that device.
+provider's device once, and outputs are bound on that device. `fp16=True` computes in half
+precision where the provider supports it (CUDA: the graph converted by `half_precision_graph`;
+TensorRT: its fp16 mode); on CPU it has no effect.
 """
 
 from __future__ import annotations
@@ -29,15 +31,134 @@ def asset_path(name: str) -> pathlib.Path:
     return path
 
 
+def available_providers() -> typing.List[str]:
+    """The providers onnxruntime offers that can start here, in PREFERRED_PROVIDERS order.
+
+    onnxruntime-gpu offers TensorRT whether or not TensorRT is installed (and then falls back with
+    an error message at every session); its provider library loads only when TensorRT's do."""
+    import ctypes
+
+    import onnxruntime
+
+    offered = onnxruntime.get_available_providers()
+    usable = [p for p in PREFERRED_PROVIDERS if p in offered]
+    if "TensorrtExecutionProvider" in usable:
+        library = pathlib.Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"
+        try:
+            ctypes.CDLL(str(library))
+        except OSError:
+            usable.remove("TensorrtExecutionProvider")
+    return usable
+
+
+def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
+    """The ONNX model at `path` re-written to compute in float16, its inputs and outputs still float32.
+
+    Weights stored as fp16 with a cast to fp32 (`training.common.store_weights_fp16`) lose the cast.
+    The nodes that compute from the timestep alone, up to and including Sin/Cos, stay float32 (their
+    arguments reach 1000, where float16 steps are 0.5 rad); so do Resize's scales. Every other float
+    tensor becomes float16. Needs the `onnx` package (`gpu` extra).
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise AvatarError(f"fp16 needs the onnx package ({exc}); install the `gpu` extra") from exc
+    FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    weights = {w.name: w for w in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    # 1. The float32 region: Sin/Cos and everything they are computed from.
+    region, stack = set(), [n for n in graph.node if n.op_type in ("Sin", "Cos")]
+    while stack:
+        node = stack.pop()
+        if id(node) not in region:
+            region.add(id(node))
+            stack.extend(producer[name] for name in node.input if name in producer)
+    kept_fp32 = {name for node in graph.node if id(node) in region for name in node.input}
+    kept_fp32 |= {node.input[2] for node in graph.node if node.op_type == "Resize" and len(node.input) > 2}
+    read_as_half = {name for node in graph.node if id(node) not in region for k, name in enumerate(node.input)
+                    if not (node.op_type == "Resize" and k == 2)}
+    # 2. Weights: float16 (a float32 one that the region also reads gets a float16 twin).
+    new_weights, renamed = [], {}
+    for weight in graph.initializer:
+        array = numpy_helper.to_array(weight)
+        if weight.data_type == HALF and weight.name not in kept_fp32:
+            new_weights.append(weight)
+        elif weight.data_type in (FLOAT, HALF) and weight.name in kept_fp32:
+            new_weights.append(numpy_helper.from_array(array.astype(np.float32), weight.name))
+            if weight.data_type == FLOAT and weight.name in read_as_half:
+                renamed[weight.name] = weight.name + "__fp16"
+                new_weights.append(numpy_helper.from_array(array.astype(np.float16), renamed[weight.name]))
+        elif weight.data_type == FLOAT:
+            new_weights.append(numpy_helper.from_array(array.astype(np.float16), weight.name))
+        else:
+            new_weights.append(weight)
+    # 3. Nodes: fp16 weights lose their cast to fp32; casts to float outside the region cast to half;
+    #    the region's outputs are cast to half where the rest reads them.
+    nodes, boundary = [], {}
+    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == FLOAT}
+    for i in inputs:
+        boundary[i] = i + "__fp16"
+        nodes.append(onnx.helper.make_node("Cast", [i], [boundary[i]], to=HALF, name=i + "__to_fp16"))
+    region_outputs = {o for node in graph.node if id(node) in region for o in node.output}
+    for node in graph.node:
+        source = weights.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if source is not None and source.data_type == HALF and node.attribute[0].i == FLOAT and id(node) not in region:
+            nodes.append(onnx.helper.make_node("Identity", [source.name], list(node.output), name=node.name))
+            continue
+        if id(node) not in region:
+            if node.op_type == "Cast" and node.attribute[0].i == FLOAT:
+                node.attribute[0].i = HALF
+            for k, name in enumerate(node.input):
+                if name in region_outputs or name in inputs:
+                    if name not in boundary:
+                        boundary[name] = name + "__fp16"
+                        nodes.append(onnx.helper.make_node("Cast", [name], [boundary[name]], to=HALF, name=name + "__to_fp16"))
+                    node.input[k] = boundary[name]
+                elif name in renamed and not (node.op_type == "Resize" and k == 2):
+                    node.input[k] = renamed[name]
+        nodes.append(node)
+    # 4. Outputs back to float32.
+    for output in graph.output:
+        if output.type.tensor_type.elem_type == FLOAT:
+            for node in nodes:
+                node.output[:] = [o + "__fp16" if o == output.name else o for o in node.output]
+            nodes.append(onnx.helper.make_node("Cast", [output.name + "__fp16"], [output.name], to=FLOAT, name=output.name + "__to_fp32"))
+    del graph.initializer[:]
+    graph.initializer.extend(new_weights)
+    del graph.node[:]
+    graph.node.extend(_topological(nodes, {i.name for i in graph.input} | {w.name for w in new_weights}))
+    del graph.value_info[:]  # the types changed; onnxruntime infers them again
+    return proto.SerializeToString()
+
+
+def _topological(nodes: list, available: set) -> list:
+    """ONNX wants every node after the nodes it reads from."""
+    ordered, pending, known = [], list(nodes), set(available) | {""}
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise AvatarError("cannot order the half-precision graph (a node reads a tensor nothing makes)")
+        for node in ready:
+            ordered.append(node)
+            known.update(node.output)
+        pending = [n for n in pending if all(id(n) != id(r) for r in ready)]
+    return ordered
+
+
 class OnnxSession:
     """An onnxruntime InferenceSession with named inputs and outputs.
 
     `run(**inputs)` → `{output name: array}`. `providers`: None picks the best available in
-    PREFERRED_PROVIDERS order; `threads`: intra-op threads (0: onnxruntime's default).
+    PREFERRED_PROVIDERS order; `threads`: intra-op threads (0: onnxruntime's default); `fp16`: half
+    precision arithmetic on CUDA/TensorRT (inputs and outputs stay float32). `self.fp16` says
+    whether it is in effect.
     """
 
     def __init__(self, path: typing.Union[str, os.PathLike], providers: typing.Optional[typing.Sequence[str]] = None,
-                 threads: int = 0):
+                 threads: int = 0, fp16: bool = False):
         try:
             import onnxruntime
         except ImportError as exc:
@@ -45,7 +166,7 @@ class OnnxSession:
         self.path = pathlib.Path(path)
         if not self.path.exists():
             raise AvatarError(f"{self.path}: no such model file")
-        available = onnxruntime.get_available_providers()
+        available = available_providers()
         chosen = [p for p in (providers or PREFERRED_PROVIDERS) if p in available]
         if not chosen:
             raise AvatarError(f"none of the providers {list(providers or PREFERRED_PROVIDERS)} is available (have {available})")
@@ -58,8 +179,16 @@ class OnnxSession:
 
         load_errors = tuple(getattr(ort_errors, name) for name in ("InvalidProtobuf", "InvalidGraph", "Fail", "NoSuchFile",
                                                                     "NotImplemented", "RuntimeException") if hasattr(ort_errors, name))
+        self.fp16 = fp16 and chosen[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+        model: typing.Union[str, bytes] = str(self.path)
+        provider_options: typing.List[typing.Dict[str, str]] = [{} for _ in chosen]
+        if self.fp16 and chosen[0] == "TensorrtExecutionProvider":
+            provider_options[0] = {"trt_fp16_enable": "True"}
+        if self.fp16 and "CUDAExecutionProvider" in chosen:
+            # TensorRT may leave nodes to CUDA, which then runs the half-precision graph too.
+            model = half_precision_graph(self.path)
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=chosen)
+            self.session = onnxruntime.InferenceSession(model, options, providers=chosen, provider_options=provider_options)
         except load_errors as exc:
             raise AvatarError(f"{self.path}: cannot load the model ({str(exc).splitlines()[0][:160]})") from exc
         self.device = "cuda" if self.session.get_providers()[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider") else "cpu"

@@ -113,6 +113,39 @@ def test_onnx_denoiser_parity_and_sampling_on_onnxruntime(tmp_path):
     assert renderer.render(condition[0], noise[0]).shape == (64, 64, 3)
 
 
+def test_half_precision_graph_of_the_shipped_renderer_computes_in_fp16_and_keeps_its_output():
+    """The CUDA fp16 path: convolutions and matrix products in float16, the timestep embedding in
+    float32, float32 in and out; onnxruntime's CPU provider runs the same graph, so parity is checked here."""
+    import onnx
+    import onnxruntime
+
+    from avatar.runtime import OnnxSession, asset_path, half_precision_graph
+
+    path = asset_path("render.onnx")
+    half = onnx.shape_inference.infer_shapes(onnx.load_from_string(half_precision_graph(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*half.graph.value_info, *half.graph.input, *half.graph.output]}
+    types.update({w.name: w.data_type for w in half.graph.initializer})
+    convs = [n for n in half.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert convs and all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
+    trig = [n for n in half.graph.node if n.op_type in ("Sin", "Cos")]
+    assert trig and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in trig)
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*half.graph.input, *half.graph.output])
+    assert len({n.name for n in half.graph.node}) == len(half.graph.node)  # sessions refuse two nodes of one name
+
+    full = OnnxSession(path, providers=["CPUExecutionProvider"])
+    assert not OnnxSession(path, providers=["CPUExecutionProvider"], fp16=True).fp16  # no effect on CPU
+    session = onnxruntime.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    size, channels = full.session.get_inputs()[2].shape[2], full.session.get_inputs()[2].shape[1]
+    feed = {"x_t": rng.standard_normal((2, 3, size, size)).astype(np.float32), "t": np.array([0.25, 1.0], np.float32),
+            "condition": rng.uniform(-1, 1, (2, channels, size, size)).astype(np.float32)}
+    expected = full.run(**feed)["v"]
+    got = session.run(None, feed)[0]
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() < 2e-2 and np.abs(got - expected).mean() < 2e-3
+    assert np.abs(got - expected).max() > 0  # it is not the fp32 graph
+
+
 def test_training_samples_from_real_crops(tiny_cache):
     from training.render_data import REFERENCE_GAP, RenderSampler, load_render_clips
 
@@ -145,6 +178,19 @@ def test_render_training_runs_under_torchrun_with_two_gloo_processes(tiny_cache,
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:3000] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and "mouth-region PSNR" in result.stdout
     assert (out / "last.pt").exists() and list((out / "samples").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_render_training_with_batch_workers_stops_at_its_time_limit_validated_and_saved(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "training.train_render", "--cache", str(tiny_cache), "--out", str(out), "--steps", "100000",
+               "--batch", "2", "--workers", "2", "--minutes", "0.0001", "--val-every", "100000", "--val-samples", "2",
+               "--threads", "1", "--model.base-channels", "8", "--model.channel-mults", "1", "2", "--model.attention-levels", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    done = [line for line in result.stdout.splitlines() if line.startswith("done:")]
+    assert done and int(done[0].split()[1]) < 100, result.stdout[-2000:]  # stopped by the clock, not the step count
+    assert "mouth-region PSNR" in result.stdout and (out / "last.pt").exists() and (out / "best.pt").exists()
 
 
 @pytest.mark.slow

@@ -46,6 +46,21 @@ def ddp_teardown(world: int) -> None:
         dist.destroy_process_group()
 
 
+def time_is_up(started: float, minutes: float, world: int, device: torch.device) -> bool:
+    """Whether `minutes` (0: no limit) of wall time have passed since `started` (time.perf_counter()),
+    as the main process sees it: every process gets the same answer, so they stop at the same step."""
+    if minutes <= 0:
+        return False
+    import time
+
+    up = time.perf_counter() - started > 60 * minutes
+    if world > 1:
+        flag = torch.tensor([float(up)], device=device)
+        dist.broadcast(flag, 0)
+        up = bool(flag.item())
+    return up
+
+
 def finish_training(world: int, writer, steps: int, seconds: float, out: pathlib.Path) -> None:
     """End DDP (after the caller has dropped its DDP wrapper), close the main process's log, say where the checkpoints went."""
     ddp_teardown(world)

@@ -46,8 +46,8 @@ from avatar.metrics import sharpness
 from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, timesteps
 from avatar.render.unet import Denoiser
-from training.common import finish_training, log_training, save_checkpoint, start_process, update_average
-from training.render_data import RenderSampler, load_render_clips
+from training.common import finish_training, log_training, save_checkpoint, start_process, time_is_up, update_average
+from training.render_data import RenderSampler, batch_stream, load_render_clips
 from training.export_render import load_denoiser, same_architecture
 from training.train_render import save_grid, validate
 
@@ -71,6 +71,8 @@ class DistillConfig:
     seed: int = 0
     bf16: bool = True
     threads: int = 0
+    workers: int = 0  # processes making batches ahead (0: this one); a GPU needs several
+    minutes: float = 0.0  # stop after this much wall time, validated and saved (0: run all the steps)
 
 
 class PatchDiscriminator(nn.Module):
@@ -200,9 +202,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     rng = np.random.default_rng(cfg.seed + 7 * rank)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     cl = lambda x: x.contiguous(memory_format=torch.channels_last)
+    batches = batch_stream(sampler, cfg.batch, cfg.draft_share, cfg.workers, seed=cfg.seed * 1000 + rank + 77)
+    step = start_step
     for step in range(start_step, cfg.steps):
+        last = step == cfg.steps - 1 or time_is_up(started, cfg.minutes, world, device)
         student.train()
-        batch = sampler.batch(cfg.batch, cfg.draft_share)
+        batch = next(batches)
         clean = torch.from_numpy(batch["clean"]).to(device)
         condition = torch.from_numpy(batch["condition"]).to(device)
         mask = torch.from_numpy(batch["mask"]).to(device)
@@ -258,12 +263,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         d_loss.backward()
         optimiser_d.step()
 
-        if main_process and (step % 25 == 0 or step == cfg.steps - 1):
+        if main_process and (step % 25 == 0 or last):
             log_training(writer, step, {"reconstruction": reconstruction, "distillation": distillation, "discriminator": d_loss,
                                         "adversarial_weight": adversarial_weight}, (step + 1 - start_step) / (time.perf_counter() - started))
 
         # 4. Validation on held-out people; sample grid; snapshots of the average.
-        if main_process and ((step + 1) % cfg.val_every == 0 or step == cfg.steps - 1):
+        if main_process and ((step + 1) % cfg.val_every == 0 or last):
             average.eval()
             psnr, x0_val = validate(average, val_batch, device, model_cfg.steps)
             sharp = sharpness_ratio(x0_val, val_batch["clean"], val_batch["condition"][:, 3:4] > 0.5)
@@ -277,8 +282,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             save_checkpoint(args.out / "last.pt", **snapshot, raw=student.state_dict(), discriminator=discriminator.state_dict(),
                             optimiser=optimiser.state_dict(), optimiser_d=optimiser_d.state_dict())
             writer.flush()
+        if last:
+            break
     del trainable, judge  # the DDP wrappers and their reducers go before the process group
-    finish_training(world, writer, cfg.steps - start_step, time.perf_counter() - started, args.out)
+    finish_training(world, writer, step + 1 - start_step, time.perf_counter() - started, args.out)
     return 0
 
 

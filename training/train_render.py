@@ -29,8 +29,8 @@ from avatar.render.condition import from_unit
 from avatar.render.sampling import alpha_sigma, sample_ddim
 from avatar.render.unet import Denoiser
 from training.export_render import load_denoiser, same_architecture
-from training.render_data import RenderSampler, load_render_clips
-from training.common import finish_training, log_training, save_checkpoint, start_process, training_arguments, update_average
+from training.common import finish_training, log_training, save_checkpoint, start_process, time_is_up, training_arguments, update_average
+from training.render_data import RenderSampler, batch_stream, load_render_clips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,8 @@ class RenderTrainConfig:
     seed: int = 0
     bf16: bool = True
     threads: int = 0
+    workers: int = 0  # processes making batches ahead (0: this one); a GPU needs several
+    minutes: float = 0.0  # stop after this much wall time, validated and saved (0: run all the steps)
 
 
 def torch_model_fn(model: Denoiser, device: torch.device):
@@ -129,11 +131,14 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     # 3. The loop.
     started = time.perf_counter()
     rng = np.random.default_rng(cfg.seed + 7 * rank)
+    batches = batch_stream(sampler, cfg.batch, workers=cfg.workers, seed=cfg.seed * 1000 + rank)
+    step = start_step
     for step in range(start_step, cfg.steps):
+        last = step == cfg.steps - 1 or time_is_up(started, cfg.minutes, world, device)
         model.train()
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        batch = sampler.batch(cfg.batch)
+        batch = next(batches)
         clean = torch.from_numpy(batch["clean"]).to(device)
         condition = torch.from_numpy(batch["condition"]).to(device)
         mask = torch.from_numpy(batch["mask"]).to(device)
@@ -156,12 +161,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         update_average(average, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))  # warm-up: forget the random start
-        if main_process and (step % 50 == 0 or step == cfg.steps - 1):
+        if main_process and (step % 50 == 0 or last):
             log_training(writer, step, {"loss": loss, "v": v_loss, "x0_l1": x0_loss},
                          (step + 1 - start_step) / (time.perf_counter() - started))
 
         # 4. Validation on held-out people; sample grid; checkpoints.
-        if main_process and ((step + 1) % cfg.val_every == 0 or step == cfg.steps - 1):
+        if main_process and ((step + 1) % cfg.val_every == 0 or last):
             average.eval()
             psnr, x0_val = validate(average, val_batch, device, model_cfg.steps)
             writer.add_scalar("val/mouth_psnr", psnr, step)
@@ -174,8 +179,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
                 save_checkpoint(args.out / "best.pt", **state, best=best)
             save_checkpoint(args.out / "last.pt", **state, best=best)
             writer.flush()
+        if last:
+            break
     del trainable  # the DDP wrapper and its reducer go before the process group
-    finish_training(world, writer, cfg.steps - start_step, time.perf_counter() - started, args.out)
+    finish_training(world, writer, step + 1 - start_step, time.perf_counter() - started, args.out)
     return 0
 
 

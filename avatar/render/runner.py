@@ -19,11 +19,12 @@ from avatar.runtime import OnnxSession
 
 
 class Renderer:
-    """The ONNX denoiser with its sampler. `steps` defaults to the model's configured few-step count."""
+    """The ONNX denoiser with its sampler. `steps` defaults to the model's configured few-step count;
+    `fp16`: half-precision arithmetic on CUDA/TensorRT (`OnnxSession`)."""
 
     def __init__(self, model_path: typing.Union[str, os.PathLike], threads: int = 0,
-                 providers: typing.Optional[typing.Sequence[str]] = None):
-        self.session = OnnxSession(model_path, providers=providers, threads=threads)
+                 providers: typing.Optional[typing.Sequence[str]] = None, fp16: bool = False):
+        self.session = OnnxSession(model_path, providers=providers, threads=threads, fp16=fp16)
         meta = self.session.metadata
         fields = {}
         for name in RenderConfig.__dataclass_fields__:
