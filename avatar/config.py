@@ -217,6 +217,7 @@ class PipelineConfig:
     drift_references: int = 8  # frames of a video kept as identity references for the drift monitor (dub)
     crf: int = 18  # H.264 quality of the output (lower is better)
     threads: int = 0  # onnxruntime threads (0: its default)
+    workers: int = 0  # threads for the per-frame CPU work of a batch (warp, condition, paste-back); 0: one per core, at most 8
     fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
 
 

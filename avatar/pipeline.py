@@ -27,6 +27,7 @@ The identity-drift monitor samples output frames as they are written.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -232,6 +233,7 @@ class AvatarPipeline:
         self.noise = np.random.default_rng(config.seed).standard_normal((3, self.crop_size, self.crop_size)).astype(np.float32)
         self._embedder = None
         self._aligners: typing.Dict[int, FaceAligner] = {self.crop_size: self.aligner}
+        self._pool: typing.Optional[concurrent.futures.ThreadPoolExecutor] = None  # per-frame CPU work (`_each`)
 
     @classmethod
     def from_pretrained(cls, folder: typing.Optional[PathLike] = None, **kwargs) -> "AvatarPipeline":
@@ -384,37 +386,57 @@ class AvatarPipeline:
         if not todo:
             return outputs
         if self.config.renderer == "warp":
-            for i in todo:
-                outputs[i] = self._warp_frame(jobs[i], identities[i], int(frame_indices[i]))
+            for i, frame in zip(todo, self._each(lambda i: self._warp_frame(jobs[i], identities[i], int(frame_indices[i])), todo)):
+                outputs[i] = frame
             return outputs
         start = self.config.diffusion_start
-        crops, masks, conditions, sources, drafts = {}, {}, [], {}, []
-        for i in todo:
+
+        def prepare(i: int):
             job = jobs[i]
             crop = self.aligner.crop(job.frame, job.transform)  # 1.
             mask = self.aligner.repaint_mask(job.crop_landmarks, lm.with_mouth(job.crop_landmarks, job.mouth))  # 2., 3.
-            conditions.append(build_condition(crop, mask, identities[i].references, job.mouth))  # 4.
-            crops[i], masks[i], sources[i] = crop, mask, job.frame
+            condition = build_condition(crop, mask, identities[i].references, job.mouth)  # 4.
+            source, draft = job.frame, None
             if start < 1:  # the draft: the warp renderer's frame, at the face's own resolution, cropped
-                sources[i] = self._warp_frame(job, identities[i], int(frame_indices[i]), watermark=False)
-                drafts.append(to_unit(self.aligner.crop(sources[i], job.transform)))
+                source = self._warp_frame(job, identities[i], int(frame_indices[i]), watermark=False)
+                draft = to_unit(self.aligner.crop(source, job.transform))
+            return crop, mask, condition, source, draft
+
+        prepared = dict(zip(todo, self._each(prepare, todo)))
         noise = np.broadcast_to(self.noise, (len(todo), *self.noise.shape)).copy()
         steps = steps or self.config.steps or max(1, round(start * self.renderer.config.steps))
-        rendered = self.renderer.sample(np.stack(conditions), noise, steps, init=np.stack(drafts) if drafts else None, start=start)
-        for k, i in enumerate(todo):
+        drafts = np.stack([prepared[i][4] for i in todo]) if start < 1 else None
+        rendered = self.renderer.sample(np.stack([prepared[i][2] for i in todo]), noise, steps, init=drafts, start=start)
+
+        def finish(k: int) -> np.ndarray:
+            i = todo[k]
+            crop, mask, _, source, _ = prepared[i]
             face = from_unit(rendered[k])
             if self.config.colour_match > 0:  # 5.
-                face = colour_match(face, crops[i], masks[i], self.config.colour_match)
+                face = colour_match(face, crop, mask, self.config.colour_match)
             if self.config.watermark:
-                face = provenance.embed_watermark(face, masks[i], int(frame_indices[i]))
-            pasted = self.aligner.paste_back(jobs[i].frame, face, jobs[i].transform, masks[i])  # 6.
+                face = provenance.embed_watermark(face, mask, int(frame_indices[i]))
+            pasted = self.aligner.paste_back(jobs[i].frame, face, jobs[i].transform, mask)  # 6.
             if self.config.detail:
                 scale = transform_scale(jobs[i].transform)  # crop px per frame px
-                alpha = self.aligner.paste_alpha(jobs[i].frame.shape, jobs[i].transform, masks[i])
+                alpha = self.aligner.paste_alpha(jobs[i].frame.shape, jobs[i].transform, mask)
                 tolerance = DRAFT_DETAIL_TOLERANCE if start < 1 else FRAME_DETAIL_TOLERANCE
-                pasted = transfer_detail(sources[i], pasted, alpha, sigma=0.7 / scale, tolerance=tolerance)
-            outputs[i] = pasted
+                pasted = transfer_detail(source, pasted, alpha, sigma=0.7 / scale, tolerance=tolerance)
+            return pasted
+
+        for i, frame in zip(todo, self._each(finish, range(len(todo)))):
+            outputs[i] = frame
         return outputs
+
+    def _each(self, work: typing.Callable[[int], typing.Any], items: typing.Sequence[int]) -> typing.List[typing.Any]:
+        """`[work(i) for i in items]`, on `config.workers` threads (numpy, OpenCV and onnxruntime
+        release the GIL for most of a frame's work)."""
+        workers = self.config.workers or min(8, os.cpu_count() or 1)
+        if workers <= 1 or len(items) <= 1:
+            return [work(i) for i in items]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="frame")
+        return list(self._pool.map(work, items))
 
     def _warp_frame(self, job: FrameJob, identity: Identity, frame_index: int, watermark: bool = True) -> np.ndarray:
         """The warp renderer's version of steps 1-6, on a crop at the face's own resolution (a multiple
