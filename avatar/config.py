@@ -237,6 +237,7 @@ class RealtimeConfig:
     renderer: str = "warp"  # as PipelineConfig.renderer
     steps: int = 1  # diffusion steps per frame live (from the warp's draft, as PipelineConfig.diffusion_start)
     batch: int = 8  # most frames (from all sessions) per renderer call
+    workers: int = 0  # threads for the per-frame CPU work, as PipelineConfig.workers
     max_side: int = 512  # the portrait is scaled so its longer side is at most this
     jpeg_quality: int = 85
     max_backlog_s: float = 0.3  # frames whose audio is older than this are not rendered but repeated (counted as dropped)

@@ -1,6 +1,6 @@
 """Live serving on this machine: 1, 2 and 4 concurrent sessions over loopback WebSockets.
 
-    python -m benchmarks.realtime [--seconds 8] [--sessions 1 2 4] [--renderer warp|diffusion] [--steps 1]
+    python -m benchmarks.realtime [--seconds 8] [--sessions 1 2 4] [--renderer warp|diffusion] [--steps 1] [--workers 0]
 
 Each session streams real speech at real-time pace in 20 ms chunks (as a microphone would) and
 receives the frames. Per session count: sustained frames/s per session, first-frame latency (first
@@ -36,10 +36,11 @@ def main(argv=None) -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=RealtimeConfig.steps)
     parser.add_argument("--renderer", choices=("warp", "diffusion"), default=RealtimeConfig.renderer)
+    parser.add_argument("--workers", type=int, default=RealtimeConfig.workers, help="threads for the per-frame CPU work (0: one per core)")
     parser.add_argument("--image", type=pathlib.Path, default=DATA / "faces/ageitgey__face_recognition/obama.jpg")
     parser.add_argument("--audio", type=pathlib.Path, default=DATA / "speech/kleinlee__DH_live/audio0.wav")
     args = parser.parse_args(argv)
-    config = RealtimeConfig(steps=args.steps, renderer=args.renderer, max_sessions=max(args.sessions))
+    config = RealtimeConfig(steps=args.steps, renderer=args.renderer, workers=args.workers, max_sessions=max(args.sessions))
     engine = Engine(config=config)
     samples = media.read_audio(args.audio, 16000)
     samples = np.resize(samples, int(args.seconds * 16000))

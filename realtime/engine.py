@@ -228,7 +228,7 @@ class Engine:
 
         self.config, self.idle_config = config, idle_config
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(
-            config=PipelineConfig(renderer=config.renderer, batch=config.batch), providers=providers)
+            config=PipelineConfig(renderer=config.renderer, batch=config.batch, workers=config.workers), providers=providers)
         self.pipeline.warm_up(config.batch)
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []
