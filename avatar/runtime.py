@@ -68,17 +68,18 @@ def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
     proto = onnx.load(str(path))
     graph = proto.graph
     weights = {w.name: w for w in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output}
+    all_nodes = list(graph.node)  # held, so that id() names each node for the whole pass
+    producer = {output: node for node in all_nodes for output in node.output}
     # 1. The float32 region: Sin/Cos and everything they are computed from.
-    region, stack = set(), [n for n in graph.node if n.op_type in ("Sin", "Cos")]
+    region, stack = set(), [n for n in all_nodes if n.op_type in ("Sin", "Cos")]
     while stack:
         node = stack.pop()
         if id(node) not in region:
             region.add(id(node))
             stack.extend(producer[name] for name in node.input if name in producer)
-    kept_fp32 = {name for node in graph.node if id(node) in region for name in node.input}
-    kept_fp32 |= {node.input[2] for node in graph.node if node.op_type == "Resize" and len(node.input) > 2}
-    read_as_half = {name for node in graph.node if id(node) not in region for k, name in enumerate(node.input)
+    kept_fp32 = {name for node in all_nodes if id(node) in region for name in node.input}
+    kept_fp32 |= {node.input[2] for node in all_nodes if node.op_type == "Resize" and len(node.input) > 2}
+    read_as_half = {name for node in all_nodes if id(node) not in region for k, name in enumerate(node.input)
                     if not (node.op_type == "Resize" and k == 2)}
     # 2. Weights: float16 (a float32 one that the region also reads gets a float16 twin).
     new_weights, renamed = [], {}
@@ -102,8 +103,8 @@ def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
     for i in inputs:
         boundary[i] = i + "__fp16"
         nodes.append(onnx.helper.make_node("Cast", [i], [boundary[i]], to=HALF, name=i + "__to_fp16"))
-    region_outputs = {o for node in graph.node if id(node) in region for o in node.output}
-    for node in graph.node:
+    region_outputs = {o for node in all_nodes if id(node) in region for o in node.output}
+    for node in all_nodes:
         source = weights.get(node.input[0]) if node.op_type == "Cast" and node.input else None
         if source is not None and source.data_type == HALF and node.attribute[0].i == FLOAT and id(node) not in region:
             nodes.append(onnx.helper.make_node("Identity", [source.name], list(node.output), name=node.name))
@@ -129,23 +130,9 @@ def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
     del graph.initializer[:]
     graph.initializer.extend(new_weights)
     del graph.node[:]
-    graph.node.extend(_topological(nodes, {i.name for i in graph.input} | {w.name for w in new_weights}))
+    graph.node.extend(nodes)  # still in order: a new cast sits just before the first node that reads it
     del graph.value_info[:]  # the types changed; onnxruntime infers them again
     return proto.SerializeToString()
-
-
-def _topological(nodes: list, available: set) -> list:
-    """ONNX wants every node after the nodes it reads from."""
-    ordered, pending, known = [], list(nodes), set(available) | {""}
-    while pending:
-        ready = [n for n in pending if all(i in known for i in n.input)]
-        if not ready:
-            raise AvatarError("cannot order the half-precision graph (a node reads a tensor nothing makes)")
-        for node in ready:
-            ordered.append(node)
-            known.update(node.output)
-        pending = [n for n in pending if all(id(n) != id(r) for r in ready)]
-    return ordered
 
 
 class OnnxSession:
