@@ -203,7 +203,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     cl = lambda x: x.contiguous(memory_format=torch.channels_last)
     batches = batch_stream(sampler, cfg.batch, cfg.draft_share, cfg.workers, seed=cfg.seed * 1000 + rank + 77)
-    step = start_step
+    done = 0
     for step in range(start_step, cfg.steps):
         last = step == cfg.steps - 1 or time_is_up(started, cfg.minutes, world, device)
         student.train()
@@ -282,10 +282,11 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             save_checkpoint(args.out / "last.pt", **snapshot, raw=student.state_dict(), discriminator=discriminator.state_dict(),
                             optimiser=optimiser.state_dict(), optimiser_d=optimiser_d.state_dict())
             writer.flush()
+        done += 1
         if last:
             break
     del trainable, judge  # the DDP wrappers and their reducers go before the process group
-    finish_training(world, writer, step + 1 - start_step, time.perf_counter() - started, args.out)
+    finish_training(world, writer, done, time.perf_counter() - started, args.out)
     return 0
 
 

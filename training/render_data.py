@@ -14,6 +14,7 @@ import dataclasses
 import typing
 
 import numpy as np
+import torch.utils.data
 
 from avatar.config import AlignConfig, RenderConfig
 from avatar.face import landmarks as lm
@@ -125,16 +126,14 @@ class RenderSampler:
         return batch
 
 
-class _SamplerBatches:
-    """An endless iterable of `sampler.batch(size, draft_share)` for a torch DataLoader worker; each
-    worker draws from its own random stream."""
+class SamplerBatches(torch.utils.data.IterableDataset):
+    """An endless iterable of `sampler.batch(size, draft_share)` for a torch DataLoader; each worker
+    draws from its own random stream."""
 
     def __init__(self, sampler: RenderSampler, size: int, draft_share: float, seed: int):
         self.sampler, self.size, self.draft_share, self.seed = sampler, size, draft_share, seed
 
     def __iter__(self) -> typing.Iterator[typing.Dict[str, np.ndarray]]:
-        import torch.utils.data
-
         info = torch.utils.data.get_worker_info()
         self.sampler.rng = np.random.default_rng([self.seed, info.id if info else 0])
         while True:
@@ -148,12 +147,7 @@ def batch_stream(sampler: RenderSampler, size: int, draft_share: float = 0.0, wo
     if workers <= 0:
         while True:
             yield sampler.batch(size, draft_share)
-    import torch.utils.data
-
-    class Batches(_SamplerBatches, torch.utils.data.IterableDataset):
-        pass
-
-    loader = torch.utils.data.DataLoader(Batches(sampler, size, draft_share, seed), batch_size=None, num_workers=workers,
-                                         prefetch_factor=4, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(SamplerBatches(sampler, size, draft_share, seed), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4, persistent_workers=True)
     for batch in loader:
         yield {k: v.numpy() for k, v in batch.items()}

@@ -132,7 +132,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     started = time.perf_counter()
     rng = np.random.default_rng(cfg.seed + 7 * rank)
     batches = batch_stream(sampler, cfg.batch, workers=cfg.workers, seed=cfg.seed * 1000 + rank)
-    step = start_step
+    done = 0
     for step in range(start_step, cfg.steps):
         last = step == cfg.steps - 1 or time_is_up(started, cfg.minutes, world, device)
         model.train()
@@ -179,10 +179,11 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
                 save_checkpoint(args.out / "best.pt", **state, best=best)
             save_checkpoint(args.out / "last.pt", **state, best=best)
             writer.flush()
+        done += 1
         if last:
             break
     del trainable  # the DDP wrapper and its reducer go before the process group
-    finish_training(world, writer, step + 1 - start_step, time.perf_counter() - started, args.out)
+    finish_training(world, writer, done, time.perf_counter() - started, args.out)
     return 0
 
 
