@@ -47,6 +47,7 @@ from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, apply_transform, rescale_points, rescale_transform, transform_scale
 from avatar.render.condition import build_condition, colour_match, from_unit, to_unit, transfer_detail
+from avatar.render.sampling import steps_from
 from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, render_warp, resize_inner
 from avatar.runtime import asset_path
 
@@ -76,6 +77,18 @@ class Identity:
     rest_anchor: np.ndarray
     drift_references: typing.List[typing.Tuple[np.ndarray, np.ndarray]]
     inner: InnerMouth = dataclasses.field(default_factory=lambda: InnerMouth(None, None))
+
+
+class _Prepared(typing.NamedTuple):
+    """One frame's inputs to the diffusion renderer (`render_batch`): the crop `(S, S, 3) uint8`, the
+    repaint mask `(S, S)`, the condition `(C, S, S)`, the frame whose detail comes back at paste-back,
+    and the draft `(3, S, S)` in [-1, 1] to start from (None when sampling from noise)."""
+
+    crop: np.ndarray
+    mask: np.ndarray
+    condition: np.ndarray
+    source: np.ndarray
+    draft: typing.Optional[np.ndarray]
 
 
 @dataclasses.dataclass
@@ -391,26 +404,25 @@ class AvatarPipeline:
             return outputs
         start = self.config.diffusion_start
 
-        def prepare(i: int):
+        def prepare(i: int) -> _Prepared:
             job = jobs[i]
             crop = self.aligner.crop(job.frame, job.transform)  # 1.
             mask = self.aligner.repaint_mask(job.crop_landmarks, lm.with_mouth(job.crop_landmarks, job.mouth))  # 2., 3.
             condition = build_condition(crop, mask, identities[i].references, job.mouth)  # 4.
-            source, draft = job.frame, None
-            if start < 1:  # the draft: the warp renderer's frame, at the face's own resolution, cropped
-                source = self._warp_frame(job, identities[i], int(frame_indices[i]), watermark=False)
-                draft = to_unit(self.aligner.crop(source, job.transform))
-            return crop, mask, condition, source, draft
+            if start >= 1:
+                return _Prepared(crop, mask, condition, job.frame, None)
+            # the draft: the warp renderer's frame, at the face's own resolution, cropped
+            warped = self._warp_frame(job, identities[i], int(frame_indices[i]), watermark=False)
+            return _Prepared(crop, mask, condition, warped, to_unit(self.aligner.crop(warped, job.transform)))
 
-        prepared = dict(zip(todo, self._each(prepare, todo)))
+        prepared = self._each(prepare, todo)
         noise = np.broadcast_to(self.noise, (len(todo), *self.noise.shape)).copy()
-        steps = steps or self.config.steps or max(1, round(start * self.renderer.config.steps))
-        drafts = np.stack([prepared[i][4] for i in todo]) if start < 1 else None
-        rendered = self.renderer.sample(np.stack([prepared[i][2] for i in todo]), noise, steps, init=drafts, start=start)
+        steps = steps or self.config.steps or steps_from(start, self.renderer.config.steps)
+        drafts = np.stack([p.draft for p in prepared]) if start < 1 else None
+        rendered = self.renderer.sample(np.stack([p.condition for p in prepared]), noise, steps, init=drafts, start=start)
 
         def finish(k: int) -> np.ndarray:
-            i = todo[k]
-            crop, mask, _, source, _ = prepared[i]
+            i, (crop, mask, _, source, _) = todo[k], prepared[k]
             face = from_unit(rendered[k])
             if self.config.colour_match > 0:  # 5.
                 face = colour_match(face, crop, mask, self.config.colour_match)

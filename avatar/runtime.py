@@ -54,7 +54,7 @@ def available_providers() -> typing.List[str]:
 def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
     """The ONNX model at `path` re-written to compute in float16, its inputs and outputs still float32.
 
-    Weights stored as fp16 with a cast to fp32 (`training.common.store_weights_fp16`) lose the cast.
+    Weights stored as fp16 with a cast to fp32 (`training.common.store_weights_fp16`) stay fp16.
     The nodes that compute from the timestep alone, up to and including Sin/Cos, stay float32 (their
     arguments reach 1000, where float16 steps are 0.5 rad); so do Resize's scales. Every other float
     tensor becomes float16. Needs the `onnx` package (`gpu` extra).
@@ -67,7 +67,6 @@ def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
     FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     proto = onnx.load(str(path))
     graph = proto.graph
-    weights = {w.name: w for w in graph.initializer}
     all_nodes = list(graph.node)  # held, so that id() names each node for the whole pass
     producer = {output: node for node in all_nodes for output in node.output}
     # 1. The float32 region: Sin/Cos and everything they are computed from.
@@ -84,20 +83,19 @@ def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
     # 2. Weights: float16 (a float32 one that the region also reads gets a float16 twin).
     new_weights, renamed = [], {}
     for weight in graph.initializer:
+        if weight.data_type not in (FLOAT, HALF) or (weight.data_type == HALF and weight.name not in kept_fp32):
+            new_weights.append(weight)
+            continue
         array = numpy_helper.to_array(weight)
-        if weight.data_type == HALF and weight.name not in kept_fp32:
-            new_weights.append(weight)
-        elif weight.data_type in (FLOAT, HALF) and weight.name in kept_fp32:
-            new_weights.append(numpy_helper.from_array(array.astype(np.float32), weight.name))
-            if weight.data_type == FLOAT and weight.name in read_as_half:
-                renamed[weight.name] = weight.name + "__fp16"
-                new_weights.append(numpy_helper.from_array(array.astype(np.float16), renamed[weight.name]))
-        elif weight.data_type == FLOAT:
+        if weight.name not in kept_fp32:
             new_weights.append(numpy_helper.from_array(array.astype(np.float16), weight.name))
-        else:
-            new_weights.append(weight)
-    # 3. Nodes: fp16 weights lose their cast to fp32; casts to float outside the region cast to half;
-    #    the region's outputs are cast to half where the rest reads them.
+            continue
+        new_weights.append(numpy_helper.from_array(array.astype(np.float32), weight.name))
+        if weight.name in read_as_half:
+            renamed[weight.name] = weight.name + "__fp16"
+            new_weights.append(numpy_helper.from_array(array.astype(np.float16), renamed[weight.name]))
+    # 3. Nodes: casts to float outside the region cast to half (the stored-fp16 weights' casts become
+    #    no-ops that onnxruntime folds); the region's outputs are cast to half where the rest reads them.
     nodes, boundary = [], {}
     inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == FLOAT}
     for i in inputs:
@@ -105,10 +103,6 @@ def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
         nodes.append(onnx.helper.make_node("Cast", [i], [boundary[i]], to=HALF, name=i + "__to_fp16"))
     region_outputs = {o for node in all_nodes if id(node) in region for o in node.output}
     for node in all_nodes:
-        source = weights.get(node.input[0]) if node.op_type == "Cast" and node.input else None
-        if source is not None and source.data_type == HALF and node.attribute[0].i == FLOAT and id(node) not in region:
-            nodes.append(onnx.helper.make_node("Identity", [source.name], list(node.output), name=node.name))
-            continue
         if id(node) not in region:
             if node.op_type == "Cast" and node.attribute[0].i == FLOAT:
                 node.attribute[0].i = HALF

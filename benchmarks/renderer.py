@@ -29,7 +29,7 @@ STREAM_FPS = 25.0
 
 def inputs(session: OnnxSession, batch: int, seed: int = 0) -> typing.Dict[str, np.ndarray]:
     """A draft noised to t = 0.25 (`x_t`), the time, and a condition in [-1, 1] (the default live call)."""
-    shape = session.session.get_inputs()[2].shape
+    shape = {i.name: i.shape for i in session.session.get_inputs()}["condition"]
     channels, size = int(shape[1]), int(shape[2])
     rng = np.random.default_rng(seed)
     return {"x_t": rng.standard_normal((batch, 3, size, size)).astype(np.float32),
@@ -50,10 +50,8 @@ def time_calls(session: OnnxSession, batch: int, seconds: float) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def fp16_error(model: pathlib.Path, provider: str) -> typing.Tuple[float, float, float]:
+def fp16_error(full: OnnxSession, half: OnnxSession) -> typing.Tuple[float, float, float]:
     """Largest and mean |fp16 − fp32| of the output `v`, and the largest in 8-bit levels of the clean crop."""
-    full = OnnxSession(model, providers=[provider])
-    half = OnnxSession(model, providers=[provider], fp16=True)
     feed = inputs(full, 8, seed=1)
     v32, v16 = full.run(**feed)["v"], half.run(**feed)["v"]
     _, sigma = alpha_sigma(feed["t"][:, None, None, None])
@@ -79,23 +77,24 @@ def main(argv=None) -> None:
             if provider in offered:
                 print(f"{provider:<26} offered, but its libraries do not load here (TensorRT not installed?)")
             continue
-        precisions = (False, True) if provider != "CPUExecutionProvider" else (False,)
-        for fp16 in precisions:
+        sessions: typing.Dict[str, OnnxSession] = {}
+        for precision in ("fp32", "fp16") if provider != "CPUExecutionProvider" else ("fp32",):
             try:
-                session = OnnxSession(model, providers=[provider], fp16=fp16)
+                session = OnnxSession(model, providers=[provider], fp16=precision == "fp16")
             except (AvatarError, RuntimeError) as exc:
-                print(f"{provider:<26} {'fp16' if fp16 else 'fp32':<9} did not start: {str(exc).splitlines()[0][:150]}")
+                print(f"{provider:<26} {precision:<9} did not start: {str(exc).splitlines()[0][:150]}")
                 continue
             if session.providers[0] != provider:
-                print(f"{provider:<26} {'fp16' if fp16 else 'fp32':<9} did not start (onnxruntime fell back to {session.providers[0]})")
+                print(f"{provider:<26} {precision:<9} did not start (onnxruntime fell back to {session.providers[0]})")
                 continue
+            sessions[precision] = session
             for batch in args.batches:
                 seconds = time_calls(session, batch, args.seconds)
-                print(f"{provider:<26} {'fp16' if fp16 else 'fp32':<9} {batch:>5} {1000 * seconds:>9.2f} {batch / seconds:>9.0f} "
+                print(f"{provider:<26} {precision:<9} {batch:>5} {1000 * seconds:>9.2f} {batch / seconds:>9.0f} "
                       f"{batch / seconds / STREAM_FPS:>15.1f}", flush=True)
-            if fp16:
-                worst, mean, levels = fp16_error(model, provider)
-                print(f"{'':<26} fp16 vs fp32 output: max {worst:.1e}, mean {mean:.1e}; clean crop max {levels:.2f} levels of 255")
+        if len(sessions) == 2:
+            worst, mean, levels = fp16_error(sessions["fp32"], sessions["fp16"])
+            print(f"{'':<26} fp16 vs fp32 output: max {worst:.1e}, mean {mean:.1e}; clean crop max {levels:.2f} levels of 255")
 
 
 if __name__ == "__main__":

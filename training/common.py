@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import pathlib
+import time
 import typing
 
 import torch
@@ -51,8 +52,6 @@ def time_is_up(started: float, minutes: float, world: int, device: torch.device)
     as the main process sees it: every process gets the same answer, so they stop at the same step."""
     if minutes <= 0:
         return False
-    import time
-
     up = time.perf_counter() - started > 60 * minutes
     if world > 1:
         flag = torch.tensor([float(up)], device=device)

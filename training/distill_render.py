@@ -44,12 +44,12 @@ from torch.nn.parallel import DistributedDataParallel
 from avatar.config import RenderConfig
 from avatar.metrics import sharpness
 from avatar.render.condition import from_unit
-from avatar.render.sampling import alpha_sigma, timesteps
+from avatar.render.sampling import timesteps
 from avatar.render.unet import Denoiser
 from training.common import finish_training, log_training, save_checkpoint, start_process, time_is_up, update_average
 from training.render_data import RenderSampler, batch_stream, load_render_clips
 from training.export_render import load_denoiser, same_architecture
-from training.train_render import save_grid, validate
+from training.train_render import noise_levels, save_grid, validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +220,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         if cfg.draft_share > 0:
             times = np.where(batch["has_draft"], rng.choice(draft_times, cfg.batch), times).astype(np.float32)
             source = torch.from_numpy(batch["draft"]).to(device)  # the clean crop where a sample has no draft
-        alpha, sigma = (torch.from_numpy(v.astype(np.float32)).to(device)[:, None, None, None] for v in alpha_sigma(times))
+        alpha, sigma = noise_levels(times, device)
         x_t = alpha * source + sigma * torch.randn_like(clean)
         with autocast():
             v = trainable(cl(x_t), torch.from_numpy(times).to(device), cl(condition)).float()
@@ -231,7 +231,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         reconstruction = region_l1(x0, clean, mask) + cfg.gradient_weight * sum(
             region_l1(a, b, mask) for a, b in zip(image_gradients(x0), image_gradients(clean)))
         s = rng.uniform(0.02, 0.98, cfg.batch).astype(np.float32)
-        alpha_s, sigma_s = (torch.from_numpy(v.astype(np.float32)).to(device)[:, None, None, None] for v in alpha_sigma(s))
+        alpha_s, sigma_s = noise_levels(s, device)
         renoised = alpha_s * x0.detach() + sigma_s * torch.randn_like(x0)
         with torch.no_grad(), autocast():
             teacher_v = teacher(cl(renoised), torch.from_numpy(s).to(device), cl(condition)).float()

@@ -37,6 +37,7 @@ from avatar.face.align import FaceAligner
 from avatar.metrics import sharpness
 from avatar.render.condition import build_condition, composite
 from avatar.render.runner import Renderer
+from avatar.render.sampling import steps_from
 from avatar.render.warp import InnerMouth, render_warp
 from training.common import emit_report
 from training.render_data import REFERENCE_GAP, RenderClip, load_render_clips
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     renderer = Renderer(args.model)
     few = args.steps or [renderer.config.steps]
     models = [ModelRow("model", renderer, steps) for steps in (*few, args.many_steps)]
-    models += [ModelRow("model", renderer, max(1, round(start * renderer.config.steps)), start) for start in args.from_warp]
+    models += [ModelRow("model", renderer, steps_from(start, renderer.config.steps), start) for start in args.from_warp]
     if args.teacher:
         teacher = Renderer(args.teacher)
         if teacher.config.crop_size != renderer.config.crop_size:
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
                   "compare models of one crop size", file=sys.stderr)
             return 2
         models += [ModelRow("teacher", teacher, steps) for steps in (max(few), args.many_steps)]
-        models += [ModelRow("teacher", teacher, max(1, round(start * renderer.config.steps)), start) for start in args.from_warp]
+        models += [ModelRow("teacher", teacher, steps_from(start, renderer.config.steps), start) for start in args.from_warp]
     clips = load_render_clips(args.cache, "val", renderer.config.crop_size, kinds=("video",))
     if not clips:
         print(f"error: no validation clips in {args.cache}; run training.preprocess first", file=sys.stderr)

@@ -51,6 +51,11 @@ class RenderTrainConfig:
     minutes: float = 0.0  # stop after this much wall time, validated and saved (0: run all the steps)
 
 
+def noise_levels(times: np.ndarray, device: torch.device) -> typing.Tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of the schedule at `times (B,)`, as `(B, 1, 1, 1) float32` tensors on `device`."""
+    return tuple(torch.from_numpy(np.asarray(v, np.float32)).to(device)[:, None, None, None] for v in alpha_sigma(times))
+
+
 def torch_model_fn(model: Denoiser, device: torch.device):
     def run(x: np.ndarray, t: np.ndarray, condition: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -146,7 +151,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         times = rng.uniform(0.0, 1.0, cfg.batch).astype(np.float32)
         t = torch.from_numpy(times).to(device)
         noise = torch.randn_like(clean)
-        alpha, sigma = (torch.from_numpy(v.astype(np.float32)).to(device)[:, None, None, None] for v in alpha_sigma(times))
+        alpha, sigma = noise_levels(times, device)
         x_t = alpha * clean + sigma * noise
         target_v = alpha * noise - sigma * clean
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):

@@ -27,6 +27,12 @@ def timesteps(steps: int, start: float = 1.0) -> np.ndarray:
     return np.linspace(start, 0.0, steps + 1)
 
 
+def steps_from(start: float, full_steps: int) -> int:
+    """Sampling steps from time `start` at the step size of a `full_steps`-step sampler from 1
+    (at least one): 1 step from 0.25 for a 4-step model."""
+    return max(1, round(start * full_steps))
+
+
 def sample_ddim(model: Model, noise: np.ndarray, condition: np.ndarray, steps: int = 4,
                 callback: typing.Optional[Callback] = None, init: typing.Optional[np.ndarray] = None,
                 start: float = 1.0) -> np.ndarray:
