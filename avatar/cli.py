@@ -145,7 +145,7 @@ def _common_render_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--reference", action="append", metavar="PHOTO",
                          help="another photo of the same person for the identity-drift check (repeatable)")
     _face_index_option(command)
-    command.add_argument("--models", help="folder with motion.onnx and render.onnx (default: the bundled ones)")
+    command.add_argument("--models", help="folder with speech.onnx, motion_offline.onnx, motion_live.onnx and render.onnx (default: the bundled ones)")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_arguments(command, PipelineConfig, "")
     add_config_arguments(command, FaceConfig, "face")

@@ -34,6 +34,36 @@ class MelConfig:
 
 
 @dataclass(frozen=True)
+class SpeechConfig:
+    """Whisper's log-mel front-end and the speech encoder's windows (`avatar/speech/`).
+
+    Log-mel: 16 kHz, 80 Slaney mel bins of the power STFT (n_fft 400, hop 160: 100 frames/s, frame j
+    centred on sample 160 j, zero padding at both ends), log10, floored, then (x + 4) / 4 as Whisper
+    does. Whisper floors at its 30-s window's maximum − 8, which depends on audio not yet heard; here
+    the floor is fixed (`log_floor`, the maximum of full-scale speech − 8), so streaming gives the batch numbers.
+
+    Encoder frames are 20 ms (frame k centred on 20 k ms). Offline, the encoder sees whole chunks of
+    `offline_chunk` frames (30 s, Whisper's own window), overlapping by `offline_context` on each
+    side. Live, every `live_hop` frames it sees the last `live_window` frames (silence before the
+    start), and keeps the frames with at least `live_right` frames of audio after them: a frame's
+    look-ahead is 20 × (live_hop + live_right − 1) ms + 2.5 ms (the last mel frame's half window past
+    its centre), 102.5 ms at the defaults. Offline-live features (`live=True` on
+    a whole file) are computed from exactly the windows a stream sees.
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+    log_floor: float = -6.5
+    live_window: int = 50
+    live_hop: int = 3
+    live_right: int = 3
+    offline_chunk: int = 1500
+    offline_context: int = 125
+
+
+@dataclass(frozen=True)
 class VadConfig:
     """Energy-based voice activity per video frame, with a tracked noise floor."""
 
@@ -123,30 +153,32 @@ def config_from_args(args: argparse.Namespace, cls: type, prefix: str):
 
 @dataclass(frozen=True)
 class MotionConfig:
-    """Speech → mouth and jaw landmarks (`avatar/motion/`).
+    """Speech-encoder features → mouth and jaw landmarks (`avatar/motion/`).
 
-    Each video frame sees a mel context of `mel_window_frames` frames starting `-mel_window_offset`
-    frames before it: 300 ms of past and 87.5 ms of future at the defaults, i.e. a look-ahead of
-    87.5 + 25 (STFT half window) = 112.5 ms. Frame-level layers are causal, so the model adds no
-    look-ahead of its own and streams with exactly the offline numbers.
+    Two models from one code: the live one (`causal`) reads live features (`SpeechConfig`) and its
+    frame layers see only the present and the past, so it adds no look-ahead to the encoder's and
+    streams with the offline numbers; the offline one reads whole-utterance features and its layers
+    are centred: `temporal_reach` frames ahead and behind (15 at the defaults: 600 ms at 25 fps).
     """
 
-    mel_window_frames: int = 32
-    mel_window_offset: int = -24
-    hidden: int = 128
-    temporal_kernel: int = 5
-    temporal_layers: int = 2
+    features: int = 384  # width of the speech encoder's features
+    hidden: int = 192
+    temporal_kernel: int = 3
+    temporal_layers: int = 4  # dilations 1, 2, 4, 8
+    causal: bool = True
     n_components: int = 12  # PCA components of the mouth/jaw offsets
-    n_visemes: int = 13  # classes of the training-only viseme head (training/visemes.py)
     dropout: float = 0.1
-
-    def mel_config(self) -> "MelConfig":
-        return MelConfig(window_frames=self.mel_window_frames, window_offset=self.mel_window_offset)
+    input_dropout: float = 0.2
 
     @property
     def receptive_frames(self) -> int:
         """Video frames (this one included) that a frame's output depends on."""
-        return 1 + (self.temporal_kernel - 1) * self.temporal_layers
+        return 1 + (self.temporal_kernel - 1) * (2 ** self.temporal_layers - 1)
+
+    @property
+    def temporal_reach(self) -> int:
+        """Frames ahead of (offline: and behind) a frame that its output depends on (0 ahead when causal)."""
+        return (self.receptive_frames - 1) // 2
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,17 @@ def _model(name: str) -> typing.Callable[[], str]:
 
         path = asset_path(name)
         digest = file_sha256(path)
-        if name.startswith("motion"):
+        if name.startswith("speech"):
+            from avatar.speech.encoder import SpeechEncoder
+
+            out = SpeechEncoder(path).features(np.zeros(8000, np.float32))
+            assert out.shape[0] == 25 and np.isfinite(out).all(), "bad output"
+        elif name.startswith("motion"):
             from avatar.motion.runner import POINTS, MotionPredictor
 
             predictor = MotionPredictor(path)
-            windows = np.zeros((4, predictor.config.mel_window_frames, 80), np.float32) - 4.0
-            out = predictor.predict(windows, np.zeros((len(POINTS), 2), np.float32))
-            assert out.shape == (4, len(POINTS), 2) and np.isfinite(out).all(), "bad output"
+            out = predictor.from_audio(np.zeros(8000, np.float32), 25.0, np.zeros((len(POINTS), 2), np.float32))
+            assert out.shape == (13, len(POINTS), 2) and np.isfinite(out).all(), "bad output"
         else:
             from avatar.render.runner import Renderer
 
@@ -119,7 +123,9 @@ def run_checks() -> typing.List[Check]:
     return [
         Check("versions", True, ", ".join(f"{k} {v}" for k, v in versions().items())),
         _run("onnxruntime providers", _providers),
-        _run("motion model", _model("motion.onnx")),
+        _run("speech encoder", _model("speech.onnx")),
+        _run("motion model (files)", _model("motion_offline.onnx")),
+        _run("motion model (live)", _model("motion_live.onnx")),
         _run("renderer model", _model("render.onnx")),
         _run("face front-end", _face),
         _run("identity embedding", _embedding),

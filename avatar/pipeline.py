@@ -52,7 +52,8 @@ from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_r
 from avatar.runtime import asset_path
 
 PathLike = typing.Union[str, os.PathLike]
-MOTION_MODEL, RENDER_MODEL = "motion.onnx", "render.onnx"
+SPEECH_MODEL, MOTION_MODEL, LIVE_MOTION_MODEL, RENDER_MODEL = "speech.onnx", "motion_offline.onnx", "motion_live.onnx", "render.onnx"
+MODEL_FILES = (SPEECH_MODEL, MOTION_MODEL, LIVE_MOTION_MODEL, RENDER_MODEL)
 INNER_SIZE = 256  # crop side at which an identity's open mouth is kept for the warp renderer
 # Detail transfer after the diffusion renderer (luma levels of coarse disagreement that stop it): from
 # the input frame only where the mouth did not move; from the warp renderer's frame that the model
@@ -221,28 +222,33 @@ def pingpong_schedule(n_source: int, n_out: int, motion: np.ndarray, fps: float,
 
 
 class AvatarPipeline:
-    """Motion model + renderer + face front-ends + drift monitor + writer.
+    """Speech encoder + motion models + renderer + face front-ends + drift monitor + writer.
 
     Construct with `from_pretrained()`; the ONNX sessions, the face tracker and the embedder load here,
-    not at import. The diffusion model loads only when it is used (`renderer="diffusion"`).
+    not at import. Files (`animate`, `dub`) use the offline motion model (`motion`); live streams the
+    live one (`live_motion`), loaded on first use like the diffusion model (`renderer="diffusion"`).
     """
 
-    def __init__(self, motion_model: PathLike, render_model: PathLike, config: PipelineConfig = PipelineConfig(),
+    def __init__(self, folder: PathLike, config: PipelineConfig = PipelineConfig(),
                  face_config: FaceConfig = FaceConfig(), identity_config: IdentityConfig = IdentityConfig(),
                  providers: typing.Optional[typing.Sequence[str]] = None):
         from avatar.motion.runner import MotionPredictor
+        from avatar.speech.encoder import SpeechEncoder
 
         if config.renderer not in ("warp", "diffusion"):
             raise AvatarError(f"renderer must be warp or diffusion, not {config.renderer!r}")
         if not 0.0 < config.diffusion_start <= 1.0:
             raise AvatarError(f"diffusion_start must be in (0, 1] (1: from pure noise), not {config.diffusion_start}")
         self.config, self.face_config, self.identity_config = config, face_config, identity_config
-        self.motion = MotionPredictor(motion_model, threads=config.threads, providers=providers)
-        self._render_model, self._providers, self._renderer = pathlib.Path(render_model), providers, None
+        self.folder = pathlib.Path(folder)
+        self.encoder = SpeechEncoder(self.folder / SPEECH_MODEL, threads=config.threads, providers=providers)
+        self.motion = MotionPredictor(self.folder / MOTION_MODEL, threads=config.threads, providers=providers, encoder=self.encoder)
+        self._live_motion = None
+        self._render_model, self._providers, self._renderer = self.folder / RENDER_MODEL, providers, None
         self.crop_size = AlignConfig().crop_size  # the canonical crop the landmarks live in (the diffusion model's too)
         self.aligner = FaceAligner(AlignConfig(crop_size=self.crop_size))
-        used = [motion_model] + ([render_model] if config.renderer == "diffusion" else [])
-        self.model_hashes = {pathlib.Path(p).name: provenance.file_sha256(p) for p in used}
+        used = [SPEECH_MODEL, MOTION_MODEL] + ([RENDER_MODEL] if config.renderer == "diffusion" else [])
+        self.model_hashes = {name: provenance.file_sha256(self.folder / name) for name in used}
         self.noise = np.random.default_rng(config.seed).standard_normal((3, self.crop_size, self.crop_size)).astype(np.float32)
         self._embedder = None
         self._aligners: typing.Dict[int, FaceAligner] = {self.crop_size: self.aligner}
@@ -252,12 +258,24 @@ class AvatarPipeline:
     def from_pretrained(cls, folder: typing.Optional[PathLike] = None, **kwargs) -> "AvatarPipeline":
         """The default models from `assets/` (or `AVATAR_ASSETS`), or from `folder`."""
         if folder is None:
-            return cls(asset_path(MOTION_MODEL), asset_path(RENDER_MODEL), **kwargs)
+            return cls(asset_path(MOTION_MODEL).parent, **kwargs)
         folder = pathlib.Path(folder)
-        for name in (MOTION_MODEL, RENDER_MODEL):
+        for name in MODEL_FILES:
             if not (folder / name).exists():
-                raise MediaError(f"{folder / name}: missing; a model folder needs {MOTION_MODEL} and {RENDER_MODEL}")
-        return cls(folder / MOTION_MODEL, folder / RENDER_MODEL, **kwargs)
+                raise MediaError(f"{folder / name}: missing; a model folder needs {', '.join(MODEL_FILES)}")
+        return cls(folder, **kwargs)
+
+    @property
+    def live_motion(self):
+        """The live (causal) motion model (`avatar.motion.runner.MotionPredictor`), loaded on first use;
+        its hash joins `model_hashes`."""
+        if self._live_motion is None:
+            from avatar.motion.runner import MotionPredictor
+
+            self._live_motion = MotionPredictor(self.folder / LIVE_MOTION_MODEL, threads=self.config.threads,
+                                                providers=self._providers, encoder=self.encoder)
+            self.model_hashes[LIVE_MOTION_MODEL] = provenance.file_sha256(self.folder / LIVE_MOTION_MODEL)
+        return self._live_motion
 
     @property
     def renderer(self):
@@ -284,22 +302,21 @@ class AvatarPipeline:
         return self.motion.session.providers
 
     def warm_up(self, batch: int = 1) -> None:
-        """Run both models once, so that a provider's lazy set-up (graph building, CUDA/TensorRT
+        """Run the live models once, so that a provider's lazy set-up (graph building, CUDA/TensorRT
         kernels) is not paid by the first frame of a live session."""
-        from avatar.motion.runner import POINTS
 
         if self.config.renderer == "diffusion":
             config = self.renderer.config
             self.renderer.sample(np.zeros((batch, config.condition_channels, self.crop_size, self.crop_size), np.float32),
                                  np.zeros((batch, 3, self.crop_size, self.crop_size), np.float32), steps=1)
-        if self.config.renderer == "warp" or self.config.diffusion_start < 1:  # the warp's first call loads scipy's spline code
-            from avatar.face.align import crop_template
+        from avatar.face.align import crop_template
 
+        if self.config.renderer == "warp" or self.config.diffusion_start < 1:  # the warp's first call loads scipy's spline code
             face = crop_template(self.crop_size)
             crop = np.full((self.crop_size, self.crop_size, 3), 128, np.uint8)
             render_warp(crop, face, face[lm.MOUTH_AND_JAW], self.aligner.lower_face_mask(face), InnerMouth(None, None))
-        self.motion.predict(np.zeros((9, self.motion.config.mel_window_frames, 80), np.float32) - 4.0,
-                            np.zeros((len(POINTS), 2), np.float32))
+        self.live_motion.from_audio(np.zeros(self.encoder.config.sample_rate // 2, np.float32), 25.0,
+                                    crop_template(self.crop_size)[lm.MOUTH_AND_JAW])
 
     @property
     def embedder(self):
@@ -514,7 +531,7 @@ class AvatarPipeline:
         """Frames `(H, W, 3) uint8` of `portrait` speaking `samples` (16 kHz mono float32), one at a time."""
         fps = fps or self.config.fps
         clock = clock or StageClock()
-        n = audio_frontend.n_video_frames(samples.size, fps, self.motion.mel_config.sample_rate)
+        n = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
         with clock.time("motion"):
             mouths = self.motion.from_audio(samples, fps, identity.rest, n)
         closure = idle.blink_curve(n, fps, idle_config)
@@ -534,7 +551,7 @@ class AvatarPipeline:
                 extra: typing.Dict[str, typing.Any], report_path: typing.Optional[PathLike]) -> RunResult:
         sidecar = provenance.write_sidecar(output, provenance.manifest(output, command, inputs, self.model_hashes))
         seconds = time.perf_counter() - started
-        audio_seconds = samples.size / self.motion.mel_config.sample_rate
+        audio_seconds = samples.size / self.encoder.config.sample_rate
         report = {
             "engine": f"avatar {__version__}", "command": command, "output": str(output), "frames": frames, "fps": fps,
             "audio_seconds": audio_seconds, "seconds": seconds, "real_time_factor": seconds / max(audio_seconds, 1e-9),
@@ -561,7 +578,7 @@ class AvatarPipeline:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()
         with clock.time("decode"):
-            samples = media.read_audio(audio, self.motion.mel_config.sample_rate)
+            samples = media.read_audio(audio, self.encoder.config.sample_rate)
             portrait = fit_image(media.read_image(image), self.config.max_side)
         with clock.time("face"):
             with self.face_tracker() as tracker:
@@ -570,11 +587,11 @@ class AvatarPipeline:
         fps = self.config.fps
         events: typing.List[typing.Dict[str, typing.Any]] = []
         monitor = self._drift_monitor(identity, events)
-        n = audio_frontend.n_video_frames(samples.size, fps, self.motion.mel_config.sample_rate)
+        n = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
         if n == 0:
             raise MediaError(f"{audio}: the speech is shorter than one video frame; give longer audio")
         metadata = provenance.container_metadata(self.model_hashes)
-        with media.VideoWriter(output, fps, samples, self.motion.mel_config.sample_rate, crf=self.config.crf,
+        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
                                metadata=metadata, inputs=inputs) as writer:
             frames = self.animate_frames(identity, portrait, landmarks, samples, idle_config, fps, monitor, clock)
             for frame in tqdm(frames, total=n, desc="animate", unit="frame", disable=not progress):
@@ -604,7 +621,7 @@ class AvatarPipeline:
             raise MediaError(f"{video}: has no video frames; give a video with a face in it")
         fps = info.fps or self.config.fps
         with clock.time("decode"):
-            samples = media.read_audio(audio, self.motion.mel_config.sample_rate)
+            samples = media.read_audio(audio, self.encoder.config.sample_rate)
 
         # 1. Track the face through the whole video once; keep the frames on disk for random access.
         store = FrameStore()
@@ -636,7 +653,7 @@ class AvatarPipeline:
                                                self.open_mouth(store[widest], transforms[widest], crop_lms[widest]))
 
             # 3. Fit the speech to the video: output length and which source frame each shows.
-            n_audio = audio_frontend.n_video_frames(samples.size, fps, self.motion.mel_config.sample_rate)
+            n_audio = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
             if n_audio == 0:
                 raise MediaError(f"{audio}: the speech is shorter than one video frame; give longer audio")
             if n_audio > n_source and dub_config.audio_longer == "trim":
@@ -645,7 +662,7 @@ class AvatarPipeline:
                 n_out = n_source
             else:
                 n_out = n_audio
-            samples_out = samples[: int(round(n_out / fps * self.motion.mel_config.sample_rate))]
+            samples_out = samples[: int(round(n_out / fps * self.encoder.config.sample_rate))]
             anchors = np.full((n_source, 2), np.nan)
             anchors[good] = lm.mouth_anchor(good_lms)
             motion = np.r_[0.0, np.linalg.norm(np.diff(np.stack([t if t is not None else np.zeros((2, 3)) for t in transforms]), axis=0), axis=(1, 2))]
@@ -668,7 +685,7 @@ class AvatarPipeline:
                     yield FrameJob(frame, transforms[source], crop_lms[source], frame_lms[source], mouth)
 
             metadata = provenance.container_metadata(self.model_hashes)
-            with media.VideoWriter(output, fps, samples_out, self.motion.mel_config.sample_rate, crf=self.config.crf,
+            with media.VideoWriter(output, fps, samples_out, self.encoder.config.sample_rate, crf=self.config.crf,
                                    metadata=metadata, inputs=inputs) as writer:
                 for frame in tqdm(self.render_jobs(identity, jobs(), fps, monitor, clock), total=n_out, desc="dub",
                                   unit="frame", disable=not progress):

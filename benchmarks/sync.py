@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     parser.add_argument("--renderer", choices=("warp", "diffusion"), default=PipelineConfig.renderer)
     parser.add_argument("--diffusion-start", type=float, default=PipelineConfig.diffusion_start,
                         help="the diffusion renderer refines the warp's draft noised to this time (1: from pure noise)")
-    parser.add_argument("--models", type=pathlib.Path, help="a folder with motion.onnx and render.onnx (default: assets/)")
+    parser.add_argument("--models", type=pathlib.Path, help="a folder with the model files of AvatarPipeline.from_pretrained (default: assets/)")
     args = parser.parse_args(argv)
     pipeline = AvatarPipeline.from_pretrained(args.models, config=PipelineConfig(drift=False, renderer=args.renderer,
                                                                                  diffusion_start=args.diffusion_start))

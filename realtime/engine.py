@@ -107,7 +107,7 @@ class Session:
         self.engine, self.avatar, self.sample_rate = engine, avatar, sample_rate
         config = engine.config
         self.fps = config.fps
-        self.motion = engine.pipeline.motion.stream(config.fps, avatar.identity.rest)
+        self.motion = engine.pipeline.live_motion.stream(config.fps, avatar.identity.rest)
         self.lookahead_s = self.motion.lookahead_ms / 1000.0
         self.resample = _Resampler(sample_rate)
         self.blinks = idle.BlinkSchedule(engine.idle_config)

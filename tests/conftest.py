@@ -81,4 +81,7 @@ def tiny_cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_cache")
     code = preprocess.main(["--src", str(DATA), "--out", str(out), "--workers", "1", "--clips", *TINY_CACHE_CLIPS])
     assert code == 0
+    from training import speech_features
+
+    assert speech_features.main(["--src", str(DATA), "--cache", str(out), "--variants", "2"]) == 0
     return out

@@ -1,5 +1,6 @@
-"""Motion model: shapes, ONNX parity, streaming = offline, silence → closed mouth, training (DDP, resume),
-evaluation with baselines. The default model is the committed assets/motion.onnx."""
+"""Motion models: shapes, causality (live) and look-ahead (offline), ONNX parity, streaming = offline,
+silence → closed mouth, training (DDP, resume), evaluation with baselines. The default models are the
+committed assets/motion_live.onnx and assets/motion_offline.onnx."""
 
 import os
 import subprocess
@@ -9,19 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from avatar import audio, media
+from avatar import media
 from avatar.config import MotionConfig
 from avatar.motion.model import N_POINTS, MotionModel
 from avatar.motion.runner import MotionPredictor, rest_pose
 from avatar.runtime import ASSETS
-from conftest import GRID_CLIP, REPO, SPEECH_FLAC, feed_in_chunks
+from conftest import GRID_CLIP, REPO, feed_in_chunks
 from avatar.face.landmarks import inner_gap as gap
 
 
 
+@pytest.fixture(scope="module", params=["offline", "live"])
+def predictor(request):
+    return MotionPredictor(live=request.param == "live")
+
+
 @pytest.fixture(scope="module")
-def predictor():
-    return MotionPredictor()
+def live_predictor():
+    return MotionPredictor(live=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,56 +41,68 @@ def rest():
 
 def test_model_shapes_and_rest_is_zero_motion():
     model = MotionModel(MotionConfig(), torch.randn(12, N_POINTS * 2) * 0.01, torch.zeros(N_POINTS * 2)).eval()
-    windows = torch.randn(2, 7, 32, 80)
+    features = torch.randn(2, 7, MotionConfig().features)
     rest = torch.rand(2, N_POINTS, 2) * 128
-    out = model(windows, rest)
+    out = model(features, rest)
     assert out.shape == (2, 7, N_POINTS, 2) and out.dtype == torch.float32
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
-    assert torch.allclose(model(windows, rest), rest[:, None].expand(2, 7, N_POINTS, 2))
+    assert torch.allclose(model(features, rest), rest[:, None].expand(2, 7, N_POINTS, 2))
 
 
-def test_model_is_causal_over_frames():
-    """Changing frame t's window changes no earlier frame's output: look-ahead is the mel context only."""
-    model = MotionModel(MotionConfig(), torch.randn(12, N_POINTS * 2) * 0.01).eval()
-    windows = torch.randn(1, 20, 32, 80)
+@pytest.mark.parametrize("causal", [True, False])
+def test_live_model_is_causal_and_offline_model_looks_ahead(causal):
+    """Live: changing frame t's features changes no earlier frame (the encoder's look-ahead is all there
+    is). Offline: frames up to `temporal_reach` before it change too: ≥ 250 ms of future at 25 fps."""
+    config = MotionConfig(causal=causal)
+    model = MotionModel(config, torch.randn(12, N_POINTS * 2) * 0.01).eval()
+    features = torch.randn(1, 60, config.features)
     rest = torch.rand(1, N_POINTS, 2) * 128
-    changed = windows.clone()
-    changed[:, 12] += 1.0
+    changed = features.clone()
+    changed[:, 40] += 1.0
     with torch.no_grad():
-        a, b = model(windows, rest), model(changed, rest)
-    assert torch.equal(a[:, :12], b[:, :12]) and not torch.equal(a[:, 12:], b[:, 12:])
-    assert MotionConfig().mel_config().window_offset + MotionConfig().mel_window_frames - 1 == 7
-    stream = audio.StreamingMelWindows(25, MotionConfig().mel_config())
-    assert stream.lookahead_ms == pytest.approx(112.5) and stream.lookahead_ms <= 120
+        moved = (model(features, rest) != model(changed, rest)).any(dim=(0, 2, 3))
+    first = int(torch.nonzero(moved)[0])
+    if causal:
+        assert first == 40
+    else:
+        assert first == 40 - config.temporal_reach and config.temporal_reach * 40 >= 250
 
 
-def test_onnx_export_parity(tmp_path):
+@pytest.mark.parametrize("name", ["motion_live", "motion_offline"])
+def test_onnx_export_parity(tmp_path, name):
     """The committed fp16 torch copy, exported here, matches onnxruntime within 1e-4; so does the shipped ONNX."""
     from training.export_motion import export, load_model, parity
 
-    model = load_model(ASSETS / "motion.pt")
-    export(model, tmp_path / "motion.onnx")
+    model = load_model(ASSETS / f"{name}.pt")
+    export(model, tmp_path / f"{name}.onnx")
     rng = np.random.default_rng(0)
     for length in (1, 9, 100):
-        windows = rng.uniform(-4, 2, (1, length, 32, 80)).astype(np.float32)
+        features = rng.normal(0, 1, (1, length, model.config.features)).astype(np.float32)
         rest = (64 + rng.normal(0, 8, (1, N_POINTS, 2))).astype(np.float32)
-        assert parity(model, tmp_path / "motion.onnx", windows, rest) <= 1e-4
-    shipped = MotionPredictor(ASSETS / "motion.onnx")
+        assert parity(model, tmp_path / f"{name}.onnx", features, rest) <= 1e-4
+    shipped = MotionPredictor(ASSETS / f"{name}.onnx")
+    assert shipped.live == (name == "motion_live")
     with torch.no_grad():
-        expected = model(torch.from_numpy(windows), torch.from_numpy(rest)).numpy()[0]
-    assert np.abs(shipped.predict(windows[0], rest[0]) - expected).max() < 2e-3  # fp16 copy vs fp32 export
+        expected = model(torch.from_numpy(features), torch.from_numpy(rest)).numpy()[0]
+    assert np.abs(shipped.predict(features[0], rest[0]) - expected).max() < 2e-3  # fp16 copy vs fp32 export
 
 
-def test_streaming_equals_offline(predictor, rest):
-    samples = media.read_audio(SPEECH_FLAC, 16000)[: 16000 * 4]
+def test_streaming_equals_offline(live_predictor, rest):
+    samples = media.read_audio(GRID_CLIP, 16000)
     for fps in (25, 29.97):
-        offline = predictor.from_audio(samples, fps, rest)
-        indices, outputs = feed_in_chunks(predictor.stream(fps, rest), samples, np.random.default_rng(int(fps)))
+        offline = live_predictor.from_audio(samples, fps, rest)
+        indices, outputs = feed_in_chunks(live_predictor.stream(fps, rest), samples, np.random.default_rng(int(fps)))
         np.testing.assert_array_equal(indices, np.arange(len(offline)))
-        np.testing.assert_allclose(outputs, offline, atol=1e-4)
-    assert predictor.stream(25, rest).lookahead_ms == pytest.approx(112.5)
+        np.testing.assert_allclose(outputs, offline, atol=1e-4)  # the encoder's batched windows: float rounding only
+    assert live_predictor.stream(25, rest).lookahead_ms == pytest.approx(102.5)
+    assert live_predictor.stream(30, rest).lookahead_ms == pytest.approx(122.5)  # frames between encoder frames
+
+
+def test_the_offline_model_does_not_stream(rest):
+    with pytest.raises(ValueError, match="live model"):
+        MotionPredictor().stream(25, rest)
 
 
 def crossfade_loop(piece: np.ndarray, length: int, fade: int = 1600) -> np.ndarray:
@@ -99,7 +117,7 @@ def crossfade_loop(piece: np.ndarray, length: int, fade: int = 1600) -> np.ndarr
 
 def test_silence_and_room_noise_give_a_closed_relaxed_mouth(predictor, rest):
     iod_units = 32.1  # the template's inter-ocular distance in 128-crop pixels
-    speech = media.read_audio(SPEECH_FLAC, 16000)[: 16000 * 3]
+    speech = media.read_audio(GRID_CLIP, 16000)
     talking = predictor.from_audio(speech, 25, rest)
     rng = np.random.default_rng(0)
     cases = {
@@ -144,6 +162,9 @@ def test_eval_reports_model_and_baselines(tiny_cache):
     assert result.returncode == 0, result.stderr
     for words in ("model", "rest pose", "mismatched audio", "opening r", "audio shift", "lowest error at shift"):
         assert words in result.stdout
+    live = subprocess.run([sys.executable, "-m", "training.eval_motion", "--cache", str(tiny_cache), "--live"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert live.returncode == 0 and "live model" in live.stdout, live.stderr
 
 
 def test_a_broken_model_file_is_a_one_line_error(tmp_path):

@@ -55,7 +55,7 @@ def test_animate_cli_writes_a_labelled_talking_video_and_a_report(tmp_path, inpu
     data = json.loads(report.read_text())
     assert set(data["stages_s"]) >= {"decode", "face", "motion", "render", "encode"}
     assert data["drift"]["samples"] >= 2 and data["drift"]["signals"]["identity"]["mean"] < 0.55
-    assert set(data["models"]) == {"motion.onnx"} and data["identity_references"] == 2  # the warp uses no render.onnx
+    assert set(data["models"]) == {"speech.onnx", "motion_offline.onnx"} and data["identity_references"] == 2  # the warp uses no render.onnx
     with __import__("av").open(str(out)) as container:
         assert "synthetic" in container.metadata.get("comment", "")
     assert provenance.sidecar_path(out).exists()

@@ -1,8 +1,8 @@
 """Held-out report for the motion model, with the baselines in the same run.
 
-    python -m training.eval_motion --cache cache [--model assets/motion.onnx] [--json report.json]
+    python -m training.eval_motion --cache cache [--live] [--model assets/motion_offline.onnx] [--json report.json]
 
-Runs the ONNX model (the engine's default) through onnxruntime on every validation clip with speech
+Runs the ONNX model (the engine's default for files, or with `--live` for live streams) through onnxruntime on every validation clip with speech
 (people never seen in training; see training/split.py) and prints, next to the model: the rest pose
 (closed mouth), the model driven by mismatched speech (another person's clip), the mouth-opening
 correlation with the real video, and the audio-offset sweep (±1..5 frames; the error must be lowest
@@ -25,12 +25,13 @@ from training.motion_eval import evaluate_motion, format_summary
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.eval_motion", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=pathlib.Path, required=True, help="preprocessing cache (training.preprocess)")
-    parser.add_argument("--model", type=pathlib.Path, default=None, help="ONNX model (default: assets/motion.onnx)")
+    parser.add_argument("--model", type=pathlib.Path, default=None, help="ONNX model (default: assets/motion_offline.onnx)")
+    parser.add_argument("--live", action="store_true", help="the live model (default: assets/motion_live.onnx)")
     parser.add_argument("--split", default="val", choices=("val", "train"))
     parser.add_argument("--json", type=pathlib.Path, help="also write the full report here")
     args = parser.parse_args(argv)
     try:
-        predictor = MotionPredictor(args.model)
+        predictor = MotionPredictor(args.model, live=args.live)
     except AvatarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
         print(f"error: no {args.split} clips with speech in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2
     report = evaluate_motion(predictor.predict, clips, predictor.config)
-    emit_report(format_summary(report["summary"]), report, args.json)
+    title = f"{'live' if predictor.live else 'offline'} model {args.model or ''}".rstrip()
+    emit_report(title + "\n" + format_summary(report["summary"]), report, args.json)
     return 0
 
 

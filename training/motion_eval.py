@@ -21,25 +21,25 @@ from avatar.config import MotionConfig
 from avatar.face import landmarks as lm
 from avatar.metrics import mouth_landmark_distance, pearson
 from avatar.motion.model import POINTS
-from training.motion_data import MotionClip, clip_windows
+from training.motion_data import MotionClip, clip_features
 
 LIPS = np.arange(len(lm.LIPS_OUTER) + len(lm.LIPS_INNER))  # first 40 of POINTS
 JAW = np.arange(len(LIPS), len(POINTS))
 SHIFTS = (-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5)
 
-Predictor = typing.Callable[[np.ndarray, np.ndarray], np.ndarray]  # (T, W, 80), (K, 2) → (T, K, 2)
+Predictor = typing.Callable[[np.ndarray, np.ndarray], np.ndarray]  # features (T, D), rest (K, 2) → (T, K, 2)
 
 
-def shifted(windows: np.ndarray, shift: int) -> np.ndarray:
-    """Frame t gets the window of frame t + shift (clamped at the ends)."""
-    index = np.clip(np.arange(len(windows)) + shift, 0, len(windows) - 1)
-    return windows[index]
+def shifted(features: np.ndarray, shift: int) -> np.ndarray:
+    """Frame t gets the features of frame t + shift (clamped at the ends)."""
+    index = np.clip(np.arange(len(features)) + shift, 0, len(features) - 1)
+    return features[index]
 
 
 def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], config: MotionConfig = MotionConfig(),
                     shifts: typing.Sequence[int] = SHIFTS) -> typing.Dict[str, typing.Any]:
     """Metrics over all kept frames of `clips` (frame-weighted), and per clip."""
-    windows = [clip_windows(c, config) for c in clips]
+    features = [clip_features(c, config.causal) for c in clips]
     per_clip = []
     sums: typing.Dict[str, float] = {}
     total = 0
@@ -49,10 +49,10 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         real = clip.mouth
         pose = clip.anchor_shift[:, None, :]
         rest = clip.rest[None] + pose
-        own = predict(windows[i], clip.rest) + pose
+        own = predict(features[i], clip.rest) + pose
         other = next((j for j in range(1, len(clips)) if clips[(i + j) % len(clips)].person != clip.person), 1)
-        source = windows[(i + other) % len(clips)]
-        mismatched = predict(np.resize(source, windows[i].shape), clip.rest) + pose
+        source = features[(i + other) % len(clips)]
+        mismatched = predict(np.resize(source, features[i].shape), clip.rest) + pose
         row = {"clip": clip.clip_id, "person": clip.person, "frames": n}
         for name, pred in (("model", own), ("rest", rest), ("mismatched", mismatched)):
             row[f"lips_{name}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)
@@ -61,7 +61,7 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         row["opening_r_mismatched"] = pearson(lm.inner_gap(mismatched)[keep], lm.inner_gap(real)[keep])
         row["opening_std_ratio"] = float(lm.inner_gap(own)[keep].std() / max(lm.inner_gap(real)[keep].std(), 1e-9))
         for s in shifts:
-            pred = own if s == 0 else predict(shifted(windows[i], s), clip.rest) + pose
+            pred = own if s == 0 else predict(shifted(features[i], s), clip.rest) + pose
             row[f"lips_shift_{s:+d}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)
         per_clip.append(row)
         for key, value in row.items():

@@ -1,13 +1,15 @@
 """Train the motion model (speech → mouth and jaw landmarks) on the preprocessing cache.
 
-    python -m training.train_motion --cache cache --out runs/motion [--steps 4000]
-    torchrun --nproc_per_node 2 -m training.train_motion --cache cache --out runs/motion   # DDP (gloo on CPU, NCCL on GPUs)
+    python -m training.train_motion --cache cache --out runs/motion_live                      # the live model (causal)
+    python -m training.train_motion --cache cache --out runs/motion_offline --no-model.causal  # the offline model
+    torchrun --nproc_per_node 2 -m training.train_motion --cache cache --out runs/motion_live   # DDP (gloo on CPU, NCCL on GPUs)
 
+Needs the speech features in the cache (`python -m training.speech_features --cache cache`).
 Reads top to bottom: data → PCA basis → model → loop (loss = landmark L1 + velocity + acceleration +
 amplitude; an exponential moving average of the weights is kept) → validation of the averaged weights
 on held-out people every `--val-every` steps → checkpoints (`last.pt`, and `best.pt` by held-out lip
 distance; "model" holds the averaged weights, "raw" the trained ones) → TensorBoard logs in `<out>/tb`. `--resume` continues from
-`<out>/last.pt`; `--init` starts from given weights (e.g. the committed `assets/motion.pt`).
+`<out>/last.pt`; `--init` starts from given weights (e.g. the committed `assets/motion_live.pt`).
 """
 
 from __future__ import annotations
@@ -26,24 +28,24 @@ from torch.nn.parallel import DistributedDataParallel
 from avatar.config import MotionConfig
 from avatar.motion.model import MotionModel
 from training.common import finish_training, log_training, save_checkpoint, start_process, training_arguments, update_average
-from training.motion_data import MotionSampler, load_motion_clips, load_speech_clips, pca_basis
+from training.motion_data import MotionSampler, load_motion_clips, load_noise_features, pca_basis
 from training.motion_eval import evaluate_motion
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1500
     batch: int = 32  # sequences per process and step
-    seq_len: int = 32  # video frames per sequence
+    seq_len: int = 48  # video frames per sequence
     lr: float = 2e-3
     weight_decay: float = 0.02
     warmup: int = 200
+    distance: str = "l1"  # the per-frame term: "l1" (median-like) or "l2" (mean-like)
     velocity_weight: float = 1.0
     acceleration_weight: float = 0.5
     amplitude_weight: float = 0.5
-    silence_prob: float = 0.1
-    viseme_weight: float = 0.0  # auxiliary viseme classification (pseudo-labels); measured: no gain here, so off
-    speech_prob: float = 0.3  # share of sequences drawn from speech-only clips (when labelled)
+    silence_prob: float = 0.08
+    noisy_share: float = 0.67  # sequences whose audio is a noisy variant (training.speech_features)
     ema: float = 0.995  # weights are averaged over steps; validation, best.pt and export use the average
     val_every: int = 50
     seed: int = 0
@@ -55,7 +57,8 @@ def sequence_loss(predicted: torch.Tensor, target: torch.Tensor, keep: torch.Ten
                   cfg: TrainConfig) -> typing.Tuple[torch.Tensor, typing.Dict[str, float]]:
     """Loss on offsets in rest mouth widths: predicted, target `(B, L, K, 2)`; keep `(B, L) bool`."""
     mask = keep.float()[..., None, None]
-    l1 = ((predicted - target).abs() * mask).sum() / (mask.sum() * target.shape[2] * 2).clamp(min=1)
+    error = (predicted - target).abs() if cfg.distance == "l1" else 10.0 * (predicted - target) ** 2  # 10: similar size at 0.1 widths
+    l1 = (error * mask).sum() / (mask.sum() * target.shape[2] * 2).clamp(min=1)
     vel_mask = (keep[:, 1:] & keep[:, :-1]).float()[..., None, None]
     velocity = ((torch.diff(predicted, dim=1) - torch.diff(target, dim=1)).abs() * vel_mask).sum() / (
         vel_mask.sum() * target.shape[2] * 2).clamp(min=1)
@@ -76,28 +79,27 @@ def sequence_loss(predicted: torch.Tensor, target: torch.Tensor, keep: torch.Ten
 
 
 class TrainingForward(torch.nn.Module):
-    """What DDP wraps: forward returns PCA coefficients and viseme logits (every parameter takes part)."""
+    """What DDP wraps: forward returns PCA coefficients."""
 
     def __init__(self, model: MotionModel):
         super().__init__()
         self.model = model
 
-    def forward(self, windows: torch.Tensor) -> typing.Tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.embed(windows)
-        return self.model.coefficients_from(embedding), self.model.viseme_logits(embedding)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.coefficients(features)
 
 
 def torch_predictor(model: MotionModel, device: torch.device):
-    def predict(windows: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    def predict(features: np.ndarray, rest: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            out = model(torch.from_numpy(windows[None]).to(device), torch.from_numpy(rest[None]).to(device))
+            out = model(torch.from_numpy(features[None]).to(device), torch.from_numpy(rest[None]).to(device))
         return out[0].float().cpu().numpy()
     return predict
 
 
 def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     args, cfg, model_cfg = training_arguments("python -m training.train_motion", __doc__.splitlines()[0], TrainConfig, MotionConfig,
-                                              "start from these weights (a checkpoint or assets/motion.pt)", argv)
+                                              "start from these weights (a checkpoint or assets/motion_live.pt, assets/motion_offline.pt)", argv)
     rank, world, device = start_process(cfg.threads, cfg.seed)
     main_process = rank == 0
 
@@ -105,11 +107,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     train_clips = load_motion_clips(args.cache, "train")
     val_clips = load_motion_clips(args.cache, "val")
     if not train_clips:
-        print(f"error: no training clips with audio in {args.cache}; run training.preprocess first", file=sys.stderr)
+        print(f"error: no training clips with speech features in {args.cache}; run training.preprocess, then "
+              "training.speech_features", file=sys.stderr)
         return 2
-    speech_clips = load_speech_clips(args.cache) if cfg.viseme_weight > 0 else []
+    noise = load_noise_features(args.cache, "live" if model_cfg.causal else "offline")
     sampler = MotionSampler(train_clips, model_cfg, cfg.seq_len, silence_prob=cfg.silence_prob, seed=cfg.seed * 1000 + rank,
-                            speech=speech_clips, speech_prob=cfg.speech_prob)
+                            noise=noise, noisy_share=cfg.noisy_share)
 
     # 2. Model with the PCA basis of the training offsets; optimiser; schedule.
     start_step, best = 0, math.inf
@@ -127,8 +130,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         if main_process:
             print(f"PCA: {model_cfg.n_components} components hold {100 * explained.sum():.1f}% of the offsets' energy")
     model = MotionModel(model_cfg, basis, mean).to(device)
-    model.viseme_head.requires_grad_(cfg.viseme_weight > 0)  # unused parameters would stall DDP
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     average = MotionModel(model_cfg, basis, mean).to(device)
     if checkpoint is not None:
         model.load_state_dict({k: v.float() for k, v in checkpoint.get("raw", checkpoint["model"]).items()})
@@ -151,8 +153,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         (args.out / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                                                           "train_clips": len(train_clips), "val_clips": len(val_clips)}, indent=1))
         print(f"{len(train_clips)} training clips ({sum(int(c.keep.sum()) for c in train_clips)} frames), "
-              f"{len(speech_clips)} speech-only clips ({sum(c.mel.shape[0] for c in speech_clips) / 80:.0f} s) for the viseme task, "
-              f"{len(val_clips)} held-out clips; {sum(p.numel() for p in model.parameters() if p.requires_grad)} parameters; "
+              f"{len(noise)} silence/noise recordings, "
+              f"{len(val_clips)} held-out clips; {sum(p.numel() for p in model.parameters())} parameters; "
               f"{world} process(es) on {device}")
 
     # 3. The loop.
@@ -162,21 +164,15 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr * schedule(step)
         batch = sampler.batch(cfg.batch)
-        windows = torch.from_numpy(batch["windows"]).to(device)
+        features = torch.from_numpy(batch["features"]).to(device)
         target = torch.from_numpy(batch["offsets"]).to(device)
         keep = torch.from_numpy(batch["keep"]).to(device)
-        visemes = torch.from_numpy(batch["visemes"]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            coefficients, logits = trainable(windows)
+            coefficients = trainable(features)
         loss, parts = sequence_loss(model.offsets(coefficients.float()), target, keep, cfg)
-        labelled = visemes >= 0
-        if cfg.viseme_weight > 0 and bool(labelled.any()):
-            viseme_loss = torch.nn.functional.cross_entropy(logits.float()[labelled], visemes[labelled])
-            loss = loss + cfg.viseme_weight * viseme_loss
-            parts["visemes"] = float(viseme_loss.detach())
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         update_average(average, model, cfg.ema)
         if main_process and (step % 25 == 0 or step == cfg.steps - 1):

@@ -21,79 +21,60 @@ def mouth_width(rest: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rest[..., CORNERS[1], :] - rest[..., CORNERS[0], :], dim=-1)
 
 
-class CausalConv(nn.Module):
-    """Conv1d over time that sees only the present and the past (left padding)."""
+class TemporalBlock(nn.Module):
+    """Dilated Conv1d over video frames, residual: causal (sees the present and the past only) or
+    centred (as many frames ahead as behind)."""
 
-    def __init__(self, channels: int, kernel: int, dropout: float):
+    def __init__(self, channels: int, kernel: int, dilation: int, causal: bool, dropout: float):
         super().__init__()
-        self.pad = kernel - 1
-        self.conv = nn.Conv1d(channels, channels, kernel)
+        reach = (kernel - 1) * dilation
+        self.pad = (reach, 0) if causal else (reach // 2, reach - reach // 2)
+        self.conv = nn.Conv1d(channels, channels, kernel, dilation=dilation)
         self.act = nn.GELU()
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`x: (B, C, T)` → `(B, C, T)`, residual."""
-        y = self.conv(nn.functional.pad(x, (self.pad, 0)))
-        return x + self.drop(self.act(y))
+        """`x: (B, C, T)` → `(B, C, T)`."""
+        return x + self.drop(self.act(self.conv(nn.functional.pad(x, self.pad, mode="replicate"))))
 
 
 class MotionModel(nn.Module):
-    """Mel windows + rest shape → mouth and jaw landmarks.
+    """Speech-encoder features + rest shape → mouth and jaw landmarks.
 
-    forward(windows, rest):
-        windows: `(B, T, W, 80) float32`, per-frame log-mel contexts in [-4, 4] (W = mel_window_frames).
+    forward(features, rest):
+        features: `(B, T, D) float32`, the speech encoder's features at each video frame's time
+            (`avatar.speech.encoder.frame_features`; live or offline features, as `config.causal` says).
         rest: `(B, N_POINTS, 2) float32`, the person's closed, relaxed mouth and jaw in crop pixels
             (any crop size), in `POINTS` order.
         returns `(B, T, N_POINTS, 2) float32`: predicted landmarks in the same pixels.
 
-    The network predicts `n_components` coefficients of a fixed PCA basis of mouth/jaw offsets
-    measured in units of the rest mouth width; the landmarks are rest + offsets × mouth width.
+    Per frame the features are normalised and projected; dilated temporal convolutions (causal for
+    the live model, centred for the offline one) mix neighbouring frames; the head predicts
+    `n_components` coefficients of a fixed PCA basis of mouth/jaw offsets measured in units of the
+    rest mouth width; the landmarks are rest + offsets × mouth width.
     """
 
     def __init__(self, config: MotionConfig = MotionConfig(), basis: torch.Tensor | None = None,
                  mean: torch.Tensor | None = None):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = c = config
         self.register_buffer("basis", basis.float() if basis is not None else torch.zeros(c.n_components, N_POINTS * 2))
         self.register_buffer("mean", mean.float() if mean is not None else torch.zeros(N_POINTS * 2))
-        self.encoder = nn.Sequential(
-            nn.Conv1d(80, c.hidden, 3, padding=1), nn.GELU(),
-            nn.Conv1d(c.hidden, c.hidden, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv1d(c.hidden, c.hidden, 3, stride=2, padding=1), nn.GELU(),
-        )
-        reduced = (c.mel_window_frames + 3) // 4
-        self.project = nn.Sequential(nn.Flatten(), nn.Dropout(c.dropout), nn.Linear(c.hidden * reduced, c.hidden), nn.GELU())
-        # Training-only auxiliary head: the viseme at each frame's time, from that frame's audio
-        # embedding (pseudo-labels from a phone recogniser; see training/visemes.py). Not exported.
-        self.viseme_head = nn.Linear(c.hidden, c.n_visemes)
-        self.temporal = nn.Sequential(*[CausalConv(c.hidden, c.temporal_kernel, c.dropout) for _ in range(c.temporal_layers)])
+        self.project = nn.Sequential(nn.LayerNorm(c.features), nn.Dropout(c.input_dropout), nn.Linear(c.features, c.hidden), nn.GELU())
+        self.temporal = nn.Sequential(*[TemporalBlock(c.hidden, c.temporal_kernel, 2 ** i, c.causal, c.dropout)
+                                        for i in range(c.temporal_layers)])
         self.head = nn.Conv1d(c.hidden, c.n_components, 1)
 
-    def embed(self, windows: torch.Tensor) -> torch.Tensor:
-        """`(B, T, W, 80)` → per-frame audio embeddings `(B, hidden, T)` (no temporal mixing yet)."""
-        b, t, w, f = windows.shape
-        x = self.encoder(windows.reshape(b * t, w, f).transpose(1, 2))  # (B*T, hidden, W/4)
-        return self.project(x).reshape(b, t, -1).transpose(1, 2)
-
-    def coefficients_from(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Per-frame embeddings `(B, hidden, T)` → PCA coefficients `(B, T, n_components)` (causal over T)."""
-        return self.head(self.temporal(embedding)).transpose(1, 2)
-
-    def viseme_logits(self, embedding: torch.Tensor) -> torch.Tensor:
-        """`(B, hidden, T)` → `(B, T, n_visemes)` logits (training only)."""
-        return self.viseme_head(embedding.transpose(1, 2))
-
-    def coefficients(self, windows: torch.Tensor) -> torch.Tensor:
-        """`(B, T, W, 80)` → PCA coefficients `(B, T, n_components)`."""
-        return self.coefficients_from(self.embed(windows))
+    def coefficients(self, features: torch.Tensor) -> torch.Tensor:
+        """`(B, T, D)` → PCA coefficients `(B, T, n_components)`."""
+        return self.head(self.temporal(self.project(features).transpose(1, 2))).transpose(1, 2)
 
     def offsets(self, coefficients: torch.Tensor) -> torch.Tensor:
         """PCA coefficients `(B, T, C)` → offsets in mouth widths `(B, T, N_POINTS, 2)`."""
         flat = coefficients @ self.basis + self.mean
         return flat.reshape(*coefficients.shape[:-1], N_POINTS, 2)
 
-    def forward(self, windows: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        offsets = self.offsets(self.coefficients(windows))
+    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        offsets = self.offsets(self.coefficients(features))
         width = mouth_width(rest)[:, None, None, None]
         return rest[:, None] + offsets * width

@@ -1,9 +1,10 @@
-"""Run the motion model (the ONNX export in `assets/motion.onnx` by default), offline or streaming.
+"""Run the motion models (ONNX exports in `assets/`) on the speech encoder's features, offline or streaming.
 
-    predictor = MotionPredictor()
+    predictor = MotionPredictor()                                         # assets/motion_offline.onnx: files
     landmarks = predictor.from_audio(samples, fps=25, rest=rest)         # (T, K, 2) crop pixels
-    stream = predictor.stream(fps=25, rest=rest)                          # live audio
-    indices, landmarks = stream.push(chunk)                               # identical numbers
+    live = MotionPredictor(live=True)                                    # assets/motion_live.onnx: live streams
+    stream = live.stream(fps=25, rest=rest)
+    indices, landmarks = stream.push(chunk)                               # = live.from_audio(...), as audio arrives
 
 `rest`: the person's closed, relaxed mouth and jaw, `(K, 2)` crop pixels in `POINTS` order
 (`rest_pose` picks it from reference frames, the same rule training uses).
@@ -17,12 +18,14 @@ import typing
 import numpy as np
 
 from avatar import audio as audio_frontend
-from avatar.config import MelConfig, MotionConfig
+from avatar.config import MotionConfig
 from avatar.face import landmarks as lm
 from avatar.runtime import OnnxSession, asset_path
+from avatar.speech.encoder import SpeechEncoder, frame_features, frame_positions, interpolate_frames
 
 POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.model.POINTS)
-DEFAULT_MODEL = "motion.onnx"
+OFFLINE_MODEL = "motion_offline.onnx"
+LIVE_MODEL = "motion_live.onnx"
 
 
 REST_QUANTILE = 10.0  # percent of most-closed frames that define the rest shape
@@ -53,75 +56,129 @@ def rest_pose(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -
 
 
 class MotionPredictor:
-    """Mel windows (or audio) + rest shape → mouth and jaw landmarks, through onnxruntime."""
+    """Speech (or its encoder features) + rest shape → mouth and jaw landmarks, through onnxruntime.
+
+    The model file says whether it is the live (causal, live features) or the offline model; the
+    speech encoder is shared when given (`encoder`), else loaded from `assets/`.
+    """
 
     def __init__(self, model_path: typing.Optional[typing.Union[str, os.PathLike]] = None, threads: int = 0,
-                 providers: typing.Optional[typing.Sequence[str]] = None):
-        self.session = OnnxSession(model_path or asset_path(DEFAULT_MODEL), providers=providers, threads=threads)
+                 providers: typing.Optional[typing.Sequence[str]] = None, encoder: typing.Optional[SpeechEncoder] = None,
+                 live: bool = False):
+        self.session = OnnxSession(model_path or asset_path(LIVE_MODEL if live else OFFLINE_MODEL), providers=providers,
+                                   threads=threads)
         meta = self.session.metadata
-        self.config = MotionConfig(mel_window_frames=int(meta.get("mel_window_frames", 32)),
-                                   mel_window_offset=int(meta.get("mel_window_offset", -24)),
-                                   temporal_kernel=int(meta.get("temporal_kernel", 5)),
-                                   temporal_layers=int(meta.get("temporal_layers", 2)))
+        self.config = MotionConfig(features=int(meta.get("features", 384)), temporal_kernel=int(meta.get("temporal_kernel", 3)),
+                                   temporal_layers=int(meta.get("temporal_layers", 4)), causal=meta.get("causal") == "True")
+        self.encoder = encoder or SpeechEncoder(threads=threads, providers=providers)
+        if self.encoder.width != self.config.features:
+            raise ValueError(f"the motion model reads {self.config.features}-wide features, the speech encoder gives {self.encoder.width}")
 
     @property
-    def mel_config(self) -> MelConfig:
-        return self.config.mel_config()
+    def live(self) -> bool:
+        return self.config.causal
 
-    def predict(self, windows: np.ndarray, rest: np.ndarray) -> np.ndarray:
-        """`windows: (T, W, 80) float32`, `rest: (K, 2)` → `(T, K, 2) float32` landmarks."""
-        windows = np.ascontiguousarray(windows, np.float32)
-        if windows.ndim != 3 or windows.shape[1:] != (self.config.mel_window_frames, 80):
-            raise ValueError(f"windows must be (T, {self.config.mel_window_frames}, 80), got {windows.shape}")
+    @property
+    def sample_rate(self) -> int:
+        return self.encoder.config.sample_rate
+
+    def predict(self, features: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        """`features: (T, D) float32` at video frames, `rest: (K, 2)` → `(T, K, 2) float32` landmarks."""
+        features = np.ascontiguousarray(features, np.float32)
+        if features.ndim != 2 or features.shape[1] != self.config.features:
+            raise ValueError(f"features must be (T, {self.config.features}), got {features.shape}")
         rest = np.ascontiguousarray(rest, np.float32)
         if rest.shape != (len(POINTS), 2):
             raise ValueError(f"rest must be ({len(POINTS)}, 2), got {rest.shape}")
-        if windows.shape[0] == 0:
+        if features.shape[0] == 0:
             return np.zeros((0, len(POINTS), 2), np.float32)
-        return self.session.run(windows=windows[None], rest=rest[None])["landmarks"][0]
+        return self.session.run(features=features[None], rest=rest[None])["landmarks"][0]
 
-    def windows_for(self, samples: np.ndarray, fps: float, n_frames: typing.Optional[int] = None) -> np.ndarray:
-        mel = audio_frontend.MelFrontend(self.mel_config)(samples)
-        n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.mel_config.sample_rate)
-        return audio_frontend.mel_windows(mel, fps, n, self.mel_config)
+    def features_for(self, samples: np.ndarray, fps: float, n_frames: typing.Optional[int] = None) -> np.ndarray:
+        """16 kHz mono `(N,) float32` → the model's input `(T, D)` for T video frames at `fps`."""
+        n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
+        return frame_features(self.encoder.features(samples, live=self.live), fps, n)
 
     def from_audio(self, samples: np.ndarray, fps: float, rest: np.ndarray, n_frames: typing.Optional[int] = None) -> np.ndarray:
         """16 kHz mono `(N,) float32` → `(T, K, 2)` landmarks for T video frames at `fps`."""
-        return self.predict(self.windows_for(samples, fps, n_frames), rest)
+        return self.predict(self.features_for(samples, fps, n_frames), rest)
 
     def stream(self, fps: float, rest: np.ndarray) -> "MotionStream":
+        if not self.live:
+            raise ValueError("the offline motion model looks ahead without bound; stream with the live model (live=True)")
         return MotionStream(self, fps, rest)
 
 
 class MotionStream:
-    """Streaming motion: push audio chunks of any size, get each frame's landmarks as soon as its
-    mel context is complete; the numbers equal `MotionPredictor.from_audio` on the whole audio.
+    """Streaming motion: push audio chunks of any size, get each video frame's landmarks as soon as
+    the encoder frames around its time are out; the numbers equal `MotionPredictor.from_audio` on the
+    whole audio (live model).
 
-    Look-ahead (audio needed past a frame's timestamp): `lookahead_ms` (112.5 ms at the defaults).
+    Look-ahead (audio needed past a frame's timestamp): `lookahead_ms` (102.5 ms at 25 fps, where
+    video frames fall on encoder frames; up to 20 ms more at rates where they fall between two).
     """
 
     def __init__(self, predictor: MotionPredictor, fps: float, rest: np.ndarray):
-        self.predictor = predictor
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.predictor, self.fps = predictor, fps
         self.rest = np.asarray(rest, np.float32)
-        self.windows = audio_frontend.StreamingMelWindows(fps, predictor.mel_config)
-        self.history = np.zeros((0, predictor.config.mel_window_frames, 80), np.float32)
+        self.speech = predictor.encoder.stream()
+        self.encoded = np.zeros((0, predictor.config.features), np.float32)  # encoder frames from `encoded_start`
+        self.encoded_start = 0
+        self.next_frame = 0
+        self.history = np.zeros((0, predictor.config.features), np.float32)
         self.context = predictor.config.receptive_frames - 1  # past frames each output depends on
+        self.n_samples = 0
+
+    def _position(self, i: int) -> float:
+        return float(frame_positions(self.fps, 1, i)[0])
 
     @property
     def lookahead_ms(self) -> float:
-        return self.windows.lookahead_ms
+        positions = frame_positions(self.fps, 1000)
+        between = bool((np.abs(positions - np.round(positions)) > 1e-9).any())  # frames that need the next encoder frame
+        return self.predictor.encoder.lookahead_ms + (20.0 if between else 0.0)
 
-    def _predict(self, indices: np.ndarray, windows: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
-        if indices.size == 0:
-            return indices, np.zeros((0, len(POINTS), 2), np.float32)
-        stack = np.concatenate([self.history, windows])
-        out = self.predictor.predict(stack, self.rest)[-indices.size:]
+    def _take(self, final: bool, n_frames: typing.Optional[int] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
+        available = self.encoded_start + self.encoded.shape[0]
+        indices = []
+        i = self.next_frame
+        while True:
+            if final:
+                if i >= n_frames:
+                    break
+            else:
+                position = self._position(i)
+                low = int(np.floor(position + 1e-9))
+                needed = low if abs(position - low) < 1e-9 else low + 1
+                if needed >= available:
+                    break
+            indices.append(i)
+            i += 1
+        if not indices:
+            return np.zeros(0, np.int64), np.zeros((0, len(POINTS), 2), np.float32)
+        rows = interpolate_frames(self.encoded, frame_positions(self.fps, len(indices), indices[0]) - self.encoded_start)
+        stack = np.concatenate([self.history, rows])
+        out = self.predictor.predict(stack, self.rest)[-len(indices):]
         self.history = stack[-self.context:] if self.context else stack[:0]
-        return indices, out
+        self.next_frame = i
+        drop = max(0, int(np.floor(self._position(i) + 1e-9)) - self.encoded_start)
+        drop = min(drop, max(0, self.encoded.shape[0] - 1))  # keep the last frame: held past the end
+        self.encoded, self.encoded_start = self.encoded[drop:], self.encoded_start + drop
+        return np.array(indices, np.int64), out
 
     def push(self, chunk: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
         """Audio `(n,) float32` 16 kHz → (frame indices `(k,)`, landmarks `(k, K, 2)`)."""
-        return self._predict(*self.windows.push(chunk))
+        self.n_samples += np.asarray(chunk).size
+        _, rows = self.speech.push(chunk)
+        self.encoded = np.concatenate([self.encoded, rows])
+        return self._take(final=False)
 
     def flush(self) -> typing.Tuple[np.ndarray, np.ndarray]:
-        return self._predict(*self.windows.flush())
+        """The remaining frames, up to `n_video_frames(samples pushed, fps)`."""
+        _, rows = self.speech.flush()
+        self.encoded = np.concatenate([self.encoded, rows])
+        n = audio_frontend.n_video_frames(self.n_samples, self.fps, self.predictor.sample_rate)
+        return self._take(final=True, n_frames=n)
+

@@ -1,0 +1,255 @@
+"""The speech encoder: Whisper's log-mel and its encoder (ONNX, `assets/speech.onnx`), offline and live.
+
+    encoder = SpeechEncoder()                                   # assets/speech.onnx, any provider
+    features = encoder.features(samples)                        # (K, D) float32, 50 frames/s, whole-utterance context
+    live = encoder.features(samples, live=True)                 # what a stream gives, in one call
+    stream = encoder.stream()
+    indices, rows = stream.push(chunk)                          # encoder frames as their look-ahead arrives
+    per_frame = frame_features(features, fps=25, n_frames=T)    # (T, D) at video frame times
+
+Timing contract (see `SpeechConfig`): mel frame j is centred on sample 160 j; encoder frame k on
+20 k ms. `SpeechStream` gives the offline-live numbers (`features(..., live=True)`) whatever the
+chunking, up to float rounding of onnxruntime's batched and unbatched kernels (tested).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import typing
+
+import numpy as np
+
+from avatar.audio import mel_filterbank
+from avatar.config import MelConfig, SpeechConfig
+from avatar.errors import MediaError
+from avatar.runtime import OnnxSession, asset_path
+
+DEFAULT_MODEL = "speech.onnx"
+FRAME_S = 0.02  # one encoder frame
+
+
+def _check(audio: np.ndarray) -> np.ndarray:
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"audio must be mono (N,), got shape {audio.shape}")
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"audio must be float in [-1, 1], got {audio.dtype}")
+    return audio.astype(np.float64)
+
+
+class WhisperMel:
+    """Whisper's log-mel with a fixed floor: `(N,)` 16 kHz audio → `(M, 80) float32`, M = ceil(N / 160),
+    values in [(log_floor + 4) / 4, ~1.6]. Frame j covers samples [160 j − 200, 160 j + 200), zeros outside."""
+
+    def __init__(self, config: SpeechConfig = SpeechConfig()):
+        self.config = config
+        mel = MelConfig(sample_rate=config.sample_rate, n_fft=config.n_fft, hop_length=config.hop_length,
+                        win_length=config.n_fft, n_mels=config.n_mels, fmin=0.0, fmax=config.sample_rate / 2)
+        self.filters = mel_filterbank(mel)  # librosa's default (Slaney) filters, as Whisper's
+        n = np.arange(config.n_fft)
+        self.window = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / config.n_fft)  # periodic Hann, as torch.hann_window
+
+    @property
+    def silence(self) -> float:
+        """The value of a mel bin with no energy."""
+        return (self.config.log_floor + 4.0) / 4.0
+
+    def n_frames(self, n_samples: int) -> int:
+        return -(-n_samples // self.config.hop_length)
+
+    def from_frames(self, frames: np.ndarray) -> np.ndarray:
+        """`(F, n_fft) float64` samples → `(F, 80) float32`."""
+        power = np.abs(np.fft.rfft(frames * self.window, axis=1)) ** 2
+        log = np.log10(np.maximum(power @ self.filters.T, 1e-10))
+        return ((np.maximum(log, self.config.log_floor) + 4.0) / 4.0).astype(np.float32)
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        c = self.config
+        y = _check(audio)
+        m = self.n_frames(y.size)
+        half = c.n_fft // 2
+        padded = np.pad(y, (half, m * c.hop_length + half - y.size))
+        frames = np.lib.stride_tricks.sliding_window_view(padded, c.n_fft)[:: c.hop_length][:m]
+        return self.from_frames(frames)
+
+
+class StreamingWhisperMel:
+    """`WhisperMel` over audio pushed in chunks of any size: exactly the batch frames. Frame j is out
+    once sample 160 j + 199 has arrived (12.5 ms after its centre); `flush()` pads with zeros."""
+
+    def __init__(self, mel: WhisperMel):
+        self.mel = mel
+        half = mel.config.n_fft // 2
+        self.buffer = np.zeros(half)  # the zero padding before sample 0, then audio
+        self.buffer_start = -half  # sample index of buffer[0]
+        self.n_samples = 0
+        self.next_frame = 0
+
+    def _emit(self, available_end: int, limit: typing.Optional[int] = None) -> np.ndarray:
+        c = self.mel.config
+        half = c.n_fft // 2
+        ready = (available_end - half) // c.hop_length + 1 if available_end >= half else 0
+        if limit is not None:
+            ready = min(ready, limit)
+        if ready <= self.next_frame:
+            return np.zeros((0, c.n_mels), np.float32)
+        starts = np.arange(self.next_frame, ready) * c.hop_length - half - self.buffer_start
+        frames = np.lib.stride_tricks.sliding_window_view(self.buffer, c.n_fft)[starts]
+        self.next_frame = ready
+        keep = self.next_frame * c.hop_length - half - self.buffer_start
+        self.buffer, self.buffer_start = self.buffer[keep:], self.buffer_start + keep
+        return self.mel.from_frames(frames)
+
+    def push(self, chunk: np.ndarray) -> np.ndarray:
+        """`(n,)` audio → the mel frames it completed, `(k, 80) float32`."""
+        y = _check(chunk)
+        self.buffer = np.concatenate([self.buffer, y])
+        self.n_samples += y.size
+        return self._emit(self.n_samples)
+
+    def flush(self) -> np.ndarray:
+        """The last frames (zeros after the audio), up to `WhisperMel.n_frames(samples pushed)`."""
+        end = self.mel.n_frames(self.n_samples)
+        pad = max(0, (end - 1) * self.mel.config.hop_length + self.mel.config.n_fft // 2 - self.n_samples)
+        self.buffer = np.concatenate([self.buffer, np.zeros(pad)])
+        return self._emit(self.n_samples + pad, limit=end)
+
+
+class SpeechEncoder:
+    """Audio → Whisper encoder features `(K, D) float32`, 50 frames/s, through onnxruntime."""
+
+    def __init__(self, model_path: typing.Optional[typing.Union[str, os.PathLike]] = None, config: SpeechConfig = SpeechConfig(),
+                 threads: int = 0, providers: typing.Optional[typing.Sequence[str]] = None):
+        self.session = OnnxSession(model_path or asset_path(DEFAULT_MODEL), providers=providers, threads=threads)
+        self.config = config
+        self.mel = WhisperMel(config)
+        self.width = int(self.session.metadata.get("width", 384))
+
+    @property
+    def lookahead_ms(self) -> float:
+        """Audio a live frame needs past its centre, at most."""
+        c = self.config
+        return 1000 * FRAME_S * (c.live_hop + c.live_right - 1) + 1000 * (c.n_fft // 2 - c.hop_length) / c.sample_rate
+
+    def encode(self, mel: np.ndarray) -> np.ndarray:
+        """`(B, M, 80)` log-mel, M even → `(B, M/2, D) float32`."""
+        mel = np.ascontiguousarray(np.asarray(mel, np.float32).transpose(0, 2, 1))
+        if mel.shape[2] % 2:
+            raise ValueError(f"the encoder takes an even number of mel frames, got {mel.shape[2]}")
+        return self.session.run(mel=mel)["features"]
+
+    def features(self, samples: np.ndarray, live: bool = False) -> np.ndarray:
+        """16 kHz mono `(N,) float32` → `(ceil(M / 2), D) float32`; `live` gives what `stream()` gives."""
+        mel = self.mel(samples)
+        if mel.shape[0] == 0:
+            raise MediaError("the audio is empty (0 samples); give speech at least one frame long")
+        n = -(-mel.shape[0] // 2)
+        return self._live(mel, 0, n) if live else self._offline(mel, n)
+
+    def _padded(self, mel: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Mel frames [start, stop) with silence outside [0, M)."""
+        out = np.full((stop - start, mel.shape[1]), self.mel.silence, np.float32)
+        lo, hi = max(start, 0), min(stop, mel.shape[0])
+        if hi > lo:
+            out[lo - start : hi - start] = mel[lo:hi]
+        return out
+
+    def _offline(self, mel: np.ndarray, n: int) -> np.ndarray:
+        c = self.config
+        if n <= c.offline_chunk:
+            return self.encode(self._padded(mel, 0, 2 * n)[None])[0]
+        out = np.zeros((n, self.width), np.float32)
+        stride = c.offline_chunk - 2 * c.offline_context
+        for start in range(0, n, stride):
+            begin = min(max(0, start - c.offline_context), max(0, n - c.offline_chunk))
+            chunk = self.encode(self._padded(mel, 2 * begin, 2 * (begin + c.offline_chunk))[None])[0]
+            stop = min(n, start + stride)
+            out[start:stop] = chunk[start - begin : stop - begin]
+        return out
+
+    def window_end(self, k: int) -> int:
+        """The end (exclusive, in encoder frames) of the live window that gives frame k."""
+        c = self.config
+        return int(math.ceil((k + c.live_right) / c.live_hop) * c.live_hop)
+
+    def _live(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> np.ndarray:
+        """Frames [first, stop) from their live windows; `mel` holds mel frames from `base` on, silence
+        stands for any frame outside it (before the audio's start and after its end)."""
+        c = self.config
+        if stop <= first:
+            return np.zeros((0, self.width), np.float32)
+        ends = range(self.window_end(first), self.window_end(stop - 1) + 1, c.live_hop)
+        windows = np.stack([self._padded(mel, 2 * (e - c.live_window) - base, 2 * e - base) for e in ends])
+        rows = []
+        for end, out in zip(ends, self.encode(windows)):
+            ks = np.arange(end - c.live_hop - c.live_right + 1, end - c.live_right + 1)
+            keep = (ks >= first) & (ks < stop)
+            rows.append(out[ks[keep] - (end - c.live_window)])
+        return np.concatenate(rows)
+
+    def stream(self) -> "SpeechStream":
+        return SpeechStream(self)
+
+
+class SpeechStream:
+    """Live features: push 16 kHz audio in chunks of any size, get each encoder frame once the audio
+    its window needs has arrived (`SpeechEncoder.lookahead_ms` past its centre, at most)."""
+
+    def __init__(self, encoder: SpeechEncoder):
+        self.encoder = encoder
+        self.mel_stream = StreamingWhisperMel(encoder.mel)
+        self.mel = np.zeros((0, encoder.config.n_mels), np.float32)
+        self.mel_start = 0  # mel frame index of self.mel[0]
+        self.next_frame = 0  # next encoder frame to emit
+
+    def _emit(self, final: bool) -> typing.Tuple[np.ndarray, np.ndarray]:
+        c, enc = self.encoder.config, self.encoder
+        n_mel = self.mel_start + self.mel.shape[0]
+        if final:
+            stop = -(-n_mel // 2)
+        else:  # frames whose window's mel frames have all arrived
+            complete = n_mel // 2  # encoder frames with both their mel frames
+            stop = self.next_frame
+            while enc.window_end(stop) <= complete:
+                stop += 1
+        first = self.next_frame
+        if stop <= first:
+            return np.zeros(0, np.int64), np.zeros((0, enc.width), np.float32)
+        base = max(0, 2 * (enc.window_end(first) - c.live_window))  # the first mel frame any window needs
+        rows = enc._live(self.mel[base - self.mel_start :], first, stop, base)
+        self.next_frame = stop
+        drop = max(0, 2 * (enc.window_end(stop) - c.live_window) - self.mel_start)
+        self.mel, self.mel_start = self.mel[drop:], self.mel_start + drop
+        return np.arange(first, stop), rows
+
+    def push(self, chunk: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """Audio `(n,)` → (encoder frame indices `(k,)`, features `(k, D) float32`)."""
+        self.mel = np.concatenate([self.mel, self.mel_stream.push(chunk)])
+        return self._emit(final=False)
+
+    def flush(self) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """The rest, up to `ceil(mel frames / 2)`; silence after the audio."""
+        self.mel = np.concatenate([self.mel, self.mel_stream.flush()])
+        return self._emit(final=True)
+
+
+def interpolate_frames(features: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Encoder features `(K, D)` at fractional frame `positions: (T,)` → `(T, D) float32` (linear; the
+    last frame is held past the end)."""
+    low = np.minimum(np.floor(positions + 1e-9).astype(np.int64), features.shape[0] - 1)
+    high = np.minimum(low + 1, features.shape[0] - 1)
+    weight = np.clip(positions - low, 0.0, 1.0)[:, None]
+    return ((1 - weight) * features[low] + weight * features[high]).astype(np.float32)
+
+
+def frame_positions(fps: float, n_frames: int, first: int = 0) -> np.ndarray:
+    """Encoder-frame positions `(n_frames,) float64` of video frames first.. at `fps` (frame i at i / fps s)."""
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    return np.arange(first, first + n_frames) / (fps * FRAME_S)
+
+
+def frame_features(features: np.ndarray, fps: float, n_frames: int) -> np.ndarray:
+    """Encoder features `(K, D)` at 50 frames/s → `(n_frames, D) float32` at video frame times i / fps."""
+    return interpolate_frames(features, frame_positions(fps, n_frames))

