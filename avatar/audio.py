@@ -81,7 +81,8 @@ class _MelMaths:
         return np.clip(normalised, -c.max_abs_value, c.max_abs_value).astype(np.float32)
 
 
-def _check_audio(audio: np.ndarray) -> np.ndarray:
+def check_audio(audio: np.ndarray) -> np.ndarray:
+    """`(N,)` floating audio in [-1, 1] as float64; a clear error for anything else."""
     audio = np.asarray(audio)
     if audio.ndim != 1:
         raise ValueError(f"audio must be mono (N,), got shape {audio.shape}")
@@ -103,7 +104,7 @@ class MelFrontend:
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         c = self.config
-        y = _check_audio(audio)
+        y = check_audio(audio)
         if y.size == 0:
             raise MediaError("the audio is empty (0 samples); give speech at least one frame long")
         emphasised = np.empty_like(y)
@@ -177,7 +178,7 @@ class StreamingMelFrontend:
     def push(self, chunk: np.ndarray) -> np.ndarray:
         if self._finished:
             raise RuntimeError("push() after flush(); call reset() to start a new stream")
-        y = _check_audio(chunk)
+        y = check_audio(chunk)
         if y.size == 0:
             return np.zeros((0, self.config.n_mels), np.float32)
         emphasised = self._emphasise(y)
@@ -370,7 +371,7 @@ class EnergyVad:
 
     def push(self, chunk: np.ndarray) -> np.ndarray:
         """`chunk: (n,) float` → scores `(k,) float32` for the frames completed by it."""
-        self._pending = np.concatenate([self._pending, _check_audio(chunk)])
+        self._pending = np.concatenate([self._pending, check_audio(chunk)])
         scores = []
         while True:
             start, end = self._frame_bounds(self._frame)

@@ -47,7 +47,8 @@ class SpeechConfig:
     side. Live, every `live_hop` frames it sees the last `live_window` frames (silence before the
     start), and keeps the frames with at least `live_right` frames of audio after them: a frame's
     look-ahead is 20 × (live_hop + live_right − 1) ms + 2.5 ms (the last mel frame's half window past
-    its centre), 102.5 ms at the defaults. Offline-live features (`live=True` on
+    its centre), 82.5 ms at the defaults. At 25 fps every video frame falls on an even encoder frame,
+    which the default windows give with exactly 80 ms of audio after it (the odd ones get 60 ms). Offline-live features (`live=True` on
     a whole file) are computed from exactly the windows a stream sees.
     """
 
@@ -57,7 +58,7 @@ class SpeechConfig:
     n_mels: int = 80
     log_floor: float = -6.5
     live_window: int = 50
-    live_hop: int = 3
+    live_hop: int = 2
     live_right: int = 3
     offline_chunk: int = 1500
     offline_context: int = 125
@@ -72,6 +73,18 @@ class VadConfig:
     floor_rise_db_per_s: float = 3.0  # how fast the noise-floor tracker may rise
     softness_db: float = 2.0  # width of the soft decision around the threshold
     hangover_s: float = 0.12  # speech stays "on" this long after the energy drops
+
+
+@dataclass(frozen=True)
+class SilenceConfig:
+    """The mouth in long silences (`avatar.motion.runner.SilenceHold`): after `hold_after_s` of
+    continuous silence by the voice-activity measure (score < 0.5, after its hangover), the predicted
+    mouth eases to the rest shape over `ease_s` and stays there until the voice returns. Short pauses
+    and the moments before a word keep the model's motion. Causal: streaming gives the batch frames."""
+
+    enabled: bool = True
+    hold_after_s: float = 0.5
+    ease_s: float = 0.16
 
 
 @dataclass(frozen=True)

@@ -263,16 +263,18 @@ class Engine:
             if session in self.sessions:
                 self.sessions.remove(session)
 
-    def step(self, now: typing.Optional[float] = None) -> int:
+    def step(self, now: typing.Optional[float] = None, render_s: typing.Optional[float] = None) -> int:
         """Render one batch of due frames across sessions (round robin, oldest first per session).
-        Returns how many frames were rendered."""
+        `now`: the wall clock (default: time.perf_counter()); `render_s`: how long the batch is expected
+        to take (default: the running estimate of past batches); frames that would be late by then are
+        repeated instead. Returns how many frames were rendered."""
         now = time.perf_counter() if now is None else now
         with self.lock:
             sessions = list(self.sessions)
         if not sessions:
             return 0
         share = max(1, self.config.batch // len(sessions))
-        expected = self.frame_seconds * min(self.config.batch, share * len(sessions))
+        expected = self.frame_seconds * min(self.config.batch, share * len(sessions)) if render_s is None else render_s
         work = [(s, s.take_due(now, share, expected)) for s in sessions]
         jobs, identities, indices = [], [], []
         for session, items in work:  # each session's frames are contiguous in the batch

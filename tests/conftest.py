@@ -83,5 +83,5 @@ def tiny_cache(tmp_path_factory):
     assert code == 0
     from training import speech_features
 
-    assert speech_features.main(["--src", str(DATA), "--cache", str(out), "--variants", "2"]) == 0
+    assert speech_features.main(["--src", str(DATA), "--cache", str(out), "--variants", "2", "--no-speech-only"]) == 0
     return out

@@ -86,7 +86,7 @@ def test_onnx_export_parity(tmp_path, name):
     assert shipped.live == (name == "motion_live")
     with torch.no_grad():
         expected = model(torch.from_numpy(features), torch.from_numpy(rest)).numpy()[0]
-    assert np.abs(shipped.predict(features[0], rest[0]) - expected).max() < 2e-3  # fp16 copy vs fp32 export
+    assert np.abs(shipped.predict(features[0], rest[0]) - expected).max() < 5e-3  # px: fp16 copy vs fp32 export
 
 
 def test_streaming_equals_offline(live_predictor, rest):
@@ -96,8 +96,8 @@ def test_streaming_equals_offline(live_predictor, rest):
         indices, outputs = feed_in_chunks(live_predictor.stream(fps, rest), samples, np.random.default_rng(int(fps)))
         np.testing.assert_array_equal(indices, np.arange(len(offline)))
         np.testing.assert_allclose(outputs, offline, atol=1e-4)  # the encoder's batched windows: float rounding only
-    assert live_predictor.stream(25, rest).lookahead_ms == pytest.approx(102.5)
-    assert live_predictor.stream(30, rest).lookahead_ms == pytest.approx(122.5)  # frames between encoder frames
+    assert live_predictor.stream(25, rest).lookahead_ms == pytest.approx(82.5)
+    assert live_predictor.stream(30, rest).lookahead_ms == pytest.approx(102.5)  # frames between encoder frames
 
 
 def test_the_offline_model_does_not_stream(rest):
@@ -105,24 +105,16 @@ def test_the_offline_model_does_not_stream(rest):
         MotionPredictor().stream(25, rest)
 
 
-def crossfade_loop(piece: np.ndarray, length: int, fade: int = 1600) -> np.ndarray:
-    """Loop a short recording to `length` samples with 100 ms crossfades (no clicks at the seams)."""
-    out = piece.copy()
-    ramp = np.linspace(0, 1, fade, dtype=np.float32)
-    while out.size < length:
-        joined = out[-fade:] * (1 - ramp) + piece[:fade] * ramp
-        out = np.concatenate([out[:-fade], joined, piece[fade:]])
-    return out[:length]
-
-
 def test_silence_and_room_noise_give_a_closed_relaxed_mouth(predictor, rest):
+    from training.speech_features import loop_with_crossfade
+
     iod_units = 32.1  # the template's inter-ocular distance in 128-crop pixels
     speech = media.read_audio(GRID_CLIP, 16000)
     talking = predictor.from_audio(speech, 25, rest)
     rng = np.random.default_rng(0)
     cases = {
         "digital silence": np.zeros(16000 * 2, np.float32),
-        "room tone (real, GRID's lead-in)": crossfade_loop(media.read_audio(GRID_CLIP, 16000)[:6000], 16000 * 2),
+        "room tone (real, GRID's lead-in)": loop_with_crossfade(media.read_audio(GRID_CLIP, 16000)[:6000], 16000 * 2),
         "white noise -55 dBFS": rng.normal(0, 10 ** (-55 / 20), 16000 * 2).astype(np.float32),
         "hum -45 dBFS": (10 ** (-45 / 20) * np.sqrt(2) * np.sin(2 * np.pi * 50 * np.arange(32000) / 16000)).astype(np.float32),
     }
@@ -177,3 +169,37 @@ def test_a_broken_model_file_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(AvatarError, match="no such model file"):
         MotionPredictor(tmp_path / "missing.onnx")
+
+
+def test_closure_measure_finds_the_bilabials_and_the_real_lips_closing():
+    """GRID's "place white in j three please": two /p/, aligned where they are spoken; the real video's
+    lips close for them, a mouth held open fails the measure, a closed one passes."""
+    from avatar.face.video import align_video
+    from avatar.face import landmarks as lm
+    from training.closures import CLOSED_PCT_IOD, bilabial_spans, closure_rate
+    from training.export_speech import grid_sentence
+
+    clip = GRID_CLIP.with_name("pwij3p.mpg")
+    spans = bilabial_spans(media.read_audio(clip, 16000), grid_sentence("pwij3p"))
+    assert [p for p, _, _ in spans] == ["P", "P"]
+    assert 0.3 < spans[0][1] < 0.6 and 1.5 < spans[1][1] < 1.9  # "place" after the lead-in, "please" at the end
+    landmarks = np.stack([f.aligned.landmarks for f in align_video(media.iter_video_frames(clip))])
+    gap_pct = lm.mouth_opening(landmarks) / lm.interocular(landmarks) * 100
+    assert closure_rate(gap_pct, spans, 25.0) == (2, 2)
+    assert closure_rate(np.full_like(gap_pct, 3 * CLOSED_PCT_IOD), spans, 25.0) == (0, 2)
+    assert closure_rate(np.zeros_like(gap_pct), spans, 25.0) == (2, 2)
+
+
+def test_the_mouth_comes_to_rest_after_the_speech_and_moves_again_when_it_returns(predictor, rest):
+    """Both models: within `hold_after_s` + hangover + `ease_s` of the last word the mouth is exactly at rest
+    (SilenceHold), and speech after the silence opens it again; with the hold off it is not forced."""
+    from avatar.config import SilenceConfig
+
+    speech = media.read_audio(GRID_CLIP, 16000)[8000:32000]  # 1.5 s of words
+    audio = np.concatenate([speech, np.zeros(16000 * 2, np.float32), speech])
+    out = predictor.from_audio(audio, 25, rest)
+    settled = slice(int(25 * (1.5 + 0.12 + SilenceConfig().hold_after_s + SilenceConfig().ease_s)) + 1, int(25 * 3.5))
+    np.testing.assert_allclose(out[settled], np.broadcast_to(rest, out[settled].shape), atol=1e-5)
+    assert (gap(out[int(25 * 3.5):]) - gap(rest)).max() > 1.0  # talking again
+    free = MotionPredictor(predictor.session.path, encoder=predictor.encoder, silence=SilenceConfig(enabled=False))
+    assert np.abs(free.from_audio(audio, 25, rest)[settled] - rest).max() > 1e-3

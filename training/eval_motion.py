@@ -15,11 +15,15 @@ import argparse
 import pathlib
 import sys
 
+from avatar import media
 from avatar.errors import AvatarError
 from avatar.motion.runner import MotionPredictor
 from training.common import emit_report
 from training.motion_data import load_motion_clips
-from training.motion_eval import evaluate_motion, format_summary
+from training.cache import open_cache
+from training.closures import bilabial_spans, grid_code
+from training.export_speech import grid_sentence
+from training.motion_eval import evaluate_motion, format_people, format_summary
 
 
 def main(argv=None) -> int:
@@ -28,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=pathlib.Path, default=None, help="ONNX model (default: assets/motion_offline.onnx)")
     parser.add_argument("--live", action="store_true", help="the live model (default: assets/motion_live.onnx)")
     parser.add_argument("--split", default="val", choices=("val", "train"))
+    parser.add_argument("--src", type=pathlib.Path, default=pathlib.Path("../shared/data"),
+                        help="the media the cache was made from (GRID clips' audio, for the /p b m/ closure measure)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the full report here")
     args = parser.parse_args(argv)
     try:
@@ -39,9 +45,15 @@ def main(argv=None) -> int:
     if not clips:
         print(f"error: no {args.split} clips with speech in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2
-    report = evaluate_motion(predictor.predict, clips, predictor.config)
+    bilabials = {}
+    for clip in open_cache(args.cache, split=args.split, kind="video"):
+        code = grid_code(clip.meta["file"])
+        if code and (args.src / clip.meta["file"]).exists():
+            samples = media.read_audio(args.src / clip.meta["file"], 16000)
+            bilabials[clip.clip_id] = bilabial_spans(samples, grid_sentence(code))
+    report = evaluate_motion(predictor.predict, clips, predictor.config, bilabials=bilabials)
     title = f"{'live' if predictor.live else 'offline'} model {args.model or ''}".rstrip()
-    emit_report(title + "\n" + format_summary(report["summary"]), report, args.json)
+    emit_report(title + "\n" + format_summary(report["summary"]) + "\n" + format_people(report["clips"]), report, args.json)
     return 0
 
 

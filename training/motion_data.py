@@ -51,8 +51,9 @@ def width_of(rest: np.ndarray) -> float:
 @dataclasses.dataclass
 class MotionClip:
     """clip arrays. speech: `{"offline_0": (K, D) float16, "live_0": ..., "offline_1": ...}` encoder
-    features of the clip's audio (variant 0 clean); frame_pos: `(T,) float64` each video frame's
-    position among them (50 × its time); mouth: `(T, K, 2) float32` crop-128 pixels (NaN where no face);
+    features of the clip's audio between silent pads (variant 0 clean; `training.speech_features`);
+    frame_pos: `(T,) float64` each video frame's position among them (50 × (its time + the head pad));
+    pad_frames: video frames of silence the pads hold before and after the clip; vad: `(T,)` voice activity; mouth: `(T, K, 2) float32` crop-128 pixels (NaN where no face);
     anchor_shift: `(T, 2)` the mouth anchor's displacement from its rest place (head pose); offsets:
     `(T, K, 2)` in rest mouth widths, = (mouth - anchor_shift - rest) / width; keep: `(T,) bool`;
     rest: `(K, 2)`; iod: inter-ocular distance in crop-128 pixels."""
@@ -69,6 +70,8 @@ class MotionClip:
     rest: np.ndarray
     width: float
     iod: float
+    vad: np.ndarray  # (T,) voice activity per frame (avatar.audio.voice_activity)
+    pad_frames: typing.Tuple[int, int] = (0, 0)
 
     @property
     def n_frames(self) -> int:
@@ -94,9 +97,12 @@ def motion_clip(cache: ClipCache, min_kept: int = 25) -> typing.Optional[MotionC
     iod = float(np.median(lm.interocular(landmarks[keep])))
     with np.load(features) as data:
         speech = {k: data[k] for k in data.files if k.startswith(("offline_", "live_"))}
-    frame_pos = cache.arrays["timestamps"] * 50.0
+        pad_s = tuple(float(x) for x in data["pad_s"]) if "pad_s" in data.files else (0.0, 0.0)
+    frame_pos = (cache.arrays["timestamps"] + pad_s[0]) * 50.0
+    pad_frames = (int(pad_s[0] * cache.fps), int(pad_s[1] * cache.fps))
     return MotionClip(cache.clip_id, cache.meta["person"], cache.fps, speech, frame_pos, mouth.astype(np.float32),
-                      np.nan_to_num(anchor_shift), offsets, keep, rest.astype(np.float32), width, iod)
+                      np.nan_to_num(anchor_shift), offsets, keep, rest.astype(np.float32), width, iod,
+                      cache.arrays["vad"].astype(np.float32), pad_frames)
 
 
 def load_motion_clips(cache_root, split: str) -> typing.List[MotionClip]:
@@ -113,6 +119,39 @@ def load_noise_features(cache_root, mode: str) -> typing.List[np.ndarray]:
         return [data[k].astype(np.float32) for k in sorted(data.files) if k.startswith(mode + "_")]
 
 
+@dataclasses.dataclass
+class SpeechOnlyClip:
+    """A speech clip without video: `speech` as in MotionClip (no pads), and `targets: (K, N_POINTS, 2)`
+    offsets in rest mouth widths at every encoder frame, as the teacher (the offline model) predicts them."""
+
+    clip_id: str
+    speech: typing.Dict[str, np.ndarray]
+    targets: np.ndarray
+
+    def variants(self, mode: str) -> int:
+        return sum(1 for key in self.speech if key.startswith(mode + "_"))
+
+
+def load_speech_only(cache_root, teacher: typing.Callable[[np.ndarray], np.ndarray], fps: float = 25.0) -> typing.List[SpeechOnlyClip]:
+    """The speech-only clips of `training.speech_features`, labelled by `teacher` (offline features
+    `(T, D)` at `fps` → offsets `(T, N_POINTS, 2)`), the labels resampled to encoder frames."""
+    clips = []
+    for path in sorted((pathlib.Path(cache_root) / "speech_only").glob("*.npz")):
+        with np.load(path) as data:
+            speech = {k: data[k] for k in data.files if k.startswith(("offline_", "live_"))}
+        offline = speech["offline_0"].astype(np.float32)
+        n = int(offline.shape[0] * fps * 0.02)
+        if n < 16:
+            continue
+        at_frames = teacher(interpolate_frames(offline, np.arange(n) * 50.0 / fps))  # (n, K, 2)
+        positions = np.arange(offline.shape[0]) * fps / 50.0  # encoder frame → video frame position
+        lo = np.minimum(np.floor(positions).astype(np.int64), n - 1)
+        hi = np.minimum(lo + 1, n - 1)
+        frac = np.clip(positions - lo, 0, 1)[:, None, None]
+        clips.append(SpeechOnlyClip(path.stem, speech, (at_frames[lo] * (1 - frac) + at_frames[hi] * frac).astype(np.float32)))
+    return clips
+
+
 def clip_features(clip: MotionClip, live: bool, variant: int = 0) -> np.ndarray:
     """Unaugmented per-frame features `(T, D) float32` exactly as the engine computes them."""
     return interpolate_frames(clip.speech[f"{'live' if live else 'offline'}_{variant}"].astype(np.float32), clip.frame_pos)
@@ -124,13 +163,15 @@ class MotionSampler:
 
     def __init__(self, clips: typing.Sequence[MotionClip], config: MotionConfig, seq_len: int = 48,
                  augment: bool = True, silence_prob: float = 0.08, seed: int = 0,
-                 noise: typing.Sequence[np.ndarray] = (), noisy_share: float = 0.67):
+                 noise: typing.Sequence[np.ndarray] = (), noisy_share: float = 0.67,
+                 speech_only: typing.Sequence[SpeechOnlyClip] = (), speech_only_share: float = 0.0):
         if not clips:
             raise ValueError("no training clips with speech features and kept frames")
         self.clips, self.config, self.seq_len = list(clips), config, seq_len
         self.mode = "live" if config.causal else "offline"
         self.augment, self.silence_prob, self.noisy_share = augment, (silence_prob if noise else 0.0), noisy_share
         self.noise = list(noise)
+        self.speech_only, self.speech_only_share = list(speech_only), (speech_only_share if speech_only else 0.0)
         self.rng = np.random.default_rng(seed)
         weights = np.array([c.keep.sum() for c in self.clips], np.float64)
         self.weights = weights / weights.sum()
@@ -144,21 +185,46 @@ class MotionSampler:
         rows = interpolate_frames(features, start + np.arange(L) * step)
         return rows, np.zeros((L, len(POINTS), 2), np.float32), np.ones(L, bool)
 
+    def _speech_only_sequence(self):
+        """A speech-only clip's features with the teacher's offsets as the target."""
+        rng, L = self.rng, self.seq_len
+        clip = self.speech_only[rng.integers(len(self.speech_only))]
+        step = 50.0 / rng.choice([25.0, 29.97, 30.0]) * (rng.uniform(0.92, 1.08) if self.augment else 1.0)
+        features = clip.speech[f"{self.mode}_0"]
+        start = rng.uniform(0, max(0.0, features.shape[0] - 1 - (L - 1) * step))
+        positions = start + np.arange(L) * step
+        noisy = self.augment and clip.variants(self.mode) > 1 and rng.random() < self.noisy_share
+        variant = int(rng.integers(1, clip.variants(self.mode))) if noisy else 0
+        rows = interpolate_frames(clip.speech[f"{self.mode}_{variant}"].astype(np.float32), positions)
+        offsets = interpolate_frames(clip.targets.reshape(len(clip.targets), -1), positions).reshape(L, len(POINTS), 2)
+        if self.augment and rng.random() < 0.5:
+            offsets = offsets[:, self.mirror] * np.array([-1.0, 1.0], np.float32)
+        return rows, offsets.astype(np.float32), np.ones(L, bool)
+
     def _sequence(self):
         rng, L = self.rng, self.seq_len
         if self.augment and rng.random() < self.silence_prob:  # silence or background noise: the mouth rests
             return self._noise_sequence()
+        if rng.random() < self.speech_only_share:
+            return self._speech_only_sequence()
         clip = self.clips[rng.choice(len(self.clips), p=self.weights)]
         stretch = rng.uniform(0.92, 1.08) if self.augment else 1.0
         span = (L - 1) * stretch
-        start = rng.uniform(0, max(0.0, clip.n_frames - 1 - span))
-        positions = np.minimum(start + np.arange(L) * stretch, clip.n_frames - 1)
+        # Sequences may reach half their length into the silent pads, where the mouth rests.
+        before, after = min(clip.pad_frames[0], L // 2), min(clip.pad_frames[1], L // 2)
+        start = rng.uniform(-before, max(-before, clip.n_frames - 1 - span + after))
+        positions = start + np.arange(L) * stretch
+        inside = (positions >= 0) & (positions <= clip.n_frames - 1)
         lo = np.clip(np.floor(positions).astype(np.int64), 0, clip.n_frames - 1)
         hi = np.clip(lo + 1, 0, clip.n_frames - 1)
         frac = np.clip(positions - lo, 0, 1)
-        keep = clip.keep[lo] & clip.keep[hi]
-        offsets = np.nan_to_num(clip.offsets[lo] * (1 - frac[:, None, None]) + clip.offsets[hi] * frac[:, None, None]).astype(np.float32)
+        keep = np.where(inside, clip.keep[lo] & clip.keep[hi], True)
+        offsets = clip.offsets[lo] * (1 - frac[:, None, None]) + clip.offsets[hi] * frac[:, None, None]
+        offsets = np.where(inside[:, None, None], np.nan_to_num(offsets), 0.0).astype(np.float32)
         feature_pos = clip.frame_pos[lo] * (1 - frac) + clip.frame_pos[hi] * frac
+        step = 50.0 / clip.fps  # encoder frames per video frame, for the pads
+        feature_pos = np.where(positions < 0, clip.frame_pos[0] + positions * step, feature_pos)
+        feature_pos = np.where(positions > clip.n_frames - 1, clip.frame_pos[-1] + (positions - clip.n_frames + 1) * step, feature_pos)
         noisy = self.augment and clip.variants(self.mode) > 1 and rng.random() < self.noisy_share
         variant = int(rng.integers(1, clip.variants(self.mode))) if noisy else 0
         features = interpolate_frames(clip.speech[f"{self.mode}_{variant}"].astype(np.float32), feature_pos)

@@ -17,10 +17,12 @@ import typing
 
 import numpy as np
 
-from avatar.config import MotionConfig
+from avatar.config import MotionConfig, SilenceConfig
 from avatar.face import landmarks as lm
 from avatar.metrics import mouth_landmark_distance, pearson
 from avatar.motion.model import POINTS
+from avatar.motion.runner import SilenceHold
+from training.closures import CLOSED_PCT_IOD, closure_rate
 from training.motion_data import MotionClip, clip_features
 
 LIPS = np.arange(len(lm.LIPS_OUTER) + len(lm.LIPS_INNER))  # first 40 of POINTS
@@ -37,8 +39,12 @@ def shifted(features: np.ndarray, shift: int) -> np.ndarray:
 
 
 def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], config: MotionConfig = MotionConfig(),
-                    shifts: typing.Sequence[int] = SHIFTS) -> typing.Dict[str, typing.Any]:
-    """Metrics over all kept frames of `clips` (frame-weighted), and per clip."""
+                    shifts: typing.Sequence[int] = SHIFTS,
+                    bilabials: typing.Mapping[str, typing.Sequence[typing.Tuple[str, float, float]]] = {},
+                    silence: SilenceConfig = SilenceConfig()) -> typing.Dict[str, typing.Any]:
+    """Metrics over all kept frames of `clips` (frame-weighted), and per clip, of the model as the
+    engine runs it (`silence`: the mouth rests in long silences). `bilabials` (clip id → /p b m/
+    spans, `training.closures.bilabial_spans`) adds the closure rates of those clips."""
     features = [clip_features(c, config.causal) for c in clips]
     per_clip = []
     sums: typing.Dict[str, float] = {}
@@ -49,10 +55,12 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         real = clip.mouth
         pose = clip.anchor_shift[:, None, :]
         rest = clip.rest[None] + pose
-        own = predict(features[i], clip.rest) + pose
-        other = next((j for j in range(1, len(clips)) if clips[(i + j) % len(clips)].person != clip.person), 1)
-        source = features[(i + other) % len(clips)]
-        mismatched = predict(np.resize(source, features[i].shape), clip.rest) + pose
+        def run(inputs: np.ndarray, vad: np.ndarray) -> np.ndarray:  # as the engine does: the mouth rests in long silences
+            return SilenceHold(clip.fps, silence).apply(predict(inputs, clip.rest), clip.rest, vad) + pose
+
+        own = run(features[i], clip.vad)
+        other = (i + next((j for j in range(1, len(clips)) if clips[(i + j) % len(clips)].person != clip.person), 1)) % len(clips)
+        mismatched = run(np.resize(features[other], features[i].shape), np.resize(clips[other].vad, clip.vad.shape))
         row = {"clip": clip.clip_id, "person": clip.person, "frames": n}
         for name, pred in (("model", own), ("rest", rest), ("mismatched", mismatched)):
             row[f"lips_{name}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)
@@ -61,8 +69,12 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         row["opening_r_mismatched"] = pearson(lm.inner_gap(mismatched)[keep], lm.inner_gap(real)[keep])
         row["opening_std_ratio"] = float(lm.inner_gap(own)[keep].std() / max(lm.inner_gap(real)[keep].std(), 1e-9))
         for s in shifts:
-            pred = own if s == 0 else predict(shifted(features[i], s), clip.rest) + pose
+            pred = own if s == 0 else run(shifted(features[i], s), shifted(clip.vad, s))
             row[f"lips_shift_{s:+d}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)
+        if clip.clip_id in bilabials:
+            for name, points in (("model", own), ("real", real), ("mismatched", mismatched)):
+                gap = lm.inner_gap(points) / clip.iod * 100
+                row[f"closures_{name}"] = closure_rate(gap, bilabials[clip.clip_id], clip.fps, keep)
         per_clip.append(row)
         for key, value in row.items():
             if isinstance(value, float):
@@ -72,6 +84,11 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
     summary["frames"] = total
     summary["clips"] = len(clips)
     summary["best_shift"] = min(shifts, key=lambda s: summary[f"lips_shift_{s:+d}"])
+    for name in ("model", "real", "mismatched"):
+        counts = [row[f"closures_{name}"] for row in per_clip if f"closures_{name}" in row]
+        if counts and sum(c[1] for c in counts):
+            summary[f"closure_rate_{name}"] = sum(c[0] for c in counts) / sum(c[1] for c in counts)
+            summary["closure_count"] = sum(c[1] for c in counts)
     return {"summary": summary, "clips": per_clip}
 
 
@@ -87,4 +104,22 @@ def format_summary(summary: typing.Dict[str, typing.Any]) -> str:
             f"{s:+d}: {summary[f'lips_shift_{s:+d}']:.3f}" for s in SHIFTS if f"lips_shift_{s:+d}" in summary),
         f"lowest error at shift {summary['best_shift']:+d}",
     ]
+    if "closure_rate_model" in summary:
+        lines.append(f"/p b m/ closed (inner-lip gap < {CLOSED_PCT_IOD:g}% IOD at the aligned phone, {summary['closure_count']} phones): "
+                     f"model {100 * summary['closure_rate_model']:.0f}%, real video {100 * summary['closure_rate_real']:.0f}%, "
+                     f"mismatched {100 * summary['closure_rate_mismatched']:.0f}%")
+    return "\n".join(lines)
+
+
+def format_people(clips: typing.Sequence[typing.Dict[str, typing.Any]]) -> str:
+    """Per held-out person: frames, lips L1 (model / rest / mismatched), jaw L1 (model / rest), opening r."""
+    people: typing.Dict[str, typing.List[typing.Dict[str, typing.Any]]] = {}
+    for row in clips:
+        people.setdefault(row["person"], []).append(row)
+    lines = [f"{'person':16s} {'frames':>6s} {'lips model/rest/mism.':>22s} {'jaw model/rest':>15s} {'r model/mism.':>14s}"]
+    for person, rows in people.items():
+        n = np.array([r["frames"] for r in rows], float)
+        mean = lambda key: float(np.average([r[key] for r in rows], weights=n))
+        lines.append(f"{person:16s} {int(n.sum()):6d} {mean('lips_model'):8.2f}{mean('lips_rest'):7.2f}{mean('lips_mismatched'):7.2f} "
+                     f"{mean('jaw_model'):8.2f}{mean('jaw_rest'):7.2f} {mean('opening_r_model'):7.2f}{mean('opening_r_mismatched'):7.2f}")
     return "\n".join(lines)

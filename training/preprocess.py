@@ -226,13 +226,15 @@ def frame_reasons(arrays: typing.Dict[str, np.ndarray], cfg: PreprocessConfig, f
     return reason
 
 
-def read_manifest(src: pathlib.Path, kinds: typing.Sequence[str]) -> typing.List[typing.Dict[str, str]]:
+def read_manifest(src: pathlib.Path, kinds: typing.Sequence[str], suffixes: typing.Optional[typing.Collection[str]] = VIDEO_SUFFIXES
+                  ) -> typing.List[typing.Dict[str, str]]:
+    """The manifest rows of the given kinds whose files end in one of `suffixes` (None: any)."""
     manifest = src / "manifest.csv"
     if not manifest.exists():
         raise AvatarError(f"{manifest}: not found; --src must be the shared data folder holding manifest.csv")
     with manifest.open(newline="") as f:
         rows = [r for r in csv.DictReader(f)
-                if r["kind"] in kinds and pathlib.PurePosixPath(r["file"]).suffix.lower() in VIDEO_SUFFIXES]
+                if r["kind"] in kinds and (suffixes is None or pathlib.PurePosixPath(r["file"]).suffix.lower() in suffixes)]
     return rows
 
 

@@ -4,9 +4,15 @@
 
 Per talking clip with audio, `<clip>/speech.npz` holds, for each variant v (0: the clip's own audio;
 1..: the same audio at another level with a background-noise recording mixed in at 5-30 dB SNR):
-`offline_<v>` and `live_<v>`, `(K, D) float16` encoder frames at 50 frames/s (frame k at 20 k ms
-of the clip's audio; the video frame at time t reads position 50 t), exactly what the engine computes
-(`SpeechEncoder.features(..., live=False/True)`). `<cache>/speech_noise.npz` holds `offline_<i>` and
+`offline_<v>` and `live_<v>`, `(K, D) float16` encoder frames at 50 frames/s, exactly what the engine
+computes (`SpeechEncoder.features(..., live=False/True)`), of the clip's audio with `PAD_S` seconds of
+digital silence before and after it (noise, in the noisy variants, runs through the pads): frame k is
+at 20 k ms − PAD_S[0] of the clip's time, so the video frame at time t reads position 50 (t + PAD_S[0]).
+The pads teach the motion models that the mouth rests when speech stops (`pad_s` is stored too).
+
+With `--speech-only` (default), the speech clips of the manifest (no video: 9 languages) get
+`<cache>/speech_only/<id>.npz` with `offline_<v>` and `live_<v>` for 2 variants (clean, noisy): the
+offline model labels them to teach the live one (`training.train_motion --teacher`). `<cache>/speech_noise.npz` holds `offline_<i>` and
 `live_<i>` for digital silence, the noise recordings alone and the training clips' own room tone
 (their quiet stretches between words, looped): their target is the closed mouth.
 Resumable: clips whose file has the requested variants and model hash are skipped.
@@ -28,8 +34,10 @@ from avatar.provenance import file_sha256
 from avatar.runtime import asset_path
 from avatar.speech.encoder import DEFAULT_MODEL, SpeechEncoder
 from training.cache import open_cache
+from training.preprocess import clip_id_for, read_manifest
 
 SAMPLE_RATE = 16000
+PAD_S = (1.0, 1.5)  # silence before and after each clip's audio
 
 
 def noise_recording(rng: np.random.Generator, n: int, kind: str, level_dbfs: float) -> np.ndarray:
@@ -102,10 +110,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=pathlib.Path, default=None, help=f"speech encoder (default: assets/{DEFAULT_MODEL})")
     parser.add_argument("--variants", type=int, default=3, help="the clean audio and variants − 1 noisy copies")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speech-only", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the manifest's speech clips without video (for distillation)")
     args = parser.parse_args(argv)
     model = args.model or asset_path(DEFAULT_MODEL)
     encoder = SpeechEncoder(model)
-    digest = file_sha256(model)
+    c = encoder.config
+    digest = f"{file_sha256(model)} live {c.live_window}/{c.live_hop}/{c.live_right} floor {c.log_floor}"  # what the features depend on
     clips = [c for c in open_cache(args.cache, kind="video") if c.has_audio]
     if not clips:
         print(f"error: no cached clips with audio in {args.cache}; run training.preprocess first", file=sys.stderr)
@@ -118,15 +129,36 @@ def main(argv=None) -> int:
             quiet += room_tones(samples, clip.arrays["vad"].astype(np.float32), clip.fps)
         if target.exists():
             with np.load(target) as old:
-                if str(old["model"]) == digest and all(f"live_{v}" in old for v in range(args.variants)):
+                if str(old["model"]) == digest and all(f"live_{v}" in old for v in range(args.variants)) \
+                        and "pad_s" in old and tuple(old["pad_s"]) == PAD_S:
                     continue
         rng = np.random.default_rng([args.seed, int.from_bytes(clip.clip_id.encode()[:8].ljust(8, b"\0"), "little")])
-        arrays: typing.Dict[str, np.ndarray] = {"model": np.array(digest)}
+        arrays: typing.Dict[str, np.ndarray] = {"model": np.array(digest), "pad_s": np.array(PAD_S)}
+        padded = np.concatenate([np.zeros(int(PAD_S[0] * SAMPLE_RATE), np.float32), samples,
+                                 np.zeros(int(PAD_S[1] * SAMPLE_RATE), np.float32)])
         for v in range(args.variants):
-            audio = samples if v == 0 else noisy_variant(samples, rng)
+            audio = padded if v == 0 else noisy_variant(padded, rng)
             for mode, values in features_of(encoder, audio).items():
                 arrays[f"{mode}_{v}"] = values
         tmp = target.with_name("speech.tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(target)
+    speech_rows = read_manifest(args.src, ["speech"], suffixes=None) if args.speech_only else []
+    folder = args.cache / "speech_only"
+    folder.mkdir(exist_ok=True)
+    for row in tqdm(speech_rows, desc="speech-only clips", unit="clip"):
+        target = folder / f"{clip_id_for(row['file'])}.npz"
+        if target.exists():
+            with np.load(target) as old:
+                if str(old["model"]) == digest:
+                    continue
+        samples = media.read_audio(args.src / row["file"], SAMPLE_RATE)
+        rng = np.random.default_rng([args.seed, len(row["file"]), samples.size])
+        arrays = {"model": np.array(digest)}
+        for v, audio in enumerate((samples, noisy_variant(samples, rng))):
+            for mode, values in features_of(encoder, audio).items():
+                arrays[f"{mode}_{v}"] = values
+        tmp = target.with_name(target.stem + ".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(target)
     arrays = {"model": np.array(digest)}
@@ -135,8 +167,8 @@ def main(argv=None) -> int:
             arrays[f"{mode}_{i}"] = values
     np.savez(args.cache / "speech_noise.npz", **arrays)
     (args.cache / "speech_features.json").write_text(json.dumps({"model": digest, "variants": args.variants, "clips": len(clips)}) + "\n")
-    print(f"speech features of {len(clips)} clips ({args.variants} variants), {len(noise_set(args.seed))} noise recordings "
-          f"and {len(quiet)} stretches of the training clips' room tone in {args.cache}")
+    print(f"speech features of {len(clips)} clips ({args.variants} variants), {len(speech_rows)} speech-only clips, "
+          f"{len(noise_set(args.seed))} noise recordings and {len(quiet)} stretches of the training clips' room tone in {args.cache}")
     return 0
 
 

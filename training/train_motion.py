@@ -26,9 +26,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import MotionConfig
+from avatar.face import landmarks as lm
 from avatar.motion.model import MotionModel
 from training.common import finish_training, log_training, save_checkpoint, start_process, training_arguments, update_average
-from training.motion_data import MotionSampler, load_motion_clips, load_noise_features, pca_basis
+from training.motion_data import MotionSampler, load_motion_clips, load_noise_features, load_speech_only, pca_basis
 from training.motion_eval import evaluate_motion
 
 
@@ -44,8 +45,12 @@ class TrainConfig:
     velocity_weight: float = 1.0
     acceleration_weight: float = 0.5
     amplitude_weight: float = 0.5
+    closure_weight: float = 0.0  # extra weight on the lips' opening where the real ones are closed
+    closed_below: float = 0.04  # real inner-lip opening beyond rest (mouth widths) under which a frame counts as closed
     silence_prob: float = 0.08
     noisy_share: float = 0.67  # sequences whose audio is a noisy variant (training.speech_features)
+    teacher: str = ""  # a motion model's torch copy (e.g. assets/motion_offline.pt) that labels the speech-only clips
+    speech_only_share: float = 0.5  # with a teacher: share of sequences from speech-only clips, its offsets as targets
     ema: float = 0.995  # weights are averaged over steps; validation, best.pt and export use the average
     val_every: int = 50
     seed: int = 0
@@ -73,8 +78,15 @@ def sequence_loss(predicted: torch.Tensor, target: torch.Tensor, keep: torch.Ten
         centre = (x * weight).sum(dim=1, keepdim=True) / count
         return (((x - centre).abs() * weight).sum(dim=1) / count[:, 0])
     amplitude = (spread(predicted) - spread(target)).abs().mean()
-    loss = l1 + cfg.velocity_weight * velocity + cfg.acceleration_weight * acceleration + cfg.amplitude_weight * amplitude
-    parts = {"l1": l1, "velocity": velocity, "acceleration": acceleration, "amplitude": amplitude}
+    # Closure: where the real lips are closed (bilabials, pauses), the predicted opening's error (both ways:
+    # pushing only one way teaches lips that overlap).
+    def opening(x):
+        return x[..., lm.MOUTH_LOWER_INNER, 1] - x[..., lm.MOUTH_UPPER_INNER, 1]
+    closed = (keep & (opening(target) < cfg.closed_below)).float()
+    closure = ((opening(predicted) - opening(target)).abs() * closed).sum() / closed.sum().clamp(min=1)
+    loss = l1 + cfg.velocity_weight * velocity + cfg.acceleration_weight * acceleration + cfg.amplitude_weight * amplitude \
+        + cfg.closure_weight * closure
+    parts = {"l1": l1, "velocity": velocity, "acceleration": acceleration, "amplitude": amplitude, "closure": closure}
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -97,6 +109,20 @@ def torch_predictor(model: MotionModel, device: torch.device):
     return predict
 
 
+def teacher_offsets(path: str):
+    """The teacher's offsets in rest mouth widths, `(T, D)` features → `(T, K, 2)` (a motion model's torch copy)."""
+    import pathlib
+
+    from training.export_motion import load_model
+
+    teacher = load_model(pathlib.Path(path))
+
+    def label(features: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return teacher.offsets(teacher.coefficients(torch.from_numpy(features[None])))[0].numpy()
+    return label
+
+
 def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     args, cfg, model_cfg = training_arguments("python -m training.train_motion", __doc__.splitlines()[0], TrainConfig, MotionConfig,
                                               "start from these weights (a checkpoint or assets/motion_live.pt, assets/motion_offline.pt)", argv)
@@ -111,8 +137,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
               "training.speech_features", file=sys.stderr)
         return 2
     noise = load_noise_features(args.cache, "live" if model_cfg.causal else "offline")
+    speech_only = load_speech_only(args.cache, teacher_offsets(cfg.teacher)) if cfg.teacher else []
     sampler = MotionSampler(train_clips, model_cfg, cfg.seq_len, silence_prob=cfg.silence_prob, seed=cfg.seed * 1000 + rank,
-                            noise=noise, noisy_share=cfg.noisy_share)
+                            noise=noise, noisy_share=cfg.noisy_share, speech_only=speech_only,
+                            speech_only_share=cfg.speech_only_share)
 
     # 2. Model with the PCA basis of the training offsets; optimiser; schedule.
     start_step, best = 0, math.inf
@@ -153,7 +181,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         (args.out / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                                                           "train_clips": len(train_clips), "val_clips": len(val_clips)}, indent=1))
         print(f"{len(train_clips)} training clips ({sum(int(c.keep.sum()) for c in train_clips)} frames), "
-              f"{len(noise)} silence/noise recordings, "
+              f"{len(noise)} silence/noise recordings, {len(speech_only)} speech-only clips labelled by the teacher "
+              f"({sum(c.targets.shape[0] for c in speech_only) / 50:.0f} s), "
               f"{len(val_clips)} held-out clips; {sum(p.numel() for p in model.parameters())} parameters; "
               f"{world} process(es) on {device}")
 

@@ -18,7 +18,7 @@ import typing
 import numpy as np
 
 from avatar import audio as audio_frontend
-from avatar.config import MotionConfig
+from avatar.config import MotionConfig, SilenceConfig
 from avatar.face import landmarks as lm
 from avatar.runtime import OnnxSession, asset_path
 from avatar.speech.encoder import SpeechEncoder, frame_features, frame_positions, interpolate_frames
@@ -64,13 +64,14 @@ class MotionPredictor:
 
     def __init__(self, model_path: typing.Optional[typing.Union[str, os.PathLike]] = None, threads: int = 0,
                  providers: typing.Optional[typing.Sequence[str]] = None, encoder: typing.Optional[SpeechEncoder] = None,
-                 live: bool = False):
+                 live: bool = False, silence: SilenceConfig = SilenceConfig()):
         self.session = OnnxSession(model_path or asset_path(LIVE_MODEL if live else OFFLINE_MODEL), providers=providers,
                                    threads=threads)
         meta = self.session.metadata
         self.config = MotionConfig(features=int(meta.get("features", 384)), temporal_kernel=int(meta.get("temporal_kernel", 3)),
                                    temporal_layers=int(meta.get("temporal_layers", 4)), causal=meta.get("causal") == "True")
         self.encoder = encoder or SpeechEncoder(threads=threads, providers=providers)
+        self.silence = silence
         if self.encoder.width != self.config.features:
             raise ValueError(f"the motion model reads {self.config.features}-wide features, the speech encoder gives {self.encoder.width}")
 
@@ -100,8 +101,12 @@ class MotionPredictor:
         return frame_features(self.encoder.features(samples, live=self.live), fps, n)
 
     def from_audio(self, samples: np.ndarray, fps: float, rest: np.ndarray, n_frames: typing.Optional[int] = None) -> np.ndarray:
-        """16 kHz mono `(N,) float32` → `(T, K, 2)` landmarks for T video frames at `fps`."""
-        return self.predict(self.features_for(samples, fps, n_frames), rest)
+        """16 kHz mono `(N,) float32` → `(T, K, 2)` landmarks for T video frames at `fps` (the mouth at
+        rest in long silences, `SilenceConfig`)."""
+        n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
+        landmarks = self.predict(self.features_for(samples, fps, n), rest)
+        vad = audio_frontend.voice_activity(samples, fps, n, self.sample_rate)
+        return SilenceHold(fps, self.silence).apply(landmarks, rest, vad)
 
     def stream(self, fps: float, rest: np.ndarray) -> "MotionStream":
         if not self.live:
@@ -109,12 +114,32 @@ class MotionPredictor:
         return MotionStream(self, fps, rest)
 
 
+class SilenceHold:
+    """Eases the mouth to rest after `hold_after_s` of continuous silence (`SilenceConfig`), frame by
+    frame: `apply` may be called on consecutive pieces of a stream and gives the whole-file result."""
+
+    def __init__(self, fps: float, config: SilenceConfig = SilenceConfig()):
+        self.fps, self.config = fps, config
+        self.silent_frames = 0  # consecutive silent frames up to the last one seen
+
+    def apply(self, landmarks: np.ndarray, rest: np.ndarray, vad: np.ndarray) -> np.ndarray:
+        """`landmarks: (T, K, 2)`, `rest: (K, 2)`, `vad: (T,)` scores in [0, 1] → `(T, K, 2) float32`."""
+        if not self.config.enabled or len(landmarks) == 0:
+            return landmarks
+        gate = np.ones(len(landmarks), np.float32)
+        for i, score in enumerate(np.asarray(vad)[: len(landmarks)]):
+            self.silent_frames = 0 if score >= 0.5 else self.silent_frames + 1
+            quiet_s = self.silent_frames / self.fps - self.config.hold_after_s
+            gate[i] = np.clip(1.0 - quiet_s / self.config.ease_s, 0.0, 1.0)
+        return (rest + (landmarks - rest) * gate[:, None, None]).astype(np.float32)
+
+
 class MotionStream:
     """Streaming motion: push audio chunks of any size, get each video frame's landmarks as soon as
     the encoder frames around its time are out; the numbers equal `MotionPredictor.from_audio` on the
     whole audio (live model).
 
-    Look-ahead (audio needed past a frame's timestamp): `lookahead_ms` (102.5 ms at 25 fps, where
+    Look-ahead (audio needed past a frame's timestamp): `lookahead_ms` (82.5 ms at 25 fps, where
     video frames fall on encoder frames; up to 20 ms more at rates where they fall between two).
     """
 
@@ -130,6 +155,9 @@ class MotionStream:
         self.history = np.zeros((0, predictor.config.features), np.float32)
         self.context = predictor.config.receptive_frames - 1  # past frames each output depends on
         self.n_samples = 0
+        self.vad = audio_frontend.EnergyVad(fps, predictor.sample_rate)
+        self.vad_scores = np.zeros(0, np.float32)  # of frames from `next_frame` on
+        self.hold = SilenceHold(fps, predictor.silence)
 
     def _position(self, i: int) -> float:
         return float(frame_positions(self.fps, 1, i)[0])
@@ -161,6 +189,10 @@ class MotionStream:
         rows = interpolate_frames(self.encoded, frame_positions(self.fps, len(indices), indices[0]) - self.encoded_start)
         stack = np.concatenate([self.history, rows])
         out = self.predictor.predict(stack, self.rest)[-len(indices):]
+        if self.vad_scores.size < len(indices):  # frame i's score needs audio up to (i + 1) / fps only: never
+            raise RuntimeError("voice activity lags the motion frames")
+        out = self.hold.apply(out, self.rest, self.vad_scores[: len(indices)])
+        self.vad_scores = self.vad_scores[len(indices):]
         self.history = stack[-self.context:] if self.context else stack[:0]
         self.next_frame = i
         drop = max(0, int(np.floor(self._position(i) + 1e-9)) - self.encoded_start)
@@ -171,6 +203,7 @@ class MotionStream:
     def push(self, chunk: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
         """Audio `(n,) float32` 16 kHz → (frame indices `(k,)`, landmarks `(k, K, 2)`)."""
         self.n_samples += np.asarray(chunk).size
+        self.vad_scores = np.concatenate([self.vad_scores, self.vad.push(chunk)])
         _, rows = self.speech.push(chunk)
         self.encoded = np.concatenate([self.encoded, rows])
         return self._take(final=False)
@@ -180,5 +213,6 @@ class MotionStream:
         _, rows = self.speech.flush()
         self.encoded = np.concatenate([self.encoded, rows])
         n = audio_frontend.n_video_frames(self.n_samples, self.fps, self.predictor.sample_rate)
+        self.vad_scores = np.concatenate([self.vad_scores, self.vad.flush(n)])
         return self._take(final=True, n_frames=n)
 

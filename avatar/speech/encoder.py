@@ -20,22 +20,14 @@ import typing
 
 import numpy as np
 
-from avatar.audio import mel_filterbank
+from avatar.audio import check_audio, mel_filterbank
 from avatar.config import MelConfig, SpeechConfig
 from avatar.errors import MediaError
 from avatar.runtime import OnnxSession, asset_path
 
 DEFAULT_MODEL = "speech.onnx"
 FRAME_S = 0.02  # one encoder frame
-
-
-def _check(audio: np.ndarray) -> np.ndarray:
-    audio = np.asarray(audio)
-    if audio.ndim != 1:
-        raise ValueError(f"audio must be mono (N,), got shape {audio.shape}")
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise ValueError(f"audio must be float in [-1, 1], got {audio.dtype}")
-    return audio.astype(np.float64)
+LIVE_BATCH = 128  # live windows per encoder call when a whole file is encoded
 
 
 class WhisperMel:
@@ -66,7 +58,7 @@ class WhisperMel:
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         c = self.config
-        y = _check(audio)
+        y = check_audio(audio)
         m = self.n_frames(y.size)
         half = c.n_fft // 2
         padded = np.pad(y, (half, m * c.hop_length + half - y.size))
@@ -103,7 +95,7 @@ class StreamingWhisperMel:
 
     def push(self, chunk: np.ndarray) -> np.ndarray:
         """`(n,)` audio → the mel frames it completed, `(k, 80) float32`."""
-        y = _check(chunk)
+        y = check_audio(chunk)
         self.buffer = np.concatenate([self.buffer, y])
         self.n_samples += y.size
         return self._emit(self.n_samples)
@@ -179,13 +171,15 @@ class SpeechEncoder:
         c = self.config
         if stop <= first:
             return np.zeros((0, self.width), np.float32)
-        ends = range(self.window_end(first), self.window_end(stop - 1) + 1, c.live_hop)
-        windows = np.stack([self._padded(mel, 2 * (e - c.live_window) - base, 2 * e - base) for e in ends])
+        ends = list(range(self.window_end(first), self.window_end(stop - 1) + 1, c.live_hop))
         rows = []
-        for end, out in zip(ends, self.encode(windows)):
-            ks = np.arange(end - c.live_hop - c.live_right + 1, end - c.live_right + 1)
-            keep = (ks >= first) & (ks < stop)
-            rows.append(out[ks[keep] - (end - c.live_window)])
+        for batch in range(0, len(ends), LIVE_BATCH):  # bounded memory for long files
+            group = ends[batch : batch + LIVE_BATCH]
+            windows = np.stack([self._padded(mel, 2 * (e - c.live_window) - base, 2 * e - base) for e in group])
+            for end, out in zip(group, self.encode(windows)):
+                ks = np.arange(end - c.live_hop - c.live_right + 1, end - c.live_right + 1)
+                keep = (ks >= first) & (ks < stop)
+                rows.append(out[ks[keep] - (end - c.live_window)])
         return np.concatenate(rows)
 
     def stream(self) -> "SpeechStream":
