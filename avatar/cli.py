@@ -12,7 +12,7 @@ import typing
 
 from avatar import __version__
 from avatar.config import (AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig,
-                           RealtimeConfig, VadConfig, add_config_arguments, config_from_args)
+                           RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
 from avatar.errors import AvatarError
 
 
@@ -39,7 +39,8 @@ def _pipeline(args: argparse.Namespace):
 
     return AvatarPipeline.from_pretrained(args.models, config=config_from_args(args, PipelineConfig, ""),
                                           face_config=config_from_args(args, FaceConfig, "face"),
-                                          identity_config=config_from_args(args, IdentityConfig, "identity"))
+                                          identity_config=config_from_args(args, IdentityConfig, "identity"),
+                                          silence_config=config_from_args(args, SilenceConfig, "silence"))
 
 
 def _print_result(result, report: typing.Optional[str]) -> int:
@@ -150,6 +151,7 @@ def _common_render_options(command: argparse.ArgumentParser) -> None:
     add_config_arguments(command, PipelineConfig, "")
     add_config_arguments(command, FaceConfig, "face")
     add_config_arguments(command, IdentityConfig, "identity")
+    add_config_arguments(command, SilenceConfig, "silence")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,11 +79,13 @@ class VadConfig:
 class SilenceConfig:
     """The mouth in long silences (`avatar.motion.runner.SilenceHold`): after `hold_after_s` of
     continuous silence by the voice-activity measure (score < 0.5, after its hangover), the predicted
-    mouth eases to the rest shape over `ease_s` and stays there until the voice returns. Short pauses
-    and the moments before a word keep the model's motion. Causal: streaming gives the batch frames."""
+    mouth eases to the rest shape over `ease_s` and stays there until the voice returns. Shorter
+    pauses keep the model's motion: real mouths often stay open in them (breaths), and holding from
+    0.5 s on lowered the held-out opening correlation by 0.05 (offline) and 0.04 (live). Causal:
+    streaming gives the batch frames."""
 
     enabled: bool = True
-    hold_after_s: float = 0.5
+    hold_after_s: float = 0.8
     ease_s: float = 0.16
 
 

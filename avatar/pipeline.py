@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from avatar import __version__, idle, media, provenance
 from avatar import audio as audio_frontend
-from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig
+from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig, SilenceConfig
 from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, apply_transform, rescale_points, rescale_transform, transform_scale
@@ -231,7 +231,7 @@ class AvatarPipeline:
 
     def __init__(self, folder: PathLike, config: PipelineConfig = PipelineConfig(),
                  face_config: FaceConfig = FaceConfig(), identity_config: IdentityConfig = IdentityConfig(),
-                 providers: typing.Optional[typing.Sequence[str]] = None):
+                 providers: typing.Optional[typing.Sequence[str]] = None, silence_config: SilenceConfig = SilenceConfig()):
         from avatar.motion.runner import MotionPredictor
         from avatar.speech.encoder import SpeechEncoder
 
@@ -242,7 +242,9 @@ class AvatarPipeline:
         self.config, self.face_config, self.identity_config = config, face_config, identity_config
         self.folder = pathlib.Path(folder)
         self.encoder = SpeechEncoder(self.folder / SPEECH_MODEL, threads=config.threads, providers=providers)
-        self.motion = MotionPredictor(self.folder / MOTION_MODEL, threads=config.threads, providers=providers, encoder=self.encoder)
+        self.silence_config = silence_config
+        self.motion = MotionPredictor(self.folder / MOTION_MODEL, threads=config.threads, providers=providers, encoder=self.encoder,
+                                      silence=silence_config)
         self._live_motion = None
         self._render_model, self._providers, self._renderer = self.folder / RENDER_MODEL, providers, None
         self.crop_size = AlignConfig().crop_size  # the canonical crop the landmarks live in (the diffusion model's too)
@@ -273,7 +275,7 @@ class AvatarPipeline:
             from avatar.motion.runner import MotionPredictor
 
             self._live_motion = MotionPredictor(self.folder / LIVE_MOTION_MODEL, threads=self.config.threads,
-                                                providers=self._providers, encoder=self.encoder)
+                                                providers=self._providers, encoder=self.encoder, silence=self.silence_config)
             self.model_hashes[LIVE_MOTION_MODEL] = provenance.file_sha256(self.folder / LIVE_MOTION_MODEL)
         return self._live_motion
 

@@ -93,13 +93,13 @@ def test_resampled_input_keeps_the_clock(engine, avatar, speech):
 
 
 def test_idles_when_the_audio_stops(engine, avatar, speech):
-    """After the speech, silence is fed: frames keep coming and the mouth comes to rest (without the
-    watermark's swing, the resting frames are identical; with it, they differ by the mark only)."""
+    """After the speech, silence is fed: frames keep coming and the mouth comes to rest (SilenceConfig)
+    (without the watermark's swing, the resting frames are identical; with it, they differ by the mark only)."""
     from avatar import provenance
 
     session = engine.open(avatar, 16000, now=0.0)
     frames = run_offline(engine, session, [speech[:16000]], now=0.0)
-    for t in np.arange(1.0, 3.0, 0.1):  # no audio for 2 s: silence is fed, frames keep coming
+    for t in np.arange(1.0, 3.5, 0.1):  # no audio for 2.5 s: silence is fed, frames keep coming
         session.keep_alive(now=t)
         while engine.step(now=t, render_s=0.0):
             pass
@@ -108,10 +108,17 @@ def test_idles_when_the_audio_stops(engine, avatar, speech):
     assert [f.index for f in frames] == list(range(len(frames)))
     assert frames[-1].pts > 2.0
     assert all(np.all(f.audio == 0) for f in frames if f.pts > 1.05)
-    resting = np.stack([f.image for f in frames if f.pts > 1.9]).astype(np.int16)
+    from avatar.config import SilenceConfig, VadConfig
+
+    hold = SilenceConfig()  # the mouth is at rest this long after the voice stops (hangover, hold, ease)
+    settled = 1.0 + VadConfig().hangover_s + hold.hold_after_s + hold.ease_s + 0.04
+    resting = np.stack([f.image for f in frames if f.pts > settled]).astype(np.int16)
     assert len(resting) >= 8
     swing = np.abs(resting - resting[0]).max()
-    assert 0 < swing <= 4 * provenance.AMPLITUDE * 1.5  # the watermark's swing, no more
+    flat, region = np.full((128, 128, 3), 128, np.uint8), np.ones((128, 128), np.float32)
+    peak_to_peak = np.abs(provenance.embed_watermark(flat, region, provenance.PERIOD_FRAMES // 4).astype(np.int16)
+                          - provenance.embed_watermark(flat, region, 3 * provenance.PERIOD_FRAMES // 4)).max()
+    assert 0 < swing <= peak_to_peak + 2  # the watermark's swing (strength +1 to -1 over a period), no more
     original = engine.pipeline.config
     engine.pipeline.config = dataclasses.replace(original, watermark=False)
     try:

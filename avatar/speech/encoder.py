@@ -137,7 +137,7 @@ class SpeechEncoder:
         if mel.shape[0] == 0:
             raise MediaError("the audio is empty (0 samples); give speech at least one frame long")
         n = -(-mel.shape[0] // 2)
-        return self._live(mel, 0, n) if live else self._offline(mel, n)
+        return self.live_frames(mel, 0, n) if live else self._offline(mel, n)
 
     def _padded(self, mel: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Mel frames [start, stop) with silence outside [0, M)."""
@@ -165,7 +165,7 @@ class SpeechEncoder:
         c = self.config
         return int(math.ceil((k + c.live_right) / c.live_hop) * c.live_hop)
 
-    def _live(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> np.ndarray:
+    def live_frames(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> np.ndarray:
         """Frames [first, stop) from their live windows; `mel` holds mel frames from `base` on, silence
         stands for any frame outside it (before the audio's start and after its end)."""
         c = self.config
@@ -211,7 +211,7 @@ class SpeechStream:
         if stop <= first:
             return np.zeros(0, np.int64), np.zeros((0, enc.width), np.float32)
         base = max(0, 2 * (enc.window_end(first) - c.live_window))  # the first mel frame any window needs
-        rows = enc._live(self.mel[base - self.mel_start :], first, stop, base)
+        rows = enc.live_frames(self.mel[base - self.mel_start :], first, stop, base)
         self.next_frame = stop
         drop = max(0, 2 * (enc.window_end(stop) - c.live_window) - self.mel_start)
         self.mel, self.mel_start = self.mel[drop:], self.mel_start + drop
