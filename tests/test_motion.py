@@ -203,3 +203,13 @@ def test_the_mouth_comes_to_rest_after_the_speech_and_moves_again_when_it_return
     assert (gap(out[int(25 * 3.5):]) - gap(rest)).max() > 1.0  # talking again
     free = MotionPredictor(predictor.session.path, encoder=predictor.encoder, silence=SilenceConfig(enabled=False))
     assert np.abs(free.from_audio(audio, 25, rest)[settled] - rest).max() > 1e-3
+
+
+def test_ridge_readout_baseline_on_the_cache(tiny_cache, capsys):
+    """The linear baseline fits on the training clips and scores the held-out one: a finite r per λ."""
+    from training import readout
+
+    assert readout.main(["--cache", str(tiny_cache), "--live"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "opening r" in line]
+    assert len(lines) == len(readout.LAMBDAS)
+    assert all(-1.0 <= float(line.split("opening r ")[1].split(",")[0]) <= 1.0 for line in lines)

@@ -53,7 +53,8 @@ class MotionClip:
     """clip arrays. speech: `{"offline_0": (K, D) float16, "live_0": ..., "offline_1": ...}` encoder
     features of the clip's audio between silent pads (variant 0 clean; `training.speech_features`);
     frame_pos: `(T,) float64` each video frame's position among them (50 × (its time + the head pad));
-    pad_frames: video frames of silence the pads hold before and after the clip; vad: `(T,)` voice activity; mouth: `(T, K, 2) float32` crop-128 pixels (NaN where no face);
+    pad_s: seconds of silence the features hold before and after the clip; vad: `(T,)` voice activity;
+    mouth: `(T, K, 2) float32` crop-128 pixels (NaN where no face);
     anchor_shift: `(T, 2)` the mouth anchor's displacement from its rest place (head pose); offsets:
     `(T, K, 2)` in rest mouth widths, = (mouth - anchor_shift - rest) / width; keep: `(T,) bool`;
     rest: `(K, 2)`; iod: inter-ocular distance in crop-128 pixels."""
@@ -71,7 +72,12 @@ class MotionClip:
     width: float
     iod: float
     vad: np.ndarray  # (T,) voice activity per frame (avatar.audio.voice_activity)
-    pad_frames: typing.Tuple[int, int] = (0, 0)
+    pad_s: typing.Tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def pad_frames(self) -> typing.Tuple[int, int]:
+        """Video frames of silence the pads hold before and after the clip."""
+        return int(self.pad_s[0] * self.fps), int(self.pad_s[1] * self.fps)
 
     @property
     def n_frames(self) -> int:
@@ -99,10 +105,9 @@ def motion_clip(cache: ClipCache, min_kept: int = 25) -> typing.Optional[MotionC
         speech = {k: data[k] for k in data.files if k.startswith(("offline_", "live_"))}
         pad_s = tuple(float(x) for x in data["pad_s"]) if "pad_s" in data.files else (0.0, 0.0)
     frame_pos = (cache.arrays["timestamps"] + pad_s[0]) * 50.0
-    pad_frames = (int(pad_s[0] * cache.fps), int(pad_s[1] * cache.fps))
     return MotionClip(cache.clip_id, cache.meta["person"], cache.fps, speech, frame_pos, mouth.astype(np.float32),
                       np.nan_to_num(anchor_shift), offsets, keep, rest.astype(np.float32), width, iod,
-                      cache.arrays["vad"].astype(np.float32), pad_frames)
+                      cache.arrays["vad"].astype(np.float32), pad_s)
 
 
 def load_motion_clips(cache_root, split: str) -> typing.List[MotionClip]:

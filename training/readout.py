@@ -1,0 +1,99 @@
+"""Linear read-out of speech features: how much of the mouth a ridge regression finds in them.
+
+    python -m training.readout --cache cache [--model assets/speech.onnx] [--live] [--src ../shared/data]
+
+The honest baseline for any motion model on the same features, and the way to compare speech
+encoders without training one: a ridge regression from 5 stacked frames of features (the frame
+and the 2 before and after; live: the frame and the 4 before, so it stays causal) to the mouth/jaw
+offsets, fitted on the training people's kept frames, scored on the held-out people with the motion
+model's mouth-opening correlation (frame-weighted over clips, and for the French speaker). With
+`--model`, features come from that encoder ONNX, computed here from the clips' audio; without it,
+from the cache (`training.speech_features`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+import typing
+
+import numpy as np
+
+from avatar import media
+from avatar.face import landmarks as lm
+from avatar.metrics import pearson
+from training.cache import open_cache
+from training.motion_data import MotionClip, clip_features, load_motion_clips
+
+LAMBDAS = (3e3, 3e4, 1e5)
+
+
+def stacked(features: np.ndarray, live: bool) -> np.ndarray:
+    """`(T, D)` → `(T, 5 D)`: each frame with its neighbours (clamped at the ends)."""
+    lags = (-4, -3, -2, -1, 0) if live else (-2, -1, 0, 1, 2)
+    index = np.arange(len(features))
+    return np.concatenate([features[np.clip(index + lag, 0, len(features) - 1)] for lag in lags], axis=1)
+
+
+def ridge_readout(train: typing.Sequence[MotionClip], val: typing.Sequence[MotionClip],
+                  features: typing.Mapping[str, np.ndarray], live: bool,
+                  lambdas: typing.Sequence[float] = LAMBDAS) -> typing.Dict[float, typing.Dict[str, float]]:
+    """Per λ: held-out opening r (frame-weighted) and per person. `features`: clip id → `(T, D)` at its frames."""
+    inputs = {c.clip_id: stacked(features[c.clip_id], live) for c in list(train) + list(val)}
+    x = np.concatenate([inputs[c.clip_id][c.keep] for c in train]).astype(np.float64)
+    y = np.concatenate([c.offsets[c.keep].reshape(int(c.keep.sum()), -1) for c in train]).astype(np.float64)
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    gram, cross = (x - x_mean).T @ (x - x_mean), (x - x_mean).T @ (y - y_mean)
+    results = {}
+    for lam in lambdas:
+        weights = np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
+        row, rs, frames = {}, [], []
+        for clip in val:
+            offsets = ((inputs[clip.clip_id] - x_mean) @ weights + y_mean).reshape(len(clip.keep), -1, 2)
+            predicted = clip.rest[None] + offsets * clip.width
+            r = pearson(lm.inner_gap(predicted)[clip.keep], lm.inner_gap(clip.mouth)[clip.keep])
+            rs.append(r)
+            frames.append(int(clip.keep.sum()))
+            row[clip.person] = r
+        row["all"] = float(np.average(rs, weights=frames))
+        results[lam] = row
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.readout", description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=pathlib.Path, required=True)
+    parser.add_argument("--model", type=pathlib.Path, help="a speech encoder ONNX (default: the cached features)")
+    parser.add_argument("--live", action="store_true", help="live features (default: offline)")
+    parser.add_argument("--src", type=pathlib.Path, default=pathlib.Path("../shared/data"))
+    args = parser.parse_args(argv)
+    train, val = load_motion_clips(args.cache, "train"), load_motion_clips(args.cache, "val")
+    if not train or not val:
+        print(f"error: no clips with speech features in {args.cache}; run training.preprocess and training.speech_features",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    if args.model is None:
+        features = {c.clip_id: clip_features(c, args.live) for c in train + val}
+        source = "cached features"
+    else:
+        from avatar.speech.encoder import SpeechEncoder, interpolate_frames
+
+        encoder = SpeechEncoder(args.model)
+        files = {c.clip_id: c.meta["file"] for c in open_cache(args.cache, kind="video")}
+        features = {c.clip_id: interpolate_frames(encoder.features(media.read_audio(args.src / files[c.clip_id], 16000), live=args.live),
+                                                  c.frame_pos - 50.0 * c.pad_s[0])  # the cache's positions include its head pad
+                    for c in train + val}
+        source = str(args.model)
+    results = ridge_readout(train, val, features, args.live)
+    print(f"ridge read-out of {'live' if args.live else 'offline'} features ({source}; {len(train)} training clips, "
+          f"{len(val)} held-out; {time.perf_counter() - started:.0f} s)")
+    for lam, row in results.items():
+        print(f"  λ {lam:>8.0f}: opening r {row['all']:.3f}, French {row.get('french', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
