@@ -177,7 +177,7 @@ class MotionConfig:
     """
 
     features: int = 384  # width of the speech encoder's features
-    hidden: int = 192
+    hidden: int = 64
     temporal_kernel: int = 3
     temporal_layers: int = 4  # dilations 1, 2, 4, 8
     causal: bool = True
