@@ -103,6 +103,13 @@ def features_of(encoder: SpeechEncoder, samples: np.ndarray) -> typing.Dict[str,
     return {"offline": encoder.features(samples).astype(np.float16), "live": encoder.features(samples, live=True).astype(np.float16)}
 
 
+def save_arrays(target: pathlib.Path, arrays: typing.Dict[str, np.ndarray]) -> None:
+    """Write an npz whole or not at all (a temporary file renamed into place)."""
+    tmp = target.with_name(target.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(target)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.speech_features", description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=pathlib.Path, default=pathlib.Path("../shared/data"))
@@ -115,8 +122,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model = args.model or asset_path(DEFAULT_MODEL)
     encoder = SpeechEncoder(model)
-    c = encoder.config
-    digest = f"{file_sha256(model)} live {c.live_window}/{c.live_hop}/{c.live_right} floor {c.log_floor}"  # what the features depend on
+    config = encoder.config
+    digest = (f"{file_sha256(model)} live {config.live_window}/{config.live_hop}/{config.live_right} "
+              f"floor {config.log_floor}")  # what the features depend on
     clips = [c for c in open_cache(args.cache, kind="video") if c.has_audio]
     if not clips:
         print(f"error: no cached clips with audio in {args.cache}; run training.preprocess first", file=sys.stderr)
@@ -140,9 +148,7 @@ def main(argv=None) -> int:
             audio = padded if v == 0 else noisy_variant(padded, rng)
             for mode, values in features_of(encoder, audio).items():
                 arrays[f"{mode}_{v}"] = values
-        tmp = target.with_name("speech.tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(target)
+        save_arrays(target, arrays)
     speech_rows = read_manifest(args.src, ["speech"], suffixes=None) if args.speech_only else []
     folder = args.cache / "speech_only"
     folder.mkdir(exist_ok=True)
@@ -158,14 +164,12 @@ def main(argv=None) -> int:
         for v, audio in enumerate((samples, noisy_variant(samples, rng))):
             for mode, values in features_of(encoder, audio).items():
                 arrays[f"{mode}_{v}"] = values
-        tmp = target.with_name(target.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(target)
+        save_arrays(target, arrays)
     arrays = {"model": np.array(digest)}
     for i, samples in enumerate(noise_set(args.seed) + quiet):
         for mode, values in features_of(encoder, samples).items():
             arrays[f"{mode}_{i}"] = values
-    np.savez(args.cache / "speech_noise.npz", **arrays)
+    save_arrays(args.cache / "speech_noise.npz", arrays)
     (args.cache / "speech_features.json").write_text(json.dumps({"model": digest, "variants": args.variants, "clips": len(clips)}) + "\n")
     print(f"speech features of {len(clips)} clips ({args.variants} variants), {len(speech_rows)} speech-only clips, "
           f"{len(noise_set(args.seed))} noise recordings and {len(quiet)} stretches of the training clips' room tone in {args.cache}")
