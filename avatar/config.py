@@ -40,7 +40,8 @@ class SpeechConfig:
     Log-mel: 16 kHz, 80 Slaney mel bins of the power STFT (n_fft 400, hop 160: 100 frames/s, frame j
     centred on sample 160 j, zero padding at both ends), log10, floored, then (x + 4) / 4 as Whisper
     does. Whisper floors at its 30-s window's maximum − 8, which depends on audio not yet heard; here
-    the floor is fixed (`log_floor`, the maximum of full-scale speech − 8), so streaming gives the batch numbers.
+    the floor is fixed (`log_floor`, the maximum of full-scale speech − 8), so streaming gives the
+    batch numbers.
 
     Encoder frames are 20 ms (frame k centred on 20 k ms). Offline, the encoder sees whole chunks of
     `offline_chunk` frames (30 s, Whisper's own window), overlapping by `offline_context` on each
@@ -48,8 +49,9 @@ class SpeechConfig:
     start), and keeps the frames with at least `live_right` frames of audio after them: a frame's
     look-ahead is 20 × (live_hop + live_right − 1) ms + 2.5 ms (the last mel frame's half window past
     its centre), 82.5 ms at the defaults. At 25 fps every video frame falls on an even encoder frame,
-    which the default windows give with exactly 80 ms of audio after it (the odd ones get 60 ms). Offline-live features (`live=True` on
-    a whole file) are computed from exactly the windows a stream sees.
+    which the default windows give with exactly 80 ms of audio after it (the odd ones get 60 ms).
+    Offline-live features (`live=True` on a whole file) are computed from exactly the windows a
+    stream sees.
     """
 
     sample_rate: int = 16000
@@ -81,8 +83,8 @@ class SilenceConfig:
     continuous silence by the voice-activity measure (score < 0.5, after its hangover), the predicted
     mouth eases to the rest shape over `ease_s` and stays there until the voice returns. Shorter
     pauses keep the model's motion: real mouths often stay open in them (breaths), and holding from
-    0.5 s on lowered the held-out opening correlation by 0.05 (offline) and 0.04 (live). Causal:
-    streaming gives the batch frames."""
+    0.5 s on lowered the held-out opening correlation by 0.02 (offline) and 0.05 (live), from 0.8 s by
+    0.002 and 0.01 (assets/MODELS.md). Causal: streaming gives the batch frames."""
 
     enabled: bool = True
     hold_after_s: float = 0.8

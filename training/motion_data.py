@@ -48,6 +48,11 @@ def width_of(rest: np.ndarray) -> float:
     return float(np.linalg.norm(rest[CORNERS[1]] - rest[CORNERS[0]]))
 
 
+def count_variants(speech: typing.Mapping[str, np.ndarray], mode: str) -> int:
+    """How many audio variants (`<mode>_0`, `<mode>_1`, ...) a clip's features hold."""
+    return sum(1 for key in speech if key.startswith(mode + "_"))
+
+
 @dataclasses.dataclass
 class MotionClip:
     """clip arrays. speech: `{"offline_0": (K, D) float16, "live_0": ..., "offline_1": ...}` encoder
@@ -82,9 +87,6 @@ class MotionClip:
     @property
     def n_frames(self) -> int:
         return int(self.keep.size)
-
-    def variants(self, mode: str) -> int:
-        return sum(1 for key in self.speech if key.startswith(mode + "_"))
 
 
 def motion_clip(cache: ClipCache, min_kept: int = 25) -> typing.Optional[MotionClip]:
@@ -133,9 +135,6 @@ class SpeechOnlyClip:
     speech: typing.Dict[str, np.ndarray]
     targets: np.ndarray
 
-    def variants(self, mode: str) -> int:
-        return sum(1 for key in self.speech if key.startswith(mode + "_"))
-
 
 def load_speech_only(cache_root, teacher: typing.Callable[[np.ndarray], np.ndarray], fps: float = 25.0) -> typing.List[SpeechOnlyClip]:
     """The speech-only clips of `training.speech_features`, labelled by `teacher` (offline features
@@ -148,12 +147,9 @@ def load_speech_only(cache_root, teacher: typing.Callable[[np.ndarray], np.ndarr
         n = int(offline.shape[0] * fps * 0.02)
         if n < 16:
             continue
-        at_frames = teacher(interpolate_frames(offline, np.arange(n) * 50.0 / fps))  # (n, K, 2)
-        positions = np.arange(offline.shape[0]) * fps / 50.0  # encoder frame → video frame position
-        lo = np.minimum(np.floor(positions).astype(np.int64), n - 1)
-        hi = np.minimum(lo + 1, n - 1)
-        frac = np.clip(positions - lo, 0, 1)[:, None, None]
-        clips.append(SpeechOnlyClip(path.stem, speech, (at_frames[lo] * (1 - frac) + at_frames[hi] * frac).astype(np.float32)))
+        at_frames = teacher(interpolate_frames(offline, np.arange(n) * 50.0 / fps)).reshape(n, -1)  # (n, K * 2)
+        at_encoder_frames = interpolate_frames(at_frames, np.arange(offline.shape[0]) * fps / 50.0)
+        clips.append(SpeechOnlyClip(path.stem, speech, at_encoder_frames.reshape(offline.shape[0], -1, 2)))
     return clips
 
 
@@ -182,6 +178,12 @@ class MotionSampler:
         self.weights = weights / weights.sum()
         self.mirror = mirror_permutation()
 
+    def _features(self, speech: typing.Mapping[str, np.ndarray]) -> np.ndarray:
+        """One variant of a clip's features, `(K, D) float32`: a noisy one `noisy_share` of the time."""
+        count = count_variants(speech, self.mode)
+        noisy = self.augment and count > 1 and self.rng.random() < self.noisy_share
+        return speech[f"{self.mode}_{int(self.rng.integers(1, count)) if noisy else 0}"].astype(np.float32)
+
     def _noise_sequence(self):
         rng, L = self.rng, self.seq_len
         features = self.noise[rng.integers(len(self.noise))]
@@ -198,9 +200,7 @@ class MotionSampler:
         features = clip.speech[f"{self.mode}_0"]
         start = rng.uniform(0, max(0.0, features.shape[0] - 1 - (L - 1) * step))
         positions = start + np.arange(L) * step
-        noisy = self.augment and clip.variants(self.mode) > 1 and rng.random() < self.noisy_share
-        variant = int(rng.integers(1, clip.variants(self.mode))) if noisy else 0
-        rows = interpolate_frames(clip.speech[f"{self.mode}_{variant}"].astype(np.float32), positions)
+        rows = interpolate_frames(self._features(clip.speech), positions)
         offsets = interpolate_frames(clip.targets.reshape(len(clip.targets), -1), positions).reshape(L, len(POINTS), 2)
         if self.augment and rng.random() < 0.5:
             offsets = offsets[:, self.mirror] * np.array([-1.0, 1.0], np.float32)
@@ -230,9 +230,7 @@ class MotionSampler:
         step = 50.0 / clip.fps  # encoder frames per video frame, for the pads
         feature_pos = np.where(positions < 0, clip.frame_pos[0] + positions * step, feature_pos)
         feature_pos = np.where(positions > clip.n_frames - 1, clip.frame_pos[-1] + (positions - clip.n_frames + 1) * step, feature_pos)
-        noisy = self.augment and clip.variants(self.mode) > 1 and rng.random() < self.noisy_share
-        variant = int(rng.integers(1, clip.variants(self.mode))) if noisy else 0
-        features = interpolate_frames(clip.speech[f"{self.mode}_{variant}"].astype(np.float32), feature_pos)
+        features = interpolate_frames(self._features(clip.speech), feature_pos)
         if self.augment and rng.random() < 0.5:
             offsets = offsets[:, self.mirror] * np.array([-1.0, 1.0], np.float32)
         return features, offsets, keep

@@ -105,6 +105,8 @@ class MotionPredictor:
         rest in long silences, `SilenceConfig`)."""
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
         landmarks = self.predict(self.features_for(samples, fps, n), rest)
+        if not self.silence.enabled:
+            return landmarks
         vad = audio_frontend.voice_activity(samples, fps, n, self.sample_rate)
         return SilenceHold(fps, self.silence).apply(landmarks, rest, vad)
 
@@ -172,16 +174,8 @@ class MotionStream:
         available = self.encoded_start + self.encoded.shape[0]
         indices = []
         i = self.next_frame
-        while True:
-            if final:
-                if i >= n_frames:
-                    break
-            else:
-                position = self._position(i)
-                low = int(np.floor(position + 1e-9))
-                needed = low if abs(position - low) < 1e-9 else low + 1
-                if needed >= available:
-                    break
+        # A frame reads the encoder frames on either side of its time (only the one it falls on, if any).
+        while (i < n_frames) if final else (int(np.ceil(self._position(i) - 1e-9)) < available):
             indices.append(i)
             i += 1
         if not indices:
