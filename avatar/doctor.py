@@ -73,9 +73,9 @@ def _model(name: str) -> typing.Callable[[], str]:
             out = predictor.from_audio(np.zeros(8000, np.float32), 25.0, np.zeros((len(POINTS), 2), np.float32))
             assert out.shape == (13, len(POINTS), 2) and np.isfinite(out).all(), "bad output"
         else:
-            from avatar.render.runner import Renderer
+            from avatar.render.runner import OnnxDenoiser
 
-            renderer = Renderer(path)
+            renderer = OnnxDenoiser(path)
             c = renderer.config
             out = renderer.sample(np.zeros((1, c.condition_channels, c.crop_size, c.crop_size), np.float32),
                                   np.zeros((1, 3, c.crop_size, c.crop_size), np.float32), steps=1)

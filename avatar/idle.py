@@ -17,6 +17,9 @@ import cv2
 import numpy as np
 
 from avatar.config import IdleConfig
+from avatar.face import landmarks as lm
+from avatar.face.align import FaceAligner, apply_transform
+from avatar.render.base import FrameJob, Identity
 
 # Mediapipe lids: (outer corner, inner corner, upper-lid centre, lower-lid centre) for each eye.
 EYES = ((33, 133, 159, 145), (263, 362, 386, 374))
@@ -131,3 +134,25 @@ def close_eyes(image: np.ndarray, landmarks: np.ndarray, closure: float) -> np.n
         src_y = np.where((ys < top) | (ys > bottom), ys, src_y).astype(np.float32)
         out[y0:y1, x0:x1] = cv2.remap(image, xs, src_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return out
+
+
+def face_centre_and_height(landmarks: np.ndarray) -> typing.Tuple[np.ndarray, float]:
+    """Centre `(2,)` and height (px) of the landmarks' box: what idle head motion turns about."""
+    box = np.asarray(landmarks)[:, :2]
+    return box.mean(axis=0), float(np.ptp(box[:, 1]))
+
+
+def still_job(aligner: FaceAligner, identity: Identity, portrait: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray,
+              closure: float = 0.0, move: typing.Optional[np.ndarray] = None) -> FrameJob:
+    """One frame of a still `portrait (H, W, 3) uint8` with `landmarks (478, 3)`: eyes closed by
+    `closure`, the picture moved by `move` (`(2, 3)`, frame → moved frame; None: still), the motion
+    model's `mouth (59, 2)` (relative to the rest anchor, crop pixels of `aligner`) placed on the
+    moved face."""
+    frame = close_eyes(portrait, landmarks, closure)
+    frame_landmarks = np.asarray(landmarks, np.float32)
+    if move is not None:
+        frame = move_frame(frame, move)
+        frame_landmarks = apply_transform(landmarks, move).astype(np.float32)
+    transform = aligner.transform_for(frame_landmarks)
+    crop_landmarks = apply_transform(frame_landmarks, transform).astype(np.float32)
+    return FrameJob(frame, transform, crop_landmarks, frame_landmarks, mouth + (lm.mouth_anchor(crop_landmarks) - identity.rest_anchor))

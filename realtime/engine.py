@@ -228,7 +228,8 @@ class Engine:
 
         self.config, self.idle_config = config, idle_config
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(
-            config=PipelineConfig(renderer=config.renderer, batch=config.batch, workers=config.workers), providers=providers)
+            config=PipelineConfig(renderer=config.renderer, batch=config.batch, workers=config.workers, steps=config.steps),
+            providers=providers)
         self.pipeline.warm_up(config.batch)
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []
@@ -237,7 +238,7 @@ class Engine:
 
     def prepare(self, image: np.ndarray) -> Avatar:
         """A portrait `(H, W, 3) uint8` → Avatar, cached by the picture's content."""
-        from avatar.pipeline import face_centre_and_height, fit_image
+        from avatar.frames import fit_image
 
         image = np.ascontiguousarray(image, np.uint8)
         key = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
@@ -247,7 +248,7 @@ class Engine:
         with self.pipeline.face_tracker() as tracker:
             landmarks = tracker.select(portrait, what="the portrait").landmarks
         identity = self.pipeline.prepare_image(portrait, landmarks)
-        centre, height = face_centre_and_height(landmarks)
+        centre, height = idle.face_centre_and_height(landmarks)
         avatar = Avatar(key, portrait, landmarks, identity, centre, height)
         self.avatars[key] = avatar
         return avatar
@@ -288,7 +289,7 @@ class Engine:
         if not jobs:
             return 0
         started = time.perf_counter()
-        images = self.pipeline.render_batch(jobs, identities, indices, steps=self.config.steps)
+        images = self.pipeline.render_batch(jobs, identities, indices)
         self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (time.perf_counter() - started) / len(jobs)
         first = 0
         for session, items in work:

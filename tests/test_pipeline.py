@@ -14,7 +14,9 @@ from avatar import media, provenance
 from avatar.config import DubConfig, IdleConfig, PipelineConfig
 from avatar.face import landmarks as lm
 from avatar.face.video import align_video
-from avatar.pipeline import AvatarPipeline, FrameJob, pingpong_schedule
+from avatar.frames import pingpong_schedule
+from avatar.pipeline import AvatarPipeline
+from avatar.render.base import FrameJob
 from conftest import DATA, GRID_CLIP, PORTRAIT, REPO, SPEECH_FLAC, TWO_PEOPLE_PHOTO
 
 OTHER_CLIP = DATA / "video/smeetrs__deep_avsr/00001.mp4"
@@ -116,6 +118,39 @@ def test_dub_changes_only_the_lower_face(pipeline, inputs, renderer, start):
         assert outside.mean() > 0.6  # the face fills much of a GRID frame
         assert np.array_equal(out[outside], job.frame[outside])
         assert np.abs(out.astype(np.float32) - job.frame)[alpha > 0.9].mean() > 2
+
+
+@pytest.mark.parametrize("renderer", ["warp", "diffusion"])
+def test_each_renderer_gives_the_finished_face_region_of_each_frame(inputs, renderer):
+    """The renderer interface: a batch of jobs in, per job the region of its frame that changed (None
+    for a frame without a face); every pixel of a region where nothing was repainted is the frame's,
+    and the pipeline's frames are the regions placed into their frames."""
+    from avatar.errors import AvatarError
+    from avatar.render.base import RenderBatch
+    from avatar.render.renderers import make_renderer
+
+    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(renderer=renderer, workers=1))
+    jobs, identity = open_mouth_jobs(pipeline, inputs / "clip.mp4", count=3)
+    jobs.insert(1, FrameJob(jobs[0].frame))
+    batch = RenderBatch(jobs, [identity] * len(jobs), range(len(jobs)))
+    regions = pipeline.renderer.render(batch)
+    assert regions[1] is None
+    frames = pipeline.render_batch(jobs, [identity] * len(jobs), range(len(jobs)))
+    assert frames[1] is jobs[1].frame
+    for job, region, frame in zip(jobs, regions, frames):
+        if region is None:
+            continue
+        h, w = region.pixels.shape[:2]
+        assert region.alpha.shape == (h, w) and region.alpha.max() > 0.9
+        assert 0 <= region.top and region.top + h <= job.frame.shape[0] and 0 <= region.left and region.left + w <= job.frame.shape[1]
+        assert h * w < 0.6 * job.frame.shape[0] * job.frame.shape[1]  # the face region, not the frame
+        untouched = region.alpha == 0
+        assert untouched.any() and np.array_equal(region.pixels[untouched], job.frame[region.box][untouched])
+        assert np.array_equal(frame, region.place(job.frame)) and not np.array_equal(frame, job.frame)
+    with pytest.raises(ValueError, match="one identity"):
+        RenderBatch(jobs, [identity], [0])
+    with pytest.raises(AvatarError, match="renderer must be one of warp, diffusion"):
+        make_renderer(PipelineConfig(renderer="gan"), REPO / "assets")
 
 
 def test_diffusion_from_the_warp_draft_keeps_the_person_better_than_from_noise(tracker):
@@ -234,7 +269,7 @@ def test_animate_takes_images_of_any_mode(tmp_path, inputs, odd_images, name):
 
 
 def test_huge_portrait_is_downscaled_to_max_side():
-    from avatar.pipeline import fit_image
+    from avatar.frames import fit_image
 
     big = np.zeros((12000, 9000, 3), np.uint8)
     assert fit_image(big, 1920).shape == (1920, 1440, 3)

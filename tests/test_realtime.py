@@ -119,14 +119,15 @@ def test_idles_when_the_audio_stops(engine, avatar, speech):
     peak_to_peak = np.abs(provenance.embed_watermark(flat, region, provenance.PERIOD_FRAMES // 4).astype(np.int16)
                           - provenance.embed_watermark(flat, region, 3 * provenance.PERIOD_FRAMES // 4)).max()
     assert 0 < swing <= peak_to_peak + 2  # the watermark's swing (strength +1 to -1 over a period), no more
-    original = engine.pipeline.config
-    engine.pipeline.config = dataclasses.replace(original, watermark=False)
+    renderer = engine.pipeline.renderer
+    original = renderer.config
+    renderer.config = dataclasses.replace(original, watermark=False)
     try:
         session = engine.open(avatar, 16000, now=0.0)
         quiet = run_offline(engine, session, [np.zeros(16000 * 2, np.float32)])
         session.close()
     finally:
-        engine.pipeline.config = original
+        renderer.config = original
     still = np.stack([f.image for f in quiet if f.pts > 0.9])
     assert len(still) >= 10 and (still == still[0]).all()
 

@@ -93,7 +93,7 @@ def test_condition_hides_the_repainted_region():
 
 
 def test_onnx_denoiser_parity_and_sampling_on_onnxruntime(tmp_path):
-    from avatar.render.runner import Renderer
+    from avatar.render.runner import OnnxDenoiser
     from training.export_render import export, parity
     from training.train_render import torch_model_fn
 
@@ -101,7 +101,7 @@ def test_onnx_denoiser_parity_and_sampling_on_onnxruntime(tmp_path):
     model = Denoiser(SMALL).eval()
     export(model, tmp_path / "render.onnx")
     assert parity(model, tmp_path / "render.onnx", batch=3) <= 1e-3
-    renderer = Renderer(tmp_path / "render.onnx")
+    renderer = OnnxDenoiser(tmp_path / "render.onnx")
     assert renderer.config == SMALL
     rng = np.random.default_rng(1)
     condition = rng.uniform(-1, 1, (2, SMALL.condition_channels, 64, 64)).astype(np.float32)
@@ -224,7 +224,7 @@ def test_missing_teacher_is_one_clear_line(tiny_cache, tmp_path):
 
 
 def test_held_out_evaluation_reports_model_and_both_baselines(tiny_cache, tmp_path):
-    from avatar.render.runner import Renderer
+    from avatar.render.runner import OnnxDenoiser
     from training.eval_render import ModelRow, evaluate_render, format_report
     from training.export_render import export
     from training.render_data import load_render_clips
@@ -232,7 +232,7 @@ def test_held_out_evaluation_reports_model_and_both_baselines(tiny_cache, tmp_pa
     torch.manual_seed(0)
     export(Denoiser(RenderConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), steps=2)).eval(), tmp_path / "r.onnx")
     clips = load_render_clips(tiny_cache, "val", 128, kinds=("video",))
-    renderer = Renderer(tmp_path / "r.onnx")
+    renderer = OnnxDenoiser(tmp_path / "r.onnx")
     report = evaluate_render([ModelRow("model", renderer, 1), ModelRow("model", renderer, 2), ModelRow("teacher", renderer, 3)],
                              clips, frames=4, runs=2)
     text = format_report(report)

@@ -36,7 +36,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
 from avatar.metrics import sharpness
 from avatar.render.condition import build_condition, composite
-from avatar.render.runner import Renderer
+from avatar.render.runner import OnnxDenoiser
 from avatar.render.sampling import steps_from
 from avatar.render.warp import InnerMouth, render_warp
 from training.common import emit_report
@@ -50,7 +50,7 @@ class ModelRow:
     """One learned row of the report: `renderer` sampled in `steps` DDIM steps, called `name` ("model", "teacher")."""
 
     name: str
-    renderer: Renderer
+    renderer: OnnxDenoiser
     steps: int
     start: float = 1.0  # below 1: start from the warp renderer's crop noised to this time
 
@@ -179,12 +179,12 @@ def main(argv=None) -> int:
                         help="also start the model from the warp renderer's crop at these times (steps: time × the model's steps)")
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
-    renderer = Renderer(args.model)
+    renderer = OnnxDenoiser(args.model)
     few = args.steps or [renderer.config.steps]
     models = [ModelRow("model", renderer, steps) for steps in (*few, args.many_steps)]
     models += [ModelRow("model", renderer, steps_from(start, renderer.config.steps), start) for start in args.from_warp]
     if args.teacher:
-        teacher = Renderer(args.teacher)
+        teacher = OnnxDenoiser(args.teacher)
         if teacher.config.crop_size != renderer.config.crop_size:
             print(f"error: {args.teacher} draws {teacher.config.crop_size}² crops and {args.model} {renderer.config.crop_size}²; "
                   "compare models of one crop size", file=sys.stderr)

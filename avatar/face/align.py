@@ -131,6 +131,29 @@ def warp_image(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
+class FaceRegion:
+    """A finished part of a frame: `pixels (h, w, 3) uint8` to put at row `top`, column `left` (the
+    rest of the frame is the input's), and `alpha (h, w) float32` in [0, 1], how much of each pixel
+    was repainted (0: the input's own pixel)."""
+
+    top: int
+    left: int
+    pixels: np.ndarray
+    alpha: np.ndarray
+
+    @property
+    def box(self) -> typing.Tuple[slice, slice]:
+        """The region's rows and columns in the frame."""
+        return slice(self.top, self.top + self.pixels.shape[0]), slice(self.left, self.left + self.pixels.shape[1])
+
+    def place(self, frame: np.ndarray) -> np.ndarray:
+        """A copy of `frame (H, W, 3) uint8` with the region in it."""
+        out = frame.copy()
+        out[self.box] = self.pixels
+        return out
+
+
+@dataclasses.dataclass
 class AlignedFace:
     """crop: `(S, S, 3) uint8` RGB. landmarks: `(478, 3) float32` in crop pixels (z scaled alike).
     transform: `(2, 3) float64`, frame → crop."""
@@ -199,31 +222,42 @@ class FaceAligner:
         and as it will be), `(S, S) float32` in [0, 1]: the old jaw must go, the new one must fit."""
         return np.maximum.reduce([self.lower_face_mask(points) for points in crop_landmarks])
 
-    def paste_back(
-        self, frame: np.ndarray, crop: np.ndarray, transform: np.ndarray, mask: typing.Optional[np.ndarray] = None,
-    ) -> np.ndarray:
-        """Blend `crop: (S, S, 3) uint8` into a copy of `frame: (H, W, 3) uint8` where `mask`
-        (`(S, S) float32` in [0, 1], default: the feathered crop border) is set. Pixels outside the
-        mask's footprint are returned unchanged."""
+    def paste_box(self, frame_shape: typing.Tuple[int, ...], transform: np.ndarray, pad: int = 0) -> typing.Tuple[int, int, int, int]:
+        """`(x0, y0, x1, y1)`: the frame pixels a crop at `transform` can reach (grown by `pad`), clipped
+        to the frame; empty (x1 <= x0 or y1 <= y0) when the crop lies outside it."""
+        h, w = frame_shape[:2]
+        corners = apply_transform(np.array([[0, 0], [self.size, 0], [0, self.size], [self.size, self.size]], float),
+                                  invert_transform(transform))
+        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int) - 1 - pad, 0)
+        x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2 + pad, [w, h])
+        return int(x0), int(y0), int(x1), int(y1)
+
+    def paste_region(self, frame: np.ndarray, crop: np.ndarray, transform: np.ndarray,
+                     mask: typing.Optional[np.ndarray] = None, pad: int = 0) -> "FaceRegion":
+        """`crop: (S, S, 3) uint8` blended into `frame: (H, W, 3) uint8` where `mask` (`(S, S) float32`
+        in [0, 1], default: the feathered crop border) is set, as the finished region of the frame
+        (`paste_box`, grown by `pad` px of the frame's own pixels); the frame is not changed."""
         if crop.shape[:2] != (self.size, self.size):
             raise ValueError(f"crop must be {self.size}x{self.size}, got {crop.shape[:2]}")
         mask = self.border_mask if mask is None else np.asarray(mask, np.float32)
-        inverse = invert_transform(transform)
-        h, w = frame.shape[:2]
-        corners = apply_transform(np.array([[0, 0], [self.size, 0], [0, self.size], [self.size, self.size]], float), inverse)
-        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int) - 1, 0)
-        x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 2, [w, h])
-        out = frame.copy()
+        x0, y0, x1, y1 = self.paste_box(frame.shape, transform, pad)
         if x1 <= x0 or y1 <= y0:
-            return out
+            return FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
         shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
-        region_from_crop = shift @ np.vstack([inverse, [0, 0, 1]])
+        region_from_crop = shift @ np.vstack([invert_transform(transform), [0, 0, 1]])
         size = (int(x1 - x0), int(y1 - y0))
         warped = cv2.warpAffine(crop, region_from_crop, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
-        alpha = cv2.warpAffine(mask, region_from_crop, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)[..., None]
-        region = out[y0:y1, x0:x1].astype(np.float32)
-        out[y0:y1, x0:x1] = np.clip(region + alpha * (warped.astype(np.float32) - region) + 0.5, 0, 255).astype(np.uint8)
-        return out
+        alpha = cv2.warpAffine(mask, region_from_crop, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        region = frame[y0:y1, x0:x1].astype(np.float32)
+        pixels = np.clip(region + alpha[..., None] * (warped.astype(np.float32) - region) + 0.5, 0, 255).astype(np.uint8)
+        return FaceRegion(y0, x0, pixels, alpha)
+
+    def paste_back(
+        self, frame: np.ndarray, crop: np.ndarray, transform: np.ndarray, mask: typing.Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """A copy of `frame: (H, W, 3) uint8` with `crop` blended in (`paste_region`). Pixels outside
+        the mask's footprint are returned unchanged."""
+        return self.paste_region(frame, crop, transform, mask).place(frame)
 
     def paste_alpha(self, frame_shape: typing.Tuple[int, int], transform: np.ndarray,
                     mask: typing.Optional[np.ndarray] = None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Run the renderer through onnxruntime: condition → a few deterministic DDIM steps → the crop.
 
-    renderer = Renderer("assets/render.onnx")
-    crop = renderer.render(condition, noise)        # (S, S, 3) uint8 inside the mask, as sampled
+    denoiser = OnnxDenoiser("assets/render.onnx")
+    crop = denoiser.render(condition, noise)        # (S, S, 3) uint8 inside the mask, as sampled
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from avatar.render.sampling import Callback, sample_ddim
 from avatar.runtime import OnnxSession
 
 
-class Renderer:
+class OnnxDenoiser:
     """The ONNX denoiser with its sampler. `steps` defaults to the model's configured few-step count;
     `fp16`: half-precision arithmetic on CUDA/TensorRT (`OnnxSession`)."""
 
