@@ -23,7 +23,7 @@ from avatar.config import AlignConfig, FaceConfig
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform
 from avatar.render.base import Identity
-from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio
+from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, teeth_split
 
 PathLike = typing.Union[str, os.PathLike]
 INNER_SIZE = 256  # crop side at which an identity's open mouth is kept for the warp renderer
@@ -95,11 +95,15 @@ class IdentityBuilder:
         return reference_frames(crop_landmarks, self.references)
 
     def open_mouth(self, frame: np.ndarray, transform: np.ndarray, crop_landmarks: np.ndarray) -> InnerMouth:
-        """A frame's mouth at INNER_SIZE for the warp renderer if it is open; if it is not, the bundled
-        open mouth that suits these lips best (`avatar.render.warp.borrowed_mouth`).
+        """A frame's mouth at INNER_SIZE for the warp renderer if it is open (with a bundled mouth's
+        lower row when it shows only upper teeth); if it is not, the bundled open mouth that suits
+        these lips best (`avatar.render.warp.borrowed_mouth`).
         `transform`: frame → crop at `crop_size`; `crop_landmarks` in that crop."""
         mouth = rescale_points(np.asarray(crop_landmarks)[lm.MOUTH_AND_JAW, :2], self.crop_size, INNER_SIZE)
         crop = self.inner_aligner.crop(frame, rescale_transform(transform, self.crop_size, INNER_SIZE))
         if inner_gap_ratio(mouth) <= MIN_OPEN:
             return borrowed_mouth(crop, mouth)
-        return InnerMouth(crop, mouth, INNER_SIZE)
+        own = InnerMouth(crop, mouth, INNER_SIZE)
+        if teeth_split(own) >= 1.0:  # only the upper teeth show (a smile): the lower row is borrowed
+            own.lower_row = borrowed_mouth(crop, mouth)
+        return own

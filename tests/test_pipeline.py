@@ -360,4 +360,6 @@ def test_a_closed_mouth_portrait_borrows_an_open_mouth_and_opens(pipeline, track
     assert after - before > 0.5 * asked, (before, after, asked)
     inside = np.zeros(out.shape[:2], np.uint8)
     cv2.fillPoly(inside, [np.round(detected[lm.LIPS_INNER, :2]).astype(np.int32)], 1)
-    assert out[inside > 0].mean() < portrait[inside > 0].mean() - 10  # a real mouth's inside, darker than the lips were
+    luma = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[inside > 0].astype(np.float32)
+    lips = cv2.cvtColor(portrait, cv2.COLOR_RGB2GRAY)[inside > 0].astype(np.float32).mean()
+    assert np.percentile(luma, 25) < lips - 25, (np.percentile(luma, 25), lips)

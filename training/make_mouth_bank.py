@@ -4,9 +4,12 @@
 
 The warp renderer takes the inside of an opening mouth from the person's own open mouth; a portrait
 with closed lips has none. For those, it borrows the inside of a real open mouth from this bank,
-picked by lip colour and matched in brightness. One mouth per training person (never a validation
-person): the clip's frame with the widest inner-lip gap among the sharp, frontal, usable frames,
-the mouth region cut from its 128² aligned crop with the 59 mouth/jaw points relative to that cut.
+picked by lip colour and matched to the photo's lighting. At most one mouth per training person (never
+a validation person): among the sharp, frontal, usable frames of a face at least MIN_FACE_PX high,
+the widest inner-lip gap that is steady over 5 frames (a one-frame jump is a tracking slip), whose
+crop comes from inside the frame, whose inside has a dark band and whose lips lean to red (a mouth,
+not a moustache the tracker took for one); the mouth region is cut from a 256² aligned crop of the source frame, with the
+59 mouth/jaw points relative to that cut.
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ import cv2
 import numpy as np
 
 from avatar import media
+from avatar.config import AlignConfig
 from avatar.face import landmarks as lm
-from avatar.render.warp import inner_gap_ratio
+from avatar.face.align import FaceAligner, apply_transform, invert_transform, rescale_transform
+from avatar.render.warp import inner_gap_ratio, inner_lip_curves, lip_colour
 from training.cache import open_cache
 
-CROP = 128
+CROP = 256  # the bank's mouths are cut from crops of this side (the warp renderer's INNER_SIZE), from the source frames
 MIN_GAP, MAX_GAP = 0.22, 0.6  # inner-lip gap over mouth width: open enough to show teeth, not a yawn
+MIN_FACE_PX = 150  # the face's height in the source frame: smaller faces give blurred teeth at CROP
+STEADY = 0.25  # the gap may differ from its 5-frame median by this fraction (a one-frame jump is a tracking slip)
+MAX_DARKEST = 0.55  # an open mouth's darkest band is darker than this fraction of its lips' luma
+MIN_LIP_HUE = 1.2  # lips lean to red (CIELAB a* at least this × b*); hair and skin the tracker took for lips lean to yellow
 
 
 def mouth_box(mouth: np.ndarray, margin: float = 0.35) -> tuple:
@@ -36,41 +45,85 @@ def mouth_box(mouth: np.ndarray, margin: float = 0.35) -> tuple:
     return max(0, x0), max(0, y0), min(CROP, x1), min(CROP, y1)
 
 
+def steady_gaps(gaps: np.ndarray) -> np.ndarray:
+    """`(T,) bool`: frames whose gap is within STEADY of the median of the 5 frames around them."""
+    padded = np.pad(gaps, 2, mode="edge")
+    median = np.median(np.lib.stride_tricks.sliding_window_view(padded, 5), axis=1)
+    return np.abs(gaps - median) <= STEADY * np.maximum(median, 1e-6)
+
+
+def inside_frame(transform: np.ndarray, box: tuple, width: int, height: int) -> bool:
+    """Whether the crop pixels of `box` come from inside the source frame (no repeated border)."""
+    x0, y0, x1, y1 = box
+    corners = apply_transform(np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], np.float64), invert_transform(transform))
+    return bool((corners >= 0).all() and (corners[:, 0] <= width - 1).all() and (corners[:, 1] <= height - 1).all())
+
+
+def darkest_band(patch: np.ndarray, mouth: np.ndarray) -> float:
+    """The darkest of 16 bands between the inner lips (middle half of the mouth) over the lips' luma."""
+    upper, lower = inner_lip_curves(mouth)
+    xs = np.linspace(upper[0, 0] + 0.25 * np.ptp(upper[:, 0]), upper[-1, 0] - 0.25 * np.ptp(upper[:, 0]), 16)
+    top = np.interp(xs, *upper[np.argsort(upper[:, 0])].T)
+    bottom = np.interp(xs, *lower[np.argsort(lower[:, 0])].T)
+    ys = top[None] + ((np.arange(16) + 0.5) / 16)[:, None] * (bottom - top)[None]
+    luma = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    bands = cv2.remap(luma, np.broadcast_to(xs[None], ys.shape).astype(np.float32), ys.astype(np.float32), cv2.INTER_LINEAR).mean(axis=1)
+    lips = cv2.cvtColor(np.uint8([[np.clip(lip_colour(patch, mouth), 0, 255)]]), cv2.COLOR_RGB2GRAY)[0, 0]
+    return float(bands[1:-1].min() / max(float(lips), 1.0))
+
+
+def lips_lean_red(patch: np.ndarray, mouth: np.ndarray) -> bool:
+    """Whether the lips' colour leans to red rather than yellow (MIN_LIP_HUE)."""
+    _, a, b = cv2.cvtColor(np.uint8([[np.clip(lip_colour(patch, mouth), 0, 255)]]), cv2.COLOR_RGB2LAB)[0, 0].astype(np.float64) - [0, 128, 128]
+    return bool(a >= MIN_LIP_HUE * b)
+
+
+def source_frame(path: pathlib.Path, index: int) -> np.ndarray:
+    for i, (_, frame) in enumerate(media.iter_video_frames(path)):
+        if i == index:
+            return frame
+    raise ValueError(f"{path}: has no frame {index}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.make_mouth_bank", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=pathlib.Path, required=True)
-    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--data", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+    parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/mouth_bank.npz"))
     args = parser.parse_args(argv)
-    best = {}  # person → (score, clip, frame)
+    aligner = FaceAligner(AlignConfig(crop_size=CROP))
+    candidates = {}  # person → [(gap, clip, frame)], most open first
     for clip in open_cache(args.cache, split="train", kind="video"):
         landmarks = clip.landmarks(CROP)
-        keep = clip.keep & np.isfinite(landmarks).all(axis=(1, 2))
-        if not keep.any():
-            continue
+        keep = clip.keep & np.isfinite(landmarks).all(axis=(1, 2)) & (clip.arrays["face_px"].astype(np.float32) >= MIN_FACE_PX)
         gaps = np.array([inner_gap_ratio(p[lm.MOUTH_AND_JAW, :2]) if k else 0.0 for p, k in zip(landmarks, keep)])
-        good = np.flatnonzero(keep & (gaps >= MIN_GAP) & (gaps <= MAX_GAP))
-        if good.size == 0:
-            continue
-        index = int(good[np.argmax(gaps[good])])
-        score = float(gaps[index])
-        person = clip.meta["person"]
-        if person not in best or score > best[person][0]:
-            best[person] = (score, clip, index)
-    chosen = sorted(best.items(), key=lambda kv: -kv[1][0])[: args.count]
-    if not chosen:
+        good = np.flatnonzero(keep & (gaps >= MIN_GAP) & (gaps <= MAX_GAP) & steady_gaps(gaps))
+        for index in good[np.argsort(-gaps[good])][:5]:
+            candidates.setdefault(clip.meta["person"], []).append((float(gaps[index]), clip, int(index)))
+    patches, mouths, people = [], [], []
+    for person, options in sorted(candidates.items(), key=lambda kv: -max(o[0] for o in kv[1])):
+        for score, clip, index in sorted(options, key=lambda o: -o[0]):
+            mouth = clip.landmarks(CROP)[index][lm.MOUTH_AND_JAW, :2].astype(np.float32)
+            box = mouth_box(mouth)
+            transform = rescale_transform(clip.arrays["transforms"][index].astype(np.float64), 128, CROP)
+            if not inside_frame(transform, box, int(clip.meta["width"]), int(clip.meta["height"])):
+                continue
+            x0, y0, x1, y1 = box
+            patch = aligner.crop(source_frame(args.data / clip.meta["file"], index), transform)[y0:y1, x0:x1]
+            local = mouth - np.array([x0, y0], np.float32)
+            if darkest_band(patch, local) > MAX_DARKEST or not lips_lean_red(patch, local):
+                continue
+            patches.append(patch)
+            mouths.append(local)
+            people.append(f"{person} ({clip.clip_id} frame {index}, gap {score:.2f})")
+            break
+        if len(patches) == args.count:
+            break
+    if not patches:
         print(f"error: no open mouths found in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2
-    patches, mouths, people = [], [], []
-    size = 0
-    for person, (score, clip, index) in chosen:
-        crop = clip.crops(CROP)[index]
-        mouth = clip.landmarks(CROP)[index][lm.MOUTH_AND_JAW, :2].astype(np.float32)
-        x0, y0, x1, y1 = mouth_box(mouth)
-        patches.append(crop[y0:y1, x0:x1])
-        mouths.append(mouth - np.array([x0, y0], np.float32))
-        people.append(f"{person} ({clip.clip_id} frame {index}, gap {score:.2f})")
-        size = max(size, y1 - y0, x1 - x0)
+    size = max(max(p.shape[:2]) for p in patches)
     # One array: each patch in the top-left corner of a square of the largest side, padded by edge repetition.
     canvas = np.stack([cv2.copyMakeBorder(p, 0, size - p.shape[0], 0, size - p.shape[1], cv2.BORDER_REPLICATE) for p in patches])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,12 +49,20 @@ MIN_OPEN = 0.04  # inner-lip gap (× mouth width) below which a mouth counts as 
 class InnerMouth:
     """An open mouth to take the inside of the mouth from: an image `(h, w, 3) uint8` (a whole crop
     or a patch of one) and its 59 mouth points in that image's pixels, at the scale of a crop of side
-    `crop_size`; None → a shaded dark fill. `borrowed`: it is another person's (from the bank)."""
+    `crop_size`; None → a shaded dark fill. `borrowed`: it is another person's (from the bank).
+    `lower_row`: where the lower row (lower teeth, tongue) comes from when this mouth shows only its
+    upper teeth (`teeth_split` 1, as in a smile): a bank mouth, or None (the cavity shows)."""
 
     crop: typing.Optional[np.ndarray]
     mouth: typing.Optional[np.ndarray]
     crop_size: int = 0
     borrowed: bool = False
+    lower_row: typing.Optional["InnerMouth"] = None
+
+    @property
+    def usable(self) -> bool:
+        """Whether there is an open mouth to take rows from."""
+        return self.crop is not None and self.mouth is not None and inner_gap_ratio(self.mouth) > MIN_OPEN
 
 
 BANK_FILE = "mouth_bank.npz"
@@ -155,6 +163,113 @@ def upper_side(target_mouth: np.ndarray, size: int) -> np.ndarray:
     return _polygon_mask(outline, size, feather=0.8)
 
 
+def inner_lip_curves(mouth: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """The inner edges of the upper and of the lower lip of `mouth (59, 2)`, `(11, 2)` each, both
+    from corner 78 to corner 308."""
+    inner = np.asarray(mouth, np.float64)[INNER]
+    return inner[0:11], inner[[0, *range(19, 9, -1)]]
+
+
+def _along(curve: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The curve's height at columns `xs` (held flat beyond its ends)."""
+    order = np.argsort(curve[:, 0], kind="stable")
+    return np.interp(xs, curve[order, 0], curve[order, 1])
+
+
+def cavity(lips_rgb: np.ndarray, target_mouth: np.ndarray, size: int) -> np.ndarray:
+    """The dark inside of an open mouth behind the teeth, `(S, S, 3) float32`: the lips' own colour
+    darkened, darkest at the top (under the upper teeth) and lighter towards the lower lip, where the
+    tongue lies (in the photo's own colour space: grey lips, grey mouth)."""
+    inner = np.asarray(target_mouth, np.float64)[INNER]
+    ys = np.arange(size, dtype=np.float32)[:, None, None]
+    top, bottom = inner[:, 1].min(), inner[:, 1].max()
+    shade = np.clip((ys - top) / max(bottom - top, 1.0), 0, 1)
+    return np.broadcast_to(np.asarray(lips_rgb, np.float32) * (0.12 + 0.33 * shade ** 2), (size, size, 3)).copy()
+
+
+def match_lighting(pixels: np.ndarray, own_lips: np.ndarray, their_lips: np.ndarray) -> np.ndarray:
+    """Another person's mouth pixels `(..., 3)` brought to this photo, judged on the lips (RGB means
+    `(3,)`): lightness scaled by the lips' ratio (0.7-1.3) and chroma by theirs (0-1.2), in CIELAB, so
+    a grey photo gets a grey mouth and a warm one no cold cast."""
+    to_lab = lambda rgb: cv2.cvtColor(np.clip(np.asarray(rgb, np.float32).reshape(1, -1, 3) / 255.0, 0, 1), cv2.COLOR_RGB2LAB)[0]
+    own, their = to_lab(own_lips)[0], to_lab(their_lips)[0]
+    gain = float(np.clip(own[0] / max(their[0], 1.0), 0.7, 1.3))
+    chroma = float(np.clip(np.hypot(*own[1:]) / max(np.hypot(*their[1:]), 1.0), 0.0, 1.2))
+    lab = to_lab(pixels.reshape(-1, 3))
+    lab[:, 0] *= gain
+    lab[:, 1:] *= chroma
+    rgb = cv2.cvtColor(lab[None], cv2.COLOR_LAB2RGB)[0] * 255.0
+    return rgb.reshape(pixels.shape).astype(np.float32)
+
+
+SPLIT_BINS, SPLIT_DARK = 16, 0.6  # the rows' split: the darkest of 16 bands, if under 60% of the brightest
+
+
+def teeth_split(inner: InnerMouth) -> float:
+    """Where the reference's inside divides into the upper row (with the head) and the lower row
+    (with the jaw), as a fraction of the way from its upper to its lower inner lip: the darkest band
+    across the middle half of the mouth (the gap between the teeth, or the dark of an open mouth)
+    when it is clearly darker than the brightest; else 1 (teeth together, as in a smile: all of what
+    shows is upper teeth in front)."""
+    ref = np.asarray(inner.mouth, np.float64)
+    upper, lower = inner_lip_curves(ref)
+    left, right = upper[0, 0], upper[-1, 0]
+    xs = np.linspace(left + 0.25 * (right - left), right - 0.25 * (right - left), 16)
+    v = (np.arange(SPLIT_BINS) + 0.5) / SPLIT_BINS
+    top, bottom = _along(upper, xs), _along(lower, xs)
+    if np.median(bottom - top) < 2.0:  # no inside to look at
+        return 1.0
+    ys = top[None, :] + v[:, None] * (bottom - top)[None, :]
+    luma = cv2.cvtColor(inner.crop, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    bands = cv2.remap(luma, np.broadcast_to(xs[None, :], ys.shape).astype(np.float32), ys.astype(np.float32),
+                      cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).mean(axis=1)
+    darkest = int(np.argmin(bands[1:-1])) + 1  # the bands at the lips' edges are lip
+    return float(v[darkest]) if bands[darkest] < SPLIT_DARK * bands.max() else 1.0
+
+
+def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, lips_rgb: np.ndarray,
+               upper: bool = True) -> np.ndarray:
+    """The inside of the target's mouth from an open mouth, without stretching it: the upper row of
+    the reference's inside (upper teeth, above `teeth_split`) hangs from the target's upper inner lip,
+    the lower row (lower teeth, tongue) rides on its lower inner lip, each moved only up or down column by column
+    (widths scale with the mouth's width); where the target opens wider than the reference, `behind`
+    (`(S, S, 3) float32`, the cavity) shows between the rows; where it opens less, the upper row is in
+    front. A borrowed mouth is brought to this photo's lips (`lips_rgb`, `match_lighting`).
+    `upper=False`: the lower row alone (under another mouth's upper teeth). Returns `(S, S, 3) float32`, `behind` outside the target's inner lips."""
+    size = behind.shape[0]
+    ref = np.asarray(inner.mouth, np.float64)
+    t_upper, t_lower = inner_lip_curves(target_mouth)
+    r_upper, r_lower = inner_lip_curves(ref)
+    t_inner = np.asarray(target_mouth, np.float64)[INNER]
+    x0, y0 = np.maximum(np.floor(t_inner.min(0)).astype(int) - 1, 0)
+    x1, y1 = np.minimum(np.ceil(t_inner.max(0)).astype(int) + 2, size)
+    if x1 <= x0 or y1 <= y0:
+        return behind
+    xs, ys = np.meshgrid(np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64))
+    t_left, t_right = t_upper[0, 0], t_upper[-1, 0]
+    r_left, r_right = r_upper[0, 0], r_upper[-1, 0]
+    u = r_left + (xs - t_left) * (r_right - r_left) / (t_right - t_left if abs(t_right - t_left) > 1e-6 else 1e-6)
+    r_top, r_bottom = _along(r_upper, u), _along(r_lower, u)
+    middle = r_top + teeth_split(inner) * (r_bottom - r_top)
+    y_upper = ys - _along(t_upper, xs) + r_top  # the reference's row for the upper teeth
+    y_lower = ys - _along(t_lower, xs) + r_bottom
+    sample = lambda y: cv2.remap(inner.crop, u.astype(np.float32), y.astype(np.float32), cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+    upper_px, lower_px = sample(y_upper), sample(y_lower)
+    if inner.borrowed:
+        their = lip_colour(inner.crop, ref)
+        upper_px, lower_px = match_lighting(upper_px, lips_rgb, their), match_lighting(lower_px, lips_rgb, their)
+    upper_w = np.clip(middle - y_upper + 0.5, 0, 1)[..., None]  # 1 above the reference's mid-line, over a pixel
+    lower_w = np.clip(y_lower - middle + 0.5, 0, 1)[..., None]
+    region = behind[y0:y1, x0:x1]
+    region = region * (1 - lower_w) + lower_px * lower_w
+    if upper:
+        region = region * (1 - upper_w) + upper_px * upper_w
+    out = behind.copy()
+    out[y0:y1, x0:x1] = region
+    return out
+
+
 def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray, mask: np.ndarray,
                 inner: InnerMouth) -> np.ndarray:
     """The crop with its lower face moved to `target_mouth` (see the module docstring); the caller
@@ -176,19 +291,12 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
     opening = inner_gap_ratio(target_mouth) - max(inner_gap_ratio(source_mouth), MIN_OPEN)
     if opening > 0:  # wider than the source's own mouth can show
         hole = _polygon_mask(target_mouth[INNER], size, feather=max(0.6, width * 0.02)) * min(1.0, opening / 0.06)
-        if inner.crop is not None and inner.mouth is not None and inner_gap_ratio(inner.mouth) > MIN_OPEN:
-            ref_inner = np.asarray(inner.mouth, np.float64)
-            rx, ry = backward_map(target_mouth[:N_LIPS], ref_inner[:N_LIPS], size)  # the lips alone place the inside
-            fill = cv2.remap(inner.crop, rx, ry, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
-            if inner.borrowed:  # another person's mouth: bring it to this person's lighting, judged on the lips
-                gain = np.clip(lip_colour(moved, target_mouth) / np.maximum(lip_colour(inner.crop, ref_inner), 1.0), 0.7, 1.3)
-                fill = fill * gain.astype(np.float32)
-        else:
-            lips_rgb = lip_colour(moved, target_mouth)
-            ys = np.arange(size, dtype=np.float32)[:, None, None]
-            top, bottom = target_mouth[INNER][:, 1].min(), target_mouth[INNER][:, 1].max()
-            shade = np.clip((ys - top) / max(bottom - top, 1.0), 0, 1)
-            fill = np.broadcast_to(lips_rgb * (0.18 + 0.12 * (1 - np.abs(2 * shade - 1))), moved.shape)
+        lips_rgb = lip_colour(moved, target_mouth)
+        fill = cavity(lips_rgb, target_mouth, size)
+        if inner.usable:
+            if inner.lower_row is not None and inner.lower_row.usable:
+                fill = teeth_rows(inner.lower_row, target_mouth, fill, lips_rgb, upper=False)
+            fill = teeth_rows(inner, target_mouth, fill, lips_rgb)
         moved = moved * (1 - hole[..., None]) + fill * hole[..., None]
     return np.clip(moved + 0.5, 0, 255).astype(np.uint8)
 
@@ -203,4 +311,5 @@ def resize_inner(inner: InnerMouth, size: int) -> InnerMouth:
     k = size / inner.crop_size
     h, w = inner.crop.shape[:2]
     crop = cv2.resize(inner.crop, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
-    return InnerMouth(crop, rescale_points(inner.mouth, inner.crop_size, size), size, inner.borrowed)
+    lower_row = resize_inner(inner.lower_row, size) if inner.lower_row is not None else None
+    return InnerMouth(crop, rescale_points(inner.mouth, inner.crop_size, size), size, inner.borrowed, lower_row)
