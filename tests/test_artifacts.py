@@ -76,3 +76,32 @@ def test_a_borrowed_mouth_takes_the_photos_colours():
     warm = match_lighting(mouth, np.array([170, 90, 80.0]), np.array([180, 70, 80.0]))
     assert warm[0, 0, 0] > warm[0, 0, 1] and warm[0, 0, 0] > warm[0, 0, 2]  # a red lip stays red
     assert abs(warm[0, 1] - mouth[0, 1]).max() < 25  # a tooth stays a tooth
+
+
+def test_every_shipped_bank_mouth_is_an_open_mouth_at_256():
+    """The bundled bank: 256-scale mouths, each with a dark band inside and lips that lean to red (the
+    checks that threw out the moustache the tracker once took for lips)."""
+    from avatar.render.warp import inner_gap_ratio, mouth_bank
+    from training.make_mouth_bank import MAX_DARKEST, darkest_band, lips_lean_red
+
+    bank = mouth_bank()
+    assert len(bank) >= 8
+    for entry in bank:
+        assert entry.crop_size == 256 and entry.borrowed and inner_gap_ratio(entry.mouth) >= 0.22
+        assert darkest_band(entry.crop, entry.mouth) <= MAX_DARKEST and lips_lean_red(entry.crop, entry.mouth)
+
+
+def test_the_bank_builder_cuts_training_mouths_from_the_source_frames(tiny_cache, tmp_path):
+    """`training.make_mouth_bank` on real clips: only training people, patches cut at 256 from the
+    source video (sharper than the cache's 128² crops), each passing the checks."""
+    from training import make_mouth_bank
+
+    out = tmp_path / "bank.npz"
+    assert make_mouth_bank.main(["--cache", str(tiny_cache), "--data", str(DATA), "--out", str(out), "--min-face-px", "0"]) == 0
+    data = np.load(out)
+    assert int(data["crop_size"]) == 256 and 1 <= len(data["patches"]) <= 2
+    assert not any("GRID-A" in person for person in data["people"])  # the validation person
+    for patch, mouth in zip(data["patches"], data["mouths"]):
+        width = np.ptp(mouth[:20, 0])
+        assert width > 40  # a mouth at the 256 scale (about 30 px at 128)
+        assert make_mouth_bank.darkest_band(patch, mouth) <= make_mouth_bank.MAX_DARKEST

@@ -90,13 +90,14 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=pathlib.Path, required=True)
     parser.add_argument("--data", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
     parser.add_argument("--count", type=int, default=10)
+    parser.add_argument("--min-face-px", type=float, default=MIN_FACE_PX, help="smallest face height in the source frame")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/mouth_bank.npz"))
     args = parser.parse_args(argv)
     aligner = FaceAligner(AlignConfig(crop_size=CROP))
     candidates = {}  # person → [(gap, clip, frame)], most open first
     for clip in open_cache(args.cache, split="train", kind="video"):
         landmarks = clip.landmarks(CROP)
-        keep = clip.keep & np.isfinite(landmarks).all(axis=(1, 2)) & (clip.arrays["face_px"].astype(np.float32) >= MIN_FACE_PX)
+        keep = clip.keep & np.isfinite(landmarks).all(axis=(1, 2)) & (clip.arrays["face_px"].astype(np.float32) >= args.min_face_px)
         gaps = np.array([inner_gap_ratio(p[lm.MOUTH_AND_JAW, :2]) if k else 0.0 for p, k in zip(landmarks, keep)])
         good = np.flatnonzero(keep & (gaps >= MIN_GAP) & (gaps <= MAX_GAP) & steady_gaps(gaps))
         for index in good[np.argsort(-gaps[good])][:5]:
