@@ -11,8 +11,7 @@ import sys
 import typing
 
 from avatar import __version__
-from avatar.config import (AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig,
-                           RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
+from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig, RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
 from avatar.errors import AvatarError
 
 
@@ -40,11 +39,16 @@ def _pipeline(args: argparse.Namespace):
     return AvatarPipeline.from_pretrained(args.models, config=config_from_args(args, PipelineConfig, ""),
                                           face_config=config_from_args(args, FaceConfig, "face"),
                                           identity_config=config_from_args(args, IdentityConfig, "identity"),
-                                          silence_config=config_from_args(args, SilenceConfig, "silence"))
+                                          silence_config=config_from_args(args, SilenceConfig, "silence"),
+                                          artifact_config=config_from_args(args, ArtifactConfig, "artifacts"))
 
 
 def _print_result(result, report: typing.Optional[str]) -> int:
     print(result.summary())
+    replaced = (result.report.get("artifacts") or {}).get("frames") or []
+    if replaced:
+        times = ", ".join(f"{item['t']:.2f} s" for item in replaced[:5]) + (", ..." if len(replaced) > 5 else "")
+        print(f"warning: {len(replaced)} frame(s) failed the artifact check and show the input instead ({times}); see the report")
     if result.report.get("drift") and result.report["drift"]["alarms"]:
         kinds = sorted({a["kind"] for a in result.report["drift"]["alarms"]})
         print(f"warning: identity-drift alarms ({', '.join(kinds)}); see the report for when")
@@ -152,6 +156,7 @@ def _common_render_options(command: argparse.ArgumentParser) -> None:
     add_config_arguments(command, FaceConfig, "face")
     add_config_arguments(command, IdentityConfig, "identity")
     add_config_arguments(command, SilenceConfig, "silence")
+    add_config_arguments(command, ArtifactConfig, "artifacts")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -211,6 +211,23 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class ArtifactConfig:
+    """The per-frame artifact check of the repainted region (`avatar/artifacts.py`): a frame that fails
+    shows its input instead (dub: the original frame; animate and live: the portrait's own mouth) and
+    is reported with its time."""
+
+    enabled: bool = True
+    colour_threshold: float = 12.0  # ΔE (CIE76) of the repainted skin's mean colour, output against input
+    new_colour_delta: float = 15.0  # ΔE from the closest input colour within `colour_reach` that counts as a new colour
+    colour_reach: float = 0.12  # how far around (× the repainted skin's size) the input's colours are looked for
+    max_new_colour_share: float = 0.02  # share of the repainted skin in new colours above which it is a pasted patch
+    min_detail_ratio: float = 0.5  # the repainted skin's fine detail (mean |Laplacian|), output / input: lower is a smear
+    min_cell_detail_ratio: float = 0.2  # the same in the flattest of a 4 × 4 grid of cells: lower is a flat patch
+    max_outside_share: float = 0.05  # share of the repaint weight outside the face (as it is ∪ as it will be, grown)
+    face_margin: float = 0.1  # the face's outline is grown by this × the face's height before that test
+
+
+@dataclass(frozen=True)
 class RenderConfig:
     """The lower-face renderer: a conditional denoiser over the aligned crop (`avatar/render/`)."""
 

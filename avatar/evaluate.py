@@ -10,6 +10,9 @@ of one is compared with frame i of the other (up to the shorter). Metrics:
   (or, without one, to sampled frames of the real video); same person typically < 0.6;
 - sharpness_ratio: Laplacian variance of the lower face, generated / real (≥ 0.8 is sharp enough);
 - flicker_ratio: mean absolute frame-to-frame change of the lower face, generated / real;
+- artifact_frames: the frames that fail the per-frame artifact check (`avatar/artifacts.py`, the one
+  `animate` and `dub` run on every frame), the real frame standing in for the renderer's input and
+  the repaint region being the lower face as it is in either video;
 - av_offset_ms: where the generated video's mouth opening best matches the opening that the motion
   model predicts from the generated video's own audio, searched over ±`max_offset_frames`
   (positive: the picture is late). The same estimate for the real video is given beside it.
@@ -25,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from avatar import media
-from avatar.config import AlignConfig, FaceConfig
+from avatar.artifacts import ArtifactCheck
+from avatar.config import AlignConfig, ArtifactConfig, FaceConfig
 from avatar.errors import MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
@@ -117,6 +121,19 @@ def estimate_av_offset(video: TrackedVideo, predictor, max_offset_frames: int = 
     return {"frames": float(best), "ms": 1000.0 * best / video.fps, "r": float(scores[best])}
 
 
+def artifact_frames(gen: TrackedVideo, ref: TrackedVideo, both: np.ndarray, aligner: FaceAligner,
+                    config: ArtifactConfig = ArtifactConfig()) -> typing.List[typing.Dict[str, typing.Any]]:
+    """`{"frame", "t", "why"}` of the generated frames that fail the artifact check against the real ones."""
+    check = ArtifactCheck(config)
+    failed = []
+    for i in np.flatnonzero(both):
+        real_points, generated_points = ref.landmarks[i][:, :2], gen.landmarks[i][:, :2]
+        verdict = check(gen.crops[i], ref.crops[i], aligner.repaint_mask(real_points, generated_points), real_points, generated_points)
+        if not verdict.ok:
+            failed.append({"frame": int(i), "t": round(float(i) / gen.fps, 3), "why": str(verdict)})
+    return failed
+
+
 def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optional[PathLike] = None,
                   max_frames: int = 1500, progress: bool = False) -> typing.Dict[str, typing.Any]:
     """The metrics of the module docstring (JSON-ready)."""
@@ -141,6 +158,7 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
     regions_g, regions_r = _lower_face_regions(g, aligner), _lower_face_regions(r, aligner)
     sharp = _sharpness(gen.crops[:n], regions_g, both) / max(_sharpness(ref.crops[:n], regions_r, both), 1e-9)
     flicker = _flicker(gen.crops[:n], regions_g, both) / max(_flicker(ref.crops[:n], regions_r, both), 1e-9)
+    artifacts = artifact_frames(gen, ref, both, aligner)
 
     embedder = FaceEmbedder()
     if reference is not None:
@@ -158,7 +176,7 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
         "frames_compared": int(both.sum()), "frames_generated": len(gen.landmarks), "frames_real": len(ref.landmarks),
         "mouth_landmark_distance_pct_iod": distance, "lips_distance_pct_iod": lips_distance, "mouth_opening_r": opening_r,
         "identity_distance": float(np.mean(identity)), "identity_distance_max": float(np.max(identity)),
-        "sharpness_ratio": float(sharp), "flicker_ratio": float(flicker),
+        "sharpness_ratio": float(sharp), "flicker_ratio": float(flicker), "artifact_frames": artifacts,
         "av_offset_generated": estimate_av_offset(gen, predictor), "av_offset_real": estimate_av_offset(ref, predictor),
     }
 
@@ -175,5 +193,8 @@ def format_evaluation(result: typing.Dict[str, typing.Any]) -> str:
         f"identity distance: {result['identity_distance']:.3f} mean, {result['identity_distance_max']:.3f} worst (same person < 0.6)",
         f"sharpness ratio: {result['sharpness_ratio']:.2f} (≥ 0.8 is sharp enough)",
         f"flicker ratio: {result['flicker_ratio']:.2f} (1 = as steady as the real video)",
+        f"artifact check: {len(result['artifact_frames'])} of {result['frames_compared']} frames fail"
+        + "".join(f"\n  {item['t']:.2f} s: {item['why']}" for item in result["artifact_frames"][:10])
+        + ("\n  ..." if len(result["artifact_frames"]) > 10 else ""),
         f"A/V offset: generated {offset(result['av_offset_generated'])}, real {offset(result['av_offset_real'])} (positive: picture late)",
     ])

@@ -33,10 +33,12 @@ from tqdm import tqdm
 
 from avatar import __version__, idle, media, provenance
 from avatar import audio as audio_frontend
-from avatar.config import AlignConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig, SilenceConfig
+from avatar.artifacts import ArtifactCheck, Verdict
+from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig,
+                           SilenceConfig)
 from avatar.errors import MediaError, NoFaceError
 from avatar.face import landmarks as lm
-from avatar.face.align import FaceAligner
+from avatar.face.align import FaceAligner, FaceRegion, apply_transform, invert_transform
 from avatar.frames import FrameStore, fit_image, pingpong_schedule
 from avatar.person import IdentityBuilder
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
@@ -60,7 +62,8 @@ class AvatarPipeline:
 
     def __init__(self, folder: PathLike, config: PipelineConfig = PipelineConfig(),
                  face_config: FaceConfig = FaceConfig(), identity_config: IdentityConfig = IdentityConfig(),
-                 providers: typing.Optional[typing.Sequence[str]] = None, silence_config: SilenceConfig = SilenceConfig()):
+                 providers: typing.Optional[typing.Sequence[str]] = None, silence_config: SilenceConfig = SilenceConfig(),
+                 artifact_config: ArtifactConfig = ArtifactConfig()):
         from avatar.motion.runner import MotionPredictor
         from avatar.speech.encoder import SpeechEncoder
 
@@ -77,6 +80,7 @@ class AvatarPipeline:
         self._live_motion = None
         self._providers = providers
         self.people = IdentityBuilder(face_config, self.crop_size, self.renderer.references)
+        self.artifact_check = ArtifactCheck(artifact_config)
         used = [SPEECH_MODEL, MOTION_MODEL, *self.renderer.model_files]
         self.model_hashes = {name: provenance.file_sha256(self.folder / name) for name in used}
         self._embedder = None
@@ -164,25 +168,53 @@ class AvatarPipeline:
         return DriftMonitor(identity.drift_references, self.identity_config, embedder=self.embedder, on_alarm=on_alarm)
 
     def render_batch(self, jobs: typing.Sequence[FrameJob], identities: typing.Sequence[Identity],
-                     frame_indices: typing.Sequence[int]) -> typing.List[np.ndarray]:
+                     frame_indices: typing.Sequence[int],
+                     failed: typing.Optional[typing.List[typing.Tuple[int, Verdict]]] = None,
+                     clock: typing.Optional[StageClock] = None) -> typing.List[np.ndarray]:
         """Output frames `(H, W, 3) uint8` for a batch of jobs, in one renderer call: each job with its
         person (several live sessions can share a call) and its output frame index (the watermark's
-        phase); each finished face region is placed into its frame, a job without a face passes through."""
-        regions = self.renderer.render(RenderBatch(jobs, identities, frame_indices))
-        return [job.frame if region is None else region.place(job.frame) for job, region in zip(jobs, regions)]
+        phase); each finished face region passes the artifact check (`avatar/artifacts.py`) and is
+        placed into its frame; a job without a face, or whose region fails, gives its frame as it
+        came. `failed` collects `(position in the batch, verdict)` of the frames that failed; `clock`
+        times the stages "render" and "artifacts"."""
+        clock = clock or StageClock()
+        with clock.time("render"):
+            regions = self.renderer.render(RenderBatch(jobs, identities, frame_indices))
+        frames = []
+        for k, (job, region) in enumerate(zip(jobs, regions)):
+            if region is not None:
+                with clock.time("artifacts"):
+                    verdict = self.review(job, region)
+                if not verdict.ok:
+                    region = None
+                    if failed is not None:
+                        failed.append((k, verdict))
+            frames.append(job.frame if region is None else region.place(job.frame))
+        return frames
 
-    def render_jobs(self, identity: Identity, jobs: typing.Iterable[FrameJob], fps: float,
-                    monitor=None, clock: typing.Optional[StageClock] = None) -> typing.Iterator[np.ndarray]:
+    def review(self, job: FrameJob, region: FaceRegion) -> Verdict:
+        """The artifact check of one finished region against the job's frame."""
+        offset = np.array([region.left, region.top], np.float64)
+        landmarks = np.asarray(job.frame_landmarks, np.float64)[:, :2] - offset
+        mouth = apply_transform(job.mouth, invert_transform(job.transform)) - offset
+        return self.artifact_check(region.pixels, job.frame[region.box], region.alpha, landmarks, lm.with_mouth(landmarks, mouth))
+
+    def render_jobs(self, identity: Identity, jobs: typing.Iterable[FrameJob], fps: float, monitor=None,
+                    clock: typing.Optional[StageClock] = None,
+                    failures: typing.Optional[typing.List[typing.Dict[str, typing.Any]]] = None) -> typing.Iterator[np.ndarray]:
         """Output frames for a stream of jobs, in order, rendered `config.batch` at a time; each frame
-        is offered to the drift monitor (which samples at its own rate)."""
+        is offered to the drift monitor (which samples at its own rate). `failures` collects the frames
+        that failed the artifact check: `{"frame", "t", "why"}`."""
         clock = clock or StageClock()
         pending: typing.List[FrameJob] = []
         index = 0
 
         def flush():
             nonlocal index
-            with clock.time("render"):
-                frames = self.render_batch(pending, [identity] * len(pending), range(index, index + len(pending)))
+            failed: typing.List[typing.Tuple[int, Verdict]] = []
+            frames = self.render_batch(pending, [identity] * len(pending), range(index, index + len(pending)), failed, clock)
+            if failures is not None:
+                failures.extend({"frame": index + k, "t": round((index + k) / fps, 3), "why": str(verdict)} for k, verdict in failed)
             for job, frame in zip(pending, frames):
                 if monitor is not None and job.frame_landmarks is not None:
                     with clock.time("drift"):
@@ -205,7 +237,8 @@ class AvatarPipeline:
 
     def animate_frames(self, identity: Identity, portrait: np.ndarray, landmarks: np.ndarray, samples: np.ndarray,
                        idle_config: IdleConfig = IdleConfig(), fps: typing.Optional[float] = None,
-                       monitor=None, clock: typing.Optional[StageClock] = None) -> typing.Iterator[np.ndarray]:
+                       monitor=None, clock: typing.Optional[StageClock] = None,
+                       failures: typing.Optional[typing.List[typing.Dict[str, typing.Any]]] = None) -> typing.Iterator[np.ndarray]:
         """Frames `(H, W, 3) uint8` of `portrait` speaking `samples` (16 kHz mono float32), one at a time."""
         fps = fps or self.config.fps
         clock = clock or StageClock()
@@ -221,12 +254,13 @@ class AvatarPipeline:
                     job = self.still_job(identity, portrait, landmarks, mouths[i], float(closure[i]), moves[i])
                 yield job
 
-        yield from self.render_jobs(identity, jobs(), fps, monitor, clock)
+        yield from self.render_jobs(identity, jobs(), fps, monitor, clock, failures)
 
     # ------------------------------------------------------------------ commands
     def _finish(self, command: str, output: pathlib.Path, inputs: typing.Dict[str, typing.Optional[str]], frames: int,
                 fps: float, samples: np.ndarray, started: float, clock: StageClock, monitor, events,
-                extra: typing.Dict[str, typing.Any], report_path: typing.Optional[PathLike]) -> RunResult:
+                failures: typing.List[typing.Dict[str, typing.Any]], extra: typing.Dict[str, typing.Any],
+                report_path: typing.Optional[PathLike]) -> RunResult:
         sidecar = provenance.write_sidecar(output, provenance.manifest(output, command, inputs, self.model_hashes))
         seconds = time.perf_counter() - started
         audio_seconds = samples.size / self.encoder.config.sample_rate
@@ -239,6 +273,8 @@ class AvatarPipeline:
             "drift": monitor.summary() if monitor is not None else None,
             "drift_per_second": monitor.per_second() if monitor is not None else None,
             "drift_events": events, "provenance": str(sidecar),
+            "artifacts": {"config": dataclasses.asdict(self.artifact_check.config), "frames": failures,
+                          "ms_per_frame": round(1000 * clock.seconds.get("artifacts", 0.0) / max(frames, 1), 3)},
         }
         if report_path is not None:
             path = pathlib.Path(report_path)
@@ -271,12 +307,13 @@ class AvatarPipeline:
         metadata = provenance.container_metadata(self.model_hashes)
         with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
                                metadata=metadata, inputs=inputs) as writer:
-            frames = self.animate_frames(identity, portrait, landmarks, samples, idle_config, fps, monitor, clock)
+            failures: typing.List[typing.Dict[str, typing.Any]] = []
+            frames = self.animate_frames(identity, portrait, landmarks, samples, idle_config, fps, monitor, clock, failures)
             for frame in tqdm(frames, total=n, desc="animate", unit="frame", disable=not progress):
                 with clock.time("encode"):
                     writer.write(frame)
         return self._finish("animate", output, {"image": str(image), "audio": str(audio)}, n, fps, samples, started, clock,
-                            monitor, events, {"idle": dataclasses.asdict(idle_config),
+                            monitor, events, failures, {"idle": dataclasses.asdict(idle_config),
                                               "identity_references": len(identity.drift_references)}, report)
 
     def dub(self, video: PathLike, audio: PathLike, output: PathLike, dub_config: DubConfig = DubConfig(),
@@ -365,7 +402,8 @@ class AvatarPipeline:
             metadata = provenance.container_metadata(self.model_hashes)
             with media.VideoWriter(output, fps, samples_out, self.encoder.config.sample_rate, crf=self.config.crf,
                                    metadata=metadata, inputs=inputs) as writer:
-                for frame in tqdm(self.render_jobs(identity, jobs(), fps, monitor, clock), total=n_out, desc="dub",
+                failures: typing.List[typing.Dict[str, typing.Any]] = []
+                for frame in tqdm(self.render_jobs(identity, jobs(), fps, monitor, clock, failures), total=n_out, desc="dub",
                                   unit="frame", disable=not progress):
                     with clock.time("encode"):
                         writer.write(frame)
@@ -376,4 +414,4 @@ class AvatarPipeline:
         extra = {"dub": dataclasses.asdict(dub_config), "source_frames": n_source, "frames_without_face": int(n_source - good.size),
                  "speech_frames": n_audio, "reversals_or_restarts": loops, "identity_references": len(identity.drift_references)}
         return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,
-                            clock, monitor, events, extra, report)
+                            clock, monitor, events, failures, extra, report)

@@ -121,6 +121,7 @@ class Session:
         self.last_image = avatar.portrait
         self.frames_out = 0
         self.dropped = 0
+        self.artifact_frames = 0  # frames that failed the artifact check and show the portrait's own mouth
         self.last_audio_at = self.anchor
         self.monitor = None
         if config.drift_every_s > 0:
@@ -213,7 +214,8 @@ class Session:
     def stats(self) -> typing.Dict[str, typing.Any]:
         return {"frames": self.frames_out, "dropped": self.dropped, "audio_s": self.samples / STREAM_RATE,
                 "lookahead_ms": 1000 * self.lookahead_s, "backlog": self.backlog,
-                "drift_alarms": len(self.monitor.alarms) if self.monitor is not None else 0}
+                "drift_alarms": len(self.monitor.alarms) if self.monitor is not None else 0,
+                "artifact_frames": self.artifact_frames}
 
     def close(self) -> None:
         self.engine.forget(self)
@@ -289,11 +291,14 @@ class Engine:
         if not jobs:
             return 0
         started = time.perf_counter()
-        images = self.pipeline.render_batch(jobs, identities, indices)
+        failed: typing.List[typing.Tuple[int, typing.Any]] = []
+        images = self.pipeline.render_batch(jobs, identities, indices, failed)
         self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (time.perf_counter() - started) / len(jobs)
         first = 0
+        failed_at = {k for k, _ in failed}
         for session, items in work:
             last = first + len(items)
+            session.artifact_frames += sum(1 for k in range(first, last) if k in failed_at)
             if items:
                 session.deliver([(index, ready) for index, _, ready in items], images[first:last],
                                 [job.frame_landmarks for job in jobs[first:last]], time.perf_counter())

@@ -105,3 +105,103 @@ def test_the_bank_builder_cuts_training_mouths_from_the_source_frames(tiny_cache
         width = np.ptp(mouth[:20, 0])
         assert width > 40  # a mouth at the 256 scale (about 30 px at 128)
         assert make_mouth_bank.darkest_band(patch, mouth) <= make_mouth_bank.MAX_DARKEST
+
+
+@pytest.fixture(scope="module")
+def dubbed(pipeline):
+    """Jobs and finished regions of the first 12 frames of a real GRID clip dubbed with other speech."""
+    from avatar.face.video import align_video
+    from avatar.render.base import FrameJob, RenderBatch
+    from conftest import GRID_CLIP, SPEECH_FLAC
+
+    tracked = [t for t in align_video(list(media.iter_video_frames(GRID_CLIP))[:12]) if t.valid]
+    crop_landmarks = np.stack([t.aligned.landmarks for t in tracked])
+    widest = int(np.argmax(lm.mouth_opening(crop_landmarks)))
+    identity = pipeline.prepare_frames([], crop_landmarks, [], inner=pipeline.open_mouth(
+        tracked[widest].image, tracked[widest].aligned.transform, tracked[widest].aligned.landmarks))
+    mouths = pipeline.motion.from_audio(media.read_audio(SPEECH_FLAC)[:16000], 25.0, identity.rest, len(tracked))
+    jobs = [FrameJob(t.image, t.aligned.transform, t.aligned.landmarks, t.frame_landmarks,
+                     mouths[i] + (lm.mouth_anchor(t.aligned.landmarks) - identity.rest_anchor)) for i, t in enumerate(tracked)]
+    return jobs, identity, pipeline.renderer.render(RenderBatch(jobs, [identity] * len(jobs), range(len(jobs))))
+
+
+def test_the_artifact_check_passes_clean_frames_and_flags_corrupted_ones(pipeline, dubbed):
+    """Clean dubbed frames pass; a pasted patch (another part of the frame over the mouth), a smear
+    and a repaint reaching far below the face are each flagged, for what they are."""
+    import dataclasses
+
+    jobs, _, regions = dubbed
+    assert all(pipeline.review(job, region).ok for job, region in zip(jobs, regions))
+    job, region = jobs[5], regions[5]
+    core = region.alpha > 0.5
+    ys, xs = np.nonzero(core)
+    patch = dataclasses.replace(region, pixels=region.pixels.copy())
+    h, w = (ys.max() - ys.min()) // 2, (xs.max() - xs.min()) // 2
+    y0, x0 = ys.min() + h // 2, xs.min() + w // 2
+    patch.pixels[y0:y0 + h, x0:x0 + w] = job.frame[:h, :w]  # the frame's corner (background) pasted over the mouth
+    assert "colour" in str(pipeline.review(job, patch))
+    smear = dataclasses.replace(region, pixels=np.where(core[..., None], cv2.GaussianBlur(region.pixels, (0, 0), 4), region.pixels))
+    assert "smeared" in str(pipeline.review(job, smear))
+    height = int(np.ptp(job.frame_landmarks[lm.FACE_OVAL, 1]))
+    below = np.zeros_like(region.alpha)
+    below[height // 2:] = region.alpha[:-(height // 2)]  # the same repaint, half a face lower
+    assert "outside the face" in str(pipeline.review(job, dataclasses.replace(region, alpha=np.maximum(region.alpha, below))))
+
+
+class CorruptingRenderer:
+    """A renderer that breaks one frame: the warp renderer's regions with frame `broken`'s repaint
+    replaced by a flat grey patch (as a failed model might paint)."""
+
+    def __init__(self, renderer, broken: int):
+        self.renderer, self.broken = renderer, broken
+        self.name, self.model_files, self.references = renderer.name, renderer.model_files, renderer.references
+
+    def render(self, batch):
+        regions = self.renderer.render(batch)
+        for k, index in enumerate(batch.frame_indices):
+            if index == self.broken and regions[k] is not None:
+                regions[k].pixels = np.where(regions[k].alpha[..., None] > 0.1, np.uint8(128), regions[k].pixels)
+        return regions
+
+    def warm_up(self, batch):
+        self.renderer.warm_up(batch)
+
+
+def test_a_frame_that_fails_the_check_shows_its_input_and_is_reported(tmp_path):
+    """End to end through `dub`: the broken frame is the source frame unchanged, the report lists it
+    with its time and why, and the check's cost per frame is recorded."""
+    from conftest import GRID_CLIP, SPEECH_FLAC
+
+    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(watermark=False, drift=False, batch=4))
+    pipeline.renderer = CorruptingRenderer(pipeline.renderer, broken=6)
+    clip = media.read_video(GRID_CLIP, max_frames=15)
+    media.write_video(tmp_path / "clip.mp4", clip.frames, clip.fps, clip.audio[:9600], crf=12)
+    media.write_audio(tmp_path / "speech.wav", media.read_audio(SPEECH_FLAC)[:9600])
+    result = pipeline.dub(tmp_path / "clip.mp4", tmp_path / "speech.wav", tmp_path / "out.mp4", progress=False)
+    failed = result.report["artifacts"]["frames"]
+    assert [item["frame"] for item in failed] == [6] and failed[0]["t"] == pytest.approx(6 / clip.fps)
+    assert "colour" in failed[0]["why"] or "smeared" in failed[0]["why"]
+    assert 0 < result.report["artifacts"]["ms_per_frame"] < 50
+    source = media.read_video(tmp_path / "clip.mp4").frames
+    out = media.read_video(tmp_path / "out.mp4").frames
+    assert np.abs(out[6].astype(int) - source[6]).mean() < np.abs(out[5].astype(int) - source[5]).mean()
+
+
+def test_eval_runs_the_same_check_on_any_pair_of_videos(tmp_path):
+    """`avatar eval` lists the frames of a video that fail the check against the real one: a copy of
+    a real clip with a flat patch painted over the chin of frames 10-12 fails there and nowhere else."""
+    from avatar.evaluate import evaluate_pair
+    from conftest import GRID_CLIP
+
+    clip = media.read_video(GRID_CLIP, max_frames=25)
+    frames = [frame.copy() for frame in clip.frames]
+    with __import__("avatar.face.tracker", fromlist=["FaceTracker"]).FaceTracker() as tracker:
+        for i in (10, 11, 12):
+            points = tracker.select(frames[i]).landmarks
+            chin = points[lm.JAW[6:13], :2].astype(np.int32)  # the chin's part of the jaw line
+            lips = points[lm.LIPS_OUTER, :2]
+            cv2.fillPoly(frames[i], [np.concatenate([chin, lips[[15]].astype(np.int32)])], (150, 150, 150))
+    media.write_video(tmp_path / "patched.mp4", frames, clip.fps, crf=12)
+    media.write_video(tmp_path / "real.mp4", clip.frames, clip.fps, crf=12)
+    result = evaluate_pair(tmp_path / "patched.mp4", tmp_path / "real.mp4")
+    assert [item["frame"] for item in result["artifact_frames"]] == [10, 11, 12], result["artifact_frames"]

@@ -217,10 +217,23 @@ class FaceAligner:
             mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma)
         return np.clip(mask, 0.0, 1.0)
 
+    def face_hull(self, *crop_landmarks: np.ndarray) -> np.ndarray:
+        """Where the face is, `(S, S) float32` in [0, 1]: the union of the face outlines of several
+        landmark sets `(478, 2+)`, grown by `lower_face_dilate_frac` of the crop and feathered like the
+        repaint mask."""
+        hull = np.zeros((self.size, self.size), np.uint8)
+        for points in crop_landmarks:
+            cv2.fillPoly(hull, [np.round(np.asarray(points)[lm.FACE_OVAL, :2] * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+        grow = max(1, int(round(self.config.lower_face_dilate_frac * self.size)))
+        hull = cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))).astype(np.float32) / 255.0
+        return cv2.GaussianBlur(hull, (0, 0), sigmaX=max(0.5, self.config.feather_frac * self.size / 2.0))
+
     def repaint_mask(self, *crop_landmarks: np.ndarray) -> np.ndarray:
         """The union of the lower-face masks of several landmark sets `(478, 2+)` (the face as it is
-        and as it will be), `(S, S) float32` in [0, 1]: the old jaw must go, the new one must fit."""
-        return np.maximum.reduce([self.lower_face_mask(points) for points in crop_landmarks])
+        and as it will be), `(S, S) float32` in [0, 1]: the old jaw must go, the new one must fit;
+        kept inside their face outlines (`face_hull`), so no skin is painted over the neck, hair or
+        background."""
+        return np.maximum.reduce([self.lower_face_mask(points) for points in crop_landmarks]) * self.face_hull(*crop_landmarks)
 
     def paste_box(self, frame_shape: typing.Tuple[int, ...], transform: np.ndarray, pad: int = 0) -> typing.Tuple[int, int, int, int]:
         """`(x0, y0, x1, y1)`: the frame pixels a crop at `transform` can reach (grown by `pad`), clipped

@@ -84,7 +84,13 @@ class WarpRenderer:
         face = render_warp(crop, landmarks, mouth, mask, resize_inner(identity.inner, size))  # 4.
         if self.config.watermark and watermark:  # 5.
             face = provenance.embed_watermark(face, mask, frame_index)
-        return aligner.paste_region(job.frame, face, transform, mask)  # 6.
+        sigma = 0.7 / transform_scale(transform)  # a crop pixel, in frame pixels
+        if not self.config.detail or sigma < 0.75:  # the crop is at the face's own resolution
+            return aligner.paste_region(job.frame, face, transform, mask)  # 6.
+        # a face larger than `warp_max_size`: the frame's own fine detail back where the mouth did not move
+        region = aligner.paste_region(job.frame, face, transform, mask, pad=int(3 * sigma) + 2)
+        region.pixels = transfer_detail(job.frame[region.box], region.pixels, region.alpha, sigma, FRAME_DETAIL_TOLERANCE)
+        return region
 
     def warm_up(self, batch: int) -> None:
         """The first call loads scipy's spline code."""
