@@ -5,7 +5,8 @@ frames of a video.
     identity = people.from_image(portrait)                        # its face found, or given landmarks
     identity = people.from_frames(crops, crop_landmarks, drift_frames, inner=people.open_mouth(...))
 
-What a person holds: the closed rest mouth the motion is relative to; the renderer's reference crops
+What a person holds: the closed rest mouth the motion is relative to (for a portrait whose mouth is
+open, inferred by the closed-mouth prior, `avatar/motion/closed.py`); the renderer's reference crops
 (a closed and an open mouth); the open mouth the warp renderer takes teeth and tongue from (the
 person's own when a frame shows one, else the bundled bank's closest); the drift monitor's
 references (the source itself and any extra photos of the same person).
@@ -22,6 +23,7 @@ from avatar import media
 from avatar.config import AlignConfig, FaceConfig
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform
+from avatar.motion.closed import MIN_OPEN_GAP, ClosedMouthPrior, closed_gap_ratio
 from avatar.render.base import Identity
 from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, teeth_split
 
@@ -48,6 +50,7 @@ class IdentityBuilder:
         self.crop_size = crop_size
         self.aligner = FaceAligner(AlignConfig(crop_size=crop_size))
         self.inner_aligner = FaceAligner(AlignConfig(crop_size=INNER_SIZE))
+        self.closed_prior = ClosedMouthPrior()
 
     def face_tracker(self):
         """A FaceTracker with these face settings (use as a context manager)."""
@@ -74,8 +77,11 @@ class IdentityBuilder:
                 landmarks = tracker.select(image, what=what).landmarks
         aligned = self.aligner.align(image, landmarks)
         rest, anchor = rest_pose(aligned.landmarks)
+        inferred = closed_gap_ratio(rest) >= MIN_OPEN_GAP
+        if inferred:  # the photo's mouth is open: its closed mouth, from the prior, is where speech starts and ends
+            rest = self.closed_prior.close(rest, anchor, float(lm.interocular(aligned.landmarks)))
         return Identity([aligned.crop] * self.references, rest, anchor, [(image, landmarks)] + self.reference_photos(extra_references),
-                        self.open_mouth(image, aligned.transform, aligned.landmarks))
+                        self.open_mouth(image, aligned.transform, aligned.landmarks), rest_inferred=inferred)
 
     def from_frames(self, crops: typing.Sequence[np.ndarray], crop_landmarks: np.ndarray,
                     drift_frames: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]],

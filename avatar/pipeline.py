@@ -313,7 +313,7 @@ class AvatarPipeline:
                 with clock.time("encode"):
                     writer.write(frame)
         return self._finish("animate", output, {"image": str(image), "audio": str(audio)}, n, fps, samples, started, clock,
-                            monitor, events, failures, {"idle": dataclasses.asdict(idle_config),
+                            monitor, events, failures, {"idle": dataclasses.asdict(idle_config), "rest_inferred": identity.rest_inferred,
                                               "identity_references": len(identity.drift_references)}, report)
 
     def dub(self, video: PathLike, audio: PathLike, output: PathLike, dub_config: DubConfig = DubConfig(),

@@ -55,6 +55,16 @@ def with_mouth(landmarks: np.ndarray, mouth: np.ndarray) -> np.ndarray:
     return out
 
 
+def mouth_width(mouth: np.ndarray) -> float:
+    """Distance between the outer-lip corners (61 and 291) of mouth/jaw points `(59, 2)`."""
+    return float(np.linalg.norm(mouth[0] - mouth[len(LIPS_OUTER) // 2]))
+
+
+def inner_gap_ratio(mouth: np.ndarray) -> float:
+    """Inner-lip gap over the mouth width, of mouth/jaw points `(59, 2)`."""
+    return float(inner_gap(mouth) / max(mouth_width(mouth), 1e-6))
+
+
 def eye_centres(landmarks: np.ndarray) -> np.ndarray:
     """`(..., 478, 2+)` → `(..., 2, 2)`: the subject's right and left eye centres (mean of the corners)."""
     right = landmarks[..., RIGHT_EYE_CORNERS, :2].mean(axis=-2)

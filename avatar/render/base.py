@@ -42,6 +42,7 @@ class Identity:
     the inside of the mouth from, if the person has one. rest / rest_anchor: the closed mouth
     `(59, 2)` and its anchor `(2,)` in crop pixels (`avatar.motion.runner.rest_pose`).
     drift_references: `(image, landmarks (478, 3))` pairs in image pixels for the drift monitor.
+    rest_inferred: the rest mouth was inferred by the closed-mouth prior (the source showed it open).
     """
 
     references: typing.List[np.ndarray]
@@ -49,6 +50,7 @@ class Identity:
     rest_anchor: np.ndarray
     drift_references: typing.List[typing.Tuple[np.ndarray, np.ndarray]]
     inner: InnerMouth = dataclasses.field(default_factory=lambda: InnerMouth(None, None))
+    rest_inferred: bool = False
 
 
 @dataclasses.dataclass

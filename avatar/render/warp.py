@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from avatar.face import landmarks as lm
+from avatar.face.landmarks import inner_gap_ratio, mouth_width
 
 N_OUTER, N_INNER = len(lm.LIPS_OUTER), len(lm.LIPS_INNER)
 INNER = slice(N_OUTER, N_OUTER + N_INNER)
@@ -100,15 +101,6 @@ def borrowed_mouth(image: np.ndarray, mouth: np.ndarray) -> InnerMouth:
     to_lab = lambda rgb: cv2.cvtColor(np.uint8([[np.clip(rgb, 0, 255)]]), cv2.COLOR_RGB2LAB)[0, 0].astype(np.float64)
     own = to_lab(lip_colour(image, mouth))
     return min(bank, key=lambda entry: float(np.linalg.norm(to_lab(lip_colour(entry.crop, entry.mouth)) - own)))
-
-
-def mouth_width(mouth: np.ndarray) -> float:
-    return float(np.linalg.norm(mouth[0] - mouth[N_OUTER // 2]))  # outer-lip corners (61 and 291)
-
-
-def inner_gap_ratio(mouth: np.ndarray) -> float:
-    """Inner-lip gap over the mouth width, of mouth/jaw points `(59, 2)`."""
-    return float(lm.inner_gap(mouth) / max(mouth_width(mouth), 1e-6))
 
 
 def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
@@ -286,10 +278,15 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
     above = upper_side(target_mouth, size)[..., None]
     moved = pieces[0] * above + pieces[1] * (1 - above)
 
-    # The inside of the mouth: wherever the target's lips part wider than the source's could supply.
+    # The inside of the mouth, composed of rows (`teeth_rows`): wherever the target's lips part wider
+    # than the source's could supply, and wherever they part less than an open source's (the warps
+    # would squash its teeth; real lips close over them).
     width = max(mouth_width(target_mouth), 1.0)
-    opening = inner_gap_ratio(target_mouth) - max(inner_gap_ratio(source_mouth), MIN_OPEN)
-    if opening > 0:  # wider than the source's own mouth can show
+    source_gap = inner_gap_ratio(source_mouth)
+    opening = inner_gap_ratio(target_mouth) - max(source_gap, MIN_OPEN)
+    if source_gap > MIN_OPEN and inner.usable:
+        opening = abs(inner_gap_ratio(target_mouth) - source_gap)
+    if opening > 0:
         hole = _polygon_mask(target_mouth[INNER], size, feather=max(0.6, width * 0.02)) * min(1.0, opening / 0.06)
         lips_rgb = lip_colour(moved, target_mouth)
         fill = cavity(lips_rgb, target_mouth, size)
