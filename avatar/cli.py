@@ -48,7 +48,8 @@ def _print_result(result, report: typing.Optional[str]) -> int:
     replaced = (result.report.get("artifacts") or {}).get("frames") or []
     if replaced:
         times = ", ".join(f"{item['t']:.2f} s" for item in replaced[:5]) + (", ..." if len(replaced) > 5 else "")
-        print(f"warning: {len(replaced)} frame(s) failed the artifact check and show the input instead ({times}); see the report")
+        print(f"warning: {len(replaced)} frame(s) were not repainted (the artifact check or the pose limit) and show the input "
+              f"instead ({times}); see the report")
     if result.report.get("drift") and result.report["drift"]["alarms"]:
         kinds = sorted({a["kind"] for a in result.report["drift"]["alarms"]})
         print(f"warning: identity-drift alarms ({', '.join(kinds)}); see the report for when")

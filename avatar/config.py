@@ -225,6 +225,7 @@ class ArtifactConfig:
     min_cell_detail_ratio: float = 0.2  # the same in the flattest of a 4 × 4 grid of cells: lower is a flat patch
     max_outside_share: float = 0.05  # share of the repaint weight outside the face (as it is ∪ as it will be, grown)
     face_margin: float = 0.1  # the face's outline is grown by this × the face's height before that test
+    max_yaw_deg: float = 45.0  # a face turned further is not rendered (dub: the frame passes through; animate: refused)
 
 
 @dataclass(frozen=True)

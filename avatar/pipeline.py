@@ -36,7 +36,7 @@ from avatar import audio as audio_frontend
 from avatar.artifacts import ArtifactCheck, Verdict
 from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig,
                            SilenceConfig)
-from avatar.errors import MediaError, NoFaceError
+from avatar.errors import FaceError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, FaceRegion, apply_transform, invert_transform
 from avatar.frames import FrameStore, fit_image, pingpong_schedule
@@ -192,6 +192,14 @@ class AvatarPipeline:
             frames.append(job.frame if region is None else region.place(job.frame))
         return frames
 
+    def pose_limit(self, yaw: float) -> typing.Optional[str]:
+        """Why a face turned `yaw` degrees is not rendered (`ArtifactConfig.max_yaw_deg`: beyond it the
+        warp smears the jaw along the far cheek), or None."""
+        limit = self.artifact_check.config.max_yaw_deg
+        if self.artifact_check.config.enabled and abs(yaw) > limit:
+            return f"pose: the face is turned {abs(yaw):.0f}° (> {limit:g}°); the frame is passed through"
+        return None
+
     def review(self, job: FrameJob, region: FaceRegion) -> Verdict:
         """The artifact check of one finished region against the job's frame."""
         offset = np.array([region.left, region.top], np.float64)
@@ -297,6 +305,11 @@ class AvatarPipeline:
         with clock.time("face"):
             with self.face_tracker() as tracker:
                 landmarks = tracker.select(portrait, what=str(image)).landmarks
+            turned = self.pose_limit(float(lm.yaw_degrees(landmarks)))
+            if turned:
+                raise FaceError(f"{image}: the face is turned {abs(float(lm.yaw_degrees(landmarks))):.0f}° from frontal "
+                                f"(at most {self.artifact_check.config.max_yaw_deg:g}° can be animated); give a portrait "
+                                f"that faces the camera more")
             identity = self.prepare_image(portrait, landmarks, what=str(image), extra_references=references)
         fps = self.config.fps
         events: typing.List[typing.Dict[str, typing.Any]] = []
@@ -390,10 +403,19 @@ class AvatarPipeline:
             events: typing.List[typing.Dict[str, typing.Any]] = []
             monitor = self._drift_monitor(identity, events)
 
+            failures: typing.List[typing.Dict[str, typing.Any]] = []
+            yaw = np.full(n_source, np.nan)
+            yaw[good] = [lm.yaw_degrees(frame_lms[i]) for i in good]
+
             def jobs() -> typing.Iterator[FrameJob]:
                 for j, source in enumerate(schedule):
                     frame = store[int(source)]
                     if not valid[source]:
+                        yield FrameJob(frame)
+                        continue
+                    turned = self.pose_limit(float(yaw[source]))
+                    if turned:  # beyond what the renderers draw correctly: the frame as it is
+                        failures.append({"frame": j, "t": round(j / fps, 3), "why": turned})
                         yield FrameJob(frame)
                         continue
                     mouth = mouths[j] + (anchors[source] - identity.rest_anchor)
@@ -402,7 +424,6 @@ class AvatarPipeline:
             metadata = provenance.container_metadata(self.model_hashes)
             with media.VideoWriter(output, fps, samples_out, self.encoder.config.sample_rate, crf=self.config.crf,
                                    metadata=metadata, inputs=inputs) as writer:
-                failures: typing.List[typing.Dict[str, typing.Any]] = []
                 for frame in tqdm(self.render_jobs(identity, jobs(), fps, monitor, clock, failures), total=n_out, desc="dub",
                                   unit="frame", disable=not progress):
                     with clock.time("encode"):
@@ -413,5 +434,6 @@ class AvatarPipeline:
         loops = int(np.sum((steps < 0) & (np.r_[0, steps[:-1]] >= 0)))  # times the video turned or jumped back
         extra = {"dub": dataclasses.asdict(dub_config), "source_frames": n_source, "frames_without_face": int(n_source - good.size),
                  "speech_frames": n_audio, "reversals_or_restarts": loops, "identity_references": len(identity.drift_references)}
+        failures.sort(key=lambda item: item["frame"])
         return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,
                             clock, monitor, events, failures, extra, report)

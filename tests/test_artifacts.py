@@ -243,3 +243,91 @@ def test_the_closed_mouth_prior_closes_held_out_mouths_better_than_the_baselines
     model = fcm.fit(opened, closed, 0.01)
     prior = fcm.error(fcm.predict(model, v_open), v_closed)
     assert prior < fcm.error(v_open, v_closed) and prior < fcm.error(fcm.lift(v_open), v_closed), prior
+
+
+TURNED_CLIP = DATA / "video/Hangz-nju-cuhk__Talking-Face_PC-AVS/00002.mp4"  # turns up to 55° from frontal
+
+
+def test_a_face_turned_beyond_the_pose_limit_passes_through_and_is_reported(tmp_path):
+    """Dub of a real clip whose speaker turns towards profile: frames turned more than 45° are the
+    source frames unchanged and listed ("pose"), the others are repainted; a portrait turned that far
+    is refused with one line."""
+    import subprocess
+    import sys
+
+    from avatar.face.video import align_video
+    from conftest import REPO, SPEECH_FLAC
+
+    clip = media.read_video(TURNED_CLIP, max_frames=40)
+    media.write_video(tmp_path / "clip.mp4", clip.frames, clip.fps, clip.audio[:int(40 / clip.fps * 16000)], crf=12)
+    media.write_audio(tmp_path / "speech.wav", media.read_audio(SPEECH_FLAC)[:int(40 / clip.fps * 16000)])
+    source = media.read_video(tmp_path / "clip.mp4").frames
+    yaw = np.array([abs(lm.yaw_degrees(t.frame_landmarks)) if t.valid else 0.0
+                    for t in align_video(media.iter_video_frames(tmp_path / "clip.mp4"))])
+    assert (yaw > 45).sum() >= 3 and (yaw <= 45).sum() >= 3
+    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(drift=False))
+    result = pipeline.dub(tmp_path / "clip.mp4", tmp_path / "speech.wav", tmp_path / "out.mp4", progress=False)
+    posed = [item["frame"] for item in result.report["artifacts"]["frames"] if item["why"].startswith("pose")]
+    assert posed == [int(i) for i in np.flatnonzero(yaw > 45)]
+    out = media.read_video(tmp_path / "out.mp4").frames
+    turned, frontal = int(np.argmax(yaw)), int(np.argmin(np.where(yaw > 0, yaw, 99)))
+    assert np.abs(out[turned].astype(int) - source[turned]).mean() < np.abs(out[frontal].astype(int) - source[frontal]).mean()
+    cv2.imwrite(str(tmp_path / "turned.png"), cv2.cvtColor(source[turned], cv2.COLOR_RGB2BGR))
+    refused = subprocess.run([sys.executable, "-m", "avatar.cli", "animate", "--image", str(tmp_path / "turned.png"), "--audio",
+                              str(tmp_path / "speech.wav"), "--output", str(tmp_path / "a.mp4"), "--quiet"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "turned" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert not (tmp_path / "a.mp4").exists()
+
+
+def test_a_small_face_still_shows_its_mouth_move(pipeline, tracker):
+    """A tight 160×160 crop of a validation speaker (the face about 100 px high), animated with real
+    speech: the re-detected mouth opening follows the asked one (r ≥ 0.8) over a range of at least
+    0.07 inter-ocular distances (the same portrait at 512 px: about 0.13)."""
+    from avatar.config import IdleConfig
+
+    portrait = media.read_video(DATA / "video/smeetrs__deep_avsr/00006.mp4", max_frames=6, with_audio=False).frames[5]
+    assert portrait.shape[:2] == (160, 160)
+    landmarks = tracker.select(portrait).landmarks
+    identity = pipeline.prepare_image(portrait, landmarks)
+    speech = media.read_audio(DATA / "video/OpenTalker__SadTalker/WDA_KatieHill_000.mp4")[16000:16000 * 4]
+    frames = list(pipeline.animate_frames(identity, portrait, landmarks, speech, IdleConfig(enabled=False)))
+    mouths = pipeline.motion.from_audio(speech, 25.0, identity.rest, len(frames))
+    job = pipeline.still_job(identity, portrait, landmarks, mouths[0])
+    asked = lm.inner_gap(mouths[::3]) / lm.interocular(job.crop_landmarks)
+    seen = []
+    for frame in frames[::3]:
+        detected = tracker.select(frame).landmarks
+        seen.append(lm.mouth_opening(detected) / lm.interocular(detected))
+    assert np.ptp(seen) >= 0.07 and np.corrcoef(seen, asked)[0, 1] >= 0.8, (np.ptp(seen), np.corrcoef(seen, asked)[0, 1])
+
+
+def test_a_rolled_head_is_rendered_inside_its_face(tmp_path):
+    """A real GRID clip turned 35° in the picture plane (a head tilted onto the shoulder): the
+    alignment follows the roll, so every frame is repainted (none fails the check) and every
+    repainted pixel lies inside the face's outline as it is or as it will be."""
+    from avatar.face.video import align_video
+    from avatar.render.base import FrameJob, RenderBatch
+    from conftest import GRID_CLIP, SPEECH_FLAC
+
+    clip = media.read_video(GRID_CLIP, max_frames=12)
+    h, w = clip.frames[0].shape[:2]
+    turn = cv2.getRotationMatrix2D((w / 2, h / 2), 35, 0.8)
+    frames = [cv2.warpAffine(f, turn, (w, h), borderMode=cv2.BORDER_REFLECT) for f in clip.frames]
+    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(watermark=False, workers=1))
+    tracked = [t for t in align_video(((i / clip.fps, f) for i, f in enumerate(frames))) if t.valid]
+    assert len(tracked) == 12
+    crop_landmarks = np.stack([t.aligned.landmarks for t in tracked])
+    identity = pipeline.prepare_frames([], crop_landmarks, [])
+    mouths = pipeline.motion.from_audio(media.read_audio(SPEECH_FLAC)[:16000], 25.0, identity.rest, len(tracked))
+    jobs = [FrameJob(t.image, t.aligned.transform, t.aligned.landmarks, t.frame_landmarks,
+                     mouths[i] + (lm.mouth_anchor(t.aligned.landmarks) - identity.rest_anchor)) for i, t in enumerate(tracked)]
+    failed = []
+    outputs = pipeline.render_batch(jobs, [identity] * len(jobs), range(len(jobs)), failed)
+    assert failed == []
+    for job, out in zip(jobs, outputs):
+        changed = np.abs(out.astype(int) - job.frame).max(axis=2) > 0
+        target = lm.with_mouth(job.crop_landmarks, job.mouth)
+        hull = pipeline.aligner.face_hull(job.crop_landmarks, target)
+        inside = pipeline.aligner.paste_alpha(job.frame.shape, job.transform, (hull > 0).astype(np.float32)) > 0
+        assert changed.any() and not (changed & ~inside).any()
