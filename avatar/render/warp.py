@@ -118,22 +118,31 @@ def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
     return np.concatenate(points)
 
 
-def backward_map(target: np.ndarray, source: np.ndarray, size: int) -> typing.Tuple[np.ndarray, np.ndarray]:
+def backward_map(target: np.ndarray, source: np.ndarray, size: int,
+                 box: typing.Optional[typing.Tuple[int, int, int, int]] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
     """Thin-plate spline through `target (N, 2)` → `source (N, 2)`: for every output pixel, where to
-    sample the source. Returns `(map_x, map_y)`, each `(S, S) float32`, for cv2.remap."""
+    sample the source. Returns `(map_x, map_y)`, each `(S, S) float32` for cv2.remap, or only the
+    pixels of `box` `(x0, y0, x1, y1)` (the same values there: the coarse grid stays on multiples of
+    GRID_STEP, with a step to spare round the box)."""
     from scipy.interpolate import RBFInterpolator
 
+    x0, y0, x1, y1 = box or (0, 0, size, size)
     _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
     keep = np.sort(keep)
     spline = RBFInterpolator(target[keep], source[keep] - target[keep], kernel="thin_plate_spline", smoothing=1e-3)
-    coarse = np.arange(0, size + GRID_STEP, GRID_STEP, dtype=np.float64)
-    gx, gy = np.meshgrid(coarse, coarse)
-    shift = spline(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(len(coarse), len(coarse), 2).astype(np.float32)
-    full = cv2.resize(shift, (len(coarse) * GRID_STEP, len(coarse) * GRID_STEP), interpolation=cv2.INTER_LINEAR)[:size, :size]
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    gx0, gy0 = max(0, (x0 // GRID_STEP - 2) * GRID_STEP), max(0, (y0 // GRID_STEP - 2) * GRID_STEP)
+    gx1, gy1 = min(size, (x1 // GRID_STEP + 2) * GRID_STEP), min(size, (y1 // GRID_STEP + 2) * GRID_STEP)
+    coarse_x = np.arange(gx0, gx1 + GRID_STEP, GRID_STEP, dtype=np.float64)
+    coarse_y = np.arange(gy0, gy1 + GRID_STEP, GRID_STEP, dtype=np.float64)
+    gx, gy = np.meshgrid(coarse_x, coarse_y)
+    shift = spline(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(len(coarse_y), len(coarse_x), 2).astype(np.float32)
+    width, height = len(coarse_x) * GRID_STEP, len(coarse_y) * GRID_STEP
+    full = cv2.resize(shift, (width, height), interpolation=cv2.INTER_LINEAR)
     # resize aligns pixel edges; the coarse grid sits on pixel centres 0, STEP, ...: shift by half a step
     offset = (GRID_STEP - 1) / 2.0
-    full = cv2.warpAffine(full, np.float32([[1, 0, offset], [0, 1, offset]]), (size, size), borderMode=cv2.BORDER_REPLICATE)
+    full = cv2.warpAffine(full, np.float32([[1, 0, offset], [0, 1, offset]]), (width, height), borderMode=cv2.BORDER_REPLICATE)
+    full = full[y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     return xs + full[..., 0], ys + full[..., 1]
 
 
@@ -271,12 +280,17 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
     source_mouth = points[lm.MOUTH_AND_JAW]
     target_mouth = np.asarray(target_mouth, np.float64)
     fixed = np.concatenate([points[FIXED_POINTS], _anchor_ring(size, mask)])
+    # only the repaint region's box is warped: outside it the caller keeps the frame's own pixels
+    ys, xs = np.nonzero(mask > 0)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if ys.size else (0, 0, 1, 1)
+    x0, y0, x1, y1 = box
     pieces = []
     for part in (UPPER, LOWER):
-        map_x, map_y = backward_map(np.concatenate([target_mouth[part], fixed]), np.concatenate([source_mouth[part], fixed]), size)
+        map_x, map_y = backward_map(np.concatenate([target_mouth[part], fixed]), np.concatenate([source_mouth[part], fixed]), size, box)
         pieces.append(cv2.remap(crop, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32))
-    above = upper_side(target_mouth, size)[..., None]
-    moved = pieces[0] * above + pieces[1] * (1 - above)
+    above = upper_side(target_mouth, size)[y0:y1, x0:x1, None]
+    moved = crop.astype(np.float32)
+    moved[y0:y1, x0:x1] = pieces[0] * above + pieces[1] * (1 - above)
 
     # The inside of the mouth, composed of rows (`teeth_rows`): wherever the target's lips part wider
     # than the source's could supply, and wherever they part less than an open source's (the warps
@@ -294,7 +308,11 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
             if inner.lower_row is not None and inner.lower_row.usable:
                 fill = teeth_rows(inner.lower_row, target_mouth, fill, lips_rgb, upper=False)
             fill = teeth_rows(inner, target_mouth, fill, lips_rgb)
-        moved = moved * (1 - hole[..., None]) + fill * hole[..., None]
+        ys, xs = np.nonzero(hole > 0)
+        if ys.size:  # blend where the hole is
+            inside = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+            alpha = hole[inside][..., None]
+            moved[inside] = moved[inside] * (1 - alpha) + fill[inside] * alpha
     return np.clip(moved + 0.5, 0, 255).astype(np.uint8)
 
 
