@@ -33,3 +33,11 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, np.float64) - np.mean(b)
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: typing.Optional[np.ndarray] = None) -> float:
+    """PSNR (dB, peak 255) of two images on the 0-255 scale, over the pixels where `mask` (bool, the
+    images' shape or their first dimensions) is set, or over all of them."""
+    diff = np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    mse = diff[mask].mean() if mask is not None else diff.mean()
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from avatar.config import RenderConfig
 from avatar.metrics import sharpness
 from avatar.render.condition import from_unit
-from avatar.render.sampling import timesteps
+from avatar.render.sampling import clean_from_v, noised, timesteps
 from avatar.render.unet import Denoiser
 from training.common import finish_training, log_training, save_checkpoint, start_process, time_is_up, update_average
 from training.render_data import RenderSampler, batch_stream, load_render_clips
@@ -221,10 +221,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             times = np.where(batch["has_draft"], rng.choice(draft_times, cfg.batch), times).astype(np.float32)
             source = torch.from_numpy(batch["draft"]).to(device)  # the clean crop where a sample has no draft
         alpha, sigma = noise_levels(times, device)
-        x_t = alpha * source + sigma * torch.randn_like(clean)
+        x_t = noised(source, torch.randn_like(clean), alpha, sigma)
         with autocast():
             v = trainable(cl(x_t), torch.from_numpy(times).to(device), cl(condition)).float()
-        x0 = (alpha * x_t - sigma * v).clamp(-1, 1)
+        x0 = clean_from_v(x_t, v, alpha, sigma).clamp(-1, 1)
         composite = x0 * mask + clean * (1 - mask)
 
         # 3b. Losses: reconstruction, distillation through the teacher, adversarial.

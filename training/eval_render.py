@@ -34,7 +34,7 @@ from avatar.config import AlignConfig
 from avatar.errors import FaceError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
-from avatar.metrics import sharpness
+from avatar.metrics import masked_psnr, sharpness
 from avatar.render.condition import build_condition, composite
 from avatar.render.runner import OnnxDenoiser
 from avatar.render.sampling import steps_from
@@ -62,11 +62,6 @@ class ModelRow:
     def label(self) -> str:
         steps = f"{self.name}, {self.steps} step" + ("s" if self.steps > 1 else "")
         return steps + (f" from warp t={self.start:g}" if self.start < 1 else "")
-
-
-def _region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2)[region].mean()
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)))
 
 
 def _region_ssim(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
@@ -135,7 +130,7 @@ def evaluate_render(models: typing.Sequence[ModelRow], clips: typing.Sequence[Re
                     landmark_error = 100.0
                 embedding = embedder.embed(output, clip.landmarks[index])
                 rows[method].append({
-                    "psnr": _region_psnr(output, target, region), "ssim": _region_ssim(output, target, region),
+                    "psnr": masked_psnr(output, target, region), "ssim": _region_ssim(output, target, region),
                     "sharpness_ratio": sharpness(output, region) / max(sharpness(target, region), 1e-9),
                     "landmark_error": landmark_error,
                     "identity_distance": float(min(np.linalg.norm(embedding - e) for e in ref_embeddings)),

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from avatar.config import RenderConfig
 from avatar.render.condition import from_unit
-from avatar.render.sampling import alpha_sigma, sample_ddim
+from avatar.metrics import masked_psnr
+from avatar.render.sampling import alpha_sigma, clean_from_v, noised, sample_ddim, v_target
 from avatar.render.unet import Denoiser
 from training.export_render import load_denoiser, same_architecture
 from training.common import finish_training, log_training, save_checkpoint, start_process, time_is_up, training_arguments, update_average
@@ -68,9 +69,8 @@ def validate(model: Denoiser, batch: typing.Dict[str, np.ndarray], device: torch
     """Sample the held-out batch; mouth-region PSNR (dB) against the real crops, and the outputs."""
     noise = np.random.default_rng(seed).standard_normal(batch["clean"].shape).astype(np.float32)
     x0 = sample_ddim(torch_model_fn(model, device), noise, batch["condition"], steps)
-    region = batch["condition"][:, 3:4] > 0.5
-    mse = (((x0 - batch["clean"]) * 127.5) ** 2 * region).sum() / (region.sum() * 3)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9))), x0
+    region = np.broadcast_to(batch["condition"][:, 3:4] > 0.5, x0.shape)
+    return masked_psnr(x0 * 127.5, batch["clean"] * 127.5, region), x0
 
 
 def save_grid(path: pathlib.Path, batch: typing.Dict[str, np.ndarray], x0: np.ndarray, rows: int = 8) -> None:
@@ -152,13 +152,13 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         t = torch.from_numpy(times).to(device)
         noise = torch.randn_like(clean)
         alpha, sigma = noise_levels(times, device)
-        x_t = alpha * clean + sigma * noise
-        target_v = alpha * noise - sigma * clean
+        x_t = noised(clean, noise, alpha, sigma)
+        target_v = v_target(clean, noise, alpha, sigma)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             v = trainable(x_t.contiguous(memory_format=torch.channels_last), t, condition.contiguous(memory_format=torch.channels_last))
         v = v.float()
         v_loss = ((v - target_v) ** 2 * weight).mean() / weight.mean()
-        x0 = alpha * x_t - sigma * v
+        x0 = clean_from_v(x_t, v, alpha, sigma)
         x0_loss = ((x0 - clean).abs() * mask).sum() / (mask.sum() * 3).clamp(min=1)
         loss = v_loss + cfg.x0_weight * x0_loss
         optimiser.zero_grad(set_to_none=True)

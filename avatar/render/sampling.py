@@ -20,6 +20,26 @@ def alpha_sigma(t):
     return np.cos(0.5 * np.pi * t), np.sin(0.5 * np.pi * t)
 
 
+def noised(clean, noise, alpha, sigma):
+    """x_t = alpha·x0 + sigma·noise (numpy arrays or torch tensors alike)."""
+    return alpha * clean + sigma * noise
+
+
+def v_target(clean, noise, alpha, sigma):
+    """What the model learns to predict: v = alpha·noise − sigma·x0."""
+    return alpha * noise - sigma * clean
+
+
+def clean_from_v(x_t, v, alpha, sigma):
+    """x0 = alpha·x_t − sigma·v."""
+    return alpha * x_t - sigma * v
+
+
+def noise_from_v(x_t, v, alpha, sigma):
+    """noise = sigma·x_t + alpha·v."""
+    return sigma * x_t + alpha * v
+
+
 def timesteps(steps: int, start: float = 1.0) -> np.ndarray:
     """`steps + 1` times from `start` down to 0, uniform in t."""
     if steps < 1:
@@ -51,16 +71,16 @@ def sample_ddim(model: Model, noise: np.ndarray, condition: np.ndarray, steps: i
         raise ValueError("a start time below 1 needs a draft (init) to noise")
     times = timesteps(steps, start)
     alpha, sigma = alpha_sigma(start)
-    x = (noise if start >= 1.0 else alpha * init + sigma * noise).astype(np.float32)
+    x = (noise if start >= 1.0 else noised(init, noise, alpha, sigma)).astype(np.float32)
     x0 = x
     for i in range(steps):
         t, t_next = times[i], times[i + 1]
         alpha, sigma = alpha_sigma(t)
         v = model(x, np.full((x.shape[0],), t, np.float32), condition)
-        x0 = np.clip(alpha * x - sigma * v, -1.0, 1.0)
-        eps = sigma * x + alpha * v
+        x0 = np.clip(clean_from_v(x, v, alpha, sigma), -1.0, 1.0)
+        eps = noise_from_v(x, v, alpha, sigma)
         alpha_next, sigma_next = alpha_sigma(t_next)
-        x = (alpha_next * x0 + sigma_next * eps).astype(np.float32)
+        x = noised(x0, eps, alpha_next, sigma_next).astype(np.float32)
         if callback is not None:
             callback(i + 1, steps, x0)
     return x0.astype(np.float32)
