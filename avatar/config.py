@@ -311,6 +311,7 @@ class RealtimeConfig:
     drift_every_s: float = 2.0  # identity-drift sample interval per session (0: off)
     # Server limits
     max_sessions: int = 4
+    encode_workers: int = 0  # threads encoding the streams' frames (JPEG / H.264) off the render thread; 0: one per core, at most 8
     max_message_bytes: int = 1 << 20
     idle_timeout_s: float = 30.0  # close a connection that sends nothing for this long
     client_queue_frames: int = 25  # frames waiting for a slow client; older ones are dropped first

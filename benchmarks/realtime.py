@@ -5,8 +5,9 @@
 Each session streams real speech at real-time pace in 20 ms chunks (as a microphone would) and
 receives the frames. Per session count: sustained frames/s per session, first-frame latency (first
 sample sent → first frame received), audio → frame latency p50/p95 (a frame's arrival minus the moment
-the audio it needs, pts + look-ahead, had been sent), the look-ahead, and frames repeated to hold
-sync (dropped). The server runs in this process (one render thread); the clients share its CPU.
+the audio it needs, pts + look-ahead, had been sent), the look-ahead, frames repeated to hold sync
+(dropped), and the encode cost per frame and stream (JPEG, on the server's encode pool). The server
+runs in this process (one render thread, the encode pool); the clients share its CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     print(f"renderer: {detail}, providers {', '.join(engine.pipeline.providers)}; "
           f"portrait {args.image.name} (scaled to {config.max_side} px), {args.seconds:g} s of speech per session; "
           f"server and clients share this process")
-    print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9}")
+    print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9} {'encode/frame':>13}")
     for count in args.sessions:
         server = AvatarServer(engine, media.read_image(args.image), config)
         with BackgroundServer(server) as background:
@@ -59,7 +60,8 @@ def main(argv=None) -> None:
         dropped = sum(f["dropped"] for f in figures) / max(1, sum(f["frames"] for f in figures))
         print(f"{count:>8} {fps:>12.1f} {1000 * np.mean([f['first_frame_s'] for f in figures]):>10.0f} ms "
               f"{np.mean([f['p50_ms'] for f in figures]):>9.0f} ms {np.mean([f['p95_ms'] for f in figures]):>9.0f} ms "
-              f"{figures[0]['lookahead_ms']:>8.1f} ms {100 * dropped:>8.0f}%", flush=True)
+              f"{figures[0]['lookahead_ms']:>8.1f} ms {100 * dropped:>8.0f}% "
+              f"{1000 * server.encode_seconds / max(server.encoded, 1):>10.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import hmac
 import importlib.resources
 import json
+import os
 import secrets
 import struct
 import threading
@@ -132,12 +134,16 @@ class Client:
     encoder: typing.Optional[H264Encoder] = None
     need_keyframe: bool = False  # set when frames were dropped from the queue (H.264 needs a fresh start)
     queue_dropped: int = 0
+    encoding: typing.Optional[concurrent.futures.Future] = None  # the client's last frame on the encode pool
+    encode_seconds: float = 0.0
+    encoded: int = 0
     reported: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
     latencies: typing.Deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=500))  # recent frames
 
 
 class AvatarServer:
-    """The server: one render thread for all sessions, one asyncio loop for the connections."""
+    """The server: one render thread for all sessions, a pool encoding their frames (each client's in
+    order), one asyncio loop for the connections."""
 
     def __init__(self, engine, portrait: np.ndarray, config: RealtimeConfig = RealtimeConfig(), token: typing.Optional[str] = None):
         self.engine, self.config = engine, config
@@ -147,12 +153,14 @@ class AvatarServer:
         self.loop: typing.Optional[asyncio.AbstractEventLoop] = None
         self.stopping = threading.Event()
         self.page = importlib.resources.files("realtime").joinpath("static/index.html").read_text()
+        # JPEG / H.264 for every stream, off the render thread: a pool sized to the host
+        self.encoders = concurrent.futures.ThreadPoolExecutor(config.encode_workers or min(8, os.cpu_count() or 1),
+                                                              thread_name_prefix="avatar-encode")
+        self.encode_seconds, self.encoded = 0.0, 0  # all streams, since the start
         self.rejected = {"auth": 0, "busy": 0}
 
     # ------------------------------------------------------------------ render thread
     def _render_loop(self) -> None:
-        import cv2
-
         while not self.stopping.is_set():
             now = time.perf_counter()
             for client in list(self.clients.values()):
@@ -160,16 +168,35 @@ class AvatarServer:
             if self.engine.step() == 0:
                 time.sleep(0.003)
             for client in list(self.clients.values()):
-                for frame in client.session.pop_frames():
-                    if client.encoder is not None:
-                        picture = client.encoder.encode(frame.image, keyframe=client.need_keyframe)
-                        client.need_keyframe = False
-                    else:
-                        ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
-                        picture = jpeg.tobytes()
-                    message = encode_frame(frame.index, frame.pts, frame.repeated, picture, frame.audio)
-                    client.latencies.append(frame.latency_s)
-                    self.loop.call_soon_threadsafe(self._enqueue, client, message)
+                frames = client.session.pop_frames()
+                if frames:  # encoded on the pool, after the client's previous frames (per-client order)
+                    client.encoding = self.encoders.submit(self._encode, client, frames, client.encoding)
+        self.encoders.shutdown(wait=False, cancel_futures=True)
+
+    def _encode(self, client: Client, frames: typing.List[typing.Any], previous: typing.Optional[concurrent.futures.Future]) -> None:
+        """JPEG or H.264 for a client's frames, then their messages onto its queue (on the encode pool)."""
+        import cv2
+
+        if previous is not None:
+            previous.result()
+        started = time.perf_counter()
+        messages = []
+        for frame in frames:
+            if client.encoder is not None:
+                picture = client.encoder.encode(frame.image, keyframe=client.need_keyframe)
+                client.need_keyframe = False
+            else:
+                ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
+                picture = jpeg.tobytes()
+            messages.append(encode_frame(frame.index, frame.pts, frame.repeated, picture, frame.audio))
+            client.latencies.append(frame.latency_s)
+        seconds = time.perf_counter() - started
+        client.encode_seconds += seconds
+        client.encoded += len(frames)
+        self.encode_seconds += seconds
+        self.encoded += len(frames)
+        for message in messages:
+            self.loop.call_soon_threadsafe(self._enqueue, client, message)
 
     def _enqueue(self, client: Client, message: bytes) -> None:
         while client.queue.full():  # a slow client loses its oldest frames, nobody waits
@@ -282,6 +309,7 @@ class AvatarServer:
         return {"type": "stats", **client.session.stats(), "queue_dropped": client.queue_dropped,
                 "latency_p50_ms": 1000 * float(np.median(latencies)) if latencies else None,
                 "latency_p95_ms": 1000 * float(np.percentile(latencies, 95)) if latencies else None,
+                "encode_ms": 1000 * client.encode_seconds / client.encoded if client.encoded else None,
                 "sessions": len(self.clients), "client": client.reported}
 
     def stats(self) -> typing.Dict[str, typing.Any]:
