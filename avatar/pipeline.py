@@ -200,6 +200,14 @@ class AvatarPipeline:
             return f"pose: the face is turned {abs(yaw):.0f}° (> {limit:g}°); the frame is passed through"
         return None
 
+    def check_portrait_pose(self, landmarks: np.ndarray, what: str) -> None:
+        """Raise a one-line FaceError when a portrait's face (`landmarks (478, 3)`) is turned beyond the
+        pose limit: every frame of it would be passed through."""
+        yaw = float(lm.yaw_degrees(landmarks))
+        if self.pose_limit(yaw):
+            raise FaceError(f"{what}: the face is turned {abs(yaw):.0f}° from frontal (at most "
+                            f"{self.artifact_check.config.max_yaw_deg:g}° can be animated); give a portrait that faces the camera more")
+
     def review(self, job: FrameJob, region: FaceRegion) -> Verdict:
         """The artifact check of one finished region against the job's frame."""
         offset = np.array([region.left, region.top], np.float64)
@@ -305,11 +313,7 @@ class AvatarPipeline:
         with clock.time("face"):
             with self.face_tracker() as tracker:
                 landmarks = tracker.select(portrait, what=str(image)).landmarks
-            turned = self.pose_limit(float(lm.yaw_degrees(landmarks)))
-            if turned:
-                raise FaceError(f"{image}: the face is turned {abs(float(lm.yaw_degrees(landmarks))):.0f}° from frontal "
-                                f"(at most {self.artifact_check.config.max_yaw_deg:g}° can be animated); give a portrait "
-                                f"that faces the camera more")
+            self.check_portrait_pose(landmarks, str(image))
             identity = self.prepare_image(portrait, landmarks, what=str(image), extra_references=references)
         fps = self.config.fps
         events: typing.List[typing.Dict[str, typing.Any]] = []

@@ -35,8 +35,7 @@ import numpy as np
 
 from avatar import idle
 from avatar.config import IdentityConfig, IdleConfig, PipelineConfig, RealtimeConfig
-from avatar.errors import FaceError, MediaError
-from avatar.face import landmarks as lm
+from avatar.errors import MediaError
 
 STREAM_RATE = 16000  # what the motion model hears
 
@@ -250,10 +249,7 @@ class Engine:
         portrait = fit_image(image, self.config.max_side)
         with self.pipeline.face_tracker() as tracker:
             landmarks = tracker.select(portrait, what="the portrait").landmarks
-        turned = self.pipeline.pose_limit(float(lm.yaw_degrees(landmarks)))
-        if turned:
-            raise FaceError(f"the portrait's face is turned {abs(float(lm.yaw_degrees(landmarks))):.0f}° from frontal (at most "
-                            f"{self.pipeline.artifact_check.config.max_yaw_deg:g}°); give one that faces the camera more")
+        self.pipeline.check_portrait_pose(landmarks, "the portrait")
         identity = self.pipeline.prepare_image(portrait, landmarks)
         centre, height = idle.face_centre_and_height(landmarks)
         avatar = Avatar(key, portrait, landmarks, identity, centre, height)

@@ -9,11 +9,16 @@ pixel's sharpness and the person's identity, because it only moves what is there
    the inner edge of the upper lip, the other that of the lower lip, and the output takes the first
    above the target's mouth line and the second below it. One smooth warp cannot close an open
    mouth (the lips' inner edges would have to land on the same line from two places); two can;
-2. where the target's lips part wider than the source's, the mouth's inside (teeth, tongue, shadow)
-   comes from the person's open-mouth reference, warped onto the target's lips; a person with no
-   open mouth anywhere (most portraits) borrows one from `assets/mouth_bank.npz` (real open mouths
-   of training people, `training/make_mouth_bank.py`), picked by lip colour and brought to the
-   person's brightness; with no bank either, a shaded dark fill stands in;
+2. the inside of the mouth is composed of rows, never stretched (`teeth_rows`): the upper row (upper
+   teeth) hangs from the target's upper inner lip, the lower row (lower teeth, tongue) rides on its
+   lower inner lip, each keeping its height, with the dark of the mouth (the lips' colour darkened)
+   between them; this happens where the target's lips part wider than the source's could supply,
+   and where they part less than an open source's (the lips close over the teeth instead of
+   squashing them). The rows come from the person's open-mouth reference; a smile showing only
+   upper teeth borrows its lower row, and a person with no open mouth anywhere (most portraits) both
+   rows, from `assets/mouth_bank.npz` (real open mouths of training people,
+   `training/make_mouth_bank.py`), picked by lip colour and brought to the photo's lightness and
+   chroma (`match_lighting`); with no bank either, the dark of the mouth alone;
 3. the caller blends the result into the frame under the repaint mask (`mask` here only places
    the ring of fixed anchors).
 
@@ -232,11 +237,12 @@ def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, 
                upper: bool = True) -> np.ndarray:
     """The inside of the target's mouth from an open mouth, without stretching it: the upper row of
     the reference's inside (upper teeth, above `teeth_split`) hangs from the target's upper inner lip,
-    the lower row (lower teeth, tongue) rides on its lower inner lip, each moved only up or down column by column
-    (widths scale with the mouth's width); where the target opens wider than the reference, `behind`
-    (`(S, S, 3) float32`, the cavity) shows between the rows; where it opens less, the upper row is in
-    front. A borrowed mouth is brought to this photo's lips (`lips_rgb`, `match_lighting`).
-    `upper=False`: the lower row alone (under another mouth's upper teeth). Returns `(S, S, 3) float32`, `behind` outside the target's inner lips."""
+    the lower row (lower teeth, tongue) rides on its lower inner lip, each moved only up or down
+    column by column (widths scale with the mouth's width); where the target opens wider than the
+    reference, `behind` (`(S, S, 3) float32`, the cavity) shows between the rows; where it opens
+    less, the upper row is in front. A borrowed mouth is brought to this photo's lips (`lips_rgb`,
+    `match_lighting`). `upper=False`: the lower row alone (under another mouth's upper teeth).
+    Returns `(S, S, 3) float32`, `behind` outside the target's inner lips."""
     size = behind.shape[0]
     ref = np.asarray(inner.mouth, np.float64)
     t_upper, t_lower = inner_lip_curves(target_mouth)
