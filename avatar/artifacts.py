@@ -10,7 +10,8 @@ fine detail, and nothing is repainted outside the face. The tests, each against 
 was made from (`source`), with what they measured on clean warp and diffusion outputs (6 real dubs
 and 10 portraits from ../shared/data, 16-50 frames each) and on corrupted ones:
 - colour: ΔE (CIE76) between the mean CIELAB colour of the repainted skin in the output and in the
-  source, on the skin's box scaled to about 48 px (clean: at most 4.1; a patch of the frame's background over half the mouth region: flagged);
+  source, on the skin's box scaled to about 48 px (clean: at most 4.1; a patch of the frame's
+  background over half the mouth region: flagged);
 - new colours: the share of the repainted skin whose colour the source has nowhere near it (within
   `colour_reach` of the skin's size, closer than `new_colour_delta`): a renderer moves the person's
   pixels a little, it does not bring colours that were not there (clean: at most 0.6%; a
