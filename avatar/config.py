@@ -8,8 +8,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
+
+from avatar.errors import AvatarError
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a one-line AvatarError (the CLI prints it and exits 2) unless `condition`."""
+    if not condition:
+        raise AvatarError(message)
+
+
+def in_range(name: str, value: float, low: float, high: float, unit: str = "") -> None:
+    """`value` must be a finite number in [low, high]; the error names the option (`--name-with-dashes`)."""
+    require(isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high,
+            f"--{name.replace('_', '-')} must be between {low:g} and {high:g}{f' ({unit})' if unit else ''}, not {value}")
 
 
 @dataclass(frozen=True)
@@ -287,6 +302,19 @@ class PipelineConfig:
     workers: int = 0  # threads for the per-frame CPU work of a batch (warp, condition, paste-back); 0: one per core, at most 8
     fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
 
+    def __post_init__(self):
+        in_range("fps", self.fps, 1, 120, "frames per second")
+        in_range("max_side", self.max_side, 64, 16384, "pixels")
+        in_range("warp_max_size", self.warp_max_size, 128, 1024, "pixels")
+        require(0 < self.diffusion_start <= 1, f"--diffusion-start must be in (0, 1] (1: from pure noise), not {self.diffusion_start}")
+        in_range("steps", self.steps, 0, 1000, "diffusion steps; 0: the model's own")
+        in_range("batch", self.batch, 1, 1024, "frames per renderer call")
+        in_range("colour_match", self.colour_match, 0, 1)
+        in_range("drift_references", self.drift_references, 1, 64, "frames")
+        in_range("crf", self.crf, 0, 51, "H.264 quality, lower is better")
+        in_range("threads", self.threads, 0, 256)
+        in_range("workers", self.workers, 0, 256)
+
 
 @dataclass(frozen=True)
 class DubConfig:
@@ -316,3 +344,18 @@ class RealtimeConfig:
     idle_timeout_s: float = 30.0  # close a connection that sends nothing for this long
     client_queue_frames: int = 25  # frames waiting for a slow client; older ones are dropped first
     silence_after_s: float = 0.5  # no audio for this long: feed silence (this far behind real time), the avatar idles
+
+    def __post_init__(self):
+        in_range("fps", self.fps, 1, 120, "frames per second")
+        in_range("steps", self.steps, 1, 100, "diffusion steps per frame")
+        in_range("batch", self.batch, 1, 1024, "frames per renderer call")
+        in_range("max_side", self.max_side, 64, 4096, "pixels")
+        in_range("jpeg_quality", self.jpeg_quality, 1, 100)
+        in_range("max_backlog_s", self.max_backlog_s, 0, 60, "seconds")
+        in_range("drift_every_s", self.drift_every_s, 0, 3600, "seconds")
+        in_range("max_sessions", self.max_sessions, 1, 1024)
+        in_range("encode_workers", self.encode_workers, 0, 256)
+        in_range("workers", self.workers, 0, 256)
+        in_range("client_queue_frames", self.client_queue_frames, 1, 10000)
+        in_range("idle_timeout_s", self.idle_timeout_s, 0.1, 86400, "seconds")
+        in_range("silence_after_s", self.silence_after_s, 0.02, 60, "seconds")

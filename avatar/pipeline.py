@@ -50,6 +50,7 @@ from avatar.runtime import asset_path
 PathLike = typing.Union[str, os.PathLike]
 SPEECH_MODEL, MOTION_MODEL, LIVE_MOTION_MODEL = "speech.onnx", "motion_offline.onnx", "motion_live.onnx"
 MODEL_FILES = (SPEECH_MODEL, MOTION_MODEL, LIVE_MOTION_MODEL, RENDER_MODEL)
+MIN_SPEECH_S = 0.2  # shorter audio would make a video of a few frames
 
 
 class AvatarPipeline:
@@ -273,6 +274,17 @@ class AvatarPipeline:
         yield from self.render_jobs(identity, jobs(), fps, monitor, clock, failures)
 
     # ------------------------------------------------------------------ commands
+    def read_speech(self, path: PathLike) -> np.ndarray:
+        """The speech of an audio (or video) file, `(N,) float32` mono at the encoder's rate; one-line
+        errors for samples that are not numbers and for less than MIN_SPEECH_S of it."""
+        rate = self.encoder.config.sample_rate
+        samples = media.read_audio(path, rate)
+        if not np.isfinite(samples).all():
+            raise MediaError(f"{path}: the audio holds samples that are not numbers (NaN or infinite); re-export it")
+        if samples.size < MIN_SPEECH_S * rate:
+            raise MediaError(f"{path}: {samples.size / rate:.2f} s of audio; give at least {MIN_SPEECH_S:g} s of speech")
+        return samples
+
     def _finish(self, command: str, output: pathlib.Path, inputs: typing.Dict[str, typing.Optional[str]], frames: int,
                 fps: float, samples: np.ndarray, started: float, clock: StageClock, monitor, events,
                 failures: typing.List[typing.Dict[str, typing.Any]], extra: typing.Dict[str, typing.Any],
@@ -308,7 +320,7 @@ class AvatarPipeline:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()
         with clock.time("decode"):
-            samples = media.read_audio(audio, self.encoder.config.sample_rate)
+            samples = self.read_speech(audio)
             portrait = fit_image(media.read_image(image), self.config.max_side)
         with clock.time("face"):
             with self.face_tracker() as tracker:
@@ -319,8 +331,6 @@ class AvatarPipeline:
         events: typing.List[typing.Dict[str, typing.Any]] = []
         monitor = self._drift_monitor(identity, events)
         n = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
-        if n == 0:
-            raise MediaError(f"{audio}: the speech is shorter than one video frame; give longer audio")
         metadata = provenance.container_metadata(self.model_hashes)
         with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
                                metadata=metadata, inputs=inputs) as writer:
@@ -353,7 +363,7 @@ class AvatarPipeline:
             raise MediaError(f"{video}: has no video frames; give a video with a face in it")
         fps = info.fps or self.config.fps
         with clock.time("decode"):
-            samples = media.read_audio(audio, self.encoder.config.sample_rate)
+            samples = self.read_speech(audio)
 
         # 1. Track the face through the whole video once; keep the frames on disk for random access.
         store = FrameStore()
@@ -386,8 +396,6 @@ class AvatarPipeline:
 
             # 3. Fit the speech to the video: output length and which source frame each shows.
             n_audio = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
-            if n_audio == 0:
-                raise MediaError(f"{audio}: the speech is shorter than one video frame; give longer audio")
             if n_audio > n_source and dub_config.audio_longer == "trim":
                 n_out = n_source
             elif n_audio < n_source and dub_config.audio_shorter == "keep":

@@ -291,6 +291,13 @@ def bad(tmp_path_factory, inputs):
     portrait.resize((portrait.width // 8, portrait.height // 8), Image.Resampling.BOX).save(folder / "tiny_face.png")
     (folder / "a_file").write_text("not a folder")
     media.write_audio(folder / "speech_only.flac", media.read_audio(inputs / "speech.wav"))
+    from scipy.io import wavfile
+
+    speech = media.read_audio(inputs / "speech.wav")
+    with_nan = speech.copy()
+    with_nan[1000:1010] = np.nan
+    wavfile.write(folder / "nan.wav", 16000, with_nan.astype(np.float32))  # IEEE float samples, some not numbers
+    media.write_audio(folder / "10ms.wav", speech[:160])
     return folder
 
 
@@ -309,6 +316,15 @@ def test_bad_input_one_line_nonzero_no_output(tmp_path, inputs, bad):
         (["dub", "--video", clip, "--audio", speech, "--audio-longer", "sideways"], "pingpong, loop or trim"),
         (["eval", "--generated", bad / "speech_only.flac", "--real", clip], "no video"),
         (["verify", bad / "empty.wav"], "empty"),
+        (["animate", "--image", PORTRAIT, "--audio", bad / "nan.wav"], "not numbers"),
+        (["animate", "--image", PORTRAIT, "--audio", bad / "10ms.wav"], "at least 0.2 s"),
+        (["dub", "--video", clip, "--audio", bad / "10ms.wav"], "at least 0.2 s"),
+        (["animate", "--image", PORTRAIT, "--audio", speech, "--fps", "0"], "--fps must be between 1 and 120"),
+        (["animate", "--image", PORTRAIT, "--audio", speech, "--fps", "nan"], "--fps must be between 1 and 120"),
+        (["animate", "--image", PORTRAIT, "--audio", speech, "--renderer", "diffusion", "--steps", "-3"], "--steps must be"),
+        (["animate", "--image", PORTRAIT, "--audio", speech, "--crf", "99"], "--crf must be between 0 and 51"),
+        (["dub", "--video", clip, "--audio", speech, "--batch", "0"], "--batch must be"),
+        (["animate", "--image", PORTRAIT, "--audio", speech, "--max-side", "0"], "--max-side must be"),
     ]
     for args, words in cases:
         extra = ["--output", out, "--quiet"] if args[0] in ("animate", "dub") else []

@@ -112,8 +112,6 @@ class DiffusionRenderer:
         from avatar.render.runner import OnnxDenoiser
         from avatar.render.sampling import steps_from
 
-        if not 0.0 < config.diffusion_start <= 1.0:
-            raise AvatarError(f"diffusion_start must be in (0, 1] (1: from pure noise), not {config.diffusion_start}")
         path = os.path.join(folder, RENDER_MODEL)
         self.denoiser = OnnxDenoiser(path, threads=config.threads, providers=providers, fp16=config.fp16)
         if self.denoiser.config.crop_size != crop_size:
