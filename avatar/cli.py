@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
+import threading
 import typing
 
 from avatar import __version__
-from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig, RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
+from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig,
+                           RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
 from avatar.errors import AvatarError
 
 
@@ -60,12 +63,14 @@ def _print_result(result, report: typing.Optional[str]) -> int:
 
 
 def _run_animate(args: argparse.Namespace) -> int:
+    _note_new_folder(args.output)
     result = _pipeline(args).animate(args.image, args.audio, args.output, config_from_args(args, IdleConfig, "idle"),
                                      references=args.reference or (), report=args.report, progress=not args.quiet)
     return _print_result(result, args.report)
 
 
 def _run_dub(args: argparse.Namespace) -> int:
+    _note_new_folder(args.output)
     result = _pipeline(args).dub(args.video, args.audio, args.output, config_from_args(args, DubConfig, ""),
                                  references=args.reference or (), report=args.report, progress=not args.quiet)
     return _print_result(result, args.report)
@@ -247,9 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP clean up like Ctrl-C: no partial output is left
+
+
+def _note_new_folder(output: typing.Optional[str]) -> None:
+    """Say so when an output's folder does not exist yet (it is created)."""
+    if output:
+        folder = pathlib.Path(output).parent
+        if str(folder) not in ("", ".") and not folder.exists():
+            print(f"note: creating the folder {folder}")
+
+
 def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name) and threading.current_thread() is threading.main_thread():
+            signal.signal(getattr(signal, name), _interrupt)
     try:
         return args.run(args)
     except AvatarError as exc:

@@ -247,9 +247,18 @@ def read_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------- writing
-def check_output_path(output: PathLike, inputs: typing.Sequence[PathLike] = ()) -> pathlib.Path:
-    """Refuse outputs that would overwrite an input or cannot be written; returns the resolved path."""
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv")  # the container follows the output's extension
+
+
+def check_output_path(output: PathLike, inputs: typing.Sequence[PathLike] = (),
+                      extensions: typing.Optional[typing.Sequence[str]] = None) -> pathlib.Path:
+    """Refuse outputs that would overwrite an input, a device, a pipe or anything but a regular file,
+    that have an extension outside `extensions` (when given), or cannot be written; returns the path
+    to write. A symlink is followed: the file it points to is replaced and the link stays. A missing
+    folder is created (the CLI says so)."""
     out = pathlib.Path(output)
+    if out.is_symlink():
+        out = out.resolve()
     for source in inputs:
         if source is not None and pathlib.Path(source).exists() and out.exists() and os.path.samefile(out, source):
             raise MediaError(f"{out}: the output is also an input; choose another output path")
@@ -258,6 +267,10 @@ def check_output_path(output: PathLike, inputs: typing.Sequence[PathLike] = ()) 
     folder = out.parent if str(out.parent) else pathlib.Path(".")
     if out.is_dir():
         raise MediaError(f"{out}: is a folder; give a file name such as {out / 'out.mp4'}")
+    if out.exists() and not out.is_file():
+        raise MediaError(f"{out}: is not a regular file (a device, pipe or socket); give a file path to write to")
+    if extensions is not None and out.suffix.lower() not in extensions:
+        raise MediaError(f"{out}: the file name must end in {', '.join(extensions)} (the container follows the extension)")
     if folder.exists() and not folder.is_dir():
         raise MediaError(f"{folder}: is a file, not a folder; choose an output path in a writable folder")
     if not folder.exists():

@@ -315,7 +315,7 @@ class AvatarPipeline:
                 progress: bool = True) -> RunResult:
         """A still portrait + speech → a talking video at `config.fps`, written atomically to `output`."""
         inputs = [image, audio, *references]
-        output = media.check_output_path(output, inputs)
+        output = media.check_output_path(output, inputs, media.VIDEO_EXTENSIONS)
         if report is not None:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()
@@ -354,7 +354,7 @@ class AvatarPipeline:
         if dub_config.audio_shorter not in ("trim", "keep"):
             raise MediaError(f"audio_shorter must be trim or keep, not {dub_config.audio_shorter!r}")
         inputs = [video, audio, *references]
-        output = media.check_output_path(output, inputs)
+        output = media.check_output_path(output, inputs, media.VIDEO_EXTENSIONS)
         if report is not None:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()

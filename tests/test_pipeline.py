@@ -3,6 +3,7 @@ provenance labels, and one-line errors for bad input (each with no output left b
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -381,3 +382,52 @@ def test_a_closed_mouth_portrait_borrows_an_open_mouth_and_opens(pipeline, track
     luma = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[inside > 0].astype(np.float32)
     lips = cv2.cvtColor(portrait, cv2.COLOR_RGB2GRAY)[inside > 0].astype(np.float32).mean()
     assert np.percentile(luma, 25) < lips - 25, (np.percentile(luma, 25), lips)
+
+
+def test_output_rules_devices_pipes_extensions_symlinks_and_new_folders(tmp_path, inputs):
+    """A device or a pipe is never replaced, the container follows an allowed extension, a symlink is
+    followed (the file it points to is replaced, the link stays), a missing folder is created and said."""
+    speech = inputs / "speech.wav"
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    for output, words in ((pathlib.Path("/dev/null"), "not a regular file"), (fifo, "not a regular file"),
+                          (tmp_path / "out.avi", "must end in .mp4, .mov, .mkv"), (tmp_path / "noext", "must end in")):
+        result = avatar("animate", "--image", PORTRAIT, "--audio", speech, "--output", output, "--quiet")
+        assert result.returncode == 2 and words in result.stderr and result.stderr.count("\n") == 1, (output, result.stderr)
+    assert pathlib.Path("/dev/null").is_char_device() and fifo.is_fifo()
+    target = tmp_path / "real.mov"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.mov"
+    link.symlink_to(target)
+    result = avatar("animate", "--image", PORTRAIT, "--audio", speech, "--output", link, "--quiet", "--no-drift")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and media.probe(target).has_video and media.read_video(link).frames.shape[0] == 35
+    deep = tmp_path / "a" / "b" / "c" / "out.mkv"
+    result = avatar("animate", "--image", PORTRAIT, "--audio", speech, "--output", deep, "--quiet", "--no-drift")
+    assert result.returncode == 0 and f"note: creating the folder {deep.parent}" in result.stdout and deep.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path, inputs):
+    """SIGTERM mid-run cleans up like Ctrl-C: exit status 130, no output, no hidden temporary file."""
+    import signal
+
+    long_speech = tmp_path / "long.wav"
+    media.write_audio(long_speech, np.tile(media.read_audio(inputs / "speech.wav"), 20))  # 28 s
+    out = tmp_path / "out.mp4"
+    process = subprocess.Popen([sys.executable, "-m", "avatar.cli", "animate", "--image", str(PORTRAIT), "--audio",
+                                str(long_speech), "--output", str(out), "--quiet"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(6000):  # until the temporary output exists (the run is writing frames)
+            if any(p.name.startswith(".out.") for p in tmp_path.iterdir()) or process.poll() is not None:
+                break
+            __import__("time").sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "interrupted" in stderr, stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
