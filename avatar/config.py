@@ -21,10 +21,37 @@ def require(condition: bool, message: str) -> None:
         raise AvatarError(message)
 
 
-def in_range(name: str, value: float, low: float, high: float, unit: str = "") -> None:
-    """`value` must be a finite number in [low, high]; the error names the option (`--name-with-dashes`)."""
-    require(isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high,
-            f"--{name.replace('_', '-')} must be between {low:g} and {high:g}{f' ({unit})' if unit else ''}, not {value}")
+# The ranges of the options a user sets (`check_ranges`): (lowest, highest, what the number means).
+RANGES: typing.Dict[str, typing.Tuple[float, float, str]] = {
+    "fps": (1, 120, "frames per second"),
+    "max_side": (64, 16384, "pixels"),
+    "warp_max_size": (128, 1024, "pixels"),
+    "steps": (0, 1000, "diffusion steps; 0: the model's own"),
+    "batch": (1, 1024, "frames per renderer call"),
+    "colour_match": (0, 1, ""),
+    "drift_references": (1, 64, "frames"),
+    "crf": (0, 51, "H.264 quality, lower is better"),
+    "threads": (0, 256, ""),
+    "workers": (0, 256, ""),
+    "jpeg_quality": (1, 100, ""),
+    "max_backlog_s": (0, 60, "seconds"),
+    "drift_every_s": (0, 3600, "seconds"),
+    "max_sessions": (1, 1024, ""),
+    "encode_workers": (0, 256, ""),
+    "client_queue_frames": (1, 10000, ""),
+    "idle_timeout_s": (0.1, 86400, "seconds"),
+    "silence_after_s": (0.02, 60, "seconds"),
+}
+
+
+def check_ranges(config: typing.Any, names: typing.Sequence[str]) -> None:
+    """Each named field of `config` must be a finite number within RANGES; the one-line error names
+    the option (`--name-with-dashes`)."""
+    for name in names:
+        low, high, unit = RANGES[name]
+        value = getattr(config, name)
+        require(isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high,
+                f"--{name.replace('_', '-')} must be between {low:g} and {high:g}{f' ({unit})' if unit else ''}, not {value}")
 
 
 @dataclass(frozen=True)
@@ -303,17 +330,9 @@ class PipelineConfig:
     fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
 
     def __post_init__(self):
-        in_range("fps", self.fps, 1, 120, "frames per second")
-        in_range("max_side", self.max_side, 64, 16384, "pixels")
-        in_range("warp_max_size", self.warp_max_size, 128, 1024, "pixels")
+        check_ranges(self, ("fps", "max_side", "warp_max_size", "steps", "batch", "colour_match", "drift_references", "crf",
+                            "threads", "workers"))
         require(0 < self.diffusion_start <= 1, f"--diffusion-start must be in (0, 1] (1: from pure noise), not {self.diffusion_start}")
-        in_range("steps", self.steps, 0, 1000, "diffusion steps; 0: the model's own")
-        in_range("batch", self.batch, 1, 1024, "frames per renderer call")
-        in_range("colour_match", self.colour_match, 0, 1)
-        in_range("drift_references", self.drift_references, 1, 64, "frames")
-        in_range("crf", self.crf, 0, 51, "H.264 quality, lower is better")
-        in_range("threads", self.threads, 0, 256)
-        in_range("workers", self.workers, 0, 256)
 
 
 @dataclass(frozen=True)
@@ -346,16 +365,7 @@ class RealtimeConfig:
     silence_after_s: float = 0.5  # no audio for this long: feed silence (this far behind real time), the avatar idles
 
     def __post_init__(self):
-        in_range("fps", self.fps, 1, 120, "frames per second")
-        in_range("steps", self.steps, 1, 100, "diffusion steps per frame")
-        in_range("batch", self.batch, 1, 1024, "frames per renderer call")
-        in_range("max_side", self.max_side, 64, 4096, "pixels")
-        in_range("jpeg_quality", self.jpeg_quality, 1, 100)
-        in_range("max_backlog_s", self.max_backlog_s, 0, 60, "seconds")
-        in_range("drift_every_s", self.drift_every_s, 0, 3600, "seconds")
-        in_range("max_sessions", self.max_sessions, 1, 1024)
-        in_range("encode_workers", self.encode_workers, 0, 256)
-        in_range("workers", self.workers, 0, 256)
-        in_range("client_queue_frames", self.client_queue_frames, 1, 10000)
-        in_range("idle_timeout_s", self.idle_timeout_s, 0.1, 86400, "seconds")
-        in_range("silence_after_s", self.silence_after_s, 0.02, 60, "seconds")
+        check_ranges(self, ("fps", "batch", "workers", "jpeg_quality", "max_backlog_s", "drift_every_s", "max_sessions",
+                            "encode_workers", "client_queue_frames", "idle_timeout_s", "silence_after_s"))
+        require(1 <= self.steps <= 100, f"--steps must be between 1 and 100 (diffusion steps per frame), not {self.steps}")
+        require(64 <= self.max_side <= 4096, f"--max-side must be between 64 and 4096 (pixels), not {self.max_side}")
