@@ -23,7 +23,7 @@ from avatar import media
 from avatar.config import AlignConfig, FaceConfig
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform
-from avatar.motion.closed import MIN_OPEN_GAP, ClosedMouthPrior, closed_gap_ratio
+from avatar.motion.closed import MIN_OPEN_GAP, ClosedMouthPrior
 from avatar.render.base import Identity
 from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, teeth_split
 
@@ -77,7 +77,7 @@ class IdentityBuilder:
                 landmarks = tracker.select(image, what=what).landmarks
         aligned = self.aligner.align(image, landmarks)
         rest, anchor = rest_pose(aligned.landmarks)
-        inferred = closed_gap_ratio(rest) >= MIN_OPEN_GAP
+        inferred = lm.inner_gap_ratio(rest) >= MIN_OPEN_GAP
         if inferred:  # the photo's mouth is open: its closed mouth, from the prior, is where speech starts and ends
             rest = self.closed_prior.close(rest, anchor, float(lm.interocular(aligned.landmarks)))
         return Identity([aligned.crop] * self.references, rest, anchor, [(image, landmarks)] + self.reference_photos(extra_references),

@@ -25,7 +25,7 @@ import numpy as np
 
 from avatar import media
 from avatar.face import landmarks as lm
-from avatar.motion.closed import MIN_OPEN_GAP, closed_gap_ratio
+from avatar.motion.closed import MIN_OPEN_GAP
 from avatar.motion.runner import POINTS, rest_pose
 from training.cache import open_cache
 
@@ -44,10 +44,10 @@ def pairs(cache: pathlib.Path, split: str) -> typing.Tuple[np.ndarray, np.ndarra
         if keep.sum() < 10:
             continue
         rest, anchor = rest_pose(points, keep)
-        if closed_gap_ratio(rest) > MAX_REST_GAP:
+        if lm.inner_gap_ratio(rest) > MAX_REST_GAP:
             continue
         iod = float(np.median(lm.interocular(points[keep])))
-        gaps = np.array([closed_gap_ratio(p[POINTS]) if k else 0.0 for p, k in zip(points, keep)])
+        gaps = np.array([lm.inner_gap_ratio(p[POINTS]) if k else 0.0 for p, k in zip(points, keep)])
         frames = np.flatnonzero(keep & (gaps >= MIN_OPEN_GAP))
         frames = frames[np.linspace(0, len(frames) - 1, min(PER_CLIP, len(frames))).round().astype(int)] if len(frames) else frames
         for i in frames:
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
               f"({', '.join(sorted(set(v_people)))}); point error, % inter-ocular distance (per person: mean over people):")
         for name, predicted in rows.items():
             per_person = [error(predicted[v_people == p], v_closed[v_people == p]) for p in sorted(set(v_people))]
-            gap = np.median([closed_gap_ratio(m) for m in predicted])
+            gap = np.median([lm.inner_gap_ratio(m) for m in predicted])
             print(f"  {name:<20} {error(predicted, v_closed):6.2f}  per person {np.mean(per_person):6.2f}  median gap/width {gap:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with media.atomic_output(args.out) as tmp, open(tmp, "wb") as f:

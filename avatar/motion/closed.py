@@ -14,15 +14,8 @@ import typing
 
 import numpy as np
 
-from avatar.face.landmarks import inner_gap_ratio
-
 PRIOR_FILE = "closed_mouth.npz"
 MIN_OPEN_GAP = 0.08  # inner-lip gap over mouth width from which a portrait's mouth counts as open
-
-
-def closed_gap_ratio(mouth: np.ndarray) -> float:
-    """Inner-lip gap over mouth width of mouth/jaw points `(59, 2)` (0: closed)."""
-    return inner_gap_ratio(mouth)
 
 
 class ClosedMouthPrior:
