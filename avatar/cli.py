@@ -110,6 +110,9 @@ def _run_verify(args: argparse.Namespace) -> int:
     from avatar.provenance import DETECT_THRESHOLD, verify
 
     result = verify(args.file, progress=not args.quiet)
+    if args.json:  # machine-readable: the JSON alone on stdout
+        print(json.dumps(result, indent=1, default=str))
+        return 0 if result["synthetic"] else 1
     mark = result["watermark"]
     side = result["sidecar"]
     print(f"container metadata: {'says synthetic' if result['metadata_says_synthetic'] else 'no synthetic label'}"
@@ -119,8 +122,6 @@ def _run_verify(args: argparse.Namespace) -> int:
     print(f"watermark: {'found' if mark['found'] else 'not found'} (z = {mark['z']:.1f}, threshold {DETECT_THRESHOLD:g}; "
           f"{mark['face_frames']} of {mark['frames']} frames with a face)")
     print(f"verdict: {'SYNTHETIC' if result['synthetic'] else 'no sign of this engine'}")
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
     return 0 if result["synthetic"] else 1
 
 
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report the synthetic labels of a video: container metadata, the .provenance.json sidecar and "
                     "the invisible watermark. Exit 0 when it is labelled synthetic, 1 when no label is found.")
     verify.add_argument("file", help="the video to check")
-    verify.add_argument("--json", action="store_true", help="also print the full result as JSON")
+    verify.add_argument("--json", action="store_true", help="print the full result as JSON instead (nothing else on stdout)")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
     verify.set_defaults(run=_run_verify)
 

@@ -215,6 +215,8 @@ def test_dub_cli_verify_and_eval(tmp_path, inputs):
     assert verified.returncode == 0 and "watermark: found" in verified.stdout and "matches this file" in verified.stdout, verified.stdout
     real = avatar("verify", inputs / "clip.mp4", "--quiet")
     assert real.returncode == 1 and "watermark: not found" in real.stdout and "no sign" in real.stdout
+    as_json = avatar("verify", out, "--quiet", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["synthetic"] is True  # JSON alone on stdout
     metrics = tmp_path / "metrics.json"
     evaluated = avatar("eval", "--generated", out, "--real", inputs / "clip.mp4", "--json", metrics, "--quiet")
     assert evaluated.returncode == 0, evaluated.stderr
