@@ -132,9 +132,10 @@ class StreamResult:
                 "lookahead_ms": 1000 * lookahead_s}
 
 
-async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: float = 0.02, tail_s: float = 0.5,
+async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: float = 0.02, idle_s: float = 2.0,
                       video: str = "jpeg") -> StreamResult:
-    """Send `samples` in `chunk_s` chunks at real-time pace; collect frames until `tail_s` after the end."""
+    """Send `samples` in `chunk_s` chunks at real-time pace; collect frames until every frame of that
+    audio has come (a loaded server sends its last ones late), or none has come for `idle_s`."""
     frames: typing.List[ReceivedFrame] = []
     async with AvatarClient(url, sample_rate, video=video) as client:
         async def collect():
@@ -152,7 +153,12 @@ async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: 
             if delay > 0:
                 await asyncio.sleep(delay)
             await client.send_audio(samples[k:k + step])
-        await asyncio.sleep(tail_s)
+        expected = int(samples.size / sample_rate * client.ready["fps"])  # the frames this audio makes
+        count, last_arrival = len(frames), time.perf_counter()
+        while len(frames) < expected and time.perf_counter() - last_arrival < idle_s:
+            await asyncio.sleep(0.05)
+            if len(frames) != count:
+                count, last_arrival = len(frames), time.perf_counter()
         await client.send_json({"type": "stats"})
         await asyncio.sleep(0.2)
         collector.cancel()
