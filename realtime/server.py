@@ -177,8 +177,8 @@ class AvatarServer:
         """JPEG or H.264 for a client's frames, then their messages onto its queue (on the encode pool)."""
         import cv2
 
-        if previous is not None:
-            previous.result()
+        if previous is not None:  # after the client's previous frames; a failure there does not stop these
+            concurrent.futures.wait([previous])
         started = time.perf_counter()
         messages = []
         for frame in frames:
