@@ -25,7 +25,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform
 from avatar.motion.closed import MIN_OPEN_GAP, ClosedMouthPrior
 from avatar.render.base import Identity
-from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio, teeth_split
+from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio
 
 PathLike = typing.Union[str, os.PathLike]
 INNER_SIZE = 256  # crop side at which an identity's open mouth is kept for the warp renderer
@@ -110,6 +110,6 @@ class IdentityBuilder:
         if inner_gap_ratio(mouth) <= MIN_OPEN:
             return borrowed_mouth(crop, mouth)
         own = InnerMouth(crop, mouth, INNER_SIZE)
-        if teeth_split(own) >= 1.0:  # only the upper teeth show (a smile): the lower row is borrowed
+        if own.split >= 1.0:  # only the upper teeth show (a smile): the lower row is borrowed
             own.lower_row = borrowed_mouth(crop, mouth)
         return own

@@ -22,6 +22,7 @@ from avatar import media
 from avatar.config import PipelineConfig
 from avatar.face import landmarks as lm
 from avatar.pipeline import AvatarPipeline
+from avatar.render.warp import inner_lip_curves
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "faces"
@@ -35,11 +36,6 @@ PORTRAITS = {
 OPENINGS = (0.0, 0.1, 0.2, 0.3, 0.45)
 LOWER = np.r_[np.arange(11, 20), np.arange(31, 40), np.arange(40, 59)]  # lower lips and the jaw, in MOUTH_AND_JAW
 TILE = (200, 180)
-
-
-def inner_lip_curves(mouth: np.ndarray):
-    inner = mouth[len(lm.LIPS_OUTER):len(lm.LIPS_OUTER) + len(lm.LIPS_INNER)]
-    return inner[0:11], inner[[0, *range(19, 9, -1)]]
 
 
 def bright_rows(image: np.ndarray, upper: np.ndarray, lower: np.ndarray, threshold: float) -> float:

@@ -25,7 +25,7 @@ from avatar import media
 from avatar.config import AlignConfig
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, apply_transform, invert_transform, rescale_transform
-from avatar.render.warp import inner_gap_ratio, inner_lip_curves, lip_colour
+from avatar.render.warp import inner_gap_ratio, inside_bands, lip_colour
 from training.cache import open_cache
 
 CROP = 256  # the bank's mouths are cut from crops of this side (the warp renderer's INNER_SIZE), from the source frames
@@ -60,14 +60,10 @@ def inside_frame(transform: np.ndarray, box: tuple, width: int, height: int) -> 
 
 
 def darkest_band(patch: np.ndarray, mouth: np.ndarray) -> float:
-    """The darkest of 16 bands between the inner lips (middle half of the mouth) over the lips' luma."""
-    upper, lower = inner_lip_curves(mouth)
-    xs = np.linspace(upper[0, 0] + 0.25 * np.ptp(upper[:, 0]), upper[-1, 0] - 0.25 * np.ptp(upper[:, 0]), 16)
-    top = np.interp(xs, *upper[np.argsort(upper[:, 0])].T)
-    bottom = np.interp(xs, *lower[np.argsort(lower[:, 0])].T)
-    ys = top[None] + ((np.arange(16) + 0.5) / 16)[:, None] * (bottom - top)[None]
-    luma = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    bands = cv2.remap(luma, np.broadcast_to(xs[None], ys.shape).astype(np.float32), ys.astype(np.float32), cv2.INTER_LINEAR).mean(axis=1)
+    """The darkest of the `inside_bands` (less the two at the lips' edges) over the lips' luma."""
+    bands = inside_bands(patch, mouth)
+    if bands is None:
+        return 1.0
     lips = cv2.cvtColor(np.uint8([[np.clip(lip_colour(patch, mouth), 0, 255)]]), cv2.COLOR_RGB2GRAY)[0, 0]
     return float(bands[1:-1].min() / max(float(lips), 1.0))
 

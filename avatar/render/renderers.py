@@ -27,7 +27,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, FaceRegion, crop_template, rescale_points, rescale_transform, transform_scale
 from avatar.render.base import FaceRenderer, FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import build_condition, colour_match, from_unit, to_unit, transfer_detail
-from avatar.render.warp import InnerMouth, render_warp, resize_inner
+from avatar.render.warp import InnerMouth, render_warp
 
 RENDER_MODEL = "render.onnx"
 # Detail transfer after the diffusion renderer (luma levels of coarse disagreement that stop it): from
@@ -81,7 +81,7 @@ class WarpRenderer:
         landmarks = rescale_points(np.asarray(job.crop_landmarks)[:, :2], self.crop_size, size)
         mouth = rescale_points(job.mouth, self.crop_size, size)  # 2.
         mask = aligner.repaint_mask(landmarks, lm.with_mouth(landmarks, mouth))  # 3.
-        face = render_warp(crop, landmarks, mouth, mask, resize_inner(identity.inner, size))  # 4.
+        face = render_warp(crop, landmarks, mouth, mask, identity.inner.at(size))  # 4.
         if self.config.watermark and watermark:  # 5.
             face = provenance.embed_watermark(face, mask, frame_index)
         sigma = 0.7 / transform_scale(transform)  # a crop pixel, in frame pixels

@@ -64,11 +64,38 @@ class InnerMouth:
     crop_size: int = 0
     borrowed: bool = False
     lower_row: typing.Optional["InnerMouth"] = None
+    _sizes: typing.Dict[int, "InnerMouth"] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def usable(self) -> bool:
         """Whether there is an open mouth to take rows from."""
         return self.crop is not None and self.mouth is not None and inner_gap_ratio(self.mouth) > MIN_OPEN
+
+    @functools.cached_property
+    def split(self) -> float:
+        """`teeth_split` of this mouth (measured once)."""
+        return teeth_split(self)
+
+    @functools.cached_property
+    def lips_rgb(self) -> np.ndarray:
+        """`lip_colour` of this mouth (measured once)."""
+        return lip_colour(self.crop, self.mouth)
+
+    def at(self, size: int) -> "InnerMouth":
+        """The same open mouth at the scale of a crop of side `size` (made once per size; pixel-centre
+        coordinates scale about -0.5)."""
+        if self.crop is None or self.crop_size == size:
+            return self
+        if size not in self._sizes:
+            from avatar.face.align import rescale_points
+
+            k = size / self.crop_size
+            h, w = self.crop.shape[:2]
+            crop = cv2.resize(self.crop, (max(1, round(w * k)), max(1, round(h * k))),
+                              interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
+            lower_row = self.lower_row.at(size) if self.lower_row is not None else None
+            self._sizes[size] = InnerMouth(crop, rescale_points(self.mouth, self.crop_size, size), size, self.borrowed, lower_row)
+        return self._sizes[size]
 
 
 BANK_FILE = "mouth_bank.npz"
@@ -105,7 +132,7 @@ def borrowed_mouth(image: np.ndarray, mouth: np.ndarray) -> InnerMouth:
         return InnerMouth(None, None)
     to_lab = lambda rgb: cv2.cvtColor(np.uint8([[np.clip(rgb, 0, 255)]]), cv2.COLOR_RGB2LAB)[0, 0].astype(np.float64)
     own = to_lab(lip_colour(image, mouth))
-    return min(bank, key=lambda entry: float(np.linalg.norm(to_lab(lip_colour(entry.crop, entry.mouth)) - own)))
+    return min(bank, key=lambda entry: float(np.linalg.norm(to_lab(entry.lips_rgb) - own)))
 
 
 def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
@@ -182,15 +209,15 @@ def _along(curve: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return np.interp(xs, curve[order, 0], curve[order, 1])
 
 
-def cavity(lips_rgb: np.ndarray, target_mouth: np.ndarray, size: int) -> np.ndarray:
-    """The dark inside of an open mouth behind the teeth, `(S, S, 3) float32`: the lips' own colour
-    darkened, darkest at the top (under the upper teeth) and lighter towards the lower lip, where the
-    tongue lies (in the photo's own colour space: grey lips, grey mouth)."""
+def cavity(lips_rgb: np.ndarray, target_mouth: np.ndarray, rows: slice, columns: int) -> np.ndarray:
+    """The dark inside of an open mouth behind the teeth, `(h, columns, 3) float32` for crop `rows`:
+    the lips' own colour darkened, darkest at the top (under the upper teeth) and lighter towards the
+    lower lip, where the tongue lies (in the photo's own colour space: grey lips, grey mouth)."""
     inner = np.asarray(target_mouth, np.float64)[INNER]
-    ys = np.arange(size, dtype=np.float32)[:, None, None]
+    ys = np.arange(rows.start, rows.stop, dtype=np.float32)[:, None, None]
     top, bottom = inner[:, 1].min(), inner[:, 1].max()
     shade = np.clip((ys - top) / max(bottom - top, 1.0), 0, 1)
-    return np.broadcast_to(np.asarray(lips_rgb, np.float32) * (0.12 + 0.33 * shade ** 2), (size, size, 3)).copy()
+    return np.broadcast_to(np.asarray(lips_rgb, np.float32) * (0.12 + 0.33 * shade ** 2), (len(ys), columns, 3)).copy()
 
 
 def match_lighting(pixels: np.ndarray, own_lips: np.ndarray, their_lips: np.ndarray) -> np.ndarray:
@@ -211,45 +238,53 @@ def match_lighting(pixels: np.ndarray, own_lips: np.ndarray, their_lips: np.ndar
 SPLIT_BINS, SPLIT_DARK = 16, 0.6  # the rows' split: the darkest of 16 bands, if under 60% of the brightest
 
 
-def teeth_split(inner: InnerMouth) -> float:
-    """Where the reference's inside divides into the upper row (with the head) and the lower row
-    (with the jaw), as a fraction of the way from its upper to its lower inner lip: the darkest band
-    across the middle half of the mouth (the gap between the teeth, or the dark of an open mouth)
-    when it is clearly darker than the brightest; else 1 (teeth together, as in a smile: all of what
-    shows is upper teeth in front)."""
-    ref = np.asarray(inner.mouth, np.float64)
-    upper, lower = inner_lip_curves(ref)
+def inside_bands(image: np.ndarray, mouth: np.ndarray) -> typing.Optional[np.ndarray]:
+    """Mean luma of SPLIT_BINS bands `(SPLIT_BINS,) float32` between the inner lips of `mouth (59, 2)`
+    (from the upper lip down), across the middle half of the mouth in `image (h, w, 3) uint8`; None
+    when the inside is under 2 px high."""
+    upper, lower = inner_lip_curves(mouth)
     left, right = upper[0, 0], upper[-1, 0]
     xs = np.linspace(left + 0.25 * (right - left), right - 0.25 * (right - left), 16)
-    v = (np.arange(SPLIT_BINS) + 0.5) / SPLIT_BINS
     top, bottom = _along(upper, xs), _along(lower, xs)
-    if np.median(bottom - top) < 2.0:  # no inside to look at
+    if np.median(bottom - top) < 2.0:
+        return None
+    ys = top[None, :] + ((np.arange(SPLIT_BINS) + 0.5) / SPLIT_BINS)[:, None] * (bottom - top)[None, :]
+    luma = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    return cv2.remap(luma, np.broadcast_to(xs[None, :], ys.shape).astype(np.float32), ys.astype(np.float32),
+                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).mean(axis=1)
+
+
+def teeth_split(inner: InnerMouth) -> float:
+    """Where the reference's inside divides into the upper row (with the head) and the lower row
+    (with the jaw), as a fraction of the way from its upper to its lower inner lip: the darkest of
+    its `inside_bands` (the gap between the teeth, or the dark of an open mouth) when it is clearly
+    darker than the brightest; else 1 (teeth together, as in a smile: all of what shows is upper
+    teeth in front)."""
+    bands = inside_bands(inner.crop, np.asarray(inner.mouth, np.float64))
+    if bands is None:  # no inside to look at
         return 1.0
-    ys = top[None, :] + v[:, None] * (bottom - top)[None, :]
-    luma = cv2.cvtColor(inner.crop, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    bands = cv2.remap(luma, np.broadcast_to(xs[None, :], ys.shape).astype(np.float32), ys.astype(np.float32),
-                      cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).mean(axis=1)
     darkest = int(np.argmin(bands[1:-1])) + 1  # the bands at the lips' edges are lip
-    return float(v[darkest]) if bands[darkest] < SPLIT_DARK * bands.max() else 1.0
+    return float((darkest + 0.5) / SPLIT_BINS) if bands[darkest] < SPLIT_DARK * bands.max() else 1.0
 
 
-def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, lips_rgb: np.ndarray,
-               upper: bool = True) -> np.ndarray:
+def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, origin: typing.Tuple[int, int],
+               lips_rgb: np.ndarray, upper: bool = True) -> np.ndarray:
     """The inside of the target's mouth from an open mouth, without stretching it: the upper row of
     the reference's inside (upper teeth, above `teeth_split`) hangs from the target's upper inner lip,
     the lower row (lower teeth, tongue) rides on its lower inner lip, each moved only up or down
     column by column (widths scale with the mouth's width); where the target opens wider than the
-    reference, `behind` (`(S, S, 3) float32`, the cavity) shows between the rows; where it opens
-    less, the upper row is in front. A borrowed mouth is brought to this photo's lips (`lips_rgb`,
-    `match_lighting`). `upper=False`: the lower row alone (under another mouth's upper teeth).
-    Returns `(S, S, 3) float32`, `behind` outside the target's inner lips."""
-    size = behind.shape[0]
+    reference, `behind` (the cavity: `(h, w, 3) float32`, a box of the crop whose top-left corner is
+    at `origin` (x, y)) shows between the rows; where it opens less, the upper row is in front. A
+    borrowed mouth is brought to this photo's lips (`lips_rgb`, `match_lighting`). `upper=False`:
+    the lower row alone (under another mouth's upper teeth). Returns the box, `behind` outside the
+    target's inner lips."""
     ref = np.asarray(inner.mouth, np.float64)
     t_upper, t_lower = inner_lip_curves(target_mouth)
     r_upper, r_lower = inner_lip_curves(ref)
     t_inner = np.asarray(target_mouth, np.float64)[INNER]
-    x0, y0 = np.maximum(np.floor(t_inner.min(0)).astype(int) - 1, 0)
-    x1, y1 = np.minimum(np.ceil(t_inner.max(0)).astype(int) + 2, size)
+    bx, by = origin
+    x0, y0 = np.maximum(np.floor(t_inner.min(0)).astype(int) - 1, [bx, by])
+    x1, y1 = np.minimum(np.ceil(t_inner.max(0)).astype(int) + 2, [bx + behind.shape[1], by + behind.shape[0]])
     if x1 <= x0 or y1 <= y0:
         return behind
     xs, ys = np.meshgrid(np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64))
@@ -257,23 +292,23 @@ def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, 
     r_left, r_right = r_upper[0, 0], r_upper[-1, 0]
     u = r_left + (xs - t_left) * (r_right - r_left) / (t_right - t_left if abs(t_right - t_left) > 1e-6 else 1e-6)
     r_top, r_bottom = _along(r_upper, u), _along(r_lower, u)
-    middle = r_top + teeth_split(inner) * (r_bottom - r_top)
+    middle = r_top + inner.split * (r_bottom - r_top)
     y_upper = ys - _along(t_upper, xs) + r_top  # the reference's row for the upper teeth
     y_lower = ys - _along(t_lower, xs) + r_bottom
     sample = lambda y: cv2.remap(inner.crop, u.astype(np.float32), y.astype(np.float32), cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
     upper_px, lower_px = sample(y_upper), sample(y_lower)
     if inner.borrowed:
-        their = lip_colour(inner.crop, ref)
-        upper_px, lower_px = match_lighting(upper_px, lips_rgb, their), match_lighting(lower_px, lips_rgb, their)
+        upper_px, lower_px = match_lighting(upper_px, lips_rgb, inner.lips_rgb), match_lighting(lower_px, lips_rgb, inner.lips_rgb)
     upper_w = np.clip(middle - y_upper + 0.5, 0, 1)[..., None]  # 1 above the reference's mid-line, over a pixel
     lower_w = np.clip(y_lower - middle + 0.5, 0, 1)[..., None]
-    region = behind[y0:y1, x0:x1]
+    rows, cols = slice(y0 - by, y1 - by), slice(x0 - bx, x1 - bx)
+    region = behind[rows, cols]
     region = region * (1 - lower_w) + lower_px * lower_w
     if upper:
         region = region * (1 - upper_w) + upper_px * upper_w
     out = behind.copy()
-    out[y0:y1, x0:x1] = region
+    out[rows, cols] = region
     return out
 
 
@@ -308,29 +343,16 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
         opening = abs(inner_gap_ratio(target_mouth) - source_gap)
     if opening > 0:
         hole = _polygon_mask(target_mouth[INNER], size, feather=max(0.6, width * 0.02)) * min(1.0, opening / 0.06)
-        lips_rgb = lip_colour(moved, target_mouth)
-        fill = cavity(lips_rgb, target_mouth, size)
-        if inner.usable:
-            if inner.lower_row is not None and inner.lower_row.usable:
-                fill = teeth_rows(inner.lower_row, target_mouth, fill, lips_rgb, upper=False)
-            fill = teeth_rows(inner, target_mouth, fill, lips_rgb)
         ys, xs = np.nonzero(hole > 0)
-        if ys.size:  # blend where the hole is
+        if ys.size:  # composed and blended only in the hole's box
             inside = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+            origin = (int(xs.min()), int(ys.min()))
+            lips_rgb = lip_colour(moved, target_mouth)
+            fill = cavity(lips_rgb, target_mouth, inside[0], inside[1].stop - inside[1].start)
+            if inner.usable:
+                if inner.lower_row is not None and inner.lower_row.usable:
+                    fill = teeth_rows(inner.lower_row, target_mouth, fill, origin, lips_rgb, upper=False)
+                fill = teeth_rows(inner, target_mouth, fill, origin, lips_rgb)
             alpha = hole[inside][..., None]
-            moved[inside] = moved[inside] * (1 - alpha) + fill[inside] * alpha
+            moved[inside] = moved[inside] * (1 - alpha) + fill * alpha
     return np.clip(moved + 0.5, 0, 255).astype(np.uint8)
-
-
-def resize_inner(inner: InnerMouth, size: int) -> InnerMouth:
-    """The same open mouth at the scale of a crop of side `size` (pixel-centre coordinates scale
-    about -0.5)."""
-    if inner.crop is None or inner.crop_size == size:
-        return inner
-    from avatar.face.align import rescale_points
-
-    k = size / inner.crop_size
-    h, w = inner.crop.shape[:2]
-    crop = cv2.resize(inner.crop, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA if k < 1 else cv2.INTER_CUBIC)
-    lower_row = resize_inner(inner.lower_row, size) if inner.lower_row is not None else None
-    return InnerMouth(crop, rescale_points(inner.mouth, inner.crop_size, size), size, inner.borrowed, lower_row)
