@@ -64,16 +64,31 @@ def _print_result(result, report: typing.Optional[str]) -> int:
 
 def _run_animate(args: argparse.Namespace) -> int:
     _note_new_folder(args.output)
-    result = _pipeline(args).animate(args.image, args.audio, args.output, config_from_args(args, IdleConfig, "idle"),
-                                     references=args.reference or (), report=args.report, progress=not args.quiet)
+    pipeline = _pipeline(args)
+    avatar = pipeline.load_avatar(args.avatar) if args.avatar else None
+    result = pipeline.animate(args.image, args.audio, args.output, config_from_args(args, IdleConfig, "idle"),
+                              references=args.reference or (), report=args.report, progress=not args.quiet, avatar=avatar)
     return _print_result(result, args.report)
 
 
 def _run_dub(args: argparse.Namespace) -> int:
     _note_new_folder(args.output)
-    result = _pipeline(args).dub(args.video, args.audio, args.output, config_from_args(args, DubConfig, ""),
-                                 references=args.reference or (), report=args.report, progress=not args.quiet)
+    pipeline = _pipeline(args)
+    avatar = pipeline.load_avatar(args.avatar) if args.avatar else None
+    result = pipeline.dub(args.video, args.audio, args.output, config_from_args(args, DubConfig, ""),
+                          references=args.reference or (), report=args.report, progress=not args.quiet, avatar=avatar,
+                          enroll=not args.no_enroll)
     return _print_result(result, args.report)
+
+
+def _run_enroll(args: argparse.Namespace) -> int:
+    _note_new_folder(args.output)
+    avatar = _pipeline(args).enroll(args.video or (), args.image, args.output, references=args.reference or (),
+                                    progress=not args.quiet)
+    print(f"enrolled: {avatar.describe()}")
+    size = pathlib.Path(args.output).stat().st_size
+    print(f"wrote {args.output} ({size / 1e6:.1f} MB); use it with --avatar {args.output}")
+    return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -129,13 +144,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     from realtime import server  # the only place avatar/ reaches realtime/, lazily
 
     return server.run(args.image, args.host, args.port, args.token, config_from_args(args, RealtimeConfig, ""),
-                      config_from_args(args, IdleConfig, "idle"))
+                      config_from_args(args, IdleConfig, "idle"), avatar=args.avatar)
 
 
 def _run_webcam(args: argparse.Namespace) -> int:
     from realtime import webcam
 
-    return webcam.run(args.image, config_from_args(args, RealtimeConfig, ""), config_from_args(args, IdleConfig, "idle"))
+    return webcam.run(args.image, config_from_args(args, RealtimeConfig, ""), config_from_args(args, IdleConfig, "idle"),
+                      avatar_path=args.avatar)
 
 
 def _face_index_option(command: argparse.ArgumentParser) -> None:
@@ -145,8 +161,10 @@ def _face_index_option(command: argparse.ArgumentParser) -> None:
 
 
 def _live_options(command: argparse.ArgumentParser) -> None:
-    """What `serve` and `webcam` share: the portrait, the live engine's config and the idle motion."""
-    command.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
+    """What `serve` and `webcam` share: the portrait or avatar, the live engine's config and the idle motion."""
+    person = command.add_mutually_exclusive_group()
+    person.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
+    person.add_argument("--avatar", help="an enrolled avatar (`avatar enroll`): its real footage loops behind the speaking mouth")
     add_config_arguments(command, RealtimeConfig, "")
     add_config_arguments(command, IdleConfig, "idle")
 
@@ -194,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         "animate", help="a portrait and speech → a talking video",
         description="Animate a still portrait with speech: lips and jaw from the audio, natural blinks and a little "
                     "head motion (turn off with --no-idle.enabled; seed with --idle.seed). 25 fps unless --fps.")
-    animate.add_argument("--image", required=True, help="portrait photo (PNG/JPEG/...; CMYK, 16-bit, alpha and huge images are handled)")
+    person = animate.add_mutually_exclusive_group(required=True)
+    person.add_argument("--image", help="portrait photo (PNG/JPEG/...; CMYK, 16-bit, alpha and huge images are handled)")
+    person.add_argument("--avatar", help="an enrolled avatar (`avatar enroll`): its real footage loops behind the speaking mouth")
     animate.add_argument("--audio", required=True, help="speech (wav/flac/mp3/m4a/ogg/... or a video's audio)")
     _common_render_options(animate)
     add_config_arguments(animate, IdleConfig, "idle")
@@ -208,9 +228,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "trim (default) or keep (the whole video, mouth at rest after the speech).")
     dub.add_argument("--video", required=True, help="video with a face")
     dub.add_argument("--audio", required=True, help="the new speech")
+    dub_person = dub.add_mutually_exclusive_group()
+    dub_person.add_argument("--avatar", help="an avatar enrolled before from other footage of the same person (default: the "
+                                             "video is enrolled on the fly)")
+    dub_person.add_argument("--no-enroll", action="store_true", help="do not enroll the video (the generic path: one open mouth)")
     _common_render_options(dub)
     add_config_arguments(dub, DubConfig, "")
     dub.set_defaults(run=_run_dub)
+
+    enroll = commands.add_parser(
+        "enroll", help="make a person's avatar from a short video of them (or a photo)",
+        description="Enroll a person: from one or more videos of them (a minute or two of speaking to the camera is "
+                    "best), their rest mouth, their own mouths (teeth and tongue) for the renderer, a loop of real idle "
+                    "footage and a motion model adapted to their speech, in one .avatar file for --avatar.")
+    enroll_source = enroll.add_mutually_exclusive_group(required=True)
+    enroll_source.add_argument("--video", action="append", help="a video of the person (repeatable)")
+    enroll_source.add_argument("--image", help="a photo of the person (a photo-only avatar)")
+    enroll.add_argument("--output", required=True, help="the avatar file to write (.avatar)")
+    enroll.add_argument("--reference", action="append", metavar="PHOTO", help="another photo of the person for the identity-drift check")
+    _face_index_option(enroll)
+    enroll.add_argument("--models", help="folder with the model files (default: the bundled ones)")
+    enroll.add_argument("--quiet", action="store_true", help="no progress bar")
+    for cls, prefix in ((PipelineConfig, ""), (FaceConfig, "face"), (IdentityConfig, "identity"), (SilenceConfig, "silence"),
+                        (ArtifactConfig, "artifacts")):
+        add_config_arguments(enroll, cls, prefix)
+    enroll.set_defaults(run=_run_enroll)
 
     evaluate = commands.add_parser(
         "eval", help="lip-sync, identity, sharpness, flicker and A/V-offset metrics for a generated video",

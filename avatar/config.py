@@ -313,7 +313,7 @@ class PipelineConfig:
 
     fps: float = 25.0  # output frame rate for a still (a video keeps its own)
     max_side: int = 1920  # a still larger than this on its longer side is downscaled (area) to it
-    renderer: str = "warp"  # "warp": the person's own pixels moved (avatar/render/warp.py); "diffusion": the learned denoiser
+    renderer: str = "retrieval"  # "retrieval": the warp with the inside of the mouth from the person's enrolled mouths (avatar/render/retrieval.py; as "warp" without them); "warp": the person's own pixels moved (avatar/render/warp.py); "diffusion": the learned denoiser
     warp_max_size: int = 384  # the warp works on a crop at the face's own resolution, up to this side
     diffusion_start: float = 0.25  # the diffusion renderer refines the warp renderer's draft noised to this time (1: draws from pure noise)
     steps: int = 0  # diffusion sampling steps (0: the model's own few-step count × diffusion_start, at least 1)
@@ -348,7 +348,7 @@ class RealtimeConfig:
     """The live engine and its server (`realtime/`)."""
 
     fps: float = 25.0
-    renderer: str = "warp"  # as PipelineConfig.renderer
+    renderer: str = "retrieval"  # as PipelineConfig.renderer
     steps: int = 1  # diffusion steps per frame live (from the warp's draft, as PipelineConfig.diffusion_start)
     batch: int = 8  # most frames (from all sessions) per renderer call
     workers: int = 0  # threads for the per-frame CPU work, as PipelineConfig.workers

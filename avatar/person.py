@@ -25,7 +25,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform
 from avatar.motion.closed import MIN_OPEN_GAP, ClosedMouthPrior
 from avatar.render.base import Identity
-from avatar.render.warp import MIN_OPEN, InnerMouth, borrowed_mouth, inner_gap_ratio
+from avatar.render.warp import InnerMouth, open_inner
 
 PathLike = typing.Union[str, os.PathLike]
 INNER_SIZE = 256  # crop side at which an identity's open mouth is kept for the warp renderer
@@ -107,9 +107,4 @@ class IdentityBuilder:
         `transform`: frame → crop at `crop_size`; `crop_landmarks` in that crop."""
         mouth = rescale_points(np.asarray(crop_landmarks)[lm.MOUTH_AND_JAW, :2], self.crop_size, INNER_SIZE)
         crop = self.inner_aligner.crop(frame, rescale_transform(transform, self.crop_size, INNER_SIZE))
-        if inner_gap_ratio(mouth) <= MIN_OPEN:
-            return borrowed_mouth(crop, mouth)
-        own = InnerMouth(crop, mouth, INNER_SIZE)
-        if own.split >= 1.0:  # only the upper teeth show (a smile): the lower row is borrowed
-            own.lower_row = borrowed_mouth(crop, mouth)
-        return own
+        return open_inner(crop, mouth, INNER_SIZE)

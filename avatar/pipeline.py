@@ -34,12 +34,14 @@ from tqdm import tqdm
 from avatar import __version__, idle, media, provenance
 from avatar import audio as audio_frontend
 from avatar.artifacts import ArtifactCheck, Verdict
+from avatar.enroll import SUFFIX as AVATAR_SUFFIX
+from avatar.enroll import Avatar
 from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig,
                            SilenceConfig)
-from avatar.errors import FaceError, MediaError, NoFaceError
+from avatar.errors import FaceError, MediaError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, FaceRegion, apply_transform, invert_transform
-from avatar.frames import FrameStore, fit_image, pingpong_schedule
+from avatar.frames import fit_image, pingpong_schedule
 from avatar.person import IdentityBuilder
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.renderers import RENDER_MODEL, make_renderer
@@ -261,7 +263,7 @@ class AvatarPipeline:
         clock = clock or StageClock()
         n = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
         with clock.time("motion"):
-            mouths = self.motion.from_audio(samples, fps, identity.rest, n)
+            mouths = self.motion.from_audio(samples, fps, identity.rest, n, adaptation=identity.adaptation)
         closure = idle.blink_curve(n, fps, idle_config)
         moves = idle.head_motion(n, fps, idle_config, *idle.face_centre_and_height(landmarks))
 
@@ -310,23 +312,34 @@ class AvatarPipeline:
                 tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
         return RunResult(output, frames, fps, audio_seconds, seconds, report, sidecar)
 
-    def animate(self, image: PathLike, audio: PathLike, output: PathLike, idle_config: IdleConfig = IdleConfig(),
+    def animate(self, image: typing.Optional[PathLike], audio: PathLike, output: PathLike, idle_config: IdleConfig = IdleConfig(),
                 references: typing.Sequence[PathLike] = (), report: typing.Optional[PathLike] = None,
-                progress: bool = True) -> RunResult:
-        """A still portrait + speech → a talking video at `config.fps`, written atomically to `output`."""
-        inputs = [image, audio, *references]
+                progress: bool = True, avatar: typing.Optional[Avatar] = None) -> RunResult:
+        """A still portrait (`image`), or an enrolled person (`avatar`, `load_avatar`), + speech → a
+        talking video written atomically to `output`. A portrait gets synthetic blinks and head motion
+        (`idle_config`) at `config.fps`; an avatar from video plays its idle loop (the person's real
+        footage, at its frame rate) behind the speaking mouth."""
+        if (image is None) == (avatar is None):
+            raise MediaError("animate needs a portrait (--image) or an enrolled avatar (--avatar), one of the two")
+        inputs = [p for p in (image, audio, *references) if p is not None]
         output = media.check_output_path(output, inputs, media.VIDEO_EXTENSIONS)
         if report is not None:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()
         with clock.time("decode"):
             samples = self.read_speech(audio)
-            portrait = fit_image(media.read_image(image), self.config.max_side)
+        if avatar is not None and avatar.idle is not None:
+            return self._animate_loop(avatar, audio, output, inputs, samples, started, clock, report, progress)
+        with clock.time("decode"):
+            portrait = fit_image(media.read_image(image), self.config.max_side) if avatar is None else avatar.still[0]
         with clock.time("face"):
-            with self.face_tracker() as tracker:
-                landmarks = tracker.select(portrait, what=str(image)).landmarks
-            self.check_portrait_pose(landmarks, str(image))
-            identity = self.prepare_image(portrait, landmarks, what=str(image), extra_references=references)
+            if avatar is None:
+                with self.face_tracker() as tracker:
+                    landmarks = tracker.select(portrait, what=str(image)).landmarks
+                self.check_portrait_pose(landmarks, str(image))
+                identity = self.prepare_image(portrait, landmarks, what=str(image), extra_references=references)
+            else:
+                landmarks, identity = avatar.still[1], avatar.identity
         fps = self.config.fps
         events: typing.List[typing.Dict[str, typing.Any]] = []
         monitor = self._drift_monitor(identity, events)
@@ -339,15 +352,82 @@ class AvatarPipeline:
             for frame in tqdm(frames, total=n, desc="animate", unit="frame", disable=not progress):
                 with clock.time("encode"):
                     writer.write(frame)
-        return self._finish("animate", output, {"image": str(image), "audio": str(audio)}, n, fps, samples, started, clock,
-                            monitor, events, failures, {"idle": dataclasses.asdict(idle_config), "rest_inferred": identity.rest_inferred,
-                                              "identity_references": len(identity.drift_references)}, report)
+        return self._finish("animate", output, {"image": str(image) if image is not None else None, "audio": str(audio)}, n, fps,
+                            samples, started, clock, monitor, events, failures,
+                            {"idle": dataclasses.asdict(idle_config), "rest_inferred": identity.rest_inferred,
+                             "identity_references": len(identity.drift_references), "person": "avatar" if avatar else "portrait"}, report)
+
+    def _animate_loop(self, avatar: Avatar, audio: PathLike, output: pathlib.Path, inputs: typing.List[PathLike], samples: np.ndarray,
+                      started: float, clock: StageClock, report: typing.Optional[PathLike], progress: bool) -> RunResult:
+        """`animate` of an avatar with an idle loop: the loop's frames, over and over, as a dub's."""
+        loop, identity = avatar.idle.scaled(self.config.max_side), avatar.identity
+        fps = loop.fps
+        n = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
+        with clock.time("motion"):
+            mouths = self.motion.from_audio(samples, fps, identity.rest, n, adaptation=identity.adaptation)
+        events: typing.List[typing.Dict[str, typing.Any]] = []
+        monitor = self._drift_monitor(identity, events)
+        failures: typing.List[typing.Dict[str, typing.Any]] = []
+        path = identity.bank.path(mouths) if identity.bank is not None else [None] * n
+        jobs = (loop.job(i, mouths[i], identity.rest_anchor, path[i]) for i in range(n))
+        metadata = provenance.container_metadata(self.model_hashes)
+        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
+                               metadata=metadata, inputs=inputs) as writer:
+            for frame in tqdm(self.render_jobs(identity, jobs, fps, monitor, clock, failures), total=n, desc="animate",
+                              unit="frame", disable=not progress):
+                with clock.time("encode"):
+                    writer.write(frame)
+        failures.sort(key=lambda item: item["frame"])
+        extra = {"person": "avatar", "idle_loop_frames": len(loop), "mouth_bank": len(identity.bank) if identity.bank is not None else 0,
+                 "motion_adapted": identity.adaptation is not None, "identity_references": len(identity.drift_references)}
+        return self._finish("animate", output, {"image": None, "audio": str(audio)}, n, fps, samples, started, clock, monitor,
+                            events, failures, extra, report)
+
+    # ------------------------------------------------------------------ enrollment (avatar/enroll.py)
+    def enroll(self, videos: typing.Sequence[PathLike] = (), image: typing.Optional[PathLike] = None,
+               output: typing.Optional[PathLike] = None, references: typing.Sequence[PathLike] = (),
+               progress: bool = True) -> Avatar:
+        """An enrolled person from videos of them (or one photo), written to `output` when given."""
+        from avatar.enroll import avatar_from_image, build_avatar, save_avatar, track_video
+
+        if bool(videos) == (image is not None):
+            raise MediaError("enroll from videos (--video, repeatable) or from one photo (--image), not both or neither")
+        inputs = [*videos, *([image] if image is not None else []), *references]
+        if output is not None:
+            media.check_output_path(output, inputs, (AVATAR_SUFFIX,))
+        if image is not None:
+            portrait = fit_image(media.read_image(image), self.config.max_side)
+            with self.face_tracker() as tracker:
+                landmarks = tracker.select(portrait, what=str(image)).landmarks
+            self.check_portrait_pose(landmarks, str(image))
+            avatar = avatar_from_image(self, portrait, landmarks, str(image), references)
+        else:
+            footages = []
+            try:
+                for video in videos:
+                    footages.append(track_video(self, video, progress))
+                avatar = build_avatar(self, footages, progress, references)
+            finally:
+                for footage in footages:
+                    footage.close()
+        if output is not None:
+            save_avatar(avatar, output, inputs)
+        return avatar
+
+    def load_avatar(self, path: PathLike) -> Avatar:
+        """An avatar file written by `enroll` (`avatar.enroll.load_avatar`)."""
+        from avatar.enroll import load_avatar
+
+        return load_avatar(path)
 
     def dub(self, video: PathLike, audio: PathLike, output: PathLike, dub_config: DubConfig = DubConfig(),
             references: typing.Sequence[PathLike] = (), report: typing.Optional[PathLike] = None,
-            progress: bool = True) -> RunResult:
-        """Re-lip-sync `video` to `audio`; outside the repainted lower face every pixel is the input's."""
-        from avatar.face.video import align_video
+            progress: bool = True, avatar: typing.Optional[Avatar] = None, enroll: bool = True) -> RunResult:
+        """Re-lip-sync `video` to `audio`; outside the repainted lower face every pixel is the input's.
+        The person comes from `avatar` (enrolled before, from other footage of them) or, with
+        `enroll` (default), from the video itself enrolled on the fly (its mouths are the bank, its
+        own speech and lips the motion adaptation); `enroll=False`: the generic path (one open mouth)."""
+        from avatar.enroll import build_avatar, track_video
 
         if dub_config.audio_longer not in ("pingpong", "loop", "trim"):
             raise MediaError(f"audio_longer must be pingpong, loop or trim, not {dub_config.audio_longer!r}")
@@ -358,41 +438,23 @@ class AvatarPipeline:
         if report is not None:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()
-        info = media.probe(video)
-        if not info.has_video:
-            raise MediaError(f"{video}: has no video frames; give a video with a face in it")
-        fps = info.fps or self.config.fps
         with clock.time("decode"):
             samples = self.read_speech(audio)
 
         # 1. Track the face through the whole video once; keep the frames on disk for random access.
-        store = FrameStore()
+        with clock.time("face"):
+            footage = track_video(self, video, progress, with_audio=enroll and avatar is None)
         try:
-            valid, transforms, crop_lms, frame_lms = [], [], [], []
-            with clock.time("face"):
-                tracked = align_video(media.iter_video_frames(video), self.face_config, AlignConfig(crop_size=self.crop_size), what=str(video))
-                for item in tqdm(tracked, total=info.n_frames or None, desc="tracking", unit="frame", disable=not progress):
-                    store.append(item.image)
-                    valid.append(item.valid)
-                    transforms.append(item.aligned.transform if item.aligned is not None else None)
-                    crop_lms.append(item.aligned.landmarks if item.valid else None)
-                    frame_lms.append(item.frame_landmarks)
-            n_source = store.count
-            if n_source == 0:
-                raise MediaError(f"{video}: no frame could be decoded; the file may be corrupt")
-            good = np.flatnonzero(valid)
-            if good.size == 0:
-                raise NoFaceError(f"{video}: no face found in any frame; give a video where a face is visible")
+            fps, n_source, good = footage.fps, len(footage.valid), footage.good
 
-            # 2. The person: rest mouth and references from the video's own frames (+ extra photos).
-            with clock.time("face"):
-                spread = good[np.linspace(0, good.size - 1, min(self.config.drift_references, good.size)).round().astype(int)]
-                good_lms = np.stack([crop_lms[i] for i in good])
-                picks = [int(good[k]) for k in self.reference_frames(good_lms)]
-                widest = int(good[np.argmax(lm.mouth_opening(good_lms) / lm.interocular(good_lms))])
-                identity = self.prepare_frames([self.aligner.crop(store[i], transforms[i]) for i in picks], good_lms,
-                                               [(store[i], frame_lms[i]) for i in spread], references,
-                                               self.open_mouth(store[widest], transforms[widest], crop_lms[widest]))
+            # 2. The person: enrolled before, enrolled now from the video, or its rest mouth and references.
+            with clock.time("enroll" if enroll and avatar is None else "face"):
+                if avatar is not None:
+                    identity = avatar.identity
+                elif enroll:
+                    identity = build_avatar(self, [footage], progress=False, references=references, idle=False, strict=False).identity
+                else:
+                    identity = self._identity_from_footage(footage, references)
 
             # 3. Fit the speech to the video: output length and which source frame each shows.
             n_audio = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
@@ -403,49 +465,72 @@ class AvatarPipeline:
             else:
                 n_out = n_audio
             samples_out = samples[: int(round(n_out / fps * self.encoder.config.sample_rate))]
-            anchors = np.full((n_source, 2), np.nan)
-            anchors[good] = lm.mouth_anchor(good_lms)
-            motion = np.r_[0.0, np.linalg.norm(np.diff(np.stack([t if t is not None else np.zeros((2, 3)) for t in transforms]), axis=0), axis=(1, 2))]
+            transforms = np.stack([t if t is not None else np.zeros((2, 3)) for t in footage.transforms])
+            motion = np.r_[0.0, np.linalg.norm(np.diff(transforms, axis=0), axis=(1, 2))]
             schedule = pingpong_schedule(n_source, n_out, motion, fps, dub_config.audio_longer)
 
             # 4. Mouths from the new speech (closed after it ends, when the video is kept longer).
             with clock.time("motion"):
-                mouths = self.motion.from_audio(samples_out, fps, identity.rest, n_out)
+                mouths = self.motion.from_audio(samples_out, fps, identity.rest, n_out, adaptation=identity.adaptation)
 
             events: typing.List[typing.Dict[str, typing.Any]] = []
             monitor = self._drift_monitor(identity, events)
-
             failures: typing.List[typing.Dict[str, typing.Any]] = []
-            yaw = np.full(n_source, np.nan)
-            yaw[good] = [lm.yaw_degrees(frame_lms[i]) for i in good]
-
-            def jobs() -> typing.Iterator[FrameJob]:
-                for j, source in enumerate(schedule):
-                    frame = store[int(source)]
-                    if not valid[source]:
-                        yield FrameJob(frame)
-                        continue
-                    turned = self.pose_limit(float(yaw[source]))
-                    if turned:  # beyond what the renderers draw correctly: the frame as it is
-                        failures.append({"frame": j, "t": round(j / fps, 3), "why": turned})
-                        yield FrameJob(frame)
-                        continue
-                    mouth = mouths[j] + (anchors[source] - identity.rest_anchor)
-                    yield FrameJob(frame, transforms[source], crop_lms[source], frame_lms[source], mouth)
-
+            jobs = self.footage_jobs(identity, footage.store.__getitem__, footage.valid, footage.transforms, footage.crop_landmarks,
+                                     footage.frame_landmarks, schedule, mouths, fps, failures)
             metadata = provenance.container_metadata(self.model_hashes)
             with media.VideoWriter(output, fps, samples_out, self.encoder.config.sample_rate, crf=self.config.crf,
                                    metadata=metadata, inputs=inputs) as writer:
-                for frame in tqdm(self.render_jobs(identity, jobs(), fps, monitor, clock, failures), total=n_out, desc="dub",
+                for frame in tqdm(self.render_jobs(identity, jobs, fps, monitor, clock, failures), total=n_out, desc="dub",
                                   unit="frame", disable=not progress):
                     with clock.time("encode"):
                         writer.write(frame)
         finally:
-            store.close()
+            footage.close()
         steps = np.diff(schedule)
         loops = int(np.sum((steps < 0) & (np.r_[0, steps[:-1]] >= 0)))  # times the video turned or jumped back
+        person = "avatar" if avatar is not None else ("enrolled from the video" if enroll else "generic")
         extra = {"dub": dataclasses.asdict(dub_config), "source_frames": n_source, "frames_without_face": int(n_source - good.size),
-                 "speech_frames": n_audio, "reversals_or_restarts": loops, "identity_references": len(identity.drift_references)}
+                 "speech_frames": n_audio, "reversals_or_restarts": loops, "identity_references": len(identity.drift_references),
+                 "person": person, "mouth_bank": len(identity.bank) if identity.bank is not None else 0,
+                 "motion_adapted": identity.adaptation is not None}
         failures.sort(key=lambda item: item["frame"])
         return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,
                             clock, monitor, events, failures, extra, report)
+
+    def _identity_from_footage(self, footage, references: typing.Sequence[PathLike] = ()) -> Identity:
+        """The generic person of a video (no bank, no adaptation): rest mouth and references from its
+        own frames, its widest mouth as the open mouth, drift references spread over it (+ photos)."""
+        good = footage.good
+        spread = good[np.linspace(0, good.size - 1, min(self.config.drift_references, good.size)).round().astype(int)]
+        good_lms = np.stack([footage.crop_landmarks[i] for i in good])
+        picks = [int(good[k]) for k in self.reference_frames(good_lms)]
+        widest = int(good[np.argmax(lm.mouth_opening(good_lms) / lm.interocular(good_lms))])
+        store, transforms = footage.store, footage.transforms
+        return self.prepare_frames([self.aligner.crop(store[i], transforms[i]) for i in picks], good_lms,
+                                   [(store[i], footage.frame_landmarks[i]) for i in spread], references,
+                                   self.open_mouth(store[widest], transforms[widest], footage.crop_landmarks[widest]))
+
+    def footage_jobs(self, identity: Identity, frame_at: typing.Callable[[int], np.ndarray], valid: typing.Sequence[bool],
+                     transforms: typing.Sequence[typing.Optional[np.ndarray]], crop_landmarks: typing.Sequence[typing.Optional[np.ndarray]],
+                     frame_landmarks: typing.Sequence[typing.Optional[np.ndarray]], schedule: np.ndarray, mouths: np.ndarray,
+                     fps: float, failures: typing.List[typing.Dict[str, typing.Any]]) -> typing.Iterator[FrameJob]:
+        """Jobs that put `mouths (T, 59, 2)` (relative to the person's rest anchor) on frames of
+        footage: output frame j shows source frame `schedule[j]` (`frame_at(i)`, with its tracked
+        face); a frame without a face, or turned beyond the pose limit (listed in `failures`), passes
+        through. With a mouth bank, each job carries its entry of the whole sequence's Viterbi path."""
+        path = identity.bank.path(mouths) if identity.bank is not None else None
+        for j, source in enumerate(schedule):
+            source = int(source)
+            frame = frame_at(source)
+            if not valid[source]:
+                yield FrameJob(frame)
+                continue
+            turned = self.pose_limit(float(lm.yaw_degrees(frame_landmarks[source])))
+            if turned:  # beyond what the renderers draw correctly: the frame as it is
+                failures.append({"frame": j, "t": round(j / fps, 3), "why": turned})
+                yield FrameJob(frame)
+                continue
+            mouth = mouths[j] + (lm.mouth_anchor(crop_landmarks[source]) - identity.rest_anchor)
+            yield FrameJob(frame, transforms[source], crop_landmarks[source], frame_landmarks[source], mouth,
+                           None if path is None else int(path[j]))

@@ -1,7 +1,7 @@
 """End-to-end speed of `avatar dub` and `avatar animate` on this machine, per stage, as ratios to
 real time (audio seconds / wall seconds; > 1 is faster than real time).
 
-    python -m benchmarks.pipeline [--seconds 10] [--threads 0] [--workers 0] [--renderer warp|diffusion]
+    python -m benchmarks.pipeline [--seconds 10] [--threads 0] [--workers 0] [--renderer retrieval|warp|diffusion]
 
 Dub: a 512² talking clip from ../shared/data re-lip-synced to its own speech. Animate: a real
 portrait from ../shared/data with the same speech. Both write real files (H.264 + AAC) and run the
@@ -17,6 +17,7 @@ import tempfile
 from avatar import media
 from avatar.config import PipelineConfig
 from avatar.pipeline import AvatarPipeline
+from avatar.render.renderers import RENDERERS
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     parser.add_argument("--workers", type=int, default=PipelineConfig.workers, help="threads for the per-frame CPU work (0: one per core)")
-    parser.add_argument("--renderer", choices=("warp", "diffusion"), default=PipelineConfig.renderer)
+    parser.add_argument("--renderer", choices=RENDERERS, default=PipelineConfig.renderer)
     args = parser.parse_args(argv)
     pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(threads=args.threads, workers=args.workers, renderer=args.renderer))
     info = media.probe(args.video)

@@ -1,6 +1,6 @@
 """Live serving on this machine: 1, 2 and 4 concurrent sessions over loopback WebSockets.
 
-    python -m benchmarks.realtime [--seconds 8] [--sessions 1 2 4] [--renderer warp|diffusion] [--steps 1] [--workers 0]
+    python -m benchmarks.realtime [--seconds 8] [--sessions 1 2 4] [--renderer retrieval|warp|diffusion] [--steps 1] [--workers 0]
 
 Each session streams real speech at real-time pace in 20 ms chunks (as a microphone would) and
 receives the frames. Per session count: sustained frames/s per session, first-frame latency (first
@@ -20,6 +20,8 @@ import numpy as np
 
 from avatar import media
 from avatar.config import RealtimeConfig
+from avatar.enroll import load_avatar
+from avatar.render.renderers import RENDERERS
 from realtime.client import stream_file
 from realtime.engine import Engine
 from realtime.server import AvatarServer, BackgroundServer
@@ -36,9 +38,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=RealtimeConfig.steps)
-    parser.add_argument("--renderer", choices=("warp", "diffusion"), default=RealtimeConfig.renderer)
+    parser.add_argument("--renderer", choices=RENDERERS, default=RealtimeConfig.renderer)
     parser.add_argument("--workers", type=int, default=RealtimeConfig.workers, help="threads for the per-frame CPU work (0: one per core)")
     parser.add_argument("--image", type=pathlib.Path, default=DATA / "faces/ageitgey__face_recognition/obama.jpg")
+    parser.add_argument("--avatar", type=pathlib.Path, help="an enrolled avatar (`avatar enroll`) instead of --image")
     parser.add_argument("--audio", type=pathlib.Path, default=DATA / "speech/kleinlee__DH_live/audio0.wav")
     args = parser.parse_args(argv)
     config = RealtimeConfig(steps=args.steps, renderer=args.renderer, workers=args.workers, max_sessions=max(args.sessions))
@@ -46,13 +49,15 @@ def main(argv=None) -> None:
     samples = media.read_audio(args.audio, 16000)
     samples = np.resize(samples, int(args.seconds * 16000))
     renderer = engine.pipeline.config.renderer
-    detail = f"{config.steps} diffusion step(s)" if renderer == "diffusion" else "warp"
+    detail = f"{config.steps} diffusion step(s)" if renderer == "diffusion" else renderer
+    person = f"avatar {args.avatar.name} (its idle loop)" if args.avatar else f"portrait {args.image.name}"
     print(f"renderer: {detail}, providers {', '.join(engine.pipeline.providers)}; "
-          f"portrait {args.image.name} (scaled to {config.max_side} px), {args.seconds:g} s of speech per session; "
+          f"{person} (scaled to {config.max_side} px), {args.seconds:g} s of speech per session; "
           f"server and clients share this process")
+    prepared = engine.prepare_enrolled(load_avatar(args.avatar)) if args.avatar else None
     print(f"{'sessions':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} {'look-ahead':>11} {'dropped':>9} {'encode/frame':>13}")
     for count in args.sessions:
-        server = AvatarServer(engine, media.read_image(args.image), config)
+        server = AvatarServer(engine, None if prepared else media.read_image(args.image), config, prepared=prepared)
         with BackgroundServer(server) as background:
             results = asyncio.run(run_sessions(background.url, samples, count))
         figures = [result.latency_figures() for result in results]

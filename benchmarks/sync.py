@@ -1,6 +1,6 @@
 """Held-out lip sync of the whole engine, measured by `avatar eval`, next to baselines in the same run.
 
-    python -m benchmarks.sync [--clips 6] [--seconds 4] [--renderer warp|diffusion] [--diffusion-start 0.25] [--models FOLDER]
+    python -m benchmarks.sync [--clips 6] [--seconds 4] [--renderer retrieval|warp|diffusion] [--diffusion-start 0.25] [--models FOLDER]
 
 For talking clips of validation people (never seen in training; `training.split`), the first
 `--seconds` are dubbed three ways and each result is compared with the real clip. The picture that
@@ -27,6 +27,7 @@ from avatar import media
 from avatar.config import DubConfig, PipelineConfig
 from avatar.evaluate import evaluate_pair
 from avatar.pipeline import AvatarPipeline
+from avatar.render.renderers import RENDERERS
 from training.split import VALIDATION_IDENTITIES, person_key
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -50,7 +51,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--renderer", choices=("warp", "diffusion"), default=PipelineConfig.renderer)
+    parser.add_argument("--renderer", choices=RENDERERS, default=PipelineConfig.renderer)
     parser.add_argument("--diffusion-start", type=float, default=PipelineConfig.diffusion_start,
                         help="the diffusion renderer refines the warp's draft noised to this time (1: from pure noise)")
     parser.add_argument("--models", type=pathlib.Path, help="a folder with the model files of AvatarPipeline.from_pretrained (default: assets/)")

@@ -42,8 +42,10 @@ STREAM_RATE = 16000  # what the motion model hears
 
 @dataclasses.dataclass
 class Avatar:
-    """A prepared portrait: picture `(H, W, 3) uint8` (scaled to `max_side`), its landmarks
-    `(478, 3)`, the renderer/drift identity, and where idle head motion turns about."""
+    """A prepared person: a portrait `(H, W, 3) uint8` (scaled to `max_side`; an enrolled avatar's
+    first idle-loop frame), its landmarks `(478, 3)`, the renderer/drift identity, and where idle head
+    motion turns about; `loop`: an enrolled avatar's idle loop (`avatar.enroll.IdleLoop`), played
+    behind the speaking mouth instead of the still with synthetic blinks and sway."""
 
     key: str
     portrait: np.ndarray
@@ -51,6 +53,7 @@ class Avatar:
     identity: typing.Any
     centre: np.ndarray
     height: float
+    loop: typing.Any = None
 
 
 @dataclasses.dataclass
@@ -107,7 +110,7 @@ class Session:
         self.engine, self.avatar, self.sample_rate = engine, avatar, sample_rate
         config = engine.config
         self.fps = config.fps
-        self.motion = engine.pipeline.live_motion.stream(config.fps, avatar.identity.rest)
+        self.motion = engine.pipeline.live_motion.stream(config.fps, avatar.identity.rest, avatar.identity.adaptation)
         self.lookahead_s = self.motion.lookahead_ms / 1000.0
         self.resample = _Resampler(sample_rate)
         self.blinks = idle.BlinkSchedule(engine.idle_config)
@@ -256,6 +259,21 @@ class Engine:
         self.avatars[key] = avatar
         return avatar
 
+    def prepare_enrolled(self, enrolled) -> Avatar:
+        """An enrolled person (`avatar.enroll.Avatar`, from `load_avatar`) → Avatar: its idle loop
+        (scaled to `max_side`) or, for a photo-only avatar, its photo."""
+        if enrolled.idle is None:
+            portrait, landmarks = enrolled.still
+            loop = None
+        else:
+            loop = enrolled.idle.scaled(self.config.max_side)
+            portrait, landmarks = loop.frames[0], loop.frame_landmarks[0]
+        key = "enrolled-" + hashlib.sha256(np.ascontiguousarray(portrait).tobytes()).hexdigest()[:16]
+        centre, height = idle.face_centre_and_height(landmarks)
+        avatar = Avatar(key, portrait, landmarks, enrolled.identity, centre, height, loop)
+        self.avatars[key] = avatar
+        return avatar
+
     def open(self, avatar: Avatar, sample_rate: int = STREAM_RATE, now: typing.Optional[float] = None) -> Session:
         session = Session(self, avatar, sample_rate, now)
         with self.lock:
@@ -284,6 +302,11 @@ class Engine:
         for session, items in work:  # each session's frames are contiguous in the batch
             avatar = session.avatar
             for index, mouth, _ in items:
+                if avatar.loop is not None:  # the person's real footage, looped
+                    jobs.append(avatar.loop.job(index, mouth, avatar.identity.rest_anchor))
+                    identities.append(avatar.identity)
+                    indices.append(index)
+                    continue
                 closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
                 move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
                 jobs.append(self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move))

@@ -145,10 +145,12 @@ class AvatarServer:
     """The server: one render thread for all sessions, a pool encoding their frames (each client's in
     order), one asyncio loop for the connections."""
 
-    def __init__(self, engine, portrait: np.ndarray, config: RealtimeConfig = RealtimeConfig(), token: typing.Optional[str] = None):
+    def __init__(self, engine, portrait: np.ndarray, config: RealtimeConfig = RealtimeConfig(), token: typing.Optional[str] = None,
+                 prepared=None):
+        """`portrait (H, W, 3) uint8`, or `prepared`: an avatar the engine prepared (`Engine.prepare_enrolled`)."""
         self.engine, self.config = engine, config
         self.token = token or secrets.token_urlsafe(16)
-        self.avatar = engine.prepare(portrait)
+        self.avatar = prepared or engine.prepare(portrait)
         self.clients: typing.Dict[int, Client] = {}
         self.loop: typing.Optional[asyncio.AbstractEventLoop] = None
         self.stopping = threading.Event()
@@ -368,15 +370,21 @@ class BackgroundServer:
         self.thread.join(30)
 
 
-def run(image: typing.Optional[str], host: str, port: int, token: typing.Optional[str], config: RealtimeConfig, idle_config) -> int:
-    """`avatar serve`: prepare the portrait, print the page's address, serve until Ctrl-C."""
+def run(image: typing.Optional[str], host: str, port: int, token: typing.Optional[str], config: RealtimeConfig, idle_config,
+        avatar: typing.Optional[str] = None) -> int:
+    """`avatar serve`: prepare the portrait (or load the enrolled avatar), print the page's address,
+    serve until Ctrl-C."""
     from avatar import media
+    from avatar.enroll import load_avatar
     from avatar.runtime import asset_path
     from realtime.engine import Engine
 
-    portrait = media.read_image(image or asset_path("samples/portrait.jpg"))
+    enrolled = load_avatar(avatar) if avatar else None
     engine = Engine(config=config, idle_config=idle_config)
-    server = AvatarServer(engine, portrait, config, token)
+    if enrolled is not None:
+        server = AvatarServer(engine, None, config, token, prepared=engine.prepare_enrolled(enrolled))
+    else:
+        server = AvatarServer(engine, media.read_image(image or asset_path("samples/portrait.jpg")), config, token)
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
 
     def announce(bound: int) -> None:

@@ -36,7 +36,11 @@ def check_devices() -> None:
         raise AvatarError("no microphone found; connect one (or check that this user may use audio devices)")
 
 
-def run(image: typing.Optional[str], config, idle_config, seconds: typing.Optional[float] = None) -> int:
+def run(image: typing.Optional[str], config, idle_config, seconds: typing.Optional[float] = None,
+        avatar_path: typing.Optional[str] = None) -> int:
+    from avatar.enroll import load_avatar
+
+    enrolled = load_avatar(avatar_path) if avatar_path else None
     check_devices()
     import pyvirtualcam
     import sounddevice
@@ -46,7 +50,10 @@ def run(image: typing.Optional[str], config, idle_config, seconds: typing.Option
     from realtime.engine import Engine
 
     engine = Engine(config=config, idle_config=idle_config)
-    avatar = engine.prepare(media.read_image(image or asset_path("samples/portrait.jpg")))
+    if enrolled is not None:
+        avatar = engine.prepare_enrolled(enrolled)
+    else:
+        avatar = engine.prepare(media.read_image(image or asset_path("samples/portrait.jpg")))
     height, width = avatar.portrait.shape[:2]
     rate = 16000
     session = engine.open(avatar, rate)

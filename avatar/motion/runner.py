@@ -100,20 +100,25 @@ class MotionPredictor:
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
         return frame_features(self.encoder.features(samples, live=self.live), fps, n)
 
-    def from_audio(self, samples: np.ndarray, fps: float, rest: np.ndarray, n_frames: typing.Optional[int] = None) -> np.ndarray:
+    def from_audio(self, samples: np.ndarray, fps: float, rest: np.ndarray, n_frames: typing.Optional[int] = None,
+                   adaptation=None) -> np.ndarray:
         """16 kHz mono `(N,) float32` → `(T, K, 2)` landmarks for T video frames at `fps` (the mouth at
-        rest in long silences, `SilenceConfig`)."""
+        rest in long silences, `SilenceConfig`); `adaptation`: the person's
+        (`avatar.motion.adapt.MotionAdaptation`), applied to the model's output."""
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
-        landmarks = self.predict(self.features_for(samples, fps, n), rest)
+        features = self.features_for(samples, fps, n)
+        landmarks = self.predict(features, rest)
+        if adaptation is not None:
+            landmarks = adaptation.apply(features, landmarks, rest)
         if not self.silence.enabled:
             return landmarks
         vad = audio_frontend.voice_activity(samples, fps, n, self.sample_rate)
         return SilenceHold(fps, self.silence).apply(landmarks, rest, vad)
 
-    def stream(self, fps: float, rest: np.ndarray) -> "MotionStream":
+    def stream(self, fps: float, rest: np.ndarray, adaptation=None) -> "MotionStream":
         if not self.live:
             raise ValueError("the offline motion model looks ahead without bound; stream with the live model (live=True)")
-        return MotionStream(self, fps, rest)
+        return MotionStream(self, fps, rest, adaptation)
 
 
 class SilenceHold:
@@ -145,11 +150,12 @@ class MotionStream:
     video frames fall on encoder frames; up to 20 ms more at rates where they fall between two).
     """
 
-    def __init__(self, predictor: MotionPredictor, fps: float, rest: np.ndarray):
+    def __init__(self, predictor: MotionPredictor, fps: float, rest: np.ndarray, adaptation=None):
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.predictor, self.fps = predictor, fps
         self.rest = np.asarray(rest, np.float32)
+        self.adaptation = adaptation
         self.speech = predictor.encoder.stream()
         self.encoded = np.zeros((0, predictor.config.features), np.float32)  # encoder frames from `encoded_start`
         self.encoded_start = 0
@@ -183,6 +189,8 @@ class MotionStream:
         rows = interpolate_frames(self.encoded, frame_positions(self.fps, len(indices), indices[0]) - self.encoded_start)
         stack = np.concatenate([self.history, rows])
         out = self.predictor.predict(stack, self.rest)[-len(indices):]
+        if self.adaptation is not None:
+            out = self.adaptation.apply(rows, out, self.rest)
         if self.vad_scores.size < len(indices):  # frame i's score needs audio up to (i + 1) / fps only: never
             raise RuntimeError("voice activity lags the motion frames")
         out = self.hold.apply(out, self.rest, self.vad_scores[: len(indices)])

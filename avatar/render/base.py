@@ -1,7 +1,7 @@
 """The renderer interface: what every renderer takes (a batch of frame jobs) and gives back (the
 finished face region of each frame), and the person state it renders.
 
-    renderer = make_renderer(config, models_folder)        # "warp", "diffusion" (PipelineConfig.renderer)
+    renderer = make_renderer(config, models_folder)        # "retrieval", "warp", "diffusion" (PipelineConfig.renderer)
     regions = renderer.render(RenderBatch(jobs, identities, frame_indices))
     frame = regions[i].place(jobs[i].frame) if regions[i] is not None else jobs[i].frame
 
@@ -43,6 +43,8 @@ class Identity:
     `(59, 2)` and its anchor `(2,)` in crop pixels (`avatar.motion.runner.rest_pose`).
     drift_references: `(image, landmarks (478, 3))` pairs in image pixels for the drift monitor.
     rest_inferred: the rest mouth was inferred by the closed-mouth prior (the source showed it open).
+    bank: the person's own open mouths (`avatar.render.retrieval.MouthBank`, from enrollment), or None.
+    adaptation: the person's motion adaptation (`avatar.motion.adapt.MotionAdaptation`), or None.
     """
 
     references: typing.List[np.ndarray]
@@ -51,6 +53,8 @@ class Identity:
     drift_references: typing.List[typing.Tuple[np.ndarray, np.ndarray]]
     inner: InnerMouth = dataclasses.field(default_factory=lambda: InnerMouth(None, None))
     rest_inferred: bool = False
+    bank: typing.Any = None
+    adaptation: typing.Any = None
 
 
 @dataclasses.dataclass
@@ -58,7 +62,9 @@ class FrameJob:
     """One output frame to make. transform None: no face, the frame is passed through.
 
     frame: `(H, W, 3) uint8`; transform: `(2, 3)` frame → crop; crop_landmarks: `(478, 3)` the face as it
-    is, crop pixels; frame_landmarks: the same in frame pixels; mouth: `(59, 2)` target, crop pixels.
+    is, crop pixels; frame_landmarks: the same in frame pixels; mouth: `(59, 2)` target, crop pixels;
+    bank_index: the entry of the person's mouth bank chosen for this frame (`MouthBank.path`), or None
+    (the retrieval renderer chooses as a stream does).
     """
 
     frame: np.ndarray
@@ -66,6 +72,7 @@ class FrameJob:
     crop_landmarks: typing.Optional[np.ndarray] = None
     frame_landmarks: typing.Optional[np.ndarray] = None
     mouth: typing.Optional[np.ndarray] = None
+    bank_index: typing.Optional[int] = None
 
 
 @dataclasses.dataclass

@@ -1,6 +1,9 @@
 """The renderers behind `FaceRenderer` (`avatar/render/base.py`), chosen by `PipelineConfig.renderer`:
 
-- "warp" (default, `WarpRenderer`): moves the person's own pixels to the target mouth
+- "retrieval" (default, `RetrievalRenderer`): the warp renderer with the inside of the mouth from the
+  person's own enrolled mouth closest to each target (`avatar/render/retrieval.py`); the same as the
+  warp for a person without a bank;
+- "warp" (`WarpRenderer`): moves the person's own pixels to the target mouth
   (`avatar/render/warp.py`), on a crop at the face's own resolution;
 - "diffusion" (`DiffusionRenderer`): conditions the learned denoiser on the masked crop, the mask,
   the person's reference crops and the mouth sketch, and runs a few DDIM steps with noise that is the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import typing
+import weakref
 
 import numpy as np
 
@@ -71,8 +75,10 @@ class WarpRenderer:
             regions[i] = region
         return regions
 
-    def render_one(self, job: FrameJob, identity: Identity, frame_index: int, watermark: bool = True) -> FaceRegion:
-        """Steps 1-6 for one frame; `watermark=False` for a draft."""
+    def render_one(self, job: FrameJob, identity: Identity, frame_index: int, watermark: bool = True,
+                   inner: typing.Optional[InnerMouth] = None) -> FaceRegion:
+        """Steps 1-6 for one frame; `watermark=False` for a draft; `inner`: the open mouth to take the
+        inside of the mouth from (default: the person's)."""
         native = self.crop_size / transform_scale(job.transform)
         size = int(np.clip(16 * round(native / 16), self.crop_size, max(self.crop_size, self.config.warp_max_size)))
         aligner = self.aligners(size)
@@ -81,7 +87,7 @@ class WarpRenderer:
         landmarks = rescale_points(np.asarray(job.crop_landmarks)[:, :2], self.crop_size, size)
         mouth = rescale_points(job.mouth, self.crop_size, size)  # 2.
         mask = aligner.repaint_mask(landmarks, lm.with_mouth(landmarks, mouth))  # 3.
-        face = render_warp(crop, landmarks, mouth, mask, identity.inner.at(size))  # 4.
+        face = render_warp(crop, landmarks, mouth, mask, (inner or identity.inner).at(size))  # 4.
         if self.config.watermark and watermark:  # 5.
             face = provenance.embed_watermark(face, mask, frame_index)
         sigma = 0.7 / transform_scale(transform)  # a crop pixel, in frame pixels
@@ -97,6 +103,48 @@ class WarpRenderer:
         face = crop_template(self.crop_size)
         crop = np.full((self.crop_size, self.crop_size, 3), 128, np.uint8)
         render_warp(crop, face, face[lm.MOUTH_AND_JAW], self.aligners(self.crop_size).lower_face_mask(face), InnerMouth(None, None))
+
+
+class RetrievalRenderer(WarpRenderer):
+    """The warp renderer with the inside of the mouth from the person's bank entry chosen for the frame
+    (`FrameJob.bank_index`, a whole file's Viterbi path), or, for a stream's jobs that carry none, the
+    entry `MouthBank.follow` picks (each person's last choice is kept between calls). A person
+    without a bank renders as with the warp renderer."""
+
+    name = "retrieval"
+
+    def __init__(self, config: PipelineConfig = PipelineConfig(), crop_size: int = AlignConfig.crop_size,
+                 pool: typing.Optional[FramePool] = None):
+        super().__init__(config, crop_size, pool)
+        self._last: "weakref.WeakKeyDictionary[typing.Any, int]" = weakref.WeakKeyDictionary()
+
+    def choose(self, batch: RenderBatch) -> typing.List[typing.Optional[int]]:
+        """The bank entry of each job (None: no bank, or no face)."""
+        chosen: typing.List[typing.Optional[int]] = [None] * len(batch)
+        for i in batch.faces:
+            job, bank = batch.jobs[i], batch.identities[i].bank
+            if bank is None:
+                continue
+            if job.bank_index is not None:
+                chosen[i] = int(job.bank_index)
+            else:
+                chosen[i] = bank.follow(job.mouth, self._last.get(bank))
+            self._last[bank] = chosen[i]
+        return chosen
+
+    def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
+        chosen = self.choose(batch)
+
+        def one(i: int) -> FaceRegion:
+            identity = batch.identities[i]
+            inner = identity.bank.inner(chosen[i]) if chosen[i] is not None else None
+            return self.render_one(batch.jobs[i], identity, int(batch.frame_indices[i]), inner=inner)
+
+        regions: typing.List[typing.Optional[FaceRegion]] = [None] * len(batch)
+        faces = batch.faces
+        for i, region in zip(faces, self.pool.map(one, faces)):
+            regions[i] = region
+        return regions
 
 
 class DiffusionRenderer:
@@ -175,12 +223,14 @@ class DiffusionRenderer:
             self.draft.warm_up(batch)
 
 
-RENDERERS = ("warp", "diffusion")
+RENDERERS = ("retrieval", "warp", "diffusion")
 
 
 def make_renderer(config: PipelineConfig, folder: typing.Union[str, os.PathLike], crop_size: int = AlignConfig.crop_size,
                   providers: typing.Optional[typing.Sequence[str]] = None, pool: typing.Optional[FramePool] = None) -> FaceRenderer:
     """The renderer `config.renderer` names, with the models of `folder`."""
+    if config.renderer == "retrieval":
+        return RetrievalRenderer(config, crop_size, pool)
     if config.renderer == "warp":
         return WarpRenderer(config, crop_size, pool)
     if config.renderer == "diffusion":

@@ -135,6 +135,18 @@ def borrowed_mouth(image: np.ndarray, mouth: np.ndarray) -> InnerMouth:
     return min(bank, key=lambda entry: float(np.linalg.norm(to_lab(entry.lips_rgb) - own)))
 
 
+def open_inner(crop: np.ndarray, mouth: np.ndarray, crop_size: int) -> InnerMouth:
+    """A frame's open mouth (`crop (S, S, 3) uint8`, `mouth (59, 2)` its pixels, S = `crop_size`) as
+    the renderer's `InnerMouth`, with a bundled mouth's lower row when it shows only upper teeth; if
+    the mouth is not open, the bundled open mouth that suits these lips best (`borrowed_mouth`)."""
+    if inner_gap_ratio(mouth) <= MIN_OPEN:
+        return borrowed_mouth(crop, mouth)
+    own = InnerMouth(crop, np.asarray(mouth, np.float64), crop_size)
+    if own.split >= 1.0:  # only the upper teeth show (a smile): the lower row is borrowed
+        own.lower_row = borrowed_mouth(crop, mouth)
+    return own
+
+
 def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
     """Fixed points: the crop border and a ring just outside the repaint region."""
     border = np.linspace(0, size - 1, 9)

@@ -1,0 +1,127 @@
+"""A person's motion adaptation: a ridge correction of the general motion model, fitted on that
+person's own speech and lips (enrollment, `avatar/enroll.py`), shrunk towards the general model by
+cross-validation on the same footage.
+
+    adaptation = fit_adaptation(features, general, real, rest, keep)   # or None: not worth it
+    mouths = adaptation.apply(features, mouths, rest)                   # after the motion model
+
+The correction maps one video frame's speech features `(D,)` and the general model's mouth (its
+offsets from rest, in rest mouth widths) to the change of that mouth, linearly. It sees the current
+frame only, so live streams use it as files do. Its strength (the ridge λ) is chosen by time-blocked
+cross-validation of the mouth-opening correlation on the enrollment footage, with "no correction"
+among the choices: with little speech, or speech whose lips the general model already follows, the
+general model is kept as it is. Measured on held-out people (the first 60% of a clip fitted, the
+last 40% scored; `benchmarks/enroll.py`): see `assets/MODELS.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import numpy as np
+
+from avatar.face import landmarks as lm
+from avatar.metrics import pearson
+
+LAMBDAS = (100.0, 300.0, 1000.0, 3000.0, 10000.0, np.inf)  # ridge strengths tried; inf: no correction
+OFFSET_SCALE = 10.0  # the general mouth's offsets (≈ 0.1 mouth widths) scaled to the features' order
+FOLDS = 4
+FOLD_GAP = 12  # frames left out on each side of a validation fold (the features see ±0.5 s)
+MIN_FRAMES = 100  # fewer speaking frames than this (4 s at 25 fps): no adaptation
+MIN_GAIN = 0.02  # cross-validated opening r must rise at least this much over the general model
+
+
+def mouth_width(rest: np.ndarray) -> float:
+    """Corner-to-corner width of a `(59, 2)` mouth (MOUTH_AND_JAW order)."""
+    return float(lm.mouth_width(np.asarray(rest, np.float64)))
+
+
+@dataclasses.dataclass
+class MotionAdaptation:
+    """`x_mean (D + 2K,)`, `y_mean (2K,)`, `weights (D + 2K, 2K)` float32; `lam`: the ridge strength
+    chosen; `frames`: the frames it was fitted on; `cv_r` / `cv_r_general`: cross-validated opening r
+    with and without it."""
+
+    x_mean: np.ndarray
+    y_mean: np.ndarray
+    weights: np.ndarray
+    lam: float
+    frames: int
+    cv_r: float
+    cv_r_general: float
+
+    def apply(self, features: np.ndarray, mouths: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        """`features (T, D)` at video frames, the general model's `mouths (T, K, 2)` crop pixels (relative
+        to `rest (K, 2)`'s anchor) → the adapted mouths `(T, K, 2) float32`."""
+        if len(mouths) == 0:
+            return mouths
+        width = mouth_width(rest)
+        offsets = (np.asarray(mouths, np.float64) - rest) / width
+        x = inputs(features, offsets)
+        change = (x - self.x_mean) @ self.weights.astype(np.float64) + self.y_mean
+        return (rest + (offsets + change.reshape(offsets.shape)) * width).astype(np.float32)
+
+    def arrays(self) -> typing.Dict[str, np.ndarray]:
+        return {"x_mean": self.x_mean, "y_mean": self.y_mean, "weights": self.weights}
+
+    def meta(self) -> typing.Dict[str, typing.Any]:
+        return {"lam": self.lam, "frames": self.frames, "cv_r": self.cv_r, "cv_r_general": self.cv_r_general}
+
+    @classmethod
+    def from_parts(cls, arrays: typing.Mapping[str, np.ndarray], meta: typing.Mapping[str, typing.Any]) -> "MotionAdaptation":
+        return cls(arrays["x_mean"], arrays["y_mean"], arrays["weights"], float(meta["lam"]), int(meta["frames"]),
+                   float(meta["cv_r"]), float(meta["cv_r_general"]))
+
+
+def inputs(features: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The correction's input `(T, D + 2K) float64`: the features and the general offsets, scaled."""
+    return np.concatenate([np.asarray(features, np.float64), OFFSET_SCALE * np.asarray(offsets, np.float64).reshape(len(offsets), -1)], 1)
+
+
+def _solve(x: np.ndarray, y: np.ndarray, lam: float) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x_mean = x.mean(0)
+    if not np.isfinite(lam):
+        return x_mean, np.zeros(y.shape[1]), np.zeros((x.shape[1], y.shape[1]))
+    centred = x - x_mean
+    y_mean = y.mean(0)
+    return x_mean, y_mean, np.linalg.solve(centred.T @ centred + lam * np.eye(x.shape[1]), centred.T @ (y - y_mean))
+
+
+def _opening_r(offsets: np.ndarray, real_offsets: np.ndarray, rest: np.ndarray, width: float) -> float:
+    return pearson(lm.inner_gap(rest + offsets * width), lm.inner_gap(rest + real_offsets * width))
+
+
+def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, rest: np.ndarray, keep: np.ndarray,
+                   lambdas: typing.Sequence[float] = LAMBDAS) -> typing.Tuple[typing.Optional[MotionAdaptation], str]:
+    """Fit on one person's frames: `features (T, D)` (the speech encoder's, at video frames), `general
+    (T, K, 2)` (the general model's mouths), `real (T, K, 2)` (the tracked mouths, with the head's
+    anchor shift taken out), `rest (K, 2)`, all crop pixels; `keep (T,) bool`: frames with speech and
+    a tracked face. Returns the adaptation, or None and why it was skipped."""
+    keep = np.asarray(keep, bool)
+    index = np.flatnonzero(keep)
+    if index.size < MIN_FRAMES:
+        return None, f"{index.size} speaking frames with a face (fewer than {MIN_FRAMES})"
+    width = mouth_width(rest)
+    offsets = (np.asarray(general, np.float64) - rest) / width
+    real_offsets = (np.asarray(real, np.float64) - rest) / width
+    x = inputs(features, offsets)
+    y = (real_offsets - offsets).reshape(len(offsets), -1)
+    folds = np.array_split(index, FOLDS)
+    scores = {}
+    for lam in lambdas:
+        rs = []
+        for fold in folds:
+            train = np.setdiff1d(index, fold)
+            train = train[(train < fold.min() - FOLD_GAP) | (train > fold.max() + FOLD_GAP)]
+            x_mean, y_mean, weights = _solve(x[train], y[train], lam)
+            adapted = offsets[fold] + ((x[fold] - x_mean) @ weights + y_mean).reshape(len(fold), *offsets.shape[1:])
+            rs.append(_opening_r(adapted, real_offsets[fold], rest, width))
+        scores[lam] = float(np.nanmean(rs))
+    best = max(scores, key=lambda lam: (scores[lam], lam))  # ties: the stronger shrinkage
+    general_r = scores.get(np.inf, float("nan")) if np.inf in scores else float("nan")
+    if not np.isfinite(best) or not scores[best] >= general_r + MIN_GAIN:
+        return None, f"the general model already follows these lips as well (cross-validated r {general_r:.2f})"
+    x_mean, y_mean, weights = _solve(x[index], y[index], best)
+    return MotionAdaptation(x_mean.astype(np.float32), y_mean.astype(np.float32), weights.astype(np.float32), float(best),
+                            int(index.size), scores[best], general_r), ""

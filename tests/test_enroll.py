@@ -1,0 +1,321 @@
+"""Enrollment on real media: the avatar file's round trip and its refusals, retrieval from the
+person's own mouths, the motion adaptation's gain on a held-out stretch, bad inputs (one line each),
+and the commands that use an avatar (`enroll`, `animate --avatar`, `dub --avatar`, `dub --no-enroll`)."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from avatar import media
+from avatar.config import RealtimeConfig
+from avatar.enroll import (FORMAT_VERSION, Avatar, build_avatar, choose_bank, choose_loop, load_avatar, save_avatar,
+                           track_video)
+from avatar.errors import AvatarError
+from avatar.face import landmarks as lm
+from avatar.metrics import pearson
+from avatar.motion.adapt import fit_adaptation
+from avatar.pipeline import AvatarPipeline
+from avatar.render.base import FrameJob, RenderBatch
+from avatar.render.retrieval import MouthBank, lip_shape
+from conftest import DATA, REPO, SILENT_CLIP, SPEECH_FLAC
+
+KATIE = DATA / "video/OpenTalker__SadTalker/WDA_KatieHill_000.mp4"  # 8 s, 512², one woman speaking
+CNN = DATA / "video/sstzal__DFRF/cnn2_25fps.mp4"  # 71 s, a validation person (never trained on)
+SHORT_CLIP = DATA / "video/smeetrs__deep_avsr/00006.mp4"  # 0.9 s
+
+
+def avatar_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "avatar.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return AvatarPipeline.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def enrolled(pipeline, tmp_path_factory):
+    """Katie Hill's 8 s clip enrolled and written: (avatar, path)."""
+    path = tmp_path_factory.mktemp("avatar") / "katie.avatar"
+    return pipeline.enroll([KATIE], output=path, progress=False), path
+
+
+def test_the_avatar_file_round_trips_without_pickle(enrolled):
+    avatar, path = enrolled
+    back = load_avatar(path)
+    ident, other = avatar.identity, back.identity
+    np.testing.assert_array_equal(ident.rest, other.rest)
+    np.testing.assert_array_equal(ident.rest_anchor, other.rest_anchor)
+    assert len(other.references) == len(ident.references) and len(other.drift_references) == len(ident.drift_references)
+    assert len(other.bank) == len(ident.bank) >= 10
+    np.testing.assert_allclose(other.bank.mouths, ident.bank.mouths, atol=1e-4)
+    assert np.abs(other.bank.crops.astype(int) - ident.bank.crops).mean() < 3  # JPEG at quality 92
+    assert len(back.idle) == len(avatar.idle) and back.idle.fps == avatar.idle.fps
+    np.testing.assert_allclose(back.idle.transforms, avatar.idle.transforms, atol=1e-5)
+    assert np.abs(back.idle.frames.astype(int) - avatar.idle.frames).mean() < 3  # H.264 at crf 14
+    assert other.inner.usable == ident.inner.usable
+    assert (other.adaptation is None) == (ident.adaptation is None)
+    assert back.summary == json.loads(json.dumps(avatar.summary))
+    with zipfile.ZipFile(path) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        assert manifest["format"] == "avatar" and manifest["version"] == FORMAT_VERSION
+        assert all(not name.endswith((".pkl", ".pickle")) for name in archive.namelist())
+        for name in archive.namelist():
+            if name.endswith(".npy"):  # plain arrays: loadable with pickle refused
+                np.load(archive.open(name), allow_pickle=False)
+    assert path.stat().st_size < 20e6
+
+
+def _rewrite(source, target, change):
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for item in old.infolist():
+            data = old.read(item.filename)
+            new.writestr(item, change(item.filename, data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("version", "format version 99"),
+    ("member", "does not match its checksum"),
+    ("truncated", "not an avatar file"),
+    ("not_zip", "not an avatar file"),
+    ("missing", "no such avatar file"),
+])
+def test_a_damaged_or_foreign_avatar_file_is_refused_in_one_line(enrolled, tmp_path, damage, message):
+    _, path = enrolled
+    bad = tmp_path / "bad.avatar"
+    if damage == "version":
+        def change(name, data):
+            if name != "manifest.json":
+                return data
+            manifest = json.loads(data)
+            manifest["version"] = 99
+            return json.dumps(manifest)
+        _rewrite(path, bad, change)
+    elif damage == "member":
+        _rewrite(path, bad, lambda name, data: data[:-1] + bytes([data[-1] ^ 1]) if name == "bank/0.jpg" else data)
+    elif damage == "truncated":
+        bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "not_zip":
+        bad.write_bytes(b"RIFF....WAVEfmt " + bytes(100))
+    with pytest.raises(AvatarError, match=message):
+        load_avatar(bad)
+    out = tmp_path / "out.mp4"
+    run = avatar_cli("animate", "--avatar", bad, "--audio", SPEECH_FLAC, "--output", out, "--quiet")
+    assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_retrieval_follows_the_targets_shape_and_switches_only_when_it_pays(enrolled, pipeline):
+    """On the person's own tracked mouths (Katie Hill's clip), the Viterbi path picks entries whose
+    opening follows the target's, changes entries less often than the nearest entry does, and only
+    while the mouth is open enough for a change to cost."""
+    avatar, _ = enrolled
+    bank = avatar.identity.bank
+    footage = track_video(pipeline, KATIE, progress=False)
+    try:
+        targets = np.stack([footage.crop_landmarks[i][lm.MOUTH_AND_JAW, :2] for i in footage.good])
+    finally:
+        footage.close()
+    path = bank.path(targets)
+    nearest = bank.costs(targets).argmin(1)
+    height = lambda shapes: np.ptp(shapes[..., 1], axis=-1)
+    assert pearson(height(bank.shapes[path]), height(lip_shape(targets))) > 0.8
+    assert (np.diff(path) != 0).sum() < 0.6 * (np.diff(nearest) != 0).sum()
+    chosen_cost = bank.costs(targets)[np.arange(len(path)), path]
+    assert np.median(chosen_cost) < np.median(bank.costs(targets).mean(1)) / 4  # far better than a random entry
+
+
+def test_the_retrieval_renderer_draws_the_mouth_from_the_chosen_entry(enrolled, pipeline):
+    """The same job rendered with two different bank entries: the inside of the open mouth differs
+    (it is the entry's own teeth), everything outside the repaint region is the frame's; without a
+    bank it renders exactly as the warp renderer."""
+    from avatar.render.renderers import RetrievalRenderer, WarpRenderer
+
+    avatar, _ = enrolled
+    identity, loop = avatar.identity, avatar.idle
+    i = 0
+    mouth = identity.bank.mouths[0] / 2.0 - 0.25  # the most open entry's shape (canonical crop), at crop 128
+    job = lambda k: FrameJob(loop.frames[i], loop.transforms[i], loop.crop_landmarks[i], loop.frame_landmarks[i], mouth, k)
+    renderer = RetrievalRenderer(pipeline.config, pipeline.crop_size)
+    first, other = renderer.render(RenderBatch([job(0), job(len(identity.bank) - 1)], [identity] * 2, [0, 0]))
+    assert first.box == other.box
+    assert np.abs(first.pixels.astype(int) - other.pixels).max() > 40
+    outside = first.alpha == 0
+    np.testing.assert_array_equal(first.pixels[outside], loop.frames[i][first.box][outside])
+    plain = dataclass_copy(identity, bank=None)
+    warp = WarpRenderer(pipeline.config, pipeline.crop_size).render(RenderBatch([job(None)], [plain], [0]))[0]
+    np.testing.assert_array_equal(renderer.render(RenderBatch([job(None)], [plain], [0]))[0].pixels, warp.pixels)
+
+
+def dataclass_copy(instance, **changes):
+    import dataclasses
+
+    return dataclasses.replace(instance, **changes)
+
+
+def test_the_adaptation_raises_lip_sync_on_a_held_out_stretch(pipeline):
+    """A validation person (CNN anchor, never trained on): fitted on the first 60% of 40 s of their
+    clip, the adapted motion follows the real mouth opening of the last 40% better than the general
+    model; on a clip's speech shifted by 3 s (the wrong speech) it gains nothing."""
+    from avatar.enroll import _adapt
+
+    footage = track_video(pipeline, CNN, progress=False, max_frames=1000)
+    try:
+        n = len(footage.valid)
+        cut = int(0.6 * n)
+        crop_lms = np.stack([footage.crop_landmarks[i] for i in footage.good])
+        from avatar.motion.runner import POINTS, rest_pose
+
+        rest, anchor = rest_pose(crop_lms)
+        train = dataclass_copy(footage, valid=footage.valid & (np.arange(n) < cut))
+        adaptation, why, _ = _adapt(pipeline, [train], rest, anchor)
+        assert adaptation is not None, why
+        features = pipeline.motion.features_for(footage.samples, footage.fps, n)
+        general = pipeline.motion.predict(features, rest)
+        adapted = adaptation.apply(features, general, rest)
+        test = [i for i in footage.good if i >= cut]
+        real = np.stack([footage.crop_landmarks[i][POINTS, :2] - (lm.mouth_anchor(footage.crop_landmarks[i]) - anchor) for i in test])
+        r = lambda mouths: pearson(lm.inner_gap(mouths[test]), lm.inner_gap(real))
+        assert r(adapted) > r(general) + 0.05, (r(adapted), r(general))
+        wrong = np.roll(features, 75, axis=0)
+        assert r(adaptation.apply(wrong, pipeline.motion.predict(wrong, rest), rest)) < 0.2
+    finally:
+        footage.close()
+
+
+def test_fit_adaptation_keeps_the_general_model_when_the_lips_do_not_follow_the_speech(pipeline):
+    rng = np.random.default_rng(0)
+    from avatar.face.align import crop_template
+
+    rest = crop_template(128)[lm.MOUTH_AND_JAW, :2].astype(np.float64)
+    features = rng.standard_normal((400, 384)).astype(np.float32)
+    general = rest + rng.normal(0, 0.3, (400, 59, 2))
+    real = rest + rng.normal(0, 0.3, (400, 59, 2))  # unrelated to the speech
+    adaptation, why = fit_adaptation(features, general, real, rest, np.ones(400, bool))
+    assert adaptation is None and "already follows" in why
+    few, why = fit_adaptation(features[:50], general[:50], real[:50], rest, np.ones(50, bool))
+    assert few is None and "fewer than" in why
+
+
+def test_choose_bank_and_loop_on_synthetic_shapes():
+    heights = np.r_[np.linspace(0, 10, 50), np.full(50, 5.0)]
+    shapes = np.zeros((100, 40, 2))
+    shapes[:, 20:, 1] = heights[:, None]
+    chosen = choose_bank(shapes, np.arange(100), 6)
+    assert chosen[0] == 49 and 0 in chosen[:3]  # the most open first, then the most different
+    assert len(set(chosen)) == len(chosen)
+    # a loop: frames 40..139 look alike at their ends; frame 10 is missing a face
+    thumbs = np.random.default_rng(1).uniform(0, 255, (200, 8, 8)).astype(np.float32)
+    thumbs[140] = thumbs[40]
+    usable = np.ones(200, bool)
+    usable[10] = False
+    start, stop = choose_loop(thumbs, np.zeros((200, 2, 3)), np.zeros(200), usable, 25.0)
+    assert (start, stop) == (40, 140)
+    with pytest.raises(AvatarError, match="no stretch"):
+        choose_loop(thumbs, np.zeros((200, 2, 3)), np.zeros(200), np.arange(200) % 20 != 0, 25.0)
+
+
+def test_enrolling_bad_footage_says_what_is_wrong_in_one_line(pipeline, tmp_path):
+    with pytest.raises(AvatarError, match=r"a face in only 0\.\d s of video; enroll from at least 2 s"):
+        pipeline.enroll([SHORT_CLIP], progress=False)
+    # a face lost for most of the video: refused; lost for a part: enrolled from the rest, and said
+    clip = media.read_video(KATIE, max_frames=150)
+    lost = clip.frames.copy()
+    lost[:120] = 0
+    media.write_video(tmp_path / "lost.mp4", lost, clip.fps, clip.audio[: 6 * 16000])
+    with pytest.raises(AvatarError, match="the face is found in only 30 of 150 frames"):
+        pipeline.enroll([tmp_path / "lost.mp4"], progress=False)
+    part = clip.frames.copy()
+    part[50:80] = 0
+    media.write_video(tmp_path / "part.mp4", part, clip.fps, clip.audio[: 6 * 16000])
+    avatar = pipeline.enroll([tmp_path / "part.mp4"], progress=False)
+    assert avatar.summary["frames_with_face"] == 120 and avatar.summary["frames"] == 150
+    assert not ((avatar.summary["idle_loop"]["start_frame"] < 80) and
+                (avatar.summary["idle_loop"]["start_frame"] + avatar.summary["idle_loop"]["frames"] > 50))
+    # several people of the same size side by side: which one is asked
+    two = np.concatenate([clip.frames[:60], clip.frames[:60, :, ::-1]], axis=2)
+    media.write_video(tmp_path / "two.mp4", two, clip.fps)
+    run = avatar_cli("enroll", "--video", tmp_path / "two.mp4", "--output", tmp_path / "two.avatar", "--quiet")
+    assert run.returncode == 2 and "face-index" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "two.avatar").exists()
+
+
+def test_footage_without_speech_is_enrolled_without_adaptation_and_says_so(pipeline):
+    avatar = pipeline.enroll([SILENT_CLIP], progress=False)
+    assert avatar.identity.adaptation is None and avatar.identity.bank is not None
+    assert "no speech" in avatar.describe()
+
+
+def test_enroll_animate_and_dub_with_an_avatar_from_the_command_line(enrolled, tmp_path):
+    _, path = enrolled
+    speech = tmp_path / "speech.wav"
+    media.write_audio(speech, media.read_audio(SPEECH_FLAC)[:32000])
+    photo = avatar_cli("enroll", "--image", DATA / "faces/ageitgey__face_recognition/obama.jpg", "--output", tmp_path / "obama.avatar", "--quiet")
+    assert photo.returncode == 0, photo.stderr
+    assert "photo only" in photo.stdout and "wrote" in photo.stdout
+    for person in (path, tmp_path / "obama.avatar"):
+        out = tmp_path / f"{person.stem}.mp4"
+        run = avatar_cli("animate", "--avatar", person, "--audio", speech, "--output", out, "--quiet", "--report", tmp_path / "r.json")
+        assert run.returncode == 0, run.stderr
+        assert media.probe(out).n_frames == 50
+        assert json.loads((tmp_path / "r.json").read_text())["person"] == "avatar"
+    clip = tmp_path / "clip.mp4"
+    frames = media.read_video(KATIE, max_frames=40)
+    media.write_video(clip, frames.frames, frames.fps, frames.audio[:25600])
+    for flags, person in ((["--avatar", path], "avatar"), (["--no-enroll"], "generic"), ([], "enrolled from the video")):
+        run = avatar_cli("dub", "--video", clip, "--audio", speech, "--output", tmp_path / "dub.mp4", "--quiet",
+                         "--report", tmp_path / "d.json", *flags)
+        assert run.returncode == 0, run.stderr
+        report = json.loads((tmp_path / "d.json").read_text())
+        assert report["person"] == person and (report["mouth_bank"] > 0) == (person != "generic")
+    both = avatar_cli("animate", "--avatar", path, "--image", DATA / "faces/ageitgey__face_recognition/obama.jpg",
+                      "--audio", speech, "--output", tmp_path / "x.mp4")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_python_api_loads_an_avatar(enrolled):
+    _, path = enrolled
+    avatar = AvatarPipeline.from_pretrained().load_avatar(path)
+    assert isinstance(avatar, Avatar) and isinstance(avatar.identity.bank, MouthBank)
+
+
+def test_save_refuses_to_overwrite_its_input(enrolled):
+    avatar, path = enrolled
+    with pytest.raises(AvatarError, match="also an input"):
+        save_avatar(avatar, path, inputs=[path])
+
+
+def test_build_avatar_needs_enough_face(pipeline):
+    footage = track_video(pipeline, KATIE, progress=False, max_frames=30)
+    try:
+        with pytest.raises(AvatarError, match="a face in only 1.2 s"):
+            build_avatar(pipeline, [footage], progress=False)
+    finally:
+        footage.close()
+
+
+def test_the_live_engine_plays_an_enrolled_avatars_footage_behind_the_speech(enrolled):
+    """`serve` / `webcam --avatar`: frames come from the person's idle loop (the picture outside the
+    face changes as the real footage does), the mouth follows the speech, and the clock holds."""
+    from realtime.engine import Engine
+    from test_realtime import mouth_openings, run_offline
+
+    avatar, _ = enrolled
+    engine = Engine(config=RealtimeConfig(drift_every_s=0))
+    prepared = engine.prepare_enrolled(avatar)
+    assert prepared.loop is not None and prepared.portrait.shape == avatar.idle.frames[0].shape
+    speech = media.read_audio(SPEECH_FLAC)[:32000]
+    session = engine.open(prepared, 16000, now=0.0)
+    frames = run_offline(engine, session, [speech[i:i + 640] for i in range(0, speech.size, 640)])
+    session.close()
+    assert [f.index for f in frames] == list(range(len(frames))) and len(frames) >= 45
+    assert not any(f.repeated for f in frames)
+    for f in frames[:3]:  # outside the repainted face: the loop's own frame
+        loop_frame = avatar.idle.frames[f.index % len(avatar.idle)]
+        assert np.array_equal(f.image[:40], loop_frame[:40])
+    assert np.ptp(mouth_openings([f.image for f in frames[::2]])) > 0.04
