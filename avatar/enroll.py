@@ -24,7 +24,8 @@ The file (FORMAT_VERSION 1, suffix `.avatar`) is a zip read without pickle:
 - `.npy` arrays (`np.load(allow_pickle=False)`): identity/rest, identity/rest_anchor,
   identity/inner_mouth, identity/drift_landmarks_K, bank/mouths, idle/transforms,
   idle/crop_landmarks, idle/frame_landmarks, still/landmarks, adaptation/{x_mean,y_mean,weights};
-- images: identity/reference_K.png, identity/inner.png, identity/drift_K.jpg, bank/K.jpg,
+- images: identity/reference_K.png, identity/inner.png, identity/drift_K.jpg, bank/K.png (lossless: the
+  teeth's detail),
   still/image.png; the idle loop as idle/loop.mp4 (H.264).
 A file of another version, or whose members do not match their hashes, is refused with one line.
 """
@@ -436,7 +437,7 @@ def save_avatar(avatar: Avatar, path: PathLike, inputs: typing.Sequence[PathLike
     if bank is not None:
         members["bank/mouths.npy"] = _npy(bank.mouths.astype(np.float32))
         for k, crop in enumerate(bank.crops):
-            members[f"bank/{k}.jpg"] = _image(crop, ".jpg")
+            members[f"bank/{k}.png"] = _image(crop, ".png")
     if avatar.idle is not None:
         idle = avatar.idle
         with tempfile.TemporaryDirectory(prefix="avatar-enroll-") as tmp:
@@ -535,7 +536,7 @@ def load_avatar(path: PathLike) -> Avatar:
             identity.inner = open_inner(read.image("identity/inner.png"), read.array("identity/inner_mouth.npy").astype(np.float64), INNER_SIZE)
         if manifest.get("bank"):
             mouths = read.array("bank/mouths.npy")
-            crops = np.stack([read.image(f"bank/{k}.jpg") for k in range(int(manifest["bank"]["entries"]))])
+            crops = np.stack([read.image(f"bank/{k}.png") for k in range(int(manifest["bank"]["entries"]))])
             identity.bank = MouthBank(crops, mouths)
         if manifest.get("adaptation"):
             arrays = {name: read.array(f"adaptation/{name}.npy") for name in ("x_mean", "y_mean", "weights")}

@@ -34,10 +34,10 @@ from tqdm import tqdm
 from avatar import __version__, idle, media, provenance
 from avatar import audio as audio_frontend
 from avatar.artifacts import ArtifactCheck, Verdict
-from avatar.enroll import SUFFIX as AVATAR_SUFFIX
-from avatar.enroll import Avatar
 from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig,
                            SilenceConfig)
+from avatar.enroll import SUFFIX as AVATAR_SUFFIX
+from avatar.enroll import Avatar
 from avatar.errors import FaceError, MediaError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, FaceRegion, apply_transform, invert_transform
@@ -287,6 +287,16 @@ class AvatarPipeline:
             raise MediaError(f"{path}: {samples.size / rate:.2f} s of audio; give at least {MIN_SPEECH_S:g} s of speech")
         return samples
 
+    def _write(self, output: pathlib.Path, fps: float, samples: np.ndarray, inputs: typing.Sequence[PathLike],
+               frames: typing.Iterable[np.ndarray], total: int, what: str, progress: bool, clock: StageClock) -> None:
+        """Encode `frames` with the speech and the synthetic labels to `output` (atomically), with a progress bar."""
+        metadata = provenance.container_metadata(self.model_hashes)
+        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
+                               metadata=metadata, inputs=inputs) as writer:
+            for frame in tqdm(frames, total=total, desc=what, unit="frame", disable=not progress):
+                with clock.time("encode"):
+                    writer.write(frame)
+
     def _finish(self, command: str, output: pathlib.Path, inputs: typing.Dict[str, typing.Optional[str]], frames: int,
                 fps: float, samples: np.ndarray, started: float, clock: StageClock, monitor, events,
                 failures: typing.List[typing.Dict[str, typing.Any]], extra: typing.Dict[str, typing.Any],
@@ -344,14 +354,9 @@ class AvatarPipeline:
         events: typing.List[typing.Dict[str, typing.Any]] = []
         monitor = self._drift_monitor(identity, events)
         n = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
-        metadata = provenance.container_metadata(self.model_hashes)
-        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
-                               metadata=metadata, inputs=inputs) as writer:
-            failures: typing.List[typing.Dict[str, typing.Any]] = []
-            frames = self.animate_frames(identity, portrait, landmarks, samples, idle_config, fps, monitor, clock, failures)
-            for frame in tqdm(frames, total=n, desc="animate", unit="frame", disable=not progress):
-                with clock.time("encode"):
-                    writer.write(frame)
+        failures: typing.List[typing.Dict[str, typing.Any]] = []
+        frames = self.animate_frames(identity, portrait, landmarks, samples, idle_config, fps, monitor, clock, failures)
+        self._write(output, fps, samples, inputs, frames, n, "animate", progress, clock)
         return self._finish("animate", output, {"image": str(image) if image is not None else None, "audio": str(audio)}, n, fps,
                             samples, started, clock, monitor, events, failures,
                             {"idle": dataclasses.asdict(idle_config), "rest_inferred": identity.rest_inferred,
@@ -370,13 +375,8 @@ class AvatarPipeline:
         failures: typing.List[typing.Dict[str, typing.Any]] = []
         path = identity.bank.path(mouths) if identity.bank is not None else [None] * n
         jobs = (loop.job(i, mouths[i], identity.rest_anchor, path[i]) for i in range(n))
-        metadata = provenance.container_metadata(self.model_hashes)
-        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
-                               metadata=metadata, inputs=inputs) as writer:
-            for frame in tqdm(self.render_jobs(identity, jobs, fps, monitor, clock, failures), total=n, desc="animate",
-                              unit="frame", disable=not progress):
-                with clock.time("encode"):
-                    writer.write(frame)
+        self._write(output, fps, samples, inputs, self.render_jobs(identity, jobs, fps, monitor, clock, failures), n, "animate",
+                    progress, clock)
         failures.sort(key=lambda item: item["frame"])
         extra = {"person": "avatar", "idle_loop_frames": len(loop), "mouth_bank": len(identity.bank) if identity.bank is not None else 0,
                  "motion_adapted": identity.adaptation is not None, "identity_references": len(identity.drift_references)}
@@ -449,8 +449,11 @@ class AvatarPipeline:
 
             # 2. The person: enrolled before, enrolled now from the video, or its rest mouth and references.
             with clock.time("enroll" if enroll and avatar is None else "face"):
-                if avatar is not None:
-                    identity = avatar.identity
+                if avatar is not None:  # its mouths, motion and references; the rest mouth of this video's own geometry
+                    from avatar.motion.runner import rest_pose
+
+                    rest, anchor = rest_pose(np.stack([footage.crop_landmarks[i] for i in good]))
+                    identity = dataclasses.replace(avatar.identity, rest=rest, rest_anchor=anchor, rest_inferred=False)
                 elif enroll:
                     identity = build_avatar(self, [footage], progress=False, references=references, idle=False, strict=False).identity
                 else:
@@ -478,13 +481,8 @@ class AvatarPipeline:
             failures: typing.List[typing.Dict[str, typing.Any]] = []
             jobs = self.footage_jobs(identity, footage.store.__getitem__, footage.valid, footage.transforms, footage.crop_landmarks,
                                      footage.frame_landmarks, schedule, mouths, fps, failures)
-            metadata = provenance.container_metadata(self.model_hashes)
-            with media.VideoWriter(output, fps, samples_out, self.encoder.config.sample_rate, crf=self.config.crf,
-                                   metadata=metadata, inputs=inputs) as writer:
-                for frame in tqdm(self.render_jobs(identity, jobs, fps, monitor, clock, failures), total=n_out, desc="dub",
-                                  unit="frame", disable=not progress):
-                    with clock.time("encode"):
-                        writer.write(frame)
+            self._write(output, fps, samples_out, inputs, self.render_jobs(identity, jobs, fps, monitor, clock, failures), n_out,
+                        "dub", progress, clock)
         finally:
             footage.close()
         steps = np.diff(schedule)

@@ -8,12 +8,13 @@ following stretch of the last 40% (at most `--test-seconds`) is the test. The te
 backwards, so its own mouth has nothing to do with the speech, and dubbed with the test's own speech
 (forward); each result is compared with the real test clip by `avatar eval`. Methods:
 - enrolled: `dub --avatar` with the avatar enrolled on the first 60% (other footage of the person);
+- bank_only / adaptation_only: the same avatar without its motion adaptation / without its mouth bank;
 - generic: `dub --no-enroll` (one open mouth, the general motion model);
 - self_enrolled: `dub` as it runs by default (the backwards test clip enrolled on the fly);
 - photo_only: `animate` of the enrollment part's first frame;
 - mismatched: `dub --avatar` with another person's speech (must stay near r = 0).
 Beside `avatar eval`'s figures, the teeth's height stability: over the frames whose mouth is open,
-the coefficient of variation of the teeth rows' height (bright, not red, between the inner lips, in
+the coefficient of variation of the teeth rows' height (bright pixels between the inner lips, in
 the middle third of the mouth), next to the real clip's (stretched teeth follow the opening: higher).
 Also the enrollment's time and the avatar's size, and both for 60 s of the longest clip.
 """
@@ -21,6 +22,7 @@ Also the enrollment's time and the avatar's size, and both for 60 s of the longe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import pathlib
 import tempfile
@@ -37,15 +39,14 @@ from avatar.face.video import align_video
 from avatar.face import landmarks as lm
 from avatar.pipeline import AvatarPipeline
 from avatar.render.warp import inner_lip_curves
-from benchmarks.artifacts import bright_rows
 from training.split import VALIDATION_IDENTITIES, person_key
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-METHODS = ("enrolled", "generic", "self_enrolled", "photo_only", "mismatched")
+METHODS = ("enrolled", "bank_only", "adaptation_only", "generic", "self_enrolled", "photo_only", "mismatched")
 KEYS = ("mouth_opening_r", "lips_distance_pct_iod", "sharpness_ratio", "identity_distance", "flicker_ratio", "teeth_height_cv")
 MIN_SECONDS = 6.0
-TEETH_CROP = 256
-OPEN_PCT_IOD = 8.0  # frames whose inner-lip gap is at least this (% of the eye distance) count as open
+TEETH_CROP = 384
+OPEN_PCT_IOD = 6.0  # frames whose inner-lip gap is at least this (% of the eye distance) count as open
 
 
 def held_out_clips(min_seconds: float = MIN_SECONDS):
@@ -58,6 +59,19 @@ def held_out_clips(min_seconds: float = MIN_SECONDS):
                 seen.add(person)
                 rows.append((person, DATA / row["file"]))
     return rows
+
+
+def bright_height(image: np.ndarray, upper: np.ndarray, lower: np.ndarray, threshold: float) -> float:
+    """Mean count per column of pixels brighter than `threshold` (teeth) between the inner-lip curves,
+    over the middle third of the mouth (by brightness alone: a warm video's teeth are reddish too)."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    left, right = upper[0, 0], upper[-1, 0]
+    counts = []
+    for x in np.arange(left + (right - left) / 3, right - (right - left) / 3):
+        top = np.interp(x, *upper[np.argsort(upper[:, 0])].T)
+        bottom = np.interp(x, *lower[np.argsort(lower[:, 0])].T)
+        counts.append(float((grey[int(np.floor(top)):int(np.ceil(bottom)) + 1, int(round(x))] > threshold).sum()))
+    return float(np.mean(counts))
 
 
 def teeth_height_cv(path: pathlib.Path) -> float:
@@ -79,7 +93,7 @@ def teeth_height_cv(path: pathlib.Path) -> float:
                                                                      int(u[0, 0]):int(u[-1, 0]) + 1].ravel()
                                for image, (u, l) in zip(images, curves)])
     threshold = 0.5 * (np.percentile(interior, 90) + np.percentile(interior, 10))
-    heights = np.array([bright_rows(image, u, l, threshold) for image, (u, l) in zip(images, curves)])
+    heights = np.array([bright_height(image, u, l, threshold) for image, (u, l) in zip(images, curves)])
     return float(heights.std() / heights.mean()) if heights.mean() >= 1.0 else float("nan")
 
 
@@ -147,6 +161,10 @@ def main(argv=None) -> None:
             keep = DubConfig(audio_shorter="keep")
             runs = {
                 "enrolled": lambda out: pipeline.dub(backwards, own_wav, out, keep, progress=False, avatar=avatar),
+                "bank_only": lambda out: pipeline.dub(backwards, own_wav, out, keep, progress=False,
+                                                      avatar=dataclasses.replace(avatar, identity=dataclasses.replace(avatar.identity, adaptation=None))),
+                "adaptation_only": lambda out: pipeline.dub(backwards, own_wav, out, keep, progress=False,
+                                                            avatar=dataclasses.replace(avatar, identity=dataclasses.replace(avatar.identity, bank=None))),
                 "generic": lambda out: pipeline.dub(backwards, own_wav, out, keep, progress=False, enroll=False),
                 "self_enrolled": lambda out: pipeline.dub(backwards, own_wav, out, keep, progress=False),
                 "photo_only": lambda out: pipeline.animate(folder / f"photo{k}.png", own_wav, out, progress=False),

@@ -115,7 +115,7 @@ class Session:
         self.resample = _Resampler(sample_rate)
         self.blinks = idle.BlinkSchedule(engine.idle_config)
         self.lock = threading.Lock()
-        self.anchor = time.perf_counter() if now is None else now  # wall time of audio second 0 (see the module doc)
+        self.anchor = engine.clock() if now is None else now  # wall time of audio second 0 (see the module doc)
         self.samples = 0  # 16 kHz samples received (the audio clock)
         self.audio = np.zeros(0, np.float32)  # received audio not yet handed out with frames
         self.audio_offset = 0  # sample index of self.audio[0]
@@ -139,7 +139,7 @@ class Session:
         chunk = np.asarray(chunk, np.float32).reshape(-1)
         if not np.isfinite(chunk).all():
             raise MediaError("audio contains NaN or infinity; send PCM in [-1, 1]")
-        now = time.perf_counter() if now is None else now
+        now = self.engine.clock() if now is None else now
         self._push16(self.resample(np.clip(chunk, -1.0, 1.0)), now, real=True)
         self.last_audio_at = now
 
@@ -156,7 +156,7 @@ class Session:
     def keep_alive(self, now: typing.Optional[float] = None) -> None:
         """When no audio has come for `silence_after_s`, feed silence up to that far behind the wall
         clock, so that frames keep coming (idling) and a late packet adds at most that much delay."""
-        now = time.perf_counter() if now is None else now
+        now = self.engine.clock() if now is None else now
         if now - self.last_audio_at < self.engine.config.silence_after_s:
             return
         missing = int((now - self.anchor - self.engine.config.silence_after_s) * STREAM_RATE) - self.samples
@@ -228,10 +228,11 @@ class Engine:
     """Shared models and the render step for every live session."""
 
     def __init__(self, pipeline=None, config: RealtimeConfig = RealtimeConfig(), idle_config: IdleConfig = IdleConfig(),
-                 providers: typing.Optional[typing.Sequence[str]] = None):
+                 providers: typing.Optional[typing.Sequence[str]] = None, clock: typing.Callable[[], float] = time.perf_counter):
+        """`clock`: seconds of the wall clock (injected by tests that simulate time)."""
         from avatar.pipeline import AvatarPipeline
 
-        self.config, self.idle_config = config, idle_config
+        self.config, self.idle_config, self.clock = config, idle_config, clock
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(
             config=PipelineConfig(renderer=config.renderer, batch=config.batch, workers=config.workers, steps=config.steps),
             providers=providers)
@@ -287,10 +288,10 @@ class Engine:
 
     def step(self, now: typing.Optional[float] = None, render_s: typing.Optional[float] = None) -> int:
         """Render one batch of due frames across sessions (round robin, oldest first per session).
-        `now`: the wall clock (default: time.perf_counter()); `render_s`: how long the batch is expected
+        `now`: the wall clock (default: the engine's `clock`); `render_s`: how long the batch is expected
         to take (default: the running estimate of past batches); frames that would be late by then are
         repeated instead. Returns how many frames were rendered."""
-        now = time.perf_counter() if now is None else now
+        now = self.clock() if now is None else now
         with self.lock:
             sessions = list(self.sessions)
         if not sessions:
@@ -314,10 +315,10 @@ class Engine:
                 indices.append(index)
         if not jobs:
             return 0
-        started = time.perf_counter()
+        started = self.clock()
         failed: typing.List[typing.Tuple[int, typing.Any]] = []
         images = self.pipeline.render_batch(jobs, identities, indices, failed)
-        self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (time.perf_counter() - started) / len(jobs)
+        self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (self.clock() - started) / len(jobs)
         first = 0
         failed_at = {k for k, _ in failed}
         for session, items in work:
@@ -325,6 +326,6 @@ class Engine:
             session.artifact_frames += sum(1 for k in range(first, last) if k in failed_at)
             if items:
                 session.deliver([(index, ready) for index, _, ready in items], images[first:last],
-                                [job.frame_landmarks for job in jobs[first:last]], time.perf_counter())
+                                [job.frame_landmarks for job in jobs[first:last]], self.clock())
             first = last
         return len(jobs)

@@ -79,16 +79,17 @@ def test_a_borrowed_mouth_takes_the_photos_colours():
 
 
 def test_every_shipped_bank_mouth_is_an_open_mouth_at_256():
-    """The bundled bank: 256-scale mouths, each with a dark band inside and lips that lean to red (the
-    checks that threw out the moustache the tracker once took for lips)."""
+    """The bundled bank: 256-scale mouths, each with a dark band inside, lips that lean to red (the
+    checks that threw out the moustache the tracker once took for lips) and upper teeth showing."""
     from avatar.render.warp import inner_gap_ratio, mouth_bank
-    from training.make_mouth_bank import MAX_DARKEST, darkest_band, lips_lean_red
+    from training.make_mouth_bank import MAX_DARKEST, MIN_TEETH, darkest_band, lips_lean_red, upper_teeth
 
     bank = mouth_bank()
     assert len(bank) >= 8
     for entry in bank:
         assert entry.crop_size == 256 and entry.borrowed and inner_gap_ratio(entry.mouth) >= 0.22
         assert darkest_band(entry.crop, entry.mouth) <= MAX_DARKEST and lips_lean_red(entry.crop, entry.mouth)
+        assert upper_teeth(entry.crop, entry.mouth) >= MIN_TEETH  # its upper teeth show
 
 
 def test_the_bank_builder_cuts_training_mouths_from_the_source_frames(tiny_cache, tmp_path):
@@ -97,7 +98,8 @@ def test_the_bank_builder_cuts_training_mouths_from_the_source_frames(tiny_cache
     from training import make_mouth_bank
 
     out = tmp_path / "bank.npz"
-    assert make_mouth_bank.main(["--cache", str(tiny_cache), "--data", str(DATA), "--out", str(out), "--min-face-px", "0"]) == 0
+    assert make_mouth_bank.main(["--cache", str(tiny_cache), "--data", str(DATA), "--out", str(out), "--min-face-px", "0",
+                                  "--min-teeth", "0"]) == 0  # the tiny cache's small 160² faces show no bright teeth
     data = np.load(out)
     assert int(data["crop_size"]) == 256 and 1 <= len(data["patches"]) <= 2
     assert not any("GRID-A" in person for person in data["people"])  # the validation person

@@ -150,7 +150,7 @@ def test_each_renderer_gives_the_finished_face_region_of_each_frame(inputs, rend
         assert np.array_equal(frame, region.place(job.frame)) and not np.array_equal(frame, job.frame)
     with pytest.raises(ValueError, match="one identity"):
         RenderBatch(jobs, [identity], [0])
-    with pytest.raises(AvatarError, match="renderer must be one of warp, diffusion"):
+    with pytest.raises(AvatarError, match="renderer must be one of retrieval, warp, diffusion"):
         make_renderer(PipelineConfig(renderer="gan"), REPO / "assets")
 
 

@@ -5,11 +5,13 @@
 The warp renderer takes the inside of an opening mouth from the person's own open mouth; a portrait
 with closed lips has none. For those, it borrows the inside of a real open mouth from this bank,
 picked by lip colour and matched to the photo's lighting. At most one mouth per training person (never
-a validation person): among the sharp, frontal, usable frames of a face at least MIN_FACE_PX high,
-the widest inner-lip gap that is steady over 5 frames (a one-frame jump is a tracking slip), whose
-crop comes from inside the frame, whose inside has a dark band and whose lips lean to red (a mouth,
-not a moustache the tracker took for one); the mouth region is cut from a 256² aligned crop of the source frame, with the
-59 mouth/jaw points relative to that cut.
+a validation person): among up to CANDIDATES frames spread over each clip of a face at least
+MIN_FACE_PX high whose inner-lip gap is open (MIN_GAP-MAX_GAP of the mouth width) and steady over 5
+frames (a one-frame jump is a tracking slip), whose crop comes from inside the frame, whose inside
+has a dark band, whose lips lean to red (a mouth, not a moustache the tracker took for one) and whose
+upper teeth show (brighter than the lips by MIN_TEETH), the one with the brightest teeth × the
+square root of its sharpness; the people's best mouths, best first. The mouth region is cut from a
+256² aligned crop of the source frame, with the 59 mouth/jaw points relative to that cut.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from avatar.render.warp import inner_gap_ratio, inside_bands, lip_colour
 from training.cache import open_cache
 
 CROP = 256  # the bank's mouths are cut from crops of this side (the warp renderer's INNER_SIZE), from the source frames
-MIN_GAP, MAX_GAP = 0.22, 0.6  # inner-lip gap over mouth width: open enough to show teeth, not a yawn
+MIN_GAP, MAX_GAP = 0.22, 0.5  # inner-lip gap over mouth width: open enough to show teeth, not a yawn
 MIN_FACE_PX = 150  # the face's height in the source frame: smaller faces give blurred teeth at CROP
 STEADY = 0.25  # the gap may differ from its 5-frame median by this fraction (a one-frame jump is a tracking slip)
 MAX_DARKEST = 0.55  # an open mouth's darkest band is darker than this fraction of its lips' luma
+CANDIDATES = 40  # open frames looked at per clip (spread over it)
+MIN_TEETH = 1.25  # the upper teeth are at least this much brighter than the lips (`upper_teeth`)
 MIN_LIP_HUE = 1.2  # lips lean to red (CIELAB a* at least this × b*); hair and skin the tracker took for lips lean to yellow
 
 
@@ -74,11 +78,20 @@ def lips_lean_red(patch: np.ndarray, mouth: np.ndarray) -> bool:
     return bool(a >= MIN_LIP_HUE * b)
 
 
-def source_frame(path: pathlib.Path, index: int) -> np.ndarray:
-    for i, (_, frame) in enumerate(media.iter_video_frames(path)):
-        if i == index:
-            return frame
-    raise ValueError(f"{path}: has no frame {index}")
+def upper_teeth(patch: np.ndarray, mouth: np.ndarray) -> float:
+    """How bright the upper teeth show: the brightest of the first `inside_bands` under the upper lip
+    (its own edge band left out) over the lips' luma (teeth are brighter than lips; a dark hole or a
+    tongue is not)."""
+    bands = inside_bands(patch, mouth)
+    if bands is None:
+        return 0.0
+    lips = cv2.cvtColor(np.uint8([[np.clip(lip_colour(patch, mouth), 0, 255)]]), cv2.COLOR_RGB2GRAY)[0, 0]
+    return float(bands[1:6].max() / max(float(lips), 1.0))
+
+
+def sharpness(patch: np.ndarray) -> float:
+    """Variance of the Laplacian of the patch's luma."""
+    return float(cv2.Laplacian(cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY), cv2.CV_32F).var())
 
 
 def main(argv=None) -> int:
@@ -87,36 +100,45 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--min-face-px", type=float, default=MIN_FACE_PX, help="smallest face height in the source frame")
+    parser.add_argument("--min-teeth", type=float, default=MIN_TEETH, help="how much brighter than the lips the upper teeth must show")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/mouth_bank.npz"))
     args = parser.parse_args(argv)
     aligner = FaceAligner(AlignConfig(crop_size=CROP))
-    candidates = {}  # person → [(gap, clip, frame)], most open first
+    best = {}  # person → (score, patch, mouth, description): their best-scoring open mouth
     for clip in open_cache(args.cache, split="train", kind="video"):
         landmarks = clip.landmarks(CROP)
         keep = clip.keep & np.isfinite(landmarks).all(axis=(1, 2)) & (clip.arrays["face_px"].astype(np.float32) >= args.min_face_px)
         gaps = np.array([inner_gap_ratio(p[lm.MOUTH_AND_JAW, :2]) if k else 0.0 for p, k in zip(landmarks, keep)])
         good = np.flatnonzero(keep & (gaps >= MIN_GAP) & (gaps <= MAX_GAP) & steady_gaps(gaps))
-        for index in good[np.argsort(-gaps[good])][:5]:
-            candidates.setdefault(clip.meta["person"], []).append((float(gaps[index]), clip, int(index)))
-    patches, mouths, people = [], [], []
-    for person, options in sorted(candidates.items(), key=lambda kv: -max(o[0] for o in kv[1])):
-        for score, clip, index in sorted(options, key=lambda o: -o[0]):
-            mouth = clip.landmarks(CROP)[index][lm.MOUTH_AND_JAW, :2].astype(np.float32)
+        good = good[np.linspace(0, good.size - 1, min(CANDIDATES, good.size)).round().astype(int)] if good.size else good
+        wanted = set(int(i) for i in good)
+        if not wanted:
+            continue
+        for index, (_, frame) in enumerate(media.iter_video_frames(args.data / clip.meta["file"])):
+            if index > max(wanted):
+                break
+            if index not in wanted:
+                continue
+            mouth = landmarks[index][lm.MOUTH_AND_JAW, :2].astype(np.float32)
             box = mouth_box(mouth)
             transform = rescale_transform(clip.arrays["transforms"][index].astype(np.float64), 128, CROP)
             if not inside_frame(transform, box, int(clip.meta["width"]), int(clip.meta["height"])):
                 continue
             x0, y0, x1, y1 = box
-            patch = aligner.crop(source_frame(args.data / clip.meta["file"], index), transform)[y0:y1, x0:x1]
+            patch = aligner.crop(frame, transform)[y0:y1, x0:x1]
             local = mouth - np.array([x0, y0], np.float32)
             if darkest_band(patch, local) > MAX_DARKEST or not lips_lean_red(patch, local):
                 continue
-            patches.append(patch)
-            mouths.append(local)
-            people.append(f"{person} ({clip.clip_id} frame {index}, gap {score:.2f})")
-            break
-        if len(patches) == args.count:
-            break
+            teeth = upper_teeth(patch, local)
+            if teeth < args.min_teeth:
+                continue
+            score = teeth * np.sqrt(sharpness(patch))
+            person = clip.meta["person"]
+            if person not in best or score > best[person][0]:
+                best[person] = (score, patch, local, f"{person} ({clip.clip_id} frame {index}, gap {gaps[index]:.2f}, "
+                                                    f"teeth {teeth:.2f}, score {score:.1f})")
+    chosen = sorted(best.values(), key=lambda item: -item[0])[: args.count]
+    patches, mouths, people = [c[1] for c in chosen], [c[2] for c in chosen], [c[3] for c in chosen]
     if not patches:
         print(f"error: no open mouths found in {args.cache}; run training.preprocess first", file=sys.stderr)
         return 2

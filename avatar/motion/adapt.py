@@ -29,6 +29,7 @@ OFFSET_SCALE = 10.0  # the general mouth's offsets (≈ 0.1 mouth widths) scaled
 FOLDS = 4
 FOLD_GAP = 12  # frames left out on each side of a validation fold (the features see ±0.5 s)
 MIN_FRAMES = 100  # fewer speaking frames than this (4 s at 25 fps): no adaptation
+SMOOTHING = (0.25, 0.5, 0.25)  # weights of the previous, current and next frame's change (files)
 MIN_GAIN = 0.02  # cross-validated opening r must rise at least this much over the general model
 
 
@@ -51,15 +52,20 @@ class MotionAdaptation:
     cv_r: float
     cv_r_general: float
 
-    def apply(self, features: np.ndarray, mouths: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    def apply(self, features: np.ndarray, mouths: np.ndarray, rest: np.ndarray, smooth: bool = True) -> np.ndarray:
         """`features (T, D)` at video frames, the general model's `mouths (T, K, 2)` crop pixels (relative
-        to `rest (K, 2)`'s anchor) → the adapted mouths `(T, K, 2) float32`."""
+        to `rest (K, 2)`'s anchor) → the adapted mouths `(T, K, 2) float32`. `smooth`: the change is
+        averaged over each frame and its neighbours (SMOOTHING; a file's whole sequence), as one
+        frame's features alone make it jitter; a stream (no look-ahead) passes False."""
         if len(mouths) == 0:
             return mouths
         width = mouth_width(rest)
         offsets = (np.asarray(mouths, np.float64) - rest) / width
         x = inputs(features, offsets)
         change = (x - self.x_mean) @ self.weights.astype(np.float64) + self.y_mean
+        if smooth and len(change) > 2:
+            padded = np.concatenate([change[:1], change, change[-1:]])
+            change = SMOOTHING[0] * padded[:-2] + SMOOTHING[1] * padded[1:-1] + SMOOTHING[2] * padded[2:]
         return (rest + (offsets + change.reshape(offsets.shape)) * width).astype(np.float32)
 
     def arrays(self) -> typing.Dict[str, np.ndarray]:

@@ -190,7 +190,7 @@ class MotionStream:
         stack = np.concatenate([self.history, rows])
         out = self.predictor.predict(stack, self.rest)[-len(indices):]
         if self.adaptation is not None:
-            out = self.adaptation.apply(rows, out, self.rest)
+            out = self.adaptation.apply(rows, out, self.rest, smooth=False)
         if self.vad_scores.size < len(indices):  # frame i's score needs audio up to (i + 1) / fps only: never
             raise RuntimeError("voice activity lags the motion frames")
         out = self.hold.apply(out, self.rest, self.vad_scores[: len(indices)])

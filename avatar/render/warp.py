@@ -99,6 +99,7 @@ class InnerMouth:
 
 
 BANK_FILE = "mouth_bank.npz"
+RANK_COST = 2.0  # ΔE of lip colour that one place down the bank's quality order costs
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,13 +127,17 @@ def lip_colour(image: np.ndarray, mouth: np.ndarray) -> np.ndarray:
 
 
 def borrowed_mouth(image: np.ndarray, mouth: np.ndarray) -> InnerMouth:
-    """The bank's mouth whose lips are closest in colour (CIELAB) to these, or an empty one."""
+    """The bank's mouth that suits these lips best, or an empty one: the closest lip colour (CIELAB
+    ΔE) plus RANK_COST per place down the bank's order (best teeth first, `training/make_mouth_bank.py`),
+    so a slightly closer colour does not win over clearly better teeth (`match_lighting` brings the
+    chosen one to the photo's lightness and chroma anyway)."""
     bank = mouth_bank()
     if not bank:
         return InnerMouth(None, None)
     to_lab = lambda rgb: cv2.cvtColor(np.uint8([[np.clip(rgb, 0, 255)]]), cv2.COLOR_RGB2LAB)[0, 0].astype(np.float64)
     own = to_lab(lip_colour(image, mouth))
-    return min(bank, key=lambda entry: float(np.linalg.norm(to_lab(entry.lips_rgb) - own)))
+    costs = [float(np.linalg.norm(to_lab(entry.lips_rgb) - own)) + RANK_COST * rank for rank, entry in enumerate(bank)]
+    return bank[int(np.argmin(costs))]
 
 
 def open_inner(crop: np.ndarray, mouth: np.ndarray, crop_size: int) -> InnerMouth:
