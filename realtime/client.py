@@ -63,11 +63,25 @@ class AvatarClient:
     async def __aenter__(self) -> "AvatarClient":
         from websockets.asyncio.client import connect
 
-        self.connection = await connect(self.url, max_size=self.max_size, compression=None)
+        import websockets
+
+        from avatar.errors import AvatarError
+
+        base = self.url.split("?")[0]
+        try:
+            self.connection = await connect(self.url, max_size=self.max_size, compression=None)
+        except websockets.InvalidStatus as exc:
+            status = exc.response.status_code
+            why = {401: "the token was refused; give the one `avatar serve` printed (?token=...)",
+                   503: "the server is busy (all its sessions are taken); try again later",
+                   404: "no avatar server at this path; the URL ends in /ws"}.get(status, f"HTTP {status}")
+            raise AvatarError(f"{base}: {why}") from exc
+        except websockets.InvalidHandshake as exc:
+            raise AvatarError(f"{base}: not an avatar server ({exc})") from exc
         await self.connection.send(json.dumps({"type": "start", "sample_rate": self.sample_rate, "format": self.fmt, "video": self.video}))
         self.ready = json.loads(await self.connection.recv())
         if self.ready.get("type") != "ready":
-            raise RuntimeError(f"the server refused the session: {self.ready}")
+            raise AvatarError(f"{base}: the server refused the session ({self.ready.get('message', self.ready)})")
         self._reader = asyncio.create_task(self._read())
         return self
 

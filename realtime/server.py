@@ -141,6 +141,47 @@ class Client:
     latencies: typing.Deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=500))  # recent frames
 
 
+START_HELP = '{"type": "start", "sample_rate": 8000-192000, "format": "f32"|"s16", "video": "jpeg"|"h264"}'
+
+
+def _json_object(message: typing.Union[str, bytes], what: str) -> typing.Dict[str, typing.Any]:
+    if not isinstance(message, str):
+        raise ValueError(f"{what} must be a JSON text message, not binary")
+    try:
+        value = json.loads(message)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def parse_start(message: typing.Union[str, bytes]) -> typing.Tuple[str, str, int]:
+    """The first message of a session → (audio format, video codec, sample rate); a one-line
+    ValueError saying what a valid one looks like otherwise."""
+    start = _json_object(message, "the first message")
+    if start.get("type") != "start":
+        raise ValueError(f"the first message must be {START_HELP}")
+    fmt = start.get("format", "f32")
+    if fmt not in ("f32", "s16"):
+        raise ValueError(f"format must be f32 or s16, not {fmt!r}")
+    video = start.get("video", "jpeg")
+    if video not in VIDEO_CODECS:
+        raise ValueError(f"video must be one of {', '.join(VIDEO_CODECS)}, not {video!r}")
+    rate = start.get("sample_rate", 16000)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != int(rate):
+        raise ValueError(f"sample_rate must be a whole number of Hz (8000-192000), not {rate!r}")
+    return fmt, video, int(rate)
+
+
+def parse_control(message: str) -> typing.Dict[str, typing.Any]:
+    """A control message during a session: a JSON object whose "type" is "stats" or "client_stats"."""
+    request = _json_object(message, "a control message")
+    if request.get("type") not in ("stats", "client_stats"):
+        raise ValueError(f'a control message\'s "type" must be "stats" or "client_stats", not {request.get("type")!r}')
+    return request
+
+
 class AvatarServer:
     """The server: one render thread for all sessions, a pool encoding their frames (each client's in
     order), one asyncio loop for the connections."""
@@ -224,6 +265,8 @@ class AvatarServer:
             return response
         if path != "/ws":
             return connection.respond(404, "not found\n")
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return connection.respond(426, "/ws speaks WebSocket only; connect with a WebSocket client (see realtime/client.py)\n")
         if not self._authorised(request):
             self.rejected["auth"] += 1
             return connection.respond(401, "a valid token is needed (?token= or Authorization: Bearer)\n")
@@ -237,16 +280,8 @@ class AvatarServer:
 
         try:
             first = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
-            start = json.loads(first) if isinstance(first, str) else {}
-            if start.get("type") != "start":
-                raise ValueError('the first message must be {"type": "start", "sample_rate": ..., "format": "f32"|"s16"}')
-            fmt = start.get("format", "f32")
-            if fmt not in ("f32", "s16"):
-                raise ValueError(f"format must be f32 or s16, not {fmt!r}")
-            video = start.get("video", "jpeg")
-            if video not in VIDEO_CODECS:
-                raise ValueError(f"video must be one of {', '.join(VIDEO_CODECS)}, not {video!r}")
-            session = self.engine.open(self.avatar, int(start.get("sample_rate", 16000)))
+            fmt, video, rate = parse_start(first)
+            session = self.engine.open(self.avatar, rate)
         except (ValueError, TypeError, AvatarError) as exc:
             await connection.send(json.dumps({"type": "error", "message": str(exc)}))
             await connection.close(1003, "bad start message")
@@ -272,7 +307,7 @@ class AvatarServer:
                     pcm = np.frombuffer(message, dtype).astype(np.float32)
                     session.push(pcm / 32768.0 if fmt == "s16" else pcm)
                     continue
-                request = json.loads(message)
+                request = parse_control(message)
                 if request.get("type") == "stats":
                     await connection.send(json.dumps(self._stats(client)))
                 elif request.get("type") == "client_stats":

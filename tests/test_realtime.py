@@ -398,3 +398,87 @@ def test_serve_command_prints_its_address_and_serves_the_page():
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.mark.parametrize("first, message", [
+    ("[1, 2]", "must be a JSON object, not list"),
+    ("7", "must be a JSON object, not int"),
+    ("{not json", "is not valid JSON"),
+    (b"\x00\x01", "must be a JSON text message, not binary"),
+    ('{"type": "start", "sample_rate": "abc"}', "sample_rate must be a whole number of Hz"),
+    ('{"type": "start", "sample_rate": null}', "sample_rate must be a whole number of Hz"),
+    ('{"type": "start", "sample_rate": 1000}', "sample rate 1000 Hz is not supported"),
+])
+def test_malformed_start_messages_get_one_line_and_no_traceback(serve, first, message, caplog):
+    """Every client mistake in the first message: a one-line error message back, close 1003, and no
+    traceback (nothing at ERROR) in the server's log."""
+    from websockets.asyncio.client import connect
+
+    server = serve()
+
+    async def scenario():
+        async with connect(server.url) as bad:
+            await bad.send(first)
+            reply = json.loads(await bad.recv())
+            assert reply["type"] == "error" and message in reply["message"] and "\n" not in reply["message"]
+            with pytest.raises(Exception):
+                await bad.recv()
+            assert bad.close_code == 1003
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(scenario())
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_malformed_control_messages_and_plain_http_get_one_line(serve, caplog):
+    import urllib.request
+
+    from websockets.asyncio.client import connect
+
+    server = serve()
+
+    async def scenario(control):
+        async with connect(server.url) as client:
+            await client.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            assert json.loads(await client.recv())["type"] == "ready"
+            await client.send(control)
+            while True:  # frames may come first
+                reply = await client.recv()
+                if isinstance(reply, str) and json.loads(reply).get("type") == "error":
+                    return json.loads(reply)["message"]
+
+    with caplog.at_level("ERROR"):
+        assert "must be a JSON object, not list" in asyncio.run(scenario("[]"))
+        assert "must be \"stats\" or \"client_stats\"" in asyncio.run(scenario('{"type": 5}'))
+        with pytest.raises(urllib.error.HTTPError) as plain:  # a browser or curl on /ws, without the upgrade
+            urllib.request.urlopen(server.url.replace("ws://", "http://"), timeout=10)
+        assert plain.value.code == 426 and b"WebSocket only" in plain.value.read()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_the_client_says_in_one_line_when_refused(serve, speech, tmp_path):
+    """The project's client on a wrong token (`python -m realtime.client`: one line, exit 2, no
+    traceback) and on a full server (AvatarError, one line)."""
+    from websockets.asyncio.client import connect
+
+    from avatar.errors import AvatarError
+    from realtime.client import AvatarClient
+
+    server = serve(max_sessions=1)
+    wav = tmp_path / "speech.wav"
+    media.write_audio(wav, speech[:8000])
+    run = subprocess.run([sys.executable, "-m", "realtime.client", "--url", server.url.split("?")[0] + "?token=wrong",
+                          "--audio", str(wav)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "the token was refused" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+    async def scenario():
+        async with connect(server.url) as first:
+            await first.send(json.dumps({"type": "start", "sample_rate": 16000}))
+            assert json.loads(await first.recv())["type"] == "ready"
+            with pytest.raises(AvatarError, match="the server is busy") as busy:
+                async with AvatarClient(server.url, 16000):
+                    pass
+            assert "\n" not in str(busy.value)
+
+    asyncio.run(scenario())
