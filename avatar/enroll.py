@@ -74,7 +74,8 @@ JPEG_QUALITY = 92
 class Footage:
     """One video with its face tracked: frames on disk (`store`), per frame `valid`, `transforms`
     (`(2, 3)` frame → crop, or None), `crop_landmarks` / `frame_landmarks` (`(478, 3)` or None),
-    `thumbs (N, THUMB, THUMB) float32` grey thumbnails; `samples`: its audio at 16 kHz or None."""
+    `thumbs (N, THUMB, THUMB) float32` grey thumbnails, `timestamps (N,)` seconds (true presentation
+    times: a variable-rate video's are uneven); `samples`: its audio at 16 kHz or None."""
 
     path: str
     store: FrameStore
@@ -84,11 +85,21 @@ class Footage:
     crop_landmarks: typing.List[typing.Optional[np.ndarray]]
     frame_landmarks: typing.List[typing.Optional[np.ndarray]]
     thumbs: np.ndarray
+    timestamps: np.ndarray
     samples: typing.Optional[np.ndarray] = None
 
     @property
     def good(self) -> np.ndarray:
         return np.flatnonzero(self.valid)
+
+    def constant_rate(self) -> np.ndarray:
+        """For each frame of a constant `fps` grid over the video, the frame shown then `(T,) int64`:
+        `arange(N)` for a constant-rate video; a variable-rate one's frames repeated or skipped so that
+        none moves from its time (its speech) by more than half a grid step."""
+        n = len(self.timestamps)
+        if n < 2 or np.abs(self.timestamps - np.arange(n) / self.fps).max() <= 0.25 / self.fps:
+            return np.arange(n)
+        return media.resample_timestamps(self.timestamps, self.fps)
 
     def close(self) -> None:
         self.store.close()
@@ -109,7 +120,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
         raise MediaError(f"{path}: has no video frames; give a video with a face in it")
     store = FrameStore()
     try:
-        valid, transforms, crop_lms, frame_lms, thumbs = [], [], [], [], []
+        valid, transforms, crop_lms, frame_lms, thumbs, times = [], [], [], [], [], []
         tracked = align_video(itertools.islice(media.iter_video_frames(path), max_frames), pipeline.face_config, AlignConfig(crop_size=pipeline.crop_size), what=str(path))
         for item in tqdm(tracked, total=min(info.n_frames or max_frames or 0, max_frames or info.n_frames or 0) or None, desc="tracking", unit="frame", disable=not progress):
             store.append(item.image)
@@ -117,6 +128,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
             transforms.append(item.aligned.transform if item.aligned is not None else None)
             crop_lms.append(item.aligned.landmarks if item.valid else None)
             frame_lms.append(item.frame_landmarks)
+            times.append(item.timestamp)
             grey = cv2.cvtColor(cv2.resize(item.image, (THUMB, THUMB), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
             thumbs.append(grey.astype(np.float32))
         if store.count == 0:
@@ -130,7 +142,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
             if not np.isfinite(samples).all():
                 samples = None
         return Footage(str(path), store, info.fps or pipeline.config.fps, np.array(valid), transforms, crop_lms, frame_lms,
-                       np.stack(thumbs), samples)
+                       np.stack(thumbs), np.array(times, np.float64), samples)
     except BaseException:
         store.close()
         raise

@@ -445,7 +445,7 @@ class AvatarPipeline:
         with clock.time("face"):
             footage = track_video(self, video, progress, with_audio=enroll and avatar is None)
         try:
-            fps, n_source, good = footage.fps, len(footage.valid), footage.good
+            fps, good = footage.fps, footage.good
 
             # 2. The person: enrolled before, enrolled now from the video, or its rest mouth and references.
             with clock.time("enroll" if enroll and avatar is None else "face"):
@@ -460,6 +460,9 @@ class AvatarPipeline:
                     identity = self._identity_from_footage(footage, references)
 
             # 3. Fit the speech to the video: output length and which source frame each shows.
+            # (a variable-rate video is played on a constant `fps` grid, each frame at its own time)
+            grid = footage.constant_rate()
+            n_source = len(grid)
             n_audio = audio_frontend.n_video_frames(samples.size, fps, self.encoder.config.sample_rate)
             if n_audio > n_source and dub_config.audio_longer == "trim":
                 n_out = n_source
@@ -468,9 +471,9 @@ class AvatarPipeline:
             else:
                 n_out = n_audio
             samples_out = samples[: int(round(n_out / fps * self.encoder.config.sample_rate))]
-            transforms = np.stack([t if t is not None else np.zeros((2, 3)) for t in footage.transforms])
+            transforms = np.stack([t if t is not None else np.zeros((2, 3)) for t in footage.transforms])[grid]
             motion = np.r_[0.0, np.linalg.norm(np.diff(transforms, axis=0), axis=(1, 2))]
-            schedule = pingpong_schedule(n_source, n_out, motion, fps, dub_config.audio_longer)
+            schedule = grid[pingpong_schedule(n_source, n_out, motion, fps, dub_config.audio_longer)]
 
             # 4. Mouths from the new speech (closed after it ends, when the video is kept longer).
             with clock.time("motion"):
@@ -488,7 +491,8 @@ class AvatarPipeline:
         steps = np.diff(schedule)
         loops = int(np.sum((steps < 0) & (np.r_[0, steps[:-1]] >= 0)))  # times the video turned or jumped back
         person = "avatar" if avatar is not None else ("enrolled from the video" if enroll else "generic")
-        extra = {"dub": dataclasses.asdict(dub_config), "source_frames": n_source, "frames_without_face": int(n_source - good.size),
+        extra = {"dub": dataclasses.asdict(dub_config), "source_frames": len(footage.valid), "constant_rate_frames": n_source,
+                 "frames_without_face": int(len(footage.valid) - good.size),
                  "speech_frames": n_audio, "reversals_or_restarts": loops, "identity_references": len(identity.drift_references),
                  "person": person, "mouth_bank": len(identity.bank) if identity.bank is not None else 0,
                  "motion_adapted": identity.adaptation is not None}

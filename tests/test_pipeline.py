@@ -433,3 +433,31 @@ def test_sigterm_leaves_no_partial_output(tmp_path, inputs):
             process.kill()
     assert process.returncode == 130 and "interrupted" in stderr, stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_variable_frame_rate_video_is_dubbed_with_every_frame_at_its_own_time(pipeline, tmp_path):
+    """A VFR clip (20 frames of 40 ms, then 20 of 120 ms) dubbed at its average rate: output frame j
+    shows the source frame on screen at j / fps, never one from another moment of the speech (issue
+    15: a VFR video once came back with frame 52 showing the picture of a second earlier). Each
+    source frame carries its number as a white bar in its top rows."""
+    from test_media import encode_video
+
+    frames = media.read_video(GRID_CLIP, max_frames=40).frames.copy()
+    for i, frame in enumerate(frames):
+        frame[:16] = 0
+        frame[:16, 9 * i:9 * i + 6] = 255
+    durations_ms = np.array([40] * 20 + [120] * 20)
+    pts = np.concatenate([[0], np.cumsum(durations_ms)[:-1]])
+    path = tmp_path / "vfr.mp4"
+    encode_video(path, frames, 25, "mp4", "libx264", pts=pts)
+    timestamps = media.read_video(path, with_audio=False).timestamps
+    fps = media.probe(path).fps
+    speech = tmp_path / "speech.wav"
+    media.write_audio(speech, media.read_audio(LONG_SPEECH)[: int(3.0 * 16000)])
+    out = tmp_path / "dub.mp4"
+    pipeline.dub(path, speech, out, DubConfig(audio_longer="trim"), progress=False)
+    dubbed = media.read_video(out, with_audio=False).frames
+    shown = [int(round(np.argmax(frame[2:14].mean(axis=(0, 2))[:360] > 128) / 9)) for frame in dubbed]
+    expected = [int(np.searchsorted(timestamps, j / fps + 1e-6, side="right") - 1) for j in range(len(dubbed))]
+    assert len(dubbed) >= 0.9 * 3.2 * fps
+    assert shown == expected
