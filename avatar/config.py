@@ -349,6 +349,7 @@ class RealtimeConfig:
 
     fps: float = 25.0
     renderer: str = "retrieval"  # as PipelineConfig.renderer
+    warp_max_size: int = 160  # as PipelineConfig.warp_max_size, smaller live: a 360-px face costs 35 ms a frame at 384, 21 at 256, 12 at 160 (2 cores)
     steps: int = 1  # diffusion steps per frame live (from the warp's draft, as PipelineConfig.diffusion_start)
     batch: int = 8  # most frames (from all sessions) per renderer call
     workers: int = 0  # threads for the per-frame CPU work, as PipelineConfig.workers
@@ -365,7 +366,7 @@ class RealtimeConfig:
     silence_after_s: float = 0.5  # no audio for this long: feed silence (this far behind real time), the avatar idles
 
     def __post_init__(self):
-        check_ranges(self, ("fps", "batch", "workers", "jpeg_quality", "max_backlog_s", "drift_every_s", "max_sessions",
+        check_ranges(self, ("fps", "warp_max_size", "batch", "workers", "jpeg_quality", "max_backlog_s", "drift_every_s", "max_sessions",
                             "encode_workers", "client_queue_frames", "idle_timeout_s", "silence_after_s"))
         require(1 <= self.steps <= 100, f"--steps must be between 1 and 100 (diffusion steps per frame), not {self.steps}")
         require(64 <= self.max_side <= 4096, f"--max-side must be between 64 and 4096 (pixels), not {self.max_side}")

@@ -132,6 +132,10 @@ class Session:
 
             self.monitor = DriftMonitor(avatar.identity.drift_references, IdentityConfig(sample_every_s=config.drift_every_s),
                                         embedder=engine.pipeline.embedder)
+        # the clock starts once the session is ready (embedding an enrolled person's references takes ~0.5 s,
+        # which would otherwise count as silence before the first audio)
+        self.anchor = engine.clock() if now is None else now
+        self.last_audio_at = self.anchor
 
     # ---------------------------------------------------------------- input side
     def push(self, chunk: np.ndarray, now: typing.Optional[float] = None) -> None:
@@ -234,7 +238,8 @@ class Engine:
 
         self.config, self.idle_config, self.clock = config, idle_config, clock
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(
-            config=PipelineConfig(renderer=config.renderer, batch=config.batch, workers=config.workers, steps=config.steps),
+            config=PipelineConfig(renderer=config.renderer, warp_max_size=config.warp_max_size, batch=config.batch,
+                                  workers=config.workers, steps=config.steps),
             providers=providers)
         self.pipeline.warm_up(config.batch)
         self.avatars: typing.Dict[str, Avatar] = {}

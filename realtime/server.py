@@ -265,14 +265,14 @@ class AvatarServer:
             return response
         if path != "/ws":
             return connection.respond(404, "not found\n")
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
-            return connection.respond(426, "/ws speaks WebSocket only; connect with a WebSocket client (see realtime/client.py)\n")
         if not self._authorised(request):
             self.rejected["auth"] += 1
             return connection.respond(401, "a valid token is needed (?token= or Authorization: Bearer)\n")
         if len(self.clients) >= self.config.max_sessions:
             self.rejected["busy"] += 1
             return connection.respond(503, f"the server is busy ({self.config.max_sessions} sessions); try again later\n")
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return connection.respond(426, "/ws speaks WebSocket only; connect with a WebSocket client (see realtime/client.py)\n")
         return None
 
     async def handle(self, connection) -> None:
