@@ -313,7 +313,9 @@ class PipelineConfig:
 
     fps: float = 25.0  # output frame rate for a still (a video keeps its own)
     max_side: int = 1920  # a still larger than this on its longer side is downscaled (area) to it
-    renderer: str = "retrieval"  # "retrieval": the warp with the inside of the mouth from the person's enrolled mouths (avatar/render/retrieval.py; as "warp" without them); "warp": the person's own pixels moved (avatar/render/warp.py); "diffusion": the learned denoiser
+    # "retrieval": the warp with the inside of the mouth from the person's enrolled mouths (avatar/render/retrieval.py;
+    # the same as "warp" without them); "warp": the person's own pixels moved (avatar/render/warp.py); "diffusion": learned
+    renderer: str = "retrieval"
     warp_max_size: int = 384  # the warp works on a crop at the face's own resolution, up to this side
     diffusion_start: float = 0.25  # the diffusion renderer refines the warp renderer's draft noised to this time (1: draws from pure noise)
     steps: int = 0  # diffusion sampling steps (0: the model's own few-step count × diffusion_start, at least 1)

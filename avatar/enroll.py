@@ -11,7 +11,7 @@ What an avatar holds (`Avatar`):
 - the mouth bank (`avatar.render.retrieval.MouthBank`): up to BANK_SIZE of the person's open mouths,
   aligned face crops at 256², sharp and frontal ones chosen to cover the lip shapes found (farthest
   points in lip-shape space, from the most open);
-- the idle loop (`IdleLoop`): BLOCK-long stretch of the person's real footage, chosen so its last
+- the idle loop (`IdleLoop`): a LOOP_MIN_S-LOOP_S stretch of the person's real footage, chosen so its last
   frame leads back into its first with the smallest jump (whole-frame thumbnails and head pose) and
   the mouth mostly at rest, with each frame's alignment and landmarks; `animate` and the live
   server play it behind the speaking mouth. A photo-only avatar keeps the photo instead (`still`);
@@ -24,9 +24,8 @@ The file (FORMAT_VERSION 1, suffix `.avatar`) is a zip read without pickle:
 - `.npy` arrays (`np.load(allow_pickle=False)`): identity/rest, identity/rest_anchor,
   identity/inner_mouth, identity/drift_landmarks_K, bank/mouths, idle/transforms,
   idle/crop_landmarks, idle/frame_landmarks, still/landmarks, adaptation/{x_mean,y_mean,weights};
-- images: identity/reference_K.png, identity/inner.png, identity/drift_K.jpg, bank/K.png (lossless: the
-  teeth's detail),
-  still/image.png; the idle loop as idle/loop.mp4 (H.264).
+- images: identity/reference_K.png, identity/inner.png, identity/drift_K.jpg, bank/K.png (lossless,
+  for the teeth's detail), still/image.png; the idle loop as idle/loop.mp4 (H.264).
 A file of another version, or whose members do not match their hashes, is refused with one line.
 """
 
@@ -74,7 +73,7 @@ JPEG_QUALITY = 92
 class Footage:
     """One video with its face tracked: frames on disk (`store`), per frame `valid`, `transforms`
     (`(2, 3)` frame → crop, or None), `crop_landmarks` / `frame_landmarks` (`(478, 3)` or None),
-    `thumbs (N, THUMB, THUMB) float32` grey thumbnails, `timestamps (N,)` seconds (true presentation
+    `thumbs (N, THUMB, THUMB) uint8` grey thumbnails, `timestamps (N,)` seconds (true presentation
     times: a variable-rate video's are uneven); `samples`: its audio at 16 kHz or None."""
 
     path: str
@@ -130,7 +129,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
             frame_lms.append(item.frame_landmarks)
             times.append(item.timestamp)
             grey = cv2.cvtColor(cv2.resize(item.image, (THUMB, THUMB), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
-            thumbs.append(grey.astype(np.float32))
+            thumbs.append(grey)
         if store.count == 0:
             raise MediaError(f"{path}: no frame could be decoded; the file may be corrupt")
         if not any(valid):
@@ -210,8 +209,8 @@ class Avatar:
 
 # ---------------------------------------------------------------------------------------- choosing
 def choose_bank(shapes: np.ndarray, candidates: np.ndarray, size: int = BANK_SIZE) -> np.ndarray:
-    """Indices (into `candidates`) of up to `size` mouths covering `shapes (N, 40, 2)` (`lip_shape`):
-    the most open first, then each time the one farthest from those chosen."""
+    """Up to `size` of the `candidates` (indices into `shapes (N, 40, 2)`, `lip_shape`) covering the
+    shapes: the most open first, then each time the one farthest from those chosen."""
     if len(candidates) == 0:
         return np.zeros(0, np.int64)
     flat = shapes[candidates].reshape(len(candidates), -1)
@@ -249,7 +248,7 @@ def choose_loop(thumbs: np.ndarray, transforms: np.ndarray, openings: np.ndarray
         if lengths.size == 0:
             continue
         starts = stop - lengths
-        jump = np.abs(thumbs[starts] - thumbs[stop]).mean(axis=(1, 2)) + np.linalg.norm(centre[starts] - centre[stop], axis=1)
+        jump = np.abs(thumbs[starts].astype(np.float32) - thumbs[stop]).mean(axis=(1, 2)) + np.linalg.norm(centre[starts] - centre[stop], axis=1)
         opening = (cumulative[stop] - cumulative[starts]) / lengths
         cost = jump + 4.0 * np.clip(opening / 0.3, 0, 1) - 0.1 * lengths / longest  # longer loops repeat less often
         k = int(np.argmin(cost))

@@ -38,11 +38,14 @@ LOWER = np.r_[np.arange(11, 20), np.arange(31, 40), np.arange(40, 59)]  # lower 
 TILE = (200, 180)
 
 
-def bright_rows(image: np.ndarray, upper: np.ndarray, lower: np.ndarray, threshold: float) -> float:
-    """Mean count per column of teeth pixels (brighter than `threshold`, not red: CIELAB a* < 12, where
-    tongue and lips are redder) between the inner-lip curves, over the middle third of the mouth."""
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
-    luma = np.where(lab[..., 1] - 128 < 12, cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32), 0)
+def bright_rows(image: np.ndarray, upper: np.ndarray, lower: np.ndarray, threshold: float, not_red: bool = True) -> float:
+    """Mean count per column of teeth pixels (brighter than `threshold` and, with `not_red`, not red:
+    CIELAB a* < 12, where tongue and lips are redder) between the inner-lip curves, over the middle
+    third of the mouth. `not_red=False`: by brightness alone (a warm video's teeth are reddish too)."""
+    luma = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    if not_red:
+        lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+        luma = np.where(lab[..., 1] - 128 < 12, luma, 0)
     left, right = upper[0, 0], upper[-1, 0]
     counts = []
     for x in np.arange(left + (right - left) / 3, right - (right - left) / 3):

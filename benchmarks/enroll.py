@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import csv
 import pathlib
 import tempfile
 import time
@@ -39,39 +38,15 @@ from avatar.face.video import align_video
 from avatar.face import landmarks as lm
 from avatar.pipeline import AvatarPipeline
 from avatar.render.warp import inner_lip_curves
-from training.split import VALIDATION_IDENTITIES, person_key
+from benchmarks.artifacts import bright_rows
+from benchmarks.sync import validation_clips
+from training.split import VALIDATION_IDENTITIES
 
-DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 METHODS = ("enrolled", "bank_only", "adaptation_only", "generic", "self_enrolled", "photo_only", "mismatched")
 KEYS = ("mouth_opening_r", "lips_distance_pct_iod", "sharpness_ratio", "identity_distance", "flicker_ratio", "teeth_height_cv")
 MIN_SECONDS = 6.0
 TEETH_CROP = 384
 OPEN_PCT_IOD = 6.0  # frames whose inner-lip gap is at least this (% of the eye distance) count as open
-
-
-def held_out_clips(min_seconds: float = MIN_SECONDS):
-    rows, seen = [], set()
-    with open(DATA / "manifest.csv") as f:
-        for row in csv.DictReader(f):
-            person = person_key(row["identity"], row["file"])
-            if row["kind"] == "video" and person in VALIDATION_IDENTITIES and person not in seen \
-                    and float(row["duration_s"]) >= min_seconds and row["audio_hz"]:
-                seen.add(person)
-                rows.append((person, DATA / row["file"]))
-    return rows
-
-
-def bright_height(image: np.ndarray, upper: np.ndarray, lower: np.ndarray, threshold: float) -> float:
-    """Mean count per column of pixels brighter than `threshold` (teeth) between the inner-lip curves,
-    over the middle third of the mouth (by brightness alone: a warm video's teeth are reddish too)."""
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    left, right = upper[0, 0], upper[-1, 0]
-    counts = []
-    for x in np.arange(left + (right - left) / 3, right - (right - left) / 3):
-        top = np.interp(x, *upper[np.argsort(upper[:, 0])].T)
-        bottom = np.interp(x, *lower[np.argsort(lower[:, 0])].T)
-        counts.append(float((grey[int(np.floor(top)):int(np.ceil(bottom)) + 1, int(round(x))] > threshold).sum()))
-    return float(np.mean(counts))
 
 
 def teeth_height_cv(path: pathlib.Path) -> float:
@@ -93,7 +68,7 @@ def teeth_height_cv(path: pathlib.Path) -> float:
                                                                      int(u[0, 0]):int(u[-1, 0]) + 1].ravel()
                                for image, (u, l) in zip(images, curves)])
     threshold = 0.5 * (np.percentile(interior, 90) + np.percentile(interior, 10))
-    heights = np.array([bright_height(image, u, l, threshold) for image, (u, l) in zip(images, curves)])
+    heights = np.array([bright_rows(image, u, l, threshold, not_red=False) for image, (u, l) in zip(images, curves)])
     return float(heights.std() / heights.mean()) if heights.mean() >= 1.0 else float("nan")
 
 
@@ -133,7 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", type=pathlib.Path)
     args = parser.parse_args(argv)
     pipeline = AvatarPipeline.from_pretrained(args.models, config=PipelineConfig(drift=False))
-    clips = held_out_clips()
+    clips = validation_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS)
     if args.people:
         wanted = args.people.split(",")
         clips = [c for c in clips if c[0] in wanted]
@@ -186,7 +161,7 @@ def main(argv=None) -> None:
     for method in METHODS:
         print(f"{method:<16}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>22.3f}" for k in KEYS))
     print("\nenrollment: " + "; ".join(f"{p} {s:.0f} s of video in {t:.1f} s, {b / 1e6:.1f} MB" for p, s, t, b, _ in timings))
-    longest = max(held_out_clips(), key=lambda clip: media.probe(clip[1]).duration or 0)
+    longest = max(validation_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS), key=lambda clip: media.probe(clip[1]).duration or 0)
     with tempfile.TemporaryDirectory() as tmp:
         minute = pathlib.Path(tmp) / "minute.mp4"
         clip = media.read_video(longest[1], max_frames=int(60 * (media.probe(longest[1]).fps or 25)))

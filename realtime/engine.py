@@ -115,7 +115,6 @@ class Session:
         self.resample = _Resampler(sample_rate)
         self.blinks = idle.BlinkSchedule(engine.idle_config)
         self.lock = threading.Lock()
-        self.anchor = engine.clock() if now is None else now  # wall time of audio second 0 (see the module doc)
         self.samples = 0  # 16 kHz samples received (the audio clock)
         self.audio = np.zeros(0, np.float32)  # received audio not yet handed out with frames
         self.audio_offset = 0  # sample index of self.audio[0]
@@ -125,15 +124,14 @@ class Session:
         self.frames_out = 0
         self.dropped = 0
         self.artifact_frames = 0  # frames that failed the artifact check and show the portrait's own mouth
-        self.last_audio_at = self.anchor
         self.monitor = None
         if config.drift_every_s > 0:
             from avatar.identity import DriftMonitor
 
             self.monitor = DriftMonitor(avatar.identity.drift_references, IdentityConfig(sample_every_s=config.drift_every_s),
                                         embedder=engine.pipeline.embedder)
-        # the clock starts once the session is ready (embedding an enrolled person's references takes ~0.5 s,
-        # which would otherwise count as silence before the first audio)
+        # The wall time of audio second 0 (see the module doc), once the session is ready: embedding an enrolled
+        # person's drift references takes ~0.5 s, which would otherwise count as silence before the first audio.
         self.anchor = engine.clock() if now is None else now
         self.last_audio_at = self.anchor
 
@@ -310,12 +308,10 @@ class Engine:
             for index, mouth, _ in items:
                 if avatar.loop is not None:  # the person's real footage, looped
                     jobs.append(avatar.loop.job(index, mouth, avatar.identity.rest_anchor))
-                    identities.append(avatar.identity)
-                    indices.append(index)
-                    continue
-                closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
-                move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
-                jobs.append(self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move))
+                else:  # the still, with synthetic blinks and sway
+                    closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
+                    move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
+                    jobs.append(self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move))
                 identities.append(avatar.identity)
                 indices.append(index)
         if not jobs:

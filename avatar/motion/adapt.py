@@ -11,7 +11,7 @@ frame only, so live streams use it as files do. Its strength (the ridge λ) is c
 cross-validation of the mouth-opening correlation on the enrollment footage, with "no correction"
 among the choices: with little speech, or speech whose lips the general model already follows, the
 general model is kept as it is. Measured on held-out people (the first 60% of a clip fitted, the
-last 40% scored; `benchmarks/enroll.py`): see `assets/MODELS.md`.
+last 40% scored; `training/eval_adaptation.py`, `benchmarks/enroll.py`): see `assets/MODELS.md`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ FOLD_GAP = 12  # frames left out on each side of a validation fold (the features
 MIN_FRAMES = 100  # fewer speaking frames than this (4 s at 25 fps): no adaptation
 SMOOTHING = (0.25, 0.5, 0.25)  # weights of the previous, current and next frame's change (files)
 MIN_GAIN = 0.02  # cross-validated opening r must rise at least this much over the general model
-
-
-def mouth_width(rest: np.ndarray) -> float:
-    """Corner-to-corner width of a `(59, 2)` mouth (MOUTH_AND_JAW order)."""
-    return float(lm.mouth_width(np.asarray(rest, np.float64)))
 
 
 @dataclasses.dataclass
@@ -59,7 +54,7 @@ class MotionAdaptation:
         frame's features alone make it jitter; a stream (no look-ahead) passes False."""
         if len(mouths) == 0:
             return mouths
-        width = mouth_width(rest)
+        width = float(lm.mouth_width(np.asarray(rest, np.float64)))
         offsets = (np.asarray(mouths, np.float64) - rest) / width
         x = inputs(features, offsets)
         change = (x - self.x_mean) @ self.weights.astype(np.float64) + self.y_mean
@@ -108,7 +103,7 @@ def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, 
     index = np.flatnonzero(keep)
     if index.size < MIN_FRAMES:
         return None, f"{index.size} speaking frames with a face (fewer than {MIN_FRAMES})"
-    width = mouth_width(rest)
+    width = float(lm.mouth_width(np.asarray(rest, np.float64)))
     offsets = (np.asarray(general, np.float64) - rest) / width
     real_offsets = (np.asarray(real, np.float64) - rest) / width
     x = inputs(features, offsets)
@@ -125,7 +120,7 @@ def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, 
             rs.append(_opening_r(adapted, real_offsets[fold], rest, width))
         scores[lam] = float(np.nanmean(rs))
     best = max(scores, key=lambda lam: (scores[lam], lam))  # ties: the stronger shrinkage
-    general_r = scores.get(np.inf, float("nan")) if np.inf in scores else float("nan")
+    general_r = scores.get(np.inf, float("nan"))
     if not np.isfinite(best) or not scores[best] >= general_r + MIN_GAIN:
         return None, f"the general model already follows these lips as well (cross-validated r {general_r:.2f})"
     x_mean, y_mean, weights = _solve(x[index], y[index], best)

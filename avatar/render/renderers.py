@@ -68,12 +68,17 @@ class WarpRenderer:
         self.aligners = Aligners()
 
     def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
+        inners = self.inner_mouths(batch)
         regions: typing.List[typing.Optional[FaceRegion]] = [None] * len(batch)
         faces = batch.faces
         for i, region in zip(faces, self.pool.map(lambda i: self.render_one(batch.jobs[i], batch.identities[i],
-                                                                            int(batch.frame_indices[i])), faces)):
+                                                                            int(batch.frame_indices[i]), inner=inners[i]), faces)):
             regions[i] = region
         return regions
+
+    def inner_mouths(self, batch: RenderBatch) -> typing.List[typing.Optional[InnerMouth]]:
+        """The open mouth each job takes the inside of the mouth from (None: its person's own)."""
+        return [None] * len(batch)
 
     def render_one(self, job: FrameJob, identity: Identity, frame_index: int, watermark: bool = True,
                    inner: typing.Optional[InnerMouth] = None) -> FaceRegion:
@@ -132,19 +137,8 @@ class RetrievalRenderer(WarpRenderer):
             self._last[bank] = chosen[i]
         return chosen
 
-    def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
-        chosen = self.choose(batch)
-
-        def one(i: int) -> FaceRegion:
-            identity = batch.identities[i]
-            inner = identity.bank.inner(chosen[i]) if chosen[i] is not None else None
-            return self.render_one(batch.jobs[i], identity, int(batch.frame_indices[i]), inner=inner)
-
-        regions: typing.List[typing.Optional[FaceRegion]] = [None] * len(batch)
-        faces = batch.faces
-        for i, region in zip(faces, self.pool.map(one, faces)):
-            regions[i] = region
-        return regions
+    def inner_mouths(self, batch: RenderBatch) -> typing.List[typing.Optional[InnerMouth]]:
+        return [None if k is None else batch.identities[i].bank.inner(k) for i, k in enumerate(self.choose(batch))]
 
 
 class DiffusionRenderer:
