@@ -321,6 +321,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if threading.current_thread() is threading.main_thread():  # a second signal must not escape the shutdown
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+                if hasattr(signal, name):
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130
 

@@ -453,7 +453,8 @@ class AvatarPipeline:
                     from avatar.motion.runner import rest_pose
 
                     rest, anchor = rest_pose(np.stack([footage.crop_landmarks[i] for i in good]))
-                    identity = dataclasses.replace(avatar.identity, rest=rest, rest_anchor=anchor, rest_inferred=False)
+                    identity = dataclasses.replace(avatar.identity, rest=rest, rest_anchor=anchor, rest_inferred=False,
+                                                   drift_references=avatar.identity.drift_references + self.people.reference_photos(references))
                 elif enroll:
                     identity = build_avatar(self, [footage], progress=False, references=references, idle=False, strict=False).identity
                 else:
