@@ -337,7 +337,6 @@ class VideoWriter:
         self._container = None
         self._video = None
         self._audio_stream = None
-        self._resampled: typing.Optional[np.ndarray] = None
         self._audio_written = 0
         self.n_frames = 0
         self._size: typing.Optional[typing.Tuple[int, int]] = None
@@ -357,7 +356,6 @@ class VideoWriter:
         if self.audio is not None:
             self._audio_stream = self._container.add_stream("aac", rate=OUTPUT_AUDIO_RATE)
             self._audio_stream.layout = "mono"
-            self._resampled = _resample(self.audio, self.sample_rate, OUTPUT_AUDIO_RATE)
         return self
 
     def write(self, frame: np.ndarray) -> None:
@@ -390,7 +388,7 @@ class VideoWriter:
         end = int(round(t * OUTPUT_AUDIO_RATE))
         if end <= self._audio_written:
             return
-        piece = self._resampled[self._audio_written : end]
+        piece = resampled_range(self.audio, self.sample_rate, OUTPUT_AUDIO_RATE, self._audio_written, end)
         if piece.size < end - self._audio_written and final:
             piece = np.concatenate([piece, np.zeros(end - self._audio_written - piece.size, np.float32)])
         if piece.size == 0:
@@ -419,6 +417,28 @@ class VideoWriter:
                 self._atomic.__exit__(None, None, None)
             else:
                 self._atomic.__exit__(exc_type, exc, tb)
+
+
+RESAMPLE_MARGIN = 256  # input samples beyond a piece that its resampling reads (the polyphase filter reaches ~10)
+
+
+def resampled_range(audio: np.ndarray, rate_in: int, rate_out: int, start: int, stop: int) -> np.ndarray:
+    """`_resample(audio, rate_in, rate_out)[start:stop]`, computed from the input around that piece
+    only (a writer encodes a long input's audio piece by piece, never holding all of it at the
+    output rate); equal to the whole-signal result (the filter's reach is within RESAMPLE_MARGIN)."""
+    if rate_in == rate_out:
+        return audio[start:stop].astype(np.float32)
+    g = np.gcd(rate_in, rate_out)
+    up, down = rate_out // g, rate_in // g
+    first = max(0, (start * down // up - RESAMPLE_MARGIN) // down * down)  # a multiple of `down`: the grids align
+    last = min(audio.size, -(-stop * down // up) + RESAMPLE_MARGIN)
+    if last <= first:
+        return np.zeros(0, np.float32)
+    piece = _resample(audio[first:last], rate_in, rate_out)
+    offset = first * up // down
+    if last < audio.size:  # the whole signal's length at the output rate decides where its end falls
+        piece = piece[: max(0, stop - offset)]
+    return piece[start - offset: stop - offset]
 
 
 def _resample(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:

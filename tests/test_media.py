@@ -292,3 +292,14 @@ def test_huge_images_are_downscaled_not_refused(tmp_path):
     huge.save(tmp_path / "huge.png")
     rgb = media.read_image(tmp_path / "huge.png")
     assert rgb.shape[0] * rgb.shape[1] <= media.MAX_IMAGE_PIXELS and rgb.shape[0] == rgb.shape[1] >= 6000
+
+
+@pytest.mark.parametrize("rate", [16000, 44100, 22050, 48000])
+def test_the_writer_resamples_audio_piece_by_piece_exactly_as_whole(rate):
+    """`resampled_range` (what VideoWriter encodes, piece by piece, so a long input's audio is never
+    held whole at 48 kHz) equals the whole signal resampled, at every piece boundary and at the end."""
+    rng = np.random.default_rng(rate)
+    audio = rng.standard_normal(rate * 2 + 13).astype(np.float32)
+    whole = media._resample(audio, rate, media.OUTPUT_AUDIO_RATE)
+    pieces = [media.resampled_range(audio, rate, media.OUTPUT_AUDIO_RATE, k, k + 1920) for k in range(0, whole.size + 1920, 1920)]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)
