@@ -24,8 +24,9 @@ The file (FORMAT_VERSION 1, suffix `.avatar`) is a zip read without pickle:
 - `.npy` arrays (`np.load(allow_pickle=False)`): identity/rest, identity/rest_anchor,
   identity/inner_mouth, identity/drift_landmarks_K, bank/mouths, idle/transforms,
   idle/crop_landmarks, idle/frame_landmarks, still/landmarks, adaptation/{x_mean,y_mean,weights};
-- images: identity/reference_K.png, identity/inner.png, identity/drift_K.jpg, bank/K.png (lossless,
-  for the teeth's detail), still/image.png; the idle loop as idle/loop.mp4 (H.264).
+- images: identity/reference_K.png, identity/inner.png (the crop the open mouth is made from),
+  identity/drift_K.jpg, bank/K.png (lossless, for the teeth's detail), still/image.png; the idle
+  loop as idle/loop.mp4 (H.264).
 A file of another version, or whose members do not match their hashes, is refused with one line.
 """
 
@@ -188,12 +189,15 @@ class IdleLoop:
 @dataclasses.dataclass
 class Avatar:
     """An enrolled person (see the module docstring). `still`: `(image, landmarks (478, 3))` of a
-    photo-only avatar; `summary`: what enrollment found (also in the file's manifest)."""
+    photo-only avatar; `summary`: what enrollment found (also in the file's manifest);
+    `inner_source`: the crop and mouth the identity's open mouth comes from
+    (`IdentityBuilder.inner_source`; a file rebuilds the open mouth, a borrowed one included)."""
 
     identity: Identity
     idle: typing.Optional[IdleLoop] = None
     still: typing.Optional[typing.Tuple[np.ndarray, np.ndarray]] = None
     summary: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
+    inner_source: typing.Optional[typing.Tuple[np.ndarray, np.ndarray]] = None
 
     def describe(self) -> str:
         """One line: what the avatar holds."""
@@ -310,7 +314,8 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
     drift = [face_region(frame_of(j), frame_lms[j]) for j in spread]
     extra = pipeline.people.reference_photos(references)
     widest = int(np.argmax(lm.mouth_opening(crop_lms) / lm.interocular(crop_lms)))
-    inner = pipeline.open_mouth(frame_of(widest), transform_of(widest), crop_lms[widest])
+    inner_source = pipeline.people.inner_source(frame_of(widest), transform_of(widest), crop_lms[widest])
+    inner = open_inner(*inner_source, INNER_SIZE)
     identity = Identity([pipeline.aligner.crop(frame_of(j), transform_of(j)) for j in picks], rest, anchor, drift + extra, inner)
     steps.update()
 
@@ -343,7 +348,7 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
                "mouth_shapes": int(chosen.size), "speech_seconds": round(speech_seconds, 2), "idle_loop": loop_summary,
                "adaptation": identity.adaptation.meta() if identity.adaptation is not None else None,
                "adaptation_skipped": None if identity.adaptation is not None else skipped}
-    return Avatar(identity, loop, None, summary)
+    return Avatar(identity, loop, None, summary, inner_source)
 
 
 def _idle_loop(pipeline, footage: Footage) -> typing.Tuple[IdleLoop, typing.Dict[str, typing.Any]]:
@@ -407,9 +412,11 @@ def avatar_from_image(pipeline, image: np.ndarray, landmarks: np.ndarray, what: 
     """A photo-only avatar: the identity of `IdentityBuilder.from_image`, the photo as the still."""
     identity = pipeline.prepare_image(image, landmarks, what=what, extra_references=references)
     identity.drift_references = [face_region(*pair) for pair in identity.drift_references]
+    aligned = pipeline.aligner.align(image, landmarks)
+    inner_source = pipeline.people.inner_source(image, aligned.transform, aligned.landmarks)
     summary = {"sources": [what], "frames": 1, "frames_with_face": 1, "seconds_used": 0.0, "mouth_shapes": 0, "speech_seconds": 0.0,
                "idle_loop": None, "adaptation": None, "adaptation_skipped": "a photo has no speech"}
-    return Avatar(identity, None, (image, np.asarray(landmarks, np.float32)), summary)
+    return Avatar(identity, None, (image, np.asarray(landmarks, np.float32)), summary, inner_source)
 
 
 # ---------------------------------------------------------------------------------------- the file
@@ -439,11 +446,9 @@ def save_avatar(avatar: Avatar, path: PathLike, inputs: typing.Sequence[PathLike
     for k, (image, points) in enumerate(identity.drift_references):
         members[f"identity/drift_{k}.jpg"] = _image(image, ".jpg")
         members[f"identity/drift_landmarks_{k}.npy"] = _npy(np.asarray(points, np.float32))
-    inner = identity.inner
-    own_inner = inner.crop is not None and not inner.borrowed
-    if own_inner:
-        members["identity/inner.png"] = _image(inner.crop, ".png")
-        members["identity/inner_mouth.npy"] = _npy(np.asarray(inner.mouth, np.float32))
+    if avatar.inner_source is not None:
+        members["identity/inner.png"] = _image(avatar.inner_source[0], ".png")
+        members["identity/inner_mouth.npy"] = _npy(np.asarray(avatar.inner_source[1], np.float32))
     bank = identity.bank
     if bank is not None:
         members["bank/mouths.npy"] = _npy(bank.mouths.astype(np.float32))
@@ -470,7 +475,7 @@ def save_avatar(avatar: Avatar, path: PathLike, inputs: typing.Sequence[PathLike
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "summary": avatar.summary,
         "identity": {"references": len(identity.references), "drift_references": len(identity.drift_references),
-                     "rest_inferred": identity.rest_inferred, "inner": own_inner},
+                     "rest_inferred": identity.rest_inferred, "inner": avatar.inner_source is not None},
         "bank": {"entries": len(bank), "crop_size": bank.size} if bank is not None else None,
         "idle": {"frames": len(avatar.idle), "fps": avatar.idle.fps} if avatar.idle is not None else None,
         "still": avatar.still is not None,
@@ -541,10 +546,12 @@ def load_avatar(path: PathLike) -> Avatar:
                  for k in range(int(ident["drift_references"]))]
         identity = Identity(references, read.array("identity/rest.npy"), read.array("identity/rest_anchor.npy"), drift,
                             rest_inferred=bool(ident.get("rest_inferred")))
+        inner_source = None
         if ident.get("inner"):
             from avatar.person import INNER_SIZE
 
-            identity.inner = open_inner(read.image("identity/inner.png"), read.array("identity/inner_mouth.npy").astype(np.float64), INNER_SIZE)
+            inner_source = (read.image("identity/inner.png"), read.array("identity/inner_mouth.npy").astype(np.float64))
+            identity.inner = open_inner(*inner_source, INNER_SIZE)
         if manifest.get("bank"):
             mouths = read.array("bank/mouths.npy")
             crops = np.stack([read.image(f"bank/{k}.png") for k in range(int(manifest["bank"]["entries"]))])
@@ -563,4 +570,4 @@ def load_avatar(path: PathLike) -> Avatar:
             if not len(idle.frames) == len(idle.transforms) == len(idle.crop_landmarks):
                 raise AvatarError(f"{path}: the idle loop's frames and alignments differ in number; the avatar file is damaged, enroll again")
         still = (read.image("still/image.png"), read.array("still/landmarks.npy")) if manifest.get("still") else None
-    return Avatar(identity, idle, still, manifest.get("summary") or {})
+    return Avatar(identity, idle, still, manifest.get("summary") or {}, inner_source)

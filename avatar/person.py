@@ -105,6 +105,10 @@ class IdentityBuilder:
         lower row when it shows only upper teeth); if it is not, the bundled open mouth that suits
         these lips best (`avatar.render.warp.borrowed_mouth`).
         `transform`: frame → crop at `crop_size`; `crop_landmarks` in that crop."""
+        return open_inner(*self.inner_source(frame, transform, crop_landmarks), INNER_SIZE)
+
+    def inner_source(self, frame: np.ndarray, transform: np.ndarray, crop_landmarks: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """What `open_mouth` is made from: the frame's aligned crop at INNER_SIZE `(S, S, 3) uint8` and its
+        mouth `(59, 2)` there (an avatar file keeps these, and rebuilds the open mouth from them)."""
         mouth = rescale_points(np.asarray(crop_landmarks)[lm.MOUTH_AND_JAW, :2], self.crop_size, INNER_SIZE)
-        crop = self.inner_aligner.crop(frame, rescale_transform(transform, self.crop_size, INNER_SIZE))
-        return open_inner(crop, mouth, INNER_SIZE)
+        return self.inner_aligner.crop(frame, rescale_transform(transform, self.crop_size, INNER_SIZE)), mouth

@@ -284,6 +284,17 @@ def test_python_api_loads_an_avatar(enrolled):
     assert isinstance(avatar, Avatar) and isinstance(avatar.identity.bank, MouthBank)
 
 
+def test_a_photo_only_avatar_of_closed_lips_keeps_its_borrowed_open_mouth(pipeline, tmp_path):
+    """A closed-mouth portrait's avatar: the open mouth it borrows from the bundled bank comes back
+    from the file (the file keeps what it was chosen from), so it opens as `animate --image` does."""
+    path = tmp_path / "art.avatar"
+    avatar = pipeline.enroll(image=DATA / "faces/OpenTalker__SadTalker/art_1.png", output=path, progress=False)
+    assert avatar.identity.inner.borrowed and avatar.identity.inner.usable
+    back = load_avatar(path).identity.inner
+    assert back.borrowed and back.usable
+    np.testing.assert_array_equal(back.crop, avatar.identity.inner.crop)
+
+
 def test_save_refuses_to_overwrite_its_input(enrolled):
     avatar, path = enrolled
     with pytest.raises(AvatarError, match="also an input"):
