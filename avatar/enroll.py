@@ -74,7 +74,7 @@ JPEG_QUALITY = 92
 class Footage:
     """One video with its face tracked: frames on disk (`store`), per frame `valid`, `transforms`
     (`(2, 3)` frame → crop, or None), `crop_landmarks` / `frame_landmarks` (`(478, 3)` or None),
-    `thumbs (N, THUMB, THUMB) uint8` grey thumbnails, `timestamps (N,)` seconds (true presentation
+    `timestamps (N,)` seconds (true presentation
     times: a variable-rate video's are uneven); `samples`: its audio at 16 kHz or None."""
 
     path: str
@@ -84,7 +84,6 @@ class Footage:
     transforms: typing.List[typing.Optional[np.ndarray]]
     crop_landmarks: typing.List[typing.Optional[np.ndarray]]
     frame_landmarks: typing.List[typing.Optional[np.ndarray]]
-    thumbs: np.ndarray
     timestamps: np.ndarray
     samples: typing.Optional[np.ndarray] = None
 
@@ -120,7 +119,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
         raise MediaError(f"{path}: has no video frames; give a video with a face in it")
     store = FrameStore()
     try:
-        valid, transforms, crop_lms, frame_lms, thumbs, times = [], [], [], [], [], []
+        valid, transforms, crop_lms, frame_lms, times = [], [], [], [], []
         tracked = align_video(itertools.islice(media.iter_video_frames(path), max_frames), pipeline.face_config, AlignConfig(crop_size=pipeline.crop_size), what=str(path))
         for item in tqdm(tracked, total=min(info.n_frames or max_frames or 0, max_frames or info.n_frames or 0) or None, desc="tracking", unit="frame", disable=not progress):
             store.append(item.image)
@@ -129,8 +128,6 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
             crop_lms.append(item.aligned.landmarks if item.valid else None)
             frame_lms.append(item.frame_landmarks)
             times.append(item.timestamp)
-            grey = cv2.cvtColor(cv2.resize(item.image, (THUMB, THUMB), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
-            thumbs.append(grey)
         if store.count == 0:
             raise MediaError(f"{path}: no frame could be decoded; the file may be corrupt")
         if not any(valid):
@@ -142,7 +139,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
             if not np.isfinite(samples).all():
                 samples = None
         return Footage(str(path), store, info.fps or pipeline.config.fps, np.array(valid), transforms, crop_lms, frame_lms,
-                       np.stack(thumbs), np.array(times, np.float64), samples)
+                       np.array(times, np.float64), samples)
     except BaseException:
         store.close()
         raise
@@ -282,10 +279,12 @@ def face_region(image: np.ndarray, landmarks: np.ndarray) -> typing.Tuple[np.nda
 
 # ---------------------------------------------------------------------------------------- building
 def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = True,
-                 references: typing.Sequence[PathLike] = (), adapt: bool = True, idle: bool = True, strict: bool = True) -> Avatar:
+                 references: typing.Sequence[PathLike] = (), adapt: bool = True, idle: bool = True, bank: bool = True,
+                 strict: bool = True) -> Avatar:
     """An avatar from tracked videos of one person (`track_video`); see the module docstring.
-    `adapt` / `idle` False: without the motion adaptation / the idle loop. `strict` False (a dub's
-    own video enrolled on the fly): whatever frames have a face, however few."""
+    `adapt` / `idle` / `bank` False: without the motion adaptation / the idle loop / the mouth bank
+    (all three off: the generic person of `dub --no-enroll`). `strict` False (a dub's own video):
+    whatever frames have a face, however few."""
     from avatar.motion.runner import POINTS, rest_pose
     from avatar.person import INNER_SIZE
 
@@ -322,7 +321,7 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
     # 2. The mouth bank: sharp, frontal, open mouths covering the shapes found.
     mouths = crop_lms[:, POINTS, :2]
     gap_ratio = np.array([lm.inner_gap_ratio(m) for m in mouths])
-    candidates = np.flatnonzero((gap_ratio > MIN_OPEN) & (np.abs(yaw) <= BANK_MAX_YAW))
+    candidates = np.flatnonzero((gap_ratio > MIN_OPEN) & (np.abs(yaw) <= BANK_MAX_YAW) & bank)
     if candidates.size:
         sharp = np.array([_mouth_sharpness(pipeline, frame_of(j), transform_of(j), mouths[j]) for j in candidates])
         candidates = candidates[sharp >= np.quantile(sharp, 0.3)]
@@ -361,7 +360,9 @@ def _idle_loop(pipeline, footage: Footage) -> typing.Tuple[IdleLoop, typing.Dict
     for i in footage.good:
         usable[i] = abs(float(lm.yaw_degrees(footage.frame_landmarks[i]))) <= pipeline.artifact_check.config.max_yaw_deg
         openings[i] = lm.inner_gap_ratio(footage.crop_landmarks[i][POINTS])
-    start, stop = choose_loop(footage.thumbs, transforms, openings, usable, footage.fps)
+    thumbs = np.stack([cv2.cvtColor(cv2.resize(footage.store[i], (THUMB, THUMB), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+                       for i in range(n)])
+    start, stop = choose_loop(thumbs, transforms, openings, usable, footage.fps)
     span = range(start, stop)
     idle = IdleLoop(np.stack([footage.store[i] for i in span]), transforms[start:stop].astype(np.float32),
                     np.stack([footage.crop_landmarks[i] for i in span]).astype(np.float32),

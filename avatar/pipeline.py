@@ -455,10 +455,9 @@ class AvatarPipeline:
                     rest, anchor = rest_pose(np.stack([footage.crop_landmarks[i] for i in good]))
                     identity = dataclasses.replace(avatar.identity, rest=rest, rest_anchor=anchor, rest_inferred=False,
                                                    drift_references=avatar.identity.drift_references + self.people.reference_photos(references))
-                elif enroll:
-                    identity = build_avatar(self, [footage], progress=False, references=references, idle=False, strict=False).identity
-                else:
-                    identity = self._identity_from_footage(footage, references)
+                else:  # enrolled from this video (its bank and adaptation), or the generic person (neither)
+                    identity = build_avatar(self, [footage], progress=False, references=references, adapt=enroll, idle=False,
+                                            bank=enroll, strict=False).identity
 
             # 3. Fit the speech to the video: output length and which source frame each shows.
             # (a variable-rate video is played on a constant `fps` grid, each frame at its own time)
@@ -500,19 +499,6 @@ class AvatarPipeline:
         failures.sort(key=lambda item: item["frame"])
         return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,
                             clock, monitor, events, failures, extra, report)
-
-    def _identity_from_footage(self, footage, references: typing.Sequence[PathLike] = ()) -> Identity:
-        """The generic person of a video (no bank, no adaptation): rest mouth and references from its
-        own frames, its widest mouth as the open mouth, drift references spread over it (+ photos)."""
-        good = footage.good
-        spread = good[np.linspace(0, good.size - 1, min(self.config.drift_references, good.size)).round().astype(int)]
-        good_lms = np.stack([footage.crop_landmarks[i] for i in good])
-        picks = [int(good[k]) for k in self.reference_frames(good_lms)]
-        widest = int(good[np.argmax(lm.mouth_opening(good_lms) / lm.interocular(good_lms))])
-        store, transforms = footage.store, footage.transforms
-        return self.prepare_frames([self.aligner.crop(store[i], transforms[i]) for i in picks], good_lms,
-                                   [(store[i], footage.frame_landmarks[i]) for i in spread], references,
-                                   self.open_mouth(store[widest], transforms[widest], footage.crop_landmarks[widest]))
 
     def footage_jobs(self, identity: Identity, frame_at: typing.Callable[[int], np.ndarray], valid: typing.Sequence[bool],
                      transforms: typing.Sequence[typing.Optional[np.ndarray]], crop_landmarks: typing.Sequence[typing.Optional[np.ndarray]],
