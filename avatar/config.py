@@ -37,6 +37,8 @@ RANGES: typing.Dict[str, typing.Tuple[float, float, str]] = {
     "max_backlog_s": (0, 60, "seconds"),
     "drift_every_s": (0, 3600, "seconds"),
     "max_sessions": (1, 1024, ""),
+    "max_load": (0.05, 64, "the renderer's share the sessions may take, measured"),
+    "max_latency_s": (0.1, 60, "seconds"),
     "encode_workers": (0, 256, ""),
     "client_queue_frames": (1, 10000, ""),
     "idle_timeout_s": (0.1, 86400, "seconds"),
@@ -361,6 +363,9 @@ class RealtimeConfig:
     drift_every_s: float = 2.0  # identity-drift sample interval per session (0: off)
     # Server limits
     max_sessions: int = 4
+    admission: bool = True  # refuse a session the server cannot serve in real time (503 with the reason), by measured load
+    max_load: float = 1.0  # ... when the sessions' measured load (1.0: the renderer's whole time) would pass this
+    max_latency_s: float = 1.0  # a frame whose audio reached the server longer ago than this is not sent (dropped, counted)
     encode_workers: int = 0  # threads encoding the streams' frames (JPEG / H.264) off the render thread; 0: one per core, at most 8
     max_message_bytes: int = 1 << 20
     idle_timeout_s: float = 30.0  # close a connection that sends nothing for this long
@@ -368,7 +373,7 @@ class RealtimeConfig:
     silence_after_s: float = 0.5  # no audio for this long: feed silence (this far behind real time), the avatar idles
 
     def __post_init__(self):
-        check_ranges(self, ("fps", "warp_max_size", "batch", "workers", "jpeg_quality", "max_backlog_s", "drift_every_s", "max_sessions",
+        check_ranges(self, ("fps", "warp_max_size", "batch", "workers", "jpeg_quality", "max_backlog_s", "drift_every_s", "max_sessions", "max_load", "max_latency_s",
                             "encode_workers", "client_queue_frames", "idle_timeout_s", "silence_after_s"))
         require(1 <= self.steps <= 100, f"--steps must be between 1 and 100 (diffusion steps per frame), not {self.steps}")
         require(64 <= self.max_side <= 4096, f"--max-side must be between 64 and 4096 (pixels), not {self.max_side}")

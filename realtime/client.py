@@ -72,8 +72,9 @@ class AvatarClient:
             self.connection = await connect(self.url, max_size=self.max_size, compression=None)
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code
+            said = (exc.response.body or b"").decode("utf-8", "replace").strip()  # the server's reason, one line
             why = {401: "the token was refused; give the one `avatar serve` printed (?token=...)",
-                   503: "the server is busy (all its sessions are taken); try again later",
+                   503: said or "the server is busy; try again later",
                    404: "no avatar server at this path; the URL ends in /ws"}.get(status, f"HTTP {status}")
             raise AvatarError(f"{base}: {why}") from exc
         except websockets.InvalidHandshake as exc:
@@ -131,11 +132,20 @@ class StreamResult:
     ready: typing.Dict[str, typing.Any]
     stats: typing.Dict[str, typing.Any]
     started: float
+    sent_s: float = float("inf")  # seconds of audio sent
+
+    @property
+    def speech_frames(self) -> typing.List[ReceivedFrame]:
+        """The frames of the audio sent (those after it are the avatar idling on the silence the
+        server adds, `silence_after_s` behind real time)."""
+        return [f for f in self.frames if f.pts < self.sent_s]
 
     def latency_figures(self) -> typing.Dict[str, float]:
-        """Audio → frame latency as the client sees it: a frame's arrival minus the moment its audio
-        (pts + the server's look-ahead) had been sent; first-frame latency from the first sample sent."""
-        frames, lookahead_s = self.frames, self.ready["lookahead_ms"] / 1000.0
+        """Audio → frame latency as the client sees it, over `speech_frames` whose look-ahead was sent:
+        a frame's arrival minus the moment its audio (pts + the server's look-ahead) had been sent;
+        first-frame latency from the first sample sent."""
+        lookahead_s = self.ready["lookahead_ms"] / 1000.0
+        frames = [f for f in self.speech_frames if f.pts + lookahead_s <= self.sent_s]
         if not frames:
             return {}
         waits = np.array([f.received_at - (self.started + f.pts + lookahead_s) for f in frames])
@@ -167,16 +177,16 @@ async def stream_file(url: str, samples: np.ndarray, sample_rate: int, chunk_s: 
             if delay > 0:
                 await asyncio.sleep(delay)
             await client.send_audio(samples[k:k + step])
-        expected = int(samples.size / sample_rate * client.ready["fps"])  # the frames this audio makes
+        last = int(samples.size / sample_rate * client.ready["fps"]) - 1  # the last frame this audio makes
         count, last_arrival = len(frames), time.perf_counter()
-        while len(frames) < expected and time.perf_counter() - last_arrival < idle_s:
+        while not (frames and frames[-1].index >= last) and time.perf_counter() - last_arrival < idle_s:
             await asyncio.sleep(0.05)
             if len(frames) != count:
                 count, last_arrival = len(frames), time.perf_counter()
         await client.send_json({"type": "stats"})
         await asyncio.sleep(0.2)
         collector.cancel()
-        return StreamResult(frames, client.ready, client.stats, started)
+        return StreamResult(frames, client.ready, client.stats, started, samples.size / sample_rate)
 
 
 def main(argv=None) -> int:
@@ -201,10 +211,11 @@ def main(argv=None) -> int:
         print(f"error: cannot reach {args.url.split('?')[0]} ({exc.strerror or exc}); is `avatar serve` running?", file=sys.stderr)
         return 2
     print(json.dumps({"client": result.latency_figures(), "server": result.stats}, indent=1))
-    images = [f.image() for f in result.frames]
+    frames = result.speech_frames
+    images = [f.image() for f in frames]
     shown = [image for image in images if image is not None]
     if args.output and shown:
-        audio = np.concatenate([f.audio for f in result.frames])
+        audio = np.concatenate([f.audio for f in frames])
         media.write_video(args.output, (image if image is not None else shown[0] for image in images), result.ready["fps"], audio,
                           16000, inputs=[args.audio])
         print(f"wrote {args.output}")

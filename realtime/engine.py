@@ -3,8 +3,8 @@
     engine = Engine()                                    # models load here (onnxruntime: TRT → CUDA → CPU)
     avatar = engine.prepare(portrait)                    # once per person; cached by content
     session = engine.open(avatar, sample_rate=48000)
-    session.push(chunk)                                  # float32 mono at that rate, any size
-    engine.step()                                        # renders what is due, all sessions in one batch
+    session.push(chunk)                                  # float32 mono at that rate, any size (cheap)
+    engine.step()                                        # hears the new audio, renders what is due, all sessions in one batch
     for frame in session.pop_frames(): frame.pts, frame.image, frame.audio, frame.repeated
 
 Clock: frame i has `pts = i / fps` on the session's audio clock (second 0 is the first sample
@@ -16,6 +16,11 @@ comes later than real time (a client that sends faster than real time, like a TT
 dropped; a jittery one only moves the schedule). When the renderer cannot keep up, frames that would
 miss their deadline are not rendered: the previous image is sent again under the new pts
 (`repeated`, counted as dropped). Sync never drifts, only smoothness suffers.
+
+Capacity: `calibrate(avatar)` measures what one session costs here (render time per frame, speech
+models per second of audio), and the running estimates follow the load; `admission(max_load)` says
+why one more session would not be served in real time (their summed load would pass `max_load`, or
+frames are being repeated already), so that a server refuses it instead of degrading everyone.
 
 Idling: `keep_alive(now)` feeds silence when no audio has come for `silence_after_s`, up to
 `silence_after_s` behind real time (never ahead of it, so a late packet only adds that much delay),
@@ -38,6 +43,8 @@ from avatar.config import IdentityConfig, IdleConfig, PipelineConfig, RealtimeCo
 from avatar.errors import MediaError
 
 STREAM_RATE = 16000  # what the motion model hears
+ADMISSION_WINDOW_S = 3.0  # how far back `Engine.recent_repeats` looks
+MAX_REPEATS_TO_ADMIT = 0.05  # no new session while more of the recent frames than this were repeated
 
 
 @dataclasses.dataclass
@@ -116,7 +123,8 @@ class Session:
         self.blinks = idle.BlinkSchedule(engine.idle_config)
         self.lock = threading.Lock()
         self.samples = 0  # 16 kHz samples received (the audio clock)
-        self.audio = np.zeros(0, np.float32)  # received audio not yet handed out with frames
+        self.inbox: typing.Deque[typing.Tuple[np.ndarray, float, bool]] = collections.deque()  # (16 kHz samples, arrival, real) not yet heard
+        self.audio = np.zeros(0, np.float32)  # heard audio not yet handed out with frames
         self.audio_offset = 0  # sample index of self.audio[0]
         self.pending: typing.Deque[typing.Tuple[int, np.ndarray, float]] = collections.deque()  # (index, mouth, ready_at)
         self.done: typing.Deque[OutputFrame] = collections.deque()
@@ -137,7 +145,9 @@ class Session:
 
     # ---------------------------------------------------------------- input side
     def push(self, chunk: np.ndarray, now: typing.Optional[float] = None) -> None:
-        """Audio `(n,)` float32 in [-1, 1] at the session's sample rate."""
+        """Audio `(n,)` float32 in [-1, 1] at the session's sample rate. Cheap (a resample and a
+        copy): the speech models run on the render side (`hear`), so a busy renderer never delays
+        reading the audio and every chunk's arrival time is the true one."""
         chunk = np.asarray(chunk, np.float32).reshape(-1)
         if not np.isfinite(chunk).all():
             raise MediaError("audio contains NaN or infinity; send PCM in [-1, 1]")
@@ -148,12 +158,26 @@ class Session:
     def _push16(self, samples: np.ndarray, now: float, real: bool) -> None:
         with self.lock:
             self.samples += samples.size
-            self.audio = np.concatenate([self.audio, samples])
+            self.inbox.append((samples, now, real))
+
+    def hear(self) -> float:
+        """Run the speech models on the audio that has arrived (render side): each frame whose
+        look-ahead it completes joins `pending`, ready from that chunk's arrival. Returns the
+        seconds of audio heard."""
+        with self.lock:
+            chunks = list(self.inbox)
+            self.inbox.clear()
+        heard = 0
+        for samples, arrived, real in chunks:
             indices, mouths = self.motion.push(samples)
-            for index, mouth in zip(indices, mouths):
-                if real:  # real audio later than real time moves the schedule; our own silence does not
-                    self.anchor = max(self.anchor, now - index / self.fps - self.lookahead_s)
-                self.pending.append((int(index), mouth, now))
+            heard += samples.size
+            with self.lock:
+                self.audio = np.concatenate([self.audio, samples])
+                for index, mouth in zip(indices, mouths):
+                    if real:  # real audio later than real time moves the schedule; our own silence does not
+                        self.anchor = max(self.anchor, arrived - index / self.fps - self.lookahead_s)
+                    self.pending.append((int(index), mouth, arrived))
+        return heard / STREAM_RATE
 
     def keep_alive(self, now: typing.Optional[float] = None) -> None:
         """When no audio has come for `silence_after_s`, feed silence up to that far behind the wall
@@ -201,6 +225,8 @@ class Session:
         self.done.append(OutputFrame(index, index / self.fps, image, self._frame_audio(index), repeated, ready_at, now))
         self.frames_out += 1
         self.dropped += int(repeated)
+        self.engine.frames_out += 1
+        self.engine.dropped += int(repeated)
 
     def deliver(self, items: typing.Sequence[typing.Tuple[int, float]], images: typing.Sequence[np.ndarray],
                 landmarks: typing.Sequence[np.ndarray], now: float) -> None:
@@ -214,7 +240,8 @@ class Session:
 
     @property
     def backlog(self) -> int:
-        return len(self.pending)
+        """Frames waiting to be rendered, plus one while audio waits to be heard."""
+        return len(self.pending) + int(bool(self.inbox))
 
     def stats(self) -> typing.Dict[str, typing.Any]:
         return {"frames": self.frames_out, "dropped": self.dropped, "audio_s": self.samples / STREAM_RATE,
@@ -243,7 +270,66 @@ class Engine:
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []
         self.lock = threading.Lock()
-        self.frame_seconds = 0.05  # running estimate of the render time per frame
+        self.frame_seconds = 0.05  # running estimate of the render time per frame (`calibrate` measures it)
+        self.hearing = [0.0, 0.0]  # decaying sums: seconds spent in the speech models, seconds of audio heard
+        self.frames_out = self.dropped = 0  # every session's frames, since the start
+        self.recent: typing.Deque[typing.Tuple[float, int, int]] = collections.deque()  # (clock, frames_out, dropped) per step
+
+    # ------------------------------------------------------------------ capacity
+    def session_load(self) -> float:
+        """The share of the render thread one session takes, measured: `fps` frames at the running
+        render time per frame, plus the speech models' time per second of audio."""
+        work, audio = self.hearing
+        return self.config.fps * self.frame_seconds + (work / audio if audio > 0 else 0.0)
+
+    def recent_repeats(self, now: typing.Optional[float] = None) -> float:
+        """Share of the frames of the last `ADMISSION_WINDOW_S` seconds that were repeated (the renderer was late)."""
+        now = self.clock() if now is None else now
+        since = next((entry for entry in self.recent if entry[0] >= now - ADMISSION_WINDOW_S), None)
+        if since is None or self.frames_out == since[1]:
+            return 0.0
+        return (self.dropped - since[2]) / (self.frames_out - since[1])
+
+    def admission(self, max_load: float, now: typing.Optional[float] = None) -> typing.Optional[str]:
+        """None when one more session fits, or why not: the sessions' measured load (`session_load`
+        each) would pass `max_load` (1.0: the renderer's whole time), or frames are being repeated
+        already. The first session is always admitted."""
+        with self.lock:
+            count = len(self.sessions)
+        if count == 0:
+            return None
+        load = self.session_load()
+        if (count + 1) * load > max_load:
+            return (f"the server is at capacity: a session takes {100 * load:.0f}% of its renderer here "
+                    f"({1 / self.frame_seconds:.0f} frames/s), {count} open; try again later")
+        repeats = self.recent_repeats(now)
+        if repeats > MAX_REPEATS_TO_ADMIT:
+            return f"the server is at capacity: {100 * repeats:.0f}% of its recent frames came late, {count} session(s) open; try again later"
+        return None
+
+    def calibrate(self, avatar: Avatar, seconds: float = 2.0) -> float:
+        """Measure what one session of `avatar` costs on this machine (before any session is open):
+        stream `seconds` of the bundled sample speech through a session, every frame rendered, which
+        sets the running render and speech-model costs. Returns `session_load()`."""
+        from avatar import media
+        from avatar.runtime import asset_path
+
+        with self.lock:
+            if self.sessions:
+                raise RuntimeError("calibrate before any session is open")
+        speech = media.read_audio(asset_path("samples/speech.flac"), STREAM_RATE)
+        speech = np.resize(speech, int(seconds * STREAM_RATE))
+        session = self.open(avatar, STREAM_RATE, now=0.0)
+        try:
+            for start in range(0, speech.size, STREAM_RATE // 50):
+                session.push(speech[start:start + STREAM_RATE // 50], now=0.0)
+                while self.step(now=0.0, render_s=0.0):  # simulated time: nothing is late; the costs are measured on the clock
+                    pass
+        finally:
+            session.close()
+            self.frames_out = self.dropped = 0
+            self.recent.clear()
+        return self.session_load()
 
     def prepare(self, image: np.ndarray) -> Avatar:
         """A portrait `(H, W, 3) uint8` → Avatar, cached by the picture's content."""
@@ -289,19 +375,31 @@ class Engine:
             if session in self.sessions:
                 self.sessions.remove(session)
 
-    def step(self, now: typing.Optional[float] = None, render_s: typing.Optional[float] = None) -> int:
+    def step(self, now: typing.Optional[float] = None, render_s: typing.Optional[float] = None,
+             dispatch: typing.Optional[typing.Callable[[], None]] = None) -> int:
         """Render one batch of due frames across sessions (round robin, oldest first per session).
         `now`: the wall clock (default: the engine's `clock`); `render_s`: how long the batch is expected
         to take (default: the running estimate of past batches); frames that would be late by then are
-        repeated instead. Returns how many frames were rendered."""
-        now = self.clock() if now is None else now
+        repeated instead, and `dispatch()` is called then, before the batch renders, so that they can
+        be sent at once. Returns how many frames were rendered."""
         with self.lock:
             sessions = list(self.sessions)
         if not sessions:
             return 0
+        started = self.clock()
+        heard = sum(session.hear() for session in sessions)
+        if heard > 0:
+            work, audio = self.hearing
+            self.hearing = [0.98 * work + self.clock() - started, 0.98 * audio + heard]
+        now = self.clock() if now is None else now
+        self.recent.append((now, self.frames_out, self.dropped))
+        while len(self.recent) > 2 and self.recent[1][0] < now - ADMISSION_WINDOW_S:
+            self.recent.popleft()
         share = max(1, self.config.batch // len(sessions))
         expected = self.frame_seconds * min(self.config.batch, share * len(sessions)) if render_s is None else render_s
         work = [(s, s.take_due(now, share, expected)) for s in sessions]
+        if dispatch is not None:
+            dispatch()
         jobs, identities, indices = [], [], []
         for session, items in work:  # each session's frames are contiguous in the batch
             avatar = session.avatar

@@ -22,7 +22,12 @@ server → client
 - text `{"type": "stats", ...}` about once a second; `{"type": "error", "message": ...}` before a close.
 
 Authentication: `?token=` in the URL or `Authorization: Bearer` (HTTP 401 otherwise). Limits: at
-most `max_sessions` connections (HTTP 503 beyond), messages up to `max_message_bytes` (close 1009),
+most `max_sessions` connections (HTTP 503 beyond); admission control: at start the server measures
+what a session costs on this machine (`Engine.calibrate`) and refuses a session that would overload
+it (HTTP 503 with the measured reason; close 1013 if the load changed during the handshake); a
+bounded latency: a frame whose audio reached the server more than `max_latency_s` before is not sent
+(counted as `late_dropped`; frames the renderer cannot make in time are repeated earlier, by
+`max_backlog_s`); messages up to `max_message_bytes` (close 1009),
 a connection that sends nothing for `idle_timeout_s` is closed (1000, "idle timeout"), and each
 client has a queue of `client_queue_frames` frames: a slow client loses its oldest frames (counted
 in its stats) and never holds up the render loop or the other clients. When a client's audio stops,
@@ -134,6 +139,8 @@ class Client:
     encoder: typing.Optional[H264Encoder] = None
     need_keyframe: bool = False  # set when frames were dropped from the queue (H.264 needs a fresh start)
     queue_dropped: int = 0
+    late_dropped: int = 0  # frames not sent: their audio reached the server more than `max_latency_s` before
+    last_jpeg: typing.Optional[typing.Tuple[np.ndarray, bytes]] = None  # (image, its JPEG): a repeated frame's picture is not encoded again
     encoding: typing.Optional[concurrent.futures.Future] = None  # the client's last frame on the encode pool
     encode_seconds: float = 0.0
     encoded: int = 0
@@ -200,21 +207,26 @@ class AvatarServer:
         self.encoders = concurrent.futures.ThreadPoolExecutor(config.encode_workers or min(8, os.cpu_count() or 1),
                                                               thread_name_prefix="avatar-encode")
         self.encode_seconds, self.encoded = 0.0, 0  # all streams, since the start
-        self.rejected = {"auth": 0, "busy": 0}
+        self.rejected = {"auth": 0, "busy": 0, "capacity": 0}
+        self.session_load = engine.calibrate(self.avatar) if not engine.sessions else engine.session_load()
 
     # ------------------------------------------------------------------ render thread
     def _render_loop(self) -> None:
         while not self.stopping.is_set():
-            now = time.perf_counter()
+            now = self.engine.clock()
             for client in list(self.clients.values()):
                 client.session.keep_alive(now)
-            if self.engine.step() == 0:
+            if self.engine.step(dispatch=self._dispatch) == 0:
                 time.sleep(0.003)
-            for client in list(self.clients.values()):
-                frames = client.session.pop_frames()
-                if frames:  # encoded on the pool, after the client's previous frames (per-client order)
-                    client.encoding = self.encoders.submit(self._encode, client, frames, client.encoding)
+            self._dispatch()
         self.encoders.shutdown(wait=False, cancel_futures=True)
+
+    def _dispatch(self) -> None:
+        """Every client's finished frames to the encode pool, after the client's previous ones."""
+        for client in list(self.clients.values()):
+            frames = client.session.pop_frames()
+            if frames:
+                client.encoding = self.encoders.submit(self._encode, client, frames, client.encoding)
 
     def _encode(self, client: Client, frames: typing.List[typing.Any], previous: typing.Optional[concurrent.futures.Future]) -> None:
         """JPEG or H.264 for a client's frames, then their messages onto its queue (on the encode pool)."""
@@ -223,25 +235,31 @@ class AvatarServer:
         if previous is not None:  # after the client's previous frames; a failure there does not stop these
             concurrent.futures.wait([previous])
         started = time.perf_counter()
+        now = self.engine.clock()
         messages = []
         for frame in frames:
+            if now - frame.ready_at > self.config.max_latency_s:  # too late to be worth sending: not encoded
+                client.late_dropped += 1
+                continue
             if client.encoder is not None:
                 picture = client.encoder.encode(frame.image, keyframe=client.need_keyframe)
                 client.need_keyframe = False
+            elif client.last_jpeg is not None and client.last_jpeg[0] is frame.image:  # a repeated picture
+                picture = client.last_jpeg[1]
             else:
                 ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
                 picture = jpeg.tobytes()
-            messages.append(encode_frame(frame.index, frame.pts, frame.repeated, picture, frame.audio))
-            client.latencies.append(frame.latency_s)
+                client.last_jpeg = (frame.image, picture)
+            messages.append((encode_frame(frame.index, frame.pts, frame.repeated, picture, frame.audio), frame.ready_at))
         seconds = time.perf_counter() - started
         client.encode_seconds += seconds
-        client.encoded += len(frames)
+        client.encoded += len(messages)
         self.encode_seconds += seconds
-        self.encoded += len(frames)
+        self.encoded += len(messages)
         for message in messages:
             self.loop.call_soon_threadsafe(self._enqueue, client, message)
 
-    def _enqueue(self, client: Client, message: bytes) -> None:
+    def _enqueue(self, client: Client, message: typing.Tuple[bytes, float]) -> None:
         while client.queue.full():  # a slow client loses its oldest frames, nobody waits
             client.queue.get_nowait()
             client.queue_dropped += 1
@@ -249,6 +267,10 @@ class AvatarServer:
         client.queue.put_nowait(message)
 
     # ------------------------------------------------------------------ connections
+    def admission(self) -> typing.Optional[str]:
+        """Why a new session would be refused by the measured load (`Engine.admission`), or None."""
+        return self.engine.admission(self.config.max_load) if self.config.admission else None
+
     def _authorised(self, request) -> bool:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
         given = (query.get("token") or [""])[0]
@@ -271,6 +293,10 @@ class AvatarServer:
         if len(self.clients) >= self.config.max_sessions:
             self.rejected["busy"] += 1
             return connection.respond(503, f"the server is busy ({self.config.max_sessions} sessions); try again later\n")
+        refused = self.admission()
+        if refused:
+            self.rejected["capacity"] += 1
+            return connection.respond(503, refused + "\n")
         if "websocket" not in request.headers.get("Upgrade", "").lower():
             return connection.respond(426, "/ws speaks WebSocket only; connect with a WebSocket client (see realtime/client.py)\n")
         return None
@@ -281,6 +307,12 @@ class AvatarServer:
         try:
             first = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
             fmt, video, rate = parse_start(first)
+            refused = self.admission()  # again: others may have opened since this connection was admitted
+            if refused:
+                self.rejected["capacity"] += 1
+                await connection.send(json.dumps({"type": "error", "message": refused}))
+                await connection.close(1013, "at capacity")
+                return
             session = self.engine.open(self.avatar, rate)
         except (ValueError, TypeError, AvatarError) as exc:
             await connection.send(json.dumps({"type": "error", "message": str(exc)}))
@@ -331,8 +363,14 @@ class AvatarServer:
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(client.queue.get(), timeout=1.0)
-                    await connection.send(message)
+                    message, ready_at = await asyncio.wait_for(client.queue.get(), timeout=1.0)
+                    late = self.engine.clock() - ready_at
+                    if late > self.config.max_latency_s:  # the bound holds whatever the load: late frames are not sent
+                        client.late_dropped += 1
+                        client.need_keyframe = True
+                    else:
+                        client.latencies.append(late)
+                        await connection.send(message)
                 except asyncio.TimeoutError:
                     pass
                 if time.perf_counter() - last_stats > 1.0:
@@ -343,7 +381,7 @@ class AvatarServer:
 
     def _stats(self, client: Client) -> typing.Dict[str, typing.Any]:
         latencies = list(client.latencies)
-        return {"type": "stats", **client.session.stats(), "queue_dropped": client.queue_dropped,
+        return {"type": "stats", **client.session.stats(), "queue_dropped": client.queue_dropped, "late_dropped": client.late_dropped,
                 "latency_p50_ms": 1000 * float(np.median(latencies)) if latencies else None,
                 "latency_p95_ms": 1000 * float(np.percentile(latencies, 95)) if latencies else None,
                 "encode_ms": 1000 * client.encode_seconds / client.encoded if client.encoded else None,
