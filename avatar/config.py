@@ -31,6 +31,7 @@ RANGES: typing.Dict[str, typing.Tuple[float, float, str]] = {
     "colour_match": (0, 1, ""),
     "drift_references": (1, 64, "frames"),
     "crf": (0, 51, "H.264 quality, lower is better"),
+    "max_minutes": (0.05, 10080, "minutes of output"),
     "threads": (0, 256, ""),
     "workers": (0, 256, ""),
     "jpeg_quality": (1, 100, ""),
@@ -332,10 +333,11 @@ class PipelineConfig:
     threads: int = 0  # onnxruntime threads (0: its default)
     workers: int = 0  # threads for the per-frame CPU work of a batch (warp, condition, paste-back); 0: one per core, at most 8
     fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
+    max_minutes: float = 60.0  # longest output made without asking: a longer one is refused before any work (raise it for long jobs)
 
     def __post_init__(self):
         check_ranges(self, ("fps", "max_side", "warp_max_size", "steps", "batch", "colour_match", "drift_references", "crf",
-                            "threads", "workers"))
+                            "threads", "workers", "max_minutes"))
         require(0 < self.diffusion_start <= 1, f"--diffusion-start must be in (0, 1] (1: from pure noise), not {self.diffusion_start}")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -53,6 +54,7 @@ PathLike = typing.Union[str, os.PathLike]
 SPEECH_MODEL, MOTION_MODEL, LIVE_MOTION_MODEL = "speech.onnx", "motion_offline.onnx", "motion_live.onnx"
 MODEL_FILES = (SPEECH_MODEL, MOTION_MODEL, LIVE_MOTION_MODEL, RENDER_MODEL)
 MIN_SPEECH_S = 0.2  # shorter audio would make a video of a few frames
+ESTIMATE_AFTER_S = 5.0  # a long job says how long it will take once it has rendered for this long
 
 
 class AvatarPipeline:
@@ -287,15 +289,31 @@ class AvatarPipeline:
             raise MediaError(f"{path}: {samples.size / rate:.2f} s of audio; give at least {MIN_SPEECH_S:g} s of speech")
         return samples
 
+    def check_length(self, seconds: float, what: str) -> None:
+        """Refuse, before any work, an output longer than `config.max_minutes` (one line naming the option)."""
+        if seconds > 60 * self.config.max_minutes:
+            raise MediaError(f"{what} is {seconds / 60:.1f} min long, more than the {self.config.max_minutes:g} min this "
+                             f"makes without asking; give --max-minutes {math.ceil(seconds / 60)} (or more) for a job this long")
+
     def _write(self, output: pathlib.Path, fps: float, samples: np.ndarray, inputs: typing.Sequence[PathLike],
-               frames: typing.Iterable[np.ndarray], total: int, what: str, progress: bool, clock: StageClock) -> None:
-        """Encode `frames` with the speech and the synthetic labels to `output` (atomically), with a progress bar."""
+               frames: typing.Iterable[np.ndarray], total: int, what: str, progress: bool, clock: StageClock,
+               timer: typing.Callable[[], float] = time.perf_counter) -> None:
+        """Encode `frames` with the speech and the synthetic labels to `output` (atomically), with a progress
+        bar; a job with more than a minute left after its first `ESTIMATE_AFTER_S` says how long it will take."""
         metadata = provenance.container_metadata(self.model_hashes)
+        started, estimated = timer(), not progress
         with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
                                metadata=metadata, inputs=inputs) as writer:
-            for frame in tqdm(frames, total=total, desc=what, unit="frame", disable=not progress):
+            for done, frame in enumerate(tqdm(frames, total=total, desc=what, unit="frame", disable=not progress), 1):
                 with clock.time("encode"):
                     writer.write(frame)
+                elapsed = timer() - started
+                if not estimated and elapsed >= ESTIMATE_AFTER_S:
+                    estimated = True
+                    left = (total - done) * elapsed / done
+                    if left > 60:
+                        tqdm.write(f"note: {total} frames ({total / fps / 60:.1f} min of video); at the pace of the first "
+                                   f"{done}, about {left / 60:.0f} min more ({done / elapsed / fps:.2f}× real time)")
 
     def _finish(self, command: str, output: pathlib.Path, inputs: typing.Dict[str, typing.Optional[str]], frames: int,
                 fps: float, samples: np.ndarray, started: float, clock: StageClock, monitor, events,
@@ -338,6 +356,7 @@ class AvatarPipeline:
         started, clock = time.perf_counter(), StageClock()
         with clock.time("decode"):
             samples = self.read_speech(audio)
+        self.check_length(samples.size / self.encoder.config.sample_rate, f"{audio}'s speech")
         if avatar is not None and avatar.idle is not None:
             return self._animate_loop(avatar, audio, output, inputs, samples, started, clock, report, progress)
         with clock.time("decode"):
@@ -440,6 +459,9 @@ class AvatarPipeline:
         started, clock = time.perf_counter(), StageClock()
         with clock.time("decode"):
             samples = self.read_speech(audio)
+            self.check_length(samples.size / self.encoder.config.sample_rate, f"{audio}'s speech")
+            if dub_config.audio_shorter == "keep":  # the whole video is kept
+                self.check_length(media.probe(video).duration, f"{video}")
 
         # 1. Track the face through the whole video once; keep the frames on disk for random access.
         with clock.time("face"):

@@ -463,6 +463,10 @@ def run(image: typing.Optional[str], host: str, port: int, token: typing.Optiona
     def announce(bound: int) -> None:
         print(f"serving on ws://{shown}:{bound}/ws (token {server.token}); {engine.pipeline.config.renderer} renderer, "
               f"providers {', '.join(engine.pipeline.providers)}")
+        if config.admission:
+            fits = max(1, min(config.max_sessions, int(config.max_load / max(server.session_load, 1e-6))))
+            print(f"measured: a session takes {100 * server.session_load:.0f}% of the renderer here; about {fits} at once "
+                  f"(--max-load {config.max_load:g}), more are refused")
         print(f"browser page: http://{shown}:{bound}/?token={server.token}", flush=True)
 
     try:

@@ -214,3 +214,60 @@ def test_ridge_readout_baseline_on_the_cache(tiny_cache, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "opening r" in line]
     assert len(lines) == len(readout.LAMBDAS)
     assert all(-1.0 <= float(line.split("opening r ")[1].split(",")[0]) <= 1.0 for line in lines)
+
+
+@pytest.fixture(scope="module")
+def offline_predictor():
+    return MotionPredictor()
+
+
+def _long_speech(seconds):
+    from conftest import DATA
+
+    speech = media.read_audio(DATA / "speech/kleinlee__DH_live/audio0.wav", 16000)
+    return np.resize(speech, int(seconds * 16000) + 123)
+
+
+def test_long_inputs_are_heard_a_window_at_a_time_with_the_same_numbers(offline_predictor, rest):
+    """65 s of speech (three of the encoder's 30-s windows): the offline landmarks made a window at a
+    time equal those from the whole input's features, with and without a person's adaptation, at 25
+    and 29.97 fps (frames that fall between encoder frames), for frames past the speech and fewer."""
+    from avatar import audio as audio_frontend
+    from avatar.motion.adapt import MotionAdaptation
+    from avatar.motion.runner import SilenceHold
+
+    samples = _long_speech(65)
+    rng = np.random.default_rng(0)
+    width = 384 + 2 * N_POINTS
+    adaptation = MotionAdaptation(rng.normal(0, 0.1, width), rng.normal(0, 0.01, 2 * N_POINTS),
+                                  rng.normal(0, 0.001, (width, 2 * N_POINTS)), 1000.0, 500, 0.5, 0.4)
+    whole = offline_predictor.encoder.features(samples)
+    assert np.array_equal(whole, np.concatenate([rows for _, rows in offline_predictor.encoder.offline_chunks(samples)]))
+    from avatar.speech.encoder import frame_features
+
+    for fps, more, person in ((25.0, 0, None), (25.0, 0, adaptation), (29.97, 0, adaptation), (25.0, 40, None), (25.0, -40, adaptation)):
+        n = audio_frontend.n_video_frames(samples.size, fps) + more  # more: frames past the speech (a dub that keeps its video)
+        features = frame_features(whole, fps, n)
+        vad = audio_frontend.voice_activity(samples, fps, n)
+        expected = offline_predictor.predict(features, rest)
+        if person is not None:
+            expected = person.apply(features, expected, rest)
+        expected = SilenceHold(fps, offline_predictor.silence).apply(expected, rest, vad)
+        got = offline_predictor.from_audio(samples, fps, rest, n, adaptation=person)
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4, (fps, more, np.abs(got - expected).max())
+
+
+def test_the_memory_of_hearing_does_not_grow_with_the_length(offline_predictor, rest):
+    """The speech prepared for a file: the peak of what numpy allocates while hearing 4 minutes is
+    within a few MB of 1 minute's (the landmarks, 0.7 MB a minute, are all that grows); hearing the
+    whole input at once held its log-mel (float64 copies) and features: 154 MB more for 4 minutes."""
+    import tracemalloc
+
+    peaks = {}
+    for minutes in (1, 4):
+        samples = _long_speech(60 * minutes)
+        tracemalloc.start()
+        offline_predictor.from_audio(samples, 25.0, rest)
+        peaks[minutes] = tracemalloc.get_traced_memory()[1] / 2 ** 20
+        tracemalloc.stop()
+    assert peaks[4] - peaks[1] < 2.1 + 3, peaks  # the landmarks of 3 more minutes, and slack

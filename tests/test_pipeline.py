@@ -301,6 +301,7 @@ def bad(tmp_path_factory, inputs):
     with_nan[1000:1010] = np.nan
     wavfile.write(folder / "nan.wav", 16000, with_nan.astype(np.float32))  # IEEE float samples, some not numbers
     media.write_audio(folder / "10ms.wav", speech[:160])
+    media.write_audio(folder / "4s.wav", np.resize(speech, 16000 * 4))
     return folder
 
 
@@ -328,6 +329,9 @@ def test_bad_input_one_line_nonzero_no_output(tmp_path, inputs, bad):
         (["animate", "--image", PORTRAIT, "--audio", speech, "--crf", "99"], "--crf must be between 0 and 51"),
         (["dub", "--video", clip, "--audio", speech, "--batch", "0"], "--batch must be"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--max-side", "0"], "--max-side must be"),
+        (["animate", "--image", PORTRAIT, "--audio", bad / "4s.wav", "--max-minutes", "0.05"], "give --max-minutes 1 (or more)"),
+        (["dub", "--video", clip, "--audio", bad / "4s.wav", "--max-minutes", "0.05"], "more than the 0.05 min"),
+        (["animate", "--image", PORTRAIT, "--audio", speech, "--max-minutes", "0"], "--max-minutes must be"),
     ]
     for args, words in cases:
         extra = ["--output", out, "--quiet"] if args[0] in ("animate", "dub") else []
@@ -461,3 +465,20 @@ def test_a_variable_frame_rate_video_is_dubbed_with_every_frame_at_its_own_time(
     expected = [int(np.searchsorted(timestamps, j / fps + 1e-6, side="right") - 1) for j in range(len(dubbed))]
     assert len(dubbed) >= 0.9 * 3.2 * fps
     assert shown == expected
+
+
+def test_a_long_job_says_how_long_it_will_take(pipeline, tmp_path, capsys):
+    """After its first seconds (on an injected clock: one second a frame), a job with more than a
+    minute left prints its estimate; a short one says nothing."""
+    from avatar.report import StageClock
+
+    def write(total):
+        ticks = iter(range(10 ** 6))
+        frames = (np.full((64, 64, 3), i % 255, np.uint8) for i in range(total))
+        pipeline._write(tmp_path / f"{total}.mp4", 25.0, np.zeros(16000 * total // 25, np.float32), [], frames, total, "test",
+                        True, StageClock(), timer=lambda: float(next(ticks)))
+        return capsys.readouterr().out
+
+    said = write(100)  # 100 s at this pace
+    assert "note: 100 frames (0.1 min of video); at the pace of the first 5, about 2 min more (0.04× real time)" in said
+    assert "note:" not in write(40)  # 35 s left: no note

@@ -25,6 +25,7 @@ from avatar.speech.encoder import SpeechEncoder, frame_features, frame_positions
 
 POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.model.POINTS)
 OFFLINE_MODEL = "motion_offline.onnx"
+VAD_WINDOW = 16000 * 60  # samples pushed through the voice-activity measure at a time
 LIVE_MODEL = "motion_live.onnx"
 
 
@@ -106,14 +107,50 @@ class MotionPredictor:
         rest in long silences, `SilenceConfig`); `adaptation`: the person's
         (`avatar.motion.adapt.MotionAdaptation`), applied to the model's output."""
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
-        features = self.features_for(samples, fps, n)
-        landmarks = self.predict(features, rest)
-        if adaptation is not None:
-            landmarks = adaptation.apply(features, landmarks, rest)
+        if self.live:
+            features = self.features_for(samples, fps, n)
+            landmarks = self.predict(features, rest)
+            if adaptation is not None:
+                landmarks = adaptation.apply(features, landmarks, rest, smooth=True)
+        else:
+            landmarks = self._offline_landmarks(samples, fps, rest, n, adaptation)
         if not self.silence.enabled:
             return landmarks
-        vad = audio_frontend.voice_activity(samples, fps, n, self.sample_rate)
-        return SilenceHold(fps, self.silence).apply(landmarks, rest, vad)
+        vad = audio_frontend.EnergyVad(fps, self.sample_rate)  # pushed a window at a time: no copy of the whole input
+        scores = [vad.push(samples[k:k + VAD_WINDOW]) for k in range(0, samples.size, VAD_WINDOW)]
+        vad_scores = np.concatenate(scores + [vad.flush(n)])[:n]
+        return SilenceHold(fps, self.silence).apply(landmarks, rest, vad_scores)
+
+    def _offline_landmarks(self, samples: np.ndarray, fps: float, rest: np.ndarray, n: int, adaptation) -> np.ndarray:
+        """The offline model's landmarks `(n, K, 2)`, as on the whole input's features, made a speech
+        encoder window at a time: each run covers the frames whose context (the model's reach each
+        side, one more for the adaptation's smoothing) has been heard, so only a window's features are
+        ever held (memory does not grow with the input's length)."""
+        reach = self.config.temporal_reach + (1 if adaptation is not None else 0)
+        total = self.encoder.n_features(samples.size)
+        positions = frame_positions(fps, n)
+        out = np.zeros((n, len(POINTS), 2), np.float32)
+        held, held_start, done = np.zeros((0, self.config.features), np.float32), 0, 0
+        for start, rows in self.encoder.offline_chunks(samples):
+            held = np.concatenate([held, rows])
+            heard = start + rows.shape[0]
+            if heard == total:
+                ready = finish = n
+            else:  # frames whose two encoder frames are heard; exact up to `reach` before the last of them
+                ready = int(np.searchsorted(positions, heard - 1 - 1e-9))
+                finish = max(done, ready - reach)
+            if finish == done:
+                continue
+            first = max(0, done - reach)
+            features = interpolate_frames(held, positions[first:ready] - held_start)
+            landmarks = self.predict(features, rest)
+            if adaptation is not None:
+                landmarks = adaptation.apply(features, landmarks, rest, smooth=True)
+            out[done:finish] = landmarks[done - first: finish - first]
+            done = finish
+            drop = max(0, int(np.floor(positions[max(0, done - reach)] + 1e-9)) - held_start)
+            held, held_start = held[drop:], held_start + drop
+        return out
 
     def stream(self, fps: float, rest: np.ndarray, adaptation=None) -> "MotionStream":
         if not self.live:

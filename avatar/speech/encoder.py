@@ -133,11 +133,35 @@ class SpeechEncoder:
 
     def features(self, samples: np.ndarray, live: bool = False) -> np.ndarray:
         """16 kHz mono `(N,) float32` → `(ceil(M / 2), D) float32`; `live` gives what `stream()` gives."""
+        if not live:
+            return np.concatenate([rows for _, rows in self.offline_chunks(samples)])
         mel = self.mel(samples)
         if mel.shape[0] == 0:
             raise MediaError("the audio is empty (0 samples); give speech at least one frame long")
-        n = -(-mel.shape[0] // 2)
-        return self.live_frames(mel, 0, n) if live else self._offline(mel, n)
+        return self.live_frames(mel, 0, -(-mel.shape[0] // 2))
+
+    def n_features(self, n_samples: int) -> int:
+        """Encoder frames of `n_samples` of audio: ceil(mel frames / 2)."""
+        return -(-self.mel.n_frames(n_samples) // 2)
+
+    def offline_chunks(self, samples: np.ndarray) -> typing.Iterator[typing.Tuple[int, np.ndarray]]:
+        """The whole-utterance features of 16 kHz `samples (N,)`, one encoder window at a time, in order:
+        (first encoder frame, `(k, D) float32` rows). Whisper hears `offline_chunk` frames (30 s) at
+        once; each window keeps its middle, `offline_context` frames from its ends (the first and last
+        reach the audio's ends). Only one window's log-mel and features are held, so a long input
+        costs no more memory than a short one; the rows concatenated are `features(samples)`."""
+        c = self.config
+        n = self.n_features(samples.size)
+        if n == 0:
+            raise MediaError("the audio is empty (0 samples); give speech at least one frame long")
+        if n <= c.offline_chunk:
+            yield 0, self.encode(self.mel_range(samples, 0, 2 * n)[None])[0]
+            return
+        stride = c.offline_chunk - 2 * c.offline_context
+        for start in range(0, n, stride):
+            begin = min(max(0, start - c.offline_context), max(0, n - c.offline_chunk))
+            chunk = self.encode(self.mel_range(samples, 2 * begin, 2 * (begin + c.offline_chunk))[None])[0]
+            yield start, chunk[start - begin : min(n, start + stride) - begin]
 
     def _padded(self, mel: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Mel frames [start, stop) with silence outside [0, M)."""
@@ -147,17 +171,19 @@ class SpeechEncoder:
             out[lo - start : hi - start] = mel[lo:hi]
         return out
 
-    def _offline(self, mel: np.ndarray, n: int) -> np.ndarray:
+    def mel_range(self, samples: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Log-mel frames [start, stop) of `samples` `(stop - start, 80) float32`, as `self.mel(samples)[start:stop]`
+        (made from those frames' own samples only), and silence for frames past the audio's last."""
         c = self.config
-        if n <= c.offline_chunk:
-            return self.encode(self._padded(mel, 0, 2 * n)[None])[0]
-        out = np.zeros((n, self.width), np.float32)
-        stride = c.offline_chunk - 2 * c.offline_context
-        for start in range(0, n, stride):
-            begin = min(max(0, start - c.offline_context), max(0, n - c.offline_chunk))
-            chunk = self.encode(self._padded(mel, 2 * begin, 2 * (begin + c.offline_chunk))[None])[0]
-            stop = min(n, start + stride)
-            out[start:stop] = chunk[start - begin : stop - begin]
+        out = np.full((stop - start, c.n_mels), self.mel.silence, np.float32)
+        last = min(stop, self.mel.n_frames(samples.size))
+        if last > start:
+            half = c.n_fft // 2
+            first_sample, end_sample = start * c.hop_length - half, (last - 1) * c.hop_length + half
+            piece = check_audio(samples[max(0, first_sample): max(0, end_sample)])
+            padded = np.pad(piece, (max(0, -first_sample), end_sample - first_sample - max(0, -first_sample) - piece.size))
+            frames = np.lib.stride_tricks.sliding_window_view(padded, c.n_fft)[:: c.hop_length][: last - start]
+            out[: last - start] = self.mel.from_frames(frames)
         return out
 
     def window_end(self, k: int) -> int:
