@@ -13,7 +13,7 @@ import threading
 import typing
 
 from avatar import __version__
-from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig,
+from avatar.config import (AlignConfig, ArtifactConfig, C2paConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig,
                            RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
 from avatar.errors import AvatarError
 
@@ -43,7 +43,9 @@ def _pipeline(args: argparse.Namespace):
                                           face_config=config_from_args(args, FaceConfig, "face"),
                                           identity_config=config_from_args(args, IdentityConfig, "identity"),
                                           silence_config=config_from_args(args, SilenceConfig, "silence"),
-                                          artifact_config=config_from_args(args, ArtifactConfig, "artifacts"))
+                                          artifact_config=config_from_args(args, ArtifactConfig, "artifacts"),
+                                          c2pa_config=(config_from_args(args, C2paConfig, "c2pa") if hasattr(args, "c2pa__enabled")
+                                                       else C2paConfig(enabled=False)))  # enroll writes no video
 
 
 def _print_result(result, report: typing.Optional[str]) -> int:
@@ -130,6 +132,16 @@ def _run_verify(args: argparse.Namespace) -> int:
         return 0 if result["synthetic"] else 1
     mark = result["watermark"]
     side = result["sidecar"]
+    c2pa = result["c2pa"]
+    if not c2pa["present"]:
+        print("C2PA Content Credentials: none" + (f" ({c2pa['why_not']})" if c2pa.get("why_not") else ""))
+    else:
+        actions = ", ".join(f"{a['action']}" + (" (trainedAlgorithmicMedia)" if a.get("digitalSourceType", "") and
+                                                "trainedAlgorithmicMedia" in a["digitalSourceType"] else "") for a in c2pa.get("actions", []))
+        who = ("signed with an avatar-engine install's own key (untrusted)" if c2pa.get("local_untrusted_signer") else
+               f"signed by {c2pa.get('signed_by')}" + (" (credential untrusted here)" if c2pa.get("credential_untrusted") else ""))
+        print(f"C2PA Content Credentials: {c2pa.get('validation_state')}" + (f" ({'; '.join(c2pa['errors'])})" if c2pa.get("errors") else "")
+              + f"; {actions or 'no actions'}; {who}")
     print(f"container metadata: {'says synthetic' if result['metadata_says_synthetic'] else 'no synthetic label'}"
           + (f" ({result['metadata'].get('comment')})" if result['metadata'].get('comment') else ""))
     print("sidecar manifest: " + ("none" if not side["present"] else
@@ -170,7 +182,8 @@ def _live_options(command: argparse.ArgumentParser) -> None:
 
 
 def _common_render_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--output", required=True, help="output mp4 (written atomically; never an input)")
+    command.add_argument("--output", required=True, help="output .mp4 or .mov (.mkv with --no-c2pa.enabled); written atomically, "
+                                                          "C2PA-signed, never an input")
     command.add_argument("--report", help="write a JSON report here: timings per stage, frames, drift series and alarms, model hashes")
     command.add_argument("--reference", action="append", metavar="PHOTO",
                          help="another photo of the same person for the identity-drift check (repeatable)")
@@ -182,6 +195,7 @@ def _common_render_options(command: argparse.ArgumentParser) -> None:
     add_config_arguments(command, IdentityConfig, "identity")
     add_config_arguments(command, SilenceConfig, "silence")
     add_config_arguments(command, ArtifactConfig, "artifacts")
+    add_config_arguments(command, C2paConfig, "c2pa")
 
 
 def build_parser() -> argparse.ArgumentParser:

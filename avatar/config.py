@@ -256,6 +256,15 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class C2paConfig:
+    """C2PA Content Credentials on every video written (`avatar/credentials.py`)."""
+
+    enabled: bool = True
+    cert: str = ""  # PEM certificate chain of the signer, leaf first (else $AVATAR_C2PA_CERT; neither: this install's own, untrusted)
+    key: str = ""  # its PEM private key (else $AVATAR_C2PA_KEY)
+
+
+@dataclass(frozen=True)
 class ArtifactConfig:
     """The per-frame artifact check of the repainted region (`avatar/artifacts.py`): a frame that fails
     shows its input instead (dub: the original frame; animate and live: the portrait's own mouth) and

@@ -248,6 +248,7 @@ def read_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray
 
 # ---------------------------------------------------------------------------------- writing
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv")  # the container follows the output's extension
+CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}  # others (temporary names) are written as mp4
 
 
 def check_output_path(output: PathLike, inputs: typing.Sequence[PathLike] = (),
@@ -323,6 +324,7 @@ class VideoWriter:
         self, path: PathLike, fps: float, audio: typing.Optional[np.ndarray] = None, sample_rate: int = 16000,
         crf: int = 18, preset: str = "medium", metadata: typing.Optional[typing.Dict[str, str]] = None,
         inputs: typing.Sequence[PathLike] = (), pix_fmt: str = "yuv420p",
+        finish: typing.Optional[typing.Callable[[pathlib.Path], None]] = None,
     ):
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
@@ -331,6 +333,7 @@ class VideoWriter:
         self.audio = None if audio is None else np.asarray(audio, np.float32)
         self.sample_rate = sample_rate
         self.crf, self.preset, self.pix_fmt = crf, preset, pix_fmt
+        self.finish = finish  # called with the complete temporary file before it is renamed to `path` (signing)
         self.metadata = metadata or {}
         self._inputs = inputs
         self._atomic = None
@@ -345,8 +348,8 @@ class VideoWriter:
         import av
 
         self._atomic = atomic_output(self.path, self._inputs)
-        tmp = self._atomic.__enter__()
-        self._container = av.open(str(tmp), mode="w", format="mp4")
+        tmp = self._tmp = self._atomic.__enter__()
+        self._container = av.open(str(tmp), mode="w", format=CONTAINERS.get(self.path.suffix.lower(), "mp4"))
         for key, value in self.metadata.items():
             self._container.metadata[key] = value
         rate = fractions.Fraction(self.fps).limit_denominator(1001)
@@ -414,6 +417,12 @@ class VideoWriter:
         finally:
             self._container.close()
             if exc_type is None:
+                try:
+                    if self.finish is not None:
+                        self.finish(self._tmp)
+                except BaseException as failure:
+                    self._atomic.__exit__(type(failure), failure, failure.__traceback__)
+                    raise
                 self._atomic.__exit__(None, None, None)
             else:
                 self._atomic.__exit__(exc_type, exc, tb)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from avatar import __version__, idle, media, provenance
 from avatar import audio as audio_frontend
 from avatar.artifacts import ArtifactCheck, Verdict
-from avatar.config import (AlignConfig, ArtifactConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig,
+from avatar.config import (AlignConfig, ArtifactConfig, C2paConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig,
                            SilenceConfig)
 from avatar.enroll import SUFFIX as AVATAR_SUFFIX
 from avatar.enroll import Avatar
@@ -68,7 +68,7 @@ class AvatarPipeline:
     def __init__(self, folder: PathLike, config: PipelineConfig = PipelineConfig(),
                  face_config: FaceConfig = FaceConfig(), identity_config: IdentityConfig = IdentityConfig(),
                  providers: typing.Optional[typing.Sequence[str]] = None, silence_config: SilenceConfig = SilenceConfig(),
-                 artifact_config: ArtifactConfig = ArtifactConfig()):
+                 artifact_config: ArtifactConfig = ArtifactConfig(), c2pa_config: C2paConfig = C2paConfig()):
         from avatar.motion.runner import MotionPredictor
         from avatar.speech.encoder import SpeechEncoder
 
@@ -88,6 +88,11 @@ class AvatarPipeline:
         self.artifact_check = ArtifactCheck(artifact_config)
         used = [SPEECH_MODEL, MOTION_MODEL, *self.renderer.model_files]
         self.model_hashes = {name: provenance.file_sha256(self.folder / name) for name in used}
+        self.credentials = None  # C2PA signing of every video written (the key is read, or made, here: a bad one fails now)
+        if c2pa_config.enabled:
+            from avatar.credentials import CredentialSigner
+
+            self.credentials = CredentialSigner(c2pa_config)
         self._embedder = None
 
     @classmethod
@@ -289,6 +294,13 @@ class AvatarPipeline:
             raise MediaError(f"{path}: {samples.size / rate:.2f} s of audio; give at least {MIN_SPEECH_S:g} s of speech")
         return samples
 
+    def _check_video_output(self, output: PathLike, inputs: typing.Sequence[PathLike]) -> pathlib.Path:
+        """The output rules (`media.check_output_path`), and a container that can carry C2PA when signing."""
+        path = media.check_output_path(output, inputs, media.VIDEO_EXTENSIONS)
+        if self.credentials is not None:
+            self.credentials.check_format(path)
+        return path
+
     def check_length(self, seconds: float, what: str) -> None:
         """Refuse, before any work, an output longer than `config.max_minutes` (one line naming the option)."""
         if seconds > 60 * self.config.max_minutes:
@@ -297,13 +309,19 @@ class AvatarPipeline:
 
     def _write(self, output: pathlib.Path, fps: float, samples: np.ndarray, inputs: typing.Sequence[PathLike],
                frames: typing.Iterable[np.ndarray], total: int, what: str, progress: bool, clock: StageClock,
-               timer: typing.Callable[[], float] = time.perf_counter) -> None:
-        """Encode `frames` with the speech and the synthetic labels to `output` (atomically), with a progress
+               timer: typing.Callable[[], float] = time.perf_counter, source: typing.Optional[PathLike] = None) -> None:
+        """Encode `frames` with the speech and the synthetic labels to `output` (atomically; C2PA-signed
+        before it appears, `source`: a dub's video, the manifest's parent ingredient), with a progress
         bar; a job with more than a minute left after its first `ESTIMATE_AFTER_S` says how long it will take."""
         metadata = provenance.container_metadata(self.model_hashes)
         started, estimated = timer(), not progress
+        sign = None
+        if self.credentials is not None:
+            def sign(tmp: pathlib.Path) -> None:
+                with clock.time("encode"):
+                    self.credentials.sign(tmp, what, self.model_hashes, output, source)
         with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
-                               metadata=metadata, inputs=inputs) as writer:
+                               metadata=metadata, inputs=inputs, finish=sign) as writer:
             for done, frame in enumerate(tqdm(frames, total=total, desc=what, unit="frame", disable=not progress), 1):
                 with clock.time("encode"):
                     writer.write(frame)
@@ -350,7 +368,7 @@ class AvatarPipeline:
         if (image is None) == (avatar is None):
             raise MediaError("animate needs a portrait (--image) or an enrolled avatar (--avatar), one of the two")
         inputs = [p for p in (image, audio, *references) if p is not None]
-        output = media.check_output_path(output, inputs, media.VIDEO_EXTENSIONS)
+        output = self._check_video_output(output, inputs)
         if report is not None:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()
@@ -453,7 +471,7 @@ class AvatarPipeline:
         if dub_config.audio_shorter not in ("trim", "keep"):
             raise MediaError(f"audio_shorter must be trim or keep, not {dub_config.audio_shorter!r}")
         inputs = [video, audio, *references]
-        output = media.check_output_path(output, inputs, media.VIDEO_EXTENSIONS)
+        output = self._check_video_output(output, inputs)
         if report is not None:
             media.check_output_path(report, inputs + [output])
         started, clock = time.perf_counter(), StageClock()
@@ -507,7 +525,7 @@ class AvatarPipeline:
             jobs = self.footage_jobs(identity, footage.store.__getitem__, footage.valid, footage.transforms, footage.crop_landmarks,
                                      footage.frame_landmarks, schedule, mouths, fps, failures)
             self._write(output, fps, samples_out, inputs, self.render_jobs(identity, jobs, fps, monitor, clock, failures), n_out,
-                        "dub", progress, clock)
+                        "dub", progress, clock, source=video)
         finally:
             footage.close()
         steps = np.diff(schedule)

@@ -1,5 +1,6 @@
-"""Provenance: every output says it is synthetic, three ways.
+"""Provenance: every output says it is synthetic, four ways.
 
+0. C2PA Content Credentials: a signed manifest in the file (`avatar/credentials.py`).
 1. Container metadata: `title`/`comment` with the engine version and the model hashes.
 2. A sidecar manifest `<output>.provenance.json` (engine, models, inputs' names and hashes, time).
 3. An invisible watermark in the repainted region. It lives in the aligned face crop, so it follows
@@ -15,7 +16,7 @@
    detectors are sensitive enough that re-detected mouth openings wobble by up to 0.03-0.08 of the
    inter-ocular distance on a still mouth (`--no-watermark` turns the mark off; the other two labels stay).
 
-`avatar verify FILE` prints all three.
+`avatar verify FILE` prints all four.
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ def read_container_metadata(path: typing.Union[str, os.PathLike]) -> typing.Dict
 
 
 def verify(path: typing.Union[str, os.PathLike], progress: bool = False) -> typing.Dict[str, typing.Any]:
-    """All three labels of a file: container metadata, the sidecar (and whether its hash matches the
-    file), the watermark. JSON-ready."""
+    """All four labels of a file: the C2PA manifest (validated), container metadata, the sidecar (and
+    whether its hash matches the file), the watermark. JSON-ready."""
     path = pathlib.Path(path)
     metadata = read_container_metadata(path)
     sidecar = sidecar_path(path)
@@ -201,7 +202,13 @@ def verify(path: typing.Union[str, os.PathLike], progress: bool = False) -> typi
             side.update(content=content, matches_file=content.get("output_sha256") == file_sha256(path))
         except (json.JSONDecodeError, OSError) as exc:
             side.update(error=str(exc))
+    from avatar.credentials import SOURCE_TYPE, read_credentials
+
+    credentials = read_credentials(path)
+    credentials["says_synthetic"] = bool(credentials.get("validation_state") in ("Valid", "Trusted") and any(
+        a.get("digitalSourceType") == SOURCE_TYPE for a in credentials.get("actions", [])))
     mark = detect_watermark(path, progress=progress)
     labelled = "synthetic" in metadata.get("comment", "").lower() or metadata.get("title") == TITLE
-    return {"file": str(path), "metadata_says_synthetic": labelled, "metadata": metadata, "sidecar": side,
-            "watermark": dataclasses.asdict(mark), "synthetic": bool(labelled or mark.found or side.get("matches_file"))}
+    return {"file": str(path), "c2pa": credentials, "metadata_says_synthetic": labelled, "metadata": metadata, "sidecar": side,
+            "watermark": dataclasses.asdict(mark),
+            "synthetic": bool(credentials["says_synthetic"] or labelled or mark.found or side.get("matches_file"))}

@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import pathlib
-import re
 import socket
 import subprocess
 import sys

