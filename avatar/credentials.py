@@ -24,7 +24,6 @@ Matroska), so a .mkv output needs `--no-c2pa.enabled`.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os

@@ -315,13 +315,12 @@ class AvatarPipeline:
         bar; a job with more than a minute left after its first `ESTIMATE_AFTER_S` says how long it will take."""
         metadata = provenance.container_metadata(self.model_hashes)
         started, estimated = timer(), not progress
-        sign = None
-        if self.credentials is not None:
-            def sign(tmp: pathlib.Path) -> None:
-                with clock.time("encode"):
-                    self.credentials.sign(tmp, what, self.model_hashes, output, source)
-        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf,
-                               metadata=metadata, inputs=inputs, finish=sign) as writer:
+        def sign(tmp: pathlib.Path) -> None:
+            with clock.time("encode"):
+                self.credentials.sign(tmp, what, self.model_hashes, output, source)
+
+        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf, metadata=metadata,
+                               inputs=inputs, finish=sign if self.credentials is not None else None) as writer:
             for done, frame in enumerate(tqdm(frames, total=total, desc=what, unit="frame", disable=not progress), 1):
                 with clock.time("encode"):
                     writer.write(frame)
