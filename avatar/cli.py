@@ -13,8 +13,8 @@ import threading
 import typing
 
 from avatar import __version__
-from avatar.config import (AlignConfig, ArtifactConfig, C2paConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig, MelConfig, PipelineConfig,
-                           RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
+from avatar.config import (AlignConfig, ArtifactConfig, BatchConfig, C2paConfig, DubConfig, FaceConfig, IdentityConfig, IdleConfig,
+                           MelConfig, PipelineConfig, RealtimeConfig, SilenceConfig, VadConfig, add_config_arguments, config_from_args)
 from avatar.errors import AvatarError
 
 
@@ -119,6 +119,27 @@ def _run_doctor(args: argparse.Namespace) -> int:
     failed = [c.name for c in checks if not c.ok]
     print("all checks passed" if not failed else f"{len(failed)} check(s) failed: {', '.join(failed)}; run `make install` again")
     return 1 if failed else 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    try:
+        import ray  # noqa: F401  (the batch extra)
+    except ImportError as exc:
+        raise AvatarError("avatar batch needs Ray: pip install 'avatar-engine[batch]' (or `make install`)") from exc
+    from avatar.batch import read_jobs, run
+
+    jobs = read_jobs(args.jobs)
+    table = run(jobs, args.output_dir, config_from_args(args, BatchConfig, ""), progress=not args.quiet)
+    counts = {status: sum(row["status"] == status for row in table) for status in ("done", "skipped", "failed")}
+    for row in table:
+        if row["status"] == "failed":
+            print(f"failed: {row['job']}: {row['error']}")
+    done = [row for row in table if row["status"] == "done"]
+    pace = (f"; {sum(r['audio_seconds'] for r in done) / max(sum(r['seconds'] for r in done), 1e-9):.2f} audio s per worker-second"
+            if done else "")
+    print(f"{len(table)} jobs: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed{pace}")
+    print(f"wrote {pathlib.Path(args.output_dir) / 'results.csv'} and results.json")
+    return 1 if counts["failed"] else 0
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -283,13 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(run=_run_doctor)
 
     verify = commands.add_parser(
-        "verify", help="is this video made by this engine? (metadata, manifest, watermark)",
-        description="Report the synthetic labels of a video: container metadata, the .provenance.json sidecar and "
-                    "the invisible watermark. Exit 0 when it is labelled synthetic, 1 when no label is found.")
+        "verify", help="is this video made by this engine? (C2PA, metadata, manifest, watermark)",
+        description="Report the synthetic labels of a video: its C2PA Content Credentials, container metadata, the "
+                    ".provenance.json sidecar and the invisible watermark. Exit 0 when it is labelled synthetic, 1 when no "
+                    "label is found.")
     verify.add_argument("file", help="the video to check")
     verify.add_argument("--json", action="store_true", help="print the full result as JSON instead (nothing else on stdout)")
     verify.add_argument("--quiet", action="store_true", help="no progress bar")
     verify.set_defaults(run=_run_verify)
+
+    batch = commands.add_parser(
+        "batch", help="many dubs or animations on Ray: a jobs file in, a folder of outputs and a results table out",
+        description="Run the jobs of a CSV (with a header) or JSONL file, one a line: video (dub) or image/avatar "
+                    "(animate), audio, output (a name in --output-dir), and optionally renderer, audio_longer, "
+                    "audio_shorter; paths relative to the jobs file. Workers are Ray actors with the models loaded; a "
+                    "local Ray by default. Jobs whose output exists with the same inputs and models are skipped. "
+                    "Writes results.csv and results.json; exit 1 if a job failed. Needs the batch extra (ray).")
+    batch.add_argument("jobs", help="the jobs file (.csv or .jsonl)")
+    batch.add_argument("--output-dir", required=True, help="where the outputs and the results table go")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_arguments(batch, BatchConfig, "")
+    batch.set_defaults(run=_run_batch)
 
     serve = commands.add_parser(
         "serve", help="live avatar over WebSocket, with a browser page",

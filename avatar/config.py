@@ -256,6 +256,24 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """`avatar batch` on Ray (`avatar/batch.py`)."""
+
+    workers: int = 0  # Ray actors, each with the models loaded (0: one per CPU Ray has)
+    address: str = ""  # "" starts a local Ray; "auto" or "ray://HOST:PORT" joins a cluster
+    cpus: int = 0  # CPUs of the local Ray (0: this machine's)
+    gpus_per_worker: float = 0.0  # a fraction shares a GPU between workers
+    retries: int = 2  # more tries of a job whose worker died
+    models: str = ""  # folder with the model files (default: the bundled ones)
+    verbose: bool = False  # Ray's own log in the terminal
+
+    def __post_init__(self):
+        require(0 <= self.workers <= 4096 and 0 <= self.cpus <= 100000, "--workers and --cpus must be 0 or more")
+        require(0 <= self.gpus_per_worker <= 64, f"--gpus-per-worker must be between 0 and 64, not {self.gpus_per_worker}")
+        require(0 <= self.retries <= 100, f"--retries must be between 0 and 100, not {self.retries}")
+
+
+@dataclass(frozen=True)
 class C2paConfig:
     """C2PA Content Credentials on every video written (`avatar/credentials.py`)."""
 

@@ -195,6 +195,7 @@ class Avatar:
     still: typing.Optional[typing.Tuple[np.ndarray, np.ndarray]] = None
     summary: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
     inner_source: typing.Optional[typing.Tuple[np.ndarray, np.ndarray]] = None
+    source: typing.Optional[str] = None  # the file it was loaded from (`load_avatar`): recorded in outputs' provenance
 
     def describe(self) -> str:
         """One line: what the avatar holds."""
@@ -571,4 +572,4 @@ def load_avatar(path: PathLike) -> Avatar:
             if not len(idle.frames) == len(idle.transforms) == len(idle.crop_landmarks):
                 raise AvatarError(f"{path}: the idle loop's frames and alignments differ in number; the avatar file is damaged, enroll again")
         still = (read.image("still/image.png"), read.array("still/landmarks.npy")) if manifest.get("still") else None
-    return Avatar(identity, idle, still, manifest.get("summary") or {}, inner_source)
+    return Avatar(identity, idle, still, manifest.get("summary") or {}, inner_source, str(path))

@@ -393,7 +393,8 @@ class AvatarPipeline:
         failures: typing.List[typing.Dict[str, typing.Any]] = []
         frames = self.animate_frames(identity, portrait, landmarks, samples, idle_config, fps, monitor, clock, failures)
         self._write(output, fps, samples, inputs, frames, n, "animate", progress, clock)
-        return self._finish("animate", output, {"image": str(image) if image is not None else None, "audio": str(audio)}, n, fps,
+        return self._finish("animate", output, {"image": str(image) if image is not None else None, "audio": str(audio),
+                                                "avatar": avatar.source if avatar is not None else None}, n, fps,
                             samples, started, clock, monitor, events, failures,
                             {"idle": dataclasses.asdict(idle_config), "rest_inferred": identity.rest_inferred,
                              "identity_references": len(identity.drift_references), "person": "avatar" if avatar else "portrait"}, report)
@@ -416,8 +417,8 @@ class AvatarPipeline:
         failures.sort(key=lambda item: item["frame"])
         extra = {"person": "avatar", "idle_loop_frames": len(loop), "mouth_bank": len(identity.bank) if identity.bank is not None else 0,
                  "motion_adapted": identity.adaptation is not None, "identity_references": len(identity.drift_references)}
-        return self._finish("animate", output, {"image": None, "audio": str(audio)}, n, fps, samples, started, clock, monitor,
-                            events, failures, extra, report)
+        return self._finish("animate", output, {"image": None, "audio": str(audio), "avatar": avatar.source}, n, fps, samples, started,
+                            clock, monitor, events, failures, extra, report)
 
     # ------------------------------------------------------------------ enrollment (avatar/enroll.py)
     def enroll(self, videos: typing.Sequence[PathLike] = (), image: typing.Optional[PathLike] = None,
@@ -536,7 +537,8 @@ class AvatarPipeline:
                  "person": person, "mouth_bank": len(identity.bank) if identity.bank is not None else 0,
                  "motion_adapted": identity.adaptation is not None}
         failures.sort(key=lambda item: item["frame"])
-        return self._finish("dub", output, {"video": str(video), "audio": str(audio)}, n_out, fps, samples_out, started,
+        return self._finish("dub", output, {"video": str(video), "audio": str(audio),
+                                            "avatar": avatar.source if avatar is not None else None}, n_out, fps, samples_out, started,
                             clock, monitor, events, failures, extra, report)
 
     def footage_jobs(self, identity: Identity, frame_at: typing.Callable[[int], np.ndarray], valid: typing.Sequence[bool],

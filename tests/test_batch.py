@@ -1,0 +1,122 @@
+"""`avatar batch` on a local Ray (2 CPUs): a bad job fails alone, a killed worker's job is retried,
+a rerun skips what is done, a changed input runs again."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from avatar import media
+from conftest import DATA, LRS2_CLIP, PORTRAIT, REPO
+
+SPEECH = DATA / "speech/kleinlee__DH_live/audio0.wav"
+pytest.importorskip("ray")
+
+
+def batch(*args):
+    return subprocess.run([sys.executable, "-m", "avatar.cli", "batch", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    shutil.copy(LRS2_CLIP, tmp_path / "clip.mp4")
+    speech = media.read_audio(SPEECH)
+    media.write_audio(tmp_path / "hello.wav", speech[:16000 * 2])
+    media.write_audio(tmp_path / "again.wav", speech[16000 * 2:16000 * 4])
+    return tmp_path
+
+
+def table(out):
+    with open(out / "results.csv") as handle:
+        return {row["job"]: row for row in csv.DictReader(handle)}
+
+
+def test_a_bad_job_fails_alone_a_rerun_skips_and_a_changed_input_runs_again(folder):
+    (folder / "jobs.csv").write_text("video,image,audio,output\n"
+                                     "clip.mp4,,hello.wav,dubbed.mp4\n"
+                                     f",{PORTRAIT},again.wav,talking.mp4\n"
+                                     ",no_such_face.jpg,hello.wav,broken.mp4\n")
+    out = folder / "out"
+    first = batch(folder / "jobs.csv", "--output-dir", out, "--quiet", "--cpus", 2)
+    assert first.returncode == 1, first.stderr
+    assert "failed: broken.mp4: " in first.stdout and "no such file" in first.stdout and "Traceback" not in first.stderr
+    rows = table(out)
+    assert [rows[name]["status"] for name in ("dubbed.mp4", "talking.mp4", "broken.mp4")] == ["done", "done", "failed"]
+    assert sorted(p.name for p in out.iterdir()) == ["dubbed.mp4", "dubbed.mp4.provenance.json", "results.csv", "results.json",
+                                                     "talking.mp4", "talking.mp4.provenance.json"]
+    assert rows["dubbed.mp4"]["output_sha256"] and float(rows["dubbed.mp4"]["real_time_factor"]) > 0
+    assert json.loads((out / "results.json").read_text())[2]["error"].endswith("no such file; check the path")
+    made = {name: (out / name).stat().st_mtime_ns for name in ("dubbed.mp4", "talking.mp4")}
+
+    (folder / "jobs.csv").write_text("video,image,audio,output\nclip.mp4,,hello.wav,dubbed.mp4\n"
+                                     f",{PORTRAIT},again.wav,talking.mp4\n")
+    rerun = batch(folder / "jobs.csv", "--output-dir", out, "--quiet")
+    assert rerun.returncode == 0 and "2 jobs: 0 done, 2 skipped, 0 failed" in rerun.stdout, rerun.stdout + rerun.stderr
+    assert {name: (out / name).stat().st_mtime_ns for name in made} == made  # nothing was written again
+
+    media.write_audio(folder / "again.wav", media.read_audio(SPEECH)[16000 * 4:16000 * 6])  # new speech for one job
+    changed = batch(folder / "jobs.csv", "--output-dir", out, "--quiet", "--cpus", 2)
+    assert changed.returncode == 0 and "1 done, 1 skipped" in changed.stdout, changed.stdout + changed.stderr
+    assert (out / "dubbed.mp4").stat().st_mtime_ns == made["dubbed.mp4"]
+    assert (out / "talking.mp4").stat().st_mtime_ns != made["talking.mp4"]
+
+
+def test_a_killed_worker_s_job_is_retried_and_leaves_no_partial_file(folder):
+    """The worker is killed (`ray.kill`) while it writes the job's output; Ray restarts it and the
+    job is run again, to the end; what the dead process left half-written is gone."""
+    import ray
+
+    from avatar.batch import read_jobs, run
+    from avatar.config import BatchConfig
+
+    media.write_audio(folder / "long.wav", media.read_audio(SPEECH)[:16000 * 5])
+    (folder / "jobs.jsonl").write_text(json.dumps({"video": "clip.mp4", "audio": "long.wav", "output": "dubbed.mp4"}) + "\n")
+    out = folder / "out"
+    out.mkdir()
+    killed = []
+
+    def kill_when_writing(job, actor):
+        if killed:
+            return
+
+        def watch():
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:  # until the job's temporary output exists: it is rendering
+                if list(out.glob(".dubbed.*.tmp*")):
+                    ray.kill(actor, no_restart=False)
+                    killed.append(time.monotonic())
+                    return
+                time.sleep(0.01)
+
+        killed.append(None)
+        threading.Thread(target=watch, daemon=True).start()
+
+    rows = run(read_jobs(folder / "jobs.jsonl"), out, BatchConfig(workers=1, cpus=2), progress=False, on_submit=kill_when_writing)
+    assert killed[-1] is not None, "the job was never seen writing"
+    assert rows[0]["status"] == "done" and rows[0]["attempts"] == 2, rows
+    assert sorted(p.name for p in out.iterdir()) == ["dubbed.mp4", "dubbed.mp4.provenance.json", "results.csv", "results.json"]
+    assert len(media.read_video(out / "dubbed.mp4", with_audio=False).frames) == 125
+
+
+def test_malformed_jobs_files_get_one_line(folder):
+    cases = [
+        ("jobs.txt", "x", "jobs come as .csv (with a header) or .jsonl"),
+        ("jobs.csv", "video,sound,output\nclip.mp4,hello.wav,o.mp4\n", "unknown column(s) sound"),
+        ("jobs.csv", "video,audio\nclip.mp4,hello.wav\n", "a job needs audio and output"),
+        ("jobs.csv", "video,image,audio,output\nclip.mp4,x.jpg,hello.wav,o.mp4\n", "one of video and image"),
+        ("jobs.csv", "video,audio,output\nclip.mp4,hello.wav,../o.mp4\n", "must be a name inside the output folder"),
+        ("jobs.csv", "video,audio,output\nclip.mp4,hello.wav,o.mp4\nclip.mp4,again.wav,o.mp4\n", "is also line 2's"),
+        ("jobs.jsonl", "[1]\n", "a job must be a JSON object, not list"),
+        ("jobs.jsonl", "{bad\n", "not a JSON object"),
+    ]
+    for name, text, words in cases:
+        (folder / name).write_text(text)
+        result = batch(folder / name, "--output-dir", folder / "out")
+        assert result.returncode == 2 and words in result.stderr and result.stderr.count("\n") == 1, (name, text, result.stderr)
+        assert not (folder / "out").exists()
