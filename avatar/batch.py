@@ -198,8 +198,8 @@ def run(jobs: typing.Sequence[Job], output_dir: PathLike, config: BatchConfig = 
     job in the jobs' order, also written to `results.csv` and `results.json` there. `on_submit(job,
     actor)`: called when a job is handed to a worker (tests kill workers with it)."""
     import ray
-    from tqdm import tqdm
 
+    from avatar import provenance
     from avatar.runtime import ASSETS
 
     out = pathlib.Path(output_dir)
@@ -211,8 +211,8 @@ def run(jobs: typing.Sequence[Job], output_dir: PathLike, config: BatchConfig = 
     todo = []
     for index, job in enumerate(jobs):
         if _fingerprint(job, out / job.output, models):
-            rows[index] = _row(job, 0, status="skipped", output_sha256=json.loads(
-                (out / (job.output + ".provenance.json")).read_text())["output_sha256"])
+            record = json.loads(provenance.sidecar_path(out / job.output).read_text())
+            rows[index] = _row(job, 0, status="skipped", output_sha256=record["output_sha256"])
         else:
             todo.append(index)
     seconds_of = {}
@@ -270,7 +270,8 @@ def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_
                 result = ray.get(done[0])
             except (ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError) as exc:
                 remove_partials(out / job.output)  # the dead process could not clean up
-                idle.append(actor)  # Ray restarts it (its models load again)
+                _wait_restarted(actor)  # Ray restarts it (its models load again); a job given before then would fail too
+                idle.append(actor)
                 if attempt <= config.retries:
                     queue.insert(0, (index, attempt + 1))
                     continue
@@ -287,6 +288,20 @@ def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_
         bar.close()
         for actor in idle + [entry[2] for entry in running.values()]:
             ray.kill(actor)
+
+
+def _wait_restarted(actor, limit_s: float = 600.0) -> None:
+    """Until Ray has restarted `actor` after its process died (it answers again), at most `limit_s`."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.pid.remote(), timeout=30)
+            return
+        except (ActorUnavailableError, RayActorError, GetTimeoutError):
+            time.sleep(0.2)
 
 
 def write_table(table: typing.Sequence[typing.Dict[str, typing.Any]], out: pathlib.Path) -> None:

@@ -122,10 +122,10 @@ def _run_doctor(args: argparse.Namespace) -> int:
 
 
 def _run_batch(args: argparse.Namespace) -> int:
-    try:
-        import ray  # noqa: F401  (the batch extra)
-    except ImportError as exc:
-        raise AvatarError("avatar batch needs Ray: pip install 'avatar-engine[batch]' (or `make install`)") from exc
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise AvatarError("avatar batch needs Ray: pip install 'avatar-engine[batch]' (or `make install`)")
     from avatar.batch import read_jobs, run
 
     jobs = read_jobs(args.jobs)

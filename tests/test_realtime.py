@@ -505,11 +505,6 @@ def test_malformed_control_messages_and_plain_http_get_one_line(serve, caplog):
 def test_the_client_says_in_one_line_when_refused(serve, speech, tmp_path):
     """The project's client on a wrong token (`python -m realtime.client`: one line, exit 2, no
     traceback) and on a full server (AvatarError, one line)."""
-    from websockets.asyncio.client import connect
-
-    from avatar.errors import AvatarError
-    from realtime.client import AvatarClient
-
     server = serve(max_sessions=1)
     wav = tmp_path / "speech.wav"
     media.write_audio(wav, speech[:8000])
@@ -518,27 +513,29 @@ def test_the_client_says_in_one_line_when_refused(serve, speech, tmp_path):
     assert run.returncode == 2 and "the token was refused" in run.stderr and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
 
-    async def scenario():
-        async with connect(server.url) as first:
-            await first.send(json.dumps({"type": "start", "sample_rate": 16000}))
-            assert json.loads(await first.recv())["type"] == "ready"
-            with pytest.raises(AvatarError, match="the server is busy") as busy:
-                async with AvatarClient(server.url, 16000):
-                    pass
-            assert "\n" not in str(busy.value)
+    asyncio.run(_second_session_refused(server.url, "the server is busy"))
 
-    asyncio.run(scenario())
+
+async def _second_session_refused(url, words):
+    """With one session open, the project's client is refused a second one with `words`, in one line."""
+    from websockets.asyncio.client import connect
+
+    from avatar.errors import AvatarError
+    from realtime.client import AvatarClient
+
+    async with connect(url) as first:
+        await first.send(json.dumps({"type": "start", "sample_rate": 16000}))
+        assert json.loads(await first.recv())["type"] == "ready"
+        with pytest.raises(AvatarError, match=words) as refused:
+            async with AvatarClient(url, 16000):
+                pass
+        assert "\n" not in str(refused.value)
 
 
 def test_a_server_at_capacity_refuses_with_the_reason(engine, avatar, serve):
     """A renderer slowed to 30 ms a frame (25 frames/s need 75% of it): the server measures that at
     start and admits one session; the next gets HTTP 503 with the measured reason, which the client
     says in one line."""
-    from websockets.asyncio.client import connect
-
-    from avatar.errors import AvatarError
-    from realtime.client import AvatarClient
-
     pipeline = engine.pipeline
     original = pipeline.render_batch
 
@@ -549,25 +546,15 @@ def test_a_server_at_capacity_refuses_with_the_reason(engine, avatar, serve):
     pipeline.render_batch = slow
     try:
         server = serve(admission=True, max_load=1.0)
-
-        async def scenario():
-            async with connect(server.url) as first:
-                await first.send(json.dumps({"type": "start", "sample_rate": 16000}))
-                assert json.loads(await first.recv())["type"] == "ready"
-                with pytest.raises(AvatarError, match="at capacity: a session takes") as full:
-                    async with AvatarClient(server.url, 16000):
-                        pass
-                assert "\n" not in str(full.value)
-
-        asyncio.run(scenario())
+        asyncio.run(_second_session_refused(server.url, "at capacity: a session takes"))
         assert server.server.rejected["capacity"] == 1 and server.server.session_load > 0.75
     finally:
         del pipeline.render_batch
 
 
 def test_latency_stays_bounded_when_the_renderer_falls_behind(engine, serve, speech):
-    """Three sessions on a renderer slowed to 100 ms a frame of CPU work that holds the interpreter
-    (as a renderer's Python does), with admission off: frames repeat, and none reaches a client later
+    """Three sessions on a renderer slowed by 100 ms a frame of CPU work on every core (native code,
+    as most of a real renderer's), with admission off: frames repeat, and none reaches a client later
     than `max_latency_s` after its audio reached the server (what would be later is not sent, and
     counted); nothing piles up. Before, frames waited for the batch being rendered and for encoding
     without a bound, and the clients saw a p95 of ~2.1 s while the server measured 0.5 s."""
