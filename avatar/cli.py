@@ -177,14 +177,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     from realtime import server  # the only place avatar/ reaches realtime/, lazily
 
     return server.run(args.image, args.host, args.port, args.token, config_from_args(args, RealtimeConfig, ""),
-                      config_from_args(args, IdleConfig, "idle"), avatar=args.avatar)
+                      config_from_args(args, IdleConfig, "idle"), avatar=args.avatar,
+                      face_config=config_from_args(args, FaceConfig, "face"))
 
 
 def _run_webcam(args: argparse.Namespace) -> int:
     from realtime import webcam
 
     return webcam.run(args.image, config_from_args(args, RealtimeConfig, ""), config_from_args(args, IdleConfig, "idle"),
-                      avatar_path=args.avatar)
+                      avatar_path=args.avatar, face_config=config_from_args(args, FaceConfig, "face"))
 
 
 def _face_index_option(command: argparse.ArgumentParser) -> None:
@@ -198,7 +199,9 @@ def _live_options(command: argparse.ArgumentParser) -> None:
     person = command.add_mutually_exclusive_group()
     person.add_argument("--image", help="the avatar's portrait (default: the bundled sample)")
     person.add_argument("--avatar", help="an enrolled avatar (`avatar enroll`): its real footage loops behind the speaking mouth")
+    _face_index_option(command)
     add_config_arguments(command, RealtimeConfig, "")
+    add_config_arguments(command, FaceConfig, "face")
     add_config_arguments(command, IdleConfig, "idle")
 
 
@@ -329,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="live avatar over WebSocket, with a browser page",
         description="Stream a live avatar: clients send speech (PCM) over a WebSocket and get frames with timestamps "
-                    "and the audio back; GET / is a browser page that uses the microphone. Protocol: realtime/server.py.")
+                    "and the audio back; GET / is a browser page that uses the microphone. Protocol: realtime/protocol.py.")
     _live_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, default=8765)

@@ -1,4 +1,4 @@
-"""A small Python client for `avatar serve` (protocol in `realtime/server.py`).
+"""A small Python client for `avatar serve` (protocol: `realtime/protocol.py`).
 
     python -m realtime.client --url "ws://127.0.0.1:8765/ws?token=..." --audio speech.wav --output out.mp4
 
@@ -24,7 +24,7 @@ import typing
 
 import numpy as np
 
-from realtime.server import VIDEO_CODECS, H264Decoder, decode_frame
+from realtime.protocol import VIDEO_CODECS, Frame, H264Decoder, Start
 
 
 @dataclasses.dataclass
@@ -51,7 +51,8 @@ class AvatarClient:
     the server's latest stats, and `closed` the close code and reason once the server has hung up."""
 
     def __init__(self, url: str, sample_rate: int = 16000, fmt: str = "f32", max_size: int = 1 << 24, video: str = "jpeg"):
-        self.url, self.sample_rate, self.fmt, self.max_size, self.video = url, sample_rate, fmt, max_size, video
+        self.url, self.max_size = url, max_size
+        self.start = Start(sample_rate, fmt, video)
         self.decoder = H264Decoder() if video == "h264" else None
         self.ready: typing.Dict[str, typing.Any] = {}
         self.stats: typing.Dict[str, typing.Any] = {}
@@ -79,7 +80,7 @@ class AvatarClient:
             raise AvatarError(f"{base}: {why}") from exc
         except websockets.InvalidHandshake as exc:
             raise AvatarError(f"{base}: not an avatar server ({exc})") from exc
-        await self.connection.send(json.dumps({"type": "start", "sample_rate": self.sample_rate, "format": self.fmt, "video": self.video}))
+        await self.connection.send(self.start.to_json())
         self.ready = json.loads(await self.connection.recv())
         if self.ready.get("type") != "ready":
             raise AvatarError(f"{base}: the server refused the session ({self.ready.get('message', self.ready)})")
@@ -92,9 +93,10 @@ class AvatarClient:
         try:
             async for message in self.connection:
                 if isinstance(message, bytes):
-                    index, pts, repeated, picture, audio = decode_frame(message)
-                    decoded = self.decoder.decode(picture) if self.decoder is not None else None
-                    await self.frames.put(ReceivedFrame(index, pts, repeated, picture, audio, time.perf_counter(), decoded))
+                    frame = Frame.decode(message)
+                    decoded = self.decoder.decode(frame.picture) if self.decoder is not None else None
+                    await self.frames.put(ReceivedFrame(frame.index, frame.pts, frame.repeated, frame.picture, frame.audio,
+                                                        time.perf_counter(), decoded))
                 else:
                     data = json.loads(message)
                     if data.get("type") == "stats":
@@ -106,9 +108,7 @@ class AvatarClient:
             await self.frames.put(None)
 
     async def send_audio(self, samples: np.ndarray) -> None:
-        samples = np.asarray(samples, np.float32)
-        data = samples.astype("<f4").tobytes() if self.fmt == "f32" else (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-        await self.connection.send(data)
+        await self.connection.send(self.start.audio_message(samples))
 
     async def send_json(self, message: typing.Dict[str, typing.Any]) -> None:
         await self.connection.send(json.dumps(message))

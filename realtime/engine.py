@@ -39,7 +39,7 @@ import typing
 import numpy as np
 
 from avatar import idle
-from avatar.config import C2paConfig, IdentityConfig, IdleConfig, PipelineConfig, RealtimeConfig
+from avatar.config import C2paConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig, RealtimeConfig
 from avatar.errors import MediaError
 
 STREAM_RATE = 16000  # what the motion model hears
@@ -257,15 +257,18 @@ class Engine:
     """Shared models and the render step for every live session."""
 
     def __init__(self, pipeline=None, config: RealtimeConfig = RealtimeConfig(), idle_config: IdleConfig = IdleConfig(),
-                 providers: typing.Optional[typing.Sequence[str]] = None, clock: typing.Callable[[], float] = time.perf_counter):
-        """`clock`: seconds of the wall clock (injected by tests that simulate time)."""
+                 providers: typing.Optional[typing.Sequence[str]] = None, clock: typing.Callable[[], float] = time.perf_counter,
+                 face_config: typing.Optional[FaceConfig] = None):
+        """`clock`: seconds of the wall clock (injected by tests that simulate time); `face_config`: the
+        face front-end's settings (which face of several, as `animate`'s `--face-index`)."""
         from avatar.pipeline import AvatarPipeline
 
         self.config, self.idle_config, self.clock = config, idle_config, clock
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(
             config=PipelineConfig(renderer=config.renderer, warp_max_size=config.warp_max_size, batch=config.batch,
                                   workers=config.workers, steps=config.steps),
-            providers=providers, c2pa_config=C2paConfig(enabled=False))  # live frames are not files
+            providers=providers, face_config=face_config or FaceConfig(),
+            c2pa_config=C2paConfig(enabled=False))  # live frames are not files
         self.pipeline.warm_up(config.batch)
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []

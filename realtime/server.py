@@ -3,23 +3,7 @@
     avatar serve [--image PORTRAIT] [--host 127.0.0.1] [--port 8765] [--token SECRET]
 
 HTTP GET `/` serves the browser page (`realtime/static/index.html`): microphone in, avatar out.
-The WebSocket is `/ws`; the protocol (version 1, little-endian):
-
-client → server
-- text `{"type": "start", "sample_rate": 48000, "format": "f32" | "s16", "video": "jpeg" | "h264"}`:
-  first message, once (`video` defaults to jpeg);
-- binary: mono PCM in that format and rate, any chunk size (at most `max_message_bytes`);
-- text `{"type": "ping"}` (keeps an otherwise silent connection open), `{"type": "stats"}`,
-  `{"type": "client_stats", ...}` (the page reports what it received; logged in the server's stats).
-server → client
-- text `{"type": "ready", "protocol": 1, "fps", "width", "height", "lookahead_ms", "session"}`;
-- binary, one per video frame: `b"AVF1"`, uint32 frame index, float64 pts (s, on the audio
-  clock), uint8 repeated (1: the renderer was behind and this is the previous picture), uint32
-  picture length, the picture, then the frame's audio as PCM16 mono 16 kHz (the rest of the
-  message). The picture is a JPEG, or with `"video": "h264"` one H.264 access unit (Annex B,
-  yuv420p, no B-frames, parameter sets in band; decode the messages in order; after frames were
-  dropped for a slow client the next one is a key frame);
-- text `{"type": "stats", ...}` about once a second; `{"type": "error", "message": ...}` before a close.
+The WebSocket is `/ws`; its protocol (messages, framing) is `realtime/protocol.py`.
 
 Authentication: `?token=` in the URL or `Authorization: Bearer` (HTTP 401 otherwise). Limits: at
 most `max_sessions` connections (HTTP 503 beyond); admission control: at start the server measures
@@ -45,7 +29,6 @@ import importlib.resources
 import json
 import os
 import secrets
-import struct
 import threading
 import time
 import typing
@@ -55,87 +38,16 @@ import numpy as np
 
 from avatar.config import RealtimeConfig
 from avatar.errors import AvatarError
-
-PROTOCOL = 1
-FRAME_MAGIC = b"AVF1"
-FRAME_HEADER = struct.Struct("<4sIdBI")  # magic, index, pts, repeated, picture length
-VIDEO_CODECS = ("jpeg", "h264")
-
-
-class H264Encoder:
-    """One H.264 stream (libx264, ultrafast, zero latency: one access unit out per frame in)."""
-
-    def __init__(self, fps: float, crf: int = 23):
-        self.fps, self.crf = fps, crf
-        self.context = None
-        self.count = 0
-
-    def encode(self, image: np.ndarray, keyframe: bool = False) -> bytes:
-        """`(H, W, 3) uint8` RGB → the access unit's bytes (odd sizes are padded by an edge pixel)."""
-        import fractions
-
-        import av
-
-        h, w = image.shape[:2]
-        if h % 2 or w % 2:
-            image = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        if self.context is None:
-            self.context = av.CodecContext.create("libx264", "w")
-            self.context.width, self.context.height = image.shape[1], image.shape[0]
-            self.context.pix_fmt = "yuv420p"
-            self.context.time_base = fractions.Fraction(1, round(self.fps))
-            self.context.options = {"preset": "ultrafast", "tune": "zerolatency", "crf": str(self.crf)}
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-        frame.pts = self.count
-        if keyframe:
-            frame.pict_type = av.video.frame.PictureType.I
-        self.count += 1
-        return b"".join(bytes(packet) for packet in self.context.encode(frame))
-
-
-class H264Decoder:
-    """The client side: one access unit in, the picture out (no frame of delay)."""
-
-    def __init__(self):
-        import av
-
-        self.context = av.CodecContext.create("h264", "r")
-
-    def decode(self, access_unit: bytes) -> typing.Optional[np.ndarray]:
-        """→ `(H, W, 3) uint8` RGB, or None when the unit cannot be shown (a reference was dropped)."""
-        import av
-
-        try:
-            frames = self.context.decode(av.Packet(access_unit))
-        except av.error.FFmpegError:
-            return None
-        return frames[-1].to_ndarray(format="rgb24") if frames else None
-
-
-def encode_frame(index: int, pts: float, repeated: bool, picture: bytes, audio: np.ndarray) -> bytes:
-    """One frame message (the protocol above); `picture`: a JPEG or an H.264 access unit."""
-    pcm = (np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes()
-    return FRAME_HEADER.pack(FRAME_MAGIC, index, pts, int(repeated), len(picture)) + picture + pcm
-
-
-def decode_frame(message: bytes) -> typing.Tuple[int, float, bool, bytes, np.ndarray]:
-    """→ (index, pts, repeated, picture bytes (JPEG or an H.264 access unit), audio `(n,) float32` 16 kHz)."""
-    magic, index, pts, repeated, length = FRAME_HEADER.unpack_from(message)
-    if magic != FRAME_MAGIC:
-        raise ValueError("not a frame message")
-    start = FRAME_HEADER.size
-    picture = bytes(message[start:start + length])
-    audio = np.frombuffer(message[start + length:], "<i2").astype(np.float32) / 32767.0
-    return index, pts, bool(repeated), picture, audio
+from realtime import protocol
+from realtime.protocol import H264Encoder
 
 
 @dataclasses.dataclass
 class Client:
     session: typing.Any
     queue: asyncio.Queue
-    fmt: str
+    start: protocol.Start
     started: float
-    video: str = "jpeg"
     encoder: typing.Optional[H264Encoder] = None
     need_keyframe: bool = False  # set when frames were dropped from the queue (H.264 needs a fresh start)
     queue_dropped: int = 0
@@ -146,47 +58,6 @@ class Client:
     encoded: int = 0
     reported: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
     latencies: typing.Deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=500))  # recent frames
-
-
-START_HELP = '{"type": "start", "sample_rate": 8000-192000, "format": "f32"|"s16", "video": "jpeg"|"h264"}'
-
-
-def _json_object(message: typing.Union[str, bytes], what: str) -> typing.Dict[str, typing.Any]:
-    if not isinstance(message, str):
-        raise ValueError(f"{what} must be a JSON text message, not binary")
-    try:
-        value = json.loads(message)
-    except ValueError as exc:
-        raise ValueError(f"{what} is not valid JSON ({exc.msg})") from exc
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object, not {type(value).__name__}")
-    return value
-
-
-def parse_start(message: typing.Union[str, bytes]) -> typing.Tuple[str, str, int]:
-    """The first message of a session → (audio format, video codec, sample rate); a one-line
-    ValueError saying what a valid one looks like otherwise."""
-    start = _json_object(message, "the first message")
-    if start.get("type") != "start":
-        raise ValueError(f"the first message must be {START_HELP}")
-    fmt = start.get("format", "f32")
-    if fmt not in ("f32", "s16"):
-        raise ValueError(f"format must be f32 or s16, not {fmt!r}")
-    video = start.get("video", "jpeg")
-    if video not in VIDEO_CODECS:
-        raise ValueError(f"video must be one of {', '.join(VIDEO_CODECS)}, not {video!r}")
-    rate = start.get("sample_rate", 16000)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate != int(rate):
-        raise ValueError(f"sample_rate must be a whole number of Hz (8000-192000), not {rate!r}")
-    return fmt, video, int(rate)
-
-
-def parse_control(message: str) -> typing.Dict[str, typing.Any]:
-    """A control message during a session: a JSON object whose "type" is "stats" or "client_stats"."""
-    request = _json_object(message, "a control message")
-    if request.get("type") not in ("stats", "client_stats"):
-        raise ValueError(f'a control message\'s "type" must be "stats" or "client_stats", not {request.get("type")!r}')
-    return request
 
 
 class AvatarServer:
@@ -250,7 +121,7 @@ class AvatarServer:
                 ok, jpeg = cv2.imencode(".jpg", frame.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
                 picture = jpeg.tobytes()
                 client.last_jpeg = (frame.image, picture)
-            messages.append((encode_frame(frame.index, frame.pts, frame.repeated, picture, frame.audio), frame.ready_at))
+            messages.append((protocol.Frame(frame.index, frame.pts, frame.repeated, picture, frame.audio).encode(), frame.ready_at))
         seconds = time.perf_counter() - started
         client.encode_seconds += seconds
         client.encoded += len(messages)
@@ -306,40 +177,34 @@ class AvatarServer:
 
         try:
             first = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
-            fmt, video, rate = parse_start(first)
+            start = protocol.Start.parse(first)
             refused = self.admission()  # again: others may have opened since this connection was admitted
             if refused:
                 self.rejected["capacity"] += 1
-                await connection.send(json.dumps({"type": "error", "message": refused}))
+                await connection.send(protocol.error(refused))
                 await connection.close(1013, "at capacity")
                 return
-            session = self.engine.open(self.avatar, rate)
+            session = self.engine.open(self.avatar, start.sample_rate)
         except (ValueError, TypeError, AvatarError) as exc:
-            await connection.send(json.dumps({"type": "error", "message": str(exc)}))
+            await connection.send(protocol.error(str(exc)))
             await connection.close(1003, "bad start message")
             return
         except (asyncio.TimeoutError, websockets.ConnectionClosed):
             return
-        client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), fmt, time.perf_counter(), video,
-                        H264Encoder(self.config.fps) if video == "h264" else None)
+        client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), start, time.perf_counter(),
+                        H264Encoder(self.config.fps) if start.video == "h264" else None)
         key = id(client)
         self.clients[key] = client
         height, width = self.avatar.portrait.shape[:2]
-        await connection.send(json.dumps({"type": "ready", "protocol": PROTOCOL, "fps": self.config.fps, "width": width,
-                                          "height": height, "video": video, "lookahead_ms": session.lookahead_s * 1000,
-                                          "session": key}))
+        await connection.send(protocol.ready(self.config.fps, width, height, start.video, session.lookahead_s * 1000, key))
         sender = asyncio.create_task(self._send(connection, client))
         try:
             while True:
                 message = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
                 if isinstance(message, bytes):
-                    dtype = "<f4" if fmt == "f32" else "<i2"
-                    if len(message) % np.dtype(dtype).itemsize:
-                        raise ValueError(f"binary audio must be whole {fmt} samples")
-                    pcm = np.frombuffer(message, dtype).astype(np.float32)
-                    session.push(pcm / 32768.0 if fmt == "s16" else pcm)
+                    session.push(start.pcm(message))
                     continue
-                request = parse_control(message)
+                request = protocol.parse_control(message)
                 if request.get("type") == "stats":
                     await connection.send(json.dumps(self._stats(client)))
                 elif request.get("type") == "client_stats":
@@ -347,7 +212,7 @@ class AvatarServer:
         except asyncio.TimeoutError:
             await connection.close(1000, "idle timeout")
         except (ValueError, AvatarError) as exc:
-            await connection.send(json.dumps({"type": "error", "message": str(exc)}))
+            await connection.send(protocol.error(str(exc)))
             await connection.close(1003, "bad message")
         except websockets.ConnectionClosed:
             pass
@@ -444,16 +309,16 @@ class BackgroundServer:
 
 
 def run(image: typing.Optional[str], host: str, port: int, token: typing.Optional[str], config: RealtimeConfig, idle_config,
-        avatar: typing.Optional[str] = None) -> int:
-    """`avatar serve`: prepare the portrait (or load the enrolled avatar), print the page's address,
-    serve until Ctrl-C."""
+        avatar: typing.Optional[str] = None, face_config=None) -> int:
+    """`avatar serve`: prepare the portrait (or load the enrolled avatar; `face_config`: which face, as
+    `animate`'s), print the page's address, serve until Ctrl-C."""
     from avatar import media
     from avatar.enroll import load_avatar
     from avatar.runtime import asset_path
     from realtime.engine import Engine
 
     enrolled = load_avatar(avatar) if avatar else None
-    engine = Engine(config=config, idle_config=idle_config)
+    engine = Engine(config=config, idle_config=idle_config, face_config=face_config)
     if enrolled is not None:
         server = AvatarServer(engine, None, config, token, prepared=engine.prepare_enrolled(enrolled))
     else:

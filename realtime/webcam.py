@@ -37,7 +37,7 @@ def check_devices() -> None:
 
 
 def run(image: typing.Optional[str], config, idle_config, seconds: typing.Optional[float] = None,
-        avatar_path: typing.Optional[str] = None) -> int:
+        avatar_path: typing.Optional[str] = None, face_config=None) -> int:
     from avatar.enroll import load_avatar
 
     enrolled = load_avatar(avatar_path) if avatar_path else None
@@ -49,7 +49,7 @@ def run(image: typing.Optional[str], config, idle_config, seconds: typing.Option
     from avatar.runtime import asset_path
     from realtime.engine import Engine
 
-    engine = Engine(config=config, idle_config=idle_config)
+    engine = Engine(config=config, idle_config=idle_config, face_config=face_config)
     if enrolled is not None:
         avatar = engine.prepare_enrolled(enrolled)
     else:

@@ -588,3 +588,40 @@ def test_latency_stays_bounded_when_the_renderer_falls_behind(engine, serve, spe
         came = len(result.frames)  # the rest were too late to send (fewer come on a busier machine), and counted:
         assert result.speech_frames and came + stats["late_dropped"] + stats["queue_dropped"] >= stats["frames"] - 10, (came, stats)
         assert figures["p95_ms"] <= 1000 + 500, figures  # as the client saw it: the bound, plus loopback on a busy machine
+
+
+def test_protocol_messages_round_trip():
+    """The typed messages the server and the client share (`realtime/protocol.py`)."""
+    from realtime.protocol import Frame, Start
+
+    start = Start(48000, "s16", "h264")
+    assert Start.parse(start.to_json()) == start
+    samples = np.linspace(-1, 1, 640, dtype=np.float32)
+    assert np.abs(start.pcm(start.audio_message(samples)) - samples).max() < 1e-4
+    with pytest.raises(ValueError, match="whole s16 samples"):
+        start.pcm(b"\x00\x01\x02")
+    frame = Frame(7, 0.28, True, b"\xff\xd8picture", samples)
+    back = Frame.decode(frame.encode())
+    assert (back.index, back.pts, back.repeated, back.picture) == (7, 0.28, True, b"\xff\xd8picture")
+    assert np.abs(back.audio - samples).max() < 1e-4
+
+
+def test_serve_takes_the_face_options_of_animate():
+    """A photo of two people: `serve` asks which face in one line, like `animate`, and serves the one
+    `--face-index` names."""
+    from conftest import TWO_PEOPLE_PHOTO
+
+    help_text = subprocess.run([sys.executable, "-m", "avatar.cli", "serve", "--help"], cwd=REPO, capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--face-index" in help_text and "--face.face-index" in help_text and "--face.min-face-size" in help_text
+    refused = subprocess.run([sys.executable, "-m", "avatar.cli", "serve", "--image", str(TWO_PEOPLE_PHOTO), "--port", "0"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--face-index" in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    process = subprocess.Popen([sys.executable, "-m", "avatar.cli", "serve", "--image", str(TWO_PEOPLE_PHOTO), "--port", "0",
+                                "--face-index", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(3)]
+        assert any("browser page:" in line for line in lines), lines
+    finally:
+        process.terminate()
+        process.wait(30)
