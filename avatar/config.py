@@ -181,35 +181,50 @@ def _field_type(field: dataclasses.Field, cls: type) -> type:
     return hints[field.name]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str, defaults: typing.Any = None,
+                         exclude: typing.Sequence[str] = ()) -> None:
     """Add one `--{prefix}.{field-name}` option per dataclass field (`--{field-name}` when the prefix
-    is empty), defaulting to the config's."""
+    is empty), defaulting to the config's (`defaults`: an instance whose values are the defaults).
+    A field that is itself a config is flattened under the same prefix, with the options its class
+    lists in `cli_hidden` left out (`RealtimeConfig.pipeline`: the pipeline's options, live)."""
     group = parser.add_argument_group(f"{prefix or cls.__name__} options")
     for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
         hint = _field_type(field, cls)
+        default = getattr(defaults, field.name) if defaults is not None else field.default
+        if dataclasses.is_dataclass(hint):
+            add_config_arguments(parser, hint, prefix, default, getattr(cls, "cli_hidden", {}).get(field.name, ()))
+            continue
         flag = f"--{prefix + '.' if prefix else ''}{field.name.replace('_', '-')}"
         dest = f"{prefix}__{field.name}"
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
         if hint is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=field.default)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default)
         elif origin is typing.Union and type(None) in args:
             inner = next(a for a in args if a is not type(None))
-            group.add_argument(flag, dest=dest, type=inner, default=field.default, metavar=inner.__name__.upper())
+            group.add_argument(flag, dest=dest, type=inner, default=default, metavar=inner.__name__.upper())
         elif origin in (tuple, typing.Tuple):
-            group.add_argument(flag, dest=dest, type=args[0], nargs="+", default=field.default)
+            group.add_argument(flag, dest=dest, type=args[0], nargs="+", default=default)
         else:
-            group.add_argument(flag, dest=dest, type=hint, default=field.default, metavar=hint.__name__.upper())
+            group.add_argument(flag, dest=dest, type=hint, default=default, metavar=hint.__name__.upper())
 
 
-def config_from_args(args: argparse.Namespace, cls: type, prefix: str):
-    """Build a `cls` instance from options added by `add_config_arguments`."""
+def config_from_args(args: argparse.Namespace, cls: type, prefix: str, defaults: typing.Any = None,
+                     exclude: typing.Sequence[str] = ()):
+    """Build a `cls` instance from options added by `add_config_arguments` (the same nesting rules)."""
     values = {}
     for field in dataclasses.fields(cls):
-        value = getattr(args, f"{prefix}__{field.name}")
-        if isinstance(value, list):
-            value = tuple(value)
-        values[field.name] = value
+        default = getattr(defaults, field.name) if defaults is not None else field.default
+        hint = _field_type(field, cls)
+        if field.name in exclude:
+            values[field.name] = default
+        elif dataclasses.is_dataclass(hint):
+            values[field.name] = config_from_args(args, hint, prefix, default, getattr(cls, "cli_hidden", {}).get(field.name, ()))
+        else:
+            value = getattr(args, f"{prefix}__{field.name}")
+            values[field.name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
 
 
@@ -376,17 +391,21 @@ class DubConfig:
     audio_shorter: str = "trim"  # trim: end the video with the speech; keep: keep the whole video, the mouth at rest after the speech
 
 
+# The pipeline's settings live: the warp's crop capped at 160 px (a 360-px face costs 35 ms a frame at 384, 21 at 256,
+# 12 at 160 on 2 cores), one diffusion step from the warp's draft, portraits scaled to 512 px.
+LIVE_PIPELINE = PipelineConfig(warp_max_size=160, steps=1, max_side=512)
+
+
 @dataclass(frozen=True)
 class RealtimeConfig:
-    """The live engine and its server (`realtime/`)."""
+    """The live engine and its server (`realtime/`). `pipeline`: the renderer and frame settings, the
+    same options as `animate`'s (`--renderer`, `--warp-max-size`, `--fps`, `--batch`, ...; live
+    defaults in LIVE_PIPELINE), less those that mean nothing live (`cli_hidden`)."""
 
-    fps: float = 25.0
-    renderer: str = "retrieval"  # as PipelineConfig.renderer
-    warp_max_size: int = 160  # as PipelineConfig.warp_max_size, smaller live: a 360-px face costs 35 ms a frame at 384, 21 at 256, 12 at 160 (2 cores)
-    steps: int = 1  # diffusion steps per frame live (from the warp's draft, as PipelineConfig.diffusion_start)
-    batch: int = 8  # most frames (from all sessions) per renderer call
-    workers: int = 0  # threads for the per-frame CPU work, as PipelineConfig.workers
-    max_side: int = 512  # the portrait is scaled so its longer side is at most this
+    cli_hidden: typing.ClassVar[typing.Dict[str, typing.Tuple[str, ...]]] = {
+        "pipeline": ("crf", "max_minutes", "drift", "drift_references")}
+
+    pipeline: PipelineConfig = LIVE_PIPELINE
     jpeg_quality: int = 85
     max_backlog_s: float = 0.3  # frames whose audio is older than this are not rendered but repeated (counted as dropped)
     drift_every_s: float = 2.0  # identity-drift sample interval per session (0: off)
@@ -401,8 +420,10 @@ class RealtimeConfig:
     client_queue_frames: int = 25  # frames waiting for a slow client; older ones are dropped first
     silence_after_s: float = 0.5  # no audio for this long: feed silence (this far behind real time), the avatar idles
 
+    @property
+    def fps(self) -> float:
+        return self.pipeline.fps
+
     def __post_init__(self):
-        check_ranges(self, ("fps", "warp_max_size", "batch", "workers", "jpeg_quality", "max_backlog_s", "drift_every_s", "max_sessions", "max_load", "max_latency_s",
+        check_ranges(self, ("jpeg_quality", "max_backlog_s", "drift_every_s", "max_sessions", "max_load", "max_latency_s",
                             "encode_workers", "client_queue_frames", "idle_timeout_s", "silence_after_s"))
-        require(1 <= self.steps <= 100, f"--steps must be between 1 and 100 (diffusion steps per frame), not {self.steps}")
-        require(64 <= self.max_side <= 4096, f"--max-side must be between 64 and 4096 (pixels), not {self.max_side}")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import pathlib
 
 import numpy as np
 
 from avatar import media
-from avatar.config import RealtimeConfig
+from avatar.config import LIVE_PIPELINE, RealtimeConfig
 from avatar.errors import AvatarError
 from avatar.enroll import load_avatar
 from avatar.render.renderers import RENDERERS
@@ -50,24 +51,24 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--steps", type=int, default=RealtimeConfig.steps)
-    parser.add_argument("--renderer", choices=RENDERERS, default=RealtimeConfig.renderer)
-    parser.add_argument("--workers", type=int, default=RealtimeConfig.workers, help="threads for the per-frame CPU work (0: one per core)")
+    parser.add_argument("--steps", type=int, default=LIVE_PIPELINE.steps)
+    parser.add_argument("--renderer", choices=RENDERERS, default=LIVE_PIPELINE.renderer)
+    parser.add_argument("--workers", type=int, default=LIVE_PIPELINE.workers, help="threads for the per-frame CPU work (0: one per core)")
     parser.add_argument("--image", type=pathlib.Path, default=DATA / "faces/ageitgey__face_recognition/obama.jpg")
     parser.add_argument("--avatar", type=pathlib.Path, help="an enrolled avatar (`avatar enroll`) instead of --image")
     parser.add_argument("--audio", type=pathlib.Path, default=DATA / "speech/kleinlee__DH_live/audio0.wav")
     parser.add_argument("--no-admission", action="store_true", help="admit every session (to measure overload)")
     args = parser.parse_args(argv)
-    config = RealtimeConfig(steps=args.steps, renderer=args.renderer, workers=args.workers, max_sessions=max(args.sessions),
-                            admission=not args.no_admission)
+    pipeline = dataclasses.replace(LIVE_PIPELINE, steps=args.steps, renderer=args.renderer, workers=args.workers)
+    config = RealtimeConfig(pipeline=pipeline, max_sessions=max(args.sessions), admission=not args.no_admission)
     engine = Engine(config=config)
     samples = media.read_audio(args.audio, 16000)
     samples = np.resize(samples, int(args.seconds * 16000))
     renderer = engine.pipeline.config.renderer
-    detail = f"{config.steps} diffusion step(s)" if renderer == "diffusion" else renderer
+    detail = f"{pipeline.steps} diffusion step(s)" if renderer == "diffusion" else renderer
     person = f"avatar {args.avatar.name} (its idle loop)" if args.avatar else f"portrait {args.image.name}"
     print(f"renderer: {detail}, providers {', '.join(engine.pipeline.providers)}; "
-          f"{person} (scaled to {config.max_side} px), {args.seconds:g} s of speech per session; "
+          f"{person} (scaled to {pipeline.max_side} px), {args.seconds:g} s of speech per session; "
           f"server and clients share this process")
     prepared = engine.prepare_enrolled(load_avatar(args.avatar)) if args.avatar else None
     print(f"{'sessions':>8} {'refused':>8} {'fps/session':>12} {'first frame':>12} {'p50 latency':>12} {'p95 latency':>12} "

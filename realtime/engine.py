@@ -39,7 +39,7 @@ import typing
 import numpy as np
 
 from avatar import idle
-from avatar.config import C2paConfig, FaceConfig, IdentityConfig, IdleConfig, PipelineConfig, RealtimeConfig
+from avatar.config import C2paConfig, FaceConfig, IdentityConfig, IdleConfig, RealtimeConfig
 from avatar.errors import MediaError
 
 STREAM_RATE = 16000  # what the motion model hears
@@ -265,11 +265,9 @@ class Engine:
 
         self.config, self.idle_config, self.clock = config, idle_config, clock
         self.pipeline = pipeline or AvatarPipeline.from_pretrained(
-            config=PipelineConfig(renderer=config.renderer, warp_max_size=config.warp_max_size, batch=config.batch,
-                                  workers=config.workers, steps=config.steps),
-            providers=providers, face_config=face_config or FaceConfig(),
+            config=config.pipeline, providers=providers, face_config=face_config or FaceConfig(),
             c2pa_config=C2paConfig(enabled=False))  # live frames are not files
-        self.pipeline.warm_up(config.batch)
+        self.pipeline.warm_up(config.pipeline.batch)
         self.avatars: typing.Dict[str, Avatar] = {}
         self.sessions: typing.List[Session] = []
         self.lock = threading.Lock()
@@ -342,7 +340,7 @@ class Engine:
         key = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()[:16]
         if key in self.avatars:
             return self.avatars[key]
-        portrait = fit_image(image, self.config.max_side)
+        portrait = fit_image(image, self.config.pipeline.max_side)
         with self.pipeline.face_tracker() as tracker:
             landmarks = tracker.select(portrait, what="the portrait").landmarks
         self.pipeline.check_portrait_pose(landmarks, "the portrait")
@@ -359,7 +357,7 @@ class Engine:
             portrait, landmarks = enrolled.still
             loop = None
         else:
-            loop = enrolled.idle.scaled(self.config.max_side)
+            loop = enrolled.idle.scaled(self.config.pipeline.max_side)
             portrait, landmarks = loop.frames[0], loop.frame_landmarks[0]
         key = "enrolled-" + hashlib.sha256(np.ascontiguousarray(portrait).tobytes()).hexdigest()[:16]
         centre, height = idle.face_centre_and_height(landmarks)
@@ -398,8 +396,9 @@ class Engine:
         self.recent.append((now, self.frames_out, self.dropped))
         while len(self.recent) > 2 and self.recent[1][0] < now - ADMISSION_WINDOW_S:
             self.recent.popleft()
-        share = max(1, self.config.batch // len(sessions))
-        expected = self.frame_seconds * min(self.config.batch, share * len(sessions)) if render_s is None else render_s
+        batch = self.config.pipeline.batch
+        share = max(1, batch // len(sessions))
+        expected = self.frame_seconds * min(batch, share * len(sessions)) if render_s is None else render_s
         work = [(s, s.take_due(now, share, expected)) for s in sessions]
         if dispatch is not None:
             dispatch()

@@ -173,7 +173,7 @@ def test_overload_drops_frames_but_never_loses_sync(engine, avatar, speech):
     returned = np.concatenate([f.audio for f in frames])
     assert np.array_equal(returned, samples[:returned.size])
     rendered = [f.latency_s for f in frames if not f.repeated]
-    assert np.median(rendered) < 0.3 + 0.15 * engine.config.batch  # bounded by the backlog rule
+    assert np.median(rendered) < 0.3 + 0.15 * engine.config.pipeline.batch  # bounded by the backlog rule
 
 
 def test_admission_follows_the_measured_load(engine, avatar, speech):
@@ -572,7 +572,7 @@ def test_latency_stays_bounded_when_the_renderer_falls_behind(engine, serve, spe
 
     pipeline.render_batch = slow
     try:
-        server = serve(batch=4)
+        server = serve(pipeline=dataclasses.replace(RealtimeConfig().pipeline, batch=4))
         from realtime.client import stream_file
 
         async def sessions():
@@ -606,14 +606,18 @@ def test_protocol_messages_round_trip():
     assert np.abs(back.audio - samples).max() < 1e-4
 
 
-def test_serve_takes_the_face_options_of_animate():
-    """A photo of two people: `serve` asks which face in one line, like `animate`, and serves the one
-    `--face-index` names."""
+def test_serve_takes_the_options_of_animate():
+    """`serve` offers the pipeline's and the face front-end's options (RealtimeConfig contains a
+    PipelineConfig); a photo of two people: it asks which face in one line, like `animate`, and
+    serves the one `--face-index` names."""
     from conftest import TWO_PEOPLE_PHOTO
 
     help_text = subprocess.run([sys.executable, "-m", "avatar.cli", "serve", "--help"], cwd=REPO, capture_output=True,
                                text=True, timeout=120).stdout
     assert "--face-index" in help_text and "--face.face-index" in help_text and "--face.min-face-size" in help_text
+    for option in ("--renderer", "--warp-max-size", "--diffusion-start", "--colour-match", "--no-watermark", "--fps"):
+        assert option in help_text, option  # the pipeline's options, as animate's
+    assert "--crf" not in help_text and "--max-minutes" not in help_text  # those of files only
     refused = subprocess.run([sys.executable, "-m", "avatar.cli", "serve", "--image", str(TWO_PEOPLE_PHOTO), "--port", "0"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--face-index" in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
