@@ -243,10 +243,11 @@ def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
     from tqdm import tqdm
 
-    cpus = int(ray.available_resources().get("CPU", 1))
-    count = max(1, min(config.workers or max(1, cpus), len(todo)))
-    threads = max(1, cpus // count)
-    actor_class = ray.remote(Worker).options(num_cpus=min(threads, cpus), num_gpus=config.gpus_per_worker, max_restarts=-1,
+    cpus = ray.available_resources().get("CPU", 1.0)
+    count = max(1, min(config.workers or max(1, int(cpus)), len(todo)))
+    threads = max(1, int(cpus // count))
+    # each worker reserves its share of the CPUs (a fraction when there are more workers than CPUs: all of them start)
+    actor_class = ray.remote(Worker).options(num_cpus=cpus / count, num_gpus=config.gpus_per_worker, max_restarts=-1,
                                              max_task_retries=0)
     idle = [actor_class.remote(str(models), threads) for _ in range(count)]
     queue = [(index, 1) for index in todo]

@@ -43,7 +43,7 @@ def test_a_bad_job_fails_alone_a_rerun_skips_and_a_changed_input_runs_again(fold
                                      f",{PORTRAIT},again.wav,talking.mp4\n"
                                      ",no_such_face.jpg,hello.wav,broken.mp4\n")
     out = folder / "out"
-    first = batch(folder / "jobs.csv", "--output-dir", out, "--quiet", "--cpus", 2)
+    first = batch(folder / "jobs.csv", "--output-dir", out, "--quiet", "--cpus", 2, "--workers", 3)  # more workers than CPUs
     assert first.returncode == 1, first.stderr
     assert "failed: broken.mp4: " in first.stdout and "no such file" in first.stdout and "Traceback" not in first.stderr
     rows = table(out)
