@@ -325,6 +325,7 @@ def test_bad_input_one_line_nonzero_no_output(tmp_path, inputs, bad):
         (["dub", "--video", clip, "--audio", bad / "10ms.wav"], "at least 0.2 s"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--fps", "0"], "--fps must be between 1 and 120"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--fps", "nan"], "--fps must be between 1 and 120"),
+        (["animate", "--image", PORTRAIT, "--audio", speech, "--fps", "1000"], "--fps must be between 1 and 120"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--renderer", "diffusion", "--steps", "-3"], "--steps must be"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--crf", "99"], "--crf must be between 0 and 51"),
         (["dub", "--video", clip, "--audio", speech, "--batch", "0"], "--batch must be"),
