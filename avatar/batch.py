@@ -111,10 +111,16 @@ def read_jobs(path: PathLike) -> typing.List[Job]:
     return jobs
 
 
-def _fingerprint(job: Job, output: pathlib.Path, models: pathlib.Path) -> bool:
+def _fingerprint(job: Job, output: pathlib.Path, models: pathlib.Path, hashes: typing.Dict[str, str]) -> bool:
     """Whether `output` is this job's finished work: it exists, its sidecar matches its bytes and
-    records the same inputs (names and hashes) and the same model files (hashes) as now."""
+    records the same inputs (names and hashes) and the same model files (hashes) as now. `hashes`:
+    the files hashed so far in this run (inputs shared by jobs and the models are read once)."""
     from avatar import provenance
+
+    def sha256(path) -> str:
+        if str(path) not in hashes:
+            hashes[str(path)] = provenance.file_sha256(path)
+        return hashes[str(path)]
 
     sidecar = provenance.sidecar_path(output)
     if not output.is_file() or not sidecar.is_file():
@@ -127,10 +133,9 @@ def _fingerprint(job: Job, output: pathlib.Path, models: pathlib.Path) -> bool:
         if set(recorded) != set(job.inputs):
             return False
         for role, source in job.inputs.items():
-            if not pathlib.Path(source).is_file() or recorded[role] != {"name": pathlib.Path(source).name,
-                                                                        "sha256": provenance.file_sha256(source)}:
+            if not pathlib.Path(source).is_file() or recorded[role] != {"name": pathlib.Path(source).name, "sha256": sha256(source)}:
                 return False
-        return all((models / name).is_file() and digest == f"sha256:{provenance.file_sha256(models / name)}"
+        return all((models / name).is_file() and digest == f"sha256:{sha256(models / name)}"
                    for name, digest in record.get("models", {}).items())
     except (ValueError, OSError, KeyError, AttributeError):
         return False
@@ -179,11 +184,10 @@ class Worker:
         except (AvatarError, TypeError, ValueError) as exc:
             return {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                     "seconds": time.perf_counter() - started}
-        from avatar import provenance
-
         seconds = time.perf_counter() - started
+        output_sha256 = json.loads(result.sidecar.read_text())["output_sha256"]  # hashed once, by the pipeline
         return {"status": "done", "seconds": seconds, "audio_seconds": result.audio_seconds,
-                "real_time_factor": seconds / max(result.audio_seconds, 1e-9), "output_sha256": provenance.file_sha256(output)}
+                "real_time_factor": seconds / max(result.audio_seconds, 1e-9), "output_sha256": output_sha256}
 
 
 def _row(job: Job, attempts: int, **values) -> typing.Dict[str, typing.Any]:
@@ -193,10 +197,12 @@ def _row(job: Job, attempts: int, **values) -> typing.Dict[str, typing.Any]:
 
 
 def run(jobs: typing.Sequence[Job], output_dir: PathLike, config: BatchConfig = BatchConfig(), progress: bool = True,
-        on_submit: typing.Optional[typing.Callable[[Job, typing.Any], None]] = None) -> typing.List[typing.Dict[str, typing.Any]]:
+        on_submit: typing.Optional[typing.Callable[[Job, typing.Any], None]] = None,
+        worker: type = None) -> typing.List[typing.Dict[str, typing.Any]]:
     """Run `jobs` into `output_dir` on Ray (see the module docstring) → the results table, one row a
     job in the jobs' order, also written to `results.csv` and `results.json` there. `on_submit(job,
-    actor)`: called when a job is handed to a worker (tests kill workers with it)."""
+    actor)`: called when a job is handed to a worker; `worker`: the actor class (`Worker` or a
+    subclass; tests give one that stops mid-job, to be killed there)."""
     import ray
 
     from avatar import provenance
@@ -208,9 +214,9 @@ def run(jobs: typing.Sequence[Job], output_dir: PathLike, config: BatchConfig = 
     out.mkdir(parents=True, exist_ok=True)
     models = pathlib.Path(config.models) if config.models else ASSETS
     rows: typing.Dict[int, typing.Dict[str, typing.Any]] = {}
-    todo = []
+    todo, hashes = [], {}
     for index, job in enumerate(jobs):
-        if _fingerprint(job, out / job.output, models):
+        if _fingerprint(job, out / job.output, models, hashes):
             record = json.loads(provenance.sidecar_path(out / job.output).read_text())
             rows[index] = _row(job, 0, status="skipped", output_sha256=record["output_sha256"])
         else:
@@ -229,7 +235,7 @@ def run(jobs: typing.Sequence[Job], output_dir: PathLike, config: BatchConfig = 
                      logging_level=logging.INFO if config.verbose else logging.ERROR, log_to_driver=config.verbose,
                      configure_logging=True)
         try:
-            _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_submit)
+            _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_submit, worker or Worker)
         finally:
             if started_here:
                 ray.shutdown()
@@ -238,7 +244,7 @@ def run(jobs: typing.Sequence[Job], output_dir: PathLike, config: BatchConfig = 
     return table
 
 
-def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_submit) -> None:
+def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_submit, worker) -> None:
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
     from tqdm import tqdm
@@ -247,7 +253,7 @@ def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_
     count = max(1, min(config.workers or max(1, int(cpus)), len(todo)))
     threads = max(1, int(cpus // count))
     # each worker reserves its share of the CPUs (a fraction when there are more workers than CPUs: all of them start)
-    actor_class = ray.remote(Worker).options(num_cpus=cpus / count, num_gpus=config.gpus_per_worker, max_restarts=-1,
+    actor_class = ray.remote(worker).options(num_cpus=cpus / count, num_gpus=config.gpus_per_worker, max_restarts=-1,
                                              max_task_retries=0)
     idle = [actor_class.remote(str(models), threads) for _ in range(count)]
     queue = [(index, 1) for index in todo]

@@ -251,11 +251,10 @@ def read_credentials(path: PathLike) -> typing.Dict[str, typing.Any]:
             store = json.loads(reader.json())
             state = reader.get_validation_state()
             results = reader.get_validation_results() or {}
+    except c2pa.C2paError.ManifestNotFound:
+        return result
     except c2pa.C2paError as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "ManifestNotFound" in type(exc).__name__ or "no JUMBF" in text or "not found" in text.lower():
-            return result
-        return {"present": True, "validation_state": "Invalid", "errors": [text]}
+        return {"present": True, "validation_state": "Invalid", "errors": [" ".join(str(exc).split()) or type(exc).__name__]}
     active = store.get("manifests", {}).get(store.get("active_manifest", ""), {})
     assertions = {a.get("label"): a.get("data") for a in active.get("assertions", [])}
     actions = (assertions.get("c2pa.actions.v2") or assertions.get("c2pa.actions") or {}).get("actions", [])

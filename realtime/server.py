@@ -47,7 +47,6 @@ class Client:
     session: typing.Any
     queue: asyncio.Queue
     start: protocol.Start
-    started: float
     encoder: typing.Optional[H264Encoder] = None
     need_keyframe: bool = False  # set when frames were dropped from the queue (H.264 needs a fresh start)
     queue_dropped: int = 0
@@ -79,7 +78,8 @@ class AvatarServer:
                                                               thread_name_prefix="avatar-encode")
         self.encode_seconds, self.encoded = 0.0, 0  # all streams, since the start
         self.rejected = {"auth": 0, "busy": 0, "capacity": 0}
-        self.session_load = engine.calibrate(self.avatar) if not engine.sessions else engine.session_load()
+        # what a session costs here, measured once at start (about 2 s) when admission control needs it
+        self.session_load = engine.calibrate(self.avatar) if config.admission and not engine.sessions else engine.session_load()
 
     # ------------------------------------------------------------------ render thread
     def _render_loop(self) -> None:
@@ -191,7 +191,7 @@ class AvatarServer:
             return
         except (asyncio.TimeoutError, websockets.ConnectionClosed):
             return
-        client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), start, time.perf_counter(),
+        client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), start,
                         H264Encoder(self.config.fps) if start.video == "h264" else None)
         key = id(client)
         self.clients[key] = client

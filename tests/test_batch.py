@@ -1,13 +1,13 @@
 """`avatar batch` on a local Ray (2 CPUs): a bad job fails alone, a killed worker's job is retried,
 a rerun skips what is done, a changed input runs again."""
 
+import asyncio
 import csv
 import json
 import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -16,6 +16,7 @@ from conftest import DATA, LRS2_CLIP, PORTRAIT, REPO
 
 SPEECH = DATA / "speech/kleinlee__DH_live/audio0.wav"
 pytest.importorskip("ray")
+from avatar.batch import Worker  # noqa: E402  (after the skip: it needs no Ray, the tests do)
 
 
 def batch(*args):
@@ -67,9 +68,52 @@ def test_a_bad_job_fails_alone_a_rerun_skips_and_a_changed_input_runs_again(fold
     assert (out / "talking.mp4").stat().st_mtime_ns != made["talking.mp4"]
 
 
+class _Writing:
+    """A Ray actor the stalling worker tells when it is writing (the test waits on it: no polling)."""
+
+    def __init__(self):
+        self.event, self.claimed = asyncio.Event(), False
+
+    async def claim(self) -> bool:
+        """True once: the first job to ask stalls, its retry does not."""
+        first, self.claimed = not self.claimed, True
+        return first
+
+    async def writing(self) -> None:
+        self.event.set()
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+class _StallingWorker(Worker):
+    """The real worker, whose first job stops after writing 10 frames of its output and waits there
+    (for ever) after saying so: the test kills it at that point."""
+
+    def _pipeline(self, renderer):
+        import ray
+
+        pipeline = super()._pipeline(renderer)
+        write = pipeline._write
+        signal = ray.get_actor("writing")
+
+        def stalling(output, fps, samples, inputs, frames, *args, **kwargs):
+            def frames_then_stall():
+                for index, frame in enumerate(frames):
+                    if index == 10 and ray.get(signal.claim.remote()):
+                        ray.get(signal.writing.remote())
+                        threading.Event().wait()  # until the process is killed
+                    yield frame
+            write(output, fps, samples, inputs, frames_then_stall(), *args, **kwargs)
+
+        pipeline._write = stalling
+        return pipeline
+
+
 def test_a_killed_worker_s_job_is_retried_and_leaves_no_partial_file(folder):
-    """The worker is killed (`ray.kill`) while it writes the job's output; Ray restarts it and the
-    job is run again, to the end; what the dead process left half-written is gone."""
+    """The worker is killed (`ray.kill`) while it writes the job's output (it has said so, and waits);
+    Ray restarts it and the job is run again, to the end; what the dead process left half-written
+    is gone."""
     import ray
 
     from avatar.batch import read_jobs, run
@@ -79,26 +123,26 @@ def test_a_killed_worker_s_job_is_retried_and_leaves_no_partial_file(folder):
     (folder / "jobs.jsonl").write_text(json.dumps({"video": "clip.mp4", "audio": "long.wav", "output": "dubbed.mp4"}) + "\n")
     out = folder / "out"
     out.mkdir()
-    killed = []
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    try:
+        signal = ray.remote(_Writing).options(name="writing", num_cpus=0).remote()
+        partial = []
 
-    def kill_when_writing(job, actor):
-        if killed:
-            return
+        def kill_while_writing(job, actor):
+            def kill():
+                ray.get(signal.wait.remote())  # the job has written part of its output and stopped there
+                partial.extend(out.glob(".dubbed.*.tmp*"))
+                ray.kill(actor, no_restart=False)
 
-        def watch():
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:  # until the job's temporary output exists: it is rendering
-                if list(out.glob(".dubbed.*.tmp*")):
-                    ray.kill(actor, no_restart=False)
-                    killed.append(time.monotonic())
-                    return
-                time.sleep(0.01)
+            if not partial:
+                threading.Thread(target=kill, daemon=True).start()
 
-        killed.append(None)
-        threading.Thread(target=watch, daemon=True).start()
-
-    rows = run(read_jobs(folder / "jobs.jsonl"), out, BatchConfig(workers=1, cpus=2), progress=False, on_submit=kill_when_writing)
-    assert killed[-1] is not None, "the job was never seen writing"
+        rows = run(read_jobs(folder / "jobs.jsonl"), out, BatchConfig(workers=1), progress=False,
+                   on_submit=kill_while_writing, worker=_StallingWorker)
+    finally:
+        ray.shutdown()
+    assert partial, "the job was not writing when its worker was killed"
     assert rows[0]["status"] == "done" and rows[0]["attempts"] == 2, rows
     assert sorted(p.name for p in out.iterdir()) == ["dubbed.mp4", "dubbed.mp4.provenance.json", "results.csv", "results.json"]
     assert len(media.read_video(out / "dubbed.mp4", with_audio=False).frames) == 125

@@ -533,23 +533,29 @@ async def _second_session_refused(url, words):
 
 
 def test_a_server_at_capacity_refuses_with_the_reason(engine, avatar, serve):
-    """A renderer slowed to 30 ms a frame (25 frames/s need 75% of it): the server measures that at
-    start and admits one session; the next gets HTTP 503 with the measured reason, which the client
-    says in one line."""
+    """A renderer that takes 30 ms a frame on the engine's clock (simulated: a busy machine changes
+    nothing), so 25 frames/s need 75% of it: the server measures that at start and admits one
+    session; the next gets HTTP 503 with the measured reason, which the client says in one line."""
     pipeline = engine.pipeline
-    original = pipeline.render_batch
+    original, saved = pipeline.render_batch, (engine.clock, engine.frame_seconds, list(engine.hearing))
+    clock = {"now": 0.0}
 
     def slow(jobs, *args, **kwargs):
-        time.sleep(0.03 * len(jobs))  # only ever slower on a busy machine: the outcome holds
-        return original(jobs, *args, **kwargs)
+        out = original(jobs, *args, **kwargs)
+        clock["now"] += 0.03 * len(jobs)
+        return out
 
     pipeline.render_batch = slow
+    engine.clock, engine.hearing = (lambda: clock["now"]), [0.0, 0.0]
     try:
         server = serve(admission=True, max_load=1.0)
-        asyncio.run(_second_session_refused(server.url, "at capacity: a session takes"))
-        assert server.server.rejected["capacity"] == 1 and server.server.session_load > 0.75
+        assert abs(engine.frame_seconds - 0.03) < 1e-3 and abs(server.server.session_load - 0.75) < 0.03
+        reason = r"at capacity: a session takes 75% of its renderer here \(33 frames/s\), 1 open"
+        asyncio.run(_second_session_refused(server.url, reason))
+        assert server.server.rejected["capacity"] == 1
     finally:
         del pipeline.render_batch
+        engine.clock, engine.frame_seconds, engine.hearing = saved
 
 
 def test_latency_stays_bounded_when_the_renderer_falls_behind(engine, serve, speech):
