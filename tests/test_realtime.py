@@ -547,6 +547,7 @@ def test_a_server_at_capacity_refuses_with_the_reason(engine, avatar, serve):
 
     pipeline.render_batch = slow
     engine.clock, engine.hearing = (lambda: clock["now"]), [0.0, 0.0]
+    server = None
     try:
         server = serve(admission=True, max_load=1.0)
         assert abs(engine.frame_seconds - 0.03) < 1e-3 and abs(server.server.session_load - 0.75) < 0.03
@@ -554,6 +555,12 @@ def test_a_server_at_capacity_refuses_with_the_reason(engine, avatar, serve):
         asyncio.run(_second_session_refused(server.url, reason))
         assert server.server.rejected["capacity"] == 1
     finally:
+        # stopped before the real clock is back: a session it still held would otherwise see hours pass at
+        # once (its start on the simulated clock) and be fed that much silence
+        if server is not None:
+            server.__exit__(None, None, None)
+        for session in list(engine.sessions):
+            session.close()
         del pipeline.render_batch
         engine.clock, engine.frame_seconds, engine.hearing = saved
 
