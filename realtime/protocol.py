@@ -143,6 +143,14 @@ def parse_control(message: str) -> typing.Dict[str, typing.Any]:
     return request
 
 
+def parse_offer(body: str) -> str:
+    """`POST /offer`'s body, `{"type": "offer", "sdp": "v=0..."}` → the SDP; a one-line ValueError otherwise."""
+    offer = _json_object(body, "the offer")
+    if offer.get("type", "offer") != "offer" or not isinstance(offer.get("sdp"), str) or not offer["sdp"].startswith("v=0"):
+        raise ValueError('the offer must be {"type": "offer", "sdp": "v=0..."} (RTCPeerConnection.createOffer\'s description)')
+    return offer["sdp"]
+
+
 class H264Encoder:
     """One H.264 stream (libx264, ultrafast, zero latency: one access unit out per frame in)."""
 

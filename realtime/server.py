@@ -1,12 +1,14 @@
-"""`avatar serve`: a WebSocket endpoint for live avatars, and the browser page that uses it.
+"""`avatar serve`: live avatars over WebRTC and over a WebSocket, and the browser page that uses them.
 
     avatar serve [--image PORTRAIT] [--host 127.0.0.1] [--port 8765] [--token SECRET]
 
-HTTP GET `/` serves the browser page (`realtime/static/index.html`): microphone in, avatar out.
-The WebSocket is `/ws`; its protocol (messages, framing) is `realtime/protocol.py`.
+An aiohttp server: HTTP GET `/` serves the browser page (`realtime/static/index.html`: microphone in,
+avatar out, over WebRTC by default); `POST /offer` takes a WebRTC offer and answers with the avatar's
+video and voice tracks (`realtime/webrtc.py`); `/ws` is the WebSocket protocol for simple clients
+(`realtime/protocol.py`: JPEG or H.264 and PCM per message).
 
-Authentication: `?token=` in the URL or `Authorization: Bearer` (HTTP 401 otherwise). Limits: at
-most `max_sessions` connections (HTTP 503 beyond); admission control: at start the server measures
+Authentication (both transports): `?token=` in the URL or `Authorization: Bearer` (HTTP 401
+otherwise). Limits: at most `max_sessions` sessions of either kind (HTTP 503 beyond); admission control: at start the server measures
 what a session costs on this machine (`Engine.calibrate`) and refuses a session that would overload
 it (HTTP 503 with the measured reason; close 1013 if the load changed during the handshake); a
 bounded latency: a frame whose audio reached the server more than `max_latency_s` before is not sent
@@ -32,7 +34,6 @@ import secrets
 import threading
 import time
 import typing
-import urllib.parse
 
 import numpy as np
 
@@ -45,8 +46,8 @@ from realtime.protocol import H264Encoder
 @dataclasses.dataclass
 class Client:
     session: typing.Any
-    queue: asyncio.Queue
-    start: protocol.Start
+    queue: typing.Optional[asyncio.Queue]  # the WebSocket's frames waiting to be sent (None: a WebRTC peer)
+    start: typing.Optional[protocol.Start]  # the WebSocket's start message (None: a WebRTC peer)
     encoder: typing.Optional[H264Encoder] = None
     need_keyframe: bool = False  # set when frames were dropped from the queue (H.264 needs a fresh start)
     queue_dropped: int = 0
@@ -57,6 +58,7 @@ class Client:
     encoded: int = 0
     reported: typing.Dict[str, typing.Any] = dataclasses.field(default_factory=dict)
     latencies: typing.Deque[float] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=500))  # recent frames
+    peer: typing.Any = None  # a WebRTC client's `realtime.webrtc.Peer`
 
 
 class AvatarServer:
@@ -96,7 +98,9 @@ class AvatarServer:
         """Every client's finished frames to the encode pool, after the client's previous ones."""
         for client in list(self.clients.values()):
             frames = client.session.pop_frames()
-            if frames:
+            if frames and client.peer is not None:  # WebRTC: aiortc's senders encode on the loop's executor
+                self.loop.call_soon_threadsafe(client.peer.deliver, frames)
+            elif frames:
                 client.encoding = self.encoders.submit(self._encode, client, frames, client.encoding)
 
     def _encode(self, client: Client, frames: typing.List[typing.Any], previous: typing.Optional[concurrent.futures.Future]) -> None:
@@ -143,78 +147,138 @@ class AvatarServer:
         return self.engine.admission(self.config.max_load) if self.config.admission else None
 
     def _authorised(self, request) -> bool:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
-        given = (query.get("token") or [""])[0]
+        given = request.query.get("token", "")
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             given = header[len("Bearer "):]
         return hmac.compare_digest(given.encode(), self.token.encode())
 
-    def process_request(self, connection, request):
-        path = urllib.parse.urlsplit(request.path).path
-        if path in ("/", "/index.html"):
-            response = connection.respond(200, self.page)
-            response.headers["Content-Type"] = "text/html; charset=utf-8"
-            return response
-        if path != "/ws":
-            return connection.respond(404, "not found\n")
+    def _gate(self, request):
+        """The refusal for a new session (an aiohttp response: 401, 503 busy or at capacity), or None."""
+        from aiohttp import web
+
         if not self._authorised(request):
             self.rejected["auth"] += 1
-            return connection.respond(401, "a valid token is needed (?token= or Authorization: Bearer)\n")
+            return web.Response(status=401, text="a valid token is needed (?token= or Authorization: Bearer)\n")
         if len(self.clients) >= self.config.max_sessions:
             self.rejected["busy"] += 1
-            return connection.respond(503, f"the server is busy ({self.config.max_sessions} sessions); try again later\n")
+            return web.Response(status=503, text=f"the server is busy ({self.config.max_sessions} sessions); try again later\n")
         refused = self.admission()
         if refused:
             self.rejected["capacity"] += 1
-            return connection.respond(503, refused + "\n")
-        if "websocket" not in request.headers.get("Upgrade", "").lower():
-            return connection.respond(426, "/ws speaks WebSocket only; connect with a WebSocket client (see realtime/client.py)\n")
+            return web.Response(status=503, text=refused + "\n")
         return None
 
-    async def handle(self, connection) -> None:
-        import websockets
+    async def _page(self, request):
+        from aiohttp import web
 
+        return web.Response(text=self.page, content_type="text/html")
+
+    async def _websocket(self, request):
+        """`/ws`: the WebSocket protocol (`realtime/protocol.py`)."""
+        from aiohttp import web
+
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        if "websocket" not in request.headers.get("Upgrade", "").lower():
+            return web.Response(status=426, text="/ws speaks WebSocket only; connect with a WebSocket client (see realtime/client.py)\n")
+        connection = web.WebSocketResponse(max_msg_size=self.config.max_message_bytes, compress=False)
+        await connection.prepare(request)
         try:
-            first = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
+            await self.handle(connection)
+        except ConnectionResetError:  # the client went away mid-send
+            pass
+        return connection
+
+    async def _offer(self, request):
+        """`POST /offer`: a WebRTC session (`realtime/webrtc.py`) from the browser's SDP offer."""
+        from aiohttp import web
+
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        try:
+            offer = protocol.parse_offer(await request.text())
+        except ValueError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        from realtime.webrtc import Peer
+
+        session = self.engine.open(self.avatar, 48000)
+        client = Client(session, None, None)
+        key = id(client)
+        peer = Peer(session, client, self.config.fps, self.engine.clock, self.config.max_latency_s, self.config.client_queue_frames,
+                    self.config.idle_timeout_s, lambda: self._stats(client), lambda: self.clients.pop(key, None))
+        client.peer = peer
+        self.clients[key] = client
+        try:
+            answer = await peer.answer(offer)
+        except ValueError as exc:
+            await peer.close()
+            return web.Response(status=400, text=f"{exc}\n")
+        height, width = self.avatar.portrait.shape[:2]
+        reply = json.loads(protocol.ready(self.config.fps, width, height, "webrtc", session.lookahead_s * 1000, key))
+        reply.update(type="answer", sdp=answer)
+        return web.json_response(reply)
+
+    async def _close_peers(self) -> None:
+        for client in list(self.clients.values()):
+            if client.peer is not None:
+                await client.peer.close()
+
+    async def _receive(self, connection) -> typing.Union[str, bytes]:
+        """The next text or binary message; `asyncio.TimeoutError` after `idle_timeout_s` of nothing,
+        `ConnectionResetError` once the connection is closing (a close, an error, a message over the limit:
+        aiohttp has closed it with 1009 then)."""
+        from aiohttp import WSMsgType
+
+        message = await connection.receive(timeout=self.config.idle_timeout_s)
+        if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return message.data
+        raise ConnectionResetError(f"the connection closed ({message.type.name})")
+
+    async def handle(self, connection) -> None:
+        """One WebSocket session on an aiohttp `WebSocketResponse`."""
+        try:
+            first = await self._receive(connection)
             start = protocol.Start.parse(first)
             refused = self.admission()  # again: others may have opened since this connection was admitted
             if refused:
                 self.rejected["capacity"] += 1
-                await connection.send(protocol.error(refused))
-                await connection.close(1013, "at capacity")
+                await connection.send_str(protocol.error(refused))
+                await connection.close(code=1013, message=b"at capacity")
                 return
             session = self.engine.open(self.avatar, start.sample_rate)
         except (ValueError, TypeError, AvatarError) as exc:
-            await connection.send(protocol.error(str(exc)))
-            await connection.close(1003, "bad start message")
+            await connection.send_str(protocol.error(str(exc)))
+            await connection.close(code=1003, message=b"bad start message")
             return
-        except (asyncio.TimeoutError, websockets.ConnectionClosed):
+        except (asyncio.TimeoutError, ConnectionResetError):
             return
         client = Client(session, asyncio.Queue(maxsize=self.config.client_queue_frames), start,
                         H264Encoder(self.config.fps) if start.video == "h264" else None)
         key = id(client)
         self.clients[key] = client
         height, width = self.avatar.portrait.shape[:2]
-        await connection.send(protocol.ready(self.config.fps, width, height, start.video, session.lookahead_s * 1000, key))
+        await connection.send_str(protocol.ready(self.config.fps, width, height, start.video, session.lookahead_s * 1000, key))
         sender = asyncio.create_task(self._send(connection, client))
         try:
             while True:
-                message = await asyncio.wait_for(connection.recv(), timeout=self.config.idle_timeout_s)
+                message = await self._receive(connection)
                 if isinstance(message, bytes):
                     session.push(start.pcm(message))
                     continue
                 request = protocol.parse_control(message)
                 if request.get("type") == "stats":
-                    await connection.send(json.dumps(self._stats(client)))
+                    await connection.send_str(json.dumps(self._stats(client)))
                 elif request.get("type") == "client_stats":
                     client.reported = {k: v for k, v in request.items() if k != "type"}
         except asyncio.TimeoutError:
-            await connection.close(1000, "idle timeout")
+            await connection.close(code=1000, message=b"idle timeout")
         except (ValueError, AvatarError) as exc:
-            await connection.send(protocol.error(str(exc)))
-            await connection.close(1003, "bad message")
-        except websockets.ConnectionClosed:
+            await connection.send_str(protocol.error(str(exc)))
+            await connection.close(code=1003, message=b"bad message")
+        except ConnectionResetError:
             pass
         finally:
             sender.cancel()
@@ -222,8 +286,6 @@ class AvatarServer:
             session.close()
 
     async def _send(self, connection, client: Client) -> None:
-        import websockets
-
         last_stats = time.perf_counter()
         try:
             while True:
@@ -235,13 +297,13 @@ class AvatarServer:
                         client.need_keyframe = True
                     else:
                         client.latencies.append(late)
-                        await connection.send(message)
+                        await connection.send_bytes(message)
                 except asyncio.TimeoutError:
                     pass
                 if time.perf_counter() - last_stats > 1.0:
                     last_stats = time.perf_counter()
-                    await connection.send(json.dumps(self._stats(client)))
-        except websockets.ConnectionClosed:
+                    await connection.send_str(json.dumps(self._stats(client)))
+        except ConnectionResetError:
             return
 
     def _stats(self, client: Client) -> typing.Dict[str, typing.Any]:
@@ -258,20 +320,29 @@ class AvatarServer:
 
     async def serve(self, host: str, port: int, on_ready: typing.Optional[typing.Callable[[int], None]] = None) -> None:
         """Serve until `stopping` is set; `on_ready(port)` is called once listening (port 0: any free one)."""
-        from websockets.asyncio.server import serve
+        from aiohttp import web
 
         self.loop = asyncio.get_running_loop()
         renderer = threading.Thread(target=self._render_loop, name="avatar-render", daemon=True)
         renderer.start()
+        app = web.Application(client_max_size=self.config.max_message_bytes)
+        app.router.add_get("/", self._page)
+        app.router.add_get("/index.html", self._page)
+        app.router.add_get("/ws", self._websocket)
+        app.router.add_post("/offer", self._offer)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         try:
-            async with serve(self.handle, host, port, process_request=self.process_request,
-                             max_size=self.config.max_message_bytes, compression=None) as server:
-                if on_ready is not None:
-                    on_ready(list(server.sockets)[0].getsockname()[1])
-                while not self.stopping.is_set():
-                    await asyncio.sleep(0.1)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            if on_ready is not None:
+                on_ready(runner.addresses[0][1])
+            while not self.stopping.is_set():
+                await asyncio.sleep(0.1)
         finally:
             self.stopping.set()
+            await self._close_peers()
+            await runner.cleanup()
             renderer.join()
 
 

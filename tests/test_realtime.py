@@ -6,10 +6,8 @@ import asyncio
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 
 from avatar import media
 from avatar.config import IdleConfig, RealtimeConfig
+from benchmarks.webrtc import browser, run_page
 from conftest import DATA, PORTRAIT, REPO
 
 SPEECH = DATA / "speech/kleinlee__DH_live/audio0.wav"  # 7.6 s of real speech
@@ -382,41 +381,75 @@ def test_a_slow_client_does_not_hold_up_another(serve, speech):
     assert slow_stats and slow_stats[0]["queue_dropped"] + slow_stats[0]["late_dropped"] > 0  # the slow one lost frames (queue full, or too late to send)
 
 
-def _browser():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
+needs_browser = pytest.mark.skipif(browser() is None and os.environ.get("AVATAR_REQUIRE_BROWSER") != "1",
+                                   reason="no Chromium here (CI installs it and sets AVATAR_REQUIRE_BROWSER=1)")
 
 
-@pytest.mark.skipif(_browser() is None and os.environ.get("AVATAR_REQUIRE_BROWSER") != "1",
-                    reason="no Chromium here (CI installs it and sets AVATAR_REQUIRE_BROWSER=1)")
-def test_browser_page_streams_the_microphone_and_shows_the_avatar(serve, tmp_path):
+@needs_browser
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_browser_page_streams_the_microphone_and_shows_the_avatar(serve, tmp_path, transport):
     """Headless Chromium with a fake microphone playing real speech: frames arrive at the page and
-    change with the speech (idle motion is off, so only the mouth changes them)."""
-    assert _browser(), "AVATAR_REQUIRE_BROWSER=1 but no chromium on PATH"
+    change with the speech (idle motion is off, so only the mouth changes them), over WebRTC (the
+    page's default) and over the WebSocket. Over WebRTC the page's stats also give the A/V offset as
+    played (video minus audio playout time, on the server's clock): within one frame."""
+    assert browser(), "AVATAR_REQUIRE_BROWSER=1 but no chromium on PATH"
     server = serve()
     wav = tmp_path / "mic.wav"
     media.write_audio(wav, media.read_audio(SPEECH, 48000), 48000)
-    profile = tempfile.mkdtemp()
-    command = [_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
-               "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
-               "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}", server.page + "&autostart=1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline, report = time.time() + 60, {}
-        while time.time() < deadline:
-            time.sleep(0.5)
-            clients = server.server.stats()["clients"]
-            report = clients[0]["client"] if clients else {}
-            if report.get("decoded", 0) >= 40 and report.get("distinct", 0) >= 10:
-                break
-    finally:
-        process.terminate()
-        process.wait(20)
-        shutil.rmtree(profile, ignore_errors=True)
-    assert report.get("decoded", 0) >= 40, report  # frames arrived and were drawn on the page's canvas
-    assert report.get("distinct", 0) >= 10, report  # and they change with the speech
+    offsets = {}  # the A/V offset in each of the page's reports (once a second), by the frames decoded then
+
+    def report():
+        clients = server.server.stats()["clients"]
+        seen = clients[0]["client"] if clients else {}
+        if seen.get("av_offset_ms") is not None:
+            offsets[seen["frames_decoded"]] = seen["av_offset_ms"]
+        enough = seen.get("decoded", 0) >= 60 and seen.get("distinct", 0) >= 10
+        # Chrome's lip sync starts from its audio buffer's delay and moves the video's towards it over several seconds
+        synced = len(offsets) >= 3 and max(abs(x) for x in list(offsets.values())[-3:]) <= 1000 / 25
+        return seen if enough and (transport == "ws" or synced) else None
+
+    page = server.page + "&autostart=1" + ("&transport=ws" if transport == "ws" else "")
+    seen = run_page(page, wav, report) or server.server.stats()["clients"][0]["client"]
+    assert seen.get("decoded", 0) >= 60, seen  # frames arrived and were drawn on the page's canvas
+    assert seen.get("distinct", 0) >= 10, seen  # and they change with the speech
+    if transport == "webrtc":
+        last = list(offsets.values())[-3:]
+        assert len(last) == 3 and max(abs(x) for x in last) <= 1000 / 25, offsets  # lip sync as played: within one frame
+
+
+def test_webrtc_offers_are_authorised_and_checked_with_one_line(serve, caplog):
+    """`POST /offer`: a wrong token gets 401, a body that is not an offer and an offer without audio
+    get 400 with one line saying what to send; no session is left behind and nothing is logged at ERROR."""
+    import urllib.error
+    import urllib.request
+
+    from aiortc import RTCPeerConnection
+
+    server = serve()
+    offer_url = server.page.replace("/?", "/offer?")
+
+    def post(url, body):
+        request = urllib.request.Request(url, data=body.encode(), method="POST", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        return refused.value.code, refused.value.read().decode()
+
+    async def video_only_offer():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    with caplog.at_level("ERROR"):
+        assert post(offer_url.replace(server.server.token, "wrong"), '{"type": "offer", "sdp": "v=0"}')[0] == 401
+        code, said = post(offer_url, '{"sdp": 5}')
+        assert code == 400 and '{"type": "offer", "sdp": "v=0..."}' in said and said.count("\n") == 1
+        code, said = post(offer_url, json.dumps({"type": "offer", "sdp": asyncio.run(video_only_offer())}))
+        assert code == 400 and "the offer has no audio track" in said and said.count("\n") == 1
+    assert server.server.stats()["clients"] == []
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
 def test_webcam_names_what_is_missing_in_one_line():

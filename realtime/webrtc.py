@@ -1,0 +1,220 @@
+"""WebRTC for `avatar serve` (aiortc): the browser's microphone in, the avatar's video and voice out.
+
+    POST /offer?token=...   {"type": "offer", "sdp": "..."}   →   {"type": "answer", "sdp": "...", "fps", "width", ...}
+
+The offer must carry one audio track (the speech, sendrecv: the same m-line brings the avatar's
+voice back) and may ask for video (recvonly). The server answers with two tracks made from the
+engine's frames: video (VP8 or H.264, as negotiated) and audio (Opus: the speech the frames were
+made from). A/V sync: frame `i` goes out with RTP time `i / fps` on the video clock and its own
+audio (`[pts, pts + 1/fps)` of the session's audio clock) with the matching Opus time, both handed
+to the senders at the same moment, so the RTCP sender reports that browsers use for lip sync map
+both clocks to the same wall time. An optional data channel (any label) carries the page's
+`client_stats` JSON in and the server's stats out, once for each message in.
+
+Same token, session limit and admission control as the WebSocket (`realtime/server.py`); the
+server closes a peer whose connection fails or that sends no audio for `idle_timeout_s`. No STUN or
+TURN server is configured (nothing outside the host is contacted): the browser and the server must
+reach each other directly (the same machine or network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import typing
+
+import numpy as np
+
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+VIDEO_CLOCK = 90000  # RTP's video clock (Hz)
+AUDIO_RATE = 16000  # the frames' audio (`OutputFrame.audio`)
+AUDIO_PACKET = 320  # 20 ms at 16 kHz: one Opus packet
+AUDIO_QUEUE = 500  # 10 s of packets waiting for the sender at most
+
+
+class _QueuedTrack(MediaStreamTrack):
+    """A track whose frames are put on a queue by the server (`None` ends it)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.queue: asyncio.Queue = asyncio.Queue(limit)
+        self.dropped = 0  # frames the sender did not take in time (the oldest go first)
+
+    def put(self, item) -> None:
+        while self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(item)
+
+    async def _next(self):
+        item = await self.queue.get()
+        if item is None:
+            self.stop()
+            raise MediaStreamError
+        return item
+
+
+class AvatarVideoTrack(_QueuedTrack):
+    """The avatar's frames: `(image (H, W, 3) uint8 RGB, index, ready_at)` in, `av.VideoFrame` with RTP time
+    `index / fps` out; a frame whose audio reached the server more than `max_latency_s` before is skipped."""
+
+    kind = "video"
+
+    def __init__(self, fps: float, limit: int, clock: typing.Callable[[], float], max_latency_s: float,
+                 on_sent: typing.Callable[[typing.Optional[float]], None]):
+        super().__init__(limit)
+        self.fps, self.clock, self.max_latency_s, self.on_sent = fps, clock, max_latency_s, on_sent
+
+    async def recv(self):
+        import av
+
+        while True:
+            image, index, ready_at = await self._next()
+            late = self.clock() - ready_at
+            if late <= self.max_latency_s:
+                break
+            self.on_sent(None)  # too late to be worth sending
+        self.on_sent(late)
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame.pts = round(index * VIDEO_CLOCK / self.fps)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        return frame
+
+
+class AvatarAudioTrack(_QueuedTrack):
+    """The frames' audio, in 20 ms packets: `(n,) float32` 16 kHz with its first sample's index in, `av.AudioFrame` s16
+    mono out."""
+
+    kind = "audio"
+
+    def __init__(self):
+        super().__init__(AUDIO_QUEUE)
+        self._origin: typing.Optional[float] = None  # loop time at which sample 0 would have gone out
+
+    async def recv(self):
+        import av
+
+        samples, first = await self._next()
+        loop = asyncio.get_running_loop()
+        due = None if self._origin is None else self._origin + first / AUDIO_RATE
+        if due is None or loop.time() > due + 0.1:  # (re)start the pacing at the first packet or after a gap
+            self._origin = loop.time() - first / AUDIO_RATE
+        elif due > loop.time():
+            await asyncio.sleep(due - loop.time())  # a frame's packets 20 ms apart, not in one burst
+        pcm = (np.clip(samples, -1, 1) * 32767).round().astype(np.int16)[None, :]
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = first
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        return frame
+
+
+class Peer:
+    """One WebRTC session of the server: the peer connection, its engine session and its two tracks.
+
+    `client` is the server's record of it (counters for the stats: `late_dropped`, `latencies`,
+    `reported`); `stats()` gives the server's stats for the data channel; `on_closed()` runs once when the
+    peer is closed."""
+
+    def __init__(self, session, client, fps: float, clock: typing.Callable[[], float], max_latency_s: float,
+                 queue_frames: int, idle_timeout_s: float, stats: typing.Callable[[], typing.Dict[str, typing.Any]],
+                 on_closed: typing.Callable[[], None]):
+        self.session, self.client, self.fps = session, client, fps
+        self.idle_timeout_s, self.stats, self.on_closed = idle_timeout_s, stats, on_closed
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.video = AvatarVideoTrack(fps, queue_frames, clock, max_latency_s, self._sent)
+        self.audio = AvatarAudioTrack()
+        self.closed = False
+        self._tasks: typing.List[asyncio.Task] = []
+        self._heard = asyncio.Event()
+
+        @self.pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "audio":
+                self._tasks.append(asyncio.ensure_future(self._hear(track)))
+
+        @self.pc.on("datachannel")
+        def on_datachannel(channel) -> None:
+            @channel.on("message")
+            def on_message(message) -> None:
+                try:
+                    report = json.loads(message)
+                except (TypeError, ValueError):
+                    return
+                if isinstance(report, dict) and report.get("type") == "client_stats":
+                    self.client.reported = {k: v for k, v in report.items() if k != "type"}
+                    channel.send(json.dumps(self.stats()))
+
+        @self.pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if self.pc.connectionState in ("failed", "closed"):
+                await self.close()
+
+    def _sent(self, late: typing.Optional[float]) -> None:
+        if late is None:
+            self.client.late_dropped += 1
+        else:
+            self.client.latencies.append(late)
+
+    async def answer(self, offer_sdp: str) -> str:
+        """The SDP answer to the browser's offer; ValueError (one line) for an offer without audio."""
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        kinds = [t.kind for t in self.pc.getTransceivers()]
+        if "audio" not in kinds:
+            raise ValueError("the offer has no audio track: send the speech (the microphone or a TTS track) as audio")
+        self.pc.addTrack(self.audio)
+        if "video" in kinds:
+            self.pc.addTrack(self.video)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._tasks.append(asyncio.ensure_future(self._watch_first_audio()))
+        return self.pc.localDescription.sdp
+
+    async def _watch_first_audio(self) -> None:
+        try:
+            await asyncio.wait_for(self._heard.wait(), self.idle_timeout_s)
+        except asyncio.TimeoutError:
+            await self.close()
+
+    async def _hear(self, track) -> None:
+        """The browser's audio, decoded by aiortc (Opus → s16 at 48 kHz), into the engine session as float32 mono."""
+        import av
+
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=self.session.sample_rate)
+        try:
+            while True:
+                frame = await asyncio.wait_for(track.recv(), self.idle_timeout_s)
+                self._heard.set()
+                for mono in resampler.resample(frame):
+                    self.session.push(mono.to_ndarray()[0].astype(np.float32))
+        except (MediaStreamError, asyncio.TimeoutError):
+            await self.close()
+
+    def deliver(self, frames: typing.Sequence[typing.Any]) -> None:
+        """Finished `OutputFrame`s of the session (on the event loop's thread): each frame's picture and,
+        at the same moment, its audio in 20 ms packets."""
+        if self.closed:
+            return
+        for frame in frames:
+            self.video.put((frame.image, frame.index, frame.ready_at))
+            first = round(frame.pts * AUDIO_RATE)
+            for start in range(0, len(frame.audio), AUDIO_PACKET):
+                self.audio.put((frame.audio[start:start + AUDIO_PACKET], first + start))
+        self.client.queue_dropped = self.video.dropped
+
+    async def close(self) -> None:
+        """Stop the tracks and the connection, close the engine session (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for track in (self.video, self.audio):
+            track.put(None)
+        await self.pc.close()
+        self.session.close()
+        self.on_closed()
