@@ -68,7 +68,8 @@ class OutputFrame:
     """index: frame number in the session; pts: seconds on the session's audio clock; image:
     `(H, W, 3) uint8`; audio: `(n,) float32` 16 kHz for [pts, pts + 1/fps); repeated: the renderer was
     behind, so this is the previous image again; ready_at: wall time the frame's audio was complete
-    (its look-ahead included); made_at: wall time it was finished."""
+    (its look-ahead included); made_at: wall time it was finished; source_audio: the same span as
+    pushed, `(m,) float32` at the session's own sample rate (silence where the engine idled)."""
 
     index: int
     pts: float
@@ -77,6 +78,7 @@ class OutputFrame:
     repeated: bool
     ready_at: float
     made_at: float
+    source_audio: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
 
     @property
     def latency_s(self) -> float:
@@ -107,6 +109,30 @@ class _Resampler:
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
+class _FrameAudio:
+    """Audio at `rate` handed out frame by frame: what has come and not been handed out yet starts at
+    sample `offset`; `received` counts every sample added."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.samples = np.zeros(0, np.float32)
+        self.offset = self.received = 0
+
+    def add(self, samples: np.ndarray) -> None:
+        self.samples = np.concatenate([self.samples, samples])
+        self.received += samples.size
+
+    def take(self, index: int, fps: float) -> np.ndarray:
+        """Frame `index`'s span `[index / fps, (index + 1) / fps)` (what of it has come), once; what lies
+        before it is let go."""
+        begin, end = int(round(index / fps * self.rate)), int(round((index + 1) / fps * self.rate))
+        piece = self.samples[max(0, begin - self.offset): max(0, end - self.offset)]
+        drop = max(0, end - self.offset)
+        self.samples = self.samples[drop:]
+        self.offset += drop
+        return piece
+
+
 class Session:
     """One live stream of one avatar. `push` audio; the engine's `step` renders; `pop_frames` takes
     what is finished. Thread-safe: push/pop from the I/O side, step from the render side."""
@@ -124,8 +150,8 @@ class Session:
         self.lock = threading.Lock()
         self.samples = 0  # 16 kHz samples received (the audio clock)
         self.inbox: typing.Deque[typing.Tuple[np.ndarray, float, bool]] = collections.deque()  # (16 kHz samples, arrival, real) not yet heard
-        self.audio = np.zeros(0, np.float32)  # heard audio not yet handed out with frames
-        self.audio_offset = 0  # sample index of self.audio[0]
+        self.heard = _FrameAudio(STREAM_RATE)  # 16 kHz audio the speech models have heard, for the frames
+        self.source = _FrameAudio(sample_rate)  # the same audio as pushed (silence fed included), for the frames
         self.pending: typing.Deque[typing.Tuple[int, np.ndarray, float]] = collections.deque()  # (index, mouth, ready_at)
         self.done: typing.Deque[OutputFrame] = collections.deque()
         self.last_image = avatar.portrait
@@ -152,13 +178,15 @@ class Session:
         if not np.isfinite(chunk).all():
             raise MediaError("audio contains NaN or infinity; send PCM in [-1, 1]")
         now = self.engine.clock() if now is None else now
-        self._push16(self.resample(np.clip(chunk, -1.0, 1.0)), now, real=True)
+        chunk = np.clip(chunk, -1.0, 1.0)
+        self._push16(self.resample(chunk), chunk, now, real=True)
         self.last_audio_at = now
 
-    def _push16(self, samples: np.ndarray, now: float, real: bool) -> None:
+    def _push16(self, samples: np.ndarray, source: np.ndarray, now: float, real: bool) -> None:
         with self.lock:
             self.samples += samples.size
             self.inbox.append((samples, now, real))
+            self.source.add(source)
 
     def hear(self) -> float:
         """Run the speech models on the audio that has arrived (render side): each frame whose
@@ -172,7 +200,7 @@ class Session:
             indices, mouths = self.motion.push(samples)
             heard += samples.size
             with self.lock:
-                self.audio = np.concatenate([self.audio, samples])
+                self.heard.add(samples)
                 for index, mouth in zip(indices, mouths):
                     if real:  # real audio later than real time moves the schedule; our own silence does not
                         self.anchor = max(self.anchor, arrived - index / self.fps - self.lookahead_s)
@@ -187,7 +215,8 @@ class Session:
             return
         missing = int((now - self.anchor - self.engine.config.silence_after_s) * STREAM_RATE) - self.samples
         if missing > 0:
-            self._push16(np.zeros(missing, np.float32), now, real=False)
+            source = int(round((self.samples + missing) * self.sample_rate / STREAM_RATE)) - self.source.received
+            self._push16(np.zeros(missing, np.float32), np.zeros(max(0, source), np.float32), now, real=False)
 
     def pop_frames(self) -> typing.List[OutputFrame]:
         with self.lock:
@@ -198,15 +227,6 @@ class Session:
     # ---------------------------------------------------------------- render side (Engine.step)
     def deadline(self, index: int) -> float:
         return self.anchor + index / self.fps + self.lookahead_s + self.engine.config.max_backlog_s
-
-    def _frame_audio(self, index: int) -> np.ndarray:
-        begin = int(round(index / self.fps * STREAM_RATE))
-        end = int(round((index + 1) / self.fps * STREAM_RATE))
-        piece = self.audio[max(0, begin - self.audio_offset): max(0, end - self.audio_offset)]
-        drop = max(0, end - self.audio_offset)
-        self.audio = self.audio[drop:]
-        self.audio_offset += drop
-        return piece
 
     def take_due(self, now: float, limit: int, render_s: float = 0.0) -> typing.List[typing.Tuple[int, np.ndarray, float]]:
         """Drop what would miss its deadline if rendered now (`render_s`: how long the coming batch is
@@ -222,7 +242,8 @@ class Session:
             return taken
 
     def _finish(self, index: int, image: np.ndarray, repeated: bool, ready_at: float, now: float) -> None:
-        self.done.append(OutputFrame(index, index / self.fps, image, self._frame_audio(index), repeated, ready_at, now))
+        self.done.append(OutputFrame(index, index / self.fps, image, self.heard.take(index, self.fps), repeated, ready_at, now,
+                                     self.source.take(index, self.fps)))
         self.frames_out += 1
         self.dropped += int(repeated)
         self.engine.frames_out += 1

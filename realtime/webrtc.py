@@ -5,10 +5,11 @@
 The offer must carry one audio track (the speech, sendrecv: the same m-line brings the avatar's
 voice back) and may ask for video (recvonly). The server answers with two tracks made from the
 engine's frames: video (VP8 or H.264, as negotiated) and audio (Opus: the speech the frames were
-made from). A/V sync: frame `i` goes out with RTP time `i / fps` on the video clock and its own
-audio (`[pts, pts + 1/fps)` of the session's audio clock) with the matching Opus time, both handed
-to the senders at the same moment, so the RTCP sender reports that browsers use for lip sync map
-both clocks to the same wall time. An optional data channel (any label) carries the page's
+made from, at the rate it came in). A/V sync: frame `i` goes out with RTP time `i / fps` on the
+video clock, and its own audio (`[pts, pts + 1/fps)` of the session's audio clock) with the matching
+Opus time, in 20 ms packets sent once the picture has gone out (`_VideoSent`): aiortc's RTCP sender
+reports map RTP time to the wall clock at sending, so both streams then carry the same delays
+(render, encode, load) and browsers, which lip-sync by those reports, keep picture and voice together. An optional data channel (any label) carries the page's
 `client_stats` JSON in and the server's stats out, once for each message in.
 
 Same token, session limit and admission control as the WebSocket (`realtime/server.py`); the
@@ -30,9 +31,32 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from aiortc.mediastreams import MediaStreamError
 
 VIDEO_CLOCK = 90000  # RTP's video clock (Hz)
-AUDIO_RATE = 16000  # the frames' audio (`OutputFrame.audio`)
-AUDIO_PACKET = 320  # 20 ms at 16 kHz: one Opus packet
+PACKET_S = 0.02  # audio goes out in 20 ms packets (one Opus frame each)
 AUDIO_QUEUE = 500  # 10 s of packets waiting for the sender at most
+AUDIO_WAITS_FOR_VIDEO_S = 0.5  # longest a frame's audio is held back for its picture to be sent
+
+
+class _VideoSent:
+    """Which frames' pictures have gone out (sent, or skipped as too late): the audio of a frame follows
+    its picture, so that both senders' RTCP reports (which map RTP time to the wall clock at sending)
+    carry the same delays, and browsers keep them in sync however long the encoding took."""
+
+    def __init__(self):
+        self.index = -1
+        self.condition = asyncio.Condition()
+
+    async def mark(self, index: int) -> None:
+        async with self.condition:
+            self.index = max(self.index, index)
+            self.condition.notify_all()
+
+    async def wait(self, index: int) -> None:
+        """Until frame `index`'s picture has gone out, or AUDIO_WAITS_FOR_VIDEO_S."""
+        try:
+            async with self.condition:
+                await asyncio.wait_for(self.condition.wait_for(lambda: self.index >= index), AUDIO_WAITS_FOR_VIDEO_S)
+        except asyncio.TimeoutError:
+            pass
 
 
 class _QueuedTrack(MediaStreamTrack):
@@ -64,20 +88,25 @@ class AvatarVideoTrack(_QueuedTrack):
     kind = "video"
 
     def __init__(self, fps: float, limit: int, clock: typing.Callable[[], float], max_latency_s: float,
-                 on_sent: typing.Callable[[typing.Optional[float]], None]):
+                 on_sent: typing.Callable[[typing.Optional[float]], None], sent: _VideoSent):
         super().__init__(limit)
-        self.fps, self.clock, self.max_latency_s, self.on_sent = fps, clock, max_latency_s, on_sent
+        self.fps, self.clock, self.max_latency_s, self.on_sent, self.sent = fps, clock, max_latency_s, on_sent, sent
+        self._previous: typing.Optional[int] = None
 
     async def recv(self):
         import av
 
+        if self._previous is not None:  # the sender asks for a picture once it has sent the one before
+            await self.sent.mark(self._previous)
         while True:
             image, index, ready_at = await self._next()
             late = self.clock() - ready_at
             if late <= self.max_latency_s:
                 break
             self.on_sent(None)  # too late to be worth sending
+            await self.sent.mark(index)
         self.on_sent(late)
+        self._previous = index
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = round(index * VIDEO_CLOCK / self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
@@ -85,30 +114,35 @@ class AvatarVideoTrack(_QueuedTrack):
 
 
 class AvatarAudioTrack(_QueuedTrack):
-    """The frames' audio, in 20 ms packets: `(n,) float32` 16 kHz with its first sample's index in, `av.AudioFrame` s16
-    mono out."""
+    """The frames' audio, in 20 ms packets: `(samples (n,) float32 at `rate`, its first sample's index, its frame's
+    index)` in, `av.AudioFrame` s16 mono out, each after its frame's picture has gone out (when `sent` is given: the
+    peer asked for video) and paced 20 ms apart."""
 
     kind = "audio"
 
-    def __init__(self):
+    def __init__(self, rate: int, sent: typing.Optional[_VideoSent]):
         super().__init__(AUDIO_QUEUE)
-        self._origin: typing.Optional[float] = None  # loop time at which sample 0 would have gone out
+        self.rate, self.sent = rate, sent
+        self._frame: typing.Optional[typing.Tuple[int, float, int]] = None  # (frame index, loop time, first sample) of its first packet
 
     async def recv(self):
         import av
 
-        samples, first = await self._next()
+        samples, first, index = await self._next()
+        if self.sent is not None:
+            await self.sent.wait(index)
         loop = asyncio.get_running_loop()
-        due = None if self._origin is None else self._origin + first / AUDIO_RATE
-        if due is None or loop.time() > due + 0.1:  # (re)start the pacing at the first packet or after a gap
-            self._origin = loop.time() - first / AUDIO_RATE
-        elif due > loop.time():
-            await asyncio.sleep(due - loop.time())  # a frame's packets 20 ms apart, not in one burst
+        if self._frame is None or self._frame[0] != index:  # a frame's first packet goes at once (with its picture)
+            self._frame = (index, loop.time(), first)
+        else:  # its next ones 20 ms apart, not in one burst (a burst grows the browser's audio buffer)
+            due = self._frame[1] + (first - self._frame[2]) / self.rate
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
         pcm = (np.clip(samples, -1, 1) * 32767).round().astype(np.int16)[None, :]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        frame.sample_rate = AUDIO_RATE
+        frame.sample_rate = self.rate
         frame.pts = first
-        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        frame.time_base = fractions.Fraction(1, self.rate)
         return frame
 
 
@@ -125,8 +159,9 @@ class Peer:
         self.session, self.client, self.fps = session, client, fps
         self.idle_timeout_s, self.stats, self.on_closed = idle_timeout_s, stats, on_closed
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.video = AvatarVideoTrack(fps, queue_frames, clock, max_latency_s, self._sent)
-        self.audio = AvatarAudioTrack()
+        self.sent = _VideoSent()
+        self.video = AvatarVideoTrack(fps, queue_frames, clock, max_latency_s, self._sent, self.sent)
+        self.audio = AvatarAudioTrack(session.sample_rate, None)
         self.closed = False
         self._tasks: typing.List[asyncio.Task] = []
         self._heard = asyncio.Event()
@@ -168,6 +203,7 @@ class Peer:
         self.pc.addTrack(self.audio)
         if "video" in kinds:
             self.pc.addTrack(self.video)
+            self.audio.sent = self.sent  # the voice follows the pictures
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._tasks.append(asyncio.ensure_future(self._watch_first_audio()))
         return self.pc.localDescription.sdp
@@ -193,15 +229,16 @@ class Peer:
             await self.close()
 
     def deliver(self, frames: typing.Sequence[typing.Any]) -> None:
-        """Finished `OutputFrame`s of the session (on the event loop's thread): each frame's picture and,
-        at the same moment, its audio in 20 ms packets."""
+        """Finished `OutputFrame`s of the session (on the event loop's thread): each frame's picture and its
+        audio as pushed (the session's rate), in 20 ms packets."""
         if self.closed:
             return
         for frame in frames:
             self.video.put((frame.image, frame.index, frame.ready_at))
-            first = round(frame.pts * AUDIO_RATE)
-            for start in range(0, len(frame.audio), AUDIO_PACKET):
-                self.audio.put((frame.audio[start:start + AUDIO_PACKET], first + start))
+            rate = self.session.sample_rate
+            first, packet = round(frame.pts * rate), round(PACKET_S * rate)
+            for start in range(0, len(frame.source_audio), packet):
+                self.audio.put((frame.source_audio[start:start + packet], first + start, frame.index))
         self.client.queue_dropped = self.video.dropped
 
     async def close(self) -> None:

@@ -227,9 +227,10 @@ def serve(engine, avatar):
 
     started = []
 
-    def start(**overrides):
+    def start(image=None, **overrides):
+        """`image`: the portrait (default PORTRAIT, scaled to the live 512 px)."""
         config = dataclasses.replace(RealtimeConfig(), **{"admission": False, **overrides})  # admission has its own tests
-        background = BackgroundServer(AvatarServer(engine, media.read_image(PORTRAIT), config)).__enter__()
+        background = BackgroundServer(AvatarServer(engine, media.read_image(PORTRAIT) if image is None else image, config)).__enter__()
         started.append(background)
         return background
 
@@ -392,8 +393,12 @@ def test_browser_page_streams_the_microphone_and_shows_the_avatar(serve, tmp_pat
     change with the speech (idle motion is off, so only the mouth changes them), over WebRTC (the
     page's default) and over the WebSocket. Over WebRTC the page's stats also give the A/V offset as
     played (video minus audio playout time, on the server's clock): within one frame."""
+    import cv2
+
     assert browser(), "AVATAR_REQUIRE_BROWSER=1 but no chromium on PATH"
-    server = serve()
+    portrait = media.read_image(PORTRAIT)
+    scale = 256 / max(portrait.shape[:2])  # a 256-px avatar: the browser, the codec and the renderer share 2 cores with other tests
+    server = serve(image=cv2.resize(portrait, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
     wav = tmp_path / "mic.wav"
     media.write_audio(wav, media.read_audio(SPEECH, 48000), 48000)
     offsets = {}  # the A/V offset in each of the page's reports (once a second), by the frames decoded then
@@ -409,7 +414,7 @@ def test_browser_page_streams_the_microphone_and_shows_the_avatar(serve, tmp_pat
         return seen if enough and (transport == "ws" or synced) else None
 
     page = server.page + "&autostart=1" + ("&transport=ws" if transport == "ws" else "")
-    seen = run_page(page, wav, report) or server.server.stats()["clients"][0]["client"]
+    seen = run_page(page, wav, report, seconds=120) or server.server.stats()["clients"][0]["client"]
     assert seen.get("decoded", 0) >= 60, seen  # frames arrived and were drawn on the page's canvas
     assert seen.get("distinct", 0) >= 10, seen  # and they change with the speech
     if transport == "webrtc":
