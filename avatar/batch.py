@@ -7,8 +7,10 @@ A job: `video` (dub), `image` or `avatar` (animate; `avatar` with `video` dubs w
 person), `audio`, `output` (a name inside the output folder), and optionally `renderer`,
 `audio_longer`, `audio_shorter`. Paths are relative to the jobs file.
 
-Workers are Ray actors (`ray`, the `batch` extra) that load the models once and take one job after
-another, as many as `workers`. Ray runs locally by default (`ray.init` with this machine's CPUs) and
+Workers are Ray actors (`ray`, the `batch` extra) that load the models once and take many jobs, as
+many workers as `workers`. Each holds `jobs_per_worker` jobs at once (2 by default): their decoding
+and face tracking run side by side, their rendering one at a time, so the next job's tracking
+overlaps the current one's rendering. Ray runs locally by default (`ray.init` with this machine's CPUs) and
 joins a cluster with `address`. Guarantees:
 - outputs are atomic (as every command's), so a file in the output folder is always complete;
 - a worker that dies mid-job (killed, out of memory, a lost node) is restarted by Ray and its job is
@@ -149,11 +151,16 @@ def remove_partials(output: pathlib.Path) -> None:
 
 
 class Worker:
-    """A Ray actor: the models loaded once, one job after another."""
+    """A Ray actor: the models loaded once, many jobs. It may hold several jobs at once (Ray calls `run`
+    from that many threads): their decoding and face tracking run side by side, their rendering one
+    at a time, so the next job's tracking overlaps the current one's rendering."""
 
     def __init__(self, models: typing.Optional[str], threads: int):
+        import threading
+
         self.models, self.threads = models, threads
         self.pipelines: typing.Dict[str, typing.Any] = {}
+        self.loading, self.rendering = threading.Lock(), threading.Lock()
 
     def pid(self) -> int:
         return os.getpid()
@@ -163,14 +170,16 @@ class Worker:
         from avatar.pipeline import AvatarPipeline
 
         key = renderer or PipelineConfig.renderer
-        if key not in self.pipelines:
-            config = PipelineConfig(renderer=key, threads=self.threads, workers=self.threads)
-            self.pipelines[key] = AvatarPipeline.from_pretrained(self.models, config=config)
-        return self.pipelines[key]
+        with self.loading:
+            if key not in self.pipelines:
+                config = PipelineConfig(renderer=key, threads=self.threads, workers=self.threads)
+                self.pipelines[key] = AvatarPipeline.from_pretrained(self.models, config=config)
+            return self.pipelines[key]
 
     def run(self, job: Job, output: str) -> typing.Dict[str, typing.Any]:
         """The job → its row (status done or failed, with the one-line error)."""
         from avatar.config import DubConfig
+        from avatar.enroll import track_video
 
         started = time.perf_counter()
         try:
@@ -178,9 +187,15 @@ class Worker:
             avatar = pipeline.load_avatar(job.avatar) if job.avatar else None
             if job.video:
                 dub = DubConfig(**{k: getattr(job, k) for k in ("audio_longer", "audio_shorter") if getattr(job, k)})
-                result = pipeline.dub(job.video, job.audio, output, dub, progress=False, avatar=avatar)
+                footage = track_video(pipeline, job.video, progress=False, with_audio=avatar is None)  # beside another job's rendering
+                try:
+                    with self.rendering:
+                        result = pipeline.dub(job.video, job.audio, output, dub, progress=False, avatar=avatar, footage=footage)
+                finally:
+                    footage.close()
             else:
-                result = pipeline.animate(job.image, job.audio, output, progress=False, avatar=avatar)
+                with self.rendering:
+                    result = pipeline.animate(job.image, job.audio, output, progress=False, avatar=avatar)
         except (AvatarError, TypeError, ValueError) as exc:
             return {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                     "seconds": time.perf_counter() - started}
@@ -254,8 +269,9 @@ def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_
     threads = max(1, int(cpus // count))
     # each worker reserves its share of the CPUs (a fraction when there are more workers than CPUs: all of them start)
     actor_class = ray.remote(worker).options(num_cpus=cpus / count, num_gpus=config.gpus_per_worker, max_restarts=-1,
-                                             max_task_retries=0)
-    idle = [actor_class.remote(str(models), threads) for _ in range(count)]
+                                             max_task_retries=0, max_concurrency=config.jobs_per_worker)
+    actors = [actor_class.remote(str(models), threads) for _ in range(count)]
+    idle = [actor for _ in range(config.jobs_per_worker) for actor in actors]  # a free place for a job, per worker
     queue = [(index, 1) for index in todo]
     running: typing.Dict[typing.Any, typing.Tuple[int, int, typing.Any, float]] = {}
     bar = tqdm(total=round(sum(seconds_of[i] for i in todo), 1), unit="audio s", desc="batch", disable=not progress)
@@ -293,7 +309,7 @@ def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_
                                                                   if any(r["status"] == "failed" for r in rows.values()) else ""))
     finally:
         bar.close()
-        for actor in idle + [entry[2] for entry in running.values()]:
+        for actor in actors:
             ray.kill(actor)
 
 

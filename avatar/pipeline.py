@@ -459,11 +459,13 @@ class AvatarPipeline:
 
     def dub(self, video: PathLike, audio: PathLike, output: PathLike, dub_config: DubConfig = DubConfig(),
             references: typing.Sequence[PathLike] = (), report: typing.Optional[PathLike] = None,
-            progress: bool = True, avatar: typing.Optional[Avatar] = None, enroll: bool = True) -> RunResult:
+            progress: bool = True, avatar: typing.Optional[Avatar] = None, enroll: bool = True, footage=None) -> RunResult:
         """Re-lip-sync `video` to `audio`; outside the repainted lower face every pixel is the input's.
         The person comes from `avatar` (enrolled before, from other footage of them) or, with
         `enroll` (default), from the video itself enrolled on the fly (its mouths are the bank, its
-        own speech and lips the motion adaptation); `enroll=False`: the generic path (one open mouth)."""
+        own speech and lips the motion adaptation); `enroll=False`: the generic path (one open mouth).
+        `footage`: `video` tracked already (`avatar.enroll.track_video`, with its audio when it is
+        enrolled on the fly), as batch workers do for their next job while one renders; closed here."""
         from avatar.enroll import build_avatar, track_video
 
         if dub_config.audio_longer not in ("pingpong", "loop", "trim"):
@@ -483,7 +485,8 @@ class AvatarPipeline:
 
         # 1. Track the face through the whole video once; keep the frames on disk for random access.
         with clock.time("face"):
-            footage = track_video(self, video, progress, with_audio=enroll and avatar is None)
+            if footage is None:
+                footage = track_video(self, video, progress, with_audio=enroll and avatar is None)
         try:
             fps, good = footage.fps, footage.good
 

@@ -1,7 +1,8 @@
-"""Batch throughput on this machine: `avatar batch` with 1 and 2 workers against plain sequential
-`avatar dub` processes, on the same jobs.
+"""Batch throughput on this machine: `avatar batch` with 1 and 2 workers, each holding 1 job at a time
+or 2 (the next job's decoding and face tracking beside the current one's rendering), against plain
+sequential `avatar dub` processes, on the same jobs.
 
-    python -m benchmarks.batch [--jobs 6] [--seconds 8]
+    python -m benchmarks.batch [--jobs 6] [--seconds 8] [--no-sequential]
 
 Each job dubs a different real clip (`../shared/data/video/smeetrs__deep_avsr`, 160² faces) with
 `--seconds` of real speech. Printed: wall time and audio-hours per hour for each way, and the
@@ -30,6 +31,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--no-sequential", dest="sequential", action="store_false", help="skip the sequential baseline")
     args = parser.parse_args(argv)
     clips = sorted((DATA / "video/smeetrs__deep_avsr").glob("*.mp4"))[: args.jobs]
     speech = media.read_audio(DATA / "speech/kleinlee__DH_live/audio0.wav")
@@ -46,26 +48,28 @@ def main(argv=None) -> None:
             writer.writerows(rows)
         audio_s = len(rows) * args.seconds
         print(f"{len(rows)} jobs, {args.seconds:g} s of speech each ({audio_s:g} s in all), this machine's CPUs")
-        print(f"{'way':>26} {'wall s':>8} {'audio h / h':>12}")
-        started = time.perf_counter()
-        for row in rows:
-            subprocess.run([sys.executable, "-m", "avatar.cli", "dub", "--video", row["video"], "--audio", row["audio"], "--output",
-                            str(folder / "sequential" / row["output"]), "--quiet"], cwd=REPO, check=True, capture_output=True)
-        wall = time.perf_counter() - started
-        print(f"{'sequential avatar dub':>26} {wall:>8.1f} {audio_s / wall:>12.2f}", flush=True)
-        for workers in (1, 2):
+        print(f"{'way':>34} {'wall s':>8} {'audio h / h':>12}")
+        if args.sequential:
             started = time.perf_counter()
-            result = subprocess.run([sys.executable, "-m", "avatar.cli", "batch", str(folder / "jobs.csv"), "--output-dir",
-                                     str(folder / f"batch{workers}"), "--workers", str(workers), "--quiet"], cwd=REPO,
-                                    capture_output=True, text=True)
+            for row in rows:
+                subprocess.run([sys.executable, "-m", "avatar.cli", "dub", "--video", row["video"], "--audio", row["audio"], "--output",
+                                str(folder / "sequential" / row["output"]), "--quiet"], cwd=REPO, check=True, capture_output=True)
             wall = time.perf_counter() - started
-            if result.returncode != 0:
-                raise SystemExit(result.stdout + result.stderr)
-            with open(folder / f"batch{workers}" / "results.csv") as handle:
-                factors = [float(r["real_time_factor"]) for r in csv.DictReader(handle)]
-            print(f"{f'avatar batch, {workers} worker(s)':>26} {wall:>8.1f} {audio_s / wall:>12.2f}   "
-                  f"(per job {min(factors):.2f}-{max(factors):.2f}× real time)", flush=True)
-
+            print(f"{'sequential avatar dub':>34} {wall:>8.1f} {audio_s / wall:>12.2f}", flush=True)
+        for workers in (1, 2):
+            for held in (1, 2):
+                started = time.perf_counter()
+                name = f"batch{workers}_{held}"
+                result = subprocess.run([sys.executable, "-m", "avatar.cli", "batch", str(folder / "jobs.csv"), "--output-dir",
+                                         str(folder / name), "--workers", str(workers), "--jobs-per-worker", str(held), "--quiet"],
+                                        cwd=REPO, capture_output=True, text=True)
+                wall = time.perf_counter() - started
+                if result.returncode != 0:
+                    raise SystemExit(result.stdout + result.stderr)
+                with open(folder / name / "results.csv") as handle:
+                    factors = [float(r["real_time_factor"]) for r in csv.DictReader(handle)]
+                print(f"{f'avatar batch, {workers} worker(s) × {held} job(s)':>34} {wall:>8.1f} {audio_s / wall:>12.2f}   "
+                      f"(per job {min(factors):.2f}-{max(factors):.2f}× real time)", flush=True)
 
 if __name__ == "__main__":
     main()
