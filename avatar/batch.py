@@ -8,9 +8,9 @@ person), `audio`, `output` (a name inside the output folder), and optionally `re
 `audio_longer`, `audio_shorter`. Paths are relative to the jobs file.
 
 Workers are Ray actors (`ray`, the `batch` extra) that load the models once and take many jobs, as
-many workers as `workers`. Each holds `jobs_per_worker` jobs at once (2 by default): their decoding
-and face tracking run side by side, their rendering one at a time, so the next job's tracking
-overlaps the current one's rendering. Ray runs locally by default (`ray.init` with this machine's CPUs) and
+many workers as `workers`. Each holds `jobs_per_worker` jobs at once (by default 2 where a worker has
+more than one CPU, else 1): their decoding and face tracking run side by side, their rendering one
+at a time, so the next job's tracking overlaps the current one's rendering. Ray runs locally by default (`ray.init` with this machine's CPUs) and
 joins a cluster with `address`. Guarantees:
 - outputs are atomic (as every command's), so a file in the output folder is always complete;
 - a worker that dies mid-job (killed, out of memory, a lost node) is restarted by Ray and its job is
@@ -267,11 +267,12 @@ def _run_on_ray(jobs, todo, out, config, models, rows, seconds_of, progress, on_
     cpus = ray.available_resources().get("CPU", 1.0)
     count = max(1, min(config.workers or max(1, int(cpus)), len(todo)))
     threads = max(1, int(cpus // count))
+    held = config.jobs_per_worker or (2 if cpus / count > 1 else 1)
     # each worker reserves its share of the CPUs (a fraction when there are more workers than CPUs: all of them start)
     actor_class = ray.remote(worker).options(num_cpus=cpus / count, num_gpus=config.gpus_per_worker, max_restarts=-1,
-                                             max_task_retries=0, max_concurrency=config.jobs_per_worker)
+                                             max_task_retries=0, max_concurrency=held)
     actors = [actor_class.remote(str(models), threads) for _ in range(count)]
-    idle = [actor for _ in range(config.jobs_per_worker) for actor in actors]  # a free place for a job, per worker
+    idle = [actor for _ in range(held) for actor in actors]  # a free place for a job, per worker
     queue = [(index, 1) for index in todo]
     running: typing.Dict[typing.Any, typing.Tuple[int, int, typing.Any, float]] = {}
     bar = tqdm(total=round(sum(seconds_of[i] for i in todo), 1), unit="audio s", desc="batch", disable=not progress)

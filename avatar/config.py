@@ -279,7 +279,9 @@ class BatchConfig:
     cpus: int = 0  # CPUs of the local Ray (0: this machine's)
     gpus_per_worker: float = 0.0  # a fraction shares a GPU between workers
     retries: int = 2  # more tries of a job whose worker died
-    jobs_per_worker: int = 2  # jobs a worker holds at once: the next one's decoding and face tracking run while one renders (1: one at a time)
+    # jobs a worker holds at once: the next one's decoding and face tracking run while one renders (1: one at a time;
+    # 0: 2 where a worker has more than one CPU, else 1: measured on 2 cores, 2 workers × 2 jobs were 5% slower than × 1)
+    jobs_per_worker: int = 0
     models: str = ""  # folder with the model files (default: the bundled ones)
     verbose: bool = False  # Ray's own log in the terminal
 
@@ -287,7 +289,7 @@ class BatchConfig:
         require(0 <= self.workers <= 4096 and 0 <= self.cpus <= 100000, "--workers and --cpus must be 0 or more")
         require(0 <= self.gpus_per_worker <= 64, f"--gpus-per-worker must be between 0 and 64, not {self.gpus_per_worker}")
         require(0 <= self.retries <= 100, f"--retries must be between 0 and 100, not {self.retries}")
-        require(1 <= self.jobs_per_worker <= 16, f"--jobs-per-worker must be between 1 and 16, not {self.jobs_per_worker}")
+        require(0 <= self.jobs_per_worker <= 16, f"--jobs-per-worker must be between 0 and 16, not {self.jobs_per_worker}")
 
 
 @dataclass(frozen=True)
