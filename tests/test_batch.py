@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from avatar import media
-from conftest import DATA, LRS2_CLIP, PORTRAIT, REPO
+from conftest import DATA, GRID_CLIP, LRS2_CLIP, PORTRAIT, REPO
 
 SPEECH = DATA / "speech/kleinlee__DH_live/audio0.wav"
 pytest.importorskip("ray")
@@ -66,6 +66,21 @@ def test_a_bad_job_fails_alone_a_rerun_skips_and_a_changed_input_runs_again(fold
     assert changed.returncode == 0 and "1 done, 1 skipped" in changed.stdout, changed.stdout + changed.stderr
     assert (out / "dubbed.mp4").stat().st_mtime_ns == made["dubbed.mp4"]
     assert (out / "talking.mp4").stat().st_mtime_ns != made["talking.mp4"]
+
+
+def test_a_worker_holding_two_jobs_keeps_each_job_s_own_video_and_speech(folder):
+    """One worker with 2 CPUs holds both jobs (the second's tracking beside the first's rendering):
+    each output shows its own video, for its own speech's length."""
+    shutil.copy(GRID_CLIP, folder / "grid.mpg")
+    media.write_audio(folder / "longer.wav", media.read_audio(SPEECH)[:16000 * 3])
+    (folder / "jobs.csv").write_text("video,audio,output\nclip.mp4,hello.wav,lrs2.mp4\ngrid.mpg,longer.wav,grid.mp4\n")
+    out = folder / "out"
+    result = batch(folder / "jobs.csv", "--output-dir", out, "--quiet", "--cpus", 2, "--workers", 1)
+    assert result.returncode == 0 and "2 jobs: 2 done" in result.stdout, result.stdout + result.stderr
+    for name, source, seconds in (("lrs2.mp4", folder / "clip.mp4", 2), ("grid.mp4", folder / "grid.mpg", 3)):
+        made = media.read_video(out / name, with_audio=False).frames
+        first = media.read_video(source, with_audio=False, max_frames=1).frames[0]
+        assert made.shape[1:] == first.shape and abs(len(made) - 25 * seconds) <= 1, (name, made.shape)
 
 
 class _Writing:
