@@ -188,16 +188,22 @@ class Session:
             self.inbox.append((samples, now, real))
             self.source.add(source)
 
-    def hear(self) -> float:
-        """Run the speech models on the audio that has arrived (render side): each frame whose
-        look-ahead it completes joins `pending`, ready from that chunk's arrival. Returns the
-        seconds of audio heard."""
+    def plan_hearing(self) -> typing.List[typing.Tuple[typing.Any, np.ndarray, float, bool]]:
+        """The audio that has arrived, taken from the inbox (render side), with the speech encoder
+        windows each chunk completes: `(plan, samples, arrival, real)` per chunk, for `finish_hearing`
+        once the windows are encoded (the engine encodes every session's in one call)."""
         with self.lock:
             chunks = list(self.inbox)
             self.inbox.clear()
+        return [(self.motion.plan(samples), samples, arrived, real) for samples, arrived, real in chunks]
+
+    def finish_hearing(self, planned, encoded: typing.Sequence[np.ndarray]) -> float:
+        """The motion model on the chunks of `plan_hearing`, given their windows encoded: each frame whose
+        look-ahead a chunk completes joins `pending`, ready from that chunk's arrival. Returns the seconds
+        of audio heard."""
         heard = 0
-        for samples, arrived, real in chunks:
-            indices, mouths = self.motion.push(samples)
+        for (plan, samples, arrived, real), outputs in zip(planned, encoded):
+            indices, mouths = self.motion.take(plan, outputs)
             heard += samples.size
             with self.lock:
                 self.heard.add(samples)
@@ -397,6 +403,24 @@ class Engine:
             if session in self.sessions:
                 self.sessions.remove(session)
 
+    def _hear(self, sessions: typing.Sequence[Session]) -> float:
+        """Every session's new audio through the speech models, the speech encoder's windows of all
+        sessions in one call (one batch, instead of a call per session and 40 ms of audio). Returns the
+        seconds of audio heard."""
+        planned = [session.plan_hearing() for session in sessions]
+        windows = [plan.windows for chunks in planned for plan, *_ in chunks]
+        if not windows:
+            return 0.0
+        encoded = self.pipeline.encoder.encode_windows(np.concatenate(windows))
+        heard, start = 0.0, 0
+        for session, chunks in zip(sessions, planned):
+            outputs = []
+            for plan, *_ in chunks:
+                outputs.append(encoded[start:start + len(plan.windows)])
+                start += len(plan.windows)
+            heard += session.finish_hearing(chunks, outputs)
+        return heard
+
     def step(self, now: typing.Optional[float] = None, render_s: typing.Optional[float] = None,
              dispatch: typing.Optional[typing.Callable[[], None]] = None) -> int:
         """Render one batch of due frames across sessions (round robin, oldest first per session).
@@ -409,7 +433,7 @@ class Engine:
         if not sessions:
             return 0
         started = self.clock()
-        heard = sum(session.hear() for session in sessions)
+        heard = self._hear(sessions)
         if heard > 0:
             work, audio = self.hearing
             self.hearing = [0.98 * work + self.clock() - started, 0.98 * audio + heard]

@@ -61,6 +61,35 @@ def run_offline(engine, session, chunks, now=0.0):
     return frames
 
 
+def test_the_speech_encoder_hears_every_session_in_one_call(engine, avatar, speech, monkeypatch):
+    """Two sessions' new audio goes through the speech encoder in one batched call per step, and each
+    session's mouths are those its audio alone gives (up to the float rounding of batched kernels)."""
+    encoder = engine.pipeline.encoder
+    batches = []
+    encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda mel: batches.append(len(mel)) or encode(mel))
+    audio = [speech[:16000], speech[16000 * 3:16000 * 4]]
+    sessions = [engine.open(avatar, 16000, now=0.0) for _ in audio]
+    alone = [engine.pipeline.live_motion.stream(25, avatar.identity.rest, avatar.identity.adaptation) for _ in audio]
+    expected, calls = [[], []], []
+    try:
+        for k in range(0, 16000, 320):
+            for session, samples in zip(sessions, audio):
+                session.push(samples[k:k + 320], now=0.0)
+            before = len(batches)
+            engine._hear(sessions)
+            calls.append(batches[before:])
+            for stream, samples, out in zip(alone, audio, expected):
+                out.extend(stream.push(samples[k:k + 320])[1])
+        heard = [np.stack([mouth for _, mouth, _ in session.pending]) for session in sessions]
+    finally:
+        for session in sessions:
+            session.close()
+    assert all(call in ([], [2]) for call in calls) and calls.count([2]) >= 20, calls  # one call, both sessions' windows
+    for got, want in zip(heard, expected):
+        assert got.shape == np.shape(want) and np.abs(got - np.stack(want)).max() < 1e-3
+
+
 def test_frames_are_locked_to_the_audio_clock_for_any_chunking(engine, avatar, speech):
     rng = np.random.default_rng(5)
     samples = speech[:16000 * 2]

@@ -239,13 +239,24 @@ class MotionStream:
         self.encoded, self.encoded_start = self.encoded[drop:], self.encoded_start + drop
         return np.array(indices, np.int64), out
 
-    def push(self, chunk: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
-        """Audio `(n,) float32` 16 kHz → (frame indices `(k,)`, landmarks `(k, K, 2)`)."""
+    def plan(self, chunk: np.ndarray):
+        """Audio `(n,) float32` 16 kHz → the speech encoder windows it completes (`SpeechStream.plan`); a
+        server encodes those of all its streams in one call and gives each stream its own to `take`."""
         self.n_samples += np.asarray(chunk).size
         self.vad_scores = np.concatenate([self.vad_scores, self.vad.push(chunk)])
-        _, rows = self.speech.push(chunk)
+        return self.speech.plan(chunk)
+
+    def take(self, plan, outputs: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """A plan and its windows encoded (`SpeechEncoder.encode_windows`) → (frame indices `(k,)`,
+        landmarks `(k, K, 2)`)."""
+        _, rows = self.speech.rows(plan, outputs)
         self.encoded = np.concatenate([self.encoded, rows])
         return self._take(final=False)
+
+    def push(self, chunk: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """Audio `(n,) float32` 16 kHz → (frame indices `(k,)`, landmarks `(k, K, 2)`)."""
+        plan = self.plan(chunk)
+        return self.take(plan, self.speech.encoder.encode_windows(plan.windows))
 
     def flush(self) -> typing.Tuple[np.ndarray, np.ndarray]:
         """The remaining frames, up to `n_video_frames(samples pushed, fps)`."""

@@ -14,6 +14,7 @@ chunking, up to float rounding of onnxruntime's batched and unbatched kernels (t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import typing
@@ -191,30 +192,63 @@ class SpeechEncoder:
         c = self.config
         return int(math.ceil((k + c.live_right) / c.live_hop) * c.live_hop)
 
-    def live_frames(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> np.ndarray:
-        """Frames [first, stop) from their live windows; `mel` holds mel frames from `base` on, silence
+    def live_windows(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> "LiveWindows":
+        """The live windows that give frames [first, stop); `mel` holds mel frames from `base` on, silence
         stands for any frame outside it (before the audio's start and after its end)."""
         c = self.config
-        if stop <= first:
-            return np.zeros((0, self.width), np.float32)
-        ends = list(range(self.window_end(first), self.window_end(stop - 1) + 1, c.live_hop))
-        rows = []
-        for batch in range(0, len(ends), LIVE_BATCH):  # bounded memory for long files
-            group = ends[batch : batch + LIVE_BATCH]
-            windows = np.stack([self._padded(mel, 2 * (e - c.live_window) - base, 2 * e - base) for e in group])
-            for end, out in zip(group, self.encode(windows)):
-                ks = np.arange(end - c.live_hop - c.live_right + 1, end - c.live_right + 1)
-                keep = (ks >= first) & (ks < stop)
-                rows.append(out[ks[keep] - (end - c.live_window)])
+        ends = list(range(self.window_end(first), self.window_end(stop - 1) + 1, c.live_hop)) if stop > first else []
+        windows = np.stack([self._padded(mel, 2 * (e - c.live_window) - base, 2 * e - base) for e in ends]) if ends else \
+            np.zeros((0, 2 * c.live_window, c.n_mels), np.float32)
+        return LiveWindows(first, stop, ends, windows)
+
+    def encode_windows(self, windows: np.ndarray) -> np.ndarray:
+        """`(W, 2·live_window, 80)` live windows (any number, those of several streams at once: one call per
+        LIVE_BATCH) → `(W, live_window, D) float32`."""
+        if len(windows) == 0:
+            return np.zeros((0, self.config.live_window, self.width), np.float32)
+        return np.concatenate([self.encode(windows[k:k + LIVE_BATCH]) for k in range(0, len(windows), LIVE_BATCH)])
+
+    def live_rows(self, plan: "LiveWindows", outputs: np.ndarray) -> np.ndarray:
+        """Frames [plan.first, plan.stop) `(k, D) float32` from the encoded windows `outputs` (`encode_windows`)."""
+        c = self.config
+        rows = [np.zeros((0, self.width), np.float32)]
+        for end, out in zip(plan.ends, outputs):
+            ks = np.arange(end - c.live_hop - c.live_right + 1, end - c.live_right + 1)
+            keep = (ks >= plan.first) & (ks < plan.stop)
+            rows.append(out[ks[keep] - (end - c.live_window)])
+        return np.concatenate(rows)
+
+    def live_frames(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> np.ndarray:
+        """Frames [first, stop) from their live windows (`live_windows`), encoded LIVE_BATCH at a time."""
+        rows = [np.zeros((0, self.width), np.float32)]
+        step = LIVE_BATCH * self.config.live_hop  # bounded memory for long files
+        for start in range(first, stop, step):
+            plan = self.live_windows(mel, start, min(stop, start + step), base)
+            rows.append(self.live_rows(plan, self.encode_windows(plan.windows)))
         return np.concatenate(rows)
 
     def stream(self) -> "SpeechStream":
         return SpeechStream(self)
 
 
+@dataclasses.dataclass
+class LiveWindows:
+    """The encoder windows that give frames [first, stop) of a stream: `windows (W, 2·live_window, 80)
+    float32` log-mel, ending at encoder frames `ends`."""
+
+    first: int
+    stop: int
+    ends: typing.List[int]
+    windows: np.ndarray
+
+
 class SpeechStream:
     """Live features: push 16 kHz audio in chunks of any size, get each encoder frame once the audio
-    its window needs has arrived (`SpeechEncoder.lookahead_ms` past its centre, at most)."""
+    its window needs has arrived (`SpeechEncoder.lookahead_ms` past its centre, at most).
+
+    In two steps, so that a server runs the windows of all its streams in one encoder call:
+    `plan(chunk)` gives the windows a chunk completes, `rows(plan, encoder.encode_windows(windows))`
+    their frames; `push(chunk)` is both at once."""
 
     def __init__(self, encoder: SpeechEncoder):
         self.encoder = encoder
@@ -223,7 +257,7 @@ class SpeechStream:
         self.mel_start = 0  # mel frame index of self.mel[0]
         self.next_frame = 0  # next encoder frame to emit
 
-    def _emit(self, final: bool) -> typing.Tuple[np.ndarray, np.ndarray]:
+    def _plan(self, final: bool) -> LiveWindows:
         c, enc = self.encoder.config, self.encoder
         n_mel = self.mel_start + self.mel.shape[0]
         if final:
@@ -235,23 +269,33 @@ class SpeechStream:
                 stop += 1
         first = self.next_frame
         if stop <= first:
-            return np.zeros(0, np.int64), np.zeros((0, enc.width), np.float32)
+            return enc.live_windows(self.mel, first, first)
         base = max(0, 2 * (enc.window_end(first) - c.live_window))  # the first mel frame any window needs
-        rows = enc.live_frames(self.mel[base - self.mel_start :], first, stop, base)
+        plan = enc.live_windows(self.mel[base - self.mel_start :], first, stop, base)
         self.next_frame = stop
         drop = max(0, 2 * (enc.window_end(stop) - c.live_window) - self.mel_start)
         self.mel, self.mel_start = self.mel[drop:], self.mel_start + drop
-        return np.arange(first, stop), rows
+        return plan
+
+    def plan(self, chunk: np.ndarray) -> LiveWindows:
+        """Audio `(n,)` → the windows it completes (the stream moves on: give their encoding to `rows`)."""
+        self.mel = np.concatenate([self.mel, self.mel_stream.push(chunk)])
+        return self._plan(final=False)
+
+    def rows(self, plan: LiveWindows, outputs: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """A plan and its windows encoded → (encoder frame indices `(k,)`, features `(k, D) float32`)."""
+        return np.arange(plan.first, plan.stop), self.encoder.live_rows(plan, outputs)
 
     def push(self, chunk: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
         """Audio `(n,)` → (encoder frame indices `(k,)`, features `(k, D) float32`)."""
-        self.mel = np.concatenate([self.mel, self.mel_stream.push(chunk)])
-        return self._emit(final=False)
+        plan = self.plan(chunk)
+        return self.rows(plan, self.encoder.encode_windows(plan.windows))
 
     def flush(self) -> typing.Tuple[np.ndarray, np.ndarray]:
         """The rest, up to `ceil(mel frames / 2)`; silence after the audio."""
         self.mel = np.concatenate([self.mel, self.mel_stream.flush()])
-        return self._emit(final=True)
+        plan = self._plan(final=True)
+        return self.rows(plan, self.encoder.encode_windows(plan.windows))
 
 
 def interpolate_frames(features: np.ndarray, positions: np.ndarray) -> np.ndarray:
