@@ -216,10 +216,10 @@ class AvatarVideoService(FrameProcessor):
             return
         if self.timeline.end > self._emitted_until():
             self._flush_lookahead()
-        while True:
-            made = await asyncio.to_thread(self.engine.step)
+        while True:  # until this session's frames are out (an engine shared with other services renders theirs too)
+            await asyncio.to_thread(self.engine.step)
             await self._emit(self.session.pop_frames())
-            if made == 0 and self.session.backlog == 0:
+            if self.session.backlog == 0:
                 break
         for _, frame in self.held:
             await self.push_frame(frame)

@@ -196,7 +196,11 @@ class Peer:
 
     async def answer(self, offer_sdp: str) -> str:
         """The SDP answer to the browser's offer; ValueError (one line) for an offer without audio."""
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except (ValueError, AssertionError, IndexError, KeyError, TypeError) as exc:  # aiortc's SDP parser
+            raise ValueError(f"the offer's SDP could not be read ({exc or type(exc).__name__}); send "
+                             "RTCPeerConnection.createOffer's description as it is") from exc
         kinds = [t.kind for t in self.pc.getTransceivers()]
         if "audio" not in kinds:
             raise ValueError("the offer has no audio track: send the speech (the microphone or a TTS track) as audio")

@@ -452,8 +452,9 @@ def test_browser_page_streams_the_microphone_and_shows_the_avatar(serve, tmp_pat
 
 
 def test_webrtc_offers_are_authorised_and_checked_with_one_line(serve, caplog):
-    """`POST /offer`: a wrong token gets 401, a body that is not an offer and an offer without audio
-    get 400 with one line saying what to send; no session is left behind and nothing is logged at ERROR."""
+    """`POST /offer`: a wrong token gets 401; a body that is not an offer, an offer without audio and
+    garbled SDP get 400 with one line saying what to send; no session is left behind and nothing is
+    logged at ERROR."""
     import urllib.error
     import urllib.request
 
@@ -482,6 +483,9 @@ def test_webrtc_offers_are_authorised_and_checked_with_one_line(serve, caplog):
         assert code == 400 and '{"type": "offer", "sdp": "v=0..."}' in said and said.count("\n") == 1
         code, said = post(offer_url, json.dumps({"type": "offer", "sdp": asyncio.run(video_only_offer())}))
         assert code == 400 and "the offer has no audio track" in said and said.count("\n") == 1
+        for garbled in ("v=0\r\nm=video x", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"):
+            code, said = post(offer_url, json.dumps({"type": "offer", "sdp": garbled}))
+            assert code == 400 and "SDP could not be read" in said and said.count("\n") == 1, said
     assert server.server.stats()["clients"] == []
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
