@@ -17,21 +17,30 @@ import numpy as np
 import torch
 
 from avatar.config import MotionConfig
-from avatar.motion.model import N_POINTS, MotionModel
+from avatar.motion.model import N_POINTS, LinearMotionModel, MotionBlend, MotionModel
 from avatar.runtime import OnnxSession
 from training.common import accept_export, torch_copy
 
 OPSET = 18
 
 
-def load_model(checkpoint: pathlib.Path) -> MotionModel:
+def load_model(checkpoint: pathlib.Path) -> torch.nn.Module:
+    """A checkpoint or torch copy → its `MotionModel`, or the `MotionBlend` of it and the linear read-out
+    when the copy holds one (`training.linear_motion --blend`)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = MotionModel(MotionConfig(**state["model_config"]))
     model.load_state_dict({k: v.float() for k, v in state["model"].items()})
+    if "linear" in state:
+        weight = state["linear"]["conv.weight"]
+        linear = LinearMotionModel(weight.shape[1], weight.shape[2])
+        linear.load_state_dict({k: v.float() for k, v in state["linear"].items()})
+        return MotionBlend(model, linear).eval()
     return model.eval()
 
 
-def export(model: MotionModel, out: pathlib.Path) -> None:
+def export(model: torch.nn.Module, out: pathlib.Path) -> None:
+    """A `MotionModel`, `LinearMotionModel` or `MotionBlend` → ONNX (dynamic batch and time), with the
+    metadata `MotionPredictor` reads from its `config` (features, causal, receptive field)."""
     c = model.config
     features = torch.zeros(2, 12, c.features)  # sizes > 1: the exporter specialises 0 and 1
     rest = torch.zeros(2, N_POINTS, 2)

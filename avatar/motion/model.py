@@ -78,3 +78,54 @@ class MotionModel(nn.Module):
         offsets = self.offsets(self.coefficients(features))
         width = mouth_width(rest)[:, None, None, None]
         return rest[:, None] + offsets * width
+
+
+class LinearMotionModel(nn.Module):
+    """The live model as a linear read-out (`training.linear_motion`): each frame's offsets (in rest
+    mouth widths) are a linear function of its features and those of the `lags - 1` frames before
+    (the first frame repeated before the start), and the landmarks are rest + offsets × mouth width.
+    Same contract as `MotionModel`: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) →
+    `(B, T, N_POINTS, 2)`."""
+
+    def __init__(self, features: int, lags: int = 5):
+        super().__init__()
+        self.features, self.lags = features, lags
+        # its receptive field in MotionConfig's terms (what the ONNX metadata and the streams read)
+        self.config = MotionConfig(features=features, temporal_kernel=lags, temporal_layers=1, causal=True)
+        self.conv = nn.Conv1d(features, N_POINTS * 2, lags)
+
+    @classmethod
+    def from_ridge(cls, weights, x_mean, y_mean) -> "LinearMotionModel":
+        """From a ridge fit on stacked frames (oldest lag first): `weights (lags·D, N_POINTS·2)`, the
+        stacked features' mean `(lags·D,)` and the offsets' mean `(N_POINTS·2,)`."""
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        x_mean, y_mean = torch.as_tensor(x_mean, dtype=torch.float64), torch.as_tensor(y_mean, dtype=torch.float64)
+        features = weights.shape[0] // 5
+        model = cls(features, weights.shape[0] // features)
+        with torch.no_grad():
+            model.conv.weight.copy_(weights.reshape(model.lags, features, -1).permute(2, 1, 0).float())
+            model.conv.bias.copy_((y_mean - x_mean @ weights).float())
+        return model
+
+    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(features.transpose(1, 2), (self.lags - 1, 0), mode="replicate")
+        offsets = self.conv(x).transpose(1, 2)
+        offsets = offsets.reshape(*offsets.shape[:-1], N_POINTS, 2)
+        width = mouth_width(rest)[:, None, None, None]
+        return rest[:, None] + offsets * width
+
+
+class MotionBlend(nn.Module):
+    """The shipped live model: the mean of the network (`MotionModel`) and the linear read-out
+    (`LinearMotionModel`) on the same features (`training.linear_motion --blend`). `config`: the
+    network's (its receptive field covers the read-out's frames). Same contract as `MotionModel`."""
+
+    def __init__(self, network: MotionModel, linear: LinearMotionModel):
+        super().__init__()
+        if network.config.receptive_frames < linear.lags:
+            raise ValueError(f"the network sees {network.config.receptive_frames} frames, the read-out {linear.lags}")
+        self.network, self.linear, self.config = network, linear, network.config
+
+    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.network(features, rest) + self.linear(features, rest))
+
