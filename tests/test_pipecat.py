@@ -77,7 +77,9 @@ def test_tts_audio_becomes_frames_with_the_same_audio_in_sync(engine):
         pass
     direct = session.pop_frames()[:75]
     session.close()
-    assert len(direct) == 75 and all(np.array_equal(image, frame.image) for image, frame in zip(images, direct))
+    # the same up to float rounding (the service's session heard 20 ms chunks, this one the whole speech at once)
+    diffs = [int(np.abs(image.astype(int) - frame.image).max()) for image, frame in zip(images, direct)]
+    assert len(direct) == 75 and max(diffs) <= 2, diffs
     assert np.ptp(mouth_openings(images[::2])) > 0.04
 
 

@@ -12,6 +12,7 @@ import argparse
 import pathlib
 import sys
 import tempfile
+import typing
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def export(model: torch.nn.Module, out: pathlib.Path) -> None:
         tmp_path = pathlib.Path(tmp) / out.name
         batch = torch.export.Dim("batch", min=1, max=1024)
         time = torch.export.Dim("time", min=1, max=1_000_000)
-        torch.onnx.export(model, (features, rest), str(tmp_path), input_names=["features", "rest"], output_names=["landmarks"],
+        torch.onnx.export(model, (features, rest), str(tmp_path), input_names=["features", "rest"], output_names=outputs(model),
                           dynamic_shapes={"features": {0: batch, 1: time}, "rest": {0: batch}}, opset_version=OPSET,
                           dynamo=True, verbose=False)
         import onnx
@@ -65,12 +66,19 @@ def export(model: torch.nn.Module, out: pathlib.Path) -> None:
         tmp_path.replace(out)
 
 
-def parity(model: MotionModel, onnx_path: pathlib.Path, features: np.ndarray, rest: np.ndarray) -> float:
+def outputs(model: torch.nn.Module) -> typing.List[str]:
+    """The ONNX outputs: the landmarks, and a blend's read-out beside them."""
+    return ["landmarks", "readout"] if isinstance(model, MotionBlend) else ["landmarks"]
+
+
+def parity(model: torch.nn.Module, onnx_path: pathlib.Path, features: np.ndarray, rest: np.ndarray) -> float:
+    """Largest |ONNX − torch| over the model's outputs."""
     session = OnnxSession(onnx_path, providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        expected = model(torch.from_numpy(features), torch.from_numpy(rest)).numpy()
-    got = session.run(features=features, rest=rest)["landmarks"]
-    return float(np.abs(got - expected).max())
+        expected = model(torch.from_numpy(features), torch.from_numpy(rest))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session.run(features=features, rest=rest)
+    return max(float(np.abs(got[name] - want.numpy()).max()) for name, want in zip(outputs(model), expected))
 
 
 def main(argv=None) -> int:

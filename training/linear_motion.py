@@ -129,22 +129,18 @@ def main(argv=None) -> int:
           + f"; the read-out's largest frame-to-frame change on the training noise: {twitch:.2f} px (128-px crop)")
     linear = LinearMotionModel.from_ridge(weights, x_mean, y_mean).eval()
     model = (MotionBlend(network, linear) if network is not None else linear).eval()
-    from avatar.runtime import OnnxSession
     from training.common import accept_export
-    from training.export_motion import export
+    from training.export_motion import export, parity
 
     with tempfile.TemporaryDirectory() as tmp:
         candidate = pathlib.Path(tmp) / args.out.name
         export(model, candidate)
-        session = OnnxSession(candidate, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(0)
         worst = 0.0
         for batch, length in ((1, 1), (1, 57), (3, 20)):
             features = rng.standard_normal((batch, length, linear.features)).astype(np.float32)
             rest = rng.uniform(40, 90, (batch, len(lm.MOUTH_AND_JAW), 2)).astype(np.float32)
-            with torch.no_grad():
-                expected = model(torch.from_numpy(features), torch.from_numpy(rest)).numpy()
-            worst = max(worst, float(np.abs(session.run(features=features, rest=rest)["landmarks"] - expected).max()))
+            worst = max(worst, parity(model, candidate, features, rest))
         if not accept_export(candidate, args.out, worst, 1e-3):
             return 1
     if args.torch_copy:

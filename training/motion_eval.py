@@ -29,7 +29,7 @@ LIPS = np.arange(len(lm.LIPS_OUTER) + len(lm.LIPS_INNER))  # first 40 of POINTS
 JAW = np.arange(len(LIPS), len(POINTS))
 SHIFTS = (-5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5)
 
-Predictor = typing.Callable[[np.ndarray, np.ndarray], np.ndarray]  # features (T, D), rest (K, 2) → (T, K, 2)
+Predictor = typing.Callable[..., np.ndarray]  # features (T, D), rest (K, 2), voice=(T,) voice activity → (T, K, 2)
 
 
 def shifted(features: np.ndarray, shift: int) -> np.ndarray:
@@ -56,7 +56,7 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         pose = clip.anchor_shift[:, None, :]
         rest = clip.rest[None] + pose
         def run(inputs: np.ndarray, vad: np.ndarray) -> np.ndarray:  # as the engine does: the mouth rests in long silences
-            return SilenceHold(clip.fps, silence).apply(predict(inputs, clip.rest), clip.rest, vad) + pose
+            return SilenceHold(clip.fps, silence).apply(predict(inputs, clip.rest, voice=vad), clip.rest, vad) + pose
 
         own = run(features[i], clip.vad)
         other = (i + next((j for j in range(1, len(clips)) if clips[(i + j) % len(clips)].person != clip.person), 1)) % len(clips)

@@ -103,7 +103,7 @@ class TrainingForward(torch.nn.Module):
 
 
 def torch_predictor(model: MotionModel, device: torch.device):
-    def predict(features: np.ndarray, rest: np.ndarray) -> np.ndarray:
+    def predict(features: np.ndarray, rest: np.ndarray, voice=None) -> np.ndarray:  # (a network has no read-out to weigh by voice)
         with torch.no_grad():
             out = model(torch.from_numpy(features[None]).to(device), torch.from_numpy(rest[None]).to(device))
         return out[0].float().cpu().numpy()

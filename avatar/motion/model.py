@@ -3,6 +3,8 @@ ONNX export through `avatar.motion.runner`."""
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 
@@ -116,9 +118,11 @@ class LinearMotionModel(nn.Module):
 
 
 class MotionBlend(nn.Module):
-    """The shipped live model: the mean of the network (`MotionModel`) and the linear read-out
-    (`LinearMotionModel`) on the same features (`training.linear_motion --blend`). `config`: the
-    network's (its receptive field covers the read-out's frames). Same contract as `MotionModel`."""
+    """The network (`MotionModel`) and the linear read-out (`LinearMotionModel`) on the same features
+    (`training.linear_motion --blend`), both given: forward(features, rest) → (the network's landmarks,
+    the read-out's), each `(B, T, N_POINTS, 2)`. The runner weighs the read-out by voice activity
+    (`avatar.motion.runner.MotionPredictor.predict`). `config`: the network's (its receptive field
+    covers the read-out's frames)."""
 
     def __init__(self, network: MotionModel, linear: LinearMotionModel):
         super().__init__()
@@ -126,6 +130,6 @@ class MotionBlend(nn.Module):
             raise ValueError(f"the network sees {network.config.receptive_frames} frames, the read-out {linear.lags}")
         self.network, self.linear, self.config = network, linear, network.config
 
-    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.network(features, rest) + self.linear(features, rest))
+    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> typing.Tuple[torch.Tensor, torch.Tensor]:
+        return self.network(features, rest), self.linear(features, rest)
 

@@ -56,6 +56,9 @@ def rest_pose(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -
     return np.median(mouth[closed], axis=0).astype(np.float32), anchor.astype(np.float32)
 
 
+READOUT_WEIGHT = 0.5  # how far a blend model's landmarks go to its linear read-out's where the voice is on
+
+
 class MotionPredictor:
     """Speech (or its encoder features) + rest shape → mouth and jaw landmarks, through onnxruntime.
 
@@ -84,8 +87,16 @@ class MotionPredictor:
     def sample_rate(self) -> int:
         return self.encoder.config.sample_rate
 
-    def predict(self, features: np.ndarray, rest: np.ndarray) -> np.ndarray:
-        """`features: (T, D) float32` at video frames, `rest: (K, 2)` → `(T, K, 2) float32` landmarks."""
+    @property
+    def has_readout(self) -> bool:
+        """Whether the model gives a linear read-out beside its landmarks (`MotionBlend`)."""
+        return "readout" in self.session.output_names
+
+    def predict(self, features: np.ndarray, rest: np.ndarray, voice: typing.Optional[np.ndarray] = None) -> np.ndarray:
+        """`features: (T, D) float32` at video frames, `rest: (K, 2)` → `(T, K, 2) float32` landmarks.
+        A model with a read-out (`has_readout`) moves the landmarks READOUT_WEIGHT of the way to the
+        read-out's, times `voice (T,)` in [0, 1] (voice activity: the network alone in silence and
+        noise, where the read-out jitters; None: speech everywhere)."""
         features = np.ascontiguousarray(features, np.float32)
         if features.ndim != 2 or features.shape[1] != self.config.features:
             raise ValueError(f"features must be (T, {self.config.features}), got {features.shape}")
@@ -94,7 +105,11 @@ class MotionPredictor:
             raise ValueError(f"rest must be ({len(POINTS)}, 2), got {rest.shape}")
         if features.shape[0] == 0:
             return np.zeros((0, len(POINTS), 2), np.float32)
-        return self.session.run(features=features[None], rest=rest[None])["landmarks"][0]
+        out = self.session.run(features=features[None], rest=rest[None])
+        if "readout" not in out:
+            return out["landmarks"][0]
+        weight = READOUT_WEIGHT * (np.ones(len(features), np.float32) if voice is None else np.asarray(voice, np.float32))
+        return (out["landmarks"][0] + weight[:, None, None] * (out["readout"][0] - out["landmarks"][0])).astype(np.float32)
 
     def features_for(self, samples: np.ndarray, fps: float, n_frames: typing.Optional[int] = None) -> np.ndarray:
         """16 kHz mono `(N,) float32` → the model's input `(T, D)` for T video frames at `fps`."""
@@ -107,18 +122,20 @@ class MotionPredictor:
         rest in long silences, `SilenceConfig`); `adaptation`: the person's
         (`avatar.motion.adapt.MotionAdaptation`), applied to the model's output."""
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
+        vad_scores = None
+        if self.silence.enabled or (self.live and self.has_readout):
+            vad = audio_frontend.EnergyVad(fps, self.sample_rate)  # pushed a window at a time: no copy of the whole input
+            scores = [vad.push(samples[k:k + VAD_WINDOW]) for k in range(0, samples.size, VAD_WINDOW)]
+            vad_scores = np.concatenate(scores + [vad.flush(n)])[:n]
         if self.live:
             features = self.features_for(samples, fps, n)
-            landmarks = self.predict(features, rest)
+            landmarks = self.predict(features, rest, voice=vad_scores)
             if adaptation is not None:
                 landmarks = adaptation.apply(features, landmarks, rest, smooth=True)
         else:
             landmarks = self._offline_landmarks(samples, fps, rest, n, adaptation)
         if not self.silence.enabled:
             return landmarks
-        vad = audio_frontend.EnergyVad(fps, self.sample_rate)  # pushed a window at a time: no copy of the whole input
-        scores = [vad.push(samples[k:k + VAD_WINDOW]) for k in range(0, samples.size, VAD_WINDOW)]
-        vad_scores = np.concatenate(scores + [vad.flush(n)])[:n]
         return SilenceHold(fps, self.silence).apply(landmarks, rest, vad_scores)
 
     def _offline_landmarks(self, samples: np.ndarray, fps: float, rest: np.ndarray, n: int, adaptation) -> np.ndarray:
@@ -225,11 +242,12 @@ class MotionStream:
             return np.zeros(0, np.int64), np.zeros((0, len(POINTS), 2), np.float32)
         rows = interpolate_frames(self.encoded, frame_positions(self.fps, len(indices), indices[0]) - self.encoded_start)
         stack = np.concatenate([self.history, rows])
-        out = self.predictor.predict(stack, self.rest)[-len(indices):]
-        if self.adaptation is not None:
-            out = self.adaptation.apply(rows, out, self.rest, smooth=False)
         if self.vad_scores.size < len(indices):  # frame i's score needs audio up to (i + 1) / fps only: never
             raise RuntimeError("voice activity lags the motion frames")
+        voice = np.r_[np.ones(len(self.history), np.float32), self.vad_scores[: len(indices)]]  # the history's outputs are not kept
+        out = self.predictor.predict(stack, self.rest, voice=voice)[-len(indices):]
+        if self.adaptation is not None:
+            out = self.adaptation.apply(rows, out, self.rest, smooth=False)
         out = self.hold.apply(out, self.rest, self.vad_scores[: len(indices)])
         self.vad_scores = self.vad_scores[len(indices):]
         self.history = stack[-self.context:] if self.context else stack[:0]
