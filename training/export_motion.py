@@ -33,7 +33,7 @@ def load_model(checkpoint: pathlib.Path) -> torch.nn.Module:
     model.load_state_dict({k: v.float() for k, v in state["model"].items()})
     if "linear" in state:
         weight = state["linear"]["conv.weight"]
-        linear = LinearMotionModel(weight.shape[1], weight.shape[2])
+        linear = LinearMotionModel(weight.shape[1], weight.shape[2], model.config.causal)
         linear.load_state_dict({k: v.float() for k, v in state["linear"].items()})
         return MotionBlend(model, linear).eval()
     return model.eval()

@@ -83,34 +83,36 @@ class MotionModel(nn.Module):
 
 
 class LinearMotionModel(nn.Module):
-    """The live model as a linear read-out (`training.linear_motion`): each frame's offsets (in rest
+    """A motion model as a linear read-out (`training.linear_motion`): each frame's offsets (in rest
     mouth widths) are a linear function of its features and those of the `lags - 1` frames before
-    (the first frame repeated before the start), and the landmarks are rest + offsets × mouth width.
+    (`causal`; else centred on it), the end frames repeated past the ends, and the landmarks are
+    rest + offsets × mouth width.
     Same contract as `MotionModel`: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) →
     `(B, T, N_POINTS, 2)`."""
 
-    def __init__(self, features: int, lags: int = 5):
+    def __init__(self, features: int, lags: int = 5, causal: bool = True):
         super().__init__()
         self.features, self.lags = features, lags
         # its receptive field in MotionConfig's terms (what the ONNX metadata and the streams read)
-        self.config = MotionConfig(features=features, temporal_kernel=lags, temporal_layers=1, causal=True)
+        self.config = MotionConfig(features=features, temporal_kernel=lags, temporal_layers=1, causal=causal)
+        self.pad = (lags - 1, 0) if causal else ((lags - 1) // 2, lags - 1 - (lags - 1) // 2)
         self.conv = nn.Conv1d(features, N_POINTS * 2, lags)
 
     @classmethod
-    def from_ridge(cls, weights, x_mean, y_mean) -> "LinearMotionModel":
-        """From a ridge fit on stacked frames (oldest lag first): `weights (lags·D, N_POINTS·2)`, the
-        stacked features' mean `(lags·D,)` and the offsets' mean `(N_POINTS·2,)`."""
+    def from_ridge(cls, weights, x_mean, y_mean, causal: bool = True, lags: int = 5) -> "LinearMotionModel":
+        """From a ridge fit on stacked frames (oldest lag first: the frame and the `lags - 1` before it, or
+        centred on it): `weights (lags·D, N_POINTS·2)`, the stacked features' mean `(lags·D,)` and the
+        offsets' mean `(N_POINTS·2,)`."""
         weights = torch.as_tensor(weights, dtype=torch.float64)
         x_mean, y_mean = torch.as_tensor(x_mean, dtype=torch.float64), torch.as_tensor(y_mean, dtype=torch.float64)
-        features = weights.shape[0] // 5
-        model = cls(features, weights.shape[0] // features)
+        model = cls(weights.shape[0] // lags, lags, causal)
         with torch.no_grad():
-            model.conv.weight.copy_(weights.reshape(model.lags, features, -1).permute(2, 1, 0).float())
+            model.conv.weight.copy_(weights.reshape(model.lags, model.features, -1).permute(2, 1, 0).float())
             model.conv.bias.copy_((y_mean - x_mean @ weights).float())
         return model
 
     def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.pad(features.transpose(1, 2), (self.lags - 1, 0), mode="replicate")
+        x = nn.functional.pad(features.transpose(1, 2), self.pad, mode="replicate")
         offsets = self.conv(x).transpose(1, 2)
         offsets = offsets.reshape(*offsets.shape[:-1], N_POINTS, 2)
         width = mouth_width(rest)[:, None, None, None]

@@ -123,7 +123,7 @@ class MotionPredictor:
         (`avatar.motion.adapt.MotionAdaptation`), applied to the model's output."""
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
         vad_scores = None
-        if self.silence.enabled or (self.live and self.has_readout):
+        if self.silence.enabled or self.has_readout:
             vad = audio_frontend.EnergyVad(fps, self.sample_rate)  # pushed a window at a time: no copy of the whole input
             scores = [vad.push(samples[k:k + VAD_WINDOW]) for k in range(0, samples.size, VAD_WINDOW)]
             vad_scores = np.concatenate(scores + [vad.flush(n)])[:n]
@@ -133,12 +133,13 @@ class MotionPredictor:
             if adaptation is not None:
                 landmarks = adaptation.apply(features, landmarks, rest, smooth=True)
         else:
-            landmarks = self._offline_landmarks(samples, fps, rest, n, adaptation)
+            landmarks = self._offline_landmarks(samples, fps, rest, n, adaptation, vad_scores)
         if not self.silence.enabled:
             return landmarks
         return SilenceHold(fps, self.silence).apply(landmarks, rest, vad_scores)
 
-    def _offline_landmarks(self, samples: np.ndarray, fps: float, rest: np.ndarray, n: int, adaptation) -> np.ndarray:
+    def _offline_landmarks(self, samples: np.ndarray, fps: float, rest: np.ndarray, n: int, adaptation,
+                           voice: typing.Optional[np.ndarray] = None) -> np.ndarray:
         """The offline model's landmarks `(n, K, 2)`, as on the whole input's features, made a speech
         encoder window at a time: each run covers the frames whose context (the model's reach each
         side, one more for the adaptation's smoothing) has been heard, so only a window's features are
@@ -160,7 +161,7 @@ class MotionPredictor:
                 continue
             first = max(0, done - reach)
             features = interpolate_frames(held, positions[first:ready] - held_start)
-            landmarks = self.predict(features, rest)
+            landmarks = self.predict(features, rest, voice=None if voice is None else voice[first:ready])
             if adaptation is not None:
                 landmarks = adaptation.apply(features, landmarks, rest, smooth=True)
             out[done:finish] = landmarks[done - first: finish - first]
