@@ -7,9 +7,9 @@ voice back) and may ask for video (recvonly). The server answers with two tracks
 engine's frames: video (VP8 or H.264, as negotiated) and audio (Opus: the speech the frames were
 made from, at the rate it came in). A/V sync: frame `i` goes out with RTP time `i / fps` on the
 video clock, and its own audio (`[pts, pts + 1/fps)` of the session's audio clock) with the matching
-Opus time, handed to both senders at the same moment, the audio at an even 20 ms pace: aiortc's RTCP
-sender reports map each stream's RTP time to the wall clock at sending, and browsers lip-sync by them.
-An optional data channel (any label) carries the page's
+Opus time, in 20 ms packets sent once the picture has gone out (`_VideoSent`): aiortc's RTCP sender
+reports map RTP time to the wall clock at sending, so both streams then carry the same delays
+(render, encode, load) and browsers, which lip-sync by those reports, keep picture and voice together. An optional data channel (any label) carries the page's
 `client_stats` JSON in and the server's stats out, once for each message in.
 
 Same token, session limit and admission control as the WebSocket (`realtime/server.py`); the
@@ -32,8 +32,31 @@ from aiortc.mediastreams import MediaStreamError
 
 VIDEO_CLOCK = 90000  # RTP's video clock (Hz)
 PACKET_S = 0.02  # audio goes out in 20 ms packets (one Opus frame each)
-RESTART_S = 0.1  # audio later than its pace by more than this restarts the pace
 AUDIO_QUEUE = 500  # 10 s of packets waiting for the sender at most
+AUDIO_WAITS_FOR_VIDEO_S = 0.5  # longest a frame's audio is held back for its picture to be sent
+
+
+class _VideoSent:
+    """Which frames' pictures have gone out (sent, or skipped as too late): the audio of a frame follows
+    its picture, so that both senders' RTCP reports (which map RTP time to the wall clock at sending)
+    carry the same delays, and browsers keep them in sync however long the encoding took."""
+
+    def __init__(self):
+        self.index = -1
+        self.condition = asyncio.Condition()
+
+    async def mark(self, index: int) -> None:
+        async with self.condition:
+            self.index = max(self.index, index)
+            self.condition.notify_all()
+
+    async def wait(self, index: int) -> None:
+        """Until frame `index`'s picture has gone out, or AUDIO_WAITS_FOR_VIDEO_S."""
+        try:
+            async with self.condition:
+                await asyncio.wait_for(self.condition.wait_for(lambda: self.index >= index), AUDIO_WAITS_FOR_VIDEO_S)
+        except asyncio.TimeoutError:
+            pass
 
 
 class _QueuedTrack(MediaStreamTrack):
@@ -65,20 +88,25 @@ class AvatarVideoTrack(_QueuedTrack):
     kind = "video"
 
     def __init__(self, fps: float, limit: int, clock: typing.Callable[[], float], max_latency_s: float,
-                 on_sent: typing.Callable[[typing.Optional[float]], None]):
+                 on_sent: typing.Callable[[typing.Optional[float]], None], sent: _VideoSent):
         super().__init__(limit)
-        self.fps, self.clock, self.max_latency_s, self.on_sent = fps, clock, max_latency_s, on_sent
+        self.fps, self.clock, self.max_latency_s, self.on_sent, self.sent = fps, clock, max_latency_s, on_sent, sent
+        self._previous: typing.Optional[int] = None
 
     async def recv(self):
         import av
 
+        if self._previous is not None:  # the sender asks for a picture once it has sent the one before
+            await self.sent.mark(self._previous)
         while True:
             image, index, ready_at = await self._next()
             late = self.clock() - ready_at
             if late <= self.max_latency_s:
                 break
             self.on_sent(None)  # too late to be worth sending
+            await self.sent.mark(index)
         self.on_sent(late)
+        self._previous = index
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = round(index * VIDEO_CLOCK / self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
@@ -86,27 +114,30 @@ class AvatarVideoTrack(_QueuedTrack):
 
 
 class AvatarAudioTrack(_QueuedTrack):
-    """The frames' audio, in 20 ms packets: `(samples (n,) float32 at `rate`, its first sample's index)` in,
-    `av.AudioFrame` s16 mono out, at an even pace (a packet as its time comes, restarted from now when
-    it falls behind by more than RESTART_S)."""
+    """The frames' audio, in 20 ms packets: `(samples (n,) float32 at `rate`, its first sample's index, its frame's
+    index)` in, `av.AudioFrame` s16 mono out, each after its frame's picture has gone out (when `sent` is given: the
+    peer asked for video) and paced 20 ms apart."""
 
     kind = "audio"
 
-    def __init__(self, rate: int):
+    def __init__(self, rate: int, sent: typing.Optional[_VideoSent]):
         super().__init__(AUDIO_QUEUE)
-        self.rate = rate
-        self._origin: typing.Optional[float] = None  # loop time at which sample 0 would go out at the current pace
+        self.rate, self.sent = rate, sent
+        self._frame: typing.Optional[typing.Tuple[int, float, int]] = None  # (frame index, loop time, first sample) of its first packet
 
     async def recv(self):
         import av
 
-        samples, first = await self._next()
+        samples, first, index = await self._next()
+        if self.sent is not None:
+            await self.sent.wait(index)
         loop = asyncio.get_running_loop()
-        due = None if self._origin is None else self._origin + first / self.rate
-        if due is None or loop.time() > due + RESTART_S:  # the first packet, or far behind: the pace restarts from now
-            self._origin = loop.time() - first / self.rate
-        elif due > loop.time():  # a frame's 40 ms as two packets 20 ms apart, not one burst (bursts grow the browser's buffer)
-            await asyncio.sleep(due - loop.time())
+        if self._frame is None or self._frame[0] != index:  # a frame's first packet goes at once (with its picture)
+            self._frame = (index, loop.time(), first)
+        else:  # its next ones 20 ms apart, not in one burst (a burst grows the browser's audio buffer)
+            due = self._frame[1] + (first - self._frame[2]) / self.rate
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
         pcm = (np.clip(samples, -1, 1) * 32767).round().astype(np.int16)[None, :]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.sample_rate = self.rate
@@ -128,8 +159,9 @@ class Peer:
         self.session, self.client, self.fps = session, client, fps
         self.idle_timeout_s, self.stats, self.on_closed = idle_timeout_s, stats, on_closed
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.video = AvatarVideoTrack(fps, queue_frames, clock, max_latency_s, self._sent)
-        self.audio = AvatarAudioTrack(session.sample_rate)
+        self.sent = _VideoSent()
+        self.video = AvatarVideoTrack(fps, queue_frames, clock, max_latency_s, self._sent, self.sent)
+        self.audio = AvatarAudioTrack(session.sample_rate, None)
         self.closed = False
         self._tasks: typing.List[asyncio.Task] = []
         self._heard = asyncio.Event()
@@ -175,6 +207,7 @@ class Peer:
         self.pc.addTrack(self.audio)
         if "video" in kinds:
             self.pc.addTrack(self.video)
+            self.audio.sent = self.sent  # the voice follows the pictures
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._tasks.append(asyncio.ensure_future(self._watch_first_audio()))
         return self.pc.localDescription.sdp
@@ -209,7 +242,7 @@ class Peer:
             rate = self.session.sample_rate
             first, packet = round(frame.pts * rate), round(PACKET_S * rate)
             for start in range(0, len(frame.source_audio), packet):
-                self.audio.put((frame.source_audio[start:start + packet], first + start))
+                self.audio.put((frame.source_audio[start:start + packet], first + start, frame.index))
         self.client.queue_dropped = self.video.dropped
 
     async def close(self) -> None:
