@@ -86,14 +86,15 @@ class OutputFrame:
         return self.made_at - self.ready_at
 
 
-class _Resampler:
-    """Streaming resampling of float32 mono to 16 kHz (PyAV's swresample keeps its filter state)."""
+class Resampler:
+    """Streaming resampling of float32 mono from `rate` to `to` Hz (PyAV's swresample keeps its filter
+    state between chunks); the chunks themselves when the rates agree."""
 
-    def __init__(self, rate: int):
+    def __init__(self, rate: int, to: int = STREAM_RATE):
         import av
 
-        self.rate = rate
-        self.resampler = None if rate == STREAM_RATE else av.AudioResampler(format="flt", layout="mono", rate=STREAM_RATE)
+        self.rate, self.to = rate, to
+        self.resampler = None if rate == to else av.AudioResampler(format="flt", layout="mono", rate=to)
         self.pts = 0
 
     def __call__(self, chunk: np.ndarray) -> np.ndarray:
@@ -145,7 +146,7 @@ class Session:
         self.fps = config.fps
         self.motion = engine.pipeline.live_motion.stream(config.fps, avatar.identity.rest, avatar.identity.adaptation)
         self.lookahead_s = self.motion.lookahead_ms / 1000.0
-        self.resample = _Resampler(sample_rate)
+        self.resample = Resampler(sample_rate)
         self.blinks = idle.BlinkSchedule(engine.idle_config)
         self.lock = threading.Lock()
         self.samples = 0  # 16 kHz samples received (the audio clock)
@@ -408,10 +409,9 @@ class Engine:
         sessions in one call (one batch, instead of a call per session and 40 ms of audio). Returns the
         seconds of audio heard."""
         planned = [session.plan_hearing() for session in sessions]
-        windows = [plan.windows for chunks in planned for plan, *_ in chunks]
-        if not windows:
+        if not any(planned):  # no audio has come
             return 0.0
-        encoded = self.pipeline.encoder.encode_windows(np.concatenate(windows))
+        encoded = self.pipeline.encoder.encode_windows(np.concatenate([plan.windows for chunks in planned for plan, *_ in chunks]))
         heard, start = 0.0, 0
         for session, chunks in zip(sessions, planned):
             outputs = []

@@ -94,8 +94,8 @@ class AvatarVideoService(FrameProcessor):
         self.timeline = _Timeline()
         self.held: typing.List[typing.Tuple[int, Frame]] = []  # (position on the audio clock, frame) waiting for the speech before it
         self.context_id: typing.Optional[str] = None
-        self._resampler = None
-        self._resampled_from: typing.Optional[typing.Tuple[int, int]] = None
+        self._resampler = None  # `realtime.engine.Resampler` from the TTS's rate to the output rate
+        self._next_index = 0  # the next frame to go out
         self._render_task: typing.Optional[asyncio.Task] = None
         self._rendering = False  # the render loop goes on while set
 
@@ -154,19 +154,12 @@ class AvatarVideoService(FrameProcessor):
     def _to_output_rate(self, frame: TTSAudioRawFrame) -> np.ndarray:
         """PCM16 of any rate and channel count → `(n,) float32` mono at the output rate (scaled by 1/32768,
         so that PCM16 at that rate comes back out sample for sample)."""
-        pcm = np.frombuffer(frame.audio, np.int16).reshape(-1, max(1, frame.num_channels))
-        mono = pcm.mean(axis=1).astype(np.float32) / 32768.0
-        if frame.sample_rate == self.sample_rate:
-            return mono
-        import av
+        from realtime.engine import Resampler
 
-        if self._resampled_from != (frame.sample_rate, self.sample_rate):
-            self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate)
-            self._resampled_from = (frame.sample_rate, self.sample_rate)
-        piece = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
-        piece.sample_rate = frame.sample_rate
-        out = [f.to_ndarray()[0] for f in self._resampler.resample(piece)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+        pcm = np.frombuffer(frame.audio, np.int16).reshape(-1, max(1, frame.num_channels))
+        if self._resampler is None or (self._resampler.rate, self._resampler.to) != (frame.sample_rate, self.sample_rate):
+            self._resampler = Resampler(frame.sample_rate, self.sample_rate)
+        return self._resampler(pcm.mean(axis=1).astype(np.float32) / 32768.0)
 
     def _flush_lookahead(self) -> None:
         """Silence enough for the motion model's look-ahead past the speech so far (its last frames can be made)."""
