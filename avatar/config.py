@@ -379,6 +379,9 @@ class PipelineConfig:
     threads: int = 0  # onnxruntime threads (0: its default)
     workers: int = 0  # threads for the per-frame CPU work of a batch (warp, condition, paste-back); 0: one per core, at most 8
     fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
+    # render each batch through one ONNX graph (avatar/render/graph.py: crop, warp, denoiser, composite) instead of the
+    # per-frame path; made for GPU hosts: on CPU the per-frame path is faster (benchmarks/graph.py)
+    frame_graph: bool = False
     max_minutes: float = 60.0  # longest output made without asking: a longer one is refused before any work (raise it for long jobs)
 
     def __post_init__(self):

@@ -56,13 +56,18 @@ def _pattern(seed: int, size: int) -> np.ndarray:
     return (band / band.std()).astype(np.float32)
 
 
+def watermark_pattern(size: int) -> np.ndarray:
+    """The embedded pattern at crop side `size`, `(size, size) float32` with unit standard deviation."""
+    return _pattern(WATERMARK_KEY, size)
+
+
 def embed_watermark(crop: np.ndarray, region: np.ndarray, frame_index: int) -> np.ndarray:
     """Add the pattern to the luma of `crop: (S, S, 3) uint8` where `region: (S, S)` in [0, 1]
     (the repainted lower face), at the strength of output frame `frame_index`; returns a new
     `(S, S, 3) uint8`."""
     size = crop.shape[0]
     strength = AMPLITUDE * np.sin(2 * np.pi * frame_index / PERIOD_FRAMES)
-    delta = strength * _pattern(WATERMARK_KEY, size) * np.asarray(region, np.float32)
+    delta = strength * watermark_pattern(size) * np.asarray(region, np.float32)
     return np.clip(crop.astype(np.float32) + delta[..., None] + 0.5, 0, 255).astype(np.uint8)
 
 

@@ -51,8 +51,8 @@ def available_providers() -> typing.List[str]:
     return usable
 
 
-def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
-    """The ONNX model at `path` re-written to compute in float16, its inputs and outputs still float32.
+def half_precision_graph(path: typing.Union[str, os.PathLike, bytes]) -> bytes:
+    """The ONNX model at `path` (or serialised, as bytes) re-written to compute in float16, its inputs and outputs still float32.
 
     Weights stored as fp16 with a cast to fp32 (`training.common.store_weights_fp16`) stay fp16.
     The nodes that compute from the timestep alone, up to and including Sin/Cos, stay float32 (their
@@ -65,7 +65,7 @@ def half_precision_graph(path: typing.Union[str, os.PathLike]) -> bytes:
     except ImportError as exc:
         raise AvatarError(f"fp16 needs the onnx package ({exc}); install the `gpu` extra") from exc
     FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
     graph = proto.graph
     all_nodes = list(graph.node)  # held, so that id() names each node for the whole pass
     producer = {output: node for node in all_nodes for output in node.output}
@@ -135,11 +135,12 @@ class OnnxSession:
     `run(**inputs)` → `{output name: array}`. `providers`: None picks the best available in
     PREFERRED_PROVIDERS order; `threads`: intra-op threads (0: onnxruntime's default); `fp16`: half
     precision arithmetic on CUDA/TensorRT (inputs and outputs stay float32). `self.fp16` says
-    whether it is in effect.
+    whether it is in effect. `model`: the serialised model to run, made from the file at `path`
+    (which then only names it).
     """
 
     def __init__(self, path: typing.Union[str, os.PathLike], providers: typing.Optional[typing.Sequence[str]] = None,
-                 threads: int = 0, fp16: bool = False):
+                 threads: int = 0, fp16: bool = False, model: typing.Optional[bytes] = None):
         try:
             import onnxruntime
         except ImportError as exc:
@@ -161,15 +162,15 @@ class OnnxSession:
         load_errors = tuple(getattr(ort_errors, name) for name in ("InvalidProtobuf", "InvalidGraph", "Fail", "NoSuchFile",
                                                                     "NotImplemented", "RuntimeException") if hasattr(ort_errors, name))
         self.fp16 = fp16 and chosen[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-        model: typing.Union[str, bytes] = str(self.path)
+        source: typing.Union[str, bytes] = str(self.path) if model is None else model
         provider_options: typing.List[typing.Dict[str, str]] = [{} for _ in chosen]
         if self.fp16 and chosen[0] == "TensorrtExecutionProvider":
             provider_options[0] = {"trt_fp16_enable": "True"}
         if self.fp16 and "CUDAExecutionProvider" in chosen:
             # TensorRT may leave nodes to CUDA, which then runs the half-precision graph too.
-            model = half_precision_graph(self.path)
+            source = half_precision_graph(self.path if model is None else model)
         try:
-            self.session = onnxruntime.InferenceSession(model, options, providers=chosen, provider_options=provider_options)
+            self.session = onnxruntime.InferenceSession(source, options, providers=chosen, provider_options=provider_options)
         except load_errors as exc:
             raise AvatarError(f"{self.path}: cannot load the model ({str(exc).splitlines()[0][:160]})") from exc
         self.device = "cuda" if self.session.get_providers()[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider") else "cpu"

@@ -222,7 +222,12 @@ RENDERERS = ("retrieval", "warp", "diffusion")
 
 def make_renderer(config: PipelineConfig, folder: typing.Union[str, os.PathLike], crop_size: int = AlignConfig.crop_size,
                   providers: typing.Optional[typing.Sequence[str]] = None, pool: typing.Optional[FramePool] = None) -> FaceRenderer:
-    """The renderer `config.renderer` names, with the models of `folder`."""
+    """The renderer `config.renderer` names, with the models of `folder` (through the frame graph with
+    `config.frame_graph`)."""
+    if config.frame_graph and config.renderer in RENDERERS:
+        from avatar.render.graph import GraphRenderer
+
+        return GraphRenderer(folder, config, crop_size, providers, pool)
     if config.renderer == "retrieval":
         return RetrievalRenderer(config, crop_size, pool)
     if config.renderer == "warp":

@@ -284,6 +284,29 @@ def teeth_split(inner: InnerMouth) -> float:
     return float((darkest + 0.5) / SPLIT_BINS) if bands[darkest] < SPLIT_DARK * bands.max() else 1.0
 
 
+def row_box(target_mouth: np.ndarray, origin: typing.Tuple[int, int], shape: typing.Tuple[int, int]) -> typing.Tuple[int, int, int, int]:
+    """`(x0, y0, x1, y1)` crop pixels where `teeth_rows` composes: round the target's inner lips, inside
+    the box of side `shape (h, w)` at `origin (x, y)`; empty when x1 <= x0 or y1 <= y0."""
+    t_inner = np.asarray(target_mouth, np.float64)[INNER]
+    bx, by = origin
+    x0, y0 = np.maximum(np.floor(t_inner.min(0)).astype(int) - 1, [bx, by])
+    x1, y1 = np.minimum(np.ceil(t_inner.max(0)).astype(int) + 2, [bx + shape[1], by + shape[0]])
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def row_columns(inner: InnerMouth, target_mouth: np.ndarray, xs: np.ndarray) -> typing.Tuple[np.ndarray, ...]:
+    """For crop columns `xs`: the open mouth's column `u`, the offsets that take a crop row y to the
+    mouth's row for its upper row (y + upper) and for its lower row (y + lower), and the mouth's
+    mid-line there (between the rows, `teeth_split`); each shaped like `xs`."""
+    t_upper, t_lower = inner_lip_curves(target_mouth)
+    r_upper, r_lower = inner_lip_curves(np.asarray(inner.mouth, np.float64))
+    t_left, t_right = t_upper[0, 0], t_upper[-1, 0]
+    r_left, r_right = r_upper[0, 0], r_upper[-1, 0]
+    u = r_left + (xs - t_left) * (r_right - r_left) / (t_right - t_left if abs(t_right - t_left) > 1e-6 else 1e-6)
+    r_top, r_bottom = _along(r_upper, u), _along(r_lower, u)
+    return u, r_top - _along(t_upper, xs), r_bottom - _along(t_lower, xs), r_top + inner.split * (r_bottom - r_top)
+
+
 def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, origin: typing.Tuple[int, int],
                lips_rgb: np.ndarray, upper: bool = True) -> np.ndarray:
     """The inside of the target's mouth from an open mouth, without stretching it: the upper row of
@@ -295,23 +318,14 @@ def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, 
     borrowed mouth is brought to this photo's lips (`lips_rgb`, `match_lighting`). `upper=False`:
     the lower row alone (under another mouth's upper teeth). Returns the box, `behind` outside the
     target's inner lips."""
-    ref = np.asarray(inner.mouth, np.float64)
-    t_upper, t_lower = inner_lip_curves(target_mouth)
-    r_upper, r_lower = inner_lip_curves(ref)
-    t_inner = np.asarray(target_mouth, np.float64)[INNER]
     bx, by = origin
-    x0, y0 = np.maximum(np.floor(t_inner.min(0)).astype(int) - 1, [bx, by])
-    x1, y1 = np.minimum(np.ceil(t_inner.max(0)).astype(int) + 2, [bx + behind.shape[1], by + behind.shape[0]])
+    x0, y0, x1, y1 = row_box(target_mouth, origin, behind.shape[:2])
     if x1 <= x0 or y1 <= y0:
         return behind
     xs, ys = np.meshgrid(np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64))
-    t_left, t_right = t_upper[0, 0], t_upper[-1, 0]
-    r_left, r_right = r_upper[0, 0], r_upper[-1, 0]
-    u = r_left + (xs - t_left) * (r_right - r_left) / (t_right - t_left if abs(t_right - t_left) > 1e-6 else 1e-6)
-    r_top, r_bottom = _along(r_upper, u), _along(r_lower, u)
-    middle = r_top + inner.split * (r_bottom - r_top)
-    y_upper = ys - _along(t_upper, xs) + r_top  # the reference's row for the upper teeth
-    y_lower = ys - _along(t_lower, xs) + r_bottom
+    u, upper_offset, lower_offset, middle = row_columns(inner, target_mouth, xs)
+    y_upper = ys + upper_offset  # the reference's row for the upper teeth
+    y_lower = ys + lower_offset
     sample = lambda y: cv2.remap(inner.crop, u.astype(np.float32), y.astype(np.float32), cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
     upper_px, lower_px = sample(y_upper), sample(y_lower)
@@ -329,47 +343,61 @@ def teeth_rows(inner: InnerMouth, target_mouth: np.ndarray, behind: np.ndarray, 
     return out
 
 
-def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray, mask: np.ndarray,
-                inner: InnerMouth) -> np.ndarray:
-    """The crop with its lower face moved to `target_mouth` (see the module docstring); the caller
-    blends it in under `mask`, the repaint region `(S, S)` in [0, 1]. Returns `(S, S, 3) uint8`."""
-    size = crop.shape[0]
+def warp_points(crop_landmarks: np.ndarray, target_mouth: np.ndarray, mask: np.ndarray) -> typing.List[typing.Tuple[np.ndarray, np.ndarray]]:
+    """The two splines' control points (step 1 of the module docstring): `(target (N, 2), source (N, 2))`
+    for the upper and for the lower warp, crop pixels; the fixed anchors hold the rest of the crop."""
     points = np.asarray(crop_landmarks, np.float64)[:, :2]
     source_mouth = points[lm.MOUTH_AND_JAW]
     target_mouth = np.asarray(target_mouth, np.float64)
-    fixed = np.concatenate([points[FIXED_POINTS], _anchor_ring(size, mask)])
-    # only the repaint region's box is warped: outside it the caller keeps the frame's own pixels
-    ys, xs = np.nonzero(mask > 0)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if ys.size else (0, 0, 1, 1)
-    x0, y0, x1, y1 = box
-    pieces = []
-    for part in (UPPER, LOWER):
-        map_x, map_y = backward_map(np.concatenate([target_mouth[part], fixed]), np.concatenate([source_mouth[part], fixed]), size, box)
-        pieces.append(cv2.remap(crop, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32))
-    above = upper_side(target_mouth, size)[y0:y1, x0:x1, None]
-    moved = crop.astype(np.float32)
-    moved[y0:y1, x0:x1] = pieces[0] * above + pieces[1] * (1 - above)
+    fixed = np.concatenate([points[FIXED_POINTS], _anchor_ring(mask.shape[0], mask)])
+    return [(np.concatenate([target_mouth[part], fixed]), np.concatenate([source_mouth[part], fixed])) for part in (UPPER, LOWER)]
 
-    # The inside of the mouth, composed of rows (`teeth_rows`): wherever the target's lips part wider
-    # than the source's could supply, and wherever they part less than an open source's (the warps
-    # would squash its teeth; real lips close over them).
+
+def mouth_hole(source_mouth: np.ndarray, target_mouth: np.ndarray, inner: InnerMouth, size: int) -> typing.Optional[np.ndarray]:
+    """Where the inside of the mouth is composed of rows, `(S, S) float32` in [0, 1], or None: wherever
+    the target's lips part wider than the source's could supply, and wherever they part less than an
+    open source's (the warps would squash its teeth; real lips close over them)."""
     width = max(mouth_width(target_mouth), 1.0)
     source_gap = inner_gap_ratio(source_mouth)
     opening = inner_gap_ratio(target_mouth) - max(source_gap, MIN_OPEN)
     if source_gap > MIN_OPEN and inner.usable:
         opening = abs(inner_gap_ratio(target_mouth) - source_gap)
-    if opening > 0:
-        hole = _polygon_mask(target_mouth[INNER], size, feather=max(0.6, width * 0.02)) * min(1.0, opening / 0.06)
+    if opening <= 0:
+        return None
+    hole = _polygon_mask(np.asarray(target_mouth, np.float64)[INNER], size, feather=max(0.6, width * 0.02)) * min(1.0, opening / 0.06)
+    return hole if (hole > 0).any() else None
+
+
+def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray, mask: np.ndarray,
+                inner: InnerMouth) -> np.ndarray:
+    """The crop with its lower face moved to `target_mouth` (see the module docstring); the caller
+    blends it in under `mask`, the repaint region `(S, S)` in [0, 1]. Returns `(S, S, 3) uint8`."""
+    size = crop.shape[0]
+    target_mouth = np.asarray(target_mouth, np.float64)
+    # only the repaint region's box is warped: outside it the caller keeps the frame's own pixels
+    ys, xs = np.nonzero(mask > 0)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if ys.size else (0, 0, 1, 1)
+    x0, y0, x1, y1 = box
+    pieces = []
+    for target, source in warp_points(crop_landmarks, target_mouth, mask):
+        map_x, map_y = backward_map(target, source, size, box)
+        pieces.append(cv2.remap(crop, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32))
+    above = upper_side(target_mouth, size)[y0:y1, x0:x1, None]
+    moved = crop.astype(np.float32)
+    moved[y0:y1, x0:x1] = pieces[0] * above + pieces[1] * (1 - above)
+
+    # The inside of the mouth, composed of rows (`teeth_rows`, `mouth_hole`).
+    hole = mouth_hole(np.asarray(crop_landmarks, np.float64)[lm.MOUTH_AND_JAW, :2], target_mouth, inner, size)
+    if hole is not None:  # composed and blended only in the hole's box
         ys, xs = np.nonzero(hole > 0)
-        if ys.size:  # composed and blended only in the hole's box
-            inside = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
-            origin = (int(xs.min()), int(ys.min()))
-            lips_rgb = lip_colour(moved, target_mouth)
-            fill = cavity(lips_rgb, target_mouth, inside[0], inside[1].stop - inside[1].start)
-            if inner.usable:
-                if inner.lower_row is not None and inner.lower_row.usable:
-                    fill = teeth_rows(inner.lower_row, target_mouth, fill, origin, lips_rgb, upper=False)
-                fill = teeth_rows(inner, target_mouth, fill, origin, lips_rgb)
-            alpha = hole[inside][..., None]
-            moved[inside] = moved[inside] * (1 - alpha) + fill * alpha
+        inside = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+        origin = (int(xs.min()), int(ys.min()))
+        lips_rgb = lip_colour(moved, target_mouth)
+        fill = cavity(lips_rgb, target_mouth, inside[0], inside[1].stop - inside[1].start)
+        if inner.usable:
+            if inner.lower_row is not None and inner.lower_row.usable:
+                fill = teeth_rows(inner.lower_row, target_mouth, fill, origin, lips_rgb, upper=False)
+            fill = teeth_rows(inner, target_mouth, fill, origin, lips_rgb)
+        alpha = hole[inside][..., None]
+        moved[inside] = moved[inside] * (1 - alpha) + fill * alpha
     return np.clip(moved + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,265 @@
+"""The frame graph (`avatar/render/frame_graph.py`, exported to ONNX) behind the renderer interface:
+`GraphRenderer` renders a whole batch, of any people, in one onnxruntime call from the frames' face
+regions to their finished regions. The host only prepares small inputs at the crop's side S and
+slices regions out of and into frames.
+
+    renderer = GraphRenderer("assets", PipelineConfig(renderer="diffusion"))   # or "warp", "retrieval"
+    regions = renderer.render(RenderBatch(jobs, identities, frame_indices))
+
+The graph's inputs, per frame of the batch (B frames; P: the batch's region side; N: spline points;
+M: open-mouth image side):
+
+| name | shape, dtype | what |
+|---|---|---|
+| patch | (B, P, P, 3) uint8 | the frame's region (`FaceAligner.paste_box`), its right and bottom edge repeated up to P |
+| patch_from_crop, crop_from_patch | (B, 2, 3) float32 | crop pixel ↔ region pixel |
+| level, detail | (B,) float32 | the crop's mip-map level (0: the face at its size or enlarged; k: shrunk, from the region averaged over 2^k px); 1: give the region the frame's detail back |
+| mask, upper | (B, S, S) float32 | the repaint mask; 1 above the target's mouth line (`upper_side`) |
+| upper_points, lower_points | (B, N, 2) float32 | the two splines' target points (padding rows: weight 0) |
+| upper_weights, lower_weights; upper_affine, lower_affine | (B, N, 2); (B, 3, 2) float32 | their solved weights |
+| hole, lip_band | (B, S, S) float32 | where rows are composed (`mouth_hole`, 0 for none); the target's lips (`lip_colour`) |
+| cavity | (B, 2) float32 | the inside's top row and height (`cavity`) |
+| inner, lower_row | (B, M, M, 3) → (B, 3, M, M) float32 | the open mouths the rows come from (edges repeated) |
+| inner_columns, lower_columns | (B, 4, S) float32 | `row_columns` per crop column |
+| inner_box, lower_box | (B, S, S) float32 | 1 where the rows are composed (`row_box`; 0: no usable mouth) |
+| inner_lips, lower_lips | (B, 3) float32 | those mouths' lip colours; inner_borrowed, lower_borrowed (B,): from the bank |
+| watermark | (B,) float32 | the watermark's strength at the frame's index; pattern (S, S): the watermark |
+| references, sketch, noise | (B, 3K, S, S), (B, 3, S, S), (B, 3, S, S) float32 | diffusion only (`build_condition`) |
+
+Outputs: `pixels (B, P, P, 3) uint8` (the finished region) and `alpha (B, P, P) float32`.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+
+import cv2
+import numpy as np
+
+from avatar import provenance
+from avatar.config import AlignConfig, PipelineConfig
+from avatar.errors import AvatarError
+from avatar.face import landmarks as lm
+from avatar.face.align import FaceAligner, FaceRegion, invert_transform, transform_scale
+from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
+from avatar.render.condition import landmark_sketch
+from avatar.render.renderers import RetrievalRenderer
+from avatar.render.warp import INNER, N_OUTER, InnerMouth, mouth_hole, row_box, row_columns, upper_side, warp_points
+
+GRAPH_FILES = {"warp": "frame_warp.onnx", "diffusion": "frame_diffusion.onnx"}
+GRAPH_INPUTS = ("patch", "patch_from_crop", "crop_from_patch", "level", "detail", "mask", "upper",
+                "upper_points", "upper_weights", "upper_affine", "lower_points", "lower_weights", "lower_affine",
+                "hole", "lip_band", "cavity", "inner", "inner_columns", "inner_box", "inner_lips", "inner_borrowed",
+                "lower_row", "lower_columns", "lower_box", "lower_lips", "lower_borrowed", "watermark", "pattern",
+                "references", "sketch", "noise")
+SMOOTHING = 1e-3  # as the per-frame path's spline (avatar.render.warp.backward_map)
+
+
+def spline(target: np.ndarray, source: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin-plate spline through `target (N, 2)` → `source (N, 2)` (the shift source − target, as
+    `backward_map`'s, duplicates dropped): its points `(n, 2)`, kernel weights `(n, 2)` and affine part
+    `(3, 2)` for (1, x, y). scipy's RBFInterpolator solves the same system (a scaled polynomial basis)."""
+    _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
+    points = np.asarray(target, np.float64)[np.sort(keep)]
+    values = np.asarray(source, np.float64)[np.sort(keep)] - points
+    n = len(points)
+    d2 = ((points[:, None] - points[None]) ** 2).sum(-1)
+    system = np.zeros((n + 3, n + 3))
+    system[:n, :n] = 0.5 * d2 * np.log(np.maximum(d2, 1e-300)) + SMOOTHING * np.eye(n)
+    polynomial = np.concatenate([np.ones((n, 1)), points], 1)
+    system[:n, n:], system[n:, :n] = polynomial, polynomial.T
+    solved = np.linalg.solve(system, np.concatenate([values, np.zeros((3, 2))]))
+    return points, solved[:n], solved[n:]
+
+
+def graph_model(path: typing.Union[str, os.PathLike]) -> typing.Optional[bytes]:
+    """The frame graph at `path` made whole, or None when it is whole already: the diffusion graph
+    is shipped without the denoiser's weights that `render.onnx` beside it holds (the same values;
+    metadata `shared_from`, `shared_prefix`, `shared_weights`), so they are not shipped twice. Needs
+    the `onnx` package (the `gpu` extra)."""
+    import json
+
+    try:
+        import onnx
+    except ImportError as exc:
+        raise AvatarError(f"{path}: the diffusion frame graph takes its denoiser's weights from render.onnx, which needs "
+                          f"the onnx package ({exc}); install the `gpu` extra") from exc
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "shared_from" not in meta:
+        return None
+    source = os.path.join(os.path.dirname(str(path)), meta["shared_from"])
+    if not os.path.exists(source):
+        raise AvatarError(f"{path}: takes its weights from {source}, which is missing")
+    weights = {w.name: w for w in onnx.load(source).graph.initializer}
+    prefix = meta["shared_prefix"]
+    for name in json.loads(meta["shared_weights"]):
+        weight = weights.get(name[len(prefix):])
+        if weight is None:
+            raise AvatarError(f"{path}: {source} has no weight {name[len(prefix):]!r}; export the frame graph again "
+                              f"(python -m training.export_graph)")
+        shared = onnx.TensorProto()
+        shared.CopyFrom(weight)
+        shared.name = name
+        proto.graph.initializer.append(shared)
+    return proto.SerializeToString()
+
+
+def _fill_polygon(points: np.ndarray, size: int) -> np.ndarray:
+    canvas = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(canvas, [np.round(np.asarray(points) * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
+    return canvas
+
+
+def lip_band(mouth: np.ndarray, size: int) -> np.ndarray:
+    """`(S, S) float32`: the lips of `mouth (59, 2)` as `avatar.render.warp.lip_colour` takes them
+    (the whole crop when they cover no pixel)."""
+    band = (_fill_polygon(mouth[:N_OUTER], size) > 0) & (_fill_polygon(mouth[INNER], size) == 0)
+    return band.astype(np.float32) if band.any() else np.ones((size, size), np.float32)
+
+
+class GraphRenderer(RetrievalRenderer):
+    """`config.renderer` ("warp", "retrieval" or "diffusion") as one ONNX graph per batch, on the
+    canonical crop of side `crop_size` (the per-frame warp works at the face's own resolution; the
+    graph at the crop's, with the frame's detail given back). The retrieval renderer's bank choice is
+    the per-frame one's."""
+
+    def __init__(self, folder: typing.Union[str, os.PathLike], config: PipelineConfig = PipelineConfig(),
+                 crop_size: int = AlignConfig.crop_size, providers: typing.Optional[typing.Sequence[str]] = None,
+                 pool: typing.Optional[FramePool] = None):
+        from avatar.runtime import OnnxSession
+
+        super().__init__(config, crop_size, pool)
+        self.name = config.renderer
+        self.kind = "diffusion" if config.renderer == "diffusion" else "warp"
+        path = os.path.join(folder, GRAPH_FILES[self.kind])
+        if not os.path.exists(path):
+            raise AvatarError(f"{path}: no such model file (python -m training.export_graph makes it)")
+        # fp32: the graph computes pixel coordinates up to thousands, beyond float16's steps
+        self.session = OnnxSession(path, providers=providers, threads=config.threads,
+                                   model=graph_model(path) if self.kind == "diffusion" else None)
+        self.model_files = (GRAPH_FILES[self.kind],)
+        meta = self.session.metadata
+        if int(meta.get("crop_size", crop_size)) != crop_size:
+            raise AvatarError(f"{path}: renders {meta.get('crop_size')}² crops; this pipeline aligns to {crop_size}²")
+        if self.kind == "diffusion":
+            from avatar.render.sampling import steps_from
+
+            self.references = int(meta["references"])
+            steps = config.steps or steps_from(config.diffusion_start, int(meta["model_steps"]))
+            made, asked = (float(meta["start"]), int(meta["steps"]), float(meta["colour_match"])), (config.diffusion_start, steps, config.colour_match)
+            if not np.allclose(made, asked):
+                raise AvatarError(f"{path}: made for diffusion start, steps and colour match {made}; this pipeline asks for {asked} "
+                                  f"(python -m training.export_graph makes another)")
+            self.noise = np.random.default_rng(config.seed).standard_normal((3, crop_size, crop_size)).astype(np.float32)
+        self.aligner = FaceAligner(AlignConfig(crop_size=crop_size))
+        self.pattern = provenance.watermark_pattern(crop_size)
+
+    def prepare(self, job: FrameJob, identity: Identity, frame_index: int, inner: InnerMouth) -> typing.Dict[str, typing.Any]:
+        """The graph's inputs for one frame (without the batch axis; patch and mouths not yet padded)."""
+        size = self.crop_size
+        landmarks = np.asarray(job.crop_landmarks, np.float64)[:, :2]
+        mouth = np.asarray(job.mouth, np.float64)
+        mask = self.aligner.repaint_mask(landmarks, lm.with_mouth(landmarks, mouth))
+        x0, y0, x1, y1 = self.aligner.paste_box(job.frame.shape, job.transform)
+        shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
+        patch_from_crop = shift @ np.vstack([invert_transform(job.transform), [0, 0, 1]])
+        scale = transform_scale(job.transform)
+        out: typing.Dict[str, typing.Any] = {
+            "box": (x0, y0, x1, y1), "patch": job.frame[max(y0, 0):y1, max(x0, 0):x1],
+            "patch_from_crop": patch_from_crop, "crop_from_patch": invert_transform(patch_from_crop),
+            "level": float(0 if scale >= 0.75 else min(3, int(np.ceil(np.log2(0.75 / scale))))), "detail": float(self.config.detail and 0.7 / scale >= 0.75),
+            "mask": mask, "upper": upper_side(mouth, size), "lip_band": lip_band(mouth, size),
+            "watermark": provenance.AMPLITUDE * np.sin(2 * np.pi * frame_index / provenance.PERIOD_FRAMES) if self.config.watermark else 0.0,
+        }
+        for name, (target, source) in zip(("upper", "lower"), warp_points(landmarks, mouth, mask)):
+            out[f"{name}_points"], out[f"{name}_weights"], out[f"{name}_affine"] = spline(target, source)
+        hole = mouth_hole(landmarks[lm.MOUTH_AND_JAW], mouth, inner, size)
+        out["hole"] = np.zeros((size, size), np.float32) if hole is None else hole
+        top, bottom = mouth[INNER, 1].min(), mouth[INNER, 1].max()
+        out["cavity"] = (top, max(bottom - top, 1.0))
+        hx0 = hy0 = hx1 = hy1 = 0
+        if hole is not None:
+            ys, xs = np.nonzero(hole > 0)
+            hx0, hy0, hx1, hy1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        layers = {"lower_row": inner.lower_row if inner.usable and inner.lower_row is not None and inner.lower_row.usable else None,
+                  "inner": inner if inner.usable else None}
+        for name, layer in layers.items():
+            key = "lower" if name == "lower_row" else "inner"
+            columns, box = np.zeros((4, size), np.float32), np.zeros((size, size), np.float32)
+            bx0, by0, bx1, by1 = row_box(mouth, (hx0, hy0), (hy1 - hy0, hx1 - hx0))
+            if layer is not None and hole is not None and bx1 > bx0 and by1 > by0:
+                xs = np.arange(bx0, bx1, dtype=np.float64)
+                columns[:, bx0:bx1] = np.stack(row_columns(layer, mouth, xs))
+                box[by0:by1, bx0:bx1] = 1.0
+            out[name] = layer.crop if layer is not None else np.zeros((1, 1, 3), np.uint8)
+            out[f"{key}_columns"], out[f"{key}_box"] = columns, box
+            out[f"{key}_lips"] = layer.lips_rgb if layer is not None else np.zeros(3)
+            out[f"{key}_borrowed"] = float(layer is not None and layer.borrowed)
+        if self.kind == "diffusion":
+            out["references"] = np.concatenate([r.transpose(2, 0, 1) for r in identity.references]).astype(np.float32)
+            out["sketch"], out["noise"] = landmark_sketch(mouth, size), self.noise
+        return out
+
+    def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
+        regions: typing.List[typing.Optional[FaceRegion]] = [None] * len(batch)
+        faces = [i for i in batch.faces if self._inside(batch.jobs[i])]
+        for i in batch.faces:
+            if i not in faces:
+                regions[i] = FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
+        if not faces:
+            return regions
+        inners = self.inner_mouths(batch)
+        prepared = self.pool.map(lambda i: self.prepare(batch.jobs[i], batch.identities[i], int(batch.frame_indices[i]),
+                                                        (inners[i] or batch.identities[i].inner).at(self.crop_size)), faces)
+        outputs = self.session.run(**self.stack(prepared))
+        for k, i in enumerate(faces):
+            x0, y0, x1, y1 = prepared[k]["box"]
+            h, w = y1 - y0, x1 - x0
+            regions[i] = FaceRegion(y0, x0, outputs["pixels"][k, :h, :w], outputs["alpha"][k, :h, :w])
+        return regions
+
+    def _inside(self, job: FrameJob) -> bool:
+        x0, y0, x1, y1 = self.aligner.paste_box(job.frame.shape, job.transform)
+        return x1 > x0 and y1 > y0
+
+    def stack(self, prepared: typing.Sequence[typing.Dict[str, typing.Any]]) -> typing.Dict[str, np.ndarray]:
+        """The batch's inputs: regions padded to the largest (edges repeated), splines to the most
+        points (weight 0), open mouths to the largest."""
+        side = 16 * -(-max(max(p["patch"].shape[:2]) for p in prepared) // 16)
+        n = max(len(p[f"{name}_points"]) for p in prepared for name in ("upper", "lower"))
+        out: typing.Dict[str, np.ndarray] = {"patch": np.stack([_edge_pad(p["patch"], side) for p in prepared])}
+        for name in ("inner", "lower_row"):
+            m = max(max(p[name].shape[:2]) for p in prepared)
+            out[name] = np.stack([_edge_pad(p[name], m) for p in prepared]).transpose(0, 3, 1, 2).astype(np.float32)
+        for name in ("upper", "lower"):
+            for part in ("points", "weights"):
+                # padding: the last point again (a finite kernel, also in fp16) with weight 0
+                out[f"{name}_{part}"] = np.stack([np.pad(p[f"{name}_{part}"], ((0, n - len(p[f"{name}_{part}"])), (0, 0)),
+                                                         mode="edge" if part == "points" else "constant") for p in prepared])
+        skip = {"box", "patch", "inner", "lower_row", "upper_points", "upper_weights", "lower_points", "lower_weights"}
+        for key in prepared[0]:
+            if key not in skip:
+                out[key] = np.stack([np.asarray(p[key]) for p in prepared])
+        out = {k: v if v.dtype == np.uint8 else v.astype(np.float32) for k, v in out.items()}
+        out["pattern"] = self.pattern
+        return out
+
+    def warm_up(self, batch: int) -> None:
+        """onnxruntime's lazy set-up, on a blank frame."""
+        from avatar.face.align import crop_template
+
+        face = crop_template(self.crop_size)
+        transform = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+        job = FrameJob(np.full((self.crop_size, self.crop_size, 3), 128, np.uint8), transform, np.c_[face, np.zeros(len(face))],
+                       face, face[lm.MOUTH_AND_JAW])
+        references = [np.full((self.crop_size, self.crop_size, 3), 128, np.uint8)] * max(1, getattr(self, "references", 0))
+        person = Identity(references, face[lm.MOUTH_AND_JAW], np.zeros(2), [])
+        self.render(RenderBatch([job] * batch, [person] * batch, list(range(batch))))
+
+
+def _edge_pad(image: np.ndarray, side: int) -> np.ndarray:
+    """`image (h, w, 3)` grown to `(side, side, 3)` by repeating its right column and bottom row."""
+    h, w = image.shape[:2]
+    return np.pad(image, ((0, side - h), (0, side - w), (0, 0)), mode="edge")
