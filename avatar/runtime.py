@@ -52,81 +52,32 @@ def available_providers() -> typing.List[str]:
 
 
 def half_precision_graph(path: typing.Union[str, os.PathLike, bytes]) -> bytes:
-    """The ONNX model at `path` (or serialised, as bytes) re-written to compute in float16, its inputs and outputs still float32.
-
-    Weights stored as fp16 with a cast to fp32 (`training.common.store_weights_fp16`) stay fp16.
-    The nodes that compute from the timestep alone, up to and including Sin/Cos, stay float32 (their
-    arguments reach 1000, where float16 steps are 0.5 rad); so do Resize's scales. Every other float
-    tensor becomes float16. Needs the `onnx` package (`gpu` extra).
-    """
+    """The ONNX model at `path` (or serialised, as bytes) re-written to compute in float16, its inputs
+    and outputs still float32, by onnxruntime's own converter
+    (`onnxruntime.transformers.float16.convert_float_to_float16`), with one exception: the nodes that
+    compute from the timestep alone, up to and including Sin/Cos, stay float32 (their arguments reach
+    1000, where float16 steps are 0.5 rad). Needs the `onnx` package (`gpu` extra)."""
     try:
         import onnx
-        from onnx import numpy_helper
+        from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as exc:
         raise AvatarError(f"fp16 needs the onnx package ({exc}); install the `gpu` extra") from exc
-    FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path))
-    graph = proto.graph
-    all_nodes = list(graph.node)  # held, so that id() names each node for the whole pass
-    producer = {output: node for node in all_nodes for output in node.output}
-    # 1. The float32 region: Sin/Cos and everything they are computed from.
-    region, stack = set(), [n for n in all_nodes if n.op_type in ("Sin", "Cos")]
+    nodes = list(proto.graph.node)
+    producer = {output: node for node in nodes for output in node.output}
+    region, stack = set(), [n for n in nodes if n.op_type in ("Sin", "Cos")]
     while stack:
         node = stack.pop()
-        if id(node) not in region:
-            region.add(id(node))
+        if node.name not in region:
+            region.add(node.name)
             stack.extend(producer[name] for name in node.input if name in producer)
-    kept_fp32 = {name for node in all_nodes if id(node) in region for name in node.input}
-    kept_fp32 |= {node.input[2] for node in all_nodes if node.op_type == "Resize" and len(node.input) > 2}
-    read_as_half = {name for node in all_nodes if id(node) not in region for k, name in enumerate(node.input)
-                    if not (node.op_type == "Resize" and k == 2)}
-    # 2. Weights: float16 (a float32 one that the region also reads gets a float16 twin).
-    new_weights, renamed = [], {}
-    for weight in graph.initializer:
-        if weight.data_type not in (FLOAT, HALF) or (weight.data_type == HALF and weight.name not in kept_fp32):
-            new_weights.append(weight)
-            continue
-        array = numpy_helper.to_array(weight)
-        if weight.name not in kept_fp32:
-            new_weights.append(numpy_helper.from_array(array.astype(np.float16), weight.name))
-            continue
-        new_weights.append(numpy_helper.from_array(array.astype(np.float32), weight.name))
-        if weight.name in read_as_half:
-            renamed[weight.name] = weight.name + "__fp16"
-            new_weights.append(numpy_helper.from_array(array.astype(np.float16), renamed[weight.name]))
-    # 3. Nodes: casts to float outside the region cast to half (the stored-fp16 weights' casts become
-    #    no-ops that onnxruntime folds); the region's outputs are cast to half where the rest reads them.
-    nodes, boundary = [], {}
-    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == FLOAT}
-    for i in inputs:
-        boundary[i] = i + "__fp16"
-        nodes.append(onnx.helper.make_node("Cast", [i], [boundary[i]], to=HALF, name=i + "__to_fp16"))
-    region_outputs = {o for node in all_nodes if id(node) in region for o in node.output}
-    for node in all_nodes:
-        if id(node) not in region:
-            if node.op_type == "Cast" and node.attribute[0].i == FLOAT:
-                node.attribute[0].i = HALF
-            for k, name in enumerate(node.input):
-                if name in region_outputs or name in inputs:
-                    if name not in boundary:
-                        boundary[name] = name + "__fp16"
-                        nodes.append(onnx.helper.make_node("Cast", [name], [boundary[name]], to=HALF, name=name + "__to_fp16"))
-                    node.input[k] = boundary[name]
-                elif name in renamed and not (node.op_type == "Resize" and k == 2):
-                    node.input[k] = renamed[name]
-        nodes.append(node)
-    # 4. Outputs back to float32.
-    for output in graph.output:
-        if output.type.tensor_type.elem_type == FLOAT:
-            for node in nodes:
-                node.output[:] = [o + "__fp16" if o == output.name else o for o in node.output]
-            nodes.append(onnx.helper.make_node("Cast", [output.name + "__fp16"], [output.name], to=FLOAT, name=output.name + "__to_fp32"))
-    del graph.initializer[:]
-    graph.initializer.extend(new_weights)
-    del graph.node[:]
-    graph.node.extend(nodes)  # still in order: a new cast sits just before the first node that reads it
-    del graph.value_info[:]  # the types changed; onnxruntime infers them again
-    return proto.SerializeToString()
+    half = convert_float_to_float16(proto, keep_io_types=True, node_block_list=sorted(region))
+    # the converter leaves a float16 type on weights that the float32 region reads (kept float32 themselves)
+    weights = {w.name for w in half.graph.initializer}
+    kept = [v for v in half.graph.value_info if v.name not in weights]
+    del half.graph.value_info[:]
+    half.graph.value_info.extend(kept)
+    return half.SerializeToString()
 
 
 class OnnxSession:

@@ -232,10 +232,10 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
             region_l1(a, b, mask) for a, b in zip(image_gradients(x0), image_gradients(clean)))
         s = rng.uniform(0.02, 0.98, cfg.batch).astype(np.float32)
         alpha_s, sigma_s = noise_levels(s, device)
-        renoised = alpha_s * x0.detach() + sigma_s * torch.randn_like(x0)
+        renoised = noised(x0.detach(), torch.randn_like(x0), alpha_s, sigma_s)
         with torch.no_grad(), autocast():
             teacher_v = teacher(cl(renoised), torch.from_numpy(s).to(device), cl(condition)).float()
-        teacher_x0 = (alpha_s * renoised - sigma_s * teacher_v).clamp(-1, 1)
+        teacher_x0 = clean_from_v(renoised, teacher_v, alpha_s, sigma_s).clamp(-1, 1)
         distillation = (((x0 - teacher_x0).abs() * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * 3).clamp(min=1)
                         * alpha_s.flatten() ** 2).mean()
         loss = reconstruction + cfg.distill_weight * distillation

@@ -23,13 +23,12 @@ them with shapes. The tolerances against the per-frame path are tested (`tests/t
 
 from __future__ import annotations
 
-import math
 import typing
 
 import torch
 import torch.nn.functional as F
 
-from avatar.render.sampling import alpha_sigma
+from avatar.render.sampling import alpha_sigma, clean_from_v, noise_from_v, noised, timesteps
 
 GRID_STEP = 4  # as avatar.render.warp.GRID_STEP
 LEVELS = 3  # mip-map levels (halvings) for crops that shrink the face
@@ -204,17 +203,16 @@ class FrameGraph(torch.nn.Module):
         """The denoiser's crop `(B, 3, S, S)` in [0, 255] (rounded), from the draft noised to `start`."""
         keep = 1.0 - (mask > 0.02).to(crop.dtype)[:, None]
         condition = torch.cat([(crop / 127.5 - 1.0) * keep, 1.0 - keep, references / 127.5 - 1.0, sketch], 1)
-        times = [self.start + (0.0 - self.start) * k / self.steps for k in range(self.steps + 1)]
-        alpha, sigma = (float(v) for v in alpha_sigma(self.start))
-        x = alpha * (draft / 127.5 - 1.0) + sigma * noise
+        times = [float(t) for t in timesteps(self.steps, self.start)]
+        alpha, sigma = (float(value) for value in alpha_sigma(self.start))
+        x = noised(draft / 127.5 - 1.0, noise, alpha, sigma)
         x0 = x
-        for k in range(self.steps):
-            alpha, sigma = (float(v) for v in alpha_sigma(times[k]))
+        for k in range(self.steps):  # sample_ddim's steps
+            alpha, sigma = (float(value) for value in alpha_sigma(times[k]))
             v = self.denoiser(x, torch.full_like(x[:, 0, 0, 0], times[k]), condition)
-            x0 = (alpha * x - sigma * v).clamp(-1.0, 1.0)
-            eps = sigma * x + alpha * v
-            alpha_next, sigma_next = (float(v) for v in alpha_sigma(times[k + 1]))
-            x = alpha_next * x0 + sigma_next * eps
+            x0 = clean_from_v(x, v, alpha, sigma).clamp(-1.0, 1.0)
+            alpha_next, sigma_next = (float(value) for value in alpha_sigma(times[k + 1]))
+            x = noised(x0, noise_from_v(x, v, alpha, sigma), alpha_next, sigma_next)
         return ((x0 + 1.0) * 127.5 + 0.5).floor().clamp(0.0, 255.0)
 
     # 5.
