@@ -5,6 +5,9 @@ of one is compared with frame i of the other (up to the shorter). Metrics:
 - mouth_landmark_distance: lips and jaw measured from the mouth anchor (so head motion does not
   count), mean absolute difference in % of the inter-ocular distance; lips_distance: the same for
   the 40 lip points alone (the jaw line is the least certain part of a tracked mesh);
+- mouth_distance_in_head: the same lips and jaw with each frame's head pose (yaw, pitch, roll) taken
+  out through the mesh's 3D points (`mouth_distance_in_head`), so that two videos whose heads turn
+  differently (a dub of a picture played backwards against the real video) differ by the mouth alone;
 - mouth_opening_r: Pearson r of the inner-lip gaps (over the inter-ocular distance);
 - identity_distance: dlib embedding distance of sampled generated frames to the reference photo
   (or, without one, to sampled frames of the real video); same person typically < 0.6;
@@ -134,6 +137,33 @@ def artifact_frames(gen: TrackedVideo, ref: TrackedVideo, both: np.ndarray, alig
     return failed
 
 
+def _mouths_in_head(generated: np.ndarray, real: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray, float]:
+    """Both videos' mouth and jaw `(T, 59, 2)` in the real video's first head's coordinates, relative
+    to the mouth anchor, and that head's inter-ocular distance."""
+    from avatar.motion.pose import common_head, in_head
+
+    head = common_head(real[:1])
+    anchor = np.r_[lm.MOUTH_ANCHOR]
+    mouths = []
+    for faces in (generated, real):
+        points = [in_head(f, head, np.r_[lm.MOUTH_AND_JAW, anchor])[:, :2] for f in faces]
+        mouths.append(np.stack([p[:len(lm.MOUTH_AND_JAW)] - p[len(lm.MOUTH_AND_JAW):].mean(0) for p in points]))
+    iod = float(np.linalg.norm((head[2, :2] + head[3, :2] - head[0, :2] - head[1, :2]) / 2))  # HEAD_POINTS starts with the eye corners
+    return mouths[0], mouths[1], iod
+
+
+def mouth_distance_in_head(generated: np.ndarray, real: np.ndarray) -> typing.Tuple[float, float]:
+    """Mouth and jaw distance with each frame's head pose taken out (`avatar.motion.pose.in_head`: the
+    face mesh's 3D points brought into one head's coordinates, the real video's first frame's):
+    `generated, real (T, 478, 3)` → (mean |Δ| per coordinate (x, y, relative to the mouth anchor), %
+    of the inter-ocular distance; Pearson r of the inner-lip gaps there). Unlike the measures in the
+    picture, two videos whose heads turn differently (a picture played backwards) are compared on the
+    mouth alone."""
+    ours, theirs, iod = _mouths_in_head(generated, real)
+    gap = lambda mouths: lm.inner_gap(mouths)
+    return mouth_landmark_distance(ours, theirs, iod), pearson(gap(ours), gap(theirs))
+
+
 def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optional[PathLike] = None,
                   max_frames: int = 1500, progress: bool = False) -> typing.Dict[str, typing.Any]:
     """The metrics of the module docstring (JSON-ready)."""
@@ -153,6 +183,7 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
     lips = len(lm.LIPS_OUTER) + len(lm.LIPS_INNER)  # MOUTH_AND_JAW starts with the lips
     lips_distance = mouth_landmark_distance(relative(g[both])[:, :lips], relative(r[both])[:, :lips], iod)
     opening_r = pearson(lm.mouth_opening(g[both]) / lm.interocular(g[both]), lm.mouth_opening(r[both]) / iod)
+    head_distance, head_opening_r = mouth_distance_in_head(g[both], r[both])
 
     aligner = FaceAligner(AlignConfig(crop_size=CROP))
     regions_g, regions_r = _lower_face_regions(g, aligner), _lower_face_regions(r, aligner)
@@ -175,6 +206,7 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
         "generated": str(generated), "real": str(real), "reference": str(reference) if reference else None,
         "frames_compared": int(both.sum()), "frames_generated": len(gen.landmarks), "frames_real": len(ref.landmarks),
         "mouth_landmark_distance_pct_iod": distance, "lips_distance_pct_iod": lips_distance, "mouth_opening_r": opening_r,
+        "mouth_distance_in_head_pct_iod": head_distance, "mouth_opening_r_in_head": head_opening_r,
         "identity_distance": float(np.mean(identity)), "identity_distance_max": float(np.max(identity)),
         "sharpness_ratio": float(sharp), "flicker_ratio": float(flicker), "artifact_frames": artifacts,
         "av_offset_generated": estimate_av_offset(gen, predictor), "av_offset_real": estimate_av_offset(ref, predictor),
@@ -188,7 +220,7 @@ def format_evaluation(result: typing.Dict[str, typing.Any]) -> str:
     return "\n".join([
         f"frames compared: {result['frames_compared']} (generated {result['frames_generated']}, real {result['frames_real']})",
         f"mouth landmark distance: {result['mouth_landmark_distance_pct_iod']:.2f} % of the inter-ocular distance "
-        f"(lips alone {result['lips_distance_pct_iod']:.2f} %)",
+        f"(lips alone {result['lips_distance_pct_iod']:.2f} %; head pose taken out {result['mouth_distance_in_head_pct_iod']:.2f} %)",
         f"mouth-opening correlation: r = {result['mouth_opening_r']:.3f}",
         f"identity distance: {result['identity_distance']:.3f} mean, {result['identity_distance_max']:.3f} worst (same person < 0.6)",
         f"sharpness ratio: {result['sharpness_ratio']:.2f} (≥ 0.8 is sharp enough)",

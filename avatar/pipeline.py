@@ -551,8 +551,17 @@ class AvatarPipeline:
         """Jobs that put `mouths (T, 59, 2)` (relative to the person's rest anchor) on frames of
         footage: output frame j shows source frame `schedule[j]` (`frame_at(i)`, with its tracked
         face); a frame without a face, or turned beyond the pose limit (listed in `failures`), passes
-        through. With a mouth bank, each job carries its entry of the whole sequence's Viterbi path."""
+        through. With a mouth bank, each job carries its entry of the whole sequence's Viterbi path.
+        Each mouth is placed at its frame's head pose (`avatar.motion.pose`: the closed frames' mouth
+        turned with the head), where the person's rest mouth is this footage's own."""
+        from avatar.motion.pose import PosedRest
+        from avatar.motion.runner import closed_frames
+
         path = identity.bank.path(mouths) if identity.bank is not None else None
+        faces = np.stack([np.asarray(crop_landmarks[i], np.float64) for i in range(len(valid)) if valid[i]]) if any(valid) else None
+        posed = None
+        if faces is not None and faces.shape[-1] >= 3:
+            posed = PosedRest.from_frames(faces, identity.rest, closed_frames(faces[..., :2]))
         for j, source in enumerate(schedule):
             source = int(source)
             frame = frame_at(source)
@@ -564,6 +573,9 @@ class AvatarPipeline:
                 failures.append({"frame": j, "t": round(j / fps, 3), "why": turned})
                 yield FrameJob(frame)
                 continue
-            mouth = mouths[j] + (lm.mouth_anchor(crop_landmarks[source]) - identity.rest_anchor)
+            if posed is not None:
+                mouth = posed.place(crop_landmarks[source], mouths[j])
+            else:
+                mouth = mouths[j] + (lm.mouth_anchor(crop_landmarks[source]) - identity.rest_anchor)
             yield FrameJob(frame, transforms[source], crop_landmarks[source], frame_landmarks[source], mouth,
                            None if path is None else int(path[j]))

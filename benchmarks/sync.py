@@ -11,7 +11,9 @@ wrong reason. Methods:
 - rest pose: silence of the same length (the mouth stays at the person's rest shape);
 - mismatched speech: another validation clip's speech.
 Lower mouth landmark distance and higher opening correlation are better; the model must beat both
-baselines to be worth anything.
+baselines to be worth anything. The dubbed picture's head turns as the backwards clip's does, the real
+clip's the other way: `mouth_distance_in_head` (each frame's head pose taken out) compares the mouths
+alone, where the distance in the picture also counts the heads' different poses.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from training.split import VALIDATION_IDENTITIES, person_key
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 METHODS = ("model", "rest_pose", "mismatched_speech")
-KEYS = ("mouth_landmark_distance_pct_iod", "lips_distance_pct_iod", "mouth_opening_r", "identity_distance", "sharpness_ratio", "flicker_ratio")
+KEYS = ("mouth_landmark_distance_pct_iod", "mouth_distance_in_head_pct_iod", "lips_distance_pct_iod", "mouth_opening_r",
+        "mouth_opening_r_in_head", "identity_distance",
+        "sharpness_ratio", "flicker_ratio")
 
 
 def validation_clips(count: int, seconds: float):

@@ -32,6 +32,19 @@ LIVE_MODEL = "motion_live.onnx"
 REST_QUANTILE = 10.0  # percent of most-closed frames that define the rest shape
 
 
+def closed_frames(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -> np.ndarray:
+    """`(N,) bool`: the frames of `landmarks (N, 478, 2+)` whose mouth is among the most closed
+    (the lowest REST_QUANTILE % of inner-lip gaps) of the kept ones (`keep`, default: every frame
+    with finite landmarks)."""
+    landmarks = np.asarray(landmarks, np.float64)
+    finite = np.isfinite(landmarks).all(axis=(1, 2))
+    keep = finite if keep is None else np.asarray(keep, bool) & finite
+    if not keep.any():
+        raise ValueError("no reference frame with a face to take the rest mouth from")
+    gap = lm.mouth_opening(landmarks)
+    return keep & (gap <= np.percentile(gap[keep], REST_QUANTILE))
+
+
 def rest_pose(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
     """The person's closed, relaxed mouth from reference landmarks `(N, 478, 2+)` (or one `(478, 2+)`).
 
@@ -44,12 +57,7 @@ def rest_pose(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -
     landmarks = np.asarray(landmarks, np.float64)
     if landmarks.ndim == 2:
         landmarks = landmarks[None]
-    finite = np.isfinite(landmarks).all(axis=(1, 2))
-    keep = finite if keep is None else np.asarray(keep, bool) & finite
-    if not keep.any():
-        raise ValueError("no reference frame with a face to take the rest mouth from")
-    gap = lm.mouth_opening(landmarks)
-    closed = keep & (gap <= np.percentile(gap[keep], REST_QUANTILE))
+    closed = closed_frames(landmarks, keep)
     anchors = lm.mouth_anchor(landmarks)
     anchor = np.median(anchors[closed], axis=0)
     mouth = landmarks[:, POINTS, :2] - (anchors - anchor)[:, None]

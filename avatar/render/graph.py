@@ -165,11 +165,12 @@ class GraphRenderer(RetrievalRenderer):
         x0, y0, x1, y1 = self.aligner.paste_box(job.frame.shape, job.transform)
         shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
         patch_from_crop = shift @ np.vstack([invert_transform(job.transform), [0, 0, 1]])
-        scale = transform_scale(job.transform)
+        scale = transform_scale(job.transform)  # crop px per frame px
+        level = 0 if scale >= 0.75 else min(3, int(np.ceil(np.log2(0.75 / scale))))  # as warp_image: area averaging below 0.75
         out: typing.Dict[str, typing.Any] = {
-            "box": (x0, y0, x1, y1), "patch": job.frame[max(y0, 0):y1, max(x0, 0):x1],
+            "box": (x0, y0, x1, y1), "patch": job.frame[y0:y1, x0:x1],
             "patch_from_crop": patch_from_crop, "crop_from_patch": invert_transform(patch_from_crop),
-            "level": float(0 if scale >= 0.75 else min(3, int(np.ceil(np.log2(0.75 / scale))))), "detail": float(self.config.detail and 0.7 / scale >= 0.75),
+            "level": float(level), "detail": float(self.config.detail and 0.7 / scale >= 0.75),
             "mask": mask, "upper": upper_side(mouth, size), "lip_band": lip_band(mouth, size),
             "watermark": provenance.AMPLITUDE * np.sin(2 * np.pi * frame_index / provenance.PERIOD_FRAMES) if self.config.watermark else 0.0,
         }
