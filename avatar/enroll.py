@@ -155,15 +155,23 @@ class IdleLoop:
     crop_landmarks: np.ndarray
     frame_landmarks: np.ndarray
     fps: float
+    _posed: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.frames)
 
-    def job(self, index: int, mouth: np.ndarray, rest_anchor: np.ndarray, bank_index: typing.Optional[int] = None) -> FrameJob:
-        """Frame `index` (looped) with the target `mouth (59, 2)`, given relative to the person's rest
-        anchor (`rest_anchor (2,)`), placed at this frame's mouth."""
+    def job(self, index: int, mouth: np.ndarray, rest: np.ndarray, bank_index: typing.Optional[int] = None) -> FrameJob:
+        """Frame `index` (looped) with the target `mouth (59, 2)`, the motion model's for the person's
+        rest mouth `rest (59, 2)`, placed at this frame's head pose (`avatar.motion.pose`: the loop's
+        own closed mouth turned with its head, the model's change from `rest` added)."""
+        from avatar.motion.pose import PosedRest
+        from avatar.motion.runner import closed_frames
+
         k = index % len(self.frames)
-        placed = np.asarray(mouth) + (lm.mouth_anchor(self.crop_landmarks[k]) - rest_anchor)
+        if self._posed is None or self._posed[0] is not rest:  # made once per person's rest mouth
+            faces = np.asarray(self.crop_landmarks, np.float64)
+            self._posed = (rest, PosedRest.from_frames(faces, rest, closed_frames(faces[..., :2])))
+        placed = self._posed[1].place(self.crop_landmarks[k], mouth)
         return FrameJob(self.frames[k], self.transforms[k], self.crop_landmarks[k], self.frame_landmarks[k], placed, bank_index)
 
     def scaled(self, max_side: int) -> "IdleLoop":

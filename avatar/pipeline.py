@@ -411,7 +411,7 @@ class AvatarPipeline:
         monitor = self._drift_monitor(identity, events)
         failures: typing.List[typing.Dict[str, typing.Any]] = []
         path = identity.bank.path(mouths) if identity.bank is not None else [None] * n
-        jobs = (loop.job(i, mouths[i], identity.rest_anchor, path[i]) for i in range(n))
+        jobs = (loop.job(i, mouths[i], identity.rest, path[i]) for i in range(n))
         self._write(output, fps, samples, inputs, self.render_jobs(identity, jobs, fps, monitor, clock, failures), n, "animate",
                     progress, clock)
         failures.sort(key=lambda item: item["frame"])

@@ -452,7 +452,7 @@ class Engine:
             avatar = session.avatar
             for index, mouth, _ in items:
                 if avatar.loop is not None:  # the person's real footage, looped
-                    jobs.append(avatar.loop.job(index, mouth, avatar.identity.rest_anchor))
+                    jobs.append(avatar.loop.job(index, mouth, avatar.identity.rest))
                 else:  # the still, with synthetic blinks and sway
                     closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
                     move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
