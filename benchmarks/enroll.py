@@ -43,7 +43,8 @@ from benchmarks.sync import validation_clips
 from training.split import VALIDATION_IDENTITIES
 
 METHODS = ("enrolled", "bank_only", "adaptation_only", "generic", "self_enrolled", "photo_only", "mismatched")
-KEYS = ("mouth_opening_r", "lips_distance_pct_iod", "sharpness_ratio", "identity_distance", "flicker_ratio", "teeth_height_cv")
+KEYS = ("mouth_opening_r", "lips_distance_pct_iod", "mouth_distance_in_head_pct_iod", "sharpness_ratio", "identity_distance", "flicker_ratio",
+        "teeth_height_cv")
 MIN_SECONDS = 6.0
 TEETH_CROP = 384
 OPEN_PCT_IOD = 6.0  # frames whose inner-lip gap is at least this (% of the eye distance) count as open

@@ -90,14 +90,17 @@ def test_the_spline_solved_on_the_host_is_scipys():
     RBFInterpolator's values (the per-frame path's), duplicates dropped alike."""
     from scipy.interpolate import RBFInterpolator
 
-    from avatar.render.graph import SMOOTHING, spline
+    from avatar.render.graph import SMOOTHING, solve_splines, spline_points
 
     rng = np.random.default_rng(3)
     target = rng.uniform(0, 128, (60, 2))
     target[10] = target[3]  # a duplicate
     source = target + rng.normal(0, 3, target.shape)
-    points, weights, affine = spline(target, source)
+    points, values = spline_points(target, source)
     assert len(points) == 59
+    short = spline_points(target[:40], source[:40])  # solved beside it in one call, padded with weight-0 points
+    (points, _), (weights, short_weights), (affine, _) = (tuple(x) for x in solve_splines([(points, values), short]))
+    assert np.abs(short_weights[len(short[0]):]).max() < 1e-12
     at = rng.uniform(0, 128, (200, 2))
     d2 = ((at[:, None] - points[None]) ** 2).sum(-1)
     ours = 0.5 * d2 * np.log(np.maximum(d2, 1e-300)) @ weights + np.c_[np.ones(len(at)), at] @ affine

@@ -56,21 +56,35 @@ GRAPH_INPUTS = ("patch", "patch_from_crop", "crop_from_patch", "level", "detail"
 SMOOTHING = 1e-3  # as the per-frame path's spline (avatar.render.warp.backward_map)
 
 
-def spline(target: np.ndarray, source: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The thin-plate spline through `target (N, 2)` → `source (N, 2)` (the shift source − target, as
-    `backward_map`'s, duplicates dropped): its points `(n, 2)`, kernel weights `(n, 2)` and affine part
-    `(3, 2)` for (1, x, y). scipy's RBFInterpolator solves the same system (a scaled polynomial basis)."""
+def spline_points(target: np.ndarray, source: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """The thin-plate spline through `target (N, 2)` → `source (N, 2)`, as `backward_map`'s: its
+    points `(n, 2)` (duplicates dropped) and their values, the shift source − target `(n, 2)`."""
     _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
     points = np.asarray(target, np.float64)[np.sort(keep)]
-    values = np.asarray(source, np.float64)[np.sort(keep)] - points
-    n = len(points)
-    d2 = ((points[:, None] - points[None]) ** 2).sum(-1)
-    system = np.zeros((n + 3, n + 3))
-    system[:n, :n] = 0.5 * d2 * np.log(np.maximum(d2, 1e-300)) + SMOOTHING * np.eye(n)
-    polynomial = np.concatenate([np.ones((n, 1)), points], 1)
-    system[:n, n:], system[n:, :n] = polynomial, polynomial.T
-    solved = np.linalg.solve(system, np.concatenate([values, np.zeros((3, 2))]))
-    return points, solved[:n], solved[n:]
+    return points, np.asarray(source, np.float64)[np.sort(keep)] - points
+
+
+def solve_splines(splines: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]], size: int = 0) -> typing.Tuple[np.ndarray, ...]:
+    """Many splines' weights in one batched solve: `splines` of `(points (n, 2), values (n, 2))` →
+    points `(M, N, 2)`, kernel weights `(M, N, 2)` and affine parts `(M, 3, 2)` for (1, x, y), with N
+    the most points (at least `size`); a shorter spline repeats its last point with weight 0 (its
+    system grown by identity rows, so the weights solve to 0). scipy's RBFInterpolator solves the same
+    system with a scaled polynomial basis."""
+    count = max([size] + [len(points) for points, _ in splines])
+    systems = np.zeros((len(splines), count + 3, count + 3))
+    rhs = np.zeros((len(splines), count + 3, 2))
+    padded = np.zeros((len(splines), count, 2))
+    for k, (points, values) in enumerate(splines):
+        n = len(points)
+        d2 = ((points[:, None] - points[None]) ** 2).sum(-1)
+        systems[k, :n, :n] = 0.5 * d2 * np.log(np.maximum(d2, 1e-300)) + SMOOTHING * np.eye(n)
+        systems[k, range(n, count), range(n, count)] = 1.0
+        polynomial = np.concatenate([np.ones((n, 1)), points], 1)
+        systems[k, :n, count:], systems[k, count:, :n] = polynomial, polynomial.T
+        rhs[k, :n] = values
+        padded[k, :n], padded[k, n:] = points, points[-1]
+    solved = np.linalg.solve(systems, rhs)
+    return padded, solved[:, :count], solved[:, count:]
 
 
 def graph_model(path: typing.Union[str, os.PathLike]) -> typing.Optional[bytes]:
@@ -175,7 +189,7 @@ class GraphRenderer(RetrievalRenderer):
             "watermark": provenance.AMPLITUDE * np.sin(2 * np.pi * frame_index / provenance.PERIOD_FRAMES) if self.config.watermark else 0.0,
         }
         for name, (target, source) in zip(("upper", "lower"), warp_points(landmarks, mouth, mask)):
-            out[f"{name}_points"], out[f"{name}_weights"], out[f"{name}_affine"] = spline(target, source)
+            out[f"{name}_spline"] = spline_points(target, source)  # solved for the whole batch at once (`stack`)
         hole = mouth_hole(landmarks[lm.MOUTH_AND_JAW], mouth, inner, size)
         out["hole"] = np.zeros((size, size), np.float32) if hole is None else hole
         top, bottom = mouth[INNER, 1].min(), mouth[INNER, 1].max()
@@ -226,20 +240,18 @@ class GraphRenderer(RetrievalRenderer):
         return x1 > x0 and y1 > y0
 
     def stack(self, prepared: typing.Sequence[typing.Dict[str, typing.Any]]) -> typing.Dict[str, np.ndarray]:
-        """The batch's inputs: regions padded to the largest (edges repeated), splines to the most
-        points (weight 0), open mouths to the largest."""
+        """The batch's inputs: regions padded to the largest (edges repeated), the splines solved in one
+        call (`solve_splines`), open mouths padded to the largest."""
         side = 16 * -(-max(max(p["patch"].shape[:2]) for p in prepared) // 16)
-        n = max(len(p[f"{name}_points"]) for p in prepared for name in ("upper", "lower"))
         out: typing.Dict[str, np.ndarray] = {"patch": np.stack([_edge_pad(p["patch"], side) for p in prepared])}
         for name in ("inner", "lower_row"):
             m = max(max(p[name].shape[:2]) for p in prepared)
             out[name] = np.stack([_edge_pad(p[name], m) for p in prepared]).transpose(0, 3, 1, 2).astype(np.float32)
+        count = max(len(p[f"{name}_spline"][0]) for p in prepared for name in ("upper", "lower"))  # one size for both (the graph's)
         for name in ("upper", "lower"):
-            for part in ("points", "weights"):
-                # padding: the last point again (a finite kernel, also in fp16) with weight 0
-                out[f"{name}_{part}"] = np.stack([np.pad(p[f"{name}_{part}"], ((0, n - len(p[f"{name}_{part}"])), (0, 0)),
-                                                         mode="edge" if part == "points" else "constant") for p in prepared])
-        skip = {"box", "patch", "inner", "lower_row", "upper_points", "upper_weights", "lower_points", "lower_weights"}
+            for part, value in zip(("points", "weights", "affine"), solve_splines([p[f"{name}_spline"] for p in prepared], count)):
+                out[f"{name}_{part}"] = value
+        skip = {"box", "patch", "inner", "lower_row", "upper_spline", "lower_spline"}
         for key in prepared[0]:
             if key not in skip:
                 out[key] = np.stack([np.asarray(p[key]) for p in prepared])
