@@ -89,8 +89,11 @@ def main(argv=None) -> int:
     parser.add_argument("--renderers", nargs="+", choices=("warp", "diffusion"), default=["warp", "diffusion"])
     parser.add_argument("--image", type=pathlib.Path, default=ASSETS / "samples" / "portrait.jpg")
     parser.add_argument("--out", type=pathlib.Path, help="also write the figures here (JSON)")
+    parser.add_argument("--save-inputs", type=pathlib.Path,
+                        help="also save each renderer's graph inputs for the 8 jobs and the ONNX outputs on them (npz), "
+                             "for `python -m benchmarks.graph_cuda` on a host without our front-ends")
     args = parser.parse_args(argv)
-    rows = []
+    rows, saved = [], {}
     print(f"{'renderer':>9} {'path':>10} {'batch':>6} {'ms/frame':>9} {'frames/s':>9} {'streams':>8} {'host ms/frame':>14}  provider")
     for renderer in args.renderers:
         config = PipelineConfig(renderer=renderer)
@@ -98,6 +101,11 @@ def main(argv=None) -> int:
         jobs, identity = real_jobs(pipeline, args.image)
         per_frame = make_renderer(config, ASSETS, pool=pipeline.pool)
         graph = GraphRenderer(ASSETS, config, pool=pipeline.pool)
+        if args.save_inputs:
+            feeds = graph.stack([graph.prepare(job, identity, k, identity.inner.at(graph.crop_size)) for k, job in enumerate(jobs)])
+            outputs = graph.session.run(**feeds)
+            saved.update({f"{renderer}/{k}": v for k, v in feeds.items() if k in graph.session.input_names})
+            saved.update({f"{renderer}/output_{k}": v for k, v in outputs.items()})
         graph.session = timed = TimedSession(graph.session)
         provider = graph.session.providers[0]
         for path, renderer_object, batches in (("per-frame", per_frame, [8]), ("graph", graph, args.batches)):
@@ -116,6 +124,9 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.out}")
+    if args.save_inputs:
+        np.savez_compressed(args.save_inputs, **saved)
+        print(f"wrote {args.save_inputs}")
     return 0
 
 

@@ -157,3 +157,19 @@ def test_a_dub_through_the_graph_is_watermarked_and_changes_only_the_lower_face(
     dubbed = media.read_video(out)
     top = slice(0, 100)  # above the nose in these frames
     assert np.abs(dubbed.frames[10][top].astype(int) - clip.frames[10][top]).mean() < 3
+
+
+def test_the_torch_module_renders_what_the_onnx_graph_renders_on_real_inputs(tmp_path):
+    """`benchmarks.graph --save-inputs` (the graph's inputs for real jobs and the ONNX outputs) and
+    `benchmarks.graph_cuda` on them (the torch module, as a GPU host without onnxruntime-gpu runs it):
+    within 2 levels of 255."""
+    import json
+
+    from benchmarks import graph, graph_cuda
+
+    inputs, figures = tmp_path / "inputs.npz", tmp_path / "figures.json"
+    assert graph.main(["--renderers", "warp", "--batches", "1", "--seconds", "0", "--save-inputs", str(inputs)]) == 0
+    assert graph_cuda.main(["--inputs", str(inputs), "--device", "cpu", "--graphs", "warp", "--batches", "2", "--seconds", "0",
+                            "--out", str(figures)]) == 0
+    rows = json.loads(figures.read_text())
+    assert rows and all(row["max_levels_from_onnx"] <= 2 and row["frames_per_s"] > 0 for row in rows)
