@@ -140,9 +140,9 @@ def artifact_frames(gen: TrackedVideo, ref: TrackedVideo, both: np.ndarray, alig
 def _mouths_in_head(generated: np.ndarray, real: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray, float]:
     """Both videos' mouth and jaw `(T, 59, 2)` in the real video's first head's coordinates, relative
     to the mouth anchor, and that head's inter-ocular distance."""
-    from avatar.motion.pose import common_head, in_head
+    from avatar.motion.pose import HEAD_POINTS, in_head
 
-    head = common_head(real[:1])
+    head = np.asarray(real[0], np.float64)[HEAD_POINTS]
     anchor = np.r_[lm.MOUTH_ANCHOR]
     mouths = []
     for faces in (generated, real):

@@ -15,7 +15,6 @@ outside the onnxruntime call (preparing its inputs at the crop's side, padding, 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 import typing
@@ -31,6 +30,7 @@ from avatar.render.base import FrameJob, RenderBatch
 from avatar.render.graph import GraphRenderer
 from avatar.render.renderers import make_renderer
 from avatar.runtime import ASSETS
+from benchmarks import write_rows
 
 STREAM_FPS = 25.0
 
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         per_frame = make_renderer(config, ASSETS, pool=pipeline.pool)
         graph = GraphRenderer(ASSETS, config, pool=pipeline.pool)
         if args.save_inputs:
-            feeds = graph.stack([graph.prepare(job, identity, k, identity.inner.at(graph.crop_size)) for k, job in enumerate(jobs)])
+            feeds = graph.stack([graph.prepare(job, identity, k, identity.inner.at(graph.crop_size),
+                                               graph.aligner.paste_box(job.frame.shape, job.transform)) for k, job in enumerate(jobs)])
             outputs = graph.session.run(**feeds)
             saved.update({f"{renderer}/{k}": v for k, v in feeds.items() if k in graph.session.input_names})
             saved.update({f"{renderer}/output_{k}": v for k, v in outputs.items()})
@@ -121,9 +122,7 @@ def main(argv=None) -> int:
                 host_text = "" if host is None else f"{1000 * host:.1f}"
                 print(f"{renderer:>9} {path:>10} {size:>6} {1000 * seconds / size:>9.1f} {fps:>9.1f} {fps / STREAM_FPS:>8.2f} "
                       f"{host_text:>14}  {provider}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
-        print(f"wrote {args.out}")
+    write_rows(args.out, rows)
     if args.save_inputs:
         np.savez_compressed(args.save_inputs, **saved)
         print(f"wrote {args.save_inputs}")

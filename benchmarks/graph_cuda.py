@@ -17,7 +17,6 @@ graph on CUDA until onnxruntime-gpu can be measured there.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -30,6 +29,7 @@ from avatar.render.frame_graph import FrameGraph
 from avatar.render.renderers import FRAME_DETAIL_TOLERANCE
 from avatar.render.sampling import steps_from
 from avatar.runtime import ASSETS
+from benchmarks import write_rows
 
 STREAM_FPS = 25.0
 
@@ -108,9 +108,7 @@ def main(argv=None) -> int:
                          "streams_25fps": size / seconds / STREAM_FPS, "max_levels_from_onnx": difference, "device": name})
             print(f"{label:>24} {size:>6} {1000 * seconds:>9.2f} {size / seconds:>9.0f} {size / seconds / STREAM_FPS:>8.1f}  "
                   f"{difference}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
-        print(f"wrote {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

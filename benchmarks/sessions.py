@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import threading
 import time
@@ -28,6 +27,7 @@ from avatar import media
 from avatar.config import LIVE_PIPELINE, RealtimeConfig
 from avatar.render.renderers import RENDERERS
 from avatar.runtime import ASSETS
+from benchmarks import write_rows
 from realtime.engine import STREAM_RATE, Engine
 
 CHUNK_S = 0.02
@@ -96,9 +96,7 @@ def main(argv=None) -> int:
         print(f"{count:>8} {row['frames_per_s']:>12.1f} {100 * row['repeated']:>8.0f}% {p50:>8} {p95:>8}", flush=True)
     print(f"renderer {args.renderer}{' through the frame graph' if args.frame_graph else ''}, providers "
           f"{', '.join(rows[0]['providers']) if rows else '-'}; {args.seconds:g} s per session count, sessions and feeder in this process")
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=1))
-        print(f"wrote {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

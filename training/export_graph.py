@@ -25,12 +25,6 @@ from avatar.runtime import OnnxSession
 from training.common import accept_export, store_weights_fp16
 from training.export_render import OPSET
 
-DYNAMIC = {"batch": ("patch", "patch_from_crop", "crop_from_patch", "level", "detail", "mask", "upper", "upper_points",
-                     "upper_weights", "upper_affine", "lower_points", "lower_weights", "lower_affine", "hole", "lip_band",
-                     "cavity", "inner", "inner_columns", "inner_box", "inner_lips", "inner_borrowed", "lower_row",
-                     "lower_columns", "lower_box", "lower_lips", "lower_borrowed", "watermark", "references", "sketch", "noise")}
-
-
 class Positional(torch.nn.Module):
     """The graph with its inputs as positional arguments in `names` order (for the exporter)."""
 
@@ -145,7 +139,7 @@ def export(graph: FrameGraph, out: pathlib.Path, names: typing.Sequence[str], me
             "lower": torch.export.Dim("lower", min=1, max=4096)}
     shapes = []
     for name in names:
-        axes = {0: dims["batch"]} if name in DYNAMIC["batch"] else {}
+        axes = {} if name == "pattern" else {0: dims["batch"]}  # the watermark's pattern is the one input without a batch axis
         if name == "patch":
             axes.update({1: dims["side"], 2: dims["side"]})
         if name.endswith("_points") or name.endswith("_weights"):

@@ -28,9 +28,9 @@ import typing
 import torch
 import torch.nn.functional as F
 
+from avatar.render.warp import GRID_STEP
 from avatar.render.sampling import alpha_sigma, clean_from_v, noise_from_v, noised, timesteps
 
-GRID_STEP = 4  # as avatar.render.warp.GRID_STEP
 LEVELS = 3  # mip-map levels (halvings) for crops that shrink the face
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 _WHITE = (0.950456, 1.0, 1.088754)

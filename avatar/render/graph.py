@@ -34,18 +34,17 @@ from __future__ import annotations
 import os
 import typing
 
-import cv2
 import numpy as np
 
 from avatar import provenance
 from avatar.config import AlignConfig, PipelineConfig
 from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
-from avatar.face.align import FaceAligner, FaceRegion, invert_transform, transform_scale
+from avatar.face.align import FaceRegion, invert_transform, transform_scale
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import landmark_sketch
 from avatar.render.renderers import RetrievalRenderer
-from avatar.render.warp import INNER, N_OUTER, InnerMouth, mouth_hole, row_box, row_columns, upper_side, warp_points
+from avatar.render.warp import INNER, SMOOTHING, InnerMouth, lip_band, mouth_hole, row_box, row_columns, upper_side, warp_points
 
 GRAPH_FILES = {"warp": "frame_warp.onnx", "diffusion": "frame_diffusion.onnx"}
 GRAPH_INPUTS = ("patch", "patch_from_crop", "crop_from_patch", "level", "detail", "mask", "upper",
@@ -53,7 +52,6 @@ GRAPH_INPUTS = ("patch", "patch_from_crop", "crop_from_patch", "level", "detail"
                 "hole", "lip_band", "cavity", "inner", "inner_columns", "inner_box", "inner_lips", "inner_borrowed",
                 "lower_row", "lower_columns", "lower_box", "lower_lips", "lower_borrowed", "watermark", "pattern",
                 "references", "sketch", "noise")
-SMOOTHING = 1e-3  # as the per-frame path's spline (avatar.render.warp.backward_map)
 
 
 def spline_points(target: np.ndarray, source: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
@@ -120,19 +118,6 @@ def graph_model(path: typing.Union[str, os.PathLike]) -> typing.Optional[bytes]:
     return proto.SerializeToString()
 
 
-def _fill_polygon(points: np.ndarray, size: int) -> np.ndarray:
-    canvas = np.zeros((size, size), np.uint8)
-    cv2.fillPoly(canvas, [np.round(np.asarray(points) * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
-    return canvas
-
-
-def lip_band(mouth: np.ndarray, size: int) -> np.ndarray:
-    """`(S, S) float32`: the lips of `mouth (59, 2)` as `avatar.render.warp.lip_colour` takes them
-    (the whole crop when they cover no pixel)."""
-    band = (_fill_polygon(mouth[:N_OUTER], size) > 0) & (_fill_polygon(mouth[INNER], size) == 0)
-    return band.astype(np.float32) if band.any() else np.ones((size, size), np.float32)
-
-
 class GraphRenderer(RetrievalRenderer):
     """`config.renderer` ("warp", "retrieval" or "diffusion") as one ONNX graph per batch, on the
     canonical crop of side `crop_size` (the per-frame warp works at the face's own resolution; the
@@ -167,16 +152,18 @@ class GraphRenderer(RetrievalRenderer):
                 raise AvatarError(f"{path}: made for diffusion start, steps and colour match {made}; this pipeline asks for {asked} "
                                   f"(python -m training.export_graph makes another)")
             self.noise = np.random.default_rng(config.seed).standard_normal((3, crop_size, crop_size)).astype(np.float32)
-        self.aligner = FaceAligner(AlignConfig(crop_size=crop_size))
+        self.aligner = self.aligners(crop_size)
         self.pattern = provenance.watermark_pattern(crop_size)
 
-    def prepare(self, job: FrameJob, identity: Identity, frame_index: int, inner: InnerMouth) -> typing.Dict[str, typing.Any]:
-        """The graph's inputs for one frame (without the batch axis; patch and mouths not yet padded)."""
+    def prepare(self, job: FrameJob, identity: Identity, frame_index: int, inner: InnerMouth,
+                box: typing.Tuple[int, int, int, int]) -> typing.Dict[str, typing.Any]:
+        """The graph's inputs for one frame (without the batch axis; patch and mouths not yet padded);
+        `box`: its region in the frame (`FaceAligner.paste_box`, not empty)."""
         size = self.crop_size
         landmarks = np.asarray(job.crop_landmarks, np.float64)[:, :2]
         mouth = np.asarray(job.mouth, np.float64)
         mask = self.aligner.repaint_mask(landmarks, lm.with_mouth(landmarks, mouth))
-        x0, y0, x1, y1 = self.aligner.paste_box(job.frame.shape, job.transform)
+        x0, y0, x1, y1 = box
         shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
         patch_from_crop = shift @ np.vstack([invert_transform(job.transform), [0, 0, 1]])
         scale = transform_scale(job.transform)  # crop px per frame px
@@ -185,7 +172,7 @@ class GraphRenderer(RetrievalRenderer):
             "box": (x0, y0, x1, y1), "patch": job.frame[y0:y1, x0:x1],
             "patch_from_crop": patch_from_crop, "crop_from_patch": invert_transform(patch_from_crop),
             "level": float(level), "detail": float(self.config.detail and 0.7 / scale >= 0.75),
-            "mask": mask, "upper": upper_side(mouth, size), "lip_band": lip_band(mouth, size),
+            "mask": mask, "upper": upper_side(mouth, size), "lip_band": _or_everywhere(lip_band(mouth, (size, size))),
             "watermark": provenance.AMPLITUDE * np.sin(2 * np.pi * frame_index / provenance.PERIOD_FRAMES) if self.config.watermark else 0.0,
         }
         for name, (target, source) in zip(("upper", "lower"), warp_points(landmarks, mouth, mask)):
@@ -219,25 +206,21 @@ class GraphRenderer(RetrievalRenderer):
 
     def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
         regions: typing.List[typing.Optional[FaceRegion]] = [None] * len(batch)
-        faces = [i for i in batch.faces if self._inside(batch.jobs[i])]
-        for i in batch.faces:
-            if i not in faces:
-                regions[i] = FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
+        boxes = {i: self.aligner.paste_box(batch.jobs[i].frame.shape, batch.jobs[i].transform) for i in batch.faces}
+        faces = [i for i, (x0, y0, x1, y1) in boxes.items() if x1 > x0 and y1 > y0]
+        for i in set(boxes) - set(faces):  # the crop lies outside the frame: nothing of it to place
+            regions[i] = FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
         if not faces:
             return regions
         inners = self.inner_mouths(batch)
         prepared = self.pool.map(lambda i: self.prepare(batch.jobs[i], batch.identities[i], int(batch.frame_indices[i]),
-                                                        (inners[i] or batch.identities[i].inner).at(self.crop_size)), faces)
+                                                        (inners[i] or batch.identities[i].inner).at(self.crop_size), boxes[i]), faces)
         outputs = self.session.run(**self.stack(prepared))
         for k, i in enumerate(faces):
             x0, y0, x1, y1 = prepared[k]["box"]
             h, w = y1 - y0, x1 - x0
             regions[i] = FaceRegion(y0, x0, outputs["pixels"][k, :h, :w], outputs["alpha"][k, :h, :w])
         return regions
-
-    def _inside(self, job: FrameJob) -> bool:
-        x0, y0, x1, y1 = self.aligner.paste_box(job.frame.shape, job.transform)
-        return x1 > x0 and y1 > y0
 
     def stack(self, prepared: typing.Sequence[typing.Dict[str, typing.Any]]) -> typing.Dict[str, np.ndarray]:
         """The batch's inputs: regions padded to the largest (edges repeated), the splines solved in one
@@ -270,6 +253,11 @@ class GraphRenderer(RetrievalRenderer):
         references = [np.full((self.crop_size, self.crop_size, 3), 128, np.uint8)] * max(1, getattr(self, "references", 0))
         person = Identity(references, face[lm.MOUTH_AND_JAW], np.zeros(2), [])
         self.render(RenderBatch([job] * batch, [person] * batch, list(range(batch))))
+
+
+def _or_everywhere(band: np.ndarray) -> np.ndarray:
+    """`band (S, S) bool` as float32, or all ones when it is empty (as `lip_colour` falls back to the whole crop)."""
+    return band.astype(np.float32) if band.any() else np.ones(band.shape, np.float32)
 
 
 def _edge_pad(image: np.ndarray, side: int) -> np.ndarray:

@@ -48,6 +48,7 @@ UPPER = np.r_[SHARED, N_OUTER + np.arange(0, 11)]
 LOWER = np.r_[SHARED, N_OUTER + np.arange(10, 20), N_OUTER]
 FIXED_POINTS = np.array([1, 2, 4, 5, 6, 168, 33, 133, 263, 362, 98, 327, 64, 294, 129, 358, 50, 280, 117, 346])  # nose, eyes, cheeks
 GRID_STEP = 4  # the spline is evaluated every GRID_STEP px and interpolated in between
+SMOOTHING = 1e-3  # the splines' smoothing (added to their kernel's diagonal)
 MIN_OPEN = 0.04  # inner-lip gap (× mouth width) below which a mouth counts as closed
 
 
@@ -115,14 +116,16 @@ def mouth_bank() -> typing.Tuple[InnerMouth, ...]:
     return tuple(InnerMouth(patch, mouth.astype(np.float64), size, True) for patch, mouth in zip(data["patches"], data["mouths"]))
 
 
+def lip_band(mouth: np.ndarray, shape: typing.Tuple[int, int]) -> np.ndarray:
+    """`(h, w) bool`: the lips of `mouth (59, 2)`, between its outer and inner contours."""
+    fill = lambda points: cv2.fillPoly(np.zeros(shape, np.uint8), [np.round(np.asarray(points) * 16).astype(np.int32)], 1,
+                                       cv2.LINE_8, shift=4) > 0
+    return fill(np.asarray(mouth)[:N_OUTER]) & ~fill(np.asarray(mouth)[INNER])
+
+
 def lip_colour(image: np.ndarray, mouth: np.ndarray) -> np.ndarray:
-    """Mean RGB `(3,)` of the lips: between the outer and inner contours of `mouth (59, 2)`."""
-    h, w = image.shape[:2]
-    outer = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(outer, [np.round(np.asarray(mouth)[:N_OUTER] * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
-    inner = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(inner, [np.round(np.asarray(mouth)[INNER] * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
-    band = (outer > 0) & (inner == 0)
+    """Mean RGB `(3,)` of the lips (`lip_band`; the whole image when they cover no pixel)."""
+    band = lip_band(mouth, image.shape[:2])
     return image[band].reshape(-1, 3).astype(np.float64).mean(axis=0) if band.any() else image.reshape(-1, 3).mean(axis=0)
 
 
@@ -178,7 +181,7 @@ def backward_map(target: np.ndarray, source: np.ndarray, size: int,
     x0, y0, x1, y1 = box or (0, 0, size, size)
     _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
     keep = np.sort(keep)
-    spline = RBFInterpolator(target[keep], source[keep] - target[keep], kernel="thin_plate_spline", smoothing=1e-3)
+    spline = RBFInterpolator(target[keep], source[keep] - target[keep], kernel="thin_plate_spline", smoothing=SMOOTHING)
     gx0, gy0 = max(0, (x0 // GRID_STEP - 2) * GRID_STEP), max(0, (y0 // GRID_STEP - 2) * GRID_STEP)
     gx1, gy1 = min(size, (x1 // GRID_STEP + 2) * GRID_STEP), min(size, (y1 // GRID_STEP + 2) * GRID_STEP)
     coarse_x = np.arange(gx0, gx1 + GRID_STEP, GRID_STEP, dtype=np.float64)
