@@ -18,9 +18,10 @@ What an avatar holds (`Avatar`):
 - the motion adaptation (`avatar.motion.adapt`), fitted on the footage's own speech and lips when
   there is speech and it pays (cross-validated).
 
-The file (FORMAT_VERSION 1, suffix `.avatar`) is a zip read without pickle:
+The file (FORMAT_VERSION 2, suffix `.avatar`) is a zip read without pickle:
 - `manifest.json`: {"format": "avatar", "version", "engine", "created", "summary", "identity",
-  "bank", "idle", "still", "adaptation", "files": {member: sha256}};
+  "bank", "idle", "still", "adaptation" (with the sha256 of the speech encoder and motion model it
+  was fitted with), "files": {member: sha256}};
 - `.npy` arrays (`np.load(allow_pickle=False)`): identity/rest, identity/rest_anchor,
   identity/inner_mouth, identity/drift_landmarks_K, bank/mouths, idle/transforms,
   idle/crop_landmarks, idle/frame_landmarks, still/landmarks, adaptation/{x_mean,y_mean,weights};
@@ -28,6 +29,7 @@ The file (FORMAT_VERSION 1, suffix `.avatar`) is a zip read without pickle:
   identity/drift_K.jpg, bank/K.png (lossless, for the teeth's detail), still/image.png; the idle
   loop as idle/loop.mp4 (H.264).
 A file of another version, or whose members do not match their hashes, is refused with one line.
+(Version 1 held an adaptation fitted on the 4-block speech encoder's features, replaced by 2 blocks.)
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from avatar.render.retrieval import MouthBank, lip_shape
 from avatar.render.warp import MIN_OPEN, open_inner
 
 PathLike = typing.Union[str, os.PathLike]
-FORMAT, FORMAT_VERSION, SUFFIX = "avatar", 1, ".avatar"
+FORMAT, FORMAT_VERSION, SUFFIX = "avatar", 2, ".avatar"
 MIN_FACE_S = 2.0  # seconds of frames with a face that an enrollment needs at the least
 MIN_FACE_SHARE = 0.25  # a video whose face is found in fewer of its frames is refused
 BANK_SIZE = 48  # open mouths kept
@@ -413,7 +415,8 @@ def _adapt(pipeline, footages: typing.Sequence[Footage], rest: np.ndarray,
         return None, "no speech in the footage", 0.0
     real_all = np.concatenate(real)
     keep_all = np.concatenate(keep) & np.isfinite(real_all).all(axis=(1, 2))
-    adaptation, why = fit_adaptation(np.concatenate(features), np.concatenate(general), np.nan_to_num(real_all), rest, keep_all)
+    adaptation, why = fit_adaptation(np.concatenate(features), np.concatenate(general), np.nan_to_num(real_all), rest, keep_all,
+                                     models=pipeline.motion.models)
     return adaptation, why, speech_seconds
 
 

@@ -2,6 +2,7 @@
 silence → closed mouth, training (DDP, resume), evaluation with baselines. The default models are the
 committed assets/motion_live.onnx and assets/motion_offline.onnx."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -227,6 +228,23 @@ def test_ridge_readout_baseline_on_the_cache(tiny_cache, capsys):
     assert all(-1.0 <= float(line.split("opening r ")[1].split(",")[0]) <= 1.0 for line in lines)
 
 
+def test_person_folds_hold_each_person_out_once_and_never_fit_on_them():
+    """The folds that choose an encoder layer or a ridge λ on the training people alone."""
+    import types
+
+    from training.readout import person_folds
+
+    clips = [types.SimpleNamespace(person=p, clip_id=f"{p}{k}") for p in "abcdefg" for k in range(1 + (p in "bd"))]
+    held_out = []
+    for fit, held in person_folds(clips, 3):
+        assert held and not {c.person for c in fit} & {c.person for c in held}
+        assert len(fit) + len(held) == len(clips)
+        held_out += [c.clip_id for c in held]
+    assert sorted(held_out) == sorted(c.clip_id for c in clips)
+    with pytest.raises(ValueError, match="cannot make"):
+        list(person_folds(clips, 8))
+
+
 @pytest.fixture(scope="module")
 def offline_predictor():
     return MotionPredictor()
@@ -251,7 +269,7 @@ def test_long_inputs_are_heard_a_window_at_a_time_with_the_same_numbers(offline_
     rng = np.random.default_rng(0)
     width = 384 + 2 * N_POINTS
     adaptation = MotionAdaptation(rng.normal(0, 0.1, width), rng.normal(0, 0.01, 2 * N_POINTS),
-                                  rng.normal(0, 0.001, (width, 2 * N_POINTS)), 1000.0, 500, 0.5, 0.4)
+                                  rng.normal(0, 0.001, (width, 2 * N_POINTS)), 1000.0, 500, 0.5, 0.4, *offline_predictor.models)
     whole = offline_predictor.encoder.features(samples)
     assert np.array_equal(whole, np.concatenate([rows for _, rows in offline_predictor.encoder.offline_chunks(samples)]))
     from avatar.speech.encoder import frame_features
@@ -266,6 +284,12 @@ def test_long_inputs_are_heard_a_window_at_a_time_with_the_same_numbers(offline_
         expected = SilenceHold(fps, offline_predictor.silence).apply(expected, rest, vad)
         got = offline_predictor.from_audio(samples, fps, rest, n, adaptation=person)
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4, (fps, more, np.abs(got - expected).max())
+    # An adaptation fitted with another encoder or model reads features it was not made for: refused.
+    from avatar.errors import AvatarError
+
+    for stale in (dataclasses.replace(adaptation, speech_model="0" * 64), dataclasses.replace(adaptation, motion_model="")):
+        with pytest.raises(AvatarError, match="enroll them again"):
+            offline_predictor.from_audio(samples[:16000], 25.0, rest, adaptation=stale)
 
 
 def test_the_memory_of_hearing_does_not_grow_with_the_length(offline_predictor, rest):

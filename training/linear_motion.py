@@ -34,7 +34,7 @@ from avatar.face import landmarks as lm
 from avatar.metrics import pearson
 from avatar.motion.model import LinearMotionModel, MotionBlend, MotionModel
 from training.motion_data import MotionClip, clip_features, load_motion_clips, load_noise_features
-from training.readout import stacked
+from training.readout import person_folds, stacked
 
 LAMBDAS = (3e3, 1e4, 3e4, 1e5, 3e5)
 FOLDS = 5
@@ -83,12 +83,8 @@ def opening_r(clips: typing.Sequence[MotionClip], weights, x_mean, y_mean, live:
 def choose_lambda(clips: typing.Sequence[MotionClip], noise: typing.Sequence[np.ndarray],
                   noise_share: float = NOISE_SHARE, live: bool = True) -> typing.Tuple[float, typing.Dict[float, float]]:
     """λ by leave-people-out cross-validation: mean opening r over FOLDS folds of the people."""
-    people = sorted({c.person for c in clips})
-    folds = [people[k::FOLDS] for k in range(FOLDS)]
     scores = {lam: [] for lam in LAMBDAS}
-    for fold in folds:
-        train = [c for c in clips if c.person not in fold]
-        held = [c for c in clips if c.person in fold]
+    for train, held in person_folds(clips, FOLDS):
         x, y = design(train, noise, noise_share, live)
         for lam in LAMBDAS:
             scores[lam].append(opening_r(held, *fit(x, y, lam), live=live))

@@ -1,6 +1,6 @@
 """Linear read-out of speech features: how much of the mouth a ridge regression finds in them.
 
-    python -m training.readout --cache cache [--model assets/speech.onnx] [--live] [--src ../shared/data]
+    python -m training.readout --cache cache [--model assets/speech.onnx] [--live] [--folds K] [--src ../shared/data]
 
 The honest baseline for any motion model on the same features, and the way to compare speech
 encoders without training one: a ridge regression from 5 stacked frames of features (the frame
@@ -62,11 +62,36 @@ def ridge_readout(train: typing.Sequence[MotionClip], val: typing.Sequence[Motio
     return results
 
 
+def person_folds(clips: typing.Sequence[MotionClip], folds: int) -> typing.Iterator[typing.Tuple[typing.List[MotionClip], typing.List[MotionClip]]]:
+    """The clips split `folds` ways by person (people dealt round-robin in name order): for each fold,
+    (the other people's clips, its own)."""
+    people = sorted({c.person for c in clips})
+    if len(people) < folds:
+        raise ValueError(f"{len(people)} people cannot make {folds} folds")
+    for k in range(folds):
+        held = set(people[k::folds])
+        yield [c for c in clips if c.person not in held], [c for c in clips if c.person in held]
+
+
+def folds_readout(clips: typing.Sequence[MotionClip], features: typing.Mapping[str, np.ndarray], live: bool,
+                  folds: int) -> typing.Dict[float, typing.Dict[str, float]]:
+    """Per λ: opening r over `clips` by `person_folds`, frame-weighted over the folds (each fold's people
+    are never in its fit)."""
+    scores: typing.Dict[float, typing.List[typing.Tuple[float, int]]] = {}
+    for fit, held in person_folds(clips, folds):
+        frames = sum(int(c.keep.sum()) for c in held)
+        for lam, row in ridge_readout(fit, held, features, live).items():
+            scores.setdefault(lam, []).append((row["all"], frames))
+    return {lam: {"all": float(np.average([r for r, _ in rows], weights=[n for _, n in rows]))}
+            for lam, rows in scores.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.readout", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=pathlib.Path, required=True)
     parser.add_argument("--model", type=pathlib.Path, help="a speech encoder ONNX (default: the cached features)")
     parser.add_argument("--live", action="store_true", help="live features (default: offline)")
+    parser.add_argument("--folds", type=int, help="score the training people in K folds by person (not the held-out ones)")
     parser.add_argument("--src", type=pathlib.Path, default=pathlib.Path("../shared/data"))
     args = parser.parse_args(argv)
     train, val = load_motion_clips(args.cache, "train"), load_motion_clips(args.cache, "val")
@@ -75,8 +100,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     started = time.perf_counter()
+    needed = train if args.folds else train + val  # choosing by folds never computes the held-out people's features
     if args.model is None:
-        features = {c.clip_id: clip_features(c, args.live) for c in train + val}
+        features = {c.clip_id: clip_features(c, args.live) for c in needed}
         source = "cached features"
     else:
         from avatar.speech.encoder import SpeechEncoder, interpolate_frames
@@ -85,13 +111,19 @@ def main(argv=None) -> int:
         files = {c.clip_id: c.meta["file"] for c in open_cache(args.cache, kind="video")}
         features = {c.clip_id: interpolate_frames(encoder.features(media.read_audio(args.src / files[c.clip_id], 16000), live=args.live),
                                                   c.frame_pos - 50.0 * c.pad_s[0])  # the cache's positions include its head pad
-                    for c in train + val}
+                    for c in needed}
         source = str(args.model)
-    results = ridge_readout(train, val, features, args.live)
-    print(f"ridge read-out of {'live' if args.live else 'offline'} features ({source}; {len(train)} training clips, "
-          f"{len(val)} held-out; {time.perf_counter() - started:.0f} s)")
+    if args.folds:
+        results = folds_readout(train, features, args.live, args.folds)
+        scored = f"{len(train)} training clips in {args.folds} folds by person"
+    else:
+        results = ridge_readout(train, val, features, args.live)
+        scored = f"{len(train)} training clips, {len(val)} held-out"
+    print(f"ridge read-out of {'live' if args.live else 'offline'} features ({source}; {scored}; "
+          f"{time.perf_counter() - started:.0f} s)")
     for lam, row in results.items():
-        print(f"  λ {lam:>8.0f}: opening r {row['all']:.3f}, French {row.get('french', float('nan')):.2f}")
+        french = f", French {row['french']:.2f}" if "french" in row else ""
+        print(f"  λ {lam:>8.0f}: opening r {row['all']:.3f}{french}")
     return 0
 
 

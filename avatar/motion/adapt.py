@@ -37,7 +37,9 @@ MIN_GAIN = 0.02  # cross-validated opening r must rise at least this much over t
 class MotionAdaptation:
     """`x_mean (D + 2K,)`, `y_mean (2K,)`, `weights (D + 2K, 2K)` float32; `lam`: the ridge strength
     chosen; `frames`: the frames it was fitted on; `cv_r` / `cv_r_general`: cross-validated opening r
-    with and without it."""
+    with and without it; `speech_model` / `motion_model`: sha256 of the speech encoder and the
+    offline motion model it was fitted with (it reads their features and mouths, so it holds for
+    those alone: `MotionPredictor.check_adaptation`)."""
 
     x_mean: np.ndarray
     y_mean: np.ndarray
@@ -46,6 +48,8 @@ class MotionAdaptation:
     frames: int
     cv_r: float
     cv_r_general: float
+    speech_model: str = ""
+    motion_model: str = ""
 
     def apply(self, features: np.ndarray, mouths: np.ndarray, rest: np.ndarray, smooth: bool = True) -> np.ndarray:
         """`features (T, D)` at video frames, the general model's `mouths (T, K, 2)` crop pixels (relative
@@ -67,12 +71,13 @@ class MotionAdaptation:
         return {"x_mean": self.x_mean, "y_mean": self.y_mean, "weights": self.weights}
 
     def meta(self) -> typing.Dict[str, typing.Any]:
-        return {"lam": self.lam, "frames": self.frames, "cv_r": self.cv_r, "cv_r_general": self.cv_r_general}
+        return {"lam": self.lam, "frames": self.frames, "cv_r": self.cv_r, "cv_r_general": self.cv_r_general,
+                "speech_model": self.speech_model, "motion_model": self.motion_model}
 
     @classmethod
     def from_parts(cls, arrays: typing.Mapping[str, np.ndarray], meta: typing.Mapping[str, typing.Any]) -> "MotionAdaptation":
         return cls(arrays["x_mean"], arrays["y_mean"], arrays["weights"], float(meta["lam"]), int(meta["frames"]),
-                   float(meta["cv_r"]), float(meta["cv_r_general"]))
+                   float(meta["cv_r"]), float(meta["cv_r_general"]), str(meta["speech_model"]), str(meta["motion_model"]))
 
 
 def inputs(features: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -94,11 +99,14 @@ def _opening_r(offsets: np.ndarray, real_offsets: np.ndarray, rest: np.ndarray, 
 
 
 def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, rest: np.ndarray, keep: np.ndarray,
-                   lambdas: typing.Sequence[float] = LAMBDAS) -> typing.Tuple[typing.Optional[MotionAdaptation], str]:
+                   lambdas: typing.Sequence[float] = LAMBDAS,
+                   models: typing.Tuple[str, str] = ("", "")) -> typing.Tuple[typing.Optional[MotionAdaptation], str]:
     """Fit on one person's frames: `features (T, D)` (the speech encoder's, at video frames), `general
     (T, K, 2)` (the general model's mouths), `real (T, K, 2)` (the tracked mouths, with the head's
     anchor shift taken out), `rest (K, 2)`, all crop pixels; `keep (T,) bool`: frames with speech and
-    a tracked face. Returns the adaptation, or None and why it was skipped."""
+    a tracked face; `models`: the sha256 of the speech encoder and the motion model that made
+    `features` and `general` (`MotionPredictor.models`). Returns the adaptation, or None and why it
+    was skipped."""
     keep = np.asarray(keep, bool)
     index = np.flatnonzero(keep)
     if index.size < MIN_FRAMES:
@@ -125,4 +133,4 @@ def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, 
         return None, f"the general model already follows these lips as well (cross-validated r {general_r:.2f})"
     x_mean, y_mean, weights = _solve(x[index], y[index], best)
     return MotionAdaptation(x_mean.astype(np.float32), y_mean.astype(np.float32), weights.astype(np.float32), float(best),
-                            int(index.size), scores[best], general_r), ""
+                            int(index.size), scores[best], general_r, *models), ""

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 
@@ -19,7 +20,9 @@ import numpy as np
 
 from avatar import audio as audio_frontend
 from avatar.config import MotionConfig, SilenceConfig
+from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
+from avatar.provenance import file_sha256
 from avatar.runtime import OnnxSession, asset_path
 from avatar.speech.encoder import SpeechEncoder, frame_features, frame_positions, interpolate_frames
 
@@ -91,6 +94,23 @@ class MotionPredictor:
     def live(self) -> bool:
         return self.config.causal
 
+    @functools.cached_property
+    def models(self) -> typing.Tuple[str, str]:
+        """sha256 of the speech encoder's and this motion model's files (what a person's adaptation is
+        fitted with: `avatar.motion.adapt.fit_adaptation`)."""
+        return file_sha256(self.encoder.session.path), file_sha256(self.session.path)
+
+    def check_adaptation(self, adaptation) -> None:
+        """A person's adaptation reads this encoder's features and, offline, this model's mouths: one
+        fitted with other models is refused (the live model's output takes the offline model's
+        adaptation, so only the encoder must match there)."""
+        if adaptation is None:
+            return
+        speech, motion = self.models
+        if adaptation.speech_model != speech or (not self.live and adaptation.motion_model != motion):
+            raise AvatarError("the person's motion adaptation was fitted with another speech encoder or motion model "
+                              "than these; enroll them again")
+
     @property
     def sample_rate(self) -> int:
         return self.encoder.config.sample_rate
@@ -129,6 +149,7 @@ class MotionPredictor:
         """16 kHz mono `(N,) float32` → `(T, K, 2)` landmarks for T video frames at `fps` (the mouth at
         rest in long silences, `SilenceConfig`); `adaptation`: the person's
         (`avatar.motion.adapt.MotionAdaptation`), applied to the model's output."""
+        self.check_adaptation(adaptation)
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
         vad_scores = None
         if self.silence.enabled or self.has_readout:
@@ -181,6 +202,7 @@ class MotionPredictor:
     def stream(self, fps: float, rest: np.ndarray, adaptation=None) -> "MotionStream":
         if not self.live:
             raise ValueError("the offline motion model looks ahead without bound; stream with the live model (live=True)")
+        self.check_adaptation(adaptation)
         return MotionStream(self, fps, rest, adaptation)
 
 
