@@ -11,6 +11,8 @@ moving average of the weights is kept) → validation of the averaged weights
 on held-out people every `--val-every` steps → checkpoints (`last.pt`, and `best.pt` by held-out lip
 distance; "model" holds the averaged weights, "raw" the trained ones) → TensorBoard logs in `<out>/tb`. `--resume` continues from
 `<out>/last.pt`; `--init` starts from given weights (e.g. the committed `assets/motion_live.pt`).
+`--fold k/K` validates on the k-th of K person folds of the training people instead, trained on the
+others: K runs compare recipes without the held-out people.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from avatar.face import landmarks as lm
 from avatar.motion.model import MotionModel
 from training.common import finish_training, log_training, save_checkpoint, start_process, training_arguments, update_average
 from training.motion_data import MotionSampler, load_motion_clips, load_noise_features, load_speech_only, pca_basis
+from training.readout import person_folds
 from training.motion_eval import evaluate_motion
 
 
@@ -54,6 +57,7 @@ class TrainConfig:
     speech_only_share: float = 0.5  # with a teacher: share of sequences from speech-only clips, its offsets as targets
     ema: float = 0.995  # weights are averaged over steps; validation, best.pt and export use the average
     val_every: int = 50
+    fold: str = ""  # "k/K": leave the k-th of K person folds of the training people out and validate on them (not the held-out people)
     seed: int = 0
     bf16: bool = True
     threads: int = 0  # torch threads per process (0: leave torch's default)
@@ -133,6 +137,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     # 1. Data: talking clips of training people; validation clips of held-out people.
     train_clips = load_motion_clips(args.cache, "train")
     val_clips = load_motion_clips(args.cache, "val")
+    if cfg.fold:  # choosing a recipe without looking at the held-out people
+        k, folds = (int(part) for part in cfg.fold.split("/"))
+        if not 0 <= k < folds:
+            print(f"error: --fold {cfg.fold}: k must be in 0..{folds - 1}", file=sys.stderr)
+            return 2
+        train_clips, val_clips = list(person_folds(train_clips, folds))[k]
     if not train_clips:
         print(f"error: no training clips with speech features in {args.cache}; run training.preprocess, then "
               "training.speech_features", file=sys.stderr)
