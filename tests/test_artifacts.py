@@ -390,3 +390,18 @@ def test_a_head_tilting_and_rolling_fast_keeps_its_jaw(tmp_path):
     source = media.read_video(TILTED_CLIP, with_audio=False).frames
     out = media.read_video(tmp_path / "out.mp4").frames
     assert np.mean([np.abs(o.astype(int) - s).max() > 40 for o, s in zip(out, source)]) > 0.9  # repainted, not passed through
+
+
+def test_the_source_leak_measure_holds_the_real_mouth_fixed():
+    """benchmarks.sync's source leak: a dub that correlates with the picture it was drawn on only as
+    much as the real mouth does scores 0; one whose picture's mouth shows through scores above it."""
+    from benchmarks.sync import source_leak
+
+    rng = np.random.default_rng(0)
+    real, picture = rng.normal(size=2000), rng.normal(size=2000)
+    picture = 0.5 * real + picture  # the reversed clip correlates with the real one by chance
+    faithful = real + 0.5 * rng.normal(size=2000)
+    leaky = faithful + 0.6 * picture
+    r = lambda a, b: float(np.corrcoef(a, b)[0, 1])
+    assert abs(source_leak(r(faithful, real), r(faithful, picture), r(picture, real))) < 0.06
+    assert source_leak(r(leaky, real), r(leaky, picture), r(picture, real)) > 0.3
