@@ -416,7 +416,7 @@ def _adapt(pipeline, footages: typing.Sequence[Footage], rest: np.ndarray,
     real_all = np.concatenate(real)
     keep_all = np.concatenate(keep) & np.isfinite(real_all).all(axis=(1, 2))
     adaptation, why = fit_adaptation(np.concatenate(features), np.concatenate(general), np.nan_to_num(real_all), rest, keep_all,
-                                     models=pipeline.motion.models)
+                                     pipeline.motion.models)
     return adaptation, why, speech_seconds
 
 

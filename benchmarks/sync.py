@@ -30,7 +30,9 @@ import numpy as np
 
 from avatar import media
 from avatar.config import DubConfig, PipelineConfig
-from avatar.evaluate import evaluate_pair
+from avatar.evaluate import evaluate_pair, track_video
+from avatar.face import landmarks as lm
+from avatar.metrics import pearson
 from avatar.pipeline import AvatarPipeline
 from avatar.render.renderers import RENDERERS
 from training.split import VALIDATION_IDENTITIES, person_key
@@ -54,11 +56,23 @@ def validation_clips(count: int, seconds: float):
     return rows[:count]
 
 
-def source_leak(dub_real: float, dub_picture: float, picture_real: float) -> float:
+def opening(path: pathlib.Path) -> np.ndarray:
+    """A video's mouth opening per frame `(T,)`: inner-lip gap over the inter-ocular distance (as `avatar
+    eval`'s opening r), NaN where no face was found."""
+    points = track_video(path, max_frames=1500).landmarks
+    return lm.mouth_opening(points) / lm.interocular(points)
+
+
+def source_leak(dub: np.ndarray, picture: np.ndarray, real: np.ndarray) -> float:
     """The dub's opening correlation with the picture it was drawn on, the real clip's held fixed (partial
-    correlation): the backwards picture's mouth is the real one's reversed, which may correlate with the
-    real one by chance, and then a faithful dub would correlate with it too."""
-    return (dub_picture - dub_real * picture_real) / np.sqrt(max(1e-9, (1 - dub_real ** 2) * (1 - picture_real ** 2)))
+    correlation of the openings `(T,)`, over the frames with a face in all three): the backwards
+    picture's mouth is the real one's reversed, which may correlate with the real one by chance, and
+    then a faithful dub would correlate with it too."""
+    n = min(len(dub), len(picture), len(real))
+    dub, picture, real = dub[:n], picture[:n], real[:n]
+    both = np.isfinite(dub) & np.isfinite(picture) & np.isfinite(real)
+    dr, dp, pr = (pearson(a[both], b[both]) for a, b in ((dub, real), (dub, picture), (picture, real)))
+    return (dp - dr * pr) / np.sqrt(max(1e-9, (1 - dr ** 2) * (1 - pr ** 2)))
 
 
 def main(argv=None) -> None:
@@ -74,7 +88,7 @@ def main(argv=None) -> None:
                                                                                  diffusion_start=args.diffusion_start))
     clips = validation_clips(args.clips, args.seconds)
     results = {m: [] for m in METHODS}
-    leaks = []  # opening r of each dub against the (backwards) picture it was drawn on
+    leaks = []  # each model dub's source leak (`source_leak`)
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         speech = {}
@@ -97,9 +111,7 @@ def main(argv=None) -> None:
                 pipeline.dub(folder / f"backwards{k}.mp4", wav, out, DubConfig(audio_shorter="keep"), progress=False)
                 results[method].append(evaluate_pair(out, real))
                 if method == "model":  # the picture it was drawn on: its own mouth must not show through
-                    leaks.append(source_leak(results[method][-1]["mouth_opening_r"],
-                                             evaluate_pair(out, folder / f"backwards{k}.mp4")["mouth_opening_r"],
-                                             evaluate_pair(folder / f"backwards{k}.mp4", real)["mouth_opening_r"]))
+                    leaks.append(source_leak(opening(out), opening(folder / f"backwards{k}.mp4"), opening(real)))
             print(f"{person} ({path.name}): " + ", ".join(
                 f"{m} {results[m][-1]['mouth_landmark_distance_pct_iod']:.2f}/{results[m][-1]['mouth_opening_r']:.2f}" for m in METHODS)
                 + "  (mouth distance %IOD / opening r)", flush=True)

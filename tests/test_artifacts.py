@@ -320,7 +320,7 @@ def test_a_rolled_head_is_rendered_inside_its_face(tmp_path):
     alignment follows the roll, so every frame is repainted (none fails the check) and every
     repainted pixel lies inside the face's outline as it is or as it will be."""
     from avatar.face.video import align_video
-    from avatar.render.base import FrameJob, RenderBatch
+    from avatar.render.base import FrameJob
     from conftest import GRID_CLIP, SPEECH_FLAC
 
     clip = media.read_video(GRID_CLIP, max_frames=12)
@@ -402,6 +402,6 @@ def test_the_source_leak_measure_holds_the_real_mouth_fixed():
     picture = 0.5 * real + picture  # the reversed clip correlates with the real one by chance
     faithful = real + 0.5 * rng.normal(size=2000)
     leaky = faithful + 0.6 * picture
-    r = lambda a, b: float(np.corrcoef(a, b)[0, 1])
-    assert abs(source_leak(r(faithful, real), r(faithful, picture), r(picture, real))) < 0.06
-    assert source_leak(r(leaky, real), r(leaky, picture), r(picture, real)) > 0.3
+    faithful[:50] = np.nan  # frames without a face are left out
+    assert abs(source_leak(faithful, picture, real)) < 0.06
+    assert source_leak(leaky, picture, real) > 0.3

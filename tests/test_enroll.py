@@ -196,9 +196,9 @@ def test_fit_adaptation_keeps_the_general_model_when_the_lips_do_not_follow_the_
     features = rng.standard_normal((400, 384)).astype(np.float32)
     general = rest + rng.normal(0, 0.3, (400, 59, 2))
     real = rest + rng.normal(0, 0.3, (400, 59, 2))  # unrelated to the speech
-    adaptation, why = fit_adaptation(features, general, real, rest, np.ones(400, bool))
+    adaptation, why = fit_adaptation(features, general, real, rest, np.ones(400, bool), pipeline.motion.models)
     assert adaptation is None and "already follows" in why
-    few, why = fit_adaptation(features[:50], general[:50], real[:50], rest, np.ones(50, bool))
+    few, why = fit_adaptation(features[:50], general[:50], real[:50], rest, np.ones(50, bool), pipeline.motion.models)
     assert few is None and "fewer than" in why
 
 

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
         features, live_features = clip_features(clip, False), clip_features(clip, True)
         general, general_live = offline.predict(features, clip.rest), live.predict(live_features, clip.rest)
         fit = clip.keep & (clip.vad > 0.5) & (np.arange(clip.n_frames) < cut)
-        adaptation, why = fit_adaptation(features, general, np.nan_to_num(real), clip.rest, fit)
+        adaptation, why = fit_adaptation(features, general, np.nan_to_num(real), clip.rest, fit, offline.models)
         test = clip.keep & (np.arange(clip.n_frames) >= cut)
         r = lambda mouths: pearson(lm.inner_gap(mouths)[test], lm.inner_gap(real)[test])
         adapted = adaptation.apply(features, general, clip.rest) if adaptation else general

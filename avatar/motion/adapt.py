@@ -2,7 +2,7 @@
 person's own speech and lips (enrollment, `avatar/enroll.py`), shrunk towards the general model by
 cross-validation on the same footage.
 
-    adaptation = fit_adaptation(features, general, real, rest, keep)   # or None: not worth it
+    adaptation = fit_adaptation(features, general, real, rest, keep, predictor.models)  # or None: not worth it
     mouths = adaptation.apply(features, mouths, rest)                   # after the motion model
 
 The correction maps one video frame's speech features `(D,)` and the general model's mouth (its
@@ -48,8 +48,8 @@ class MotionAdaptation:
     frames: int
     cv_r: float
     cv_r_general: float
-    speech_model: str = ""
-    motion_model: str = ""
+    speech_model: str
+    motion_model: str
 
     def apply(self, features: np.ndarray, mouths: np.ndarray, rest: np.ndarray, smooth: bool = True) -> np.ndarray:
         """`features (T, D)` at video frames, the general model's `mouths (T, K, 2)` crop pixels (relative
@@ -99,8 +99,8 @@ def _opening_r(offsets: np.ndarray, real_offsets: np.ndarray, rest: np.ndarray, 
 
 
 def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, rest: np.ndarray, keep: np.ndarray,
-                   lambdas: typing.Sequence[float] = LAMBDAS,
-                   models: typing.Tuple[str, str] = ("", "")) -> typing.Tuple[typing.Optional[MotionAdaptation], str]:
+                   models: typing.Tuple[str, str],
+                   lambdas: typing.Sequence[float] = LAMBDAS) -> typing.Tuple[typing.Optional[MotionAdaptation], str]:
     """Fit on one person's frames: `features (T, D)` (the speech encoder's, at video frames), `general
     (T, K, 2)` (the general model's mouths), `real (T, K, 2)` (the tracked mouths, with the head's
     anchor shift taken out), `rest (K, 2)`, all crop pixels; `keep (T,) bool`: frames with speech and
