@@ -8,9 +8,9 @@ every command (`avatar enroll`, `--avatar`, `AvatarPipeline.load_avatar`).
 What an avatar holds (`Avatar`):
 - the identity (`avatar.render.base.Identity`): rest mouth, the renderer's references, the drift
   monitor's references (face regions of frames spread over the footage), the open mouth;
-- the mouth bank (`avatar.render.retrieval.MouthBank`): up to BANK_SIZE of the person's open mouths,
-  aligned face crops at 256², sharp and frontal ones chosen to cover the lip shapes found (farthest
-  points in lip-shape space, from the most open);
+- the mouth bank (`avatar.render.retrieval.MouthBank`): up to BANK_SIZE of the person's mouths,
+  closed and open, aligned face crops at 256², sharp and frontal ones chosen to cover the lip shapes
+  found (farthest points in lip-shape space, from the most open);
 - the idle loop (`IdleLoop`): a LOOP_MIN_S-LOOP_S stretch of the person's real footage, chosen so its last
   frame leads back into its first with the smallest jump (whole-frame thumbnails and head pose) and
   the mouth mostly at rest, with each frame's alignment and landmarks; `animate` and the live
@@ -58,13 +58,13 @@ from avatar.frames import FrameStore
 from avatar.motion.adapt import MotionAdaptation, fit_adaptation
 from avatar.render.base import FrameJob, Identity
 from avatar.render.retrieval import MouthBank, lip_shape
-from avatar.render.warp import MIN_OPEN, open_inner
+from avatar.render.warp import open_inner
 
 PathLike = typing.Union[str, os.PathLike]
 FORMAT, FORMAT_VERSION, SUFFIX = "avatar", 2, ".avatar"
 MIN_FACE_S = 2.0  # seconds of frames with a face that an enrollment needs at the least
 MIN_FACE_SHARE = 0.25  # a video whose face is found in fewer of its frames is refused
-BANK_SIZE = 48  # open mouths kept
+BANK_SIZE = 48  # mouths kept
 BANK_MAX_YAW = 25.0  # degrees: mouths turned further are not banked
 LOOP_S, LOOP_MIN_S = 6.0, 2.0  # the idle loop's longest and shortest length
 DRIFT_MARGIN = 0.6  # drift references keep the face's box grown by this × its size on each side
@@ -329,10 +329,10 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
     identity = Identity([pipeline.aligner.crop(frame_of(j), transform_of(j)) for j in picks], rest, anchor, drift + extra, inner)
     steps.update()
 
-    # 2. The mouth bank: sharp, frontal, open mouths covering the shapes found.
+    # 2. The mouth bank: sharp, frontal mouths covering the shapes found (the closed ones too: the
+    # renderer draws the entry's lips, and closed lips are drawn best from closed lips).
     mouths = crop_lms[:, POINTS, :2]
-    gap_ratio = np.array([lm.inner_gap_ratio(m) for m in mouths])
-    candidates = np.flatnonzero((gap_ratio > MIN_OPEN) & (np.abs(yaw) <= BANK_MAX_YAW) & bank)
+    candidates = np.flatnonzero((np.abs(yaw) <= BANK_MAX_YAW) & bank)
     if candidates.size:
         sharp = np.array([_mouth_sharpness(pipeline, frame_of(j), transform_of(j), mouths[j]) for j in candidates])
         candidates = candidates[sharp >= np.quantile(sharp, 0.3)]

@@ -44,16 +44,22 @@ KEYS = ("mouth_landmark_distance_pct_iod", "mouth_distance_in_head_pct_iod", "li
         "sharpness_ratio", "flicker_ratio")
 
 
-def validation_clips(count: int, seconds: float):
+def talking_clips(count: int, seconds: float, validation: bool = True):
+    """`[(person, path)]`: one talking clip (with audio, at least `seconds` long) per person, of the
+    validation people or (`validation` False) of the training people, these spread over the manifest."""
     rows, seen = [], set()
     with open(DATA / "manifest.csv") as f:
         for row in csv.DictReader(f):
             person = person_key(row["identity"], row["file"])
-            if row["kind"] == "video" and person in VALIDATION_IDENTITIES and person not in seen \
+            if row["kind"] == "video" and (person in VALIDATION_IDENTITIES) == validation and person not in seen \
                     and float(row["duration_s"]) >= seconds and row["audio_hz"]:
                 seen.add(person)
                 rows.append((person, DATA / row["file"]))
-    return rows[:count]
+    return rows[:count] if validation else rows[::max(1, len(rows) // count)][:count]
+
+
+def validation_clips(count: int, seconds: float):
+    return talking_clips(count, seconds)
 
 
 def opening(path: pathlib.Path) -> np.ndarray:

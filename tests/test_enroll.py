@@ -21,7 +21,7 @@ from avatar.motion.adapt import fit_adaptation
 from avatar.pipeline import AvatarPipeline
 from avatar.render.base import FrameJob, RenderBatch
 from avatar.render.retrieval import MouthBank, lip_shape
-from conftest import DATA, REPO, SILENT_CLIP, SPEECH_FLAC
+from conftest import DATA, GRID_CLIP, REPO, SILENT_CLIP, SPEECH_FLAC
 
 KATIE = DATA / "video/OpenTalker__SadTalker/WDA_KatieHill_000.mp4"  # 8 s, 512², one woman speaking
 CNN = DATA / "video/sstzal__DFRF/cnn2_25fps.mp4"  # 71 s, a validation person (never trained on)
@@ -150,6 +150,41 @@ def test_the_retrieval_renderer_draws_the_mouth_from_the_chosen_entry(enrolled, 
     plain = dataclass_copy(identity, bank=None)
     warp = WarpRenderer(pipeline.config, pipeline.crop_size).render(RenderBatch([job(None)], [plain], [0]))[0]
     np.testing.assert_array_equal(renderer.render(RenderBatch([job(None)], [plain], [0]))[0].pixels, warp.pixels)
+
+
+def test_retrieval_closes_an_open_frame_with_the_persons_own_closed_lips(pipeline, tracker):
+    """A real clip enrolled on the fly (as `dub` does): its bank keeps closed mouths too, and its
+    widest-open frame drawn with the most closed frame's mouth re-detects as closed, at least as
+    well as the plain warp does (which closes the frame's own open lips onto each other); outside
+    the repaint region the frame is untouched."""
+    from avatar.render.renderers import RetrievalRenderer, WarpRenderer
+    from avatar.render.warp import MIN_OPEN
+
+    footage = track_video(pipeline, GRID_CLIP, progress=False, with_audio=False)
+    try:
+        identity = build_avatar(pipeline, [footage], progress=False, adapt=False, idle=False, strict=False).identity
+        bank = identity.bank
+        assert (bank.gaps <= MIN_OPEN).any() and (bank.gaps > 2 * MIN_OPEN).any()
+        good = footage.good
+        faces = np.stack([footage.crop_landmarks[i] for i in good])
+        opening = lm.mouth_opening(faces) / lm.interocular(faces)
+        wide, shut = int(good[np.argmax(opening)]), int(good[np.argmin(opening)])
+        closed = np.asarray(footage.crop_landmarks[shut], np.float64)
+        source = np.asarray(footage.crop_landmarks[wide], np.float64)
+        mouth = closed[lm.MOUTH_AND_JAW, :2] - lm.mouth_anchor(closed) + lm.mouth_anchor(source)
+        entry = int(bank.path(mouth[None])[0])
+        assert bank.gaps[entry] <= MIN_OPEN
+        job = FrameJob(footage.store[wide], footage.transforms[wide], source, footage.frame_landmarks[wide], mouth, entry)
+        gaps = {}
+        for renderer in (RetrievalRenderer(pipeline.config, pipeline.crop_size), WarpRenderer(pipeline.config, pipeline.crop_size)):
+            region = renderer.render(RenderBatch([job], [identity], [0]))[0]
+            outside = region.alpha == 0
+            np.testing.assert_array_equal(region.pixels[outside], job.frame[region.box][outside])
+            detected = tracker.select(region.place(job.frame)).landmarks
+            gaps[renderer.name] = float(lm.mouth_opening(detected) / lm.interocular(detected))
+    finally:
+        footage.close()
+    assert opening.max() > 0.1 and gaps["retrieval"] < 0.02 and gaps["retrieval"] <= gaps["warp"] + 0.005, gaps
 
 
 def dataclass_copy(instance, **changes):

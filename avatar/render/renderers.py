@@ -1,8 +1,8 @@
 """The renderers behind `FaceRenderer` (`avatar/render/base.py`), chosen by `PipelineConfig.renderer`:
 
-- "retrieval" (default, `RetrievalRenderer`): the warp renderer with the inside of the mouth from the
-  person's own enrolled mouth closest to each target (`avatar/render/retrieval.py`); the same as the
-  warp for a person without a bank;
+- "retrieval" (default, `RetrievalRenderer`): the warp renderer, with the lips and the inside of the
+  mouth then drawn from the person's own enrolled mouth closest to each target, warped the rest of
+  the way (`avatar/render/retrieval.py`); the same as the warp for a person without a bank;
 - "warp" (`WarpRenderer`): moves the person's own pixels to the target mouth
   (`avatar/render/warp.py`), on a crop at the face's own resolution;
 - "diffusion" (`DiffusionRenderer`): conditions the learned denoiser on the masked crop, the mask,
@@ -68,22 +68,28 @@ class WarpRenderer:
         self.aligners = Aligners()
 
     def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
-        inners = self.inner_mouths(batch)
+        entries = self.choose(batch)
         regions: typing.List[typing.Optional[FaceRegion]] = [None] * len(batch)
         faces = batch.faces
         for i, region in zip(faces, self.pool.map(lambda i: self.render_one(batch.jobs[i], batch.identities[i],
-                                                                            int(batch.frame_indices[i]), inner=inners[i]), faces)):
+                                                                            int(batch.frame_indices[i]), entry=entries[i]), faces)):
             regions[i] = region
         return regions
 
-    def inner_mouths(self, batch: RenderBatch) -> typing.List[typing.Optional[InnerMouth]]:
-        """The open mouth each job takes the inside of the mouth from (None: its person's own)."""
+    def choose(self, batch: RenderBatch) -> typing.List[typing.Optional[int]]:
+        """The mouth-bank entry each job draws from (None: none, the person's own open mouth)."""
         return [None] * len(batch)
 
+    def draw(self, crop: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray, mask: np.ndarray, identity: Identity,
+             entry: typing.Optional[int]) -> np.ndarray:
+        """Step 4 on a crop of side S `(S, S, 3) uint8` with its `landmarks (478, 2)`, to the target
+        `mouth (59, 2)` (both in its pixels) under the repaint `mask (S, S)`: `(S, S, 3) uint8`."""
+        return render_warp(crop, landmarks, mouth, mask, identity.inner.at(crop.shape[0]))
+
     def render_one(self, job: FrameJob, identity: Identity, frame_index: int, watermark: bool = True,
-                   inner: typing.Optional[InnerMouth] = None) -> FaceRegion:
-        """Steps 1-6 for one frame; `watermark=False` for a draft; `inner`: the open mouth to take the
-        inside of the mouth from (default: the person's)."""
+                   entry: typing.Optional[int] = None) -> FaceRegion:
+        """Steps 1-6 for one frame; `watermark=False` for a draft; `entry`: the person's mouth-bank
+        entry to draw from (`choose`)."""
         native = self.crop_size / transform_scale(job.transform)
         size = int(np.clip(16 * round(native / 16), self.crop_size, max(self.crop_size, self.config.warp_max_size)))
         aligner = self.aligners(size)
@@ -92,7 +98,7 @@ class WarpRenderer:
         landmarks = rescale_points(np.asarray(job.crop_landmarks)[:, :2], self.crop_size, size)
         mouth = rescale_points(job.mouth, self.crop_size, size)  # 2.
         mask = aligner.repaint_mask(landmarks, lm.with_mouth(landmarks, mouth))  # 3.
-        face = render_warp(crop, landmarks, mouth, mask, (inner or identity.inner).at(size))  # 4.
+        face = self.draw(crop, landmarks, mouth, mask, identity, entry)  # 4.
         if self.config.watermark and watermark:  # 5.
             face = provenance.embed_watermark(face, mask, frame_index)
         sigma = 0.7 / transform_scale(transform)  # a crop pixel, in frame pixels
@@ -111,10 +117,11 @@ class WarpRenderer:
 
 
 class RetrievalRenderer(WarpRenderer):
-    """The warp renderer with the inside of the mouth from the person's bank entry chosen for the frame
-    (`FrameJob.bank_index`, a whole file's Viterbi path), or, for a stream's jobs that carry none, the
-    entry `MouthBank.follow` picks (each person's last choice is kept between calls). A person
-    without a bank renders as with the warp renderer."""
+    """The warp renderer, then the person's bank entry chosen for the frame (`FrameJob.bank_index`, a
+    whole file's Viterbi path, or, for a stream's jobs that carry none, the entry `MouthBank.follow`
+    picks; each person's last choice is kept between calls) warped to the target mouth and blended
+    over the lips and the inside of the mouth (`MouthBank.draw`). A person without a bank renders as
+    with the warp renderer."""
 
     name = "retrieval"
 
@@ -137,7 +144,17 @@ class RetrievalRenderer(WarpRenderer):
             self._last[bank] = chosen[i]
         return chosen
 
+    def draw(self, crop: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray, mask: np.ndarray, identity: Identity,
+             entry: typing.Optional[int]) -> np.ndarray:
+        if entry is None:
+            return super().draw(crop, landmarks, mouth, mask, identity, entry)
+        size = crop.shape[0]
+        face = render_warp(crop, landmarks, mouth, mask, identity.bank.inner(entry).at(size))
+        return identity.bank.draw(entry, face, landmarks, mouth)
+
     def inner_mouths(self, batch: RenderBatch) -> typing.List[typing.Optional[InnerMouth]]:
+        """The open mouth each job takes the inside of the mouth from (None: its person's own): the
+        frame graph's part of the retrieval (it does not draw the entry's lips)."""
         return [None if k is None else batch.identities[i].bank.inner(k) for i, k in enumerate(self.choose(batch))]
 
 

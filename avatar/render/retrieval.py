@@ -11,24 +11,31 @@ costs `SWITCH_COST` scaled by how open the mouth is then (a switch while the lip
 seen; one while the teeth show is). Live streams cannot look ahead: they keep their entry until
 another fits better by that same margin (`MouthBank.follow`).
 
-The renderer is the warp renderer (`avatar/render/renderers.py`) with the chosen entry as the open
-mouth it composes the inside of the mouth from: the person's own teeth and tongue at an opening like
-the target's, instead of one open frame stretched or squashed to every opening (or a stranger's
-teeth from the bundled bank, for a photo). A person without a bank renders exactly as with the warp.
+The renderer (`avatar/render/renderers.py`) is the warp renderer with the chosen entry as the open
+mouth it composes the inside of the mouth from, and then the entry itself, warped from its mouth to
+the target's (`MouthBank.draw`), blended over the lips and a margin round them: the person's own
+lips, teeth and tongue at an opening like the target's, instead of one frame's lips stretched or
+squashed to every opening (an open frame's lips closed meet at a band of its dark mouth edge; lips
+opened a little show a dark slot where the person shows teeth). A person without a bank renders
+exactly as with the warp.
 """
 
 from __future__ import annotations
 
 import typing
 
+import cv2
 import numpy as np
 
 from avatar.face import landmarks as lm
 from avatar.face.align import rescale_points
-from avatar.render.warp import MIN_OPEN, N_LIPS, InnerMouth, open_inner
+from avatar.render.warp import MIN_OPEN, N_LIPS, N_OUTER, InnerMouth, mouth_width, open_inner, render_warp
 
 SWITCH_COST = 3.0  # crop-128 px² of mean squared lip distance that a change of entry must win, at full opening (a random entry is ~5 away, the nearest ~0.2-0.5)
 FULL_OPENING = 0.25  # inner-gap ratio at which a switch costs all of SWITCH_COST (0 at MIN_OPEN and below)
+# The region an entry is drawn over: the target's outer lips grown by LIPS_GROW and feathered by
+# LIPS_FEATHER (a Gaussian's sigma), both × the mouth's width.
+LIPS_GROW, LIPS_FEATHER = 0.12, 0.05
 
 
 def lip_shape(mouths: np.ndarray) -> np.ndarray:
@@ -37,10 +44,21 @@ def lip_shape(mouths: np.ndarray) -> np.ndarray:
     return lips - lips.mean(axis=-2, keepdims=True)
 
 
+def lips_region(mouth: np.ndarray, size: int) -> np.ndarray:
+    """Where a bank entry is drawn for the target `mouth (59, 2)` (crop px): `(S, S) float32` in [0, 1],
+    its outer lips grown by LIPS_GROW and feathered by LIPS_FEATHER of its width."""
+    width = max(mouth_width(mouth), 1.0)
+    region = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(region, [np.round(np.asarray(mouth)[:N_OUTER] * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    grow = max(1, int(round(LIPS_GROW * width)))
+    region = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    return cv2.GaussianBlur(region.astype(np.float32) / 255.0, (0, 0), max(0.5, LIPS_FEATHER * width))
+
+
 class MouthBank:
-    """A person's open mouths: `crops (N, S, S, 3) uint8` aligned face crops of side S, `mouths
-    (N, 59, 2)` their mouth and jaw in those crops' pixels. `crop_size`: the side the targets are
-    given at (the pipeline's canonical crop, 128)."""
+    """A person's mouths, closed and open: `crops (N, S, S, 3) uint8` aligned face crops of side S,
+    `mouths (N, 59, 2)` their mouth and jaw in those crops' pixels. `crop_size`: the side the targets
+    are given at (the pipeline's canonical crop, 128)."""
 
     def __init__(self, crops: np.ndarray, mouths: np.ndarray, crop_size: int = 128):
         crops, mouths = np.asarray(crops), np.asarray(mouths, np.float64)
@@ -48,16 +66,49 @@ class MouthBank:
             raise ValueError(f"a mouth bank needs N square crops and N mouths, got {crops.shape} and {mouths.shape}")
         self.crops, self.mouths, self.size, self.crop_size = crops, mouths, int(crops.shape[1]), crop_size
         self.shapes = lip_shape(rescale_points(mouths, self.size, crop_size))  # (N, 40, 2) at the targets' scale
+        self.gaps = np.array([lm.inner_gap_ratio(m) for m in self.mouths])  # (N,) inner gap / mouth width
         self._inner: typing.Dict[int, InnerMouth] = {}
+        self._scaled: typing.Dict[typing.Tuple[int, int], typing.Tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return len(self.crops)
 
     def inner(self, index: int) -> InnerMouth:
-        """Entry `index` as the warp renderer's open mouth (made once)."""
+        """Entry `index` as the warp renderer's open mouth (made once); a closed entry lends the
+        bank's most open one (its teeth, should the target open beyond the closed lips)."""
+        if self.gaps[index] <= MIN_OPEN:
+            index = int(np.argmax(self.gaps))
         if index not in self._inner:
             self._inner[index] = open_inner(self.crops[index], self.mouths[index], self.size)
         return self._inner[index]
+
+    def scaled(self, index: int, size: int) -> typing.Tuple[np.ndarray, np.ndarray]:
+        """Entry `index` at crop side `size`: `(crop (size, size, 3) uint8, mouth (59, 2))` (made once)."""
+        key = (index, size)
+        if key not in self._scaled:
+            if len(self._scaled) >= 4 * len(self):  # a video whose face size keeps changing: keep the latest
+                self._scaled.clear()
+            crop = self.crops[index]
+            if size != self.size:
+                crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if size < self.size else cv2.INTER_CUBIC)
+            self._scaled[key] = crop, rescale_points(self.mouths[index], self.size, size)
+        return self._scaled[key]
+
+    def draw(self, index: int, face: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray) -> np.ndarray:
+        """Entry `index` warped from its mouth to `target_mouth (59, 2)` (the warp renderer's two
+        splines, with the fixed anchors of the face's `crop_landmarks (478, 2+)`: both crops are
+        aligned alike) and blended over `face (S, S, 3) uint8` in `lips_region`, its brightness per
+        channel matched to the face's in the region's feathered rim. Returns `(S, S, 3) uint8`."""
+        size = face.shape[0]
+        crop, mouth = self.scaled(index, size)
+        region = lips_region(target_mouth, size)
+        drawn = render_warp(crop, lm.with_mouth(np.asarray(crop_landmarks, np.float64)[:, :2], mouth), target_mouth, region,
+                            self.inner(index).at(size)).astype(np.float32)
+        rim = (region > 0.05) & (region < 0.6)
+        if rim.any():
+            drawn *= (face[rim].astype(np.float32).mean(axis=0) + 1.0) / (drawn[rim].mean(axis=0) + 1.0)
+        alpha = region[..., None]
+        return np.clip(face * (1.0 - alpha) + drawn * alpha + 0.5, 0, 255).astype(np.uint8)
 
     def costs(self, targets: np.ndarray) -> np.ndarray:
         """`targets (T, 59, 2)` crop px → `(T, N)` mean squared lip distance to each entry."""

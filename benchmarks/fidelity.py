@@ -1,0 +1,110 @@
+"""How faithfully the renderer draws the mouths it is asked for, apart from the motion model.
+
+    python -m benchmarks.fidelity [--clips 16] [--seconds 4] [--people training|validation] [--renderer retrieval]
+
+Each clip's own real mouths (tracked) are the targets; they are drawn, as `avatar dub` draws (the
+person enrolled on the fly, each mouth placed at its frame's head pose), on the same clip played
+backwards, and the result is re-tracked as `benchmarks.sync` does. A perfect renderer re-tracks as
+the real clip. Printed per clip and on average:
+- opening r: the re-tracked mouth opening's correlation with the real clip's;
+- asked / own: the re-tracked opening regressed on the opening asked for and on the backwards
+  picture's own (a perfect renderer: 1 and 0);
+- source leak: the re-tracked opening's partial correlation with the picture's own, the real one
+  held fixed (`benchmarks.sync.source_leak`; perfect: 0);
+- closed: the mean re-tracked opening over the frames whose real lips are closed (< 0.02 of the
+  inter-ocular distance), next to the real one.
+Tune renderers on the training people (the default); judge them on the validation people with
+`benchmarks.sync`, where the motion model's mouths are drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+
+import numpy as np
+
+from avatar import media
+from avatar.config import PipelineConfig
+from avatar.enroll import build_avatar, track_video
+from avatar.face import landmarks as lm
+from avatar.metrics import pearson
+from avatar.pipeline import AvatarPipeline
+from avatar.render.renderers import RENDERERS
+from benchmarks.sync import opening, source_leak, talking_clips
+
+CLOSED = 0.02  # re-tracked inner-lip gap / inter-ocular distance below which real lips count as closed
+
+
+def real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, rest: np.ndarray, rest_anchor: np.ndarray) -> np.ndarray:
+    """The real clip's mouths as the motion model gives them `(T, 59, 2)`: each frame's lips and jaw
+    moved from its mouth anchor to the person's rest anchor (the rest mouth where no face was found)."""
+    footage = track_video(pipeline, real, progress=False, with_audio=False)
+    try:
+        return np.stack([rest if not footage.valid[j] else
+                         np.asarray(footage.crop_landmarks[j], np.float64)[lm.MOUTH_AND_JAW, :2]
+                         - lm.mouth_anchor(np.asarray(footage.crop_landmarks[j], np.float64)) + rest_anchor
+                         for j in range(len(footage.valid))])
+    finally:
+        footage.close()
+
+
+def draw_real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, backwards: pathlib.Path, out: pathlib.Path) -> None:
+    """`backwards` drawn with `real`'s mouths (the first N frames of each, N the shorter), written to `out`."""
+    footage = track_video(pipeline, backwards, progress=False, with_audio=False)
+    try:
+        identity = build_avatar(pipeline, [footage], progress=False, adapt=False, idle=False, strict=False).identity
+        mouths = real_mouths(pipeline, real, identity.rest, identity.rest_anchor)
+        n = min(len(mouths), len(footage.valid))
+        jobs = pipeline.footage_jobs(identity, footage.store.__getitem__, footage.valid, footage.transforms, footage.crop_landmarks,
+                                     footage.frame_landmarks, np.arange(n), mouths[:n], footage.fps, [])
+        media.write_video(out, list(pipeline.render_jobs(identity, jobs, footage.fps)), footage.fps, crf=12)
+    finally:
+        footage.close()
+
+
+def measure(drawn: np.ndarray, picture: np.ndarray, real: np.ndarray, asked: np.ndarray) -> dict:
+    """The figures of one clip from per-frame openings `(T,)` (NaN: no face)."""
+    n = min(len(drawn), len(picture), len(real), len(asked))
+    drawn, picture, real, asked = drawn[:n], picture[:n], real[:n], asked[:n]
+    ok = np.isfinite(drawn) & np.isfinite(picture) & np.isfinite(real) & np.isfinite(asked)
+    weights = np.linalg.lstsq(np.stack([asked[ok], picture[ok], np.ones(ok.sum())], 1), drawn[ok], rcond=None)[0]
+    closed = ok & (real < CLOSED)
+    return {"r": pearson(drawn[ok], real[ok]), "asked": weights[0], "own": weights[1], "leak": source_leak(drawn, picture, real),
+            "closed_real": float(real[closed].mean()) if closed.any() else np.nan,
+            "closed_drawn": float(drawn[closed].mean()) if closed.any() else np.nan}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--people", choices=("training", "validation"), default="training")
+    parser.add_argument("--renderer", choices=RENDERERS, default=PipelineConfig.renderer)
+    args = parser.parse_args(argv)
+    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(drift=False, renderer=args.renderer))
+    rows = []
+    print(f"{'person':<20}{'opening r':>10}{'asked':>8}{'own':>8}{'leak':>8}{'closed: real / drawn':>24}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp)
+        for k, (person, path) in enumerate(talking_clips(args.clips, args.seconds, validation=args.people == "validation")):
+            clip = media.read_video(path, with_audio=False, max_frames=int(round(args.seconds * (media.probe(path).fps or 25))))
+            real, backwards, drawn = folder / f"real{k}.mp4", folder / f"backwards{k}.mp4", folder / f"drawn{k}.mp4"
+            media.write_video(real, clip.frames, clip.fps, crf=12)
+            media.write_video(backwards, clip.frames[::-1], clip.fps, crf=12)
+            draw_real_mouths(pipeline, real, backwards, drawn)
+            real_opening = opening(real)
+            row = measure(opening(drawn), opening(backwards), real_opening, real_opening)
+            rows.append(row)
+            print(f"{person:<20}{row['r']:>10.3f}{row['asked']:>8.2f}{row['own']:>8.2f}{row['leak']:>8.3f}"
+                  f"{row['closed_real']:>14.3f} / {row['closed_drawn']:.3f}", flush=True)
+    mean = {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
+    print(f"{'mean':<20}{mean['r']:>10.3f}{mean['asked']:>8.2f}{mean['own']:>8.2f}{mean['leak']:>8.3f}"
+          f"{mean['closed_real']:>14.3f} / {mean['closed_drawn']:.3f}")
+    print(f"{len(rows)} {args.people} people, {args.seconds:g} s each, the {args.renderer} renderer drawing each clip's real mouths "
+          f"on it played backwards, re-tracked (perfect: r 1, asked 1, own 0, leak 0, closed as real)")
+
+
+if __name__ == "__main__":
+    main()
