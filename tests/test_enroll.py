@@ -187,6 +187,27 @@ def test_retrieval_closes_an_open_frame_with_the_persons_own_closed_lips(pipelin
     assert opening.max() > 0.1 and gaps["retrieval"] < 0.02 and gaps["retrieval"] <= gaps["warp"] + 0.005, gaps
 
 
+def test_an_entry_showing_only_upper_teeth_takes_its_lower_row_from_the_persons_own_bank(enrolled):
+    """An open entry whose inside shows no dark band between rows (as a smile showing only upper
+    teeth: here the most open entry with its inside painted one light colour) takes its lower row
+    from the person's own entry with both rows, not from the bundled mouths of other people; alone
+    in a bank, from the bundled ones (as a photo does)."""
+    import cv2
+
+    from avatar.render.warp import INNER
+
+    bank = enrolled[0].identity.bank
+    widest = int(np.argmax(bank.gaps))
+    crop = bank.crops[widest].copy()
+    cv2.fillPoly(crop, [np.round(bank.mouths[widest][INNER]).astype(np.int32)], (225, 215, 205))
+    crops, mouths = np.concatenate([crop[None], bank.crops]), np.concatenate([bank.mouths[widest][None], bank.mouths])
+    painted = MouthBank(crops, mouths).inner(0)
+    assert painted.split == 1.0 and painted.lower_row is not None and not painted.lower_row.borrowed
+    assert painted.lower_row.split < 1.0 and np.array_equal(painted.lower_row.crop, bank.crops[widest])
+    alone = MouthBank(crop[None], bank.mouths[widest][None]).inner(0)
+    assert alone.lower_row is not None and alone.lower_row.borrowed
+
+
 def dataclass_copy(instance, **changes):
     import dataclasses
 

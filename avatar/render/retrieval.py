@@ -22,6 +22,7 @@ exactly as with the warp.
 
 from __future__ import annotations
 
+import functools
 import typing
 
 import cv2
@@ -75,12 +76,30 @@ class MouthBank:
 
     def inner(self, index: int) -> InnerMouth:
         """Entry `index` as the warp renderer's open mouth (made once); a closed entry lends the
-        bank's most open one (its teeth, should the target open beyond the closed lips)."""
+        bank's most open one (its teeth, should the target open beyond the closed lips). An entry
+        showing only its upper row takes its lower row (lower teeth, tongue) from the person's own
+        `both_rows` entry, not from the bundled mouths of other people."""
         if self.gaps[index] <= MIN_OPEN:
             index = int(np.argmax(self.gaps))
         if index not in self._inner:
-            self._inner[index] = open_inner(self.crops[index], self.mouths[index], self.size)
+            inner = open_inner(self.crops[index], self.mouths[index], self.size)
+            own = self.both_rows
+            if inner.lower_row is not None and inner.lower_row.borrowed and own is not None:
+                inner.lower_row = own
+            self._inner[index] = inner
         return self._inner[index]
+
+    @functools.cached_property
+    def both_rows(self) -> typing.Optional[InnerMouth]:
+        """The most open entry that shows both rows of the inside (a dark band between its upper and
+        lower teeth, `teeth_split` < 1), or None."""
+        for k in np.argsort(-self.gaps, kind="stable"):
+            mouth = InnerMouth(self.crops[k], self.mouths[k], self.size)
+            if not mouth.usable:
+                return None
+            if mouth.split < 1.0:
+                return mouth
+        return None
 
     def scaled(self, index: int, size: int) -> typing.Tuple[np.ndarray, np.ndarray]:
         """Entry `index` at crop side `size`: `(crop (size, size, 3) uint8, mouth (59, 2))` (made once)."""
