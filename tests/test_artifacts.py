@@ -405,3 +405,20 @@ def test_the_source_leak_measure_holds_the_real_mouth_fixed():
     faithful[:50] = np.nan  # frames without a face are left out
     assert abs(source_leak(faithful, picture, real)) < 0.06
     assert source_leak(leaky, picture, real) > 0.3
+
+
+def test_the_fidelity_figures_tell_a_faithful_renderer_from_one_that_keeps_the_picture():
+    """benchmarks.fidelity's figures on synthetic openings: drawing what was asked gives r 1, weight
+    1 on the asked opening and 0 on the picture's own, and closed frames as the real ones; keeping
+    the picture's own mouth gives the weights the other way round and the closed frames open."""
+    from benchmarks.fidelity import measure
+
+    rng = np.random.default_rng(1)
+    real = np.abs(rng.normal(0.06, 0.05, 500))
+    real[::7] = 0.005  # closed frames
+    picture = np.abs(rng.normal(0.06, 0.05, 500)) + 0.03
+    faithful, kept = measure(real.copy(), picture, real, real), measure(picture.copy(), picture, real, real)
+    assert faithful["r"] > 0.999 and abs(faithful["asked"] - 1) < 1e-6 and abs(faithful["own"]) < 1e-6
+    assert abs(faithful["closed_drawn"] - faithful["closed_real"]) < 1e-9
+    assert abs(kept["asked"]) < 1e-6 and abs(kept["own"] - 1) < 1e-6 and kept["leak"] > 0.9
+    assert kept["closed_drawn"] > 0.05
