@@ -2,7 +2,7 @@
 how many 25 fps sessions one renderer serves.
 
     python -m benchmarks.sessions [--sessions 1 2 4] [--renderer warp|retrieval|diffusion] [--frame-graph]
-                                  [--batch 0] [--seconds 8] [--image PHOTO] [--out FILE.json]
+                                  [--batch 0] [--seconds 8] [--image PHOTO | --avatar ME.avatar] [--out FILE.json]
 
 A feeder thread pushes 20 ms of real speech into every session every 20 ms of the wall clock (as
 microphones or a TTS service would); the main thread runs the engine's render step in a loop, as the
@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=0, help="frames per render call (0: the session count, at least 8)")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--image", type=pathlib.Path, default=ASSETS / "samples" / "portrait.jpg")
+    parser.add_argument("--avatar", type=pathlib.Path, help="an enrolled person (`avatar enroll`) instead of --image: "
+                                                            "its idle loop, and its mouth bank for the retrieval renderer")
     parser.add_argument("--out", type=pathlib.Path, help="also write the figures here (JSON)")
     args = parser.parse_args(argv)
     speech = media.read_audio(ASSETS / "samples" / "speech.flac", STREAM_RATE)
@@ -86,7 +88,12 @@ def main(argv=None) -> int:
         pipeline = dataclasses.replace(LIVE_PIPELINE, renderer=args.renderer, frame_graph=args.frame_graph,
                                        batch=args.batch or max(8, count))
         engine = Engine(config=RealtimeConfig(pipeline=pipeline, max_sessions=count))
-        avatar = engine.prepare(media.read_image(args.image))
+        if args.avatar:
+            from avatar.enroll import load_avatar
+
+            avatar = engine.prepare_enrolled(load_avatar(args.avatar))
+        else:
+            avatar = engine.prepare(media.read_image(args.image))
         engine.calibrate(avatar, seconds=1.0)
         row = run(engine, avatar, speech, count, args.seconds)
         row.update(renderer=args.renderer, frame_graph=args.frame_graph, batch=pipeline.batch, providers=engine.pipeline.providers)
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
         p50 = "-" if row["p50_ms"] is None else f"{row['p50_ms']:.0f} ms"
         p95 = "-" if row["p95_ms"] is None else f"{row['p95_ms']:.0f} ms"
         print(f"{count:>8} {row['frames_per_s']:>12.1f} {100 * row['repeated']:>8.0f}% {p50:>8} {p95:>8}", flush=True)
-    print(f"renderer {args.renderer}{' through the frame graph' if args.frame_graph else ''}, providers "
+    print(f"{args.avatar or args.image}, renderer {args.renderer}{' through the frame graph' if args.frame_graph else ''}, providers "
           f"{', '.join(rows[0]['providers']) if rows else '-'}; {args.seconds:g} s per session count, sessions and feeder in this process")
     write_rows(args.out, rows)
     return 0
