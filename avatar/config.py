@@ -362,7 +362,7 @@ class PipelineConfig:
 
     fps: float = 25.0  # output frame rate for a still (a video keeps its own)
     max_side: int = 1920  # a still larger than this on its longer side is downscaled (area) to it
-    # "retrieval": the warp with the inside of the mouth from the person's enrolled mouths (avatar/render/retrieval.py;
+    # "retrieval": the warp, then the lips and mouth of the person's enrolled mouth nearest each target (avatar/render/retrieval.py;
     # the same as "warp" without them); "warp": the person's own pixels moved (avatar/render/warp.py); "diffusion": learned
     renderer: str = "retrieval"
     warp_max_size: int = 384  # the warp works on a crop at the face's own resolution, up to this side
