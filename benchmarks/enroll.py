@@ -39,7 +39,7 @@ from avatar.face import landmarks as lm
 from avatar.pipeline import AvatarPipeline
 from avatar.render.warp import inner_lip_curves
 from benchmarks.artifacts import bright_rows
-from benchmarks.sync import validation_clips
+from benchmarks.sync import talking_clips
 from training.split import VALIDATION_IDENTITIES
 
 METHODS = ("enrolled", "bank_only", "adaptation_only", "generic", "self_enrolled", "photo_only", "mismatched")
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", type=pathlib.Path)
     args = parser.parse_args(argv)
     pipeline = AvatarPipeline.from_pretrained(args.models, config=PipelineConfig(drift=False))
-    clips = validation_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS)
+    clips = talking_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS)
     if args.people:
         wanted = args.people.split(",")
         clips = [c for c in clips if c[0] in wanted]
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     for method in METHODS:
         print(f"{method:<16}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>22.3f}" for k in KEYS))
     print("\nenrollment: " + "; ".join(f"{p} {s:.0f} s of video in {t:.1f} s, {b / 1e6:.1f} MB" for p, s, t, b, _ in timings))
-    longest = max(validation_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS), key=lambda clip: media.probe(clip[1]).duration or 0)
+    longest = max(talking_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS), key=lambda clip: media.probe(clip[1]).duration or 0)
     with tempfile.TemporaryDirectory() as tmp:
         minute = pathlib.Path(tmp) / "minute.mp4"
         clip = media.read_video(longest[1], max_frames=int(60 * (media.probe(longest[1]).fps or 25)))

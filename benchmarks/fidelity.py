@@ -7,8 +7,8 @@ person enrolled on the fly, each mouth placed at its frame's head pose), on the 
 backwards, and the result is re-tracked as `benchmarks.sync` does. A perfect renderer re-tracks as
 the real clip. Printed per clip and on average:
 - opening r: the re-tracked mouth opening's correlation with the real clip's;
-- asked / own: the re-tracked opening regressed on the opening asked for and on the backwards
-  picture's own (a perfect renderer: 1 and 0);
+- asked / own: the re-tracked opening regressed on the opening asked for (the real clip's) and on
+  the backwards picture's own (a perfect renderer: 1 and 0);
 - source leak: the re-tracked opening's partial correlation with the picture's own, the real one
   held fixed (`benchmarks.sync.source_leak`; perfect: 0);
 - closed: the mean re-tracked opening over the frames whose real lips are closed (< 0.02 of the
@@ -64,12 +64,13 @@ def draw_real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, backwards: pa
         footage.close()
 
 
-def measure(drawn: np.ndarray, picture: np.ndarray, real: np.ndarray, asked: np.ndarray) -> dict:
-    """The figures of one clip from per-frame openings `(T,)` (NaN: no face)."""
-    n = min(len(drawn), len(picture), len(real), len(asked))
-    drawn, picture, real, asked = drawn[:n], picture[:n], real[:n], asked[:n]
-    ok = np.isfinite(drawn) & np.isfinite(picture) & np.isfinite(real) & np.isfinite(asked)
-    weights = np.linalg.lstsq(np.stack([asked[ok], picture[ok], np.ones(ok.sum())], 1), drawn[ok], rcond=None)[0]
+def measure(drawn: np.ndarray, picture: np.ndarray, real: np.ndarray) -> dict:
+    """The figures of one clip from per-frame openings `(T,)` (NaN: no face): `drawn` the re-tracked
+    output, `picture` the backwards clip it was drawn on, `real` the clip whose mouths were asked for."""
+    n = min(len(drawn), len(picture), len(real))
+    drawn, picture, real = drawn[:n], picture[:n], real[:n]
+    ok = np.isfinite(drawn) & np.isfinite(picture) & np.isfinite(real)
+    weights = np.linalg.lstsq(np.stack([real[ok], picture[ok], np.ones(ok.sum())], 1), drawn[ok], rcond=None)[0]
     closed = ok & (real < CLOSED)
     return {"r": pearson(drawn[ok], real[ok]), "asked": weights[0], "own": weights[1], "leak": source_leak(drawn, picture, real),
             "closed_real": float(real[closed].mean()) if closed.any() else np.nan,
@@ -94,8 +95,7 @@ def main(argv=None) -> None:
             media.write_video(real, clip.frames, clip.fps, crf=12)
             media.write_video(backwards, clip.frames[::-1], clip.fps, crf=12)
             draw_real_mouths(pipeline, real, backwards, drawn)
-            real_opening = opening(real)
-            row = measure(opening(drawn), opening(backwards), real_opening, real_opening)
+            row = measure(opening(drawn), opening(backwards), opening(real))
             rows.append(row)
             print(f"{person:<20}{row['r']:>10.3f}{row['asked']:>8.2f}{row['own']:>8.2f}{row['leak']:>8.3f}"
                   f"{row['closed_real']:>14.3f} / {row['closed_drawn']:.3f}", flush=True)

@@ -58,10 +58,6 @@ def talking_clips(count: int, seconds: float, validation: bool = True):
     return rows[:count] if validation else rows[::max(1, len(rows) // count)][:count]
 
 
-def validation_clips(count: int, seconds: float):
-    return talking_clips(count, seconds)
-
-
 def opening(path: pathlib.Path) -> np.ndarray:
     """A video's mouth opening per frame `(T,)`: inner-lip gap over the inter-ocular distance (as `avatar
     eval`'s opening r), NaN where no face was found."""
@@ -92,7 +88,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     pipeline = AvatarPipeline.from_pretrained(args.models, config=PipelineConfig(drift=False, renderer=args.renderer,
                                                                                  diffusion_start=args.diffusion_start))
-    clips = validation_clips(args.clips, args.seconds)
+    clips = talking_clips(args.clips, args.seconds)
     results = {m: [] for m in METHODS}
     leaks = []  # each model dub's source leak (`source_leak`)
     with tempfile.TemporaryDirectory() as tmp:

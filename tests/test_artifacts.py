@@ -417,7 +417,7 @@ def test_the_fidelity_figures_tell_a_faithful_renderer_from_one_that_keeps_the_p
     real = np.abs(rng.normal(0.06, 0.05, 500))
     real[::7] = 0.005  # closed frames
     picture = np.abs(rng.normal(0.06, 0.05, 500)) + 0.03
-    faithful, kept = measure(real.copy(), picture, real, real), measure(picture.copy(), picture, real, real)
+    faithful, kept = measure(real.copy(), picture, real), measure(picture.copy(), picture, real)
     assert faithful["r"] > 0.999 and abs(faithful["asked"] - 1) < 1e-6 and abs(faithful["own"]) < 1e-6
     assert abs(faithful["closed_drawn"] - faithful["closed_real"]) < 1e-9
     assert abs(kept["asked"]) < 1e-6 and abs(kept["own"] - 1) < 1e-6 and kept["leak"] > 0.9

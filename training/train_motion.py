@@ -138,10 +138,11 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     train_clips = load_motion_clips(args.cache, "train")
     val_clips = load_motion_clips(args.cache, "val")
     if cfg.fold:  # choosing a recipe without looking at the held-out people
-        k, folds = (int(part) for part in cfg.fold.split("/"))
-        if not 0 <= k < folds:
-            print(f"error: --fold {cfg.fold}: k must be in 0..{folds - 1}", file=sys.stderr)
+        k, _, folds = cfg.fold.partition("/")
+        if not (k.isdigit() and folds.isdigit() and int(k) < int(folds)):
+            print(f"error: --fold {cfg.fold!r}: give k/K with 0 ≤ k < K (e.g. 0/5)", file=sys.stderr)
             return 2
+        k, folds = int(k), int(folds)
         train_clips, val_clips = list(person_folds(train_clips, folds))[k]
     if not train_clips:
         print(f"error: no training clips with speech features in {args.cache}; run training.preprocess, then "

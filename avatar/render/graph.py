@@ -212,9 +212,9 @@ class GraphRenderer(RetrievalRenderer):
             regions[i] = FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
         if not faces:
             return regions
-        inners = self.inner_mouths(batch)
+        entries = self.choose(batch)  # the graph takes the entry's inside of the mouth, not yet its lips (`MouthBank.draw`)
         prepared = self.pool.map(lambda i: self.prepare(batch.jobs[i], batch.identities[i], int(batch.frame_indices[i]),
-                                                        (inners[i] or batch.identities[i].inner).at(self.crop_size), boxes[i]), faces)
+                                                        self.inner_for(batch.identities[i], entries[i]).at(self.crop_size), boxes[i]), faces)
         outputs = self.session.run(**self.stack(prepared))
         for k, i in enumerate(faces):
             x0, y0, x1, y1 = prepared[k]["box"]

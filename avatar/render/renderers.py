@@ -80,11 +80,15 @@ class WarpRenderer:
         """The mouth-bank entry each job draws from (None: none, the person's own open mouth)."""
         return [None] * len(batch)
 
+    def inner_for(self, identity: Identity, entry: typing.Optional[int]) -> InnerMouth:
+        """The open mouth the inside of the mouth is composed from: the person's own."""
+        return identity.inner
+
     def draw(self, crop: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray, mask: np.ndarray, identity: Identity,
              entry: typing.Optional[int]) -> np.ndarray:
         """Step 4 on a crop of side S `(S, S, 3) uint8` with its `landmarks (478, 2)`, to the target
         `mouth (59, 2)` (both in its pixels) under the repaint `mask (S, S)`: `(S, S, 3) uint8`."""
-        return render_warp(crop, landmarks, mouth, mask, identity.inner.at(crop.shape[0]))
+        return render_warp(crop, landmarks, mouth, mask, self.inner_for(identity, entry).at(crop.shape[0]))
 
     def render_one(self, job: FrameJob, identity: Identity, frame_index: int, watermark: bool = True,
                    entry: typing.Optional[int] = None) -> FaceRegion:
@@ -144,18 +148,14 @@ class RetrievalRenderer(WarpRenderer):
             self._last[bank] = chosen[i]
         return chosen
 
+    def inner_for(self, identity: Identity, entry: typing.Optional[int]) -> InnerMouth:
+        """The entry's open mouth (`MouthBank.inner`), or the person's own without one."""
+        return identity.inner if entry is None else identity.bank.inner(entry)
+
     def draw(self, crop: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray, mask: np.ndarray, identity: Identity,
              entry: typing.Optional[int]) -> np.ndarray:
-        if entry is None:
-            return super().draw(crop, landmarks, mouth, mask, identity, entry)
-        size = crop.shape[0]
-        face = render_warp(crop, landmarks, mouth, mask, identity.bank.inner(entry).at(size))
-        return identity.bank.draw(entry, face, landmarks, mouth)
-
-    def inner_mouths(self, batch: RenderBatch) -> typing.List[typing.Optional[InnerMouth]]:
-        """The open mouth each job takes the inside of the mouth from (None: its person's own): the
-        frame graph's part of the retrieval (it does not draw the entry's lips)."""
-        return [None if k is None else batch.identities[i].bank.inner(k) for i, k in enumerate(self.choose(batch))]
+        face = super().draw(crop, landmarks, mouth, mask, identity, entry)
+        return face if entry is None else identity.bank.draw(entry, face, landmarks, mouth)
 
 
 class DiffusionRenderer:

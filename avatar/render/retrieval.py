@@ -121,13 +121,19 @@ class MouthBank:
         size = face.shape[0]
         crop, mouth = self.scaled(index, size)
         region = lips_region(target_mouth, size)
+        ys, xs = np.nonzero(region > 0)
+        if not ys.size:
+            return face
+        box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)  # outside it the face stays as it is
         drawn = render_warp(crop, lm.with_mouth(np.asarray(crop_landmarks, np.float64)[:, :2], mouth), target_mouth, region,
-                            self.inner(index).at(size)).astype(np.float32)
-        rim = (region > 0.05) & (region < 0.6)
+                            self.inner(index).at(size))[box].astype(np.float32)
+        alpha, under = region[box], face[box].astype(np.float32)
+        rim = (alpha > 0.05) & (alpha < 0.6)
         if rim.any():
-            drawn *= (face[rim].astype(np.float32).mean(axis=0) + 1.0) / (drawn[rim].mean(axis=0) + 1.0)
-        alpha = region[..., None]
-        return np.clip(face * (1.0 - alpha) + drawn * alpha + 0.5, 0, 255).astype(np.uint8)
+            drawn *= (under[rim].mean(axis=0) + 1.0) / (drawn[rim].mean(axis=0) + 1.0)
+        out = face.copy()
+        out[box] = np.clip(under + (drawn - under) * alpha[..., None] + 0.5, 0, 255).astype(np.uint8)
+        return out
 
     def costs(self, targets: np.ndarray) -> np.ndarray:
         """`targets (T, 59, 2)` crop px → `(T, N)` mean squared lip distance to each entry."""
