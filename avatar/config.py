@@ -324,7 +324,8 @@ class RenderConfig:
     """The lower-face renderer: a conditional denoiser over the aligned crop (`avatar/render/`)."""
 
     crop_size: int = 128
-    references: int = 2  # reference crops of the same person (a closed and an open mouth)
+    references: int = 2  # reference crops of the same person (a closed and an open mouth, alternating)
+    retrieved: int = 0  # more references, chosen per frame: the person's own mouths nearest the target's lips
     base_channels: int = 32
     channel_mults: typing.Tuple[int, ...] = (1, 2, 4, 4)
     blocks_per_level: int = 1
@@ -333,7 +334,7 @@ class RenderConfig:
 
     @property
     def condition_channels(self) -> int:
-        return 3 + 1 + 3 * self.references + 3  # masked target, mask, references, landmark sketch
+        return 3 + 1 + 3 * (self.references + self.retrieved) + 3  # masked target, mask, references, landmark sketch
 
 
 @dataclass(frozen=True)

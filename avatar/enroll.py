@@ -9,8 +9,9 @@ What an avatar holds (`Avatar`):
 - the identity (`avatar.render.base.Identity`): rest mouth, the renderer's references, the drift
   monitor's references (face regions of frames spread over the footage), the open mouth;
 - the mouth bank (`avatar.render.retrieval.MouthBank`): up to BANK_SIZE of the person's mouths,
-  closed and open, aligned face crops at 256², sharp and frontal ones chosen to cover the lip shapes
-  found (farthest points in lip-shape space, from the most open);
+  closed and open, aligned face crops at the face's own resolution (256² to the warp's largest crop,
+  `PipelineConfig.warp_max_size`), sharp and frontal ones chosen to cover the lip shapes found
+  (farthest points in lip-shape space, from the most open);
 - the idle loop (`IdleLoop`): a LOOP_MIN_S-LOOP_S stretch of the person's real footage, chosen so its last
   frame leads back into its first with the smallest jump (whole-frame thumbnails and head pose) and
   the mouth mostly at rest, with each frame's alignment and landmarks; `animate` and the live
@@ -53,7 +54,8 @@ from avatar import __version__, media
 from avatar import audio as audio_frontend
 from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
-from avatar.face.align import rescale_points, rescale_transform
+from avatar.config import AlignConfig
+from avatar.face.align import FaceAligner, rescale_points, rescale_transform, transform_scale
 from avatar.frames import FrameStore
 from avatar.motion.adapt import MotionAdaptation, fit_adaptation
 from avatar.render.base import FrameJob, Identity
@@ -220,6 +222,17 @@ class Avatar:
 
 
 # ---------------------------------------------------------------------------------------- choosing
+def bank_side(transforms: typing.Sequence[np.ndarray], crop_size: int, largest: int) -> int:
+    """The side at which bank crops are kept: the median face's own resolution (the side of a crop
+    whose pixels match the frame's, `transforms` mapping frames to `crop_size` crops), as a multiple
+    of 16 between INNER_SIZE and `largest` (the warp's crop side at most): the renderer draws an
+    entry at the face's own resolution, so a smaller entry would be drawn upscaled and soft."""
+    from avatar.person import INNER_SIZE
+
+    native = float(np.median([crop_size / transform_scale(t) for t in transforms]))
+    return int(np.clip(16 * round(native / 16), INNER_SIZE, max(INNER_SIZE, largest)))
+
+
 def choose_bank(shapes: np.ndarray, candidates: np.ndarray, size: int = BANK_SIZE) -> np.ndarray:
     """Up to `size` of the `candidates` (indices into `shapes (N, 40, 2)`, `lip_shape`) covering the
     shapes: the most open first, then each time the one farthest from those chosen."""
@@ -338,9 +351,10 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
         candidates = candidates[sharp >= np.quantile(sharp, 0.3)]
     chosen = choose_bank(lip_shape(mouths), candidates)
     if chosen.size:
-        bank_crops = np.stack([pipeline.people.inner_aligner.crop(frame_of(j), rescale_transform(transform_of(j), pipeline.crop_size, INNER_SIZE))
-                               for j in chosen])
-        identity.bank = MouthBank(bank_crops, rescale_points(mouths[chosen], pipeline.crop_size, INNER_SIZE), pipeline.crop_size)
+        side = bank_side([transform_of(j) for j in chosen], pipeline.crop_size, pipeline.config.warp_max_size)
+        aligner = FaceAligner(AlignConfig(crop_size=side))
+        bank_crops = np.stack([aligner.crop(frame_of(j), rescale_transform(transform_of(j), pipeline.crop_size, side)) for j in chosen])
+        identity.bank = MouthBank(bank_crops, rescale_points(mouths[chosen], pipeline.crop_size, side), pipeline.crop_size)
     steps.update()
 
     # 3. The idle loop, from the video with the most usable frames.

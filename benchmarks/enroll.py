@@ -1,6 +1,7 @@
 """Enrollment on held-out people: an enrolled dub against the generic path and a photo, in one run.
 
-    python -m benchmarks.enroll [--test-seconds 8] [--people CNN-anchor,french,...] [--models FOLDER]
+    python -m benchmarks.enroll [--test-seconds 8] [--people CNN-anchor,french,...] [--methods enrolled,generic,...]
+                                [--renderer retrieval|warp|diffusion] [--models FOLDER]
 
 For each validation person with a talking clip (never seen in training; `training.split`), the first
 60% of the clip is enrolled (`avatar enroll`: mouth bank, idle loop, motion adaptation) and the
@@ -106,14 +107,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test-seconds", type=float, default=8.0)
     parser.add_argument("--people", help="comma-separated person keys (default: every held-out person with ≥ 6 s)")
+    parser.add_argument("--methods", help=f"comma-separated methods (default: all of {','.join(METHODS)})")
+    parser.add_argument("--renderer", default=PipelineConfig.renderer, help="the renderer every method uses (default: %(default)s)")
     parser.add_argument("--models", type=pathlib.Path)
     args = parser.parse_args(argv)
-    pipeline = AvatarPipeline.from_pretrained(args.models, config=PipelineConfig(drift=False))
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    pipeline = AvatarPipeline.from_pretrained(args.models, config=PipelineConfig(drift=False, renderer=args.renderer))
     clips = talking_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS)
     if args.people:
         wanted = args.people.split(",")
         clips = [c for c in clips if c[0] in wanted]
-    results = {m: [] for m in METHODS}
+    results = {m: [] for m in methods}
     timings = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
@@ -146,7 +153,8 @@ def main(argv=None) -> None:
                 "photo_only": lambda out: pipeline.animate(folder / f"photo{k}.png", own_wav, out, progress=False),
                 "mismatched": lambda out: pipeline.dub(backwards, other_wav, out, keep, progress=False, avatar=avatar),
             }
-            for method, run in runs.items():
+            for method in methods:
+                run = runs[method]
                 out = folder / f"{method}{k}.mp4"
                 run(out)
                 row = evaluate_pair(out, real)
@@ -154,12 +162,12 @@ def main(argv=None) -> None:
                 results[method].append(row)
             real_cv = teeth_height_cv(real)
             print(f"{person} ({path.name}): " + ", ".join(f"{m} r {results[m][-1]['mouth_opening_r']:.2f} teeth cv "
-                                                        f"{results[m][-1]['teeth_height_cv']:.2f}" for m in METHODS)
+                                                        f"{results[m][-1]['teeth_height_cv']:.2f}" for m in methods)
                   + f"; real teeth cv {real_cv:.2f}", flush=True)
     print(f"\nheld out: {len(clips)} people; enrolled on the first 60% of each clip, tested on up to {args.test_seconds:g} s of "
-          f"the rest (picture backwards, own speech), re-tracked (avatar eval)")
+          f"the rest (picture backwards, own speech), re-tracked (avatar eval); renderer {args.renderer}")
     print(f"{'':<16}" + "".join(f"{k.split('_pct')[0]:>22}" for k in KEYS))
-    for method in METHODS:
+    for method in methods:
         print(f"{method:<16}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>22.3f}" for k in KEYS))
     print("\nenrollment: " + "; ".join(f"{p} {s:.0f} s of video in {t:.1f} s, {b / 1e6:.1f} MB" for p, s, t, b, _ in timings))
     longest = max(talking_clips(len(VALIDATION_IDENTITIES), MIN_SECONDS), key=lambda clip: media.probe(clip[1]).duration or 0)

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         per_frame = make_renderer(config, ASSETS, pool=pipeline.pool)
         graph = GraphRenderer(ASSETS, config, pool=pipeline.pool)
         if args.save_inputs:
-            feeds = graph.stack([graph.prepare(job, identity, k, identity.inner.at(graph.crop_size),
+            feeds = graph.stack([graph.prepare(job, identity, k, None,
                                                graph.aligner.paste_box(job.frame.shape, job.transform)) for k, job in enumerate(jobs)])
             outputs = graph.session.run(**feeds)
             saved.update({f"{renderer}/{k}": v for k, v in feeds.items() if k in graph.session.input_names})

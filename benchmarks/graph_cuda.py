@@ -51,7 +51,7 @@ GRAPHS = ("warp", "diffusion", "diffusion-fp16")  # the last: the denoiser under
 
 def make_graph(name: str) -> FrameGraph:
     """One of GRAPHS, with the shipped denoiser read back from `assets/render.onnx`."""
-    from training.export_graph import denoiser_from_onnx
+    from training.export_render import denoiser_from_onnx
 
     if name == "warp":
         return FrameGraph(128, None, detail_tolerance=FRAME_DETAIL_TOLERANCE).eval()

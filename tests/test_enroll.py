@@ -12,10 +12,11 @@ import pytest
 
 from avatar import media
 from avatar.config import RealtimeConfig
-from avatar.enroll import (FORMAT_VERSION, Avatar, build_avatar, choose_bank, choose_loop, load_avatar, save_avatar,
+from avatar.enroll import (FORMAT_VERSION, Avatar, bank_side, build_avatar, choose_bank, choose_loop, load_avatar, save_avatar,
                            track_video)
 from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
+from avatar.face.align import rescale_points
 from avatar.metrics import pearson
 from avatar.motion.adapt import fit_adaptation
 from avatar.pipeline import AvatarPipeline
@@ -55,6 +56,7 @@ def test_the_avatar_file_round_trips_without_pickle(enrolled):
     assert len(other.bank) == len(ident.bank) >= 10
     np.testing.assert_allclose(other.bank.mouths, ident.bank.mouths, atol=1e-4)
     np.testing.assert_array_equal(other.bank.crops, ident.bank.crops)  # lossless
+    assert other.bank.size == ident.bank.size and 256 <= other.bank.size <= 384 and other.bank.size % 16 == 0
     assert len(back.idle) == len(avatar.idle) and back.idle.fps == avatar.idle.fps
     np.testing.assert_allclose(back.idle.transforms, avatar.idle.transforms, atol=1e-5)
     assert np.abs(back.idle.frames.astype(int) - avatar.idle.frames).mean() < 3  # H.264 at crf 14
@@ -130,6 +132,17 @@ def test_retrieval_follows_the_targets_shape_and_switches_only_when_it_pays(enro
     assert np.median(chosen_cost) < np.median(bank.costs(targets).mean(1)) / 4  # far better than a random entry
 
 
+def test_bank_crops_are_kept_at_the_faces_own_resolution():
+    """A face 395 px across in its frame is banked at the warp's largest crop (384), one of 300 px at
+    its own (304), a small one at no less than 256: entries are drawn at the face's resolution, and
+    one kept smaller would come back upscaled and soft."""
+    crop_of = lambda native: np.array([[128.0 / native, 0.0, 0.0], [0.0, 128.0 / native, 0.0]])
+    assert bank_side([crop_of(395), crop_of(390), crop_of(400)], 128, 384) == 384
+    assert bank_side([crop_of(300)] * 3, 128, 384) == 304
+    assert bank_side([crop_of(100)], 128, 384) == 256
+    assert bank_side([crop_of(395)], 128, 160) == 256  # a live pipeline's small warp crop: the bank's least
+
+
 def test_the_retrieval_renderer_draws_the_mouth_from_the_chosen_entry(enrolled, pipeline):
     """The same job rendered with two different bank entries: the inside of the open mouth differs
     (it is the entry's own teeth), everything outside the repaint region is the frame's; without a
@@ -139,7 +152,7 @@ def test_the_retrieval_renderer_draws_the_mouth_from_the_chosen_entry(enrolled, 
     avatar, _ = enrolled
     identity, loop = avatar.identity, avatar.idle
     i = 0
-    mouth = identity.bank.mouths[0] / 2.0 - 0.25  # the most open entry's shape (canonical crop), at crop 128
+    mouth = rescale_points(identity.bank.mouths[0], identity.bank.size, 128)  # the most open entry's shape, at crop 128
     job = lambda k: FrameJob(loop.frames[i], loop.transforms[i], loop.crop_landmarks[i], loop.frame_landmarks[i], mouth, k)
     renderer = RetrievalRenderer(pipeline.config, pipeline.crop_size)
     first, other = renderer.render(RenderBatch([job(0), job(len(identity.bank) - 1)], [identity] * 2, [0, 0]))

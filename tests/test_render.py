@@ -1,6 +1,7 @@
 """Renderer building blocks: denoiser shapes, the sampler's maths (an exact oracle), the conditioning,
 ONNX parity with the sampler loop on onnxruntime, data sampling and DDP training on real crops."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.config import RenderConfig
+from avatar.config import AlignConfig, RenderConfig
 from avatar.face import landmarks as lm
+from avatar.face.align import FaceAligner, crop_template
 from avatar.metrics import sharpness
 from avatar.render.condition import build_condition, landmark_sketch
 from avatar.render.sampling import alpha_sigma, sample_ddim
@@ -167,6 +169,82 @@ def test_training_samples_from_real_crops(tiny_cache):
     assert difference[outside].max() < 0.01 and difference[inside].mean() > 0.02  # the target outside, a warped mouth inside
 
 
+def test_retrieved_references_are_the_clips_own_mouths_nearest_the_target(tiny_cache):
+    """With `retrieved` references, a sample is conditioned on the references and then on frames of
+    a mouth bank of the same clip (each at least REFERENCE_GAP away): the one whose lips lie nearest
+    the target's and its nearest in shape, much nearer than the bank's average; in NO_BANK_SHARE of
+    the samples (a person without a bank) the references repeat instead."""
+    from avatar.render.retrieval import lip_shape
+    from training.render_data import NO_BANK_SHARE, REFERENCE_GAP, RenderSampler, load_render_clips, make_sample
+
+    config = RenderConfig(retrieved=4)
+    clips = load_render_clips(tiny_cache, "train", 128)
+    batch = RenderSampler(clips, config, seed=0).batch(2)
+    assert batch["condition"].shape == (2, 3 + 1 + 3 * 6 + 3, 128, 128)
+    clip, rng = clips[0], np.random.default_rng(0)
+    shape = lambda frames: lip_shape(clip.landmarks[frames][..., lm.MOUTH_AND_JAW, :2])
+    near, average = [], []
+    for index in np.flatnonzero(clip.usable)[::7][:6]:
+        bank = clip.bank(rng, [index])
+        assert np.abs(bank - index).min() >= REFERENCE_GAP and clip.usable[bank].all()
+        chosen = clip.retrieved(int(index), rng, 4, bank)
+        assert len(chosen) == 4 and set(chosen) <= set(bank.tolist())
+        distance = ((shape(bank) - shape(int(index))) ** 2).sum(-1).mean(-1)
+        assert distance[list(bank).index(chosen[0])] == distance.min()  # the nearest entry first
+        near.append(distance[[list(bank).index(c) for c in chosen]].mean())
+        average.append(distance.mean())
+    assert np.mean(near) < np.mean(average) / 2
+    aligner = FaceAligner(AlignConfig(crop_size=128))
+    repeated = 0
+    for seed in range(40):
+        condition = make_sample(clip, int(np.flatnonzero(clip.usable)[0]), np.random.default_rng(seed), config, aligner, False)[1]
+        refs = condition[4:4 + 18].reshape(6, 3, 128, 128)
+        repeated += bool(np.array_equal(refs[2], refs[0]) and np.array_equal(refs[3], refs[1]))
+    assert 0.4 * NO_BANK_SHARE * 40 <= repeated <= 2 * NO_BANK_SHARE * 40
+
+
+def test_a_model_given_retrieved_references_starts_as_the_model_it_was():
+    """`with_retrieved` widens the stem with zero weights for the new references: the wider model's
+    output, whatever those references hold, equals the old model's; a model of another shape is refused."""
+    from training.export_render import with_retrieved
+
+    torch.manual_seed(0)
+    small = RenderConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,))
+    old = Denoiser(small).eval()
+    wider = with_retrieved(old, dataclasses.replace(small, retrieved=4)).eval()
+    x, t = torch.randn(2, 3, 128, 128), torch.rand(2)
+    condition = torch.randn(2, small.condition_channels, 128, 128)
+    at = 3 + 1 + 3 * small.references
+    extended = torch.cat([condition[:, :at], torch.randn(2, 12, 128, 128), condition[:, at:]], dim=1)
+    with torch.no_grad():
+        assert float((old(x, t, condition) - wider(x, t, extended)).abs().max()) < 1e-5
+    with pytest.raises(ValueError):
+        with_retrieved(old, dataclasses.replace(small, retrieved=4, base_channels=16))
+
+
+def test_each_frame_is_conditioned_on_its_entry_and_the_entries_nearest_it():
+    """The diffusion renderer's references for a frame: the person's own, then its bank entry and
+    that entry's nearest in lip shape (the same for every frame with that entry); without a bank,
+    the person's references again."""
+    from avatar.render.base import Identity
+    from avatar.render.renderers import frame_references
+    from avatar.render.retrieval import MouthBank
+
+    face = crop_template(256)
+    mouths = np.stack([face[lm.MOUTH_AND_JAW, :2] * [1.0, 1.0]] * 5)
+    for k in range(5):  # entry k's lower lip lowered by 3k px
+        mouths[k, 10:20, 1] += 3.0 * k
+    crops = np.stack([np.full((256, 256, 3), 40 * k, np.uint8) for k in range(5)])
+    own = [np.full((128, 128, 3), v, np.uint8) for v in (201, 202)]
+    person = Identity(own, face[lm.MOUTH_AND_JAW, :2] / 2, np.zeros(2), [], bank=MouthBank(crops, mouths))
+    references = frame_references(person, 2, 3, 128)
+    assert [int(r[0, 0, 0]) for r in references] == [201, 202, 80, 40, 120]  # entry 2, then 1 and 3 (equally near: the first)
+    assert all(r.shape == (128, 128, 3) for r in references)
+    plain = Identity(own, person.rest, person.rest_anchor, [])
+    assert [int(r[0, 0, 0]) for r in frame_references(plain, None, 3, 128)] == [201, 202, 201, 202, 201]
+    assert len(frame_references(person, 2, 0, 128)) == 2  # a model without retrieved references
+
+
 @pytest.mark.slow
 def test_render_training_runs_under_torchrun_with_two_gloo_processes(tiny_cache, tmp_path):
     out = tmp_path / "run"
@@ -232,11 +310,14 @@ def test_held_out_evaluation_reports_model_and_both_baselines(tiny_cache, tmp_pa
     torch.manual_seed(0)
     export(Denoiser(RenderConfig(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), steps=2)).eval(), tmp_path / "r.onnx")
     clips = load_render_clips(tiny_cache, "val", 128, kinds=("video",))
+    export(Denoiser(RenderConfig(retrieved=2, base_channels=8, channel_mults=(1, 2), attention_levels=(1,), steps=2)).eval(),
+           tmp_path / "k.onnx")  # a model given retrieved references, beside one without
     renderer = OnnxDenoiser(tmp_path / "r.onnx")
-    report = evaluate_render([ModelRow("model", renderer, 1), ModelRow("model", renderer, 2), ModelRow("teacher", renderer, 3)],
-                             clips, frames=4, runs=2)
+    report = evaluate_render([ModelRow("model", renderer, 1), ModelRow("model", renderer, 2), ModelRow("teacher", renderer, 3),
+                              ModelRow("compared", OnnxDenoiser(tmp_path / "k.onnx"), 1)], clips, frames=4, runs=2)
     text = format_report(report)
-    for name in ("model, 1 step ", "model, 2 steps", "teacher, 3 steps", "warp renderer", "reference mouth pasted", "nearest reference pasted"):
+    for name in ("model, 1 step ", "model, 2 steps", "teacher, 3 steps", "compared, 1 step", "warp renderer", "reference mouth pasted",
+                 "nearest reference pasted"):
         assert name in text
     assert report["frames"] == 4
     baseline = report["summary"]["nearest_reference"]

@@ -48,7 +48,7 @@ from avatar.render.sampling import clean_from_v, noised, timesteps
 from avatar.render.unet import Denoiser
 from training.common import finish_training, log_training, save_checkpoint, start_process, time_is_up, update_average
 from training.render_data import RenderSampler, batch_stream, load_render_clips
-from training.export_render import load_denoiser, same_architecture
+from training.export_render import load_denoiser, same_architecture, with_retrieved
 from training.train_render import noise_levels, save_grid, validate
 
 
@@ -123,7 +123,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     parser.add_argument("--cache", type=pathlib.Path, required=True)
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--teacher", type=pathlib.Path, required=True, help="the many-step model (assets/render.pt or a training checkpoint)")
-    parser.add_argument("--init", type=pathlib.Path, help="start the student from these weights (default: the teacher's)")
+    parser.add_argument("--init", type=pathlib.Path, help="start the student from these weights, a checkpoint or an exported .onnx "
+                        "(default: the teacher's; one with fewer retrieved references is widened, `with_retrieved`)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     add_config_arguments(parser, DistillConfig, "")
     parser.add_argument("--model.steps", dest="student_steps", type=int, default=RenderConfig().steps,
@@ -141,6 +142,8 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         except (OSError, KeyError, RuntimeError) as error:
             print(f"error: cannot load the {role} {path}: {error}", file=sys.stderr)
             return 2
+    if loaded["student"].config.retrieved < loaded["teacher"].config.retrieved:  # a student without the new references: widened
+        loaded["student"] = with_retrieved(loaded["student"], dataclasses.replace(loaded["student"].config, retrieved=loaded["teacher"].config.retrieved))
     if not same_architecture(loaded["student"].config, loaded["teacher"].config):
         print(f"error: {args.init} is a model of another shape than the teacher {args.teacher}", file=sys.stderr)
         return 2

@@ -1,13 +1,16 @@
 """Held-out report for the renderer, next to baselines in the same run.
 
-    python -m training.eval_render --cache cache --model assets/render.onnx [--teacher teacher.onnx] [--steps 1 2 4] [--frames 64] [--json report.json]
+    python -m training.eval_render --cache cache --model assets/render.onnx [--teacher teacher.onnx] [--compare other.onnx]
+                                   [--steps 1 2 4] [--frames 64] [--json report.json]
 
 On frames of validation people (never seen in training), each target's lower face is repainted from
-its masked frame, two references of the same clip and the sketch of its real landmarks, then
-composited into the crop. Compared with the real crop in the repainted region:
+its masked frame, two references of the same clip (and, for a model with retrieved references,
+those of a mouth bank of the clip's other frames nearest the target's lips) and the sketch of its
+real landmarks, then composited into the crop. Compared with the real crop in the repainted region:
 - the model in each of `--steps` (default: the model's own few-step count) and in `--many-steps`
   DDIM steps; with `--teacher`, the many-step model it was distilled from, in the model's steps, in
-  `--many-steps` (the quality the few-step path is measured against) and from the warp;
+  `--many-steps` (the quality the few-step path is measured against) and from the warp; with
+  `--compare`, another model (e.g. the shipped one a candidate would replace) in the same rows;
 - the warp renderer (`avatar/render/warp.py`): the closed-mouth reference's lower face warped to the
   target's lips and jaw, the inside of the mouth from the open-mouth reference; with `--from-warp T`,
   the model also starts from that crop noised to time T (SDEdit-style) instead of from pure noise;
@@ -83,12 +86,16 @@ def nearest_reference(clip: RenderClip, index: int) -> int:
 def evaluate_render(models: typing.Sequence[ModelRow], clips: typing.Sequence[RenderClip], frames: int,
                     runs: int = 4, seed: int = 0) -> typing.Dict[str, typing.Any]:
     """Metrics per method (each model row, then the baselines) over `frames` targets, taken as `runs`
-    runs of consecutive frames (for flicker). All models must share one crop size."""
+    runs of consecutive frames (for flicker). All models must share one crop size and reference
+    count; models with retrieved references get them per frame from a bank of the run's clip, of
+    frames at least REFERENCE_GAP from every frame of the run (`RenderClip.bank`, `retrieved`)."""
     from avatar.face.tracker import FaceTracker
     from avatar.identity import FaceEmbedder
 
     rng = np.random.default_rng(seed)
     size = models[0].renderer.config.crop_size
+    if len({(m.renderer.config.crop_size, m.renderer.config.references) for m in models}) > 1:
+        raise ValueError("the models differ in crop size or reference count; compare models that agree in both")
     methods = [m.key for m in models] + list(BASELINES)
     aligner = FaceAligner(AlignConfig(crop_size=size))
     tracker, embedder = FaceTracker(), FaceEmbedder()
@@ -104,17 +111,22 @@ def evaluate_render(models: typing.Sequence[ModelRow], clips: typing.Sequence[Re
         references = clip.references(start, rng, models[0].renderer.config.references)
         ref_crops = [clip.crops[r] for r in references]
         ref_embeddings = [embedder.embed(c, clip.landmarks[r]) for c, r in zip(ref_crops, references)]
+        bank = clip.bank(rng, indices)  # the run's mouth bank, for models with retrieved references
         previous: typing.Dict[str, np.ndarray] = {}
         mask = aligner.repaint_mask(*(clip.landmarks[i] for i in indices))
         region = mask > 0.5
         for index in indices:
             target = clip.crops[index]
-            condition = build_condition(target, mask, ref_crops, clip.landmarks[index][lm.MOUTH_AND_JAW])
+            retrieved = clip.retrieved(index, rng, max(m.renderer.config.retrieved for m in models), bank)
+            conditions = {k: build_condition(target, mask, ref_crops + [clip.crops[r] for r in retrieved[:k]],
+                                             clip.landmarks[index][lm.MOUTH_AND_JAW])
+                          for k in {m.renderer.config.retrieved for m in models}}
             target_mouth = clip.landmarks[index][lm.MOUTH_AND_JAW, :2]
             warped = render_warp(ref_crops[0], clip.landmarks[references[0]], target_mouth, mask,
                                  InnerMouth(ref_crops[1], clip.landmarks[references[1]][lm.MOUTH_AND_JAW, :2], size))
             warped = composite(warped, target, mask)
-            outputs = {row.key: composite(row.renderer.render(condition, noise, row.steps, warped, row.start), target, mask)
+            outputs = {row.key: composite(row.renderer.render(conditions[row.renderer.config.retrieved], noise, row.steps, warped, row.start),
+                                          target, mask)
                        for row in models}
             outputs.update({
                 "warp": warped,
@@ -168,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=pathlib.Path, required=True, help="ONNX denoiser (training.export_render)")
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--teacher", type=pathlib.Path, help="ONNX of the many-step model the --model was distilled from")
+    parser.add_argument("--compare", type=pathlib.Path, help="ONNX of another model to report beside --model in the same steps "
+                        "(e.g. the one it would replace)")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="few-step counts (default: the model's)")
     parser.add_argument("--many-steps", type=int, default=25)
     parser.add_argument("--from-warp", type=float, nargs="*", default=[],
@@ -178,14 +192,17 @@ def main(argv=None) -> int:
     few = args.steps or [renderer.config.steps]
     models = [ModelRow("model", renderer, steps) for steps in (*few, args.many_steps)]
     models += [ModelRow("model", renderer, steps_from(start, renderer.config.steps), start) for start in args.from_warp]
-    if args.teacher:
-        teacher = OnnxDenoiser(args.teacher)
-        if teacher.config.crop_size != renderer.config.crop_size:
-            print(f"error: {args.teacher} draws {teacher.config.crop_size}² crops and {args.model} {renderer.config.crop_size}²; "
-                  "compare models of one crop size", file=sys.stderr)
+    for role, path in (("teacher", args.teacher), ("compared", args.compare)):
+        if path is None:
+            continue
+        other = OnnxDenoiser(path)
+        if (other.config.crop_size, other.config.references) != (renderer.config.crop_size, renderer.config.references):
+            print(f"error: {path} draws {other.config.crop_size}² crops from {other.config.references} references and {args.model} "
+                  f"{renderer.config.crop_size}² from {renderer.config.references}; compare models that agree in both", file=sys.stderr)
             return 2
-        models += [ModelRow("teacher", teacher, steps) for steps in (max(few), args.many_steps)]
-        models += [ModelRow("teacher", teacher, steps_from(start, renderer.config.steps), start) for start in args.from_warp]
+        counts = (max(few), args.many_steps) if role == "teacher" else (*few, args.many_steps)
+        models += [ModelRow(role, other, steps) for steps in counts]
+        models += [ModelRow(role, other, steps_from(start, renderer.config.steps), start) for start in args.from_warp]
     clips = load_render_clips(args.cache, "val", renderer.config.crop_size, kinds=("video",))
     if not clips:
         print(f"error: no validation clips in {args.cache}; run training.preprocess first", file=sys.stderr)

@@ -23,7 +23,7 @@ from avatar.render.renderers import FRAME_DETAIL_TOLERANCE
 from avatar.render.sampling import steps_from
 from avatar.runtime import OnnxSession
 from training.common import accept_export, store_weights_fp16
-from training.export_render import OPSET
+from training.export_render import OPSET, denoiser_from_onnx
 
 class Positional(torch.nn.Module):
     """The graph with its inputs as positional arguments in `names` order (for the exporter)."""
@@ -34,67 +34,6 @@ class Positional(torch.nn.Module):
 
     def forward(self, *args):
         return self.frame(dict(zip(self.names, args)))
-
-
-def denoiser_from_onnx(path: pathlib.Path) -> torch.nn.Module:
-    """The denoiser of an exported `render.onnx` as a torch module (fp32, eval mode), so that the graph
-    holds exactly the shipped model (its torch copy `render.pt` is the teacher, not the student).
-
-    Weights are read by name (`X` or its fp16 copy `X__fp16`); the exporter wrote each GroupNorm as
-    InstanceNormalization → Reshape → Mul(weight) → Add(bias) with anonymous weights, which are taken
-    in graph order for the GroupNorm modules in the order the forward pass calls them. Checked: the
-    module's output equals onnxruntime's on the file (≤ 1e-3)."""
-    import onnx
-    from onnx import numpy_helper
-
-    from avatar.render.runner import OnnxDenoiser
-    from avatar.render.unet import Denoiser
-
-    proto = onnx.load(str(path))
-    weights = {w.name: numpy_helper.to_array(w) for w in proto.graph.initializer}
-    consumers: typing.Dict[str, typing.List[typing.Any]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    runner = OnnxDenoiser(path, threads=1, providers=["CPUExecutionProvider"])
-    model = Denoiser(runner.config)
-    norms_called: typing.List[str] = []
-    names = {module: name for name, module in model.named_modules()}
-    hooks = [m.register_forward_hook(lambda module, *_: norms_called.append(names[module]))
-             for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
-    c = runner.config
-    example = (torch.zeros(1, 3, c.crop_size, c.crop_size), torch.zeros(1), torch.zeros(1, c.condition_channels, c.crop_size, c.crop_size))
-    with torch.no_grad():
-        model(*example)
-    for hook in hooks:
-        hook.remove()
-    norm_weights = []
-    for node in proto.graph.node:
-        if node.op_type == "InstanceNormalization":
-            reshape = consumers[node.output[0]][0]
-            mul = consumers[reshape.output[0]][0]
-            add = consumers[mul.output[0]][0]
-            norm_weights.append((weights[mul.input[1]].reshape(-1), weights[add.input[1]].reshape(-1)))
-    if len(norm_weights) != len(norms_called):
-        raise SystemExit(f"error: {path}: {len(norm_weights)} group norms in the file, {len(norms_called)} in the model")
-    state = {}
-    for key in model.state_dict():
-        if key in weights or key + "__fp16" in weights:
-            state[key] = torch.from_numpy(weights.get(key, weights.get(key + "__fp16")).astype(np.float32))
-    for name, (weight, bias) in zip(norms_called, norm_weights):
-        state[f"{name}.weight"], state[f"{name}.bias"] = torch.from_numpy(weight.astype(np.float32)), torch.from_numpy(bias.astype(np.float32))
-    model.load_state_dict(state)
-    model.eval()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, c.crop_size, c.crop_size)).astype(np.float32)
-    t = np.float32([0.25, 0.8])
-    condition = rng.uniform(-1, 1, (2, c.condition_channels, c.crop_size, c.crop_size)).astype(np.float32)
-    with torch.no_grad():
-        ours = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(condition)).numpy()
-    worst = float(np.abs(ours - runner.denoise(x, t, condition)).max())
-    if worst > 1e-3:
-        raise SystemExit(f"error: the denoiser read back from {path} differs from it by {worst:.1e}")
-    return model
 
 
 def example_inputs(size: int, references: int, batch: int = 2, seed: int = 0) -> typing.Dict[str, np.ndarray]:
@@ -130,9 +69,14 @@ def example_inputs(size: int, references: int, batch: int = 2, seed: int = 0) ->
     return out
 
 
+def reference_count(metadata: typing.Dict[str, str]) -> int:
+    """The reference crops a diffusion graph takes per frame (the person's and the retrieved; 1 for the warp's, unused)."""
+    return int(metadata.get("references", 1)) + int(metadata.get("retrieved", 0))
+
+
 def export(graph: FrameGraph, out: pathlib.Path, names: typing.Sequence[str], metadata: typing.Dict[str, str]) -> None:
     """Write `graph` to `out` (dynamic batch, region side, spline points and mouth sizes)."""
-    example = example_inputs(graph.size, int(metadata.get("references", 1)))
+    example = example_inputs(graph.size, reference_count(metadata))
     args = tuple(torch.from_numpy(example[name]) for name in names)
     dims = {"batch": torch.export.Dim("batch", min=1, max=1024), "side": torch.export.Dim("side", min=16, max=4096),
             "points": torch.export.Dim("points", min=4, max=1024), "inner": torch.export.Dim("inner", min=1, max=4096),
@@ -215,6 +159,7 @@ def main(argv=None) -> int:
             steps = config.steps or steps_from(config.diffusion_start, denoiser.config.steps)
             graph = FrameGraph(denoiser.config.crop_size, denoiser, steps, config.diffusion_start, config.colour_match, FRAME_DETAIL_TOLERANCE)
             metadata.update(crop_size=str(denoiser.config.crop_size), references=str(denoiser.config.references),
+                            retrieved=str(denoiser.config.retrieved),
                             start=str(config.diffusion_start), steps=str(steps), model_steps=str(denoiser.config.steps),
                             colour_match=str(config.colour_match))
             names = GRAPH_INPUTS
@@ -230,7 +175,7 @@ def main(argv=None) -> int:
             if kind == "diffusion":
                 store_weights_fp16(candidate)
                 shared = share_weights(candidate, args.render, "frame.denoiser.")
-            pixels, alpha = parity(graph, candidate, names, int(metadata.get("references", 1)), args.render)
+            pixels, alpha = parity(graph, candidate, names, reference_count(metadata), args.render)
             # levels: rounding at a few places of the graph can land one level apart
             if not accept_export(candidate, out, float(pixels > 2 or alpha > 1e-3), 0.5):
                 return 1

@@ -4,7 +4,11 @@ the renderer learns landmarks → pixels and needs no audio).
 Each sample: a target crop; the repaint mask (the union of the lower-face masks of the target frame
 and of another frame of the clip, as in dubbing, where the mask must cover both the old and the new
 jaw); two references from the same clip at least `REFERENCE_GAP` frames away (a closed and an open
-mouth); the sketch of the target's lips and jaw. Augmentation: horizontal flip of everything,
+mouth); with `RenderConfig.retrieved` > 0, that many more, retrieved as the engine retrieves them
+from a person's mouth bank (`MouthBank.references`): from a bank of BANK_SIZE frames of the clip at
+least `REFERENCE_GAP` frames away, the one whose lips lie nearest the target's and its nearest in
+shape; in NO_BANK_SHARE of the samples the references again instead (a person without a bank);
+the sketch of the target's lips and jaw. Augmentation: horizontal flip of everything,
 brightness/contrast applied to target and references alike.
 """
 
@@ -19,11 +23,14 @@ import torch.utils.data
 from avatar.config import AlignConfig, RenderConfig
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
+from avatar.render.retrieval import lip_shape, shape_neighbours
 from avatar.render.condition import build_condition, composite, to_unit
 from avatar.render.warp import InnerMouth, render_warp
 from training.cache import ClipCache, open_cache
 
 REFERENCE_GAP = 12  # frames between a target and its references
+BANK_SIZE = 48  # frames a training clip's mouth bank is drawn from (as `avatar.enroll.BANK_SIZE`)
+NO_BANK_SHARE = 0.25  # samples whose retrieved references are the references again (no bank)
 
 
 @dataclasses.dataclass
@@ -45,6 +52,24 @@ class RenderClip:
         order = pool[np.argsort(self.gap[pool])]
         thirds = [order[: max(1, len(order) // 3)], order[-max(1, len(order) // 3):]]
         return [int(rng.choice(thirds[k % 2])) for k in range(count)]
+
+    def bank(self, rng: np.random.Generator, away_from: typing.Sequence[int]) -> np.ndarray:
+        """A mouth bank: up to BANK_SIZE usable frames `(N,) int64`, each at least REFERENCE_GAP from
+        every frame of `away_from` (all usable frames if none is)."""
+        frames = np.arange(self.usable.size)
+        far = self.usable & (np.abs(frames[:, None] - np.asarray(away_from)[None]) >= REFERENCE_GAP).all(axis=1)
+        pool = np.flatnonzero(far) if far.any() else np.flatnonzero(self.usable)
+        return np.sort(rng.choice(pool, min(BANK_SIZE, pool.size), replace=False))
+
+    def retrieved(self, index: int, rng: np.random.Generator, count: int, bank: typing.Optional[np.ndarray] = None) -> typing.List[int]:
+        """`count` retrieved reference frames for target `index`: of a `bank` (default: a new one away
+        from the target), the entry nearest the target's lips, then that entry's nearest in shape
+        (`shape_neighbours`, as `MouthBank.references`)."""
+        bank = self.bank(rng, [index]) if bank is None else bank
+        shapes = lip_shape(self.landmarks[bank][:, lm.MOUTH_AND_JAW, :2])
+        target = lip_shape(self.landmarks[index][lm.MOUTH_AND_JAW, :2])
+        first = int(np.argmin(((shapes - target) ** 2).sum(-1).mean(-1)))
+        return [int(bank[k]) for k in shape_neighbours(shapes, first, count)]
 
 
 def render_clip(cache: ClipCache, crop_size: int, every: int = 1, min_usable: int = 2 * REFERENCE_GAP) -> typing.Optional[RenderClip]:
@@ -76,11 +101,15 @@ def make_sample(clip: RenderClip, index: int, rng: np.random.Generator, config: 
                 augment: bool, draft: bool = False) -> typing.Tuple[np.ndarray, ...]:
     """(clean target `(3, S, S)` in [-1, 1], condition `(C, S, S)`, repaint mask `(1, S, S)` in [0, 1])
     and, with `draft`, the warp renderer's draft of the target `(3, S, S)` in [-1, 1]: the first
-    reference's lower face warped to the target's lips and jaw, the inside of the mouth from the
-    second, composited into the target outside the mask (what the pipeline refines)."""
+    reference's lower face (the first retrieved one's, with a bank) warped to the target's lips and
+    jaw, the inside of the mouth from the open reference, composited into the target outside the
+    mask (what the pipeline refines)."""
     other = int(rng.choice(np.flatnonzero(clip.usable)))
     mask = aligner.repaint_mask(clip.landmarks[index], clip.landmarks[other])
     chosen = clip.references(index, rng, config.references)
+    from_bank = bool(config.retrieved) and rng.random() >= NO_BANK_SHARE
+    if config.retrieved:
+        chosen += (clip.retrieved(index, rng, config.retrieved) if from_bank else [chosen[k % len(chosen)] for k in range(config.retrieved)])
     refs = [clip.crops[i] for i in chosen]
     target = clip.crops[index]
     if augment:
@@ -90,8 +119,12 @@ def make_sample(clip: RenderClip, index: int, rng: np.random.Generator, config: 
     condition = build_condition(target, mask, refs, clip.landmarks[index][lm.MOUTH_AND_JAW])
     arrays = [to_unit(target), condition, mask[None].astype(np.float32)]
     if draft:
-        inside = InnerMouth(refs[-1], clip.landmarks[chosen[-1]][lm.MOUTH_AND_JAW, :2], config.crop_size)
-        warped = render_warp(refs[0], clip.landmarks[chosen[0]], clip.landmarks[index][lm.MOUTH_AND_JAW, :2], mask, inside)
+        # the lower face of the first reference (with a bank: of the retrieved entry, as the retrieval
+        # renderer draws it), the inside of the mouth from the open reference
+        source = config.references if from_bank else 0
+        opened = config.references - 1
+        inside = InnerMouth(refs[opened], clip.landmarks[chosen[opened]][lm.MOUTH_AND_JAW, :2], config.crop_size)
+        warped = render_warp(refs[source], clip.landmarks[chosen[source]], clip.landmarks[index][lm.MOUTH_AND_JAW, :2], mask, inside)
         arrays.append(to_unit(composite(warped, target, mask)))
     if augment and rng.random() < 0.5:
         arrays = [a[..., ::-1] for a in arrays]

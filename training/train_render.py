@@ -29,7 +29,7 @@ from avatar.render.condition import from_unit
 from avatar.metrics import masked_psnr
 from avatar.render.sampling import alpha_sigma, clean_from_v, noised, sample_ddim, v_target
 from avatar.render.unet import Denoiser
-from training.export_render import load_denoiser, same_architecture
+from training.export_render import load_denoiser, same_architecture, with_retrieved
 from training.common import finish_training, log_training, save_checkpoint, start_process, time_is_up, training_arguments, update_average
 from training.render_data import RenderSampler, batch_stream, load_render_clips
 
@@ -115,6 +115,12 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     else:
         if args.init:
             initial = load_denoiser(args.init)
+            if initial.config.retrieved != model_cfg.retrieved:  # more retrieved references: the stem widened, the rest kept
+                try:
+                    initial = with_retrieved(initial, model_cfg)
+                except ValueError as error:
+                    print(f"error: {args.init}: {error}", file=sys.stderr)
+                    return 2
             if not same_architecture(initial.config, model_cfg):
                 print(f"error: {args.init} is a model of another shape; give the same --model.* options", file=sys.stderr)
                 return 2

@@ -43,7 +43,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceRegion, invert_transform, transform_scale
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import landmark_sketch
-from avatar.render.renderers import RetrievalRenderer
+from avatar.render.renderers import RetrievalRenderer, frame_references
 from avatar.render.warp import INNER, SMOOTHING, InnerMouth, lip_band, mouth_hole, row_box, row_columns, upper_side, warp_points
 
 GRAPH_FILES = {"warp": "frame_warp.onnx", "diffusion": "frame_diffusion.onnx"}
@@ -145,7 +145,7 @@ class GraphRenderer(RetrievalRenderer):
         if self.kind == "diffusion":
             from avatar.render.sampling import steps_from
 
-            self.references = int(meta["references"])
+            self.references, self.retrieved = int(meta["references"]), int(meta.get("retrieved", 0))
             steps = config.steps or steps_from(config.diffusion_start, int(meta["model_steps"]))
             made, asked = (float(meta["start"]), int(meta["steps"]), float(meta["colour_match"])), (config.diffusion_start, steps, config.colour_match)
             if not np.allclose(made, asked):
@@ -155,10 +155,12 @@ class GraphRenderer(RetrievalRenderer):
         self.aligner = self.aligners(crop_size)
         self.pattern = provenance.watermark_pattern(crop_size)
 
-    def prepare(self, job: FrameJob, identity: Identity, frame_index: int, inner: InnerMouth,
+    def prepare(self, job: FrameJob, identity: Identity, frame_index: int, entry: typing.Optional[int],
                 box: typing.Tuple[int, int, int, int]) -> typing.Dict[str, typing.Any]:
         """The graph's inputs for one frame (without the batch axis; patch and mouths not yet padded);
-        `box`: its region in the frame (`FaceAligner.paste_box`, not empty)."""
+        `entry`: the person's bank entry for it (`choose`); `box`: its region in the frame
+        (`FaceAligner.paste_box`, not empty)."""
+        inner = self.inner_for(identity, entry).at(self.crop_size)
         size = self.crop_size
         landmarks = np.asarray(job.crop_landmarks, np.float64)[:, :2]
         mouth = np.asarray(job.mouth, np.float64)
@@ -200,7 +202,8 @@ class GraphRenderer(RetrievalRenderer):
             out[f"{key}_lips"] = layer.lips_rgb if layer is not None else np.zeros(3)
             out[f"{key}_borrowed"] = float(layer is not None and layer.borrowed)
         if self.kind == "diffusion":
-            out["references"] = np.concatenate([r.transpose(2, 0, 1) for r in identity.references]).astype(np.float32)
+            references = frame_references(identity, entry, self.retrieved, size)
+            out["references"] = np.concatenate([r.transpose(2, 0, 1) for r in references]).astype(np.float32)
             out["sketch"], out["noise"] = landmark_sketch(mouth, size), self.noise
         return out
 
@@ -213,8 +216,8 @@ class GraphRenderer(RetrievalRenderer):
         if not faces:
             return regions
         entries = self.choose(batch)  # the graph takes the entry's inside of the mouth, not yet its lips (`MouthBank.draw`)
-        prepared = self.pool.map(lambda i: self.prepare(batch.jobs[i], batch.identities[i], int(batch.frame_indices[i]),
-                                                        self.inner_for(batch.identities[i], entries[i]).at(self.crop_size), boxes[i]), faces)
+        prepared = self.pool.map(lambda i: self.prepare(batch.jobs[i], batch.identities[i], int(batch.frame_indices[i]), entries[i], boxes[i]),
+                                 faces)
         outputs = self.session.run(**self.stack(prepared))
         for k, i in enumerate(faces):
             x0, y0, x1, y1 = prepared[k]["box"]

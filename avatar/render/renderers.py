@@ -41,6 +41,17 @@ RENDER_MODEL = "render.onnx"
 FRAME_DETAIL_TOLERANCE, DRAFT_DETAIL_TOLERANCE = 10.0, 30.0
 
 
+def frame_references(identity: Identity, entry: typing.Optional[int], retrieved: int, size: int) -> typing.List[np.ndarray]:
+    """The crops `(size, size, 3) uint8` a frame is conditioned on: the person's references, then
+    `retrieved` mouths of their bank, the frame's `entry` first and then its nearest in lip shape
+    (`MouthBank.references`), or, without a bank or entry, the person's references again (as the
+    model saw in training, `training.render_data.NO_BANK_SHARE`)."""
+    references = list(identity.references)
+    if retrieved and identity.bank is not None and entry is not None:
+        return references + identity.bank.references(entry, retrieved, size)
+    return references + [references[k % len(references)] for k in range(retrieved)]
+
+
 class Aligners:
     """`FaceAligner`s by crop side, made once each."""
 
@@ -177,11 +188,12 @@ class DiffusionRenderer:
             raise AvatarError(f"{path}: renders {self.denoiser.config.crop_size}² crops; this pipeline aligns to {crop_size}²")
         self.config, self.crop_size = config, crop_size
         self.pool = pool or FramePool(config.workers)
-        self.references = self.denoiser.config.references
+        self.references, self.retrieved = self.denoiser.config.references, self.denoiser.config.retrieved
         self.steps = config.steps or steps_from(config.diffusion_start, self.denoiser.config.steps)
         self.noise = np.random.default_rng(config.seed).standard_normal((3, crop_size, crop_size)).astype(np.float32)
         self.aligner = FaceAligner(AlignConfig(crop_size=crop_size))
-        self.draft = WarpRenderer(config, crop_size, self.pool) if config.diffusion_start < 1 else None
+        # the draft and the choice of bank entries: the retrieval renderer (the warp for a person without a bank)
+        self.draft = RetrievalRenderer(config, crop_size, self.pool)
 
     def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
         faces = batch.faces
@@ -189,21 +201,24 @@ class DiffusionRenderer:
         if not faces:
             return regions
         start = self.config.diffusion_start
+        entries = self.draft.choose(batch)
 
         def prepare(i: int) -> typing.Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, typing.Optional[np.ndarray]]:
             job = batch.jobs[i]
             crop = self.aligner.crop(job.frame, job.transform)  # 1.
             mask = self.aligner.repaint_mask(job.crop_landmarks, lm.with_mouth(job.crop_landmarks, job.mouth))  # 2., 3.
-            condition = build_condition(crop, mask, batch.identities[i].references, job.mouth)  # 4.
-            if self.draft is None:
+            references = frame_references(batch.identities[i], entries[i], self.retrieved, self.crop_size)
+            condition = build_condition(crop, mask, references, job.mouth)  # 4.
+            if start >= 1:
                 return crop, mask, condition, job.frame, None
-            # the draft: the warp renderer's frame, at the face's own resolution, cropped
-            warped = self.draft.render_one(job, batch.identities[i], int(batch.frame_indices[i]), watermark=False).place(job.frame)
+            # the draft: the retrieval (or warp) renderer's frame, at the face's own resolution, cropped
+            warped = self.draft.render_one(job, batch.identities[i], int(batch.frame_indices[i]), watermark=False,
+                                           entry=entries[i]).place(job.frame)
             return crop, mask, condition, warped, to_unit(self.aligner.crop(warped, job.transform))
 
         prepared = self.pool.map(prepare, faces)
         noise = np.broadcast_to(self.noise, (len(faces), *self.noise.shape)).copy()
-        drafts = np.stack([p[4] for p in prepared]) if self.draft is not None else None
+        drafts = np.stack([p[4] for p in prepared]) if start < 1 else None
         rendered = self.denoiser.sample(np.stack([p[2] for p in prepared]), noise, self.steps, init=drafts, start=start)
 
         def finish(k: int) -> FaceRegion:
@@ -218,7 +233,7 @@ class DiffusionRenderer:
                 return self.aligner.paste_region(job.frame, face, job.transform, mask)  # 6.
             sigma = 0.7 / transform_scale(job.transform)  # a crop pixel, in frame pixels
             region = self.aligner.paste_region(job.frame, face, job.transform, mask, pad=int(3 * sigma) + 2)
-            tolerance = FRAME_DETAIL_TOLERANCE if self.draft is None else DRAFT_DETAIL_TOLERANCE
+            tolerance = FRAME_DETAIL_TOLERANCE if start >= 1 else DRAFT_DETAIL_TOLERANCE
             region.pixels = transfer_detail(source[region.box], region.pixels, region.alpha, sigma, tolerance)
             return region
 
@@ -230,7 +245,7 @@ class DiffusionRenderer:
         """The provider's lazy set-up (graph building, CUDA/TensorRT kernels), and the draft's."""
         size, channels = self.crop_size, self.denoiser.config.condition_channels
         self.denoiser.sample(np.zeros((batch, channels, size, size), np.float32), np.zeros((batch, 3, size, size), np.float32), steps=1)
-        if self.draft is not None:
+        if self.config.diffusion_start < 1:
             self.draft.warm_up(batch)
 
 

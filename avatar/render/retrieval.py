@@ -56,6 +56,17 @@ def lips_region(mouth: np.ndarray, size: int) -> np.ndarray:
     return cv2.GaussianBlur(region.astype(np.float32) / 255.0, (0, 0), max(0.5, LIPS_FEATHER * width))
 
 
+def shape_neighbours(shapes: np.ndarray, first: int, count: int) -> np.ndarray:
+    """`count` indices into `shapes (N, 40, 2)` (`lip_shape`): `first`, then the others in order of
+    their lips' mean squared distance to its own (repeating from the start when N < count). The
+    diffusion renderer's retrieved references: the frame's entry and its nearest in shape, so that
+    they change only when the entry does."""
+    distance = ((shapes - shapes[first]) ** 2).sum(-1).mean(-1)
+    distance[first] = -1.0
+    order = np.argsort(distance, kind="stable")
+    return order[np.arange(count) % len(order)]
+
+
 class MouthBank:
     """A person's mouths, closed and open: `crops (N, S, S, 3) uint8` aligned face crops of side S,
     `mouths (N, 59, 2)` their mouth and jaw in those crops' pixels. `crop_size`: the side the targets
@@ -100,6 +111,15 @@ class MouthBank:
             if mouth.split < 1.0:
                 return mouth
         return None
+
+    def references(self, index: int, count: int, size: int) -> typing.List[np.ndarray]:
+        """Entry `index` and its `count` - 1 nearest in lip shape (`shape_neighbours`), as crops
+        `(size, size, 3) uint8`: the diffusion renderer's retrieved references for a frame."""
+        return [self.scaled(int(k), size)[0] for k in shape_neighbours(self.shapes, index, count)]
+
+    def nearest(self, target: np.ndarray) -> int:
+        """The entry whose lips lie nearest a target mouth `(59, 2)` (crop px at `crop_size`)."""
+        return int(np.argmin(self.costs(np.asarray(target, np.float64)[None])[0]))
 
     def scaled(self, index: int, size: int) -> typing.Tuple[np.ndarray, np.ndarray]:
         """Entry `index` at crop side `size`: `(crop (size, size, 3) uint8, mouth (59, 2))` (made once)."""
