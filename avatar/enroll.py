@@ -54,7 +54,7 @@ from avatar import __version__, media
 from avatar import audio as audio_frontend
 from avatar.errors import AvatarError, MediaError, NoFaceError
 from avatar.face import landmarks as lm
-from avatar.config import AlignConfig
+from avatar.config import AlignConfig, RenderConfig
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform, transform_scale
 from avatar.frames import FrameStore
 from avatar.motion.adapt import MotionAdaptation, fit_adaptation
@@ -115,7 +115,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
     for a video without frames or faces."""
     import itertools
 
-    from avatar.config import AlignConfig
+    from avatar.config import AlignConfig, RenderConfig
     from avatar.face.video import align_video
 
     info = media.probe(path)
@@ -310,7 +310,7 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
     (all three off: the generic person of `dub --no-enroll`). `strict` False (a dub's own video):
     whatever frames have a face, however few."""
     from avatar.motion.runner import POINTS, rest_pose
-    from avatar.person import INNER_SIZE
+    from avatar.person import INNER_SIZE, reference_frames
 
     seconds = sum(f.good.size / f.fps for f in footages)
     total = sum(len(f.valid) for f in footages)
@@ -332,7 +332,7 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
 
     # 1. The identity: rest mouth, references, drift references (face regions), the open mouth.
     rest, anchor = rest_pose(crop_lms)
-    picks = pipeline.reference_frames(crop_lms)
+    picks = reference_frames(crop_lms, RenderConfig.references)  # kept whatever the renderer: the avatar serves them all
     spread = np.linspace(0, len(where) - 1, min(pipeline.config.drift_references, len(where))).round().astype(int)
     drift = [face_region(frame_of(j), frame_lms[j]) for j in spread]
     extra = pipeline.people.reference_photos(references)

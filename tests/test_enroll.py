@@ -165,6 +165,41 @@ def test_the_retrieval_renderer_draws_the_mouth_from_the_chosen_entry(enrolled, 
     np.testing.assert_array_equal(renderer.render(RenderBatch([job(None)], [plain], [0]))[0].pixels, warp.pixels)
 
 
+def test_the_diffusion_renderer_is_conditioned_on_the_persons_retrieved_mouths(enrolled, pipeline):
+    """The shipped diffusion model takes 4 retrieved references: for an enrolled person (enrolled with
+    the default renderer: an avatar keeps the diffusion renderer's 2 references whatever renderer
+    made it), each frame's bank entry and the entries nearest it in shape, after the person's
+    references; without a bank, the person's references again. Two entries give two different mouths."""
+    from avatar.config import PipelineConfig
+    from avatar.render.condition import to_unit
+    from avatar.render.renderers import DiffusionRenderer, frame_references
+    from avatar.runtime import ASSETS
+
+    avatar, _ = enrolled
+    identity, loop = avatar.identity, avatar.idle
+    renderer = DiffusionRenderer(ASSETS, PipelineConfig(), pipeline.crop_size)
+    assert renderer.retrieved >= 4 and len(identity.references) == renderer.references
+    seen = []
+    sample = renderer.denoiser.sample
+    renderer.denoiser.sample = lambda condition, *args, **kwargs: seen.append(condition) or sample(condition, *args, **kwargs)
+    mouth = rescale_points(identity.bank.mouths[0], identity.bank.size, 128)
+    job = lambda k: FrameJob(loop.frames[0], loop.transforms[0], loop.crop_landmarks[0], loop.frame_landmarks[0], mouth, k)
+    far = int(np.argmax(identity.bank.costs(mouth[None])[0]))
+    first, other = renderer.render(RenderBatch([job(0), job(far)], [identity] * 2, [0, 0]))
+    references = 3 + 1 + 3 * renderer.references
+    for k, entry in enumerate((0, far)):
+        expected = frame_references(identity, entry, renderer.references, renderer.retrieved, 128)[renderer.references:]
+        assert np.array_equal(seen[0][k, references:references + 3 * renderer.retrieved],
+                              np.concatenate([to_unit(crop) for crop in expected]))
+        assert np.array_equal(expected[0], identity.bank.scaled(entry, 128)[0])  # the frame's own entry first
+    assert np.abs(first.pixels.astype(int) - other.pixels).max() > 20
+    plain = dataclass_copy(identity, bank=None)
+    renderer.render(RenderBatch([job(None)], [plain], [0]))
+    retrieved = seen[-1][0, references:references + 3 * renderer.retrieved].reshape(renderer.retrieved, 3, 128, 128)
+    for k, crop in enumerate(retrieved):
+        assert np.array_equal(crop, to_unit(identity.references[k % len(identity.references)]))
+
+
 def test_retrieval_closes_an_open_frame_with_the_persons_own_closed_lips(pipeline, tracker):
     """A real clip enrolled on the fly (as `dub` does): its bank keeps closed mouths too, and its
     widest-open frame drawn with the most closed frame's mouth re-detects as closed, at least as

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from avatar.config import AlignConfig, RenderConfig
+from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, crop_template
 from avatar.metrics import sharpness
@@ -237,12 +238,15 @@ def test_each_frame_is_conditioned_on_its_entry_and_the_entries_nearest_it():
     crops = np.stack([np.full((256, 256, 3), 40 * k, np.uint8) for k in range(5)])
     own = [np.full((128, 128, 3), v, np.uint8) for v in (201, 202)]
     person = Identity(own, face[lm.MOUTH_AND_JAW, :2] / 2, np.zeros(2), [], bank=MouthBank(crops, mouths))
-    references = frame_references(person, 2, 3, 128)
+    references = frame_references(person, 2, 2, 3, 128)
     assert [int(r[0, 0, 0]) for r in references] == [201, 202, 80, 40, 120]  # entry 2, then 1 and 3 (equally near: the first)
     assert all(r.shape == (128, 128, 3) for r in references)
     plain = Identity(own, person.rest, person.rest_anchor, [])
-    assert [int(r[0, 0, 0]) for r in frame_references(plain, None, 3, 128)] == [201, 202, 201, 202, 201]
-    assert len(frame_references(person, 2, 0, 128)) == 2  # a model without retrieved references
+    assert [int(r[0, 0, 0]) for r in frame_references(plain, None, 2, 3, 128)] == [201, 202, 201, 202, 201]
+    assert len(frame_references(person, 2, 2, 0, 128)) == 2  # a model without retrieved references
+    assert [int(r[0, 0, 0]) for r in frame_references(Identity(own[:1], person.rest, person.rest_anchor, []), None, 2, 1, 128)] == [201] * 3
+    with pytest.raises(AvatarError, match="enroll again"):  # an avatar enrolled before they were kept
+        frame_references(Identity([], person.rest, person.rest_anchor, []), None, 2, 4, 128)
 
 
 @pytest.mark.slow

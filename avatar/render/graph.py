@@ -202,7 +202,7 @@ class GraphRenderer(RetrievalRenderer):
             out[f"{key}_lips"] = layer.lips_rgb if layer is not None else np.zeros(3)
             out[f"{key}_borrowed"] = float(layer is not None and layer.borrowed)
         if self.kind == "diffusion":
-            references = frame_references(identity, entry, self.retrieved, size)
+            references = frame_references(identity, entry, self.references, self.retrieved, size)
             out["references"] = np.concatenate([r.transpose(2, 0, 1) for r in references]).astype(np.float32)
             out["sketch"], out["noise"] = landmark_sketch(mouth, size), self.noise
         return out

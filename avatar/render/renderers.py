@@ -41,12 +41,16 @@ RENDER_MODEL = "render.onnx"
 FRAME_DETAIL_TOLERANCE, DRAFT_DETAIL_TOLERANCE = 10.0, 30.0
 
 
-def frame_references(identity: Identity, entry: typing.Optional[int], retrieved: int, size: int) -> typing.List[np.ndarray]:
-    """The crops `(size, size, 3) uint8` a frame is conditioned on: the person's references, then
-    `retrieved` mouths of their bank, the frame's `entry` first and then its nearest in lip shape
-    (`MouthBank.references`), or, without a bank or entry, the person's references again (as the
-    model saw in training, `training.render_data.NO_BANK_SHARE`)."""
-    references = list(identity.references)
+def frame_references(identity: Identity, entry: typing.Optional[int], count: int, retrieved: int, size: int) -> typing.List[np.ndarray]:
+    """The crops `(size, size, 3) uint8` a frame is conditioned on: `count` of the person's
+    references (repeated if they have fewer), then `retrieved` mouths of their bank, the frame's
+    `entry` first and then its nearest in lip shape (`MouthBank.references`), or, without a bank or
+    entry, the person's references again (as the model saw in training, `NO_BANK_SHARE` of
+    `training.render_data`)."""
+    if not identity.references:
+        raise AvatarError("this person was prepared without the diffusion renderer's reference crops (an avatar "
+                          "enrolled before 2026-11-30); enroll again")
+    references = [identity.references[k % len(identity.references)] for k in range(count)]
     if retrieved and identity.bank is not None and entry is not None:
         return references + identity.bank.references(entry, retrieved, size)
     return references + [references[k % len(references)] for k in range(retrieved)]
@@ -207,7 +211,7 @@ class DiffusionRenderer:
             job = batch.jobs[i]
             crop = self.aligner.crop(job.frame, job.transform)  # 1.
             mask = self.aligner.repaint_mask(job.crop_landmarks, lm.with_mouth(job.crop_landmarks, job.mouth))  # 2., 3.
-            references = frame_references(batch.identities[i], entries[i], self.retrieved, self.crop_size)
+            references = frame_references(batch.identities[i], entries[i], self.references, self.retrieved, self.crop_size)
             condition = build_condition(crop, mask, references, job.mouth)  # 4.
             if start >= 1:
                 return crop, mask, condition, job.frame, None

@@ -117,10 +117,6 @@ class MouthBank:
         `(size, size, 3) uint8`: the diffusion renderer's retrieved references for a frame."""
         return [self.scaled(int(k), size)[0] for k in shape_neighbours(self.shapes, index, count)]
 
-    def nearest(self, target: np.ndarray) -> int:
-        """The entry whose lips lie nearest a target mouth `(59, 2)` (crop px at `crop_size`)."""
-        return int(np.argmin(self.costs(np.asarray(target, np.float64)[None])[0]))
-
     def scaled(self, index: int, size: int) -> typing.Tuple[np.ndarray, np.ndarray]:
         """Entry `index` at crop side `size`: `(crop (size, size, 3) uint8, mouth (59, 2))` (made once)."""
         key = (index, size)
