@@ -5,10 +5,10 @@ Each sample: a target crop; the repaint mask (the union of the lower-face masks 
 and of another frame of the clip, as in dubbing, where the mask must cover both the old and the new
 jaw); two references from the same clip at least `REFERENCE_GAP` frames away (a closed and an open
 mouth); with `RenderConfig.retrieved` > 0, that many more, retrieved as the engine retrieves them
-from a person's mouth bank (`MouthBank.references`): from a bank of BANK_SIZE frames of the clip at
-least `REFERENCE_GAP` frames away, the one whose lips lie nearest the target's and its nearest in
-shape; in NO_BANK_SHARE of the samples the references again instead (a person without a bank);
-the sketch of the target's lips and jaw. Augmentation: horizontal flip of everything,
+from a person's mouth bank (`MouthBank.references`): from a bank of BANK_SIZE (an enrolled bank's
+size, `avatar.enroll`) frames of the clip at least `REFERENCE_GAP` frames away, the one whose lips
+lie nearest the target's and its nearest in shape; in NO_BANK_SHARE of the samples the references
+again instead (a person without a bank); the sketch of the target's lips and jaw. Augmentation: horizontal flip of everything,
 brightness/contrast applied to target and references alike.
 """
 
@@ -21,15 +21,15 @@ import numpy as np
 import torch.utils.data
 
 from avatar.config import AlignConfig, RenderConfig
+from avatar.enroll import BANK_SIZE
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner
-from avatar.render.retrieval import lip_shape, shape_neighbours
 from avatar.render.condition import build_condition, composite, to_unit
+from avatar.render.retrieval import lip_shape, shape_neighbours
 from avatar.render.warp import InnerMouth, render_warp
 from training.cache import ClipCache, open_cache
 
 REFERENCE_GAP = 12  # frames between a target and its references
-BANK_SIZE = 48  # frames a training clip's mouth bank is drawn from (as `avatar.enroll.BANK_SIZE`)
 NO_BANK_SHARE = 0.25  # samples whose retrieved references are the references again (no bank)
 
 
