@@ -115,7 +115,6 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
     for a video without frames or faces."""
     import itertools
 
-    from avatar.config import AlignConfig, RenderConfig
     from avatar.face.video import align_video
 
     info = media.probe(path)

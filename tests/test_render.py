@@ -232,7 +232,7 @@ def test_each_frame_is_conditioned_on_its_entry_and_the_entries_nearest_it():
     from avatar.render.retrieval import MouthBank
 
     face = crop_template(256)
-    mouths = np.stack([face[lm.MOUTH_AND_JAW, :2] * [1.0, 1.0]] * 5)
+    mouths = np.stack([face[lm.MOUTH_AND_JAW, :2]] * 5)
     for k in range(5):  # entry k's lower lip lowered by 3k px
         mouths[k, 10:20, 1] += 3.0 * k
     crops = np.stack([np.full((256, 256, 3), 40 * k, np.uint8) for k in range(5)])
