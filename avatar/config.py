@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from avatar.errors import AvatarError
 
 
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
 def require(condition: bool, message: str) -> None:
     """Raise a one-line AvatarError (the CLI prints it and exits 2) unless `condition`."""
     if not condition:
@@ -377,6 +380,9 @@ class PipelineConfig:
     drift: bool = True  # identity-drift monitoring of sampled output frames
     drift_references: int = 8  # frames of a video kept as identity references for the drift monitor (dub)
     crf: int = 18  # H.264 quality of the output (lower is better)
+    # x264's speed/size trade-off at that quality; on a 512² clip at crf 18 "fast" took 8.5 ms a frame against "medium"'s
+    # 11.5 for the same size and PSNR (38.23 against 38.26 dB); "faster" 6.0 ms, 0.3 dB lower
+    preset: str = "fast"
     threads: int = 0  # onnxruntime threads (0: its default)
     workers: int = 0  # threads for the per-frame CPU work of a batch (warp, condition, paste-back); 0: one per core, at most 8
     fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
@@ -388,6 +394,7 @@ class PipelineConfig:
     def __post_init__(self):
         check_ranges(self, ("fps", "max_side", "warp_max_size", "steps", "batch", "colour_match", "drift_references", "crf",
                             "threads", "workers", "max_minutes"))
+        require(self.preset in X264_PRESETS, f"--preset must be one of {', '.join(X264_PRESETS)}, not {self.preset!r}")
         require(0 < self.diffusion_start <= 1, f"--diffusion-start must be in (0, 1] (1: from pure noise), not {self.diffusion_start}")
 
 
@@ -411,7 +418,7 @@ class RealtimeConfig:
     defaults in LIVE_PIPELINE), less those that mean nothing live (`cli_hidden`)."""
 
     cli_hidden: typing.ClassVar[typing.Dict[str, typing.Tuple[str, ...]]] = {
-        "pipeline": ("crf", "max_minutes", "drift", "drift_references")}
+        "pipeline": ("crf", "preset", "max_minutes", "drift", "drift_references")}
 
     pipeline: PipelineConfig = LIVE_PIPELINE
     jpeg_quality: int = 85

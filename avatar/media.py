@@ -341,6 +341,7 @@ class VideoWriter:
         self._video = None
         self._audio_stream = None
         self._audio_written = 0
+        self._block_index, self._block = -1, np.zeros(0, np.float32)
         self.n_frames = 0
         self._size: typing.Optional[typing.Tuple[int, int]] = None
 
@@ -391,7 +392,7 @@ class VideoWriter:
         end = int(round(t * OUTPUT_AUDIO_RATE))
         if end <= self._audio_written:
             return
-        piece = resampled_range(self.audio, self.sample_rate, OUTPUT_AUDIO_RATE, self._audio_written, end)
+        piece = self._resampled(self._audio_written, end)
         if piece.size < end - self._audio_written and final:
             piece = np.concatenate([piece, np.zeros(end - self._audio_written - piece.size, np.float32)])
         if piece.size == 0:
@@ -402,6 +403,23 @@ class VideoWriter:
         self._audio_written += piece.size
         for packet in self._audio_stream.encode(frame):
             self._container.mux(packet)
+
+    def _resampled(self, start: int, stop: int) -> np.ndarray:
+        """The audio at the output rate, samples `start:stop` (fewer past its end), cut from blocks of
+        AUDIO_BLOCK samples resampled once each (`resampled_range`: the whole signal's values); a
+        frame's piece alone would design the resampling filter again at every frame."""
+        pieces = []
+        while start < stop:
+            block = start // AUDIO_BLOCK
+            if self._block_index != block:
+                self._block = resampled_range(self.audio, self.sample_rate, OUTPUT_AUDIO_RATE, block * AUDIO_BLOCK, (block + 1) * AUDIO_BLOCK)
+                self._block_index = block
+            piece = self._block[start - block * AUDIO_BLOCK: stop - block * AUDIO_BLOCK]
+            if piece.size == 0:  # past the end of the audio
+                break
+            pieces.append(piece)
+            start += piece.size
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -428,6 +446,7 @@ class VideoWriter:
                 self._atomic.__exit__(exc_type, exc, tb)
 
 
+AUDIO_BLOCK = OUTPUT_AUDIO_RATE  # output samples a writer resamples at a time (1 s)
 RESAMPLE_MARGIN = 256  # input samples beyond a piece that its resampling reads (the polyphase filter reaches ~10)
 
 

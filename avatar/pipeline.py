@@ -21,6 +21,7 @@ The parts, each in its own module:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -44,7 +45,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, FaceRegion, apply_transform, invert_transform
 from avatar.frames import fit_image, pingpong_schedule
 from avatar.person import IdentityBuilder
-from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
+from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch, one_blas_thread
 from avatar.render.renderers import RENDER_MODEL, make_renderer
 from avatar.render.warp import InnerMouth
 from avatar.report import RunResult, StageClock
@@ -230,31 +231,47 @@ class AvatarPipeline:
                     failures: typing.Optional[typing.List[typing.Dict[str, typing.Any]]] = None) -> typing.Iterator[np.ndarray]:
         """Output frames for a stream of jobs, in order, rendered `config.batch` at a time; each frame
         is offered to the drift monitor (which samples at its own rate). `failures` collects the frames
-        that failed the artifact check: `{"frame", "t", "why"}`."""
+        that failed the artifact check: `{"frame", "t", "why"}`. The next batch renders (and is
+        checked) on a thread of its own while the caller takes this one's frames (the drift monitor
+        here, the encoder in `_write`), so the stages overlap and their seconds add up to more than
+        the wall time."""
         clock = clock or StageClock()
-        pending: typing.List[FrameJob] = []
-        index = 0
+        size = max(1, self.config.batch)
 
-        def flush():
-            nonlocal index
+        def batches() -> typing.Iterator[typing.Tuple[int, typing.List[FrameJob]]]:
+            pending: typing.List[FrameJob] = []
+            start = 0
+            for job in jobs:
+                pending.append(job)
+                if len(pending) == size:
+                    yield start, pending
+                    start, pending = start + size, []
+            if pending:
+                yield start, pending
+
+        def render(start: int, batch: typing.List[FrameJob]) -> typing.Tuple[typing.List[np.ndarray], list]:
             failed: typing.List[typing.Tuple[int, Verdict]] = []
-            frames = self.render_batch(pending, [identity] * len(pending), range(index, index + len(pending)), failed, clock)
+            return self.render_batch(batch, [identity] * len(batch), range(start, start + len(batch)), failed, clock), failed
+
+        def finish(start: int, batch: typing.List[FrameJob], rendered: concurrent.futures.Future) -> typing.Iterator[np.ndarray]:
+            frames, failed = rendered.result()
             if failures is not None:
-                failures.extend({"frame": index + k, "t": round((index + k) / fps, 3), "why": str(verdict)} for k, verdict in failed)
-            for job, frame in zip(pending, frames):
+                failures.extend({"frame": start + k, "t": round((start + k) / fps, 3), "why": str(verdict)} for k, verdict in failed)
+            for k, (job, frame) in enumerate(zip(batch, frames)):
                 if monitor is not None and job.frame_landmarks is not None:
                     with clock.time("drift"):
-                        monitor.observe(index / fps, frame, job.frame_landmarks)
-                index += 1
+                        monitor.observe((start + k) / fps, frame, job.frame_landmarks)
                 yield frame
-            pending.clear()
 
-        for job in jobs:
-            pending.append(job)
-            if len(pending) >= max(1, self.config.batch):
-                yield from flush()
-        if pending:
-            yield from flush()
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="render-ahead", initializer=one_blas_thread) as ahead:
+            previous = None
+            for start, batch in batches():
+                submitted = (start, batch, ahead.submit(render, start, batch))
+                if previous is not None:
+                    yield from finish(*previous)
+                previous = submitted
+            if previous is not None:
+                yield from finish(*previous)
 
     def still_job(self, identity: Identity, portrait: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray,
                   closure: float = 0.0, move: typing.Optional[np.ndarray] = None) -> FrameJob:
@@ -319,8 +336,8 @@ class AvatarPipeline:
             with clock.time("encode"):
                 self.credentials.sign(tmp, what, self.model_hashes, output, source)
 
-        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf, metadata=metadata,
-                               inputs=inputs, finish=sign if self.credentials is not None else None) as writer:
+        with media.VideoWriter(output, fps, samples, self.encoder.config.sample_rate, crf=self.config.crf, preset=self.config.preset,
+                               metadata=metadata, inputs=inputs, finish=sign if self.credentials is not None else None) as writer:
             for done, frame in enumerate(tqdm(frames, total=total, desc=what, unit="frame", disable=not progress), 1):
                 with clock.time("encode"):
                     writer.write(frame)

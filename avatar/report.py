@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
+import threading
 import time
 import typing
 
@@ -38,6 +39,7 @@ class StageClock:
 
     def __init__(self):
         self.seconds: typing.Dict[str, float] = {}
+        self._lock = threading.Lock()  # stages are timed on several threads (`AvatarPipeline.render_jobs`)
 
     @contextlib.contextmanager
     def time(self, stage: str) -> typing.Iterator[None]:
@@ -45,4 +47,6 @@ class StageClock:
         try:
             yield
         finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + elapsed

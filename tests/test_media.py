@@ -303,3 +303,16 @@ def test_the_writer_resamples_audio_piece_by_piece_exactly_as_whole(rate):
     whole = media._resample(audio, rate, media.OUTPUT_AUDIO_RATE)
     pieces = [media.resampled_range(audio, rate, media.OUTPUT_AUDIO_RATE, k, k + 1920) for k in range(0, whole.size + 1920, 1920)]
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_the_writer_cuts_frame_pieces_from_resampled_blocks_exactly(tmp_path, rate):
+    """VideoWriter resamples a second at a time and cuts each frame's piece (1,920 samples at 25 fps,
+    straddling block boundaries) from it: the same samples as the whole signal resampled, none past
+    its end."""
+    rng = np.random.default_rng(rate)
+    audio = rng.standard_normal(rate * 2 + 13).astype(np.float32)
+    whole = media._resample(audio, rate, media.OUTPUT_AUDIO_RATE)
+    writer = media.VideoWriter(tmp_path / "out.mp4", 25.0, audio, rate)
+    pieces = [writer._resampled(k, k + 1920) for k in range(0, whole.size + 3 * 1920, 1920)]
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)

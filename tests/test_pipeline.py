@@ -1,6 +1,7 @@
 """The product on real media: `avatar animate`, `dub`, `eval`, `verify`, `doctor`, the Python API,
 provenance labels, and one-line errors for bad input (each with no output left behind)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -119,6 +120,51 @@ def test_dub_changes_only_the_lower_face(pipeline, inputs, renderer, start):
         assert outside.mean() > 0.6  # the face fills much of a GRID frame
         assert np.array_equal(out[outside], job.frame[outside])
         assert np.abs(out.astype(np.float32) - job.frame)[alpha > 0.9].mean() > 2
+
+
+def test_render_jobs_renders_ahead_in_order_with_each_failure_at_its_frame(inputs):
+    """`render_jobs` renders the next batch on its own thread while the caller takes this one's
+    frames: the frames come out in order, equal to one `render_batch` call on all the jobs, across
+    batch boundaries (7 jobs, batches of 3); a failed artifact check is listed at its own output
+    frame; an error while rendering ahead reaches the caller."""
+    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(renderer="warp", batch=3, workers=1))
+    jobs, identity = open_mouth_jobs(pipeline, inputs / "clip.mp4", count=7)
+    expected = pipeline.render_batch(jobs, [identity] * len(jobs), range(len(jobs)))
+    check = pipeline.review
+
+    def review(job, region):  # the sixth job's region fails the check
+        verdict = check(job, region)
+        return dataclasses.replace(verdict, failures=["a test failure"]) if job is jobs[5] else verdict
+
+    pipeline.review = review
+    failures = []
+    frames = list(pipeline.render_jobs(identity, iter(jobs), 25.0, failures=failures))
+    assert len(frames) == 7 and all(np.array_equal(a, b) for a, b in zip(frames[:5], expected[:5]))
+    assert frames[5] is jobs[5].frame and np.array_equal(frames[6], expected[6])
+    assert [(f["frame"], f["t"]) for f in failures] == [(5, 0.2)]
+
+    def broken(job, region):
+        raise RuntimeError("the check broke")
+
+    pipeline.review = broken
+    with pytest.raises(RuntimeError, match="the check broke"):
+        list(pipeline.render_jobs(identity, iter(jobs), 25.0))
+
+
+def test_frame_threads_run_blas_on_one_thread_and_leave_the_caller_alone():
+    """The frame pool's threads run BLAS on one thread (its threads spin between the frame path's
+    small matrices), with one worker or several; the calling thread keeps its own setting."""
+    from threadpoolctl import threadpool_info
+
+    from avatar.render.base import FramePool
+
+    def blas_threads(_=None):
+        return sorted({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+
+    before = blas_threads()
+    assert FramePool(2).map(blas_threads, [0, 1, 2]) == [[1]] * 3
+    assert FramePool(1).map(blas_threads, [0, 1]) == [[1]] * 2
+    assert blas_threads() == before
 
 
 @pytest.mark.parametrize("renderer", ["warp", "diffusion"])
@@ -331,6 +377,7 @@ def test_bad_input_one_line_nonzero_no_output(tmp_path, inputs, bad):
         (["animate", "--image", PORTRAIT, "--audio", speech, "--fps", "1000"], "--fps must be between 1 and 120"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--renderer", "diffusion", "--steps", "-3"], "--steps must be"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--crf", "99"], "--crf must be between 0 and 51"),
+        (["dub", "--video", clip, "--audio", speech, "--preset", "quick"], "--preset must be one of ultrafast"),
         (["dub", "--video", clip, "--audio", speech, "--batch", "0"], "--batch must be"),
         (["animate", "--image", PORTRAIT, "--audio", speech, "--max-side", "0"], "--max-side must be"),
         (["animate", "--image", PORTRAIT, "--audio", bad / "4s.wav", "--max-minutes", "0.05"], "give --max-minutes 1 (or more)"),

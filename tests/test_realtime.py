@@ -703,7 +703,7 @@ def test_serve_takes_the_options_of_animate():
     assert "--face-index" in help_text and "--face.face-index" in help_text and "--face.min-face-size" in help_text
     for option in ("--renderer", "--warp-max-size", "--diffusion-start", "--colour-match", "--no-watermark", "--fps"):
         assert option in help_text, option  # the pipeline's options, as animate's
-    assert "--crf" not in help_text and "--max-minutes" not in help_text  # those of files only
+    assert "--crf" not in help_text and "--preset" not in help_text and "--max-minutes" not in help_text  # those of files only
     refused = subprocess.run([sys.executable, "-m", "avatar.cli", "serve", "--image", str(TWO_PEOPLE_PHOTO), "--port", "0"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--face-index" in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr

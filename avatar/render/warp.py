@@ -381,13 +381,20 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
     ys, xs = np.nonzero(mask > 0)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if ys.size else (0, 0, 1, 1)
     x0, y0, x1, y1 = box
-    pieces = []
-    for target, source in warp_points(crop_landmarks, target_mouth, mask):
-        map_x, map_y = backward_map(target, source, size, box)
-        pieces.append(cv2.remap(crop, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32))
-    above = upper_side(target_mouth, size)[y0:y1, x0:x1, None]
+    # the upper warp shows above the mouth line, the lower one below: each is evaluated only on the
+    # box's rows where its weight is not 0 (elsewhere it adds exactly 0)
+    above = upper_side(target_mouth, size)[y0:y1, x0:x1]
     moved = crop.astype(np.float32)
-    moved[y0:y1, x0:x1] = pieces[0] * above + pieces[1] * (1 - above)
+    region = np.zeros((y1 - y0, x1 - x0, 3), np.float32)
+    for (target, source), weight in zip(warp_points(crop_landmarks, target_mouth, mask), (above, 1 - above)):
+        rows = np.flatnonzero(weight.max(1) > 0)
+        if rows.size == 0:
+            continue
+        top, bottom = int(rows[0]), int(rows[-1]) + 1
+        map_x, map_y = backward_map(target, source, size, (x0, y0 + top, x1, y0 + bottom))
+        piece = cv2.remap(crop, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        region[top:bottom] += piece * weight[top:bottom, :, None]
+    moved[y0:y1, x0:x1] = region
 
     # The inside of the mouth, composed of rows (`teeth_rows`, `mouth_hole`).
     hole = mouth_hole(np.asarray(crop_landmarks, np.float64)[lm.MOUTH_AND_JAW, :2], target_mouth, inner, size)
