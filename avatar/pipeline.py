@@ -191,15 +191,15 @@ class AvatarPipeline:
         clock = clock or StageClock()
         with clock.time("render"):
             regions = self.renderer.render(RenderBatch(jobs, identities, frame_indices))
+        rendered = [k for k, region in enumerate(regions) if region is not None]
+        with clock.time("artifacts"):  # each region checked on the frame pool's threads
+            verdicts = dict(zip(rendered, self.pool.map(lambda k: self.review(jobs[k], regions[k]), rendered)))
         frames = []
         for k, (job, region) in enumerate(zip(jobs, regions)):
-            if region is not None:
-                with clock.time("artifacts"):
-                    verdict = self.review(job, region)
-                if not verdict.ok:
-                    region = None
-                    if failed is not None:
-                        failed.append((k, verdict))
+            if region is not None and not verdicts[k].ok:
+                region = None
+                if failed is not None:
+                    failed.append((k, verdicts[k]))
             frames.append(job.frame if region is None else region.place(job.frame))
         return frames
 

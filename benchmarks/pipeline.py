@@ -1,7 +1,7 @@
 """End-to-end speed of `avatar dub` and `avatar animate` on this machine, per stage, as ratios to
 real time (audio seconds / wall seconds; > 1 is faster than real time).
 
-    python -m benchmarks.pipeline [--seconds 10] [--threads 0] [--workers 0] [--renderer retrieval|warp|diffusion]
+    python -m benchmarks.pipeline [--seconds 10] [--threads 0] [--workers 0] [--renderer retrieval|warp|diffusion] [--preset fast]
 
 Dub: a 512² talking clip from ../shared/data re-lip-synced to its own speech. Animate: a real
 portrait from ../shared/data with the same speech. Both write real files (H.264 + AAC) and run the
@@ -15,7 +15,7 @@ import pathlib
 import tempfile
 
 from avatar import media
-from avatar.config import PipelineConfig
+from avatar.config import X264_PRESETS, PipelineConfig
 from avatar.pipeline import AvatarPipeline
 from avatar.render.renderers import RENDERERS
 
@@ -38,11 +38,13 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     parser.add_argument("--workers", type=int, default=PipelineConfig.workers, help="threads for the per-frame CPU work (0: one per core)")
     parser.add_argument("--renderer", choices=RENDERERS, default=PipelineConfig.renderer)
+    parser.add_argument("--preset", choices=X264_PRESETS, default=PipelineConfig.preset, help="x264 preset of the outputs")
     args = parser.parse_args(argv)
-    pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(threads=args.threads, workers=args.workers, renderer=args.renderer))
+    config = PipelineConfig(threads=args.threads, workers=args.workers, renderer=args.renderer, preset=args.preset)
+    pipeline = AvatarPipeline.from_pretrained(config=config)
     info = media.probe(args.video)
     print(f"clip: {args.video.name} {info.width}x{info.height} at {info.fps:g} fps; portrait: {args.image.name}; "
-          f"{args.renderer} renderer")
+          f"{args.renderer} renderer, x264 preset {args.preset}")
     with tempfile.TemporaryDirectory() as tmp:
         clip = media.read_video(args.video, max_frames=int(args.seconds * info.fps))
         source = pathlib.Path(tmp) / "clip.mp4"
