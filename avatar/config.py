@@ -36,6 +36,7 @@ RANGES: typing.Dict[str, typing.Tuple[float, float, str]] = {
     "crf": (0, 51, "H.264 quality, lower is better"),
     "max_minutes": (0.05, 10080, "minutes of output"),
     "threads": (0, 256, ""),
+    "speech_threads": (0, 256, ""),
     "workers": (0, 256, ""),
     "jpeg_quality": (1, 100, ""),
     "max_backlog_s": (0, 60, "seconds"),
@@ -384,6 +385,9 @@ class PipelineConfig:
     # 11.5 for the same size and PSNR (38.23 against 38.26 dB); "faster" 6.0 ms, 0.3 dB lower
     preset: str = "fast"
     threads: int = 0  # onnxruntime threads (0: its default)
+    # onnxruntime threads of the speech encoder and the motion models (0: `threads`); live, 1: they hear the next audio
+    # while the frame pool renders (realtime/engine.py), and more threads there only contend with the pool's
+    speech_threads: int = 0
     workers: int = 0  # threads for the per-frame CPU work of a batch (warp, condition, paste-back); 0: one per core, at most 8
     fp16: bool = True  # the diffusion renderer computes in half precision on CUDA/TensorRT (no effect on CPU)
     # render each batch through one ONNX graph (avatar/render/graph.py: crop, warp, denoiser, composite) instead of the
@@ -393,7 +397,7 @@ class PipelineConfig:
 
     def __post_init__(self):
         check_ranges(self, ("fps", "max_side", "warp_max_size", "steps", "batch", "colour_match", "drift_references", "crf",
-                            "threads", "workers", "max_minutes"))
+                            "threads", "speech_threads", "workers", "max_minutes"))
         require(self.preset in X264_PRESETS, f"--preset must be one of {', '.join(X264_PRESETS)}, not {self.preset!r}")
         require(0 < self.diffusion_start <= 1, f"--diffusion-start must be in (0, 1] (1: from pure noise), not {self.diffusion_start}")
 
@@ -408,7 +412,7 @@ class DubConfig:
 
 # The pipeline's settings live: the warp's crop capped at 160 px (a 360-px face costs 35 ms a frame at 384, 21 at 256,
 # 12 at 160 on 2 cores), one diffusion step from the warp's draft, portraits scaled to 512 px.
-LIVE_PIPELINE = PipelineConfig(warp_max_size=160, steps=1, max_side=512)
+LIVE_PIPELINE = PipelineConfig(warp_max_size=160, steps=1, max_side=512, speech_threads=1)
 
 
 @dataclass(frozen=True)

@@ -171,11 +171,15 @@ class DriftMonitor:
         c = self.config
         return {"identity": c.identity_threshold, "geometry": c.geometry_threshold, "colour": c.colour_threshold}
 
+    def due(self, t: float) -> bool:
+        """Whether a frame at `t` s would be measured (`observe`), sampling at `sample_every_s`."""
+        return t >= self._next_sample_t
+
     def observe(self, t: float, frame: np.ndarray, landmarks: typing.Optional[np.ndarray],
                 region: typing.Optional[np.ndarray] = None) -> typing.Optional[DriftSample]:
         """Offer an output frame at time `t` s (its face landmarks in frame pixels, and optionally the
         repainted region as an `(H, W)` mask). Measures it when a sample is due; returns the sample."""
-        if t < self._next_sample_t or landmarks is None:
+        if not self.due(t) or landmarks is None:
             return None
         self._next_sample_t = t + self.config.sample_every_s
         values = self.measure(frame, landmarks, region)

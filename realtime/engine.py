@@ -30,6 +30,7 @@ so the mouth closes and the avatar keeps blinking and moving a little instead of
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import threading
@@ -160,6 +161,7 @@ class Session:
         self.dropped = 0
         self.artifact_frames = 0  # frames that failed the artifact check and show the portrait's own mouth
         self.monitor = None
+        self._drift_checks: typing.List[concurrent.futures.Future] = []  # samples on the engine's background thread
         if config.drift_every_s > 0:
             from avatar.identity import DriftMonitor
 
@@ -262,9 +264,11 @@ class Session:
             for (index, ready), image in zip(items, images):
                 self.last_image = image
                 self._finish(index, image, False, ready, now)
-        if self.monitor is not None:
+        if self.monitor is not None:  # measured on the engine's background thread, not the render thread (~60 ms a sample)
+            self._drift_checks = [check for check in self._drift_checks if not check.done()]
             for (index, _), image, points in zip(items, images, landmarks):
-                self.monitor.observe(index / self.fps, image, points)
+                if self.monitor.due(index / self.fps) and points is not None:
+                    self._drift_checks.append(self.engine.background.submit(self.monitor.observe, index / self.fps, image, points))
 
     @property
     def backlog(self) -> int:
@@ -278,6 +282,8 @@ class Session:
                 "artifact_frames": self.artifact_frames}
 
     def close(self) -> None:
+        """Leave the engine, once the drift samples asked for are measured."""
+        concurrent.futures.wait(self._drift_checks)
         self.engine.forget(self)
 
 
@@ -303,6 +309,8 @@ class Engine:
         self.hearing = [0.0, 0.0]  # decaying sums: seconds spent in the speech models, seconds of audio heard
         self.frames_out = self.dropped = 0  # every session's frames, since the start
         self.recent: typing.Deque[typing.Tuple[float, int, int]] = collections.deque()  # (clock, frames_out, dropped) per step
+        # off the render thread, one task at a time: the speech models while a batch renders (`step`), drift samples
+        self.background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-background")
 
     # ------------------------------------------------------------------ capacity
     def session_load(self) -> float:
@@ -423,20 +431,41 @@ class Engine:
 
     def step(self, now: typing.Optional[float] = None, render_s: typing.Optional[float] = None,
              dispatch: typing.Optional[typing.Callable[[], None]] = None) -> int:
-        """Render one batch of due frames across sessions (round robin, oldest first per session).
-        `now`: the wall clock (default: the engine's `clock`); `render_s`: how long the batch is expected
-        to take (default: the running estimate of past batches); frames that would be late by then are
-        repeated instead, and `dispatch()` is called then, before the batch renders, so that they can
-        be sent at once. Returns how many frames were rendered."""
+        """Hear the audio that has come and render one batch of due frames across sessions (round robin,
+        oldest first per session). With frames already waiting, the hearing runs on the background
+        thread while they render, so the speech models and the frame pool work at once (4 live warp
+        sessions on 2 cores). `now`: the wall clock (default: the engine's `clock`); `render_s`: how
+        long the batch is expected to take (default: the running estimate of past batches); frames that
+        would be late by then are repeated instead, and `dispatch()` is called then, before the batch
+        renders, so that they can be sent at once. Returns how many frames were rendered."""
         with self.lock:
             sessions = list(self.sessions)
         if not sessions:
             return 0
+        # 1. Hear the new audio: before rendering when no frame is waiting (the new frames are due now),
+        #    else on the background thread while this batch renders (its frames join the next batch).
+        hearing = None
+        if any(session.pending for session in sessions):
+            hearing = self.background.submit(self._hear_timed, sessions)
+        else:
+            self._hear_timed(sessions)
+        try:
+            return self._render_due(sessions, now, render_s, dispatch)
+        finally:
+            if hearing is not None:
+                hearing.result()
+
+    def _hear_timed(self, sessions: typing.Sequence[Session]) -> None:
+        """`_hear`, its cost kept in the running estimate of the speech models' time per second of audio."""
         started = self.clock()
         heard = self._hear(sessions)
         if heard > 0:
             work, audio = self.hearing
             self.hearing = [0.98 * work + self.clock() - started, 0.98 * audio + heard]
+
+    def _render_due(self, sessions: typing.Sequence[Session], now: typing.Optional[float], render_s: typing.Optional[float],
+                    dispatch: typing.Optional[typing.Callable[[], None]]) -> int:
+        """2.-4. of `step`: take each session's due frames, render them in one batch, deliver them."""
         now = self.clock() if now is None else now
         self.recent.append((now, self.frames_out, self.dropped))
         while len(self.recent) > 2 and self.recent[1][0] < now - ADMISSION_WINDOW_S:
@@ -447,21 +476,29 @@ class Engine:
         work = [(s, s.take_due(now, share, expected)) for s in sessions]
         if dispatch is not None:
             dispatch()
-        jobs, identities, indices = [], [], []
-        for session, items in work:  # each session's frames are contiguous in the batch
+        frames, identities, indices = [], [], []  # each session's frames contiguous in the batch
+        for session, items in work:
             avatar = session.avatar
             for index, mouth, _ in items:
                 if avatar.loop is not None:  # the person's real footage, looped
-                    jobs.append(avatar.loop.job(index, mouth, avatar.identity.rest))
-                else:  # the still, with synthetic blinks and sway
+                    frames.append(avatar.loop.job(index, mouth, avatar.identity.rest))
+                else:  # the still, with synthetic blinks and sway: moved on the frame pool's threads (a warp of the portrait)
                     closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
                     move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
-                    jobs.append(self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move))
+                    frames.append((avatar, mouth, closure, move))
                 identities.append(avatar.identity)
                 indices.append(index)
-        if not jobs:
+        if not frames:
             return 0
+
+        def job(k: int):
+            if not isinstance(frames[k], tuple):
+                return frames[k]
+            avatar, mouth, closure, move = frames[k]
+            return self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move)
+
         started = self.clock()
+        jobs = self.pipeline.pool.map(job, range(len(frames)))
         failed: typing.List[typing.Tuple[int, typing.Any]] = []
         images = self.pipeline.render_batch(jobs, identities, indices, failed)
         self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (self.clock() - started) / len(jobs)

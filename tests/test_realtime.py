@@ -111,6 +111,40 @@ def test_frames_are_locked_to_the_audio_clock_for_any_chunking(engine, avatar, s
     assert session.monitor.samples and not session.monitor.alarms
 
 
+def test_the_engine_hears_while_waiting_frames_render_and_samples_drift_off_the_render_thread(engine, avatar, speech):
+    """A step with frames already waiting hears the new audio on the engine's background thread while
+    they render (the new frames come in the next step); a step with none waiting hears first, on the
+    caller's thread. Drift samples are measured on the background thread too, all of them done when
+    the session closes. Frames keep their order and each its own audio either way."""
+    import threading
+
+    session = engine.open(avatar, 16000, now=0.0)
+    threads = {"hear": [], "drift": []}
+    hear, observe = engine._hear, session.monitor.observe
+
+    def hearing(sessions):
+        threads["hear"].append(threading.get_ident())
+        return hear(sessions)
+
+    def sampling(*args, **kwargs):
+        threads["drift"].append(threading.get_ident())
+        return observe(*args, **kwargs)
+
+    engine._hear, session.monitor.observe = hearing, sampling
+    try:
+        samples = speech[:16000 * 2]
+        frames = run_offline(engine, session, [samples[:16000], samples[16000:]])
+    finally:
+        del engine._hear  # back to the class's method
+        session.close()
+    caller = threading.get_ident()
+    assert caller in threads["hear"] and any(ident != caller for ident in threads["hear"])
+    assert threads["drift"] and caller not in threads["drift"] and len(session.monitor.samples) >= 3
+    assert [f.index for f in frames] == list(range(len(frames))) and len(frames) >= 45
+    returned = np.concatenate([f.audio for f in frames])
+    assert np.array_equal(returned, samples[:returned.size])
+
+
 def test_resampled_input_keeps_the_clock(engine, avatar, speech):
     samples48 = media.read_audio(SPEECH, 48000)[:48000]
     session = engine.open(avatar, 48000, now=0.0)
