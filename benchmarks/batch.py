@@ -68,8 +68,10 @@ def main(argv=None) -> None:
                     raise SystemExit(result.stdout + result.stderr)
                 with open(folder / name / "results.csv") as handle:
                     factors = [float(r["real_time_factor"]) for r in csv.DictReader(handle)]
+                # results.csv's real-time factor is a job's own seconds per second of speech (< 1: faster than real time)
                 print(f"{f'avatar batch, {workers} worker(s) × {held} job(s)':>34} {wall:>8.1f} {audio_s / wall:>12.2f}   "
-                      f"(per job {min(factors):.2f}-{max(factors):.2f}× real time)", flush=True)
+                      f"(per job {1 / max(factors):.2f}-{1 / min(factors):.2f}× real time, real-time factor "
+                      f"{min(factors):.2f}-{max(factors):.2f})", flush=True)
 
 if __name__ == "__main__":
     main()
