@@ -139,7 +139,7 @@ class AvatarPipeline:
         if self._embedder is None:
             from avatar.identity import FaceEmbedder
 
-            self._embedder = FaceEmbedder()
+            self._embedder = FaceEmbedder(providers=self._providers)
         return self._embedder
 
     # ------------------------------------------------------------------ the person (avatar/person.py)

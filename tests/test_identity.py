@@ -39,6 +39,32 @@ def monitor_for(person_a, embedder, hook=None, **config):
     return DriftMonitor(references, IdentityConfig(**config), embedder=embedder, on_alarm=hook)
 
 
+def test_the_onnx_network_gives_dlibs_descriptors(person_a, person_b, embedder):
+    """dlib's face-recognition network read from its own file and run by onnxruntime gives the
+    numbers dlib's `compute_face_descriptor` gives, on face chips of two real people (to float
+    rounding); the two people stay apart and one person's frames together."""
+    import dlib
+
+    from avatar.identity import EMBEDDING_MODEL, _model_file
+
+    reference = dlib.face_recognition_model_v1(str(_model_file(EMBEDDING_MODEL)))
+    descriptors = {}
+    for name, person in (("a", person_a[::40]), ("b", person_b[::20])):
+        for f in person:
+            x0, y0 = f.frame_landmarks[:, :2].min(axis=0)
+            x1, y1 = f.frame_landmarks[:, :2].max(axis=0)
+            image = np.ascontiguousarray(f.image)
+            shape = embedder.shape_predictor(image, dlib.rectangle(int(x0), int(y0), int(x1), int(y1)))
+            chip = dlib.get_face_chip(image, shape, size=150, padding=0.25)
+            ours = embedder.recogniser.run(chip=chip[None])["descriptor"][0]
+            np.testing.assert_allclose(ours, np.asarray(reference.compute_face_descriptor(chip), np.float32), atol=1e-5)
+            np.testing.assert_array_equal(ours, embedder.embed(f.image, f.frame_landmarks))
+            descriptors.setdefault(name, []).append(ours)
+    a, b = np.stack(descriptors["a"]), np.stack(descriptors["b"])
+    assert len(a) >= 4 and len(b) >= 2
+    assert np.linalg.norm(a[:, None] - b[None], axis=-1).min() > 0.6 > np.linalg.norm(a[:, None] - a[None], axis=-1).max()
+
+
 def test_same_person_across_a_clip_stays_well_within_thresholds(person_a, embedder):
     monitor = monitor_for(person_a, embedder, sample_every_s=0.2)
     for f in person_a[1:]:
