@@ -446,7 +446,7 @@ class Engine:
         #    else on the background thread while this batch renders (its frames join the next batch).
         hearing = None
         if any(session.pending for session in sessions):
-            hearing = self.background.submit(self._hear_timed, sessions)
+            hearing = self.background.submit(self._hear, sessions)
         else:
             self._hear_timed(sessions)
         try:
@@ -456,7 +456,9 @@ class Engine:
                 hearing.result()
 
     def _hear_timed(self, sessions: typing.Sequence[Session]) -> None:
-        """`_hear`, its cost kept in the running estimate of the speech models' time per second of audio."""
+        """`_hear`, its cost kept in the running estimate of the speech models' time per second of audio
+        (`session_load`; measured when they run alone: beside a rendering batch their time would count
+        the render's share of the cores as well)."""
         started = self.clock()
         heard = self._hear(sessions)
         if heard > 0:
@@ -497,8 +499,8 @@ class Engine:
             avatar, mouth, closure, move = frames[k]
             return self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move)
 
-        started = self.clock()
         jobs = self.pipeline.pool.map(job, range(len(frames)))
+        started = self.clock()
         failed: typing.List[typing.Tuple[int, typing.Any]] = []
         images = self.pipeline.render_batch(jobs, identities, indices, failed)
         self.frame_seconds = 0.8 * self.frame_seconds + 0.2 * (self.clock() - started) / len(jobs)
