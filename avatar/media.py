@@ -407,11 +407,19 @@ class VideoWriter:
     def _resampled(self, start: int, stop: int) -> np.ndarray:
         """The audio at the output rate, samples `start:stop` (fewer past its end), cut from blocks of
         AUDIO_BLOCK samples resampled once each (`resampled_range`: the whole signal's values); a
-        frame's piece alone would design the resampling filter again at every frame."""
+        frame's piece alone would design the resampling filter again at every frame. A caller may
+        extend `audio` as it comes (a stream): a block that its input does not cover yet, filter
+        reach included, is not kept, only the piece asked for is made."""
         pieces = []
         while start < stop:
             block = start // AUDIO_BLOCK
             if self._block_index != block:
+                reach = (block + 1) * AUDIO_BLOCK * self.sample_rate // OUTPUT_AUDIO_RATE + RESAMPLE_MARGIN
+                if self.audio.size < reach:  # the input may still grow: this piece alone
+                    piece = resampled_range(self.audio, self.sample_rate, OUTPUT_AUDIO_RATE, start, stop)
+                    if piece.size:
+                        pieces.append(piece)
+                    break
                 self._block = resampled_range(self.audio, self.sample_rate, OUTPUT_AUDIO_RATE, block * AUDIO_BLOCK, (block + 1) * AUDIO_BLOCK)
                 self._block_index = block
             piece = self._block[start - block * AUDIO_BLOCK: stop - block * AUDIO_BLOCK]

@@ -264,7 +264,7 @@ class Session:
             for (index, ready), image in zip(items, images):
                 self.last_image = image
                 self._finish(index, image, False, ready, now)
-        if self.monitor is not None:  # measured on the engine's background thread, not the render thread (~60 ms a sample)
+        if self.monitor is not None:  # measured on the engine's background thread, not the render thread (an embedding)
             self._drift_checks = [check for check in self._drift_checks if not check.done()]
             for (index, _), image, points in zip(items, images, landmarks):
                 if self.monitor.due(index / self.fps) and points is not None:
@@ -467,7 +467,7 @@ class Engine:
 
     def _render_due(self, sessions: typing.Sequence[Session], now: typing.Optional[float], render_s: typing.Optional[float],
                     dispatch: typing.Optional[typing.Callable[[], None]]) -> int:
-        """2.-4. of `step`: take each session's due frames, render them in one batch, deliver them."""
+        """The rest of `step`: take each session's due frames, render them in one batch, deliver them."""
         now = self.clock() if now is None else now
         self.recent.append((now, self.frames_out, self.dropped))
         while len(self.recent) > 2 and self.recent[1][0] < now - ADMISSION_WINDOW_S:
@@ -478,28 +478,28 @@ class Engine:
         work = [(s, s.take_due(now, share, expected)) for s in sessions]
         if dispatch is not None:
             dispatch()
-        frames, identities, indices = [], [], []  # each session's frames contiguous in the batch
+        parts, identities, indices = [], [], []  # per frame its job, or what a still's job is made of; each session's contiguous
         for session, items in work:
             avatar = session.avatar
             for index, mouth, _ in items:
                 if avatar.loop is not None:  # the person's real footage, looped
-                    frames.append(avatar.loop.job(index, mouth, avatar.identity.rest))
+                    parts.append(avatar.loop.job(index, mouth, avatar.identity.rest))
                 else:  # the still, with synthetic blinks and sway: moved on the frame pool's threads (a warp of the portrait)
                     closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
                     move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]
-                    frames.append((avatar, mouth, closure, move))
+                    parts.append((avatar, mouth, closure, move))
                 identities.append(avatar.identity)
                 indices.append(index)
-        if not frames:
+        if not parts:
             return 0
 
         def job(k: int):
-            if not isinstance(frames[k], tuple):
-                return frames[k]
-            avatar, mouth, closure, move = frames[k]
+            if not isinstance(parts[k], tuple):
+                return parts[k]
+            avatar, mouth, closure, move = parts[k]
             return self.pipeline.still_job(avatar.identity, avatar.portrait, avatar.landmarks, mouth, closure, move)
 
-        jobs = self.pipeline.pool.map(job, range(len(frames)))
+        jobs = self.pipeline.pool.map(job, range(len(parts)))
         started = self.clock()
         failed: typing.List[typing.Tuple[int, typing.Any]] = []
         images = self.pipeline.render_batch(jobs, identities, indices, failed)

@@ -316,3 +316,18 @@ def test_the_writer_cuts_frame_pieces_from_resampled_blocks_exactly(tmp_path, ra
     writer = media.VideoWriter(tmp_path / "out.mp4", 25.0, audio, rate)
     pieces = [writer._resampled(k, k + 1920) for k in range(0, whole.size + 3 * 1920, 1920)]
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
+
+
+def test_the_writer_resamples_audio_that_grows_as_it_comes(tmp_path):
+    """A stream extends the writer's audio as it comes (`examples/pipecat_avatar.py`): each frame's
+    piece, made when the audio reached just past it, is the same as the whole signal resampled; a
+    block is kept only once its input is all there."""
+    rate = 16000
+    audio = np.random.default_rng(3).standard_normal(rate * 3 + 77).astype(np.float32)
+    whole = media._resample(audio, rate, media.OUTPUT_AUDIO_RATE)
+    writer = media.VideoWriter(tmp_path / "out.mp4", 25.0, np.zeros(0, np.float32), rate)
+    pieces = []
+    for k in range(0, whole.size, 1920):
+        writer.audio = audio[: min(audio.size, (k + 1920) // 3 + 640)]  # a frame's audio and a little more
+        pieces.append(writer._resampled(k, min(k + 1920, whole.size)))
+    np.testing.assert_allclose(np.concatenate(pieces), whole, atol=1e-6)
