@@ -121,3 +121,17 @@ def test_another_face_pasted_in_raises_an_identity_alarm(person_a, person_b, emb
 def test_monitor_needs_references(embedder):
     with pytest.raises(ValueError, match="reference"):
         DriftMonitor([], embedder=embedder)
+
+
+def test_a_damaged_network_file_gives_one_line(tmp_path):
+    """dlib's network file cut short, or another file: a one-line AvatarError naming it."""
+    from avatar.errors import AvatarError
+    from avatar.face.dlib_resnet import read_dlib_resnet
+    from avatar.identity import EMBEDDING_MODEL, _model_file
+
+    data = _model_file(EMBEDDING_MODEL).read_bytes()
+    for name, content in (("cut.dat", data[: len(data) // 2]), ("other.dat", b"\x01\x05hello" * 100)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(AvatarError) as error:
+            read_dlib_resnet(tmp_path / name)
+        assert name in str(error.value) and "\n" not in str(error.value)

@@ -112,9 +112,18 @@ def _layers(data: bytes, name: str) -> typing.List[_Reader]:
 
 
 def read_dlib_resnet(path: typing.Union[str, os.PathLike]) -> DlibResnet:
-    """The parameters of dlib's face-recognition network from its `.dat` file."""
+    """The parameters of dlib's face-recognition network from its `.dat` file; a one-line
+    AvatarError for a file that is not that network or is cut short."""
     with open(path, "rb") as handle:
         data = handle.read()
+    try:
+        return _parse(data, path)
+    except (IndexError, ValueError, UnicodeDecodeError) as exc:  # a truncated or foreign file
+        raise AvatarError(f"{path}: cannot read dlib's face-recognition network ({type(exc).__name__}: {exc}); "
+                          f"reinstall face-recognition-models") from exc
+
+
+def _parse(data: bytes, path: typing.Union[str, os.PathLike]) -> DlibResnet:
     inputs = _layers(data, "input_rgb_image_sized")
     if len(inputs) != 1:
         raise AvatarError(f"{path}: not dlib's face-recognition network (no sized RGB input layer)")
