@@ -4,7 +4,8 @@
 
 Stages, each on real media from ../shared/data: audio decode + resample, batch mel, streaming mel
 in 20 ms chunks (the live path), voice activity, video decode, face tracking (mesh + smoothing),
-alignment crop, paste-back, H.264 + AAC encode. One process, one thread per stage as run.
+alignment crop, paste-back, the identity embedding of the drift checks (onnxruntime, and dlib's own
+network for comparison), H.264 + AAC encode. One process, one thread per stage as run.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import argparse
 import pathlib
 import time
 
+import dlib
+import numpy as np
 
 from avatar import audio, media
 from avatar.config import AlignConfig
 from avatar.face.align import FaceAligner
 from avatar.face.video import align_video
+from avatar.identity import EMBEDDING_MODEL, FaceEmbedder, _model_file
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -73,6 +77,21 @@ def main(argv=None) -> None:
     masks = [aligner.lower_face_mask(a.aligned.landmarks) for a in aligned]
     t, pasted = timed(lambda: [aligner.paste_back(a.image, a.aligned.crop, a.aligned.transform, m) for a, m in zip(aligned, masks)])
     report("lower-face mask paste-back", t, video_seconds)
+    embedder = FaceEmbedder()
+    faces = [a for a in aligned if a.valid]
+    t, _ = timed(lambda: [embedder.embed(a.image, a.frame_landmarks) for a in faces])
+    report("identity embedding, every frame (onnxruntime)", t, len(faces) / info.fps, f"{1000 * t / len(faces):.1f} ms a face")
+    dlib_network = dlib.face_recognition_model_v1(str(_model_file(EMBEDDING_MODEL)))
+
+    def through_dlib():  # the same chips through dlib's own network (the wheel has no BLAS)
+        for a in faces:
+            x0, y0 = a.frame_landmarks[:, :2].min(axis=0)
+            x1, y1 = a.frame_landmarks[:, :2].max(axis=0)
+            image = np.ascontiguousarray(a.image)
+            shape = embedder.shape_predictor(image, dlib.rectangle(int(x0), int(y0), int(x1), int(y1)))
+            dlib_network.compute_face_descriptor(dlib.get_face_chip(image, shape, size=150, padding=0.25))
+    t, _ = timed(through_dlib, repeat=1)
+    report("identity embedding, every frame (dlib)", t, len(faces) / info.fps, f"{1000 * t / len(faces):.1f} ms a face")
     out = pathlib.Path("/tmp/avatar_bench_encode.mp4")
     t, _ = timed(lambda: media.write_video(out, pasted, info.fps, samples[: int(video_seconds * 16000)]), repeat=1)
     report(f"H.264 + AAC encode {info.width}x{info.height}", t, video_seconds)
