@@ -72,6 +72,33 @@ def test_live_model_is_causal_and_offline_model_looks_ahead(causal):
         assert first == 40 - config.temporal_reach and config.temporal_reach * 40 >= 250
 
 
+def test_the_closure_gate_pulls_the_mouth_to_rest_where_its_read_out_says_closed():
+    """`ClosureGated`: where the read-out is at or under the threshold the network's mouth is kept,
+    at 1 the mouth is the rest shape, half way between at the half point; the read-out's weights are
+    laid out as the fit's stacked frames (oldest first: a weight on the centre frame's feature reads
+    that frame only)."""
+    from avatar.motion.model import ClosureGated
+
+    network = MotionModel(MotionConfig(causal=False), torch.randn(12, N_POINTS * 2) * 0.01).eval()
+    features = torch.randn(1, 60, network.config.features)
+    rest = torch.rand(1, N_POINTS, 2) * 128
+    weights = np.zeros(5 * network.config.features)
+    for level, share in ((0.25, 0.0), (0.625, 0.5), (1.0, 1.0), (-3.0, 0.0)):
+        gated = ClosureGated.from_ridge(network, weights, np.zeros_like(weights), level, threshold=0.25).eval()
+        with torch.no_grad():
+            mouth, alone = gated(features, rest), network(features, rest)
+        torch.testing.assert_close(mouth, alone + share * (rest[:, None] - alone))
+    weights[2 * network.config.features] = 1.0  # the read-out: the centre frame's first feature
+    gated = ClosureGated.from_ridge(network, weights, np.zeros_like(weights), 0.0, threshold=0.25).eval()
+    changed = features.clone()
+    changed[:, 40, 0] += 5.0
+    with torch.no_grad():
+        read = gated.closure(changed) - gated.closure(features)
+    assert torch.nonzero(read[0].abs() > 1e-6).ravel().tolist() == [40]
+    with pytest.raises(ValueError, match="offline"):
+        ClosureGated(MotionModel(MotionConfig(causal=True)), network.config.features)
+
+
 @pytest.mark.parametrize("name", ["motion_live", "motion_offline"])
 def test_onnx_export_parity(tmp_path, name):
     """The committed torch copy, exported here, matches onnxruntime within 1e-4; so does the shipped ONNX
@@ -226,6 +253,29 @@ def test_ridge_readout_baseline_on_the_cache(tiny_cache, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "opening r" in line]
     assert len(lines) == len(readout.LAMBDAS)
     assert all(-1.0 <= float(line.split("opening r ")[1].split(",")[0]) <= 1.0 for line in lines)
+
+
+def test_closure_gate_training_writes_a_gated_model(tiny_cache, tmp_path):
+    """`training.closure_gate` on a real cache: λ by leave-people-out AUC, an ONNX with the network's
+    inputs and outputs whose mouths are the network's or pulled towards rest, and a torch copy that
+    `load_model` reads back as the same gated model."""
+    from avatar.motion.model import ClosureGated
+    from training import closure_gate
+    from training.export_motion import load_model
+
+    out, copy = tmp_path / "gated.onnx", tmp_path / "gated.pt"
+    assert closure_gate.main(["--cache", str(tiny_cache), "--network", str(ASSETS / "motion_offline.pt"), "--out", str(out),
+                              "--torch-copy", str(copy)]) == 0
+    gated = load_model(copy)
+    assert isinstance(gated, ClosureGated) and gated.threshold == closure_gate.THRESHOLD
+    rng = np.random.default_rng(1)
+    features = rng.normal(0, 1, (1, 80, gated.config.features)).astype(np.float32)
+    rest = (64 + rng.normal(0, 8, (1, N_POINTS, 2))).astype(np.float32)
+    with torch.no_grad():
+        alone = gated.network(torch.from_numpy(features), torch.from_numpy(rest)).numpy()[0]
+    mouth = MotionPredictor(out).predict(features[0], rest[0])
+    share = np.linalg.norm((mouth - alone).reshape(80, -1), axis=1) / np.linalg.norm((rest[0] - alone).reshape(80, -1), axis=1)
+    assert np.all((share > -1e-3) & (share < 1 + 1e-3))  # kept, or moved towards rest, never past it
 
 
 def test_person_folds_hold_each_person_out_once_and_never_fit_on_them():

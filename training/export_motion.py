@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from avatar.config import MotionConfig
-from avatar.motion.model import N_POINTS, LinearMotionModel, MotionBlend, MotionModel
+from avatar.motion.model import N_POINTS, ClosureGated, LinearMotionModel, MotionBlend, MotionModel
 from avatar.runtime import OnnxSession
 from training.common import accept_export, torch_copy
 
@@ -27,7 +27,8 @@ OPSET = 18
 
 def load_model(checkpoint: pathlib.Path) -> torch.nn.Module:
     """A checkpoint or torch copy → its `MotionModel`, or the `MotionBlend` of it and the linear read-out
-    when the copy holds one (`training.linear_motion --blend`)."""
+    when the copy holds one (`training.linear_motion --blend`), or the `ClosureGated` model when it
+    holds a closure gate (`training.closure_gate`)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = MotionModel(MotionConfig(**state["model_config"]))
     model.load_state_dict({k: v.float() for k, v in state["model"].items()})
@@ -36,6 +37,11 @@ def load_model(checkpoint: pathlib.Path) -> torch.nn.Module:
         linear = LinearMotionModel(weight.shape[1], weight.shape[2], model.config.causal)
         linear.load_state_dict({k: v.float() for k, v in state["linear"].items()})
         return MotionBlend(model, linear).eval()
+    if "closure" in state:  # the offline model with its closure gate (training.closure_gate)
+        weight = state["closure"]["conv.weight"]
+        gated = ClosureGated(model, weight.shape[1], weight.shape[2], state["closure_threshold"])
+        gated.conv.load_state_dict({k.removeprefix("conv."): v.float() for k, v in state["closure"].items()})
+        return gated.eval()
     return model.eval()
 
 

@@ -135,3 +135,41 @@ class MotionBlend(nn.Module):
     def forward(self, features: torch.Tensor, rest: torch.Tensor) -> typing.Tuple[torch.Tensor, torch.Tensor]:
         return self.network(features, rest), self.linear(features, rest)
 
+
+
+class ClosureGated(nn.Module):
+    """A motion model whose mouth is pulled to the rest shape (closed lips, jaw up) where a linear
+    read-out of the speech features says the real lips close (`training.closure_gate`: a ridge fit of
+    "inner-lip gap < 3 % of the inter-ocular distance" on `lags` frames centred on each one): with p
+    the read-out, the landmarks move `clamp((p - threshold) / (1 - threshold), 0, 1)` of the way to
+    rest. Same contract as `MotionModel`: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) →
+    `(B, T, N_POINTS, 2)`; `config`: the network's."""
+
+    def __init__(self, network: nn.Module, features: int, lags: int = 5, threshold: float = 0.25):
+        super().__init__()
+        if network.config.causal:
+            raise ValueError("the closure gate reads frames on both sides: it is for the offline model")
+        self.network, self.config, self.lags, self.threshold = network, network.config, lags, float(threshold)
+        self.pad = ((lags - 1) // 2, lags - 1 - (lags - 1) // 2)
+        self.conv = nn.Conv1d(features, 1, lags)
+
+    @classmethod
+    def from_ridge(cls, network: nn.Module, weights, x_mean, y_mean: float, threshold: float, lags: int = 5) -> "ClosureGated":
+        """From a ridge fit on `lags` stacked centred frames: `weights (lags·D,)`, their mean `(lags·D,)`,
+        the target's mean."""
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        x_mean = torch.as_tensor(x_mean, dtype=torch.float64)
+        model = cls(network, weights.shape[0] // lags, lags, threshold)
+        with torch.no_grad():
+            model.conv.weight.copy_(weights.reshape(lags, -1, 1).permute(2, 1, 0).float())
+            model.conv.bias.copy_(torch.tensor([y_mean - float(x_mean @ weights)]).float())
+        return model
+
+    def closure(self, features: torch.Tensor) -> torch.Tensor:
+        """`(B, T, D)` → `(B, T)`: the read-out (about 1 where the lips close, 0 where they are open)."""
+        return self.conv(nn.functional.pad(features.transpose(1, 2), self.pad, mode="replicate"))[:, 0]
+
+    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        landmarks = self.network(features, rest)
+        gate = ((self.closure(features) - self.threshold) / (1.0 - self.threshold)).clamp(0.0, 1.0)
+        return landmarks + gate[..., None, None] * (rest[:, None] - landmarks)
