@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import tempfile
 import typing
 
 import numpy as np
@@ -95,8 +94,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from training.common import accept_export
-    from training.export_motion import export, load_model, parity
+    from training.export_motion import export_checked, load_model
 
     network = load_model(args.network)
     if isinstance(network, ClosureGated):  # a copy gated before: its network, gated afresh
@@ -114,17 +112,9 @@ def main(argv=None) -> int:
           + ", ".join(f"λ {k:g}: {v:.3f}" for k, v in means.items()))
     weights, x_mean, y_mean = fit(*design(clips), lam)
     model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, args.threshold, LAGS).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = pathlib.Path(tmp) / args.out.name
-        export(model, candidate)
-        rng = np.random.default_rng(0)
-        worst = 0.0
-        for batch, length in ((1, 1), (1, 57), (3, 20)):
-            features = rng.standard_normal((batch, length, network.config.features)).astype(np.float32)
-            rest = rng.uniform(40, 90, (batch, len(lm.MOUTH_AND_JAW), 2)).astype(np.float32)
-            worst = max(worst, parity(model, candidate, features, rest))
-        if not accept_export(candidate, args.out, worst, 1e-3):
-            return 1
+    worst = export_checked(model, args.out, 1e-3)
+    if worst is None:
+        return 1
     if args.torch_copy:
         torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()},
                     "model_config": dataclasses.asdict(network.config),

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import pathlib
 import sys
-import tempfile
 import typing
 
 import numpy as np
@@ -132,20 +131,11 @@ def main(argv=None) -> int:
           + f"; the read-out's largest frame-to-frame change on the training noise: {twitch:.2f} px (128-px crop)")
     linear = LinearMotionModel.from_ridge(weights, x_mean, y_mean, causal=live).eval()
     model = (MotionBlend(network, linear) if network is not None else linear).eval()
-    from training.common import accept_export
-    from training.export_motion import export, parity
+    from training.export_motion import export_checked
 
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = pathlib.Path(tmp) / args.out.name
-        export(model, candidate)
-        rng = np.random.default_rng(0)
-        worst = 0.0
-        for batch, length in ((1, 1), (1, 57), (3, 20)):
-            features = rng.standard_normal((batch, length, linear.features)).astype(np.float32)
-            rest = rng.uniform(40, 90, (batch, len(lm.MOUTH_AND_JAW), 2)).astype(np.float32)
-            worst = max(worst, parity(model, candidate, features, rest))
-        if not accept_export(candidate, args.out, worst, 1e-3):
-            return 1
+    worst = export_checked(model, args.out, 1e-3)
+    if worst is None:
+        return 1
     if args.torch_copy:
         copy = {"linear": linear.state_dict(), "lambda": lam}  # fp32: the shipped ONNX's own weights
         if network is not None:
