@@ -26,6 +26,7 @@ import numpy as np
 from avatar.face import landmarks as lm
 from avatar.motion.model import ClosureGated
 from training.closures import CLOSED_PCT_IOD
+from training.linear_motion import fit
 from training.motion_data import MotionClip, clip_features, load_motion_clips
 from training.readout import person_folds
 
@@ -47,14 +48,6 @@ def design(clips: typing.Sequence[MotionClip]) -> typing.Tuple[np.ndarray, np.nd
         xs.append(features[index].reshape(len(features), -1)[keep])
         ys.append((gap[keep] < CLOSED_PCT_IOD).astype(np.float64))
     return np.concatenate(xs).astype(np.float64), np.concatenate(ys)
-
-
-def fit(x: np.ndarray, y: np.ndarray, lam: float) -> typing.Tuple[np.ndarray, np.ndarray, float]:
-    """Ridge on centred data → (weights `(D,)`, x mean `(D,)`, y mean)."""
-    x_mean, y_mean = x.mean(axis=0), float(y.mean())
-    centred = x - x_mean
-    weights = np.linalg.solve(centred.T @ centred + lam * np.eye(x.shape[1]), centred.T @ (y - y_mean))
-    return weights, x_mean, y_mean
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

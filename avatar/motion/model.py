@@ -154,7 +154,7 @@ class ClosureGated(nn.Module):
         self.conv = nn.Conv1d(features, 1, lags)
 
     @classmethod
-    def from_ridge(cls, network: nn.Module, weights, x_mean, y_mean: float, threshold: float, lags: int = 5) -> "ClosureGated":
+    def from_ridge(cls, network: nn.Module, weights, x_mean, y_mean, threshold: float, lags: int = 5) -> "ClosureGated":
         """From a ridge fit on `lags` stacked centred frames: `weights (lags·D,)`, their mean `(lags·D,)`,
         the target's mean."""
         weights = torch.as_tensor(weights, dtype=torch.float64)
@@ -162,7 +162,7 @@ class ClosureGated(nn.Module):
         model = cls(network, weights.shape[0] // lags, lags, threshold)
         with torch.no_grad():
             model.conv.weight.copy_(weights.reshape(lags, -1, 1).permute(2, 1, 0).float())
-            model.conv.bias.copy_(torch.tensor([y_mean - float(x_mean @ weights)]).float())
+            model.conv.bias.copy_(torch.tensor([float(y_mean) - float(x_mean @ weights)]).float())
         return model
 
     def closure(self, features: torch.Tensor) -> torch.Tensor:
