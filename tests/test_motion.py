@@ -258,7 +258,7 @@ def test_ridge_readout_baseline_on_the_cache(tiny_cache, capsys):
 def test_closure_gate_training_writes_a_gated_model(tiny_cache, tmp_path):
     """`training.closure_gate` on a real cache: λ by leave-people-out AUC, an ONNX with the network's
     inputs and outputs whose mouths are the network's or pulled towards rest, and a torch copy that
-    `load_model` reads back as the same gated model."""
+    `load_model` reads back as the same gated model (whose network alone teaches the live model)."""
     from avatar.motion.model import ClosureGated
     from training import closure_gate
     from training.export_motion import load_model
@@ -276,6 +276,11 @@ def test_closure_gate_training_writes_a_gated_model(tiny_cache, tmp_path):
     mouth = MotionPredictor(out).predict(features[0], rest[0])
     share = np.linalg.norm((mouth - alone).reshape(80, -1), axis=1) / np.linalg.norm((rest[0] - alone).reshape(80, -1), axis=1)
     assert np.all((share > -1e-3) & (share < 1 + 1e-3))  # kept, or moved towards rest, never past it
+    from training.train_motion import teacher_offsets  # a gated copy teaches the live model with its network alone
+
+    with torch.no_grad():
+        taught = gated.network.offsets(gated.network.coefficients(torch.from_numpy(features)))[0].numpy()
+    np.testing.assert_array_equal(teacher_offsets(str(copy))(features[0]), taught)
 
 
 def test_person_folds_hold_each_person_out_once_and_never_fit_on_them():

@@ -109,6 +109,10 @@ def main(argv=None) -> int:
     parser.add_argument("--torch-copy", type=pathlib.Path, help="also save an fp16 torch copy here")
     args = parser.parse_args(argv)
     model = load_model(args.checkpoint)
+    if args.torch_copy and not isinstance(model, MotionModel):
+        print(f"error: {args.checkpoint} holds a blend or a closure gate: its torch copy is written by training.linear_motion "
+              "or training.closure_gate", file=sys.stderr)
+        return 2
     worst = export_checked(model, args.out, 1e-4)
     if worst is None:
         return 1

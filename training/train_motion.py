@@ -118,9 +118,12 @@ def teacher_offsets(path: str):
     """The teacher's offsets in rest mouth widths, `(T, D)` features → `(T, K, 2)` (a motion model's torch copy)."""
     import pathlib
 
+    from avatar.motion.model import ClosureGated
     from training.export_motion import load_model
 
     teacher = load_model(pathlib.Path(path))
+    if isinstance(teacher, ClosureGated):  # the network alone: the shipped live model was taught by it (the gate came later)
+        teacher = teacher.network
 
     def label(features: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -136,7 +136,6 @@ class MotionBlend(nn.Module):
         return self.network(features, rest), self.linear(features, rest)
 
 
-
 class ClosureGated(nn.Module):
     """A motion model whose mouth is pulled to the rest shape (closed lips, jaw up) where a linear
     read-out of the speech features says the real lips close (`training.closure_gate`: a ridge fit of
