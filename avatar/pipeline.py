@@ -237,7 +237,7 @@ class AvatarPipeline:
         here, the encoder in `_write`), so the stages overlap and their seconds add up to more than
         the wall time."""
         clock = clock or StageClock()
-        size = max(1, self.config.batch)
+        size = self.config.batch  # at least 1 (PipelineConfig)
 
         def batches() -> typing.Iterator[typing.Tuple[int, typing.List[FrameJob]]]:
             pending: typing.List[FrameJob] = []

@@ -24,7 +24,7 @@ import typing
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.motion.model import ClosureGated
+from avatar.motion.model import ClosureGated, MotionModel
 from training.closures import CLOSED_PCT_IOD
 from training.linear_motion import fit
 from training.motion_data import MotionClip, clip_features, load_motion_clips
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     network = load_model(args.network)
     if isinstance(network, ClosureGated):  # a copy gated before: its network, gated afresh
         network = network.network
-    if network.config.causal or not hasattr(network, "head"):
+    if not isinstance(network, MotionModel) or network.config.causal:
         print(f"error: {args.network} is not an offline network (MotionModel, not causal)", file=sys.stderr)
         return 2
     clips = load_motion_clips(args.cache, "train")
