@@ -24,7 +24,8 @@ The file (FORMAT_VERSION 2, suffix `.avatar`) is a zip read without pickle:
   "bank", "idle", "still", "adaptation" (with the sha256 of the speech encoder and motion model it
   was fitted with), "files": {member: sha256}};
 - `.npy` arrays (`np.load(allow_pickle=False)`): identity/rest, identity/rest_anchor,
-  identity/inner_mouth, identity/drift_landmarks_K, bank/mouths, idle/transforms,
+  identity/inner_mouth, identity/drift_landmarks_K, bank/mouths, bank/heads (each entry's head
+  pose: its 3D head points; files without them still load, their entries drawn at any pose), idle/transforms,
   idle/crop_landmarks, idle/frame_landmarks, still/landmarks, adaptation/{x_mean,y_mean,weights};
 - images: identity/reference_K.png, identity/inner.png (the crop the open mouth is made from),
   identity/drift_K.jpg, bank/K.png (lossless, for the teeth's detail), still/image.png; the idle
@@ -58,6 +59,7 @@ from avatar.config import AlignConfig, RenderConfig
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform, transform_scale
 from avatar.frames import FrameStore
 from avatar.motion.adapt import MotionAdaptation, fit_adaptation
+from avatar.motion.pose import HEAD_POINTS
 from avatar.render.base import FrameJob, Identity
 from avatar.render.retrieval import MouthBank, lip_shape
 from avatar.render.warp import open_inner
@@ -353,7 +355,8 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
         side = bank_side([transform_of(j) for j in chosen], pipeline.crop_size, pipeline.config.warp_max_size)
         aligner = FaceAligner(AlignConfig(crop_size=side))
         bank_crops = np.stack([aligner.crop(frame_of(j), rescale_transform(transform_of(j), pipeline.crop_size, side)) for j in chosen])
-        identity.bank = MouthBank(bank_crops, rescale_points(mouths[chosen], pipeline.crop_size, side), pipeline.crop_size)
+        identity.bank = MouthBank(bank_crops, rescale_points(mouths[chosen], pipeline.crop_size, side), pipeline.crop_size,
+                                  heads=rescale_points(crop_lms[chosen][:, HEAD_POINTS], pipeline.crop_size, side))
     steps.update()
 
     # 3. The idle loop, from the video with the most usable frames.
@@ -478,6 +481,8 @@ def save_avatar(avatar: Avatar, path: PathLike, inputs: typing.Sequence[PathLike
     bank = identity.bank
     if bank is not None:
         members["bank/mouths.npy"] = _npy(bank.mouths.astype(np.float32))
+        if bank.heads is not None:
+            members["bank/heads.npy"] = _npy(bank.heads.astype(np.float32))
         for k, crop in enumerate(bank.crops):
             members[f"bank/{k}.png"] = _image(crop, ".png")
     if avatar.idle is not None:
@@ -502,7 +507,7 @@ def save_avatar(avatar: Avatar, path: PathLike, inputs: typing.Sequence[PathLike
         "summary": avatar.summary,
         "identity": {"references": len(identity.references), "drift_references": len(identity.drift_references),
                      "rest_inferred": identity.rest_inferred, "inner": avatar.inner_source is not None},
-        "bank": {"entries": len(bank), "crop_size": bank.size} if bank is not None else None,
+        "bank": {"entries": len(bank), "crop_size": bank.size, "heads": bank.heads is not None} if bank is not None else None,
         "idle": {"frames": len(avatar.idle), "fps": avatar.idle.fps} if avatar.idle is not None else None,
         "still": avatar.still is not None,
         "adaptation": adaptation.meta() if adaptation is not None else None,
@@ -581,7 +586,8 @@ def load_avatar(path: PathLike) -> Avatar:
         if manifest.get("bank"):
             mouths = read.array("bank/mouths.npy")
             crops = np.stack([read.image(f"bank/{k}.png") for k in range(int(manifest["bank"]["entries"]))])
-            identity.bank = MouthBank(crops, mouths)
+            heads = read.array("bank/heads.npy").astype(np.float64) if manifest["bank"].get("heads") else None
+            identity.bank = MouthBank(crops, mouths, heads=heads)
         if manifest.get("adaptation"):
             arrays = {name: read.array(f"adaptation/{name}.npy") for name in ("x_mean", "y_mean", "weights")}
             identity.adaptation = MotionAdaptation.from_parts(arrays, manifest["adaptation"])

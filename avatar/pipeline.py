@@ -44,6 +44,7 @@ from avatar.errors import FaceError, MediaError
 from avatar.face import landmarks as lm
 from avatar.face.align import FaceAligner, FaceRegion, apply_transform, invert_transform
 from avatar.frames import fit_image, pingpong_schedule
+from avatar.motion.pose import HEAD_POINTS
 from avatar.person import IdentityBuilder
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch, one_blas_thread
 from avatar.render.renderers import RENDER_MODEL, make_renderer
@@ -428,8 +429,10 @@ class AvatarPipeline:
         events: typing.List[typing.Dict[str, typing.Any]] = []
         monitor = self._drift_monitor(identity, events)
         failures: typing.List[typing.Dict[str, typing.Any]] = []
-        path = identity.bank.path(mouths) if identity.bank is not None else [None] * n
-        jobs = (loop.job(i, mouths[i], identity.rest, path[i]) for i in range(n))
+        jobs = [loop.job(i, mouths[i], identity.rest) for i in range(n)]  # each at its loop frame's head pose
+        if identity.bank is not None:
+            path = identity.bank.path(np.stack([job.mouth for job in jobs]), np.stack([job.crop_landmarks[HEAD_POINTS] for job in jobs]))
+            jobs = [dataclasses.replace(job, bank_index=int(entry)) for job, entry in zip(jobs, path)]
         self._write(output, fps, samples, inputs, self.render_jobs(identity, jobs, fps, monitor, clock, failures), n, "animate",
                     progress, clock)
         failures.sort(key=lambda item: item["frame"])
@@ -575,11 +578,21 @@ class AvatarPipeline:
         from avatar.motion.pose import PosedRest
         from avatar.motion.runner import closed_frames
 
-        path = identity.bank.path(mouths) if identity.bank is not None else None
         faces = np.stack([np.asarray(crop_landmarks[i], np.float64) for i in range(len(valid)) if valid[i]]) if any(valid) else None
         posed = None
         if faces is not None and faces.shape[-1] >= 3:
             posed = PosedRest.from_frames(faces, identity.rest, closed_frames(faces[..., :2]))
+        placed = np.array(mouths, np.float64)  # each output frame's mouth at its source frame's head pose
+        for j, source in enumerate(schedule):
+            if valid[int(source)]:
+                face = crop_landmarks[int(source)]
+                placed[j] = posed.place(face, mouths[j]) if posed is not None else \
+                    mouths[j] + (lm.mouth_anchor(face) - identity.rest_anchor)
+        path = None
+        if identity.bank is not None:
+            path = identity.bank.path(placed, None if posed is None else np.stack([
+                np.asarray(crop_landmarks[int(i)], np.float64)[HEAD_POINTS] if valid[int(i)] else np.full((len(HEAD_POINTS), 3), np.nan)
+                for i in schedule]))
         for j, source in enumerate(schedule):
             source = int(source)
             frame = frame_at(source)
@@ -591,9 +604,5 @@ class AvatarPipeline:
                 failures.append({"frame": j, "t": round(j / fps, 3), "why": turned})
                 yield FrameJob(frame)
                 continue
-            if posed is not None:
-                mouth = posed.place(crop_landmarks[source], mouths[j])
-            else:
-                mouth = mouths[j] + (lm.mouth_anchor(crop_landmarks[source]) - identity.rest_anchor)
-            yield FrameJob(frame, transforms[source], crop_landmarks[source], frame_landmarks[source], mouth,
+            yield FrameJob(frame, transforms[source], crop_landmarks[source], frame_landmarks[source], placed[j],
                            None if path is None else int(path[j]))

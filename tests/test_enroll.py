@@ -20,8 +20,9 @@ from avatar.face.align import rescale_points
 from avatar.metrics import pearson
 from avatar.motion.adapt import fit_adaptation
 from avatar.pipeline import AvatarPipeline
-from avatar.render.base import FrameJob, RenderBatch
-from avatar.render.retrieval import MouthBank, lip_shape
+from avatar.render.base import FrameJob, Identity, RenderBatch
+from avatar.motion.pose import HEAD_POINTS
+from avatar.render.retrieval import MAX_TURN_DEG, NONE, MouthBank, lip_shape
 from conftest import DATA, GRID_CLIP, REPO, SILENT_CLIP, SPEECH_FLAC
 
 KATIE = DATA / "video/OpenTalker__SadTalker/WDA_KatieHill_000.mp4"  # 8 s, 512², one woman speaking
@@ -56,6 +57,8 @@ def test_the_avatar_file_round_trips_without_pickle(enrolled):
     assert len(other.bank) == len(ident.bank) >= 10
     np.testing.assert_allclose(other.bank.mouths, ident.bank.mouths, atol=1e-4)
     np.testing.assert_array_equal(other.bank.crops, ident.bank.crops)  # lossless
+    assert ident.bank.heads is not None and ident.bank.heads.shape == (len(ident.bank), len(HEAD_POINTS), 3)
+    np.testing.assert_allclose(other.bank.heads, ident.bank.heads, atol=1e-3)
     assert other.bank.size == ident.bank.size and 256 <= other.bank.size <= 384 and other.bank.size % 16 == 0
     assert len(back.idle) == len(avatar.idle) and back.idle.fps == avatar.idle.fps
     np.testing.assert_allclose(back.idle.transforms, avatar.idle.transforms, atol=1e-5)
@@ -130,6 +133,69 @@ def test_retrieval_follows_the_targets_shape_and_switches_only_when_it_pays(enro
     assert (np.diff(path) != 0).sum() < 0.6 * (np.diff(nearest) != 0).sum()
     chosen_cost = bank.costs(targets)[np.arange(len(path)), path]
     assert np.median(chosen_cost) < np.median(bank.costs(targets).mean(1)) / 4  # far better than a random entry
+
+
+def test_only_entries_at_the_faces_head_pose_are_drawn():
+    """Entries whose head is turned from the face's by more than MAX_TURN_DEG are not candidates
+    (measured as the rotation between the two heads, whatever their scale and place); where none is
+    near, the path says NONE and the renderer draws no entry (the warp alone), and a stream's
+    `follow` gives None; without heads (files written before them) every entry is a candidate."""
+    from avatar.render.renderers import RetrievalRenderer
+
+    rng = np.random.default_rng(0)
+    head = rng.normal(0, 30, (len(HEAD_POINTS), 3))
+
+    def turned(degrees, scale=1.0, shift=(0.0, 0.0, 0.0)):
+        a = np.radians(degrees)
+        yaw = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+        return scale * head @ yaw.T + shift
+
+    mouths = np.repeat(rng.normal(64, 5, (1, 59, 2)), 3, axis=0)
+    mouths[1, :20, 1] += 1.0  # entry 1 fits the target best, but its head is turned 20°
+    bank = MouthBank(np.zeros((3, 32, 32, 3), np.uint8), mouths, crop_size=32,
+                     heads=np.stack([turned(0), turned(20, 1.3, (5, 5, 0)), turned(-8)]))
+    np.testing.assert_allclose(bank.turns(turned(0)[None])[0], [0, 20, 8], atol=1e-4)
+    target = mouths[1]
+    faces = np.stack([turned(0), turned(18), turned(50), np.full_like(head, np.nan)])
+    assert bank.candidates(faces, 4).tolist() == [[True, False, True], [False, True, False], [False, False, False], [True, True, True]]
+    path = bank.path(np.repeat(target[None], 4, axis=0), faces)
+    assert path[1] == 1 and path[2] == NONE and path[0] != 1 and path[3] == 1
+    assert MouthBank(bank.crops, mouths, crop_size=32).path(np.repeat(target[None], 4, axis=0), faces).tolist() == [1, 1, 1, 1]
+    face = np.zeros((478, 3))
+    face[HEAD_POINTS] = turned(50)
+    assert bank.follow(target, 1, face) is None and bank.follow(target, None, face[:, :2]) == 1  # no depth: no pose
+    face[HEAD_POINTS] = turned(0)
+    assert bank.follow(target, 1, face) in (0, 2)  # the previous entry is no longer a candidate
+
+    person = Identity([], mouths[0], np.zeros(2), [], bank=bank)
+    jobs = [FrameJob(np.zeros((8, 8, 3), np.uint8), np.eye(2, 3), face, face, target, k) for k in (NONE, 2)]
+    jobs.append(FrameJob(np.zeros((8, 8, 3), np.uint8), np.eye(2, 3), face, face, target))
+    assert RetrievalRenderer().choose(RenderBatch(jobs, [person] * 3, range(3))) == [None, 2, 2]  # a stream keeps its entry
+    assert MAX_TURN_DEG == 12.0
+
+
+def test_a_dub_of_a_head_turning_away_from_its_banked_mouths_draws_none_there(pipeline):
+    """The clip whose head tilts and rolls fast, enrolled on the fly as `dub` does: its bank's
+    mouths were taken at other head poses than frames 35-40's (about 14-20° away), where the
+    retrieval renderer drew cut-out rings and crossed lips; those frames now draw no entry, frontal
+    clips lose none (measured: the CNN and German anchors' and Katie Hill's frames all have entries
+    within 5°)."""
+    from avatar.motion.pose import PosedRest
+    from avatar.motion.runner import closed_frames
+    from test_artifacts import TILTED_CLIP
+
+    footage = track_video(pipeline, TILTED_CLIP, progress=False, with_audio=True)
+    try:
+        identity = build_avatar(pipeline, [footage], progress=False, idle=False, strict=False).identity
+        faces = np.stack([np.asarray(footage.crop_landmarks[i], np.float64) for i in footage.good])
+    finally:
+        footage.close()
+    nearest = identity.bank.turns(faces[:, HEAD_POINTS]).min(axis=1)
+    assert (nearest[35:41] > MAX_TURN_DEG).all() and (nearest <= MAX_TURN_DEG).mean() > 0.8, nearest.round()
+    posed = PosedRest.from_frames(faces, identity.rest, closed_frames(faces[..., :2]))
+    targets = np.stack([posed.place(face, identity.rest) for face in faces])
+    path = identity.bank.path(targets, faces[:, HEAD_POINTS])
+    assert ((path == NONE) == (nearest > MAX_TURN_DEG)).all()
 
 
 def test_bank_crops_are_kept_at_the_faces_own_resolution():

@@ -63,8 +63,8 @@ class FrameJob:
 
     frame: `(H, W, 3) uint8`; transform: `(2, 3)` frame → crop; crop_landmarks: `(478, 3)` the face as it
     is, crop pixels; frame_landmarks: the same in frame pixels; mouth: `(59, 2)` target, crop pixels;
-    bank_index: the entry of the person's mouth bank chosen for this frame (`MouthBank.path`), or None
-    (the retrieval renderer chooses as a stream does).
+    bank_index: the entry of the person's mouth bank chosen for this frame (`MouthBank.path`; -1, NONE:
+    no entry, the warp alone), or None (the retrieval renderer chooses as a stream does).
     """
 
     frame: np.ndarray

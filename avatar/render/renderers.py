@@ -147,7 +147,7 @@ class RetrievalRenderer(WarpRenderer):
     def __init__(self, config: PipelineConfig = PipelineConfig(), crop_size: int = AlignConfig.crop_size,
                  pool: typing.Optional[FramePool] = None):
         super().__init__(config, crop_size, pool)
-        self._last: "weakref.WeakKeyDictionary[typing.Any, int]" = weakref.WeakKeyDictionary()
+        self._last: "weakref.WeakKeyDictionary[typing.Any, typing.Optional[int]]" = weakref.WeakKeyDictionary()
 
     def choose(self, batch: RenderBatch) -> typing.List[typing.Optional[int]]:
         """The bank entry of each job (None: no bank, or no face)."""
@@ -157,9 +157,9 @@ class RetrievalRenderer(WarpRenderer):
             if bank is None:
                 continue
             if job.bank_index is not None:
-                chosen[i] = int(job.bank_index)
+                chosen[i] = int(job.bank_index) if job.bank_index >= 0 else None  # NONE: no entry near the face's pose
             else:
-                chosen[i] = bank.follow(job.mouth, self._last.get(bank))
+                chosen[i] = bank.follow(job.mouth, self._last.get(bank), job.crop_landmarks)
             self._last[bank] = chosen[i]
         return chosen
 

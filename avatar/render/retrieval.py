@@ -11,6 +11,13 @@ costs `SWITCH_COST` scaled by how open the mouth is then (a switch while the lip
 seen; one while the teeth show is). Live streams cannot look ahead: they keep their entry until
 another fits better by that same margin (`MouthBank.follow`).
 
+An entry is a picture of a mouth at its frame's head pose; warped onto a face turned another way
+(its lips' landmarks moved onto the target's) its lips cross the face's own and the drawn region
+shows a cut-out ring (a clip whose head tilts and rolls fast drew broken mouths over 10 of 59
+frames). So only entries whose head is turned less than `MAX_TURN_DEG` from the frame's are
+candidates (`MouthBank.turns`: the rotation between the two faces' 3D head points); a frame with
+none renders with the warp alone (path entry -1).
+
 The renderer (`avatar/render/renderers.py`) is the warp renderer with the chosen entry as the open
 mouth it composes the inside of the mouth from, and then the entry itself, warped from its mouth to
 the target's (`MouthBank.draw`), blended over the lips and a margin round them: the person's own
@@ -30,6 +37,7 @@ import numpy as np
 
 from avatar.face import landmarks as lm
 from avatar.face.align import rescale_points
+from avatar.motion.pose import HEAD_POINTS, similarity_3d
 from avatar.render.warp import MIN_OPEN, N_LIPS, N_OUTER, InnerMouth, mouth_width, open_inner, render_warp
 
 SWITCH_COST = 3.0  # crop-128 px² of mean squared lip distance that a change of entry must win, at full opening (a random entry is ~5 away, the nearest ~0.2-0.5)
@@ -37,6 +45,15 @@ FULL_OPENING = 0.25  # inner-gap ratio at which a switch costs all of SWITCH_COS
 # The region an entry is drawn over: the target's outer lips grown by LIPS_GROW and feathered by
 # LIPS_FEATHER (a Gaussian's sigma), both × the mouth's width.
 LIPS_GROW, LIPS_FEATHER = 0.12, 0.05
+MAX_TURN_DEG = 12.0  # an entry is drawn only on faces whose head is turned less than this from the entry's
+NONE = -1  # a path's entry where no bank entry is drawn (none within MAX_TURN_DEG): the warp alone
+
+
+def head_rotations(heads: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`heads (T, P, 3)` (HEAD_POINTS of faces, crop px with depth) → `(T, 3, 3)`: each head's
+    rotation from `reference (P, 3)` (`similarity_3d`). Two heads' relative turn is then
+    `rotations[a] @ rotations[b].T`, whatever the reference."""
+    return np.stack([similarity_3d(reference, h)[1] for h in np.asarray(heads, np.float64)]) if len(heads) else np.zeros((0, 3, 3))
 
 
 def lip_shape(mouths: np.ndarray) -> np.ndarray:
@@ -70,13 +87,19 @@ def shape_neighbours(shapes: np.ndarray, first: int, count: int) -> np.ndarray:
 class MouthBank:
     """A person's mouths, closed and open: `crops (N, S, S, 3) uint8` aligned face crops of side S,
     `mouths (N, 59, 2)` their mouth and jaw in those crops' pixels. `crop_size`: the side the targets
-    are given at (the pipeline's canonical crop, 128)."""
+    are given at (the pipeline's canonical crop, 128). `heads (N, P, 3)`: each entry's HEAD_POINTS
+    (crop px with depth), its head pose; None (avatar files written before them): every entry is a
+    candidate for every face."""
 
-    def __init__(self, crops: np.ndarray, mouths: np.ndarray, crop_size: int = 128):
+    def __init__(self, crops: np.ndarray, mouths: np.ndarray, crop_size: int = 128, heads: typing.Optional[np.ndarray] = None):
         crops, mouths = np.asarray(crops), np.asarray(mouths, np.float64)
         if crops.ndim != 4 or crops.shape[1] != crops.shape[2] or len(crops) != len(mouths) or len(crops) == 0:
             raise ValueError(f"a mouth bank needs N square crops and N mouths, got {crops.shape} and {mouths.shape}")
+        if heads is not None and np.shape(heads) != (len(crops), len(HEAD_POINTS), 3):
+            raise ValueError(f"a mouth bank's heads are (N, {len(HEAD_POINTS)}, 3), got {np.shape(heads)}")
         self.crops, self.mouths, self.size, self.crop_size = crops, mouths, int(crops.shape[1]), crop_size
+        self.heads = None if heads is None else np.asarray(heads, np.float64)
+        self._rotations = None if heads is None else head_rotations(self.heads, self.heads[0])  # (N, 3, 3)
         self.shapes = lip_shape(rescale_points(mouths, self.size, crop_size))  # (N, 40, 2) at the targets' scale
         self.gaps = np.array([lm.inner_gap_ratio(m) for m in self.mouths])  # (N,) inner gap / mouth width
         self._inner: typing.Dict[int, InnerMouth] = {}
@@ -156,36 +179,70 @@ class MouthBank:
         shapes = lip_shape(targets)
         return ((shapes[:, None] - self.shapes[None]) ** 2).sum(-1).mean(-1)
 
+    def turns(self, heads: np.ndarray) -> np.ndarray:
+        """`heads (T, P, 3)`: faces' HEAD_POINTS (crop px with depth) → `(T, N)` degrees each face's
+        head is turned from each entry's (the angle of their relative rotation); zeros for a bank
+        without heads."""
+        heads = np.asarray(heads, np.float64)
+        if self._rotations is None:
+            return np.zeros((len(heads), len(self)))
+        relative = np.einsum("tij,nkj->tnik", head_rotations(heads, self.heads[0]), self._rotations)
+        cosine = (np.trace(relative, axis1=-2, axis2=-1) - 1.0) / 2.0
+        return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+
+    def candidates(self, heads: typing.Optional[np.ndarray], count: int) -> np.ndarray:
+        """`(T, N) bool`: the entries that may be drawn on each of `count` faces, given their
+        HEAD_POINTS `heads (T, P, 3)` (within MAX_TURN_DEG; all, without heads or for a bank without
+        them). A row of NaN (no face) allows all."""
+        if heads is None or self._rotations is None:
+            return np.ones((count, len(self)), bool)
+        heads = np.asarray(heads, np.float64)
+        known = np.isfinite(heads).all(axis=(1, 2))
+        allowed = np.ones((count, len(self)), bool)
+        if known.any():
+            allowed[known] = self.turns(heads[known]) <= MAX_TURN_DEG
+        return allowed
+
     @staticmethod
     def switch_costs(targets: np.ndarray) -> np.ndarray:
         """`(T,)`: what changing entries at each frame costs (`SWITCH_COST` × how open the mouth is)."""
         gaps = np.array([lm.inner_gap_ratio(t) for t in np.asarray(targets, np.float64)])
         return SWITCH_COST * np.clip((gaps - MIN_OPEN) / (FULL_OPENING - MIN_OPEN), 0.0, 1.0)
 
-    def path(self, targets: np.ndarray) -> np.ndarray:
-        """The entries `(T,) int64` for a whole sequence of target mouths `(T, 59, 2)` (Viterbi)."""
+    def path(self, targets: np.ndarray, heads: typing.Optional[np.ndarray] = None) -> np.ndarray:
+        """The entries `(T,) int64` for a whole sequence of target mouths `(T, 59, 2)` (Viterbi), on
+        faces whose head pose (`heads (T, P, 3)`, their HEAD_POINTS; NaN rows: no face) limits the
+        candidates (`candidates`); NONE where no entry may be drawn. The target mouths are the ones
+        drawn: at each frame's head pose."""
         targets = np.asarray(targets, np.float64)
         if len(targets) == 0:
             return np.zeros(0, np.int64)
-        costs, switch = self.costs(targets), self.switch_costs(targets)
+        allowed = self.candidates(heads, len(targets))
+        none = np.where(allowed.any(axis=1), np.inf, 0.0)  # the warp alone: only where no entry may be drawn
+        costs, switch = np.c_[np.where(allowed, self.costs(targets), np.inf), none], self.switch_costs(targets)
         total = costs[0].copy()
         back = np.zeros(costs.shape, np.int64)
         for t in range(1, len(targets)):
             best = int(np.argmin(total))
             change = total[best] + switch[t]
-            back[t] = np.where(total <= change, np.arange(len(self)), best)
+            back[t] = np.where(total <= change, np.arange(len(self) + 1), best)
             total = np.minimum(total, change) + costs[t]
         path = np.zeros(len(targets), np.int64)
         path[-1] = int(np.argmin(total))
         for t in range(len(targets) - 1, 0, -1):
             path[t - 1] = back[t, path[t]]
-        return path
+        return np.where(path == len(self), NONE, path)
 
-    def follow(self, target: np.ndarray, previous: typing.Optional[int]) -> int:
-        """The entry for one target mouth `(59, 2)` of a stream: the previous one unless another fits
-        better by more than the switch cost."""
-        costs = self.costs(np.asarray(target, np.float64)[None])[0]
+    def follow(self, target: np.ndarray, previous: typing.Optional[int], face: typing.Optional[np.ndarray] = None) -> typing.Optional[int]:
+        """The entry for one target mouth `(59, 2)` of a stream, on `face (478, 3)` (its head pose
+        limits the candidates): the previous one unless another fits better by more than the switch
+        cost; None where no entry may be drawn."""
+        face = None if face is None or np.shape(face)[-1] < 3 else np.asarray(face, np.float64)[None, HEAD_POINTS]  # no depth: no pose
+        allowed = self.candidates(face, 1)[0]
+        if not allowed.any():
+            return None
+        costs = np.where(allowed, self.costs(np.asarray(target, np.float64)[None])[0], np.inf)
         best = int(np.argmin(costs))
-        if previous is None or costs[previous] - costs[best] > self.switch_costs(np.asarray(target)[None])[0]:
+        if previous is None or not allowed[previous] or costs[previous] - costs[best] > self.switch_costs(np.asarray(target)[None])[0]:
             return best
         return previous
