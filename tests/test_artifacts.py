@@ -234,6 +234,41 @@ def test_a_portrait_with_an_open_mouth_rests_closed_in_silence(pipeline, tracker
     assert gap - closed < 0.1 * width, (gap, closed, width)
 
 
+def test_a_closed_mouth_portrait_keeps_its_closed_lips_in_near_silence(pipeline, tracker):
+    """The closed-mouth painting animated with room noise (-55 dBFS white noise, -45 dBFS hum): every
+    frame's re-detected gap stays within 10% of the mouth's width of the photo's, and no dark slit
+    opens between the lips (the darkest tenth of the lips' middle stays within 12 levels of the
+    photo's; a 2-px dark line drawn between them lowers it by 22). Reported on unseen photos before;
+    not reproduced on this portrait with the code of the time either: kept as a guard."""
+    from avatar.config import IdleConfig
+
+    portrait = media.read_image(CLOSED_MOUTH)
+    landmarks = tracker.select(portrait).landmarks
+
+    def lips_middle(image, points):
+        """Luma of the band between the outer lips' middle third."""
+        lips = points[lm.LIPS_OUTER, :2]
+        left, right = lips[:, 0].min(), lips[:, 0].max()
+        mask = np.zeros(image.shape[:2], np.uint8)
+        cv2.fillPoly(mask, [np.round(lips).astype(np.int32)], 1)
+        mask[:, :int(left + (right - left) / 3)] = 0
+        mask[:, int(right - (right - left) / 3):] = 0
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[mask > 0]
+
+    photo_gap = float(lm.mouth_opening(landmarks) / lm.interocular(landmarks))
+    photo_dark = np.percentile(lips_middle(portrait, landmarks), 10)
+    rng = np.random.default_rng(0)
+    for noise in (rng.normal(0, 10 ** (-55 / 20), 32000), 10 ** (-45 / 20) * np.sqrt(2) * np.sin(2 * np.pi * 50 * np.arange(32000) / 16000)):
+        identity = pipeline.prepare_image(portrait, landmarks)
+        frames = list(pipeline.animate_frames(identity, portrait, landmarks, noise.astype(np.float32), IdleConfig(enabled=False)))
+        for frame in frames[::5]:
+            detected = tracker.select(frame).landmarks
+            gap = float(lm.mouth_opening(detected) / lm.interocular(detected))
+            width = lm.mouth_width(detected[lm.MOUTH_AND_JAW, :2]) / lm.interocular(detected)
+            assert abs(gap - photo_gap) < 0.1 * width, (gap, photo_gap, width)
+            assert np.percentile(lips_middle(frame, detected), 10) > photo_dark - 12, (np.percentile(lips_middle(frame, detected), 10), photo_dark)
+
+
 def test_the_closed_mouth_prior_closes_held_out_mouths_better_than_the_baselines(tiny_cache):
     """Fitted on the training people of real clips and measured on the validation person: closer to
     the person's real closed mouth than the open mouth as it is and than lifting the lower lip by the gap."""
