@@ -60,7 +60,7 @@ def align_video(
             if tracked.face is None:
                 aligned = None
                 if last_transform is not None:  # hold the last place; no landmarks in this frame
-                    aligned = AlignedFace(aligner.crop(image, last_transform), np.zeros((0, 3), np.float32), last_transform)
+                    aligned = AlignedFace(image, aligner.size, np.zeros((0, 3), np.float32), last_transform)
                 smoother.reset()
                 yield AlignedFrame(tracked.index, tracked.timestamp, False, aligned, None, image)
                 continue
