@@ -59,7 +59,8 @@ def make_graph(name: str) -> FrameGraph:
     denoiser = denoiser_from_onnx(ASSETS / "render.onnx")
     steps = config.steps or steps_from(config.diffusion_start, denoiser.config.steps)
     model = Autocast(denoiser) if name == "diffusion-fp16" else denoiser
-    return FrameGraph(denoiser.config.crop_size, model, steps, config.diffusion_start, config.colour_match, FRAME_DETAIL_TOLERANCE).eval()
+    return FrameGraph(denoiser.config.crop_size, model, steps, config.diffusion_start, config.colour_match, FRAME_DETAIL_TOLERANCE,
+                      retrieval=True).eval()
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,10 @@
-"""Export the frame graph (`avatar/render/frame_graph.py`) to ONNX: the warp renderer's (no weights)
-and the diffusion renderer's (the shipped denoiser, whose weights it takes from `render.onnx` at load), for the
-pipeline's defaults (crop side, diffusion start, steps, colour match). Checks parity with torch.
+"""Export the frame graph (`avatar/render/frame_graph.py`) to ONNX: the warp renderer's and the
+retrieval renderer's (no weights; the latter draws the person's bank entry) and the diffusion
+renderer's (the shipped denoiser, whose weights it takes from `render.onnx` at load, drafting as the
+retrieval renderer), for the pipeline's defaults (crop side, diffusion start, steps, colour match).
+Checks parity with torch.
 
-    python -m training.export_graph --out-dir assets [--render assets/render.onnx] [--kind warp|diffusion|both]
+    python -m training.export_graph --out-dir assets [--render assets/render.onnx] [--kind warp|retrieval|diffusion|all]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from avatar.config import PipelineConfig
 from avatar.render.frame_graph import FrameGraph
-from avatar.render.graph import GRAPH_FILES, GRAPH_INPUTS, graph_model
+from avatar.render.graph import GRAPH_FILES, graph_inputs, graph_model
 from avatar.render.renderers import FRAME_DETAIL_TOLERANCE
 from avatar.render.sampling import steps_from
 from avatar.runtime import OnnxSession
@@ -55,7 +57,10 @@ def example_inputs(size: int, references: int, batch: int = 2, seed: int = 0) ->
            "watermark": np.full(batch, 2.0, np.float32), "pattern": rng.standard_normal((size, size)).astype(np.float32),
            "references": rng.uniform(0, 255, (batch, 3 * references, size, size)).astype(np.float32),
            "sketch": u(batch, 3, size, size), "noise": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
-    for name in ("upper", "lower"):
+    out["entry"] = rng.uniform(0, 255, (batch, 3, size, size)).astype(np.float32)
+    for name in ("entry_hole", "entry_inner_box", "entry_lower_box", "entry_region"):
+        out[name] = (u(batch, size, size) > 0.3).astype(np.float32) * u(batch, size, size)
+    for name in ("upper", "lower", "entry_upper", "entry_lower"):
         out[f"{name}_points"] = rng.uniform(0, size, (batch, points, 2)).astype(np.float32)
         out[f"{name}_weights"] = (rng.standard_normal((batch, points, 2)) * 1e-3).astype(np.float32)
         out[f"{name}_affine"] = np.tile(np.float32([[0.5, 0.5], [0.01, 0.0], [0.0, 0.01]]), (batch, 1, 1))
@@ -149,23 +154,23 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("assets"))
     parser.add_argument("--render", type=pathlib.Path, default=pathlib.Path("assets/render.onnx"),
                         help="the shipped denoiser, whose weights the diffusion graph takes at load instead of holding them")
-    parser.add_argument("--kind", choices=("warp", "diffusion", "both"), default="both")
+    parser.add_argument("--kind", choices=("warp", "retrieval", "diffusion", "all"), default="all")
     args = parser.parse_args(argv)
     config = PipelineConfig()
-    for kind in (("warp", "diffusion") if args.kind == "both" else (args.kind,)):
+    for kind in (tuple(GRAPH_FILES) if args.kind == "all" else (args.kind,)):
         metadata = {"crop_size": "128", "kind": kind}
         if kind == "diffusion":
             denoiser = denoiser_from_onnx(args.render)
             steps = config.steps or steps_from(config.diffusion_start, denoiser.config.steps)
-            graph = FrameGraph(denoiser.config.crop_size, denoiser, steps, config.diffusion_start, config.colour_match, FRAME_DETAIL_TOLERANCE)
+            graph = FrameGraph(denoiser.config.crop_size, denoiser, steps, config.diffusion_start, config.colour_match, FRAME_DETAIL_TOLERANCE,
+                               retrieval=True)
             metadata.update(crop_size=str(denoiser.config.crop_size), references=str(denoiser.config.references),
                             retrieved=str(denoiser.config.retrieved),
                             start=str(config.diffusion_start), steps=str(steps), model_steps=str(denoiser.config.steps),
                             colour_match=str(config.colour_match))
-            names = GRAPH_INPUTS
         else:
-            graph = FrameGraph(128, None, detail_tolerance=FRAME_DETAIL_TOLERANCE)
-            names = tuple(n for n in GRAPH_INPUTS if n not in ("references", "sketch", "noise"))
+            graph = FrameGraph(128, None, detail_tolerance=FRAME_DETAIL_TOLERANCE, retrieval=kind == "retrieval")
+        names = graph_inputs(kind)
         graph.eval()
         out = args.out_dir / GRAPH_FILES[kind]
         with tempfile.TemporaryDirectory() as tmp:

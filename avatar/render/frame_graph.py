@@ -9,7 +9,8 @@ From the frame's face region to the finished region, for a batch of frames of an
    (on every 4th crop pixel, linear in between, as `backward_map`), blended at the target's mouth line;
 3. the inside of the mouth (`teeth_rows`, `cavity`): rows of the person's open mouth hung from the
    target's inner lips, the dark of the mouth between them, a borrowed mouth brought to the photo's
-   lips in CIELAB (`match_lighting`);
+   lips in CIELAB (`match_lighting`); retrieval only: the person's bank entry for the frame, moved
+   and filled the same way, blended over the lips with its brightness matched (`MouthBank.draw`);
 4. diffusion only: the condition, the draft noised to the start time and the denoiser's DDIM steps;
 5. colour match (diffusion) and the watermark;
 6. the feathered composite into the region at the frame's own resolution, with the frame's fine
@@ -119,10 +120,10 @@ class FrameGraph(torch.nn.Module):
     `avatar.render.graph` (GRAPH_INPUTS)."""
 
     def __init__(self, size: int, denoiser: typing.Optional[torch.nn.Module] = None, steps: int = 1,
-                 start: float = 0.25, colour_match: float = 0.8, detail_tolerance: float = 10.0):
+                 start: float = 0.25, colour_match: float = 0.8, detail_tolerance: float = 10.0, retrieval: bool = False):
         super().__init__()
         self.size, self.denoiser, self.steps, self.start = size, denoiser, steps, start
-        self.colour_match, self.detail_tolerance = colour_match, detail_tolerance
+        self.colour_match, self.detail_tolerance, self.retrieval = colour_match, detail_tolerance, retrieval
 
     # 1.
     def crop(self, patch: torch.Tensor, patch_from_crop: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -180,8 +181,9 @@ class FrameGraph(torch.nn.Module):
         out = behind * (1.0 - lower_w) + lower_px * lower_w
         return out * (1.0 - upper_w) + upper_px * upper_w if upper else out
 
-    def inside(self, moved: torch.Tensor, inputs: typing.Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The draft with the inside of the mouth composed in (`render_warp`'s second half)."""
+    def inside(self, moved: torch.Tensor, inputs: typing.Dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """The draft with the inside of the mouth composed in (`render_warp`'s second half); `prefix`
+        "entry_": where the bank entry's own opening leaves it (its hole and row boxes)."""
         band = inputs["lip_band"][:, None]
         lips = (moved * band).sum((2, 3)) / band.sum((2, 3)).clamp(min=1.0)  # (B, 3)
         lips_lab = srgb_to_lab(lips)
@@ -190,12 +192,28 @@ class FrameGraph(torch.nn.Module):
         shade = ((ys - top) / span).clamp(0.0, 1.0)
         fill = lips[:, :, None, None] * (0.12 + 0.33 * shade ** 2)[:, None]  # (B, 3, S, S)
         fill = fill.expand(-1, -1, -1, self.size)
-        fill = self.rows(inputs["lower_row"], inputs["lower_columns"], inputs["lower_box"], fill, lips_lab,
+        fill = self.rows(inputs["lower_row"], inputs["lower_columns"], inputs[prefix + "lower_box"], fill, lips_lab,
                          srgb_to_lab(inputs["lower_lips"]), inputs["lower_borrowed"], upper=False)
-        fill = self.rows(inputs["inner"], inputs["inner_columns"], inputs["inner_box"], fill, lips_lab,
+        fill = self.rows(inputs["inner"], inputs["inner_columns"], inputs[prefix + "inner_box"], fill, lips_lab,
                          srgb_to_lab(inputs["inner_lips"]), inputs["inner_borrowed"], upper=True)
-        hole = inputs["hole"][:, None]
+        hole = inputs[prefix + "hole"][:, None]
         return (moved * (1.0 - hole) + fill * hole + 0.5).floor().clamp(0.0, 255.0)
+
+    def draw_entry(self, face: torch.Tensor, inputs: typing.Dict[str, torch.Tensor]) -> torch.Tensor:
+        """`MouthBank.draw`: the bank entry `(B, 3, S, S)` moved from its mouth to the target's (its own
+        splines), its inside composed as the frame's, blended over `face` in `entry_region` (0
+        everywhere for a frame without an entry), its brightness per channel matched to the face's in
+        the region's rim (0.05 < region < 0.6)."""
+        splines = [inputs["entry_" + k] for k in ("upper_points", "upper_weights", "upper_affine",
+                                                   "lower_points", "lower_weights", "lower_affine")]
+        moved = (self.warp(inputs["entry"], splines, inputs["upper"]) + 0.5).floor().clamp(0.0, 255.0)
+        drawn = self.inside(moved, inputs, "entry_")
+        alpha = inputs["entry_region"][:, None]
+        rim = ((alpha > 0.05) & (alpha < 0.6)).to(face.dtype)
+        count = rim.sum((2, 3))
+        ratio = ((face * rim).sum((2, 3)) / count.clamp(min=1.0) + 1.0) / ((drawn * rim).sum((2, 3)) / count.clamp(min=1.0) + 1.0)
+        drawn = drawn * torch.where(count > 0, ratio, torch.ones_like(ratio))[:, :, None, None]
+        return (face + (drawn - face) * alpha + 0.5).floor().clamp(0.0, 255.0)
 
     # 4.
     def denoise(self, crop: torch.Tensor, draft: torch.Tensor, mask: torch.Tensor, references: torch.Tensor,
@@ -259,6 +277,8 @@ class FrameGraph(torch.nn.Module):
         splines = [inputs[k] for k in ("upper_points", "upper_weights", "upper_affine", "lower_points", "lower_weights", "lower_affine")]
         moved = (self.warp(crop, splines, inputs["upper"]) + 0.5).floor().clamp(0.0, 255.0)  # 2.
         face = self.inside(moved, inputs)  # 3.
+        if self.retrieval:
+            face = self.draw_entry(face, inputs)
         mask = inputs["mask"]
         if self.denoiser is not None:  # 4., 5.
             face = self.denoise(crop, face, mask, inputs["references"], inputs["sketch"], inputs["noise"])

@@ -24,6 +24,10 @@ M: open-mouth image side):
 | inner_box, lower_box | (B, S, S) float32 | 1 where the rows are composed (`row_box`; 0: no usable mouth) |
 | inner_lips, lower_lips | (B, 3) float32 | those mouths' lip colours; inner_borrowed, lower_borrowed (B,): from the bank |
 | watermark | (B,) float32 | the watermark's strength at the frame's index; pattern (S, S): the watermark |
+| entry | (B, 3, S, S) float32 | retrieval and diffusion: the frame's bank entry (`MouthBank.scaled`; 0 without one) |
+| entry_upper_points ... entry_lower_affine | as the splines above | the entry's splines, from its mouth to the target's |
+| entry_hole, entry_inner_box, entry_lower_box | (B, S, S) float32 | the rows composed into the entry (its own opening's hole) |
+| entry_region | (B, S, S) float32 | where the entry is blended (`lips_region`; 0 without an entry) |
 | references, sketch, noise | (B, 3K, S, S), (B, 3, S, S), (B, 3, S, S) float32 | diffusion only (`build_condition`) |
 
 Outputs: `pixels (B, P, P, 3) uint8` (the finished region) and `alpha (B, P, P) float32`.
@@ -44,14 +48,22 @@ from avatar.face.align import FaceRegion, invert_transform, transform_scale
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import landmark_sketch
 from avatar.render.renderers import RetrievalRenderer, frame_references
+from avatar.render.retrieval import lips_region
 from avatar.render.warp import INNER, SMOOTHING, InnerMouth, lip_band, mouth_hole, row_box, row_columns, upper_side, warp_points
 
-GRAPH_FILES = {"warp": "frame_warp.onnx", "diffusion": "frame_diffusion.onnx"}
-GRAPH_INPUTS = ("patch", "patch_from_crop", "crop_from_patch", "level", "detail", "mask", "upper",
-                "upper_points", "upper_weights", "upper_affine", "lower_points", "lower_weights", "lower_affine",
+GRAPH_FILES = {"warp": "frame_warp.onnx", "retrieval": "frame_retrieval.onnx", "diffusion": "frame_diffusion.onnx"}
+SPLINES = ("upper_points", "upper_weights", "upper_affine", "lower_points", "lower_weights", "lower_affine")
+ENTRY_INPUTS = ("entry", *("entry_" + name for name in SPLINES), "entry_hole", "entry_inner_box", "entry_lower_box", "entry_region")
+DIFFUSION_INPUTS = ("references", "sketch", "noise")
+GRAPH_INPUTS = ("patch", "patch_from_crop", "crop_from_patch", "level", "detail", "mask", "upper", *SPLINES,
                 "hole", "lip_band", "cavity", "inner", "inner_columns", "inner_box", "inner_lips", "inner_borrowed",
                 "lower_row", "lower_columns", "lower_box", "lower_lips", "lower_borrowed", "watermark", "pattern",
-                "references", "sketch", "noise")
+                *ENTRY_INPUTS, *DIFFUSION_INPUTS)
+
+
+def graph_inputs(kind: str) -> typing.Tuple[str, ...]:
+    """The inputs of the `kind` graph ("warp": no bank entry; "retrieval": no denoiser; "diffusion": all)."""
+    return tuple(n for n in GRAPH_INPUTS if not (kind == "warp" and n in ENTRY_INPUTS) and not (kind != "diffusion" and n in DIFFUSION_INPUTS))
 
 
 def spline_points(target: np.ndarray, source: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
@@ -122,7 +134,7 @@ class GraphRenderer(RetrievalRenderer):
     """`config.renderer` ("warp", "retrieval" or "diffusion") as one ONNX graph per batch, on the
     canonical crop of side `crop_size` (the per-frame warp works at the face's own resolution; the
     graph at the crop's, with the frame's detail given back). The retrieval renderer's bank choice is
-    the per-frame one's."""
+    the per-frame one's; the retrieval and diffusion graphs draw the chosen entry as it does."""
 
     def __init__(self, folder: typing.Union[str, os.PathLike], config: PipelineConfig = PipelineConfig(),
                  crop_size: int = AlignConfig.crop_size, providers: typing.Optional[typing.Sequence[str]] = None,
@@ -130,8 +142,7 @@ class GraphRenderer(RetrievalRenderer):
         from avatar.runtime import OnnxSession
 
         super().__init__(config, crop_size, pool)
-        self.name = config.renderer
-        self.kind = "diffusion" if config.renderer == "diffusion" else "warp"
+        self.name = self.kind = config.renderer
         path = os.path.join(folder, GRAPH_FILES[self.kind])
         if not os.path.exists(path):
             raise AvatarError(f"{path}: no such model file (python -m training.export_graph makes it)")
@@ -158,8 +169,8 @@ class GraphRenderer(RetrievalRenderer):
     def prepare(self, job: FrameJob, identity: Identity, frame_index: int, entry: typing.Optional[int],
                 box: typing.Tuple[int, int, int, int]) -> typing.Dict[str, typing.Any]:
         """The graph's inputs for one frame (without the batch axis; patch and mouths not yet padded);
-        `entry`: the person's bank entry for it (`choose`); `box`: its region in the frame
-        (`FaceAligner.paste_box`, not empty)."""
+        `entry`: the person's bank entry for it (`choose`; None for the warp graph); `box`: its region
+        in the frame (`FaceAligner.paste_box`, not empty)."""
         inner = self.inner_for(identity, entry).at(self.crop_size)
         size = self.crop_size
         landmarks = np.asarray(job.crop_landmarks, np.float64)[:, :2]
@@ -179,26 +190,50 @@ class GraphRenderer(RetrievalRenderer):
         }
         for name, (target, source) in zip(("upper", "lower"), warp_points(landmarks, mouth, mask)):
             out[f"{name}_spline"] = spline_points(target, source)  # solved for the whole batch at once (`stack`)
-        hole = mouth_hole(landmarks[lm.MOUTH_AND_JAW], mouth, inner, size)
-        out["hole"] = np.zeros((size, size), np.float32) if hole is None else hole
         top, bottom = mouth[INNER, 1].min(), mouth[INNER, 1].max()
         out["cavity"] = (top, max(bottom - top, 1.0))
-        hx0 = hy0 = hx1 = hy1 = 0
-        if hole is not None:
-            ys, xs = np.nonzero(hole > 0)
-            hx0, hy0, hx1, hy1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        # the rows composed into the frame's warp (and into the entry's, from its own opening)
         layers = {"lower_row": inner.lower_row if inner.usable and inner.lower_row is not None and inner.lower_row.usable else None,
                   "inner": inner if inner.usable else None}
-        for name, layer in layers.items():
+        sources = {"": landmarks}
+        if self.kind != "warp":
+            region = np.zeros((size, size), np.float32)
+            if entry is not None:
+                crop, entry_mouth = identity.bank.scaled(entry, size)
+                sources["entry_"] = lm.with_mouth(landmarks, entry_mouth)
+                region = lips_region(mouth, size)
+                for name, (target, source) in zip(("upper", "lower"), warp_points(sources["entry_"], mouth, region)):
+                    out[f"entry_{name}_spline"] = spline_points(target, source)
+            else:  # nothing drawn: any splines will do
+                crop = np.zeros((size, size, 3), np.uint8)
+                out["entry_upper_spline"], out["entry_lower_spline"] = out["upper_spline"], out["lower_spline"]
+            out["entry"], out["entry_region"] = crop.transpose(2, 0, 1).astype(np.float32), region
+        spans = []
+        for prefix, source in sources.items():
+            hole = mouth_hole(source[lm.MOUTH_AND_JAW], mouth, inner, size)
+            out[prefix + "hole"] = np.zeros((size, size), np.float32) if hole is None else hole
+            hx0 = hy0 = hx1 = hy1 = 0
+            if hole is not None:
+                ys, xs = np.nonzero(hole > 0)
+                hx0, hy0, hx1, hy1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+            for name, layer in layers.items():
+                key = prefix + ("lower" if name == "lower_row" else "inner")
+                box = np.zeros((size, size), np.float32)
+                bx0, by0, bx1, by1 = row_box(mouth, (hx0, hy0), (hy1 - hy0, hx1 - hx0))
+                if layer is not None and hole is not None and bx1 > bx0 and by1 > by0:
+                    box[by0:by1, bx0:bx1] = 1.0
+                    spans.append((bx0, bx1))
+                out[f"{key}_box"] = box
+        if self.kind != "warp" and "entry_" not in sources:  # no entry: nothing composed into it
+            out["entry_hole"] = out["entry_inner_box"] = out["entry_lower_box"] = np.zeros((size, size), np.float32)
+        for name, layer in layers.items():  # a row's columns hold wherever either box needs them
             key = "lower" if name == "lower_row" else "inner"
-            columns, box = np.zeros((4, size), np.float32), np.zeros((size, size), np.float32)
-            bx0, by0, bx1, by1 = row_box(mouth, (hx0, hy0), (hy1 - hy0, hx1 - hx0))
-            if layer is not None and hole is not None and bx1 > bx0 and by1 > by0:
-                xs = np.arange(bx0, bx1, dtype=np.float64)
-                columns[:, bx0:bx1] = np.stack(row_columns(layer, mouth, xs))
-                box[by0:by1, bx0:bx1] = 1.0
+            columns = np.zeros((4, size), np.float32)
+            if layer is not None and spans:
+                xs = np.arange(min(a for a, _ in spans), max(b for _, b in spans), dtype=np.float64)
+                columns[:, int(xs[0]):int(xs[-1]) + 1] = np.stack(row_columns(layer, mouth, xs))
             out[name] = layer.crop if layer is not None else np.zeros((1, 1, 3), np.uint8)
-            out[f"{key}_columns"], out[f"{key}_box"] = columns, box
+            out[f"{key}_columns"] = columns
             out[f"{key}_lips"] = layer.lips_rgb if layer is not None else np.zeros(3)
             out[f"{key}_borrowed"] = float(layer is not None and layer.borrowed)
         if self.kind == "diffusion":
@@ -215,7 +250,7 @@ class GraphRenderer(RetrievalRenderer):
             regions[i] = FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
         if not faces:
             return regions
-        entries = self.choose(batch)  # the graph takes the entry's inside of the mouth, not yet its lips (`MouthBank.draw`)
+        entries = self.choose(batch) if self.kind != "warp" else [None] * len(batch)  # the warp renderer draws no entry
         prepared = self.pool.map(lambda i: self.prepare(batch.jobs[i], batch.identities[i], int(batch.frame_indices[i]), entries[i], boxes[i]),
                                  faces)
         outputs = self.session.run(**self.stack(prepared))
@@ -233,11 +268,12 @@ class GraphRenderer(RetrievalRenderer):
         for name in ("inner", "lower_row"):
             m = max(max(p[name].shape[:2]) for p in prepared)
             out[name] = np.stack([_edge_pad(p[name], m) for p in prepared]).transpose(0, 3, 1, 2).astype(np.float32)
-        count = max(len(p[f"{name}_spline"][0]) for p in prepared for name in ("upper", "lower"))  # one size for both (the graph's)
-        for name in ("upper", "lower"):
+        names = ("upper", "lower") + (("entry_upper", "entry_lower") if self.kind != "warp" else ())
+        count = max(len(p[f"{name}_spline"][0]) for p in prepared for name in names)  # one size for all (the graph's)
+        for name in names:
             for part, value in zip(("points", "weights", "affine"), solve_splines([p[f"{name}_spline"] for p in prepared], count)):
                 out[f"{name}_{part}"] = value
-        skip = {"box", "patch", "inner", "lower_row", "upper_spline", "lower_spline"}
+        skip = {"box", "patch", "inner", "lower_row", *(f"{name}_spline" for name in names)}
         for key in prepared[0]:
             if key not in skip:
                 out[key] = np.stack([np.asarray(p[key]) for p in prepared])
