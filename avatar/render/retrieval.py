@@ -13,7 +13,7 @@ another fits better by that same margin (`MouthBank.follow`).
 
 An entry is a picture of a mouth at its frame's head pose; warped onto a face turned another way
 (its lips' landmarks moved onto the target's) its lips cross the face's own and the drawn region
-shows a cut-out ring (a clip whose head tilts and rolls fast drew broken mouths over 10 of 59
+shows a cut-out ring (a clip whose head tilts and rolls fast drew broken mouths over about 9 of 59
 frames). So only entries whose head is turned less than `MAX_TURN_DEG` from the frame's are
 candidates (`MouthBank.turns`: the rotation between the two faces' 3D head points); a frame with
 none renders with the warp alone (path entry -1).
