@@ -80,10 +80,10 @@ class AvatarPipeline:
         self.aligner = FaceAligner(AlignConfig(crop_size=self.crop_size))
         self.pool = FramePool(config.workers)  # per-frame CPU work of a batch
         self.renderer = make_renderer(config, self.folder, self.crop_size, providers, self.pool)
-        speech_threads = config.speech_threads or config.threads
-        self.encoder = SpeechEncoder(self.folder / SPEECH_MODEL, threads=speech_threads, providers=providers)
+        self.speech_threads = config.speech_threads or config.threads  # the speech encoder's and the motion models'
+        self.encoder = SpeechEncoder(self.folder / SPEECH_MODEL, threads=self.speech_threads, providers=providers)
         self.silence_config = silence_config
-        self.motion = MotionPredictor(self.folder / MOTION_MODEL, threads=speech_threads, providers=providers, encoder=self.encoder,
+        self.motion = MotionPredictor(self.folder / MOTION_MODEL, threads=self.speech_threads, providers=providers, encoder=self.encoder,
                                       silence=silence_config)
         self._live_motion = None
         self._providers = providers
@@ -116,7 +116,7 @@ class AvatarPipeline:
         if self._live_motion is None:
             from avatar.motion.runner import MotionPredictor
 
-            self._live_motion = MotionPredictor(self.folder / LIVE_MOTION_MODEL, threads=self.config.speech_threads or self.config.threads,
+            self._live_motion = MotionPredictor(self.folder / LIVE_MOTION_MODEL, threads=self.speech_threads,
                                                 providers=self._providers, encoder=self.encoder, silence=self.silence_config)
             self.model_hashes[LIVE_MOTION_MODEL] = provenance.file_sha256(self.folder / LIVE_MOTION_MODEL)
         return self._live_motion

@@ -171,7 +171,6 @@ def test_only_entries_at_the_faces_head_pose_are_drawn():
     jobs = [FrameJob(np.zeros((8, 8, 3), np.uint8), np.eye(2, 3), face, face, target, k) for k in (NONE, 2)]
     jobs.append(FrameJob(np.zeros((8, 8, 3), np.uint8), np.eye(2, 3), face, face, target))
     assert RetrievalRenderer().choose(RenderBatch(jobs, [person] * 3, range(3))) == [None, 2, 2]  # a stream keeps its entry
-    assert MAX_TURN_DEG == 12.0
 
 
 def test_a_dub_of_a_head_turning_away_from_its_banked_mouths_draws_none_there(pipeline):

@@ -204,9 +204,9 @@ class GraphRenderer(RetrievalRenderer):
                 region = lips_region(mouth, size)
                 for name, (target, source) in zip(("upper", "lower"), warp_points(sources["entry_"], mouth, region)):
                     out[f"entry_{name}_spline"] = spline_points(target, source)
-            else:  # nothing drawn: any splines will do
+            else:  # nothing drawn: the identity (three points that do not move; its weights solve to 0)
                 crop = np.zeros((size, size, 3), np.uint8)
-                out["entry_upper_spline"], out["entry_lower_spline"] = out["upper_spline"], out["lower_spline"]
+                out["entry_upper_spline"] = out["entry_lower_spline"] = (np.array([[0.0, 0.0], [size, 0.0], [0.0, size]]), np.zeros((3, 2)))
             out["entry"], out["entry_region"] = crop.transpose(2, 0, 1).astype(np.float32), region
         spans = []
         for prefix, source in sources.items():
