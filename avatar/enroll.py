@@ -407,7 +407,8 @@ def _mouth_sharpness(pipeline, frame: np.ndarray, transform: np.ndarray, mouth: 
 
 def _adapt(pipeline, footages: typing.Sequence[Footage], rest: np.ndarray,
            anchor: np.ndarray) -> typing.Tuple[typing.Optional[MotionAdaptation], str, float]:
-    from avatar.motion.runner import POINTS
+    from avatar.motion.pose import PosedRest
+    from avatar.motion.runner import POINTS, closed_frames
 
     rate = pipeline.encoder.config.sample_rate
     features, general, real, keep = [], [], [], []
@@ -422,9 +423,14 @@ def _adapt(pipeline, footages: typing.Sequence[Footage], rest: np.ndarray,
         features.append(feats)
         general.append(pipeline.motion.predict(feats, rest))
         tracked = np.full((n, len(POINTS), 2), np.nan)
-        for i in footage.good:
-            points = footage.crop_landmarks[i]
-            tracked[i] = points[POINTS, :2] - (lm.mouth_anchor(points) - anchor)
+        faces = np.asarray([footage.crop_landmarks[i] for i in footage.good], np.float64)
+        if faces.shape[-1] >= 3:  # the head pose taken out, as the offsets are drawn (`PosedRest.place`)
+            posed = PosedRest.from_frames(faces, rest, closed_frames(faces[..., :2]))
+            tracked[footage.good] = rest + np.stack([posed.offsets_of(face) for face in faces])
+        else:
+            for i in footage.good:
+                points = footage.crop_landmarks[i]
+                tracked[i] = points[POINTS, :2] - (lm.mouth_anchor(points) - anchor)
         real.append(tracked)
         keep.append(vad & footage.valid)
     if not features:

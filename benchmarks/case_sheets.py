@@ -11,6 +11,10 @@ of the engine and shown as rows of the lower face over consecutive moments.
 own models on inputs from ../shared/data: `animate` of a frame of a PC-AVS clip whose speaker is
 turned about 40° and of a 160×160 frame of a deep_avsr clip, and `dub` of the StyleTalk clip whose
 head tilts 30° down and rolls; all with the first 2 s of a LibriSpeech clip.
+
+    python -m benchmarks.case_sheets rows --videos A.mp4 B.mp4 ... --title T --start 0 --out X.jpg
+
+`rows`: any videos of one picture (the same clip dubbed by two checkouts), a row each.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import pathlib
 import subprocess
 import sys
+import typing
 
 import cv2
 import numpy as np
@@ -68,16 +73,18 @@ def render(checkout: pathlib.Path, out: pathlib.Path) -> None:
         print(f"{case}: exit {done.returncode} {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
 
 
-def lower_face(frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    """The lower face of `frame` around the tracked `landmarks (478, 2+)`, as one TILE."""
+def lower_face(frame: np.ndarray, landmarks: np.ndarray, tile: typing.Tuple[int, int] = TILE, below: float = 0.72) -> np.ndarray:
+    """The lower face of `frame` around the tracked `landmarks (478, 2+)`, as one `tile` (width,
+    height), centred `below` the top of the face (as a share of its height)."""
     points = landmarks[:, :2]
     (x0, y0), (x1, y1) = points.min(0), points.max(0)
     half = 0.5 * (x1 - x0)
-    cx, cy = (x0 + x1) / 2, y0 + 0.72 * (y1 - y0)
-    box = np.array([cx - half, cy - 0.7 * half, cx + half, cy + 0.7 * half]).round().astype(int)
+    cx, cy = (x0 + x1) / 2, y0 + below * (y1 - y0)
+    aspect = tile[1] / tile[0]
+    box = np.array([cx - half, cy - aspect * half, cx + half, cy + aspect * half]).round().astype(int)
     pad = int(max(0, -box.min(), box[2] - frame.shape[1], box[3] - frame.shape[0]))
     padded = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_CONSTANT)
-    return cv2.resize(padded[box[1] + pad:box[3] + pad, box[0] + pad:box[2] + pad], TILE, interpolation=cv2.INTER_AREA)
+    return cv2.resize(padded[box[1] + pad:box[3] + pad, box[0] + pad:box[2] + pad], tile, interpolation=cv2.INTER_AREA)
 
 
 def sheet(before: pathlib.Path, after: pathlib.Path, out: pathlib.Path, moments: int = 9) -> None:
@@ -106,6 +113,24 @@ def sheet(before: pathlib.Path, after: pathlib.Path, out: pathlib.Path, moments:
     print(f"wrote {out}")
 
 
+def rows(videos: typing.Sequence[pathlib.Path], title: str, out: pathlib.Path, start: int = 0, moments: int = 9, step: int = 2) -> None:
+    """Any videos of one picture (e.g. one clip dubbed by two checkouts), a row each of the lower face
+    at the same moments (`start`, every `step` frames), cut at the first video's face, from the
+    nose to below the chin."""
+    from avatar.face.video import align_video
+
+    picks = np.arange(start, start + step * moments, step)
+    clips = [media.read_video(video, with_audio=False).frames for video in videos]
+    tracked = list(align_video(((i / 25, clips[0][i]) for i in picks)))
+    tile = (TILE[0], TILE[0])
+    label = np.full((22, tile[0] * moments, 3), 255, np.uint8)
+    cv2.putText(label, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_rgb(out, np.vstack([label] + [np.hstack([lower_face(frames[i], t.frame_landmarks, tile, 0.9) for i, t in zip(picks, tracked)])
+                                        for frames in clips]))
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,9 +141,16 @@ def main(argv=None) -> None:
     make.add_argument("--before", type=pathlib.Path, required=True)
     make.add_argument("--after", type=pathlib.Path, required=True)
     make.add_argument("--out", type=pathlib.Path, default=pathlib.Path("docs/images/cases_before_after.jpg"))
+    line = commands.add_parser("rows", help="rows of the lower face of any videos of one picture, at the same moments")
+    line.add_argument("--videos", type=pathlib.Path, nargs="+", required=True)
+    line.add_argument("--title", default="")
+    line.add_argument("--start", type=int, default=0)
+    line.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "render":
         render(args.checkout, args.out)
+    elif args.command == "rows":
+        rows(args.videos, args.title, args.out, args.start)
     else:
         sheet(args.before, args.after, args.out)
 

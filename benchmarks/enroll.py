@@ -1,7 +1,7 @@
 """Enrollment on held-out people: an enrolled dub against the generic path and a photo, in one run.
 
     python -m benchmarks.enroll [--test-seconds 8] [--people CNN-anchor,french,...] [--methods enrolled,generic,...]
-                                [--renderer retrieval|warp|diffusion] [--models FOLDER]
+                                [--renderer retrieval|warp|diffusion] [--models FOLDER] [--keep FOLDER]
 
 For each validation person with a talking clip (never seen in training; `training.split`), the first
 60% of the clip is enrolled (`avatar enroll`: mouth bank, idle loop, motion adaptation) and the
@@ -110,6 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", help=f"comma-separated methods (default: all of {','.join(METHODS)})")
     parser.add_argument("--renderer", default=PipelineConfig.renderer, help="the renderer every method uses (default: %(default)s)")
     parser.add_argument("--models", type=pathlib.Path)
+    parser.add_argument("--keep", type=pathlib.Path, help="write the clips, avatars and dubs here (to look at them) instead of a temporary folder")
     args = parser.parse_args(argv)
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     unknown = sorted(set(methods) - set(METHODS))
@@ -123,7 +124,8 @@ def main(argv=None) -> None:
     results = {m: [] for m in methods}
     timings = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = pathlib.Path(tmp)
+        folder = args.keep or pathlib.Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         speech, avatars = {}, {}
         for k, (person, path) in enumerate(clips):
             enrolled_s, speech[k] = split_clip(path, folder, k, args.test_seconds)
@@ -161,8 +163,8 @@ def main(argv=None) -> None:
                 row["teeth_height_cv"] = teeth_height_cv(out)
                 results[method].append(row)
             real_cv = teeth_height_cv(real)
-            print(f"{person} ({path.name}): " + ", ".join(f"{m} r {results[m][-1]['mouth_opening_r']:.2f} teeth cv "
-                                                        f"{results[m][-1]['teeth_height_cv']:.2f}" for m in methods)
+            print(f"{person} ({path.name}): " + ", ".join(f"{m} r {results[m][-1]['mouth_opening_r']:.2f} sharpness "
+                                                        f"{results[m][-1]['sharpness_ratio']:.2f} teeth cv {results[m][-1]['teeth_height_cv']:.2f}" for m in methods)
                   + f"; real teeth cv {real_cv:.2f}", flush=True)
     print(f"\nheld out: {len(clips)} people; enrolled on the first 60% of each clip, tested on up to {args.test_seconds:g} s of "
           f"the rest (picture backwards, own speech), re-tracked (avatar eval); renderer {args.renderer}")

@@ -6,6 +6,9 @@ For each validation clip of at least 150 frames: the adaptation is fitted (as en
 the speaking frames of the first 60%, and the mouth-opening r of the general and the adapted motion
 against the tracked mouths is measured on the last 40%, for the offline and the live model. No
 rendering: these are the model's own mouths (`benchmarks.enroll` measures the rendered result).
+The cache keeps 2D landmarks, so here the tracked mouths have only the anchor's shift taken out;
+enrollment takes the whole head pose out (3D, `PosedRest.offsets_of`; its effect rendered:
+`benchmarks.enroll`).
 """
 
 from __future__ import annotations

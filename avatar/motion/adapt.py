@@ -102,8 +102,10 @@ def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, 
                    models: typing.Tuple[str, str],
                    lambdas: typing.Sequence[float] = LAMBDAS) -> typing.Tuple[typing.Optional[MotionAdaptation], str]:
     """Fit on one person's frames: `features (T, D)` (the speech encoder's, at video frames), `general
-    (T, K, 2)` (the general model's mouths), `real (T, K, 2)` (the tracked mouths, with the head's
-    anchor shift taken out), `rest (K, 2)`, all crop pixels; `keep (T,) bool`: frames with speech and
+    (T, K, 2)` (the general model's mouths), `real (T, K, 2)` (the tracked mouths with the head's
+    pose taken out, as the offsets are drawn: `rest + PosedRest.offsets_of(face)`; fitted on mouths
+    with only the anchor's shift taken out, it learned from speech how the jaw's contour slides as the
+    head turns, and drew it), `rest (K, 2)`, all crop pixels; `keep (T,) bool`: frames with speech and
     a tracked face; `models`: the sha256 of the speech encoder and the motion model that made
     `features` and `general` (`MotionPredictor.models`). Returns the adaptation, or None and why it
     was skipped."""

@@ -93,3 +93,12 @@ class PosedRest:
         # turned with the head about the mouth anchor, which is put where the frame's is (the fit's
         # own translation carries the tracker's depth noise over the whole head)
         return (scale * (posed - self.anchor) @ rotation.T)[:, :2] + lm.mouth_anchor(face)
+
+    def offsets_of(self, frame_landmarks: np.ndarray) -> np.ndarray:
+        """The inverse of `place`: a frame's own mouth and jaw (its face `frame_landmarks (478, 3)`,
+        crop px) as the change from the closed mouth in the head's coordinates, about the mouth anchor:
+        `(59, 2)`, in the units of `rest`'s offsets. A head that turns moves the jaw's contour on
+        the picture, not here."""
+        points = in_head(frame_landmarks, self.head, np.r_[lm.MOUTH_AND_JAW, lm.MOUTH_ANCHOR])
+        mouth, anchor = points[:len(lm.MOUTH_AND_JAW)], points[len(lm.MOUTH_AND_JAW):].mean(0)
+        return ((mouth - anchor) - (self.mouth - self.anchor))[:, :2]
