@@ -367,7 +367,7 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
     # 4. The motion adaptation, on the footage's own speech and lips.
     speech_seconds, skipped = 0.0, "turned off"
     if adapt:
-        identity.adaptation, skipped, speech_seconds = _adapt(pipeline, footages, rest, anchor)
+        identity.adaptation, skipped, speech_seconds = _adapt(pipeline, footages, rest)
     steps.update()
     steps.close()
     summary = {"sources": [f.path for f in footages], "frames": total, "frames_with_face": found, "seconds_used": round(seconds, 2),
@@ -405,8 +405,7 @@ def _mouth_sharpness(pipeline, frame: np.ndarray, transform: np.ndarray, mouth: 
     return float(cv2.Laplacian(patch, cv2.CV_32F).var()) if patch.size else 0.0
 
 
-def _adapt(pipeline, footages: typing.Sequence[Footage], rest: np.ndarray,
-           anchor: np.ndarray) -> typing.Tuple[typing.Optional[MotionAdaptation], str, float]:
+def _adapt(pipeline, footages: typing.Sequence[Footage], rest: np.ndarray) -> typing.Tuple[typing.Optional[MotionAdaptation], str, float]:
     from avatar.motion.pose import PosedRest
     from avatar.motion.runner import POINTS, closed_frames
 
@@ -423,14 +422,10 @@ def _adapt(pipeline, footages: typing.Sequence[Footage], rest: np.ndarray,
         features.append(feats)
         general.append(pipeline.motion.predict(feats, rest))
         tracked = np.full((n, len(POINTS), 2), np.nan)
-        faces = np.asarray([footage.crop_landmarks[i] for i in footage.good], np.float64)
-        if faces.shape[-1] >= 3:  # the head pose taken out, as the offsets are drawn (`PosedRest.place`)
+        if footage.good.size:  # the head pose taken out, as the offsets are drawn (`PosedRest.place`)
+            faces = np.stack([footage.crop_landmarks[i] for i in footage.good]).astype(np.float64)
             posed = PosedRest.from_frames(faces, rest, closed_frames(faces[..., :2]))
             tracked[footage.good] = rest + np.stack([posed.offsets_of(face) for face in faces])
-        else:
-            for i in footage.good:
-                points = footage.crop_landmarks[i]
-                tracked[i] = points[POINTS, :2] - (lm.mouth_anchor(points) - anchor)
         real.append(tracked)
         keep.append(vad & footage.valid)
     if not features:

@@ -345,7 +345,7 @@ def test_the_adaptation_raises_lip_sync_on_a_held_out_stretch(pipeline):
 
         rest, anchor = rest_pose(crop_lms)
         train = dataclass_copy(footage, valid=footage.valid & (np.arange(n) < cut))
-        adaptation, why, _ = _adapt(pipeline, [train], rest, anchor)
+        adaptation, why, _ = _adapt(pipeline, [train], rest)
         assert adaptation is not None, why
         features = pipeline.motion.features_for(footage.samples, footage.fps, n)
         general = pipeline.motion.predict(features, rest)
