@@ -98,6 +98,32 @@ def test_the_retrieval_graph_draws_the_persons_bank_entry_as_the_per_frame_path_
     assert found[2:, 0].sum() < 0.8 * without[2:, 0].sum(), (found, without)  # the opened frames: the entry is drawn
 
 
+def test_a_diffusion_batch_without_bank_entries_runs_the_graph_without_that_path():
+    """A person without a mouth bank (real GRID frames): the diffusion renderer runs
+    `frame_diffusion_plain.onnx` (the full graph is not called) and gets the full graph's pixels
+    (within a level: the two exports round alike)."""
+    from avatar.render.graph import GraphRenderer
+
+    config = PipelineConfig(renderer="diffusion", workers=1)
+    pipeline = AvatarPipeline.from_pretrained(config=config)
+    jobs, identity = opening_jobs(pipeline, GRID_CLIP, 3)
+    batch = RenderBatch(jobs, [identity] * len(jobs), range(len(jobs)))
+    renderer = GraphRenderer(ASSETS, config)
+    full = renderer.session
+
+    class NotCalled:
+        def run(self, **inputs):
+            raise AssertionError("the graph with the entry's path ran for a batch without entries")
+
+    renderer.session = NotCalled()
+    plain = renderer.render(batch)
+    renderer.session, renderer.plain = full, None
+    whole = renderer.render(batch)
+    for a, b in zip(plain, whole):
+        assert a.box == b.box and np.abs(a.pixels.astype(int) - b.pixels).max() <= 1
+        np.testing.assert_allclose(a.alpha, b.alpha, atol=1e-5)
+
+
 def test_one_call_renders_several_people_as_each_alone():
     """Two people at different frame sizes (GRID 360×288, LRS2 160×160) in one batch: each frame's
     region is what a batch of its own gives (the regions are padded to the batch's largest)."""

@@ -1,10 +1,11 @@
 """Export the frame graph (`avatar/render/frame_graph.py`) to ONNX: the warp renderer's and the
 retrieval renderer's (no weights; the latter draws the person's bank entry) and the diffusion
 renderer's (the shipped denoiser, whose weights it takes from `render.onnx` at load, drafting as the
-retrieval renderer), for the pipeline's defaults (crop side, diffusion start, steps, colour match).
+retrieval renderer), and that one without the bank entry's path ("diffusion_plain": batches with no
+entry to draw), for the pipeline's defaults (crop side, diffusion start, steps, colour match).
 Checks parity with torch.
 
-    python -m training.export_graph --out-dir assets [--render assets/render.onnx] [--kind warp|retrieval|diffusion|all]
+    python -m training.export_graph --out-dir assets [--render assets/render.onnx] [--kind warp|retrieval|diffusion|diffusion_plain|all]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from avatar.config import PipelineConfig
 from avatar.render.frame_graph import FrameGraph
-from avatar.render.graph import GRAPH_FILES, graph_inputs, graph_model
+from avatar.render.graph import GRAPH_FILES, graph_inputs, graph_model, has_entry
 from avatar.render.renderers import FRAME_DETAIL_TOLERANCE
 from avatar.render.sampling import steps_from
 from avatar.runtime import OnnxSession
@@ -154,22 +155,22 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("assets"))
     parser.add_argument("--render", type=pathlib.Path, default=pathlib.Path("assets/render.onnx"),
                         help="the shipped denoiser, whose weights the diffusion graph takes at load instead of holding them")
-    parser.add_argument("--kind", choices=("warp", "retrieval", "diffusion", "all"), default="all")
+    parser.add_argument("--kind", choices=(*GRAPH_FILES, "all"), default="all")
     args = parser.parse_args(argv)
     config = PipelineConfig()
     for kind in (tuple(GRAPH_FILES) if args.kind == "all" else (args.kind,)):
         metadata = {"crop_size": "128", "kind": kind}
-        if kind == "diffusion":
+        if kind.startswith("diffusion"):
             denoiser = denoiser_from_onnx(args.render)
             steps = config.steps or steps_from(config.diffusion_start, denoiser.config.steps)
             graph = FrameGraph(denoiser.config.crop_size, denoiser, steps, config.diffusion_start, config.colour_match, FRAME_DETAIL_TOLERANCE,
-                               retrieval=True)
+                               retrieval=has_entry(kind))
             metadata.update(crop_size=str(denoiser.config.crop_size), references=str(denoiser.config.references),
                             retrieved=str(denoiser.config.retrieved),
                             start=str(config.diffusion_start), steps=str(steps), model_steps=str(denoiser.config.steps),
                             colour_match=str(config.colour_match))
         else:
-            graph = FrameGraph(128, None, detail_tolerance=FRAME_DETAIL_TOLERANCE, retrieval=kind == "retrieval")
+            graph = FrameGraph(128, None, detail_tolerance=FRAME_DETAIL_TOLERANCE, retrieval=has_entry(kind))
         names = graph_inputs(kind)
         graph.eval()
         out = args.out_dir / GRAPH_FILES[kind]
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
             candidate = pathlib.Path(tmp) / out.name
             export(graph, candidate, names, metadata)
             shared = 0
-            if kind == "diffusion":
+            if kind.startswith("diffusion"):
                 store_weights_fp16(candidate)
                 shared = share_weights(candidate, args.render, "frame.denoiser.")
             pixels, alpha = parity(graph, candidate, names, reference_count(metadata), args.render)
