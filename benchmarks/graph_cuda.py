@@ -5,7 +5,8 @@ for CPU only, and none of our front-ends).
     python -m benchmarks.graph --save-inputs out/graph_inputs.npz     # here: real inputs and the ONNX graph's outputs
     python -m benchmarks.graph_cuda --inputs out/graph_inputs.npz [--device cuda] [--batches 1 8 32 64] [--graphs ...] [--out FILE.json]
 
-For the warp and the diffusion graph (`avatar.render.frame_graph.FrameGraph`, the denoiser read back
+For the warp and the diffusion graph, and the latter without the bank entry's path
+(`avatar.render.frame_graph.FrameGraph`, the denoiser read back
 from `assets/render.onnx` as `training.export_graph` does): the largest difference from the ONNX
 graph's output on the saved inputs (levels of 255), then whole-batch calls timed after warm-up (CUDA
 synchronised), the 8 saved jobs repeated to each batch size; the diffusion graph also with the
@@ -46,7 +47,9 @@ class Autocast(torch.nn.Module):
             return self.module(*args).float()
 
 
-GRAPHS = ("warp", "diffusion", "diffusion-fp16")  # the last: the denoiser under fp16 autocast (GPU only)
+# "-fp16": the denoiser under fp16 autocast (GPU only); "diffusion_plain": without the bank entry's path
+# (what a person without a bank runs), on the diffusion graph's saved inputs
+GRAPHS = ("warp", "diffusion", "diffusion-fp16", "diffusion_plain", "diffusion_plain-fp16")
 
 
 def make_graph(name: str) -> FrameGraph:
@@ -60,7 +63,7 @@ def make_graph(name: str) -> FrameGraph:
     steps = config.steps or steps_from(config.diffusion_start, denoiser.config.steps)
     model = Autocast(denoiser) if name == "diffusion-fp16" else denoiser
     return FrameGraph(denoiser.config.crop_size, model, steps, config.diffusion_start, config.colour_match, FRAME_DETAIL_TOLERANCE,
-                      retrieval=True).eval()
+                      retrieval=not name.startswith("diffusion_plain")).eval()
 
 
 def main(argv=None) -> int:
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--graphs", nargs="+", choices=GRAPHS, help="default: all three on a GPU, the first two on CPU")
+    parser.add_argument("--graphs", nargs="+", choices=GRAPHS, help="default: all on a GPU, the first two on CPU")
     parser.add_argument("--out", type=pathlib.Path, help="also write the figures here (JSON)")
     args = parser.parse_args(argv)
     if not args.inputs.exists():
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
     print(f"{'graph':>24} {'batch':>6} {'ms/call':>9} {'frames/s':>9} {'streams':>8}  max |Δ| against ONNX on CPU")
     rows = []
     for label in args.graphs or (GRAPHS if device.type == "cuda" else GRAPHS[:2]):
-        graph, kind = make_graph(label), label.split("-")[0]
+        graph, kind = make_graph(label), label.split("-")[0].replace("diffusion_plain", "diffusion")
         names = [k.split("/", 1)[1] for k in saved.files if k.startswith(kind + "/") and "/output_" not in k]
         inputs = {k: torch.from_numpy(saved[f"{kind}/{k}"]).to(device) for k in names}
         graph.to(device)
