@@ -32,6 +32,8 @@ The file (FORMAT_VERSION 2, suffix `.avatar`) is a zip read without pickle:
   loop as idle/loop.mp4 (H.264).
 A file of another version, or whose members do not match their hashes, is refused with one line.
 (Version 1 held an adaptation fitted on the 4-block speech encoder's features, replaced by 2 blocks.)
+An adaptation without `"fit": "head"` (fitted before 2026-11-30's eighth session, on mouths with the
+head's turn left in: its jaw slid with the head) is refused with one line too: enroll again.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from avatar.face import landmarks as lm
 from avatar.config import AlignConfig, RenderConfig
 from avatar.face.align import FaceAligner, rescale_points, rescale_transform, transform_scale
 from avatar.frames import FrameStore
-from avatar.motion.adapt import MotionAdaptation, fit_adaptation
+from avatar.motion.adapt import FIT as ADAPTATION_FIT, MotionAdaptation, fit_adaptation
 from avatar.motion.pose import HEAD_POINTS
 from avatar.render.base import FrameJob, Identity
 from avatar.render.retrieval import MouthBank, lip_shape
@@ -590,6 +592,9 @@ def load_avatar(path: PathLike) -> Avatar:
             heads = read.array("bank/heads.npy").astype(np.float64) if manifest["bank"].get("heads") else None
             identity.bank = MouthBank(crops, mouths, heads=heads)
         if manifest.get("adaptation"):
+            if manifest["adaptation"].get("fit") != ADAPTATION_FIT:
+                raise AvatarError(f"{path}: its motion adaptation was fitted on mouths with the head's turn left in (the jaw "
+                                  f"drawn sliding with the head's turns); enroll again")
             arrays = {name: read.array(f"adaptation/{name}.npy") for name in ("x_mean", "y_mean", "weights")}
             identity.adaptation = MotionAdaptation.from_parts(arrays, manifest["adaptation"])
         idle = None

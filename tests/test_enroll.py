@@ -83,8 +83,19 @@ def _rewrite(source, target, change):
             new.writestr(item, change(item.filename, data))
 
 
+def _edit_manifest(source, target, edit):
+    def change(name, data):
+        if name != "manifest.json":
+            return data
+        manifest = json.loads(data)
+        edit(manifest)
+        return json.dumps(manifest)
+    _rewrite(source, target, change)
+
+
 @pytest.mark.parametrize("damage, message", [
     ("version", "format version 99"),
+    ("old_fit", "head's turn left in"),
     ("member", "does not match its checksum"),
     ("truncated", "not an avatar file"),
     ("not_zip", "not an avatar file"),
@@ -94,13 +105,9 @@ def test_a_damaged_or_foreign_avatar_file_is_refused_in_one_line(enrolled, tmp_p
     _, path = enrolled
     bad = tmp_path / "bad.avatar"
     if damage == "version":
-        def change(name, data):
-            if name != "manifest.json":
-                return data
-            manifest = json.loads(data)
-            manifest["version"] = 99
-            return json.dumps(manifest)
-        _rewrite(path, bad, change)
+        _edit_manifest(path, bad, lambda manifest: manifest.update(version=99))
+    elif damage == "old_fit":  # an adaptation fitted before the head's pose was taken out (its manifest has no "fit")
+        _edit_manifest(path, bad, lambda manifest: manifest["adaptation"].pop("fit"))
     elif damage == "member":
         _rewrite(path, bad, lambda name, data: data[:-1] + bytes([data[-1] ^ 1]) if name == "bank/0.png" else data)
     elif damage == "truncated":

@@ -31,6 +31,7 @@ FOLD_GAP = 12  # frames left out on each side of a validation fold (the features
 MIN_FRAMES = 100  # fewer speaking frames than this (4 s at 25 fps): no adaptation
 SMOOTHING = (0.25, 0.5, 0.25)  # weights of the previous, current and next frame's change (files)
 MIN_GAIN = 0.02  # cross-validated opening r must rise at least this much over the general model
+FIT = "head"  # what the tracked mouths were fitted in: the head's own coordinates (`PosedRest.offsets_of`)
 
 
 @dataclasses.dataclass
@@ -72,7 +73,7 @@ class MotionAdaptation:
 
     def meta(self) -> typing.Dict[str, typing.Any]:
         return {"lam": self.lam, "frames": self.frames, "cv_r": self.cv_r, "cv_r_general": self.cv_r_general,
-                "speech_model": self.speech_model, "motion_model": self.motion_model}
+                "speech_model": self.speech_model, "motion_model": self.motion_model, "fit": FIT}
 
     @classmethod
     def from_parts(cls, arrays: typing.Mapping[str, np.ndarray], meta: typing.Mapping[str, typing.Any]) -> "MotionAdaptation":
