@@ -108,10 +108,12 @@ def solve_splines(splines: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]]
     return padded, solved[:, :count], solved[:, count:]
 
 
-def graph_model(path: typing.Union[str, os.PathLike]) -> typing.Optional[bytes]:
+def graph_model(path: typing.Union[str, os.PathLike],
+                sources: typing.Optional[typing.Dict[str, dict]] = None) -> typing.Optional[bytes]:
     """The frame graph at `path` made whole, or None when it is whole already: the diffusion graph
     is shipped without the denoiser's weights that `render.onnx` beside it holds (the same values;
-    metadata `shared_from`, `shared_prefix`, `shared_weights`), so they are not shipped twice. Needs
+    metadata `shared_from`, `shared_prefix`, `shared_weights`), so they are not shipped twice.
+    `sources` (file → its weights by name) keeps a weight file read once for several graphs. Needs
     the `onnx` package (the `gpu` extra)."""
     import json
 
@@ -127,7 +129,10 @@ def graph_model(path: typing.Union[str, os.PathLike]) -> typing.Optional[bytes]:
     source = os.path.join(os.path.dirname(str(path)), meta["shared_from"])
     if not os.path.exists(source):
         raise AvatarError(f"{path}: takes its weights from {source}, which is missing")
-    weights = {w.name: w for w in onnx.load(source).graph.initializer}
+    sources = {} if sources is None else sources
+    if source not in sources:
+        sources[source] = {w.name: w for w in onnx.load(source).graph.initializer}
+    weights = sources[source]
     prefix = meta["shared_prefix"]
     for name in json.loads(meta["shared_weights"]):
         weight = weights.get(name[len(prefix):])
@@ -158,15 +163,16 @@ class GraphRenderer(RetrievalRenderer):
         if not os.path.exists(path):
             raise AvatarError(f"{path}: no such model file (python -m training.export_graph makes it)")
         # fp32: the graph computes pixel coordinates up to thousands, beyond float16's steps
+        weight_files: typing.Dict[str, dict] = {}  # render.onnx read once for both diffusion graphs
         self.session = OnnxSession(path, providers=providers, threads=config.threads,
-                                   model=graph_model(path) if self.kind == "diffusion" else None)
+                                   model=graph_model(path, weight_files) if self.kind == "diffusion" else None)
         self.model_files = (GRAPH_FILES[self.kind],)
         self.plain = None  # the diffusion graph for batches with no bank entry to draw
         if self.kind == "diffusion":
             plain = os.path.join(folder, GRAPH_FILES["diffusion_plain"])
             if not os.path.exists(plain):
                 raise AvatarError(f"{plain}: no such model file (python -m training.export_graph makes it)")
-            self.plain = OnnxSession(plain, providers=providers, threads=config.threads, model=graph_model(plain))
+            self.plain = OnnxSession(plain, providers=providers, threads=config.threads, model=graph_model(plain, weight_files))
             self.model_files += (GRAPH_FILES["diffusion_plain"],)
         meta = self.session.metadata
         if int(meta.get("crop_size", crop_size)) != crop_size:
