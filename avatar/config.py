@@ -94,13 +94,14 @@ class SpeechConfig:
 
     Encoder frames are 20 ms (frame k centred on 20 k ms). Offline, the encoder sees whole chunks of
     `offline_chunk` frames (30 s, Whisper's own window), overlapping by `offline_context` on each
-    side. Live, every `live_hop` frames it sees the last `live_window` frames (silence before the
-    start), and keeps the frames with at least `live_right` frames of audio after them: a frame's
-    look-ahead is 20 × (live_hop + live_right − 1) ms + 2.5 ms (the last mel frame's half window past
-    its centre), 82.5 ms at the defaults. At 25 fps every video frame falls on an even encoder frame,
-    which the default windows give with exactly 80 ms of audio after it (the odd ones get 60 ms).
-    Offline-live features (`live=True` on a whole file) are computed from exactly the windows a
-    stream sees.
+    side. Live, it sees the last `live_window` frames (silence before the start) in windows that end
+    at encoder frames `live_phase`, `live_phase + live_hop`, ..., and takes each frame from the first
+    window that holds at least `live_right` frames after it: a frame's look-ahead is at most
+    20 × (live_hop + live_right − 1) ms + 2.5 ms (the last mel frame's half window past its centre),
+    102.5 ms at the defaults. At 25 fps every video frame falls on an even encoder frame, which the
+    default windows (ending on odd frames) give with 100 ms of audio after it, the most that keeps
+    the look-ahead at any frame rate near 120 ms (the odd frames get 80 ms). Offline-live features
+    (`live=True` on a whole file) are computed from exactly the windows a stream sees.
     """
 
     sample_rate: int = 16000
@@ -110,7 +111,8 @@ class SpeechConfig:
     log_floor: float = -6.5
     live_window: int = 50
     live_hop: int = 2
-    live_right: int = 3
+    live_right: int = 4
+    live_phase: int = 1
     offline_chunk: int = 1500
     offline_context: int = 125
 

@@ -10,7 +10,7 @@
 Clock: frame i has `pts = i / fps` on the session's audio clock (second 0 is the first sample
 pushed) and carries the 16 kHz audio of `[pts, pts + 1/fps)`, so a player that follows pts stays in
 sync whatever the network does. A frame can be made once its speech context has arrived (the motion
-model's look-ahead, 82.5 ms at 25 fps). Each has a deadline on the wall clock: `anchor + pts + look-ahead +
+model's look-ahead, 102.5 ms at 25 fps). Each has a deadline on the wall clock: `anchor + pts + look-ahead +
 max_backlog_s`, where the anchor is when audio second 0 arrived, slipping forward only when audio
 comes later than real time (a client that sends faster than real time, like a TTS service, is never
 dropped; a jittery one only moves the schedule). When the renderer cannot keep up, frames that would

@@ -12,7 +12,7 @@ avatar (`config.pipeline.fps`, 25 by default): an `OutputImageRawFrame` (RGB, th
 `sync_with_audio` set, then that frame's span of the speech as a `TTSAudioRawFrame` at the pipeline's
 output rate, so the output transport shows each picture as its audio starts to play. The TTS audio
 is not passed on by itself: the frames carry it (sample for sample, when it already has the output
-rate), a look-ahead later (82.5 ms at 25 fps) plus the render time. Between utterances the avatar
+rate), a look-ahead later (102.5 ms at 25 fps) plus the render time. Between utterances the avatar
 idles (mouth at rest, blinks, head sway): its frames carry silence as plain `OutputAudioRawFrame`s,
 which do not count as the bot speaking. Frames that follow the speech in the pipeline (a
 `TTSStoppedFrame`, text frames) are held back until the speech before them has gone out, so the

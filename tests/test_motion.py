@@ -95,8 +95,35 @@ def test_the_closure_gate_pulls_the_mouth_to_rest_where_its_read_out_says_closed
     with torch.no_grad():
         read = gated.closure(changed) - gated.closure(features)
     assert torch.nonzero(read[0].abs() > 1e-6).ravel().tolist() == [40]
-    with pytest.raises(ValueError, match="offline"):
-        ClosureGated(MotionModel(MotionConfig(causal=True)), network.config.features)
+
+
+def test_the_live_closure_gate_is_causal_and_gates_both_outputs_of_the_blend():
+    """Over a live blend (network, read-out), the gate reads the frame and the 4 before it only, and
+    pulls each of the pair towards rest by the same share (so the runner's voice-weighted mix of the
+    two is gated alike)."""
+    from avatar.motion.model import ClosureGated, LinearMotionModel, MotionBlend
+
+    torch.manual_seed(0)
+    network = MotionModel(MotionConfig(causal=True), torch.randn(12, N_POINTS * 2) * 0.01).eval()
+    d = network.config.features
+    blend = MotionBlend(network, LinearMotionModel.from_ridge(np.random.default_rng(0).normal(0, 1e-3, (5 * d, N_POINTS * 2)),
+                                                             np.zeros(5 * d), np.zeros(N_POINTS * 2)))
+    features = torch.randn(1, 60, d)
+    rest = torch.rand(1, N_POINTS, 2) * 128
+    weights = np.zeros(5 * d)
+    weights[4 * d] = 1.0  # the newest frame's first feature
+    weights[0] = 0.5  # and the oldest's (4 frames back)
+    gated = ClosureGated.from_ridge(blend, weights, np.zeros_like(weights), 0.0, threshold=0.25).eval()
+    changed = features.clone()
+    changed[:, 40, 0] += 5.0
+    with torch.no_grad():
+        read = gated.closure(changed) - gated.closure(features)
+        outputs, alone = gated(features, rest), blend(features, rest)
+    assert torch.nonzero(read[0].abs() > 1e-6).ravel().tolist() == [40, 44]  # never an earlier frame
+    share = ((gated.closure(features) - 0.25) / 0.75).clamp(0, 1).detach()[..., None, None]
+    assert isinstance(outputs, tuple) and len(outputs) == 2
+    for mouth, own in zip(outputs, alone):
+        torch.testing.assert_close(mouth, own + share * (rest[:, None] - own))
 
 
 @pytest.mark.parametrize("name", ["motion_live", "motion_offline"])
@@ -136,8 +163,29 @@ def test_streaming_equals_offline(live_predictor, rest):
         indices, outputs = feed_in_chunks(live_predictor.stream(fps, rest), samples, np.random.default_rng(int(fps)))
         np.testing.assert_array_equal(indices, np.arange(len(offline)))
         np.testing.assert_allclose(outputs, offline, atol=1e-4)  # the encoder's batched windows: float rounding only
-    assert live_predictor.stream(25, rest).lookahead_ms == pytest.approx(82.5)
-    assert live_predictor.stream(30, rest).lookahead_ms == pytest.approx(102.5)  # frames between encoder frames
+    assert live_predictor.stream(25, rest).lookahead_ms == pytest.approx(102.5)
+    assert live_predictor.stream(30, rest).lookahead_ms == pytest.approx(115.833, abs=1e-3)  # frames between encoder frames
+
+
+@pytest.mark.parametrize("fps", [25, 30])
+def test_a_streamed_frame_comes_out_exactly_when_its_audio_has_arrived(live_predictor, rest, fps):
+    """Each frame needs the live window of the encoder frame at or after its time: it is out with that
+    window's last sample and not one sample before, and the worst frame waits `lookahead_ms`."""
+    samples = media.read_audio(GRID_CLIP, 16000)
+    encoder = live_predictor.encoder
+    stream = live_predictor.stream(fps, rest)
+    worst = 0.0
+    for i in range(20, 26):
+        position = i * 50.0 / fps  # in encoder frames
+        needed = int(round(encoder.needed_ms(int(np.ceil(position - 1e-9))) * 16))
+        stream = live_predictor.stream(fps, rest)
+        got, _ = stream.push(samples[: needed - 1])
+        assert i not in got
+        got, _ = stream.push(samples[needed - 1 : needed])
+        assert i in got
+        worst = max(worst, needed / 16.0 - 1000.0 * i / fps)
+    assert worst == pytest.approx(stream.lookahead_ms, abs=0.07)  # these 6 frames hold a rate's worst one
+    assert stream.lookahead_ms <= 120
 
 
 def test_the_offline_model_does_not_stream(rest):
@@ -281,6 +329,33 @@ def test_closure_gate_training_writes_a_gated_model(tiny_cache, tmp_path):
     with torch.no_grad():
         taught = gated.network.offsets(gated.network.coefficients(torch.from_numpy(features)))[0].numpy()
     np.testing.assert_array_equal(teacher_offsets(str(copy))(features[0]), taught)
+
+
+def test_closure_gate_training_gates_the_live_blend(tiny_cache, tmp_path):
+    """The live blend gated: causal read-out, both ONNX outputs (network, read-out) moved towards rest
+    alike, the torch copy keeps the read-out and reads back as the same model; the live stream stays causal."""
+    from avatar.motion.model import ClosureGated, MotionBlend
+    from avatar.motion.runner import READOUT_WEIGHT
+    from training import closure_gate
+    from training.export_motion import load_model
+
+    out, copy = tmp_path / "live.onnx", tmp_path / "live.pt"
+    assert closure_gate.main(["--cache", str(tiny_cache), "--network", str(ASSETS / "motion_live.pt"), "--out", str(out),
+                              "--torch-copy", str(copy)]) == 0
+    gated = load_model(copy)
+    assert isinstance(gated, ClosureGated) and isinstance(gated.network, MotionBlend)
+    assert gated.threshold == closure_gate.LIVE_THRESHOLD and gated.config.causal
+    rng = np.random.default_rng(2)
+    features = rng.normal(0, 1, (1, 80, gated.config.features)).astype(np.float32)
+    rest = (64 + rng.normal(0, 8, (1, N_POINTS, 2))).astype(np.float32)
+    predictor = MotionPredictor(out, live=True)
+    assert predictor.has_readout
+    with torch.no_grad():
+        network, readout = (o.numpy()[0] for o in gated(torch.from_numpy(features), torch.from_numpy(rest)))
+    np.testing.assert_allclose(predictor.predict(features[0], rest[0], voice=np.zeros(80)), network, atol=1e-3)
+    np.testing.assert_allclose(predictor.predict(features[0], rest[0], voice=np.full(80, 1 / READOUT_WEIGHT)), readout, atol=1e-3)
+    head = predictor.predict(features[0, :50], rest[0], voice=np.ones(50))
+    np.testing.assert_allclose(predictor.predict(features[0], rest[0], voice=np.ones(80))[:50], head, atol=1e-4)  # causal
 
 
 def test_person_folds_hold_each_person_out_once_and_never_fit_on_them():

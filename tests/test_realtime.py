@@ -329,7 +329,7 @@ def test_protocol_round_trip_f32_and_s16(serve, speech):
     server = serve()
     for fmt in ("f32", "s16"):
         frames, ready = asyncio.run(_stream(server.url, speech[:16000], fmt=fmt))
-        assert ready["type"] == "ready" and ready["protocol"] == 1 and ready["fps"] == 25 and ready["lookahead_ms"] == 82.5
+        assert ready["type"] == "ready" and ready["protocol"] == 1 and ready["fps"] == 25 and ready["lookahead_ms"] == 102.5
         assert len(frames) >= 15
         assert [f.index for f in frames] == list(range(frames[0].index, frames[0].index + len(frames)))
         image = frames[-1].image()
@@ -345,7 +345,7 @@ def test_python_client_command_streams_a_file_and_writes_what_came_back(serve, s
     assert client.main(["--url", server.url, "--audio", str(tmp_path / "speech.wav"), "--output", str(tmp_path / "back.mp4")]) == 0
     report = json.loads(capsys.readouterr().out.split("wrote ")[0])
     figures = report["client"]
-    assert figures["frames"] >= 30 and figures["lookahead_ms"] == 82.5  # the look-ahead the server announced
+    assert figures["frames"] >= 30 and figures["lookahead_ms"] == 102.5  # the look-ahead the server announced
     back = media.read_video(tmp_path / "back.mp4")
     assert back.fps == 25 and figures["frames"] <= len(back.frames) <= 38  # the frames of the 1.5 s (the last ones' look-ahead is past its end)
     assert abs(back.audio.size - len(back.frames) * FRAME) <= FRAME  # each frame's own audio, in order

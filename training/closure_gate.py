@@ -1,22 +1,28 @@
-"""The offline motion model with its closure gate: where a linear read-out of the speech features says
-the real lips close, the predicted mouth is pulled to rest (`avatar.motion.model.ClosureGated`).
+"""The motion models' closure gate: where a linear read-out of the speech features says the real lips
+close, the predicted mouth is pulled to rest (`avatar.motion.model.ClosureGated`).
 
     python -m training.closure_gate --cache cache --network assets/motion_offline.pt --out assets/motion_offline.onnx \
         --torch-copy assets/motion_offline.pt
+    python -m training.closure_gate --cache cache --network runs/motion_live/motion_live.pt --out assets/motion_live.onnx \
+        --torch-copy assets/motion_live.pt                      # the live blend (training.linear_motion --blend)
+    python -m training.closure_gate --cache cache --fold-networks runs/live_fold{0,1,2,3}/last.pt   # the live threshold
 
-The read-out: ridge regression, on the training people's kept frames, from 5 centred frames of
-whole-utterance features (5 × 384) to "the real inner-lip gap is under 3 % of the inter-ocular
-distance" (1, else 0; `training.closures.CLOSED_PCT_IOD`); λ by leave-people-out ranking (AUC) on the
-training people. The gate's threshold (0.25) was chosen on the training people too: 4 offline networks
-each trained without a quarter of them (`training.train_motion --fold k/4`, the shipped recipe), each
-gated by a read-out fitted without the same quarter, scored on it (`assets/MODELS.md`). The network
-is unchanged (its weights from the torch copy); the torch copy then holds the gate too (the live
-model, trained before the gate, had the network alone as its teacher).
+The read-out: ridge regression, on the training people's kept frames, from 5 frames of features
+(offline: whole-utterance features, centred on the frame; live: live features, the frame and the 4
+before it, so the live model stays causal) to "the real inner-lip gap is under 3 % of the
+inter-ocular distance" (1, else 0; `training.closures.CLOSED_PCT_IOD`); λ by leave-people-out
+ranking (AUC) on the training people. The gates' thresholds were chosen on the training people too:
+4 networks each trained without a quarter of them (`training.train_motion --fold k/4`, the shipped
+recipe), each gated by a read-out fitted without the same quarter, scored on it (`assets/MODELS.md`;
+live: `--fold-networks`, with the blend's read-out also fitted without the quarter). The networks
+are unchanged (their weights from the torch copy); the torch copy then holds the gate too (the live
+model's teacher is the offline network alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import typing
@@ -24,7 +30,7 @@ import typing
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.motion.model import ClosureGated, MotionModel
+from avatar.motion.model import ClosureGated, MotionBlend, MotionModel
 from training.closures import CLOSED_PCT_IOD
 from training.linear_motion import fit
 from training.motion_data import MotionClip, clip_features, load_motion_clips
@@ -33,19 +39,30 @@ from training.readout import person_folds
 LAGS = 5
 LAMBDAS = (1e3, 1e4, 3e4, 1e5)
 THRESHOLD = 0.25
+LIVE_THRESHOLD = 0.15  # the best opening r of `--fold-networks` (assets/MODELS.md)
 
 
-def design(clips: typing.Sequence[MotionClip]) -> typing.Tuple[np.ndarray, np.ndarray]:
-    """Stacked centred offline features `(N, LAGS·D)` (the ends repeated) and the closed label `(N,)`
-    over the clips' kept frames."""
+def lag_offsets(live: bool) -> np.ndarray:
+    """The frames the read-out sees, relative to each one: centred (offline) or the frame and the
+    LAGS − 1 before it (live: causal)."""
+    half = LAGS - 1 if live else (LAGS - 1) // 2
+    return np.arange(-half, LAGS - half)
+
+
+def stacked_features(features: np.ndarray, live: bool) -> np.ndarray:
+    """`(T, D)` → `(T, LAGS·D)`: each frame's LAGS frames, oldest first (the ends repeated)."""
+    index = np.clip(np.arange(len(features))[:, None] + lag_offsets(live)[None], 0, len(features) - 1)
+    return features[index].reshape(len(features), -1)
+
+
+def design(clips: typing.Sequence[MotionClip], live: bool = False) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """Stacked features `(N, LAGS·D)` (offline: whole-utterance, centred; live: live, causal) and the
+    closed label `(N,)` over the clips' kept frames."""
     xs, ys = [], []
-    half = (LAGS - 1) // 2
     for clip in clips:
-        features = clip_features(clip, live=False)
-        index = np.clip(np.arange(len(features))[:, None] + np.arange(-half, LAGS - half)[None], 0, len(features) - 1)
         gap = lm.inner_gap(clip.mouth) / clip.iod * 100
         keep = clip.keep & np.isfinite(gap)
-        xs.append(features[index].reshape(len(features), -1)[keep])
+        xs.append(stacked_features(clip_features(clip, live=live), live)[keep])
         ys.append((gap[keep] < CLOSED_PCT_IOD).astype(np.float64))
     return np.concatenate(xs).astype(np.float64), np.concatenate(ys)
 
@@ -60,13 +77,13 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_closed * (n_closed + 1) / 2) / (n_closed * n_open))
 
 
-def choose_lambda(clips: typing.Sequence[MotionClip], folds: int = 4) -> typing.Tuple[float, typing.Dict[float, float]]:
+def choose_lambda(clips: typing.Sequence[MotionClip], folds: int = 4, live: bool = False) -> typing.Tuple[float, typing.Dict[float, float]]:
     """The λ with the best frame-weighted AUC over leave-people-out folds of the training people (as
     many folds as people, when fewer)."""
     scores: typing.Dict[float, typing.List[typing.Tuple[float, int]]] = {}
     for fitted, held in person_folds(clips, min(folds, len({c.person for c in clips}))):
-        x, y = design(fitted)
-        x_held, y_held = design(held)
+        x, y = design(fitted, live)
+        x_held, y_held = design(held, live)
         for lam in LAMBDAS:
             weights, x_mean, y_mean = fit(x, y, lam)
             scores.setdefault(lam, []).append((auc((x_held - x_mean) @ weights + y_mean, y_held), len(y_held)))
@@ -74,46 +91,117 @@ def choose_lambda(clips: typing.Sequence[MotionClip], folds: int = 4) -> typing.
     return max(means, key=means.get), means
 
 
+STUDY_THRESHOLDS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.0)
+
+
+def live_threshold_study(clips: typing.Sequence[MotionClip], networks: typing.Sequence[pathlib.Path],
+                         noise: typing.Sequence[np.ndarray],
+                         thresholds: typing.Sequence[float] = STUDY_THRESHOLDS) -> typing.Dict[typing.Optional[float], typing.Tuple[float, float]]:
+    """The live gate's threshold, chosen on the training people alone: `networks[k]` is a live network
+    trained without the k-th of len(networks) person folds (`training.train_motion --fold k/K`); its
+    fold's people are scored with the model as shipped (the network, the read-out fitted without them
+    weighed in by voice, `avatar.motion.runner.READOUT_WEIGHT`) and a causal closure gate fitted without
+    them, at each threshold (None: no gate). Returns threshold → (opening r, lips L1 %IOD), frame-weighted."""
+    import torch
+
+    from avatar.motion.runner import READOUT_WEIGHT
+    from training import linear_motion
+    from training.export_motion import load_model
+    from training.motion_data import width_of
+    from training.motion_eval import evaluate_motion
+
+    rows: typing.Dict[typing.Optional[float], typing.List[typing.Tuple[float, float, int]]] = {}
+    for (fitted, held), path in zip(person_folds(clips, len(networks)), networks):
+        network = load_model(path)
+        lam, _ = linear_motion.choose_lambda(fitted, noise)
+        readout = linear_motion.fit(*linear_motion.design(fitted, noise), lam)
+        gate_lam, _ = choose_lambda(fitted, live=True)
+        weights, x_mean, y_mean = fit(*design(fitted, live=True), gate_lam)
+
+        def blend(features: np.ndarray, rest: np.ndarray, voice: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                own = network(torch.from_numpy(features)[None], torch.from_numpy(rest)[None])[0].numpy()
+            offsets = (linear_motion.stacked(features, live=True) - readout[1]) @ readout[0] + readout[2]
+            linear = rest[None] + offsets.reshape(len(features), -1, 2) * width_of(rest)
+            return own + READOUT_WEIGHT * voice[:, None, None] * (linear - own)
+
+        for threshold in (None, *thresholds):
+            def predict(features, rest, voice, threshold=threshold):
+                out = blend(features, rest, np.asarray(voice, np.float64))
+                if threshold is None:
+                    return out
+                closed = (stacked_features(features, live=True) - x_mean) @ weights + y_mean
+                gate = np.clip((closed - threshold) / (1.0 - threshold), 0.0, 1.0)
+                return out + gate[:, None, None] * (rest[None] - out)
+
+            summary = evaluate_motion(predict, held, network.config, shifts=(0,))["summary"]
+            rows.setdefault(threshold, []).append((summary["opening_r_model"], summary["lips_model"], summary["frames"]))
+        print(f"fold {path}: " + ", ".join(f"{'none' if t is None else t}: r {v[-1][0]:.3f} lips {v[-1][1]:.3f}" for t, v in rows.items()),
+              flush=True)
+    return {t: (float(np.average([r for r, _, _ in v], weights=[n for _, _, n in v])),
+                float(np.average([l for _, l, _ in v], weights=[n for _, _, n in v]))) for t, v in rows.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.closure_gate", description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=pathlib.Path, required=True)
-    parser.add_argument("--network", type=pathlib.Path, required=True, help="the offline network's torch copy (training.export_motion --torch-copy)")
-    parser.add_argument("--out", type=pathlib.Path, required=True)
-    parser.add_argument("--threshold", type=float, default=THRESHOLD, help="read-out value from which the mouth starts closing")
+    parser.add_argument("--network", type=pathlib.Path, help="the offline network's torch copy (training.export_motion "
+                        "--torch-copy), or the live blend's (training.linear_motion --blend --torch-copy)")
+    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--threshold", type=float, help="read-out value from which the mouth starts closing "
+                        f"(default: offline {THRESHOLD}, live {LIVE_THRESHOLD})")
     parser.add_argument("--torch-copy", type=pathlib.Path, help="also save the gated model's torch copy here (the network's fp16 "
-                        "state dict and config, the gate's weights; training.export_motion.load_model reads it)")
+                        "state dict and config, a blend's read-out, the gate's weights; training.export_motion.load_model reads it)")
+    parser.add_argument("--fold-networks", type=pathlib.Path, nargs="+", help="instead: choose the live gate's threshold "
+                        "with K live networks, the k-th trained without the k-th of K person folds (train_motion --fold k/K)")
     args = parser.parse_args(argv)
-    import dataclasses
-
     import torch
 
     from training.export_motion import export_checked, load_model
 
-    network = load_model(args.network)
-    if isinstance(network, ClosureGated):  # a copy gated before: its network, gated afresh
-        network = network.network
-    if not isinstance(network, MotionModel) or network.config.causal:
-        print(f"error: {args.network} is not an offline network (MotionModel, not causal)", file=sys.stderr)
-        return 2
     clips = load_motion_clips(args.cache, "train")
     if len({c.person for c in clips}) < 2:
         print(f"error: fewer than two training people with speech features in {args.cache}; run training.preprocess and "
               "training.speech_features", file=sys.stderr)
         return 2
-    lam, means = choose_lambda(clips)
+    if args.fold_networks:
+        from training.motion_data import load_noise_features
+
+        results = live_threshold_study(clips, args.fold_networks, load_noise_features(args.cache, "live"))
+        print("live gate on the training people's folds (opening r, lips L1 %IOD): "
+              + ", ".join(f"{'none' if t is None else t}: {r:.4f} {lips:.3f}" for t, (r, lips) in results.items()))
+        return 0
+    if args.network is None or args.out is None:
+        print("error: give --network and --out (or --fold-networks)", file=sys.stderr)
+        return 2
+    network = load_model(args.network)
+    if isinstance(network, ClosureGated):  # a copy gated before: its network, gated afresh
+        network = network.network
+    live = network.config.causal
+    if not isinstance(network, MotionBlend if live else MotionModel):
+        print(f"error: {args.network} is neither an offline network (MotionModel) nor a live blend (MotionBlend)", file=sys.stderr)
+        return 2
+    threshold = args.threshold if args.threshold is not None else (LIVE_THRESHOLD if live else THRESHOLD)
+    lam, means = choose_lambda(clips, live=live)
     print("leave-people-out AUC of the closure read-out on the training people: "
           + ", ".join(f"λ {k:g}: {v:.3f}" for k, v in means.items()))
-    weights, x_mean, y_mean = fit(*design(clips), lam)
-    model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, args.threshold, LAGS).eval()
+    weights, x_mean, y_mean = fit(*design(clips, live), lam)
+    model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, threshold, LAGS).eval()
     worst = export_checked(model, args.out, 1e-3)
     if worst is None:
         return 1
     if args.torch_copy:
-        torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in network.state_dict().items()},
-                    "model_config": dataclasses.asdict(network.config),
-                    "closure": {f"conv.{k}": v for k, v in model.conv.state_dict().items()},
-                    "closure_threshold": args.threshold, "closure_lambda": lam}, args.torch_copy)
-    print(f"λ {lam:g} (cross-validated), threshold {args.threshold:g}; wrote {args.out} (ONNX parity {worst:.1e})")
+        base = network.network if live else network
+        copy = {"model": {k: v.half() if v.is_floating_point() else v for k, v in base.state_dict().items()},
+                "model_config": dataclasses.asdict(base.config),
+                "closure": {f"conv.{k}": v for k, v in model.conv.state_dict().items()},
+                "closure_threshold": threshold, "closure_lambda": lam}
+        if live:  # the read-out as linear_motion saved it (fp32), and its λ
+            state = torch.load(args.network, map_location="cpu", weights_only=False)
+            copy.update(linear=network.linear.state_dict(), **{k: state[k] for k in ("lambda",) if k in state})
+        torch.save(copy, args.torch_copy)
+    print(f"{'live' if live else 'offline'}: λ {lam:g} (cross-validated), threshold {threshold:g}; wrote {args.out} "
+          f"(ONNX parity {worst:.1e})")
     return 0
 
 

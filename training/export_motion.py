@@ -36,8 +36,8 @@ def load_model(checkpoint: pathlib.Path) -> torch.nn.Module:
         weight = state["linear"]["conv.weight"]
         linear = LinearMotionModel(weight.shape[1], weight.shape[2], model.config.causal)
         linear.load_state_dict({k: v.float() for k, v in state["linear"].items()})
-        return MotionBlend(model, linear).eval()
-    if "closure" in state:  # the offline model with its closure gate (training.closure_gate)
+        model = MotionBlend(model, linear)
+    if "closure" in state:  # the model with its closure gate (training.closure_gate)
         weight = state["closure"]["conv.weight"]
         gated = ClosureGated(model, weight.shape[1], weight.shape[2], state["closure_threshold"])
         gated.conv.load_state_dict({k.removeprefix("conv."): v.float() for k, v in state["closure"].items()})
@@ -74,7 +74,8 @@ def export(model: torch.nn.Module, out: pathlib.Path) -> None:
 
 def outputs(model: torch.nn.Module) -> typing.List[str]:
     """The ONNX outputs: the landmarks, and a blend's read-out beside them."""
-    return ["landmarks", "readout"] if isinstance(model, MotionBlend) else ["landmarks"]
+    blend = model.network if isinstance(model, ClosureGated) else model
+    return ["landmarks", "readout"] if isinstance(blend, MotionBlend) else ["landmarks"]
 
 
 def parity(model: torch.nn.Module, onnx_path: pathlib.Path, features: np.ndarray, rest: np.ndarray) -> float:

@@ -14,6 +14,7 @@ from the cache (`training.speech_features`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import time
@@ -93,6 +94,9 @@ def main(argv=None) -> int:
     parser.add_argument("--live", action="store_true", help="live features (default: offline)")
     parser.add_argument("--folds", type=int, help="score the training people in K folds by person (not the held-out ones)")
     parser.add_argument("--src", type=pathlib.Path, default=pathlib.Path("../shared/data"))
+    parser.add_argument("--live-right", type=int, help="with --model: encoder frames of audio each live frame waits for "
+                        "(SpeechConfig.live_right)")
+    parser.add_argument("--live-phase", type=int, help="with --model: where live windows end (SpeechConfig.live_phase)")
     args = parser.parse_args(argv)
     train, val = load_motion_clips(args.cache, "train"), load_motion_clips(args.cache, "val")
     if not train or not val:
@@ -105,9 +109,13 @@ def main(argv=None) -> int:
         features = {c.clip_id: clip_features(c, args.live) for c in needed}
         source = "cached features"
     else:
+        from avatar.config import SpeechConfig
         from avatar.speech.encoder import SpeechEncoder, interpolate_frames
 
-        encoder = SpeechEncoder(args.model)
+        changes = {name: value for name, value in (("live_right", args.live_right), ("live_phase", args.live_phase))
+                   if value is not None}
+        encoder = SpeechEncoder(args.model, config=dataclasses.replace(SpeechConfig(), **changes))
+        print(f"look-ahead at most {encoder.lookahead_ms:.1f} ms")
         files = {c.clip_id: c.meta["file"] for c in open_cache(args.cache, kind="video")}
         features = {c.clip_id: interpolate_frames(encoder.features(media.read_audio(args.src / files[c.clip_id], 16000), live=args.live),
                                                   c.frame_pos - 50.0 * c.pad_s[0])  # the cache's positions include its head pad

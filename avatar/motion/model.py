@@ -139,23 +139,25 @@ class MotionBlend(nn.Module):
 class ClosureGated(nn.Module):
     """A motion model whose mouth is pulled to the rest shape (closed lips, jaw up) where a linear
     read-out of the speech features says the real lips close (`training.closure_gate`: a ridge fit of
-    "inner-lip gap < 3 % of the inter-ocular distance" on `lags` frames centred on each one): with p
-    the read-out, the landmarks move `clamp((p - threshold) / (1 - threshold), 0, 1)` of the way to
-    rest. Same contract as `MotionModel`: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) →
-    `(B, T, N_POINTS, 2)`; `config`: the network's."""
+    "inner-lip gap < 3 % of the inter-ocular distance" on `lags` frames, centred on each one for an
+    offline network, the frame and those before it for a live one): with p the read-out, the landmarks
+    move `clamp((p - threshold) / (1 - threshold), 0, 1)` of the way to rest. Same contract as the
+    model it gates: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) → `(B, T, N_POINTS, 2)`, or a
+    `MotionBlend`'s pair, each gated (so the runner's blend of the two is gated too); `config`: the
+    network's."""
 
     def __init__(self, network: nn.Module, features: int, lags: int = 5, threshold: float = 0.25):
         super().__init__()
-        if network.config.causal:
-            raise ValueError("the closure gate reads frames on both sides: it is for the offline model")
         self.network, self.config, self.lags, self.threshold = network, network.config, lags, float(threshold)
-        self.pad = ((lags - 1) // 2, lags - 1 - (lags - 1) // 2)
+        self.pad = (lags - 1, 0) if network.config.causal else ((lags - 1) // 2, lags - 1 - (lags - 1) // 2)
+        if network.config.causal and network.config.receptive_frames < lags:
+            raise ValueError(f"the network sees {network.config.receptive_frames} frames, the gate {lags}")
         self.conv = nn.Conv1d(features, 1, lags)
 
     @classmethod
     def from_ridge(cls, network: nn.Module, weights, x_mean, y_mean, threshold: float, lags: int = 5) -> "ClosureGated":
-        """From a ridge fit on `lags` stacked centred frames: `weights (lags·D,)`, their mean `(lags·D,)`,
-        the target's mean."""
+        """From a ridge fit on `lags` stacked frames, oldest first: `weights (lags·D,)`, their mean
+        `(lags·D,)`, the target's mean."""
         weights = torch.as_tensor(weights, dtype=torch.float64)
         x_mean = torch.as_tensor(x_mean, dtype=torch.float64)
         model = cls(network, weights.shape[0] // lags, lags, threshold)
@@ -168,7 +170,9 @@ class ClosureGated(nn.Module):
         """`(B, T, D)` → `(B, T)`: the read-out (about 1 where the lips close, 0 where they are open)."""
         return self.conv(nn.functional.pad(features.transpose(1, 2), self.pad, mode="replicate"))[:, 0]
 
-    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        landmarks = self.network(features, rest)
-        gate = ((self.closure(features) - self.threshold) / (1.0 - self.threshold)).clamp(0.0, 1.0)
-        return landmarks + gate[..., None, None] * (rest[:, None] - landmarks)
+    def forward(self, features: torch.Tensor, rest: torch.Tensor):
+        out = self.network(features, rest)
+        gate = ((self.closure(features) - self.threshold) / (1.0 - self.threshold)).clamp(0.0, 1.0)[..., None, None]
+        if isinstance(out, tuple):
+            return tuple(landmarks + gate * (rest[:, None] - landmarks) for landmarks in out)
+        return out + gate * (rest[:, None] - out)

@@ -24,7 +24,7 @@ from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
 from avatar.provenance import file_sha256
 from avatar.runtime import OnnxSession, asset_path
-from avatar.speech.encoder import SpeechEncoder, frame_features, frame_positions, interpolate_frames
+from avatar.speech.encoder import FRAME_S, SpeechEncoder, frame_features, frame_positions, interpolate_frames
 
 POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.model.POINTS)
 OFFLINE_MODEL = "motion_offline.onnx"
@@ -231,8 +231,9 @@ class MotionStream:
     the encoder frames around its time are out; the numbers equal `MotionPredictor.from_audio` on the
     whole audio (live model).
 
-    Look-ahead (audio needed past a frame's timestamp): `lookahead_ms` (82.5 ms at 25 fps, where
-    video frames fall on encoder frames; up to 20 ms more at rates where they fall between two).
+    Look-ahead (audio needed past a frame's timestamp): `lookahead_ms` (102.5 ms at 25 fps, where
+    video frames fall on even encoder frames; 115.8 ms at 30 fps, where some fall between two; at
+    most 122.5 ms at any rate).
     """
 
     def __init__(self, predictor: MotionPredictor, fps: float, rest: np.ndarray, adaptation=None):
@@ -257,9 +258,12 @@ class MotionStream:
 
     @property
     def lookahead_ms(self) -> float:
+        """The most audio past a frame's time that a frame waits for (the live window of the encoder frame
+        at or after its time), over the stream's first 1,000 frames."""
+        encoder = self.predictor.encoder
         positions = frame_positions(self.fps, 1000)
-        between = bool((np.abs(positions - np.round(positions)) > 1e-9).any())  # frames that need the next encoder frame
-        return self.predictor.encoder.lookahead_ms + (20.0 if between else 0.0)
+        needed = np.array([encoder.needed_ms(int(np.ceil(p - 1e-9))) for p in positions])
+        return float(np.max(needed - 1000 * FRAME_S * positions))
 
     def _take(self, final: bool, n_frames: typing.Optional[int] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
         available = self.encoded_start + self.encoded.shape[0]

@@ -121,9 +121,14 @@ class SpeechEncoder:
 
     @property
     def lookahead_ms(self) -> float:
-        """Audio a live frame needs past its centre, at most."""
+        """Audio a live frame needs past its centre, at most (over the `live_hop` frames of a window)."""
+        return max(self.needed_ms(k) - 1000 * FRAME_S * k for k in range(self.config.live_hop))
+
+    def needed_ms(self, k: int) -> float:
+        """How much audio (ms from the start) a stream must have before it gives encoder frame k: up to
+        the last sample of the last mel frame of k's live window."""
         c = self.config
-        return 1000 * FRAME_S * (c.live_hop + c.live_right - 1) + 1000 * (c.n_fft // 2 - c.hop_length) / c.sample_rate
+        return 1000 * ((2 * self.window_end(k) - 1) * c.hop_length + c.n_fft // 2) / c.sample_rate
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """`(B, M, 80)` log-mel, M even → `(B, M/2, D) float32`."""
@@ -188,9 +193,10 @@ class SpeechEncoder:
         return out
 
     def window_end(self, k: int) -> int:
-        """The end (exclusive, in encoder frames) of the live window that gives frame k."""
+        """The end (exclusive, in encoder frames) of the live window that gives frame k: the first end
+        at least `live_right` frames past k among the ends `live_phase`, `live_phase + live_hop`, ..."""
         c = self.config
-        return int(math.ceil((k + c.live_right) / c.live_hop) * c.live_hop)
+        return int(math.ceil((k + c.live_right - c.live_phase) / c.live_hop) * c.live_hop) + c.live_phase
 
     def live_windows(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> "LiveWindows":
         """The live windows that give frames [first, stop); `mel` holds mel frames from `base` on, silence
