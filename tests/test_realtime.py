@@ -450,6 +450,7 @@ needs_browser = pytest.mark.skipif(browser() is None and os.environ.get("AVATAR_
 
 
 @needs_browser
+@pytest.mark.alone  # its A/V offset is the browser's lip sync in real time: not beside another test's load
 @pytest.mark.parametrize("transport", ["webrtc", "ws"])
 def test_browser_page_streams_the_microphone_and_shows_the_avatar(serve, tmp_path, transport):
     """Headless Chromium with a fake microphone playing real speech: frames arrive at the page and
