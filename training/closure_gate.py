@@ -3,7 +3,7 @@ close, the predicted mouth is pulled to rest (`avatar.motion.model.ClosureGated`
 
     python -m training.closure_gate --cache cache --network assets/motion_offline.pt --out assets/motion_offline.onnx \
         --torch-copy assets/motion_offline.pt
-    python -m training.closure_gate --cache cache --network runs/motion_live/motion_live.pt --out assets/motion_live.onnx \
+    python -m training.closure_gate --cache cache --network runs/motion_live/blend.pt --out assets/motion_live.onnx \
         --torch-copy assets/motion_live.pt                      # the live blend (training.linear_motion --blend)
     python -m training.closure_gate --cache cache --fold-networks runs/live_fold{0,1,2,3}/last.pt   # the live threshold
 
@@ -113,6 +113,8 @@ def live_threshold_study(clips: typing.Sequence[MotionClip], networks: typing.Se
     rows: typing.Dict[typing.Optional[float], typing.List[typing.Tuple[float, float, int]]] = {}
     for (fitted, held), path in zip(person_folds(clips, len(networks)), networks):
         network = load_model(path)
+        while not isinstance(network, MotionModel):  # a shipped copy: its network alone (gate and read-out are refitted)
+            network = network.network
         lam, _ = linear_motion.choose_lambda(fitted, noise)
         readout = linear_motion.fit(*linear_motion.design(fitted, noise), lam)
         gate_lam, _ = choose_lambda(fitted, live=True)
@@ -167,7 +169,11 @@ def main(argv=None) -> int:
     if args.fold_networks:
         from training.motion_data import load_noise_features
 
-        results = live_threshold_study(clips, args.fold_networks, load_noise_features(args.cache, "live"))
+        try:
+            results = live_threshold_study(clips, args.fold_networks, load_noise_features(args.cache, "live"))
+        except ValueError as exc:  # too few people for the folds, or for choosing λ within one
+            print(f"error: {exc}; the study needs at least 5 training people in every fold's fitted part", file=sys.stderr)
+            return 2
         print("live gate on the training people's folds (opening r, lips L1 %IOD): "
               + ", ".join(f"{'none' if t is None else t}: {r:.4f} {lips:.3f}" for t, (r, lips) in results.items()))
         return 0
@@ -197,8 +203,10 @@ def main(argv=None) -> int:
                 "closure": {f"conv.{k}": v for k, v in model.conv.state_dict().items()},
                 "closure_threshold": threshold, "closure_lambda": lam}
         if live:  # the read-out as linear_motion saved it (fp32), and its λ
+            copy["linear"] = network.linear.state_dict()
             state = torch.load(args.network, map_location="cpu", weights_only=False)
-            copy.update(linear=network.linear.state_dict(), **{k: state[k] for k in ("lambda",) if k in state})
+            if "lambda" in state:
+                copy["lambda"] = state["lambda"]
         torch.save(copy, args.torch_copy)
     print(f"{'live' if live else 'offline'}: λ {lam:g} (cross-validated), threshold {threshold:g}; wrote {args.out} "
           f"(ONNX parity {worst:.1e})")
