@@ -276,7 +276,7 @@ class GraphRenderer(RetrievalRenderer):
             regions[i] = FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
         if not faces:
             return regions
-        entries = self.choose(batch) if self.kind != "warp" else [None] * len(batch)  # the warp renderer draws no entry
+        entries = self.choose(batch) if has_entry(self.kind) else [None] * len(batch)  # the warp renderer draws no entry
         kind, session = self.kind, self.session
         if self.plain is not None and all(entries[i] is None for i in faces):  # nothing to draw: the graph without that path
             kind, session = "diffusion_plain", self.plain
