@@ -98,6 +98,10 @@ def main(argv=None) -> int:
                         "(SpeechConfig.live_right)")
     parser.add_argument("--live-phase", type=int, help="with --model: where live windows end (SpeechConfig.live_phase)")
     args = parser.parse_args(argv)
+    if args.model is None and (args.live_right is not None or args.live_phase is not None):
+        print("error: --live-right and --live-phase change how features are computed: give --model too "
+              "(the cached features are fixed)", file=sys.stderr)
+        return 2
     train, val = load_motion_clips(args.cache, "train"), load_motion_clips(args.cache, "val")
     if not train or not val:
         print(f"error: no clips with speech features in {args.cache}; run training.preprocess and training.speech_features",
