@@ -240,11 +240,33 @@ def test_eval_reports_model_and_baselines(tiny_cache):
     result = subprocess.run([sys.executable, "-m", "training.eval_motion", "--cache", str(tiny_cache)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for words in ("model", "rest pose", "mismatched audio", "opening r", "audio shift", "lowest error at shift"):
+    for words in ("model", "rest pose", "mismatched audio", "real opening, linear", "opening r", "audio shift", "lowest error at shift"):
         assert words in result.stdout
     live = subprocess.run([sys.executable, "-m", "training.eval_motion", "--cache", str(tiny_cache), "--live"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert live.returncode == 0 and "live model" in live.stdout, live.stderr
+
+
+def test_the_real_opening_row_places_lips_that_move_with_the_opening_alone_exactly(rest):
+    from avatar.face import landmarks as lm
+    from training.motion_data import MotionClip
+    from training.motion_eval import opening_oracle
+
+    width = float(lm.mouth_width(rest))
+    direction = np.random.default_rng(0).normal(size=(N_POINTS, 2)) * 0.05
+    direction[lm.MOUTH_UPPER_INNER] = (0.0, -0.5)  # the inner-lip gap grows as the opening
+    direction[lm.MOUTH_LOWER_INNER] = (0.0, 0.5)
+    clips = []
+    for person, frequency in enumerate((3.0, 5.0)):
+        opening = np.abs(np.sin(np.linspace(0, frequency, 60)))[:, None, None] * 0.2  # mouth widths
+        offsets = opening * direction[None] + 0.03  # speaking mouths sit off the closed one as well
+        mouth = (rest[None] + offsets * width).astype(np.float32)
+        clips.append(MotionClip(f"clip{person}", f"person{person}", 25.0, {}, np.arange(60.0), mouth, np.zeros((60, 2)),
+                                offsets, np.ones(60, bool), rest, width, 2 * width, np.ones(60)))
+    oracle = opening_oracle(clips)
+    opened = gap(clips[1].mouth) / width
+    placed = (np.stack([opened, np.ones_like(opened)], 1) @ oracle).reshape(clips[1].offsets.shape)
+    assert np.abs(placed - clips[1].offsets).max() < 1e-4
 
 
 def test_a_broken_model_file_is_a_one_line_error(tmp_path):

@@ -5,8 +5,10 @@
 Runs the ONNX model (the engine's default for files, or with `--live` for live streams) through onnxruntime on every validation clip with speech
 (people never seen in training; see training/split.py) and prints, next to the model: the rest pose
 (closed mouth), the model driven by mismatched speech (another person's clip), the mouth-opening
-correlation with the real video, and the audio-offset sweep (±1..5 frames; the error must be lowest
-at 0). What is measured is documented in training/motion_eval.py.
+correlation with the real video, the audio-offset sweep (±1..5 frames; the error must be lowest
+at 0), and the real opening's row (every point from the real inner-lip gap by a linear map fitted on
+the training people: what a model that got the opening exactly right, and moved every other point
+only with it, would score). What is measured is documented in training/motion_eval.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from training.motion_data import load_motion_clips
 from training.cache import open_cache
 from training.closures import bilabial_spans, grid_code
 from training.export_speech import grid_sentence
-from training.motion_eval import evaluate_motion, format_people, format_summary
+from training.motion_eval import evaluate_motion, format_people, format_summary, opening_oracle
 
 
 def main(argv=None) -> int:
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
         if code and (args.src / clip.meta["file"]).exists():
             samples = media.read_audio(args.src / clip.meta["file"], 16000)
             bilabials[clip.clip_id] = bilabial_spans(samples, grid_sentence(code))
-    report = evaluate_motion(predictor.predict, clips, predictor.config, bilabials=bilabials)
+    oracle = opening_oracle(load_motion_clips(args.cache, "train"))
+    report = evaluate_motion(predictor.predict, clips, predictor.config, bilabials=bilabials, oracle=oracle)
     title = f"{'live' if predictor.live else 'offline'} model {args.model or ''}".rstrip()
     emit_report(title + "\n" + format_summary(report["summary"]) + "\n" + format_people(report["clips"]), report, args.json)
     return 0

@@ -6,7 +6,10 @@ dubbing, where the pose comes from the video), so the comparison is about speech
 - model: driven by the clip's own speech;
 - rest: the closed mouth held (what a still photo would do);
 - mismatched: the model driven by another validation clip's speech (another person);
-- offsets: the model driven by the clip's own speech shifted by ±1..5 frames (sync must peak at 0).
+- offsets: the model driven by the clip's own speech shifted by ±1..5 frames (sync must peak at 0);
+- real opening (optional): every point placed from the real video's inner-lip gap alone by a linear map
+  fitted on the training people (`opening_oracle`): what a model that knew the opening exactly, and
+  nothing else about the lips, would score; a ceiling for speech models judged on the opening.
 Metrics on kept frames: lip landmark distance (mean L1 per coordinate, % of inter-ocular distance),
 jaw distance, and the correlation of the inner-lip gap with the real video's.
 """
@@ -38,13 +41,23 @@ def shifted(features: np.ndarray, shift: int) -> np.ndarray:
     return features[index]
 
 
+def opening_oracle(clips: typing.Sequence[MotionClip]) -> np.ndarray:
+    """`(2, K * 2) float64`: the least-squares map from [real inner-lip gap, 1] (in rest mouth widths)
+    to every point's offsets (in rest mouth widths), over the kept frames of `clips`."""
+    gaps = np.concatenate([lm.inner_gap(c.mouth)[c.keep] / c.width for c in clips])
+    offsets = np.concatenate([c.offsets[c.keep].reshape(int(c.keep.sum()), -1) for c in clips])
+    return np.linalg.lstsq(np.stack([gaps, np.ones_like(gaps)], 1), offsets, rcond=None)[0]
+
+
 def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], config: MotionConfig = MotionConfig(),
                     shifts: typing.Sequence[int] = SHIFTS,
                     bilabials: typing.Mapping[str, typing.Sequence[typing.Tuple[str, float, float]]] = {},
-                    silence: SilenceConfig = SilenceConfig()) -> typing.Dict[str, typing.Any]:
+                    silence: SilenceConfig = SilenceConfig(),
+                    oracle: typing.Optional[np.ndarray] = None) -> typing.Dict[str, typing.Any]:
     """Metrics over all kept frames of `clips` (frame-weighted), and per clip, of the model as the
     engine runs it (`silence`: the mouth rests in long silences). `bilabials` (clip id → /p b m/
-    spans, `training.closures.bilabial_spans`) adds the closure rates of those clips."""
+    spans, `training.closures.bilabial_spans`) adds the closure rates of those clips; `oracle`
+    (`opening_oracle` of the training clips) adds the real-opening row."""
     features = [clip_features(c, config.causal) for c in clips]
     per_clip = []
     sums: typing.Dict[str, float] = {}
@@ -62,7 +75,12 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         other = (i + next((j for j in range(1, len(clips)) if clips[(i + j) % len(clips)].person != clip.person), 1)) % len(clips)
         mismatched = run(np.resize(features[other], features[i].shape), np.resize(clips[other].vad, clip.vad.shape))
         row = {"clip": clip.clip_id, "person": clip.person, "frames": n}
-        for name, pred in (("model", own), ("rest", rest), ("mismatched", mismatched)):
+        rows = [("model", own), ("rest", rest), ("mismatched", mismatched)]
+        if oracle is not None:
+            gap = lm.inner_gap(real) / clip.width
+            offsets = (np.stack([gap, np.ones_like(gap)], 1) @ oracle).reshape(real.shape)
+            rows.append(("oracle", rest + offsets * clip.width))
+        for name, pred in rows:
             row[f"lips_{name}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)
             row[f"jaw_{name}"] = mouth_landmark_distance(pred[:, JAW], real[:, JAW], clip.iod, keep)
         row["opening_r_model"] = pearson(lm.inner_gap(own)[keep], lm.inner_gap(real)[keep])
@@ -99,6 +117,8 @@ def format_summary(summary: typing.Dict[str, typing.Any]) -> str:
         f"{'model':22s} {summary['lips_model']:13.2f} {summary['jaw_model']:12.2f} {summary['opening_r_model']:10.3f}",
         f"{'rest pose (closed)':22s} {summary['lips_rest']:13.2f} {summary['jaw_rest']:12.2f} {'-':>10s}",
         f"{'mismatched audio':22s} {summary['lips_mismatched']:13.2f} {summary['jaw_mismatched']:12.2f} {summary['opening_r_mismatched']:10.3f}",
+        *([f"{'real opening, linear':22s} {summary['lips_oracle']:13.2f} {summary['jaw_oracle']:12.2f} {1:10.3f}"]
+          if "lips_oracle" in summary else []),
         f"opening amplitude (std) model / real: {summary['opening_std_ratio']:.2f}",
         "audio shift (frames) → lips L1 %IOD: " + ", ".join(
             f"{s:+d}: {summary[f'lips_shift_{s:+d}']:.3f}" for s in SHIFTS if f"lips_shift_{s:+d}" in summary),
