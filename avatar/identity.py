@@ -114,15 +114,17 @@ def _region_masks(shape: typing.Tuple[int, int], landmarks: np.ndarray) -> typin
 
 def colour_difference(frame: np.ndarray, landmarks: np.ndarray, region: typing.Optional[np.ndarray] = None) -> np.ndarray:
     """Mean CIELAB of the repainted region (default: the lower face) minus the upper face's, `(3,)`."""
-    lab = cv2.cvtColor(frame, cv2.COLOR_RGB2LAB).astype(np.float32)
-    lab[..., 0] *= 100.0 / 255.0
-    lab[..., 1:] -= 128.0
     lower, upper = _region_masks(frame.shape[:2], landmarks)
     if region is not None:
         lower = np.asarray(region) > 0.5
     if not lower.any() or not upper.any():
         return np.full(3, np.nan)
-    return lab[lower].mean(axis=0) - lab[upper].mean(axis=0)
+    x, y, w, h = cv2.boundingRect((lower | upper).view(np.uint8))  # only the face's box is converted
+    box = (slice(y, y + h), slice(x, x + w))
+    lab = cv2.cvtColor(np.ascontiguousarray(frame[box]), cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab[..., 0] *= 100.0 / 255.0
+    lab[..., 1:] -= 128.0
+    return lab[lower[box]].mean(axis=0) - lab[upper[box]].mean(axis=0)
 
 
 @dataclasses.dataclass

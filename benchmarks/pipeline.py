@@ -1,7 +1,7 @@
 """End-to-end speed of `avatar dub` and `avatar animate` on this machine, per stage, as ratios to
 real time (audio seconds / wall seconds; > 1 is faster than real time).
 
-    python -m benchmarks.pipeline [--seconds 10] [--threads 0] [--workers 0] [--renderer retrieval|warp|diffusion] [--preset fast]
+    python -m benchmarks.pipeline [--seconds 10] [--threads 0] [--workers 0] [--renderer retrieval|warp|diffusion] [--preset veryfast] [--crf 17]
 
 Dub: a 512² talking clip from ../shared/data re-lip-synced to its own speech. Animate: a real
 portrait from ../shared/data with the same speech. Both write real files (H.264 + AAC) and run the
@@ -39,12 +39,13 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=PipelineConfig.workers, help="threads for the per-frame CPU work (0: one per core)")
     parser.add_argument("--renderer", choices=RENDERERS, default=PipelineConfig.renderer)
     parser.add_argument("--preset", choices=X264_PRESETS, default=PipelineConfig.preset, help="x264 preset of the outputs")
+    parser.add_argument("--crf", type=int, default=PipelineConfig.crf, help="H.264 quality of the outputs (lower is better)")
     args = parser.parse_args(argv)
-    config = PipelineConfig(threads=args.threads, workers=args.workers, renderer=args.renderer, preset=args.preset)
+    config = PipelineConfig(threads=args.threads, workers=args.workers, renderer=args.renderer, preset=args.preset, crf=args.crf)
     pipeline = AvatarPipeline.from_pretrained(config=config)
     info = media.probe(args.video)
     print(f"clip: {args.video.name} {info.width}x{info.height} at {info.fps:g} fps; portrait: {args.image.name}; "
-          f"{args.renderer} renderer, x264 preset {args.preset}")
+          f"{args.renderer} renderer, x264 preset {args.preset} at crf {args.crf}")
     with tempfile.TemporaryDirectory() as tmp:
         clip = media.read_video(args.video, max_frames=int(args.seconds * info.fps))
         source = pathlib.Path(tmp) / "clip.mp4"

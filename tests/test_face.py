@@ -168,3 +168,18 @@ def test_crop_sizes_agree():
     assert np.allclose((f.aligned.landmarks[:, :2] + 0.5) * 2 - 0.5, big.landmarks[:, :2], atol=1e-3)
     small_again = apply_transform(big.landmarks[:, :2], rescale_transform(np.hstack([np.eye(2), np.zeros((2, 1))]), 256, 128))
     assert np.allclose(small_again, f.aligned.landmarks[:, :2], atol=1e-3)
+
+
+def test_mediapipe_is_imported_without_matplotlib_which_other_code_still_gets_whole():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from avatar.face.mediapipe_loader import import_face_mesh\n"
+            "import_face_mesh()\n"
+            "assert 'matplotlib' not in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
+            "from mediapipe.python.solutions import drawing_utils\n"
+            "import matplotlib.pyplot as plt\n"
+            "assert type(plt).__name__ == 'module' and drawing_utils.plt.figure is plt.figure\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
