@@ -160,6 +160,22 @@ def test_lower_face_mask_covers_mouth_and_jaw_not_eyes():
         assert mask[eyes[:, 1], eyes[:, 0]].max() < 0.05
 
 
+def test_lower_face_mask_drawn_in_its_box_is_the_whole_crops_mask():
+    import cv2
+
+    face = track(GRID_CLIP, n=1)[0].aligned.landmarks[:, :2]
+    for size, shift in ((128, (0, 0)), (384, (0, 0)), (384, (-150, 0)), (256, (40, 110)), (256, (0, -120))):
+        aligner = FaceAligner(AlignConfig(crop_size=size))
+        points = face * size / 128 + shift
+        whole = np.zeros((size, size), np.uint8)  # the mask drawn on the whole crop, step by step
+        cv2.fillPoly(whole, [np.round(lm.lower_face_polygon(points) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+        grow = max(1, round(aligner.config.lower_face_dilate_frac * size))
+        whole = cv2.dilate(whole, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+        whole = np.maximum(whole, np.pad(whole, ((grow, 0), (0, 0)))[:size]).astype(np.float32) / 255
+        whole = np.clip(cv2.GaussianBlur(whole, (0, 0), max(0.5, aligner.config.feather_frac * size / 2)), 0, 1)
+        assert np.abs(aligner.lower_face_mask(points) - whole).max() < 1e-4, (size, shift)
+
+
 def test_crop_sizes_agree():
     frames = track(LRS2_CLIP, n=5)
     f = frames[-1]

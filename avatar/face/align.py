@@ -211,19 +211,28 @@ class FaceAligner:
         the nose; it is grown by `lower_face_dilate_frac` (more downwards, for an opening jaw) and
         feathered.
         """
-        polygon = lm.lower_face_polygon(crop_landmarks)
-        mask = np.zeros((self.size, self.size), np.uint8)
-        cv2.fillPoly(mask, [np.round(polygon * 16).astype(np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
+        polygon = np.round(lm.lower_face_polygon(crop_landmarks) * 16).astype(np.int32)  # 1/16 px
         grow = max(1, int(round(self.config.lower_face_dilate_frac * self.size)))
+        sigma = max(0.5, self.config.feather_frac * self.size / 2.0)
+        # Drawn in the polygon's box only, grown by all that can reach out of it (dilation, the jaw's
+        # drop, the blur's 4σ kernel): the same values as on the whole crop, zeros outside.
+        reach = 2 * grow + (int(np.ceil(4 * sigma)) + 2 if feather else 1)
+        x0, y0 = np.maximum(polygon.min(axis=0) // 16 - reach, 0)
+        x1, y1 = np.minimum(polygon.max(axis=0) // 16 + reach + 2, self.size)
+        out = np.zeros((self.size, self.size), np.float32)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.fillPoly(mask, [polygon - 16 * np.array([x0, y0], np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
         mask = cv2.dilate(mask, kernel)
         shifted = np.zeros_like(mask)
         shifted[grow:] = mask[:-grow]  # the jaw drops when the mouth opens
         mask = np.maximum(mask, shifted).astype(np.float32) / 255.0
         if feather:
-            sigma = max(0.5, self.config.feather_frac * self.size / 2.0)
             mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma)
-        return np.clip(mask, 0.0, 1.0)
+        out[y0:y1, x0:x1] = np.clip(mask, 0.0, 1.0)
+        return out
 
     def face_hull(self, *crop_landmarks: np.ndarray) -> np.ndarray:
         """Where the face is, `(S, S) float32` in [0, 1]: the union of the face outlines of several
