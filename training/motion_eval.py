@@ -9,7 +9,7 @@ dubbing, where the pose comes from the video), so the comparison is about speech
 - offsets: the model driven by the clip's own speech shifted by ±1..5 frames (sync must peak at 0);
 - real opening (optional): every point placed from the real video's inner-lip gap alone by a linear map
   fitted on the training people (`opening_oracle`): what a model that knew the opening exactly, and
-  nothing else about the lips, would score; a ceiling for speech models judged on the opening.
+  nothing else about the lips, would score (the distance the opening alone cannot explain).
 Metrics on kept frames: lip landmark distance (mean L1 per coordinate, % of inter-ocular distance),
 jaw distance, and the correlation of the inner-lip gap with the real video's.
 """
