@@ -7,7 +7,7 @@ from avatar import media
 from avatar.config import AlignConfig, FaceConfig
 from avatar.errors import FaceTooSmallError, NoFaceError, SeveralFacesError
 from avatar.face import landmarks as lm
-from avatar.face.align import FaceAligner, apply_transform, rescale_transform
+from avatar.face.align import FaceAligner, apply_transform, rescale_points, rescale_transform
 from avatar.face.tracker import FaceTracker
 from avatar.face.video import align_video
 from conftest import (GRID_CLIP, GROUP_PHOTO, LRS2_CLIP, LRS2_YAW_CLIP, PORTRAIT, SMALL_FACE_CLIP, TWO_PEOPLE_CLIP,
@@ -145,6 +145,23 @@ def test_paste_back_round_trip_is_seamless(path, crop_size):
     assert psnr(pasted, frame.image, outside_band) >= 40
     assert (pasted[alpha < 1e-3] == frame.image[alpha < 1e-3]).all()
     assert (alpha > 0.999).sum() > 0.1 * alpha.size / 4  # the face really was pasted
+
+
+def test_a_pasted_region_is_only_where_its_mask_reaches_and_blends_as_the_whole_crop_would():
+    frame = track(GRID_CLIP, n=1)[0]
+    aligner = FaceAligner(AlignConfig(crop_size=256))
+    transform = rescale_transform(frame.aligned.transform, 128, 256)
+    crop = np.full((256, 256, 3), 255, np.uint8)  # a white crop: where it is blended in shows
+    mask = aligner.lower_face_mask(rescale_points(frame.aligned.landmarks[:, :2], 128, 256))
+    whole = aligner.paste_alpha(frame.image.shape, transform, mask)  # the blend weight over the whole frame
+    expected = np.clip(frame.image + whole[..., None] * (255.0 - frame.image) + 0.5, 0, 255).astype(np.uint8)
+    region = aligner.paste_region(frame.image, crop, transform, mask)
+    x0, y0, x1, y1 = aligner.paste_box(frame.image.shape, transform)
+    assert region.pixels.shape[0] * region.pixels.shape[1] < 0.8 * (x1 - x0) * (y1 - y0)  # the lower face only
+    placed = region.place(frame.image)
+    assert np.abs(placed.astype(int) - expected).max() <= 2
+    assert (placed[whole == 0] == frame.image[whole == 0]).all()
+    assert aligner.paste_region(frame.image, crop, transform, np.zeros_like(mask)).pixels.size == 0
 
 
 def test_lower_face_mask_covers_mouth_and_jaw_not_eyes():

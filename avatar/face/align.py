@@ -265,12 +265,27 @@ class FaceAligner:
     def paste_region(self, frame: np.ndarray, crop: np.ndarray, transform: np.ndarray,
                      mask: typing.Optional[np.ndarray] = None, pad: int = 0) -> "FaceRegion":
         """`crop: (S, S, 3) uint8` blended into `frame: (H, W, 3) uint8` where `mask` (`(S, S) float32`
-        in [0, 1], default: the feathered crop border) is set, as the finished region of the frame
-        (`paste_box`, grown by `pad` px of the frame's own pixels); the frame is not changed."""
+        in [0, 1], default: the feathered crop border) is set, as the finished region of the frame:
+        the part of `paste_box` the mask's footprint reaches (outside it the blend gives the frame's
+        own pixels), grown by `pad` px of the frame's own pixels; the frame is not changed."""
         if crop.shape[:2] != (self.size, self.size):
             raise ValueError(f"crop must be {self.size}x{self.size}, got {crop.shape[:2]}")
-        mask = self.border_mask if mask is None else np.asarray(mask, np.float32)
         x0, y0, x1, y1 = self.paste_box(frame.shape, transform, pad)
+        if mask is None:
+            mask = self.border_mask
+        else:
+            mask = np.asarray(mask, np.float32)
+            ys, xs = np.nonzero(mask > 0)
+            if ys.size == 0:
+                return FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
+            box = np.array([[xs.min() - 1, ys.min() - 1], [xs.max() + 1, ys.min() - 1],
+                            [xs.min() - 1, ys.max() + 1], [xs.max() + 1, ys.max() + 1]], np.float64)
+            corners = apply_transform(box, invert_transform(transform))
+            reach = 2 + pad  # the mask's bilinear support, and the caller's pad
+            x0 = max(x0, int(np.floor(corners[:, 0].min())) - reach)
+            y0 = max(y0, int(np.floor(corners[:, 1].min())) - reach)
+            x1 = min(x1, int(np.ceil(corners[:, 0].max())) + reach + 1)
+            y1 = min(y1, int(np.ceil(corners[:, 1].max())) + reach + 1)
         if x1 <= x0 or y1 <= y0:
             return FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
         shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
