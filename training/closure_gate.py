@@ -34,25 +34,12 @@ from avatar.motion.model import ClosureGated, MotionBlend, MotionModel
 from training.closures import CLOSED_PCT_IOD
 from training.linear_motion import fit
 from training.motion_data import MotionClip, clip_features, load_motion_clips
-from training.readout import person_folds
+from training.readout import person_folds, stacked
 
-LAGS = 5
+LAGS = 5  # the frames `training.readout.stacked` gives each one (centred offline, the frame and 4 before live)
 LAMBDAS = (1e3, 1e4, 3e4, 1e5)
 THRESHOLD = 0.25
 LIVE_THRESHOLD = 0.15  # the best opening r of `--fold-networks` (assets/MODELS.md)
-
-
-def lag_offsets(live: bool) -> np.ndarray:
-    """The frames the read-out sees, relative to each one: centred (offline) or the frame and the
-    LAGS − 1 before it (live: causal)."""
-    half = LAGS - 1 if live else (LAGS - 1) // 2
-    return np.arange(-half, LAGS - half)
-
-
-def stacked_features(features: np.ndarray, live: bool) -> np.ndarray:
-    """`(T, D)` → `(T, LAGS·D)`: each frame's LAGS frames, oldest first (the ends repeated)."""
-    index = np.clip(np.arange(len(features))[:, None] + lag_offsets(live)[None], 0, len(features) - 1)
-    return features[index].reshape(len(features), -1)
 
 
 def design(clips: typing.Sequence[MotionClip], live: bool = False) -> typing.Tuple[np.ndarray, np.ndarray]:
@@ -62,7 +49,7 @@ def design(clips: typing.Sequence[MotionClip], live: bool = False) -> typing.Tup
     for clip in clips:
         gap = lm.inner_gap(clip.mouth) / clip.iod * 100
         keep = clip.keep & np.isfinite(gap)
-        xs.append(stacked_features(clip_features(clip, live=live), live)[keep])
+        xs.append(stacked(clip_features(clip, live=live), live)[keep])
         ys.append((gap[keep] < CLOSED_PCT_IOD).astype(np.float64))
     return np.concatenate(xs).astype(np.float64), np.concatenate(ys)
 
@@ -123,7 +110,7 @@ def live_threshold_study(clips: typing.Sequence[MotionClip], networks: typing.Se
         def blend(features: np.ndarray, rest: np.ndarray, voice: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 own = network(torch.from_numpy(features)[None], torch.from_numpy(rest)[None])[0].numpy()
-            offsets = (linear_motion.stacked(features, live=True) - readout[1]) @ readout[0] + readout[2]
+            offsets = (stacked(features, live=True) - readout[1]) @ readout[0] + readout[2]
             linear = rest[None] + offsets.reshape(len(features), -1, 2) * width_of(rest)
             return own + READOUT_WEIGHT * voice[:, None, None] * (linear - own)
 
@@ -132,7 +119,7 @@ def live_threshold_study(clips: typing.Sequence[MotionClip], networks: typing.Se
                 out = blend(features, rest, np.asarray(voice, np.float64))
                 if threshold is None:
                     return out
-                closed = (stacked_features(features, live=True) - x_mean) @ weights + y_mean
+                closed = (stacked(features, live=True) - x_mean) @ weights + y_mean
                 gate = np.clip((closed - threshold) / (1.0 - threshold), 0.0, 1.0)
                 return out + gate[:, None, None] * (rest[None] - out)
 
