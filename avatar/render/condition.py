@@ -17,6 +17,7 @@ import numpy as np
 from avatar.face import landmarks as lm
 
 N_OUTER, N_INNER = len(lm.LIPS_OUTER), len(lm.LIPS_INNER)
+CHANNEL_MEAN = np.full((1, 3), 1.0 / 3.0, np.float32)  # cv2.transform's matrix: the mean of three channels
 
 
 def to_unit(image: np.ndarray) -> np.ndarray:
@@ -94,20 +95,22 @@ def transfer_detail(original: np.ndarray, rendered: np.ndarray, alpha: np.ndarra
     original, rendered: `(H, W, 3) uint8` frames; alpha: `(H, W)` in [0, 1], the blend weight of the
     repainted region. Returns `(H, W, 3) uint8`, equal to `rendered` where alpha is 0.
     """
-    ys, xs = np.nonzero(alpha > 1e-3)
-    if ys.size == 0 or sigma < 0.75:
+    x, y, w, h = cv2.boundingRect((np.asarray(alpha) > 1e-3).view(np.uint8))
+    if w == 0 or sigma < 0.75:
         return rendered
+    # OpenCV's own per-element operations throughout (a live large-face frame: 13.8 → 2.3 ms, numpy's
+    # were 6× slower on these small arrays); within a level of the float expression's rounding
     pad = int(3 * sigma) + 2
-    y0, y1 = max(0, ys.min() - pad), min(alpha.shape[0], ys.max() + pad + 1)
-    x0, x1 = max(0, xs.min() - pad), min(alpha.shape[1], xs.max() + pad + 1)
+    y0, y1 = max(0, y - pad), min(alpha.shape[0], y + h + pad)
+    x0, x1 = max(0, x - pad), min(alpha.shape[1], x + w + pad)
     o = original[y0:y1, x0:x1].astype(np.float32)
     r = rendered[y0:y1, x0:x1].astype(np.float32)
     coarse_o = cv2.GaussianBlur(o, (0, 0), sigma)
     coarse_r = cv2.GaussianBlur(r, (0, 0), sigma)
-    difference = np.abs(coarse_o - coarse_r).mean(axis=2)
-    agree = np.exp(-(difference / tolerance) ** 2)
-    agree = cv2.GaussianBlur(agree, (0, 0), sigma)
-    weight = (agree * alpha[y0:y1, x0:x1])[..., None]
+    difference = cv2.transform(cv2.absdiff(coarse_o, coarse_r), CHANNEL_MEAN)  # (h, w) mean over the channels
+    agree = cv2.GaussianBlur(cv2.exp(cv2.multiply(difference, difference, scale=-1.0 / tolerance ** 2)), (0, 0), sigma)
+    weight = cv2.multiply(agree, np.ascontiguousarray(alpha[y0:y1, x0:x1], np.float32))
+    detail = cv2.multiply(cv2.subtract(o, coarse_o), cv2.merge([weight] * 3))
     out = rendered.copy()
-    out[y0:y1, x0:x1] = np.clip(r + weight * (o - coarse_o) + 0.5, 0, 255).astype(np.uint8)
+    out[y0:y1, x0:x1] = cv2.add(r, detail, dtype=cv2.CV_8U)  # rounded and saturated to 0-255
     return out
