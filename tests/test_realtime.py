@@ -112,7 +112,7 @@ def test_frames_are_locked_to_the_audio_clock_for_any_chunking(engine, avatar, s
 
 
 def test_the_engine_hears_while_waiting_frames_render_and_samples_drift_off_the_render_thread(engine, avatar, speech):
-    """A step with frames already waiting hears the new audio on the engine's background thread while
+    """A step with frames already waiting hears the new audio on the engine's hearing thread while
     they render (the new frames come in the next step); a step with none waiting hears first, on the
     caller's thread. Drift samples are measured on the background thread too, all of them done when
     the session closes. Frames keep their order and each its own audio either way."""
@@ -144,6 +144,54 @@ def test_the_engine_hears_while_waiting_frames_render_and_samples_drift_off_the_
     returned = np.concatenate([f.audio for f in frames])
     assert np.array_equal(returned, samples[:returned.size])
 
+
+
+def test_audio_that_arrives_while_a_batch_renders_is_heard_before_the_batch_ends(engine, avatar, speech, monkeypatch):
+    """The live case with one session: a frame takes most of a frame interval to render, and the
+    next audio comes during it. That audio is heard alongside (on the engine's hearing thread), so
+    its frames wait when the step returns and the next step renders them without hearing first; the
+    frames keep their order and their own audio."""
+    import threading
+
+    session = engine.open(avatar, 16000, now=0.0)
+    samples = speech[:16000]
+    callers, heard_during_render = [], []
+    hear, render_batch = engine._hear, engine.pipeline.render_batch
+    heard = threading.Event()
+
+    def hearing(sessions):
+        seconds = hear(sessions)
+        if seconds:
+            callers.append(threading.get_ident())
+            heard.set()
+        return seconds
+
+    def rendering(jobs, *args, **kwargs):
+        if len(pushed) < 4:  # the next 40 ms of audio arrives while this batch renders
+            heard.clear()
+            start = len(pushed) * 640 + 8000
+            pushed.append(samples[start:start + 640])
+            session.push(pushed[-1], now=0.0)
+            heard_during_render.append(heard.wait(timeout=60))  # a guard against a hang, not a timing
+        return render_batch(jobs, *args, **kwargs)
+
+    pushed = []
+    monkeypatch.setattr(engine, "_hear", hearing)
+    monkeypatch.setattr(engine.pipeline, "render_batch", rendering)
+    try:
+        session.push(samples[:8000], now=0.0)
+        frames = []
+        while engine.step(now=0.0, render_s=0.0):
+            frames += session.pop_frames()
+        frames += session.pop_frames()
+    finally:
+        session.close()
+    caller = threading.get_ident()
+    assert heard_during_render == [True] * 4
+    assert callers.count(caller) == 1 and len(callers) == 5  # the first audio heard before rendering, the rest alongside
+    assert [f.index for f in frames] == list(range(len(frames))) and len(frames) >= 12
+    returned = np.concatenate([f.audio for f in frames])
+    assert np.array_equal(returned, samples[:returned.size])
 
 def test_resampled_input_keeps_the_clock(engine, avatar, speech):
     samples48 = media.read_audio(SPEECH, 48000)[:48000]
