@@ -488,8 +488,9 @@ class Engine:
             self.recent.popleft()
         batch = self.config.pipeline.batch
         share = max(1, batch // len(sessions))
-        expected = self.frame_seconds * min(batch, share * len(sessions)) if render_s is None else render_s
-        work = [(s, s.take_due(now, share, expected)) for s in sessions]
+        if render_s is None:  # the frames this batch will render (each session's waiting ones, up to its share) at the running cost
+            render_s = self.frame_seconds * min(batch, sum(min(share, len(session.pending)) for session in sessions))
+        work = [(s, s.take_due(now, share, render_s)) for s in sessions]
         if dispatch is not None:
             dispatch()
         parts, identities, indices = [], [], []  # per frame its job, or what a still's job is made of; each session's contiguous
