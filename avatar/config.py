@@ -100,8 +100,12 @@ class SpeechConfig:
     20 × (live_hop + live_right − 1) ms + 2.5 ms (the last mel frame's half window past its centre),
     102.5 ms at the defaults. At 25 fps every video frame falls on an even encoder frame, which the
     default windows (ending on odd frames) give with 100 ms of audio after it, the most that keeps
-    the look-ahead at any frame rate near 120 ms (the odd frames get 80 ms). Offline-live features
-    (`live=True` on a whole file) are computed from exactly the windows a stream sees.
+    the look-ahead at any frame rate near 120 ms (the odd frames get 80 ms). A video frame between two
+    encoder frames reads both (linearly), except where the later one would make it wait longer than
+    `live_max_lookahead_ms`: it then reads the earlier alone (at 24 fps one frame in 24, at 29.97 one
+    in 16, each within 2.5 ms of that encoder frame; none at 25 or 30), so the live
+    look-ahead is at most 120 ms at any rate. Offline-live features (`live=True` on a whole file) are
+    computed from exactly the windows a stream sees.
     """
 
     sample_rate: int = 16000
@@ -113,6 +117,7 @@ class SpeechConfig:
     live_hop: int = 2
     live_right: int = 4
     live_phase: int = 1
+    live_max_lookahead_ms: float = 120.0
     offline_chunk: int = 1500
     offline_context: int = 125
 

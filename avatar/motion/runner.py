@@ -24,7 +24,7 @@ from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
 from avatar.provenance import file_sha256
 from avatar.runtime import OnnxSession, asset_path
-from avatar.speech.encoder import FRAME_S, SpeechEncoder, frame_features, frame_positions, interpolate_frames
+from avatar.speech.encoder import FRAME_S, SpeechEncoder, frame_positions, interpolate_frames
 
 POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.model.POINTS)
 OFFLINE_MODEL = "motion_offline.onnx"
@@ -142,7 +142,12 @@ class MotionPredictor:
     def features_for(self, samples: np.ndarray, fps: float, n_frames: typing.Optional[int] = None) -> np.ndarray:
         """16 kHz mono `(N,) float32` → the model's input `(T, D)` for T video frames at `fps`."""
         n = n_frames or audio_frontend.n_video_frames(samples.size, fps, self.sample_rate)
-        return frame_features(self.encoder.features(samples, live=self.live), fps, n)
+        return interpolate_frames(self.encoder.features(samples, live=self.live), self.positions(fps, n))
+
+    def positions(self, fps: float, n_frames: int, first: int = 0) -> np.ndarray:
+        """Where video frames first.. at `fps` read the encoder's frames `(n_frames,) float64`: at their
+        times (`frame_positions`), or for the live model within its look-ahead (`SpeechEncoder.live_positions`)."""
+        return self.encoder.live_positions(fps, n_frames, first) if self.live else frame_positions(fps, n_frames, first)
 
     def from_audio(self, samples: np.ndarray, fps: float, rest: np.ndarray, n_frames: typing.Optional[int] = None,
                    adaptation=None) -> np.ndarray:
@@ -233,7 +238,7 @@ class MotionStream:
 
     Look-ahead (audio needed past a frame's timestamp): `lookahead_ms` (102.5 ms at 25 fps, where
     video frames fall on even encoder frames; 115.8 ms at 30 fps, where some fall between two; at
-    most 122.5 ms at any rate).
+    most 120 ms at any rate, `SpeechConfig.live_max_lookahead_ms`).
     """
 
     def __init__(self, predictor: MotionPredictor, fps: float, rest: np.ndarray, adaptation=None):
@@ -254,16 +259,16 @@ class MotionStream:
         self.hold = SilenceHold(fps, predictor.silence)
 
     def _position(self, i: int) -> float:
-        return float(frame_positions(self.fps, 1, i)[0])
+        return float(self.predictor.positions(self.fps, 1, i)[0])
 
     @property
     def lookahead_ms(self) -> float:
         """The most audio past a frame's time that a frame waits for (the live window of the encoder frame
         at or after its time), over the stream's first 1,000 frames."""
         encoder = self.predictor.encoder
-        positions = frame_positions(self.fps, 1000)
+        positions = self.predictor.positions(self.fps, 1000)
         needed = np.array([encoder.needed_ms(int(np.ceil(p - 1e-9))) for p in positions])
-        return float(np.max(needed - 1000 * FRAME_S * positions))
+        return float(np.max(needed - 1000 * FRAME_S * frame_positions(self.fps, 1000)))
 
     def _take(self, final: bool, n_frames: typing.Optional[int] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
         available = self.encoded_start + self.encoded.shape[0]
@@ -275,7 +280,7 @@ class MotionStream:
             i += 1
         if not indices:
             return np.zeros(0, np.int64), np.zeros((0, len(POINTS), 2), np.float32)
-        rows = interpolate_frames(self.encoded, frame_positions(self.fps, len(indices), indices[0]) - self.encoded_start)
+        rows = interpolate_frames(self.encoded, self.predictor.positions(self.fps, len(indices), indices[0]) - self.encoded_start)
         stack = np.concatenate([self.history, rows])
         if self.vad_scores.size < len(indices):  # frame i's score needs audio up to (i + 1) / fps only: never
             raise RuntimeError("voice activity lags the motion frames")

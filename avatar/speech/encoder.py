@@ -130,6 +130,14 @@ class SpeechEncoder:
         c = self.config
         return 1000 * ((2 * self.window_end(k) - 1) * c.hop_length + c.n_fft // 2) / c.sample_rate
 
+    def live_positions(self, fps: float, n_frames: int, first: int = 0) -> np.ndarray:
+        """Encoder-frame positions `(n_frames,) float64` of video frames first.. at `fps` for the live
+        model (`frame_positions`), each moved back to the encoder frame before it where the one after it
+        would make the frame wait more than `live_max_lookahead_ms` (`SpeechConfig`)."""
+        positions = frame_positions(fps, n_frames, first)
+        waits = np.array([self.needed_ms(int(np.ceil(p - 1e-9))) for p in positions]) - 1000 * FRAME_S * positions
+        return np.where(waits > self.config.live_max_lookahead_ms + 1e-9, np.floor(positions + 1e-9), positions)
+
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """`(B, M, 80)` log-mel, M even → `(B, M/2, D) float32`."""
         mel = np.ascontiguousarray(np.asarray(mel, np.float32).transpose(0, 2, 1))
