@@ -437,8 +437,8 @@ class Engine:
         """Hear the audio that has come and render one batch of due frames across sessions (round robin,
         oldest first per session). While the batch renders, the audio that comes meanwhile is heard on
         a thread of its own (its frames join the next batch), so the speech models and the frame pool
-        work at once: one live session of a large enrolled face (a 35 ms frame and 12 ms of speech
-        models per 40 ms) keeps up only so; 4 live warp sessions on 2 cores. `now`: the wall clock
+        work at once (one live session of a large enrolled face, a 35 ms frame and 12 ms of speech
+        models per 40 ms on 2 cores, keeps up only so). `now`: the wall clock
         (default: the engine's `clock`); `render_s`: how long the batch is expected to take (default:
         the running estimate of past batches); frames that would be late by then are repeated instead,
         and `dispatch()` is called then, before the batch renders, so that they can be sent at once.

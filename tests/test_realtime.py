@@ -114,7 +114,7 @@ def test_frames_are_locked_to_the_audio_clock_for_any_chunking(engine, avatar, s
 def test_the_engine_hears_while_waiting_frames_render_and_samples_drift_off_the_render_thread(engine, avatar, speech):
     """A step with frames already waiting hears the new audio on the engine's hearing thread while
     they render (the new frames come in the next step); a step with none waiting hears first, on the
-    caller's thread. Drift samples are measured on the background thread too, all of them done when
+    caller's thread. Drift samples are measured on the background thread, all of them done when
     the session closes. Frames keep their order and each its own audio either way."""
     import threading
 
