@@ -243,24 +243,23 @@ def test_idles_when_the_audio_stops(engine, avatar, speech):
     assert len(still) >= 10 and (still == still[0]).all()
 
 
-def test_overload_drops_frames_but_never_loses_sync(engine, avatar, speech):
-    """A renderer slowed to ~6 frames/s under real-time audio: frames are repeated, counted, and every
-    pts still sits on the audio clock with its own audio. Time is simulated (the engine's clock), so
-    a busy machine changes nothing: rendering takes 0.15 s a frame on that clock."""
+def stream_on_a_simulated_clock(engine, avatar, samples, render_seconds):
+    """One session of `samples` (16 kHz) pushed at real-time pace on the engine's simulated clock, the
+    renderer taking `render_seconds(frames in the batch)` of it per call (a busy machine changes
+    nothing); rendered while waiting for the audio, then to the end. Returns (session, frames)."""
     pipeline = engine.pipeline
-    original = pipeline.render_batch
+    original, real_clock = pipeline.render_batch, engine.clock
     clock = {"now": 0.0}
 
-    def slow(jobs, *args, **kwargs):
+    def timed(jobs, *args, **kwargs):
         out = original(jobs, *args, **kwargs)
-        clock["now"] += 0.15 * len(jobs)
+        clock["now"] += render_seconds(len(jobs))
         return out
 
-    pipeline.render_batch = slow
-    real_clock, engine.clock = engine.clock, lambda: clock["now"]
+    pipeline.render_batch = timed
+    engine.clock = lambda: clock["now"]
     try:
         session = engine.open(avatar, 16000)
-        samples = speech[:16000 * 3]
         frames = []
         for k in range(0, samples.size, 320):
             while clock["now"] < k / 16000:  # the audio arrives in real time; render while waiting for it
@@ -275,6 +274,15 @@ def test_overload_drops_frames_but_never_loses_sync(engine, avatar, speech):
     finally:
         del pipeline.render_batch  # back to the class's method
         engine.clock = real_clock
+    return session, frames
+
+
+def test_overload_drops_frames_but_never_loses_sync(engine, avatar, speech):
+    """A renderer slowed to ~6 frames/s under real-time audio: frames are repeated, counted, and every
+    pts still sits on the audio clock with its own audio. Time is simulated (the engine's clock), so
+    a busy machine changes nothing: rendering takes 0.15 s a frame on that clock."""
+    samples = speech[:16000 * 3]
+    session, frames = stream_on_a_simulated_clock(engine, avatar, samples, lambda n: 0.15 * n)
     assert [f.index for f in frames] == list(range(len(frames)))
     assert len(frames) >= 75 - 4
     dropped = sum(f.repeated for f in frames)
@@ -292,35 +300,13 @@ def test_a_renderer_that_keeps_up_repeats_no_frame(engine, avatar, speech):
     expected time counts the frames it will render, not the batch size: at 8 × 30 ms, a frame that
     waited behind a hiccup, with about 270 ms of slack, was repeated although it would have been in
     time (a live large face, 35 ms a frame, repeated a quarter of its frames so)."""
-    pipeline = engine.pipeline
-    original, real_clock = pipeline.render_batch, engine.clock
-    clock = {"now": 0.0, "calls": 0}
+    calls = []
 
-    def timed(jobs, *args, **kwargs):
-        out = original(jobs, *args, **kwargs)
-        clock["calls"] += 1
-        clock["now"] += 0.03 * len(jobs) + (0.06 if clock["calls"] % 10 == 0 else 0.0)
-        return out
+    def render_seconds(n):
+        calls.append(n)
+        return 0.03 * n + (0.06 if len(calls) % 10 == 0 else 0.0)
 
-    pipeline.render_batch = timed
-    engine.clock = lambda: clock["now"]
-    try:
-        session = engine.open(avatar, 16000)
-        samples = speech[:16000 * 3]
-        frames = []
-        for k in range(0, samples.size, 320):
-            while clock["now"] < k / 16000:  # the audio arrives in real time; render while waiting for it
-                if not engine.step():
-                    clock["now"] = k / 16000
-            session.push(samples[k:k + 320])
-            frames += session.pop_frames()
-        while session.backlog:
-            engine.step()
-        frames += session.pop_frames()
-        session.close()
-    finally:
-        del pipeline.render_batch  # back to the class's method
-        engine.clock = real_clock
+    session, frames = stream_on_a_simulated_clock(engine, avatar, speech[:16000 * 3], render_seconds)
     assert [f.index for f in frames] == list(range(len(frames))) and len(frames) >= 70
     assert session.dropped == 0 and not any(f.repeated for f in frames)
 
