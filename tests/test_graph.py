@@ -146,8 +146,7 @@ def test_the_spline_solved_on_the_host_is_scipys():
     RBFInterpolator's values (the per-frame path's), duplicates dropped alike."""
     from scipy.interpolate import RBFInterpolator
 
-    from avatar.render.graph import solve_splines
-    from avatar.render.warp import SMOOTHING, spline_points
+    from avatar.render.graph import SMOOTHING, solve_splines, spline_points
 
     rng = np.random.default_rng(3)
     target = rng.uniform(0, 128, (60, 2))

@@ -388,38 +388,6 @@ def test_warp_to_its_own_mouth_changes_nothing(grid_frames):
     assert np.abs(out.astype(np.float32) - frames[10].crop)[region].mean() < 1.5
 
 
-def test_the_warps_splines_are_scipys_and_a_second_warp_on_the_same_points_reuses_them(grid_frames):
-    """`backward_map` (our thin-plate spline, float32 basis on the coarse grid) samples where scipy's
-    RBFInterpolator's spline says, within 0.03 px, on a real face's control points closing its open
-    mouth (both warps, a 256 crop); a second call with the same control points and box and other
-    source points (a bank entry drawn on the face) takes the kept basis and equals a fresh one."""
-    import cv2
-    from scipy.interpolate import RBFInterpolator
-
-    from avatar.render import warp
-
-    frames, openings = grid_frames
-    source, target = frames[int(np.argmax(openings))], frames[int(np.argmin(openings))]
-    mouth = target.landmarks[lm.MOUTH_AND_JAW, :2] - lm.mouth_anchor(target.landmarks) + lm.mouth_anchor(source.landmarks)
-    mask = FaceAligner(AlignConfig(crop_size=256)).repaint_mask(source.landmarks, lm.with_mouth(source.landmarks, mouth))
-    ys, xs = np.nonzero(mask > 0)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    step = warp.GRID_STEP  # the coarse grid's points, on multiples of its step: the spline's own values there
-    grid = np.stack(np.meshgrid(np.arange(-(-box[0] // step) * step, box[2], step), np.arange(-(-box[1] // step) * step, box[3], step)), -1)
-    for points, moved in warp.warp_points(source.landmarks[:, :2], mouth, mask):
-        map_x, map_y = warp.backward_map(points, moved, 256, box)
-        spline = RBFInterpolator(*warp.spline_points(points, moved), kernel="thin_plate_spline", smoothing=warp.SMOOTHING)
-        expected = grid + spline(grid.reshape(-1, 2).astype(np.float64)).reshape(grid.shape)
-        at = (grid[..., 1] - box[1], grid[..., 0] - box[0])
-        assert np.abs(map_x[at] - expected[..., 0]).max() < 0.03 and np.abs(map_y[at] - expected[..., 1]).max() < 0.03
-        other = moved + np.random.default_rng(0).normal(0, 2, moved.shape)  # the same control points, other sources
-        kept = warp.backward_map(points, other, 256, box)
-        warp._SPLINES.recent.clear()
-        fresh = warp.backward_map(points, other, 256, box)
-        assert np.array_equal(kept[0], fresh[0]) and np.array_equal(kept[1], fresh[1])
-        assert np.abs(cv2.absdiff(kept[0], map_x)).max() > 0.5  # the sources mattered
-
-
 @pytest.mark.parametrize("direction", ["open", "close"])
 def test_warp_opens_and_closes_a_real_mouth_and_stays_sharp(grid_frames, tracker, direction):
     """From the most closed frame to the most open one's mouth and back: the re-detected mouth

@@ -170,7 +170,7 @@ class RetrievalRenderer(WarpRenderer):
     def draw(self, crop: np.ndarray, landmarks: np.ndarray, mouth: np.ndarray, mask: np.ndarray, identity: Identity,
              entry: typing.Optional[int]) -> np.ndarray:
         face = super().draw(crop, landmarks, mouth, mask, identity, entry)
-        return face if entry is None else identity.bank.draw(entry, face, landmarks, mouth, mask)
+        return face if entry is None else identity.bank.draw(entry, face, landmarks, mouth)
 
 
 class DiffusionRenderer:

@@ -152,14 +152,11 @@ class MouthBank:
             self._scaled[key] = crop, rescale_points(self.mouths[index], self.size, size)
         return self._scaled[key]
 
-    def draw(self, index: int, face: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray,
-             mask: np.ndarray) -> np.ndarray:
+    def draw(self, index: int, face: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray) -> np.ndarray:
         """Entry `index` warped from its mouth to `target_mouth (59, 2)` (the warp renderer's two
-        splines, with the fixed anchors of the face's `crop_landmarks (478, 2+)` and of its repaint
-        `mask (S, S)`: both crops are aligned alike, and the face's own warp has the same control
-        points, so their splines are solved once, `backward_map`) and blended over `face (S, S, 3)
-        uint8` in `lips_region`, its brightness per channel matched to the face's in the region's
-        feathered rim. Returns `(S, S, 3) uint8`."""
+        splines, with the fixed anchors of the face's `crop_landmarks (478, 2+)`: both crops are
+        aligned alike) and blended over `face (S, S, 3) uint8` in `lips_region`, its brightness per
+        channel matched to the face's in the region's feathered rim. Returns `(S, S, 3) uint8`."""
         size = face.shape[0]
         crop, mouth = self.scaled(index, size)
         region = lips_region(target_mouth, size)
@@ -167,7 +164,7 @@ class MouthBank:
         if not ys.size:
             return face
         box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)  # outside it the face stays as it is
-        drawn = render_warp(crop, lm.with_mouth(np.asarray(crop_landmarks, np.float64)[:, :2], mouth), target_mouth, mask,
+        drawn = render_warp(crop, lm.with_mouth(np.asarray(crop_landmarks, np.float64)[:, :2], mouth), target_mouth, region,
                             self.inner(index).at(size))[box].astype(np.float32)
         alpha, under = region[box], face[box].astype(np.float32)
         rim = (alpha > 0.05) & (alpha < 0.6)

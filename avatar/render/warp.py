@@ -28,10 +28,8 @@ all in that crop's pixels.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import threading
 import typing
 
 import cv2
@@ -172,87 +170,29 @@ def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
     return np.concatenate(points)
 
 
-def spline_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The thin-plate spline's kernel r² log r between points `a (M, 2)` and `b (N, 2)`: `(M, N)` in
-    their dtype (float32 on a coarse grid: numpy's float32 log is several times faster than its
-    float64 one; the maps stay within about 0.02 px of scipy's RBFInterpolator's, tested at 0.03)."""
-    d2 = np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * (a @ b.T), 0)
-    return 0.5 * d2 * np.log(np.maximum(d2, np.finfo(d2.dtype).tiny))
-
-
-def spline_system(points: np.ndarray) -> np.ndarray:
-    """The linear system of a thin-plate spline through `points (n, 2)`, `(n + 3, n + 3) float64`: the
-    kernel (`spline_kernel`, SMOOTHING on its diagonal) and the affine part (1, x, y); its solution
-    for the values `(n, 2)` over 3 zero rows is the kernel weights then the affine coefficients.
-    scipy's RBFInterpolator solves the same system with a scaled polynomial basis."""
-    n = len(points)
-    polynomial = np.concatenate([np.ones((n, 1)), points], 1)
-    return np.block([[spline_kernel(points, points) + SMOOTHING * np.eye(n), polynomial], [polynomial.T, np.zeros((3, 3))]])
-
-
-def spline_points(target: np.ndarray, source: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
-    """The thin-plate spline through `target (N, 2)` → `source (N, 2)`: its points `(n, 2) float64`
-    (duplicates dropped) and their values, the shift source − target `(n, 2)`."""
-    _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
-    keep = np.sort(keep)
-    points = np.asarray(target, np.float64)[keep]
-    return points, np.asarray(source, np.float64)[keep] - points
-
-
-_SPLINES = threading.local()  # per thread: the latest splines' factorised systems and grid bases (`_spline_grid`)
-KEPT_SPLINES = 4  # a retrieval frame's two warps (the face's, the bank entry's) share their two splines' control points
-
-
-def _spline_grid(target: np.ndarray, size: int, box: typing.Tuple[int, int, int, int]):
-    """For control points `target (N, 2)` and the output pixels of `box`: the spline system's LU
-    factors, the kernel part of its basis on the coarse grid `(G, n) float32`, the grid's points
-    `(G, 2)`, which control points are kept (`spline_points`), the grid's corner and its shape. The latest KEPT_SPLINES are kept per thread: the bank entry
-    drawn on a face is warped with the face's control points and box, so its splines cost a solve and
-    a product instead of a basis (the basis is most of a warp's time)."""
-    from scipy.linalg import lu_factor
-
-    key = (np.asarray(target, np.float64).tobytes(), size, box)
-    recent = getattr(_SPLINES, "recent", None)
-    if recent is None:
-        recent = _SPLINES.recent = collections.OrderedDict()
-    if key in recent:
-        recent.move_to_end(key)
-        return recent[key]
-    _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
-    keep = np.sort(keep)
-    points = np.asarray(target, np.float64)[keep]
-    x0, y0, x1, y1 = box
-    gx0, gy0 = max(0, (x0 // GRID_STEP - 2) * GRID_STEP), max(0, (y0 // GRID_STEP - 2) * GRID_STEP)
-    gx1, gy1 = min(size, (x1 // GRID_STEP + 2) * GRID_STEP), min(size, (y1 // GRID_STEP + 2) * GRID_STEP)
-    gx, gy = np.meshgrid(np.arange(gx0, gx1 + GRID_STEP, GRID_STEP, dtype=np.float64),
-                         np.arange(gy0, gy1 + GRID_STEP, GRID_STEP, dtype=np.float64))
-    grid = np.stack([gx.ravel(), gy.ravel()], 1)
-    kernel = spline_kernel(grid.astype(np.float32), points.astype(np.float32))
-    recent[key] = entry = (lu_factor(spline_system(points)), kernel, grid, keep, (gx0, gy0), gx.shape)
-    while len(recent) > KEPT_SPLINES:
-        recent.popitem(last=False)
-    return entry
-
-
 def backward_map(target: np.ndarray, source: np.ndarray, size: int,
                  box: typing.Optional[typing.Tuple[int, int, int, int]] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
     """Thin-plate spline through `target (N, 2)` → `source (N, 2)`: for every output pixel, where to
     sample the source. Returns `(map_x, map_y)`, each `(S, S) float32` for cv2.remap, or only the
     pixels of `box` `(x0, y0, x1, y1)` (the same values there: the coarse grid stays on multiples of
     GRID_STEP, with a step to spare round the box)."""
-    from scipy.linalg import lu_solve
+    from scipy.interpolate import RBFInterpolator
 
-    x0, y0, x1, y1 = box = tuple(int(v) for v in (box or (0, 0, size, size)))
-    factors, kernel, grid, keep, (gx0, gy0), shape = _spline_grid(target, size, box)
-    values = np.asarray(source, np.float64)[keep] - np.asarray(target, np.float64)[keep]
-    weights = lu_solve(factors, np.concatenate([values, np.zeros((3, 2))]))
-    n = len(values)
-    shift = kernel @ weights[:n].astype(np.float32) + (weights[n] + grid @ weights[n + 1:]).astype(np.float32)
-    shift = shift.reshape(*shape, 2)
-    # pixel x of the grid's box reads the coarse grid at x / STEP, linearly (one affine sampling: exact on the
-    # grid's points; a resize then a half-step shift read it at x / STEP - 0.75 and smoothed it)
-    full = cv2.warpAffine(shift, np.float32([[GRID_STEP, 0, 0], [0, GRID_STEP, 0]]), (shape[1] * GRID_STEP, shape[0] * GRID_STEP),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    x0, y0, x1, y1 = box or (0, 0, size, size)
+    _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
+    keep = np.sort(keep)
+    spline = RBFInterpolator(target[keep], source[keep] - target[keep], kernel="thin_plate_spline", smoothing=SMOOTHING)
+    gx0, gy0 = max(0, (x0 // GRID_STEP - 2) * GRID_STEP), max(0, (y0 // GRID_STEP - 2) * GRID_STEP)
+    gx1, gy1 = min(size, (x1 // GRID_STEP + 2) * GRID_STEP), min(size, (y1 // GRID_STEP + 2) * GRID_STEP)
+    coarse_x = np.arange(gx0, gx1 + GRID_STEP, GRID_STEP, dtype=np.float64)
+    coarse_y = np.arange(gy0, gy1 + GRID_STEP, GRID_STEP, dtype=np.float64)
+    gx, gy = np.meshgrid(coarse_x, coarse_y)
+    shift = spline(np.stack([gx.ravel(), gy.ravel()], 1)).reshape(len(coarse_y), len(coarse_x), 2).astype(np.float32)
+    width, height = len(coarse_x) * GRID_STEP, len(coarse_y) * GRID_STEP
+    full = cv2.resize(shift, (width, height), interpolation=cv2.INTER_LINEAR)
+    # resize aligns pixel edges; the coarse grid sits on pixel centres 0, STEP, ...: shift by half a step
+    offset = (GRID_STEP - 1) / 2.0
+    full = cv2.warpAffine(full, np.float32([[1, 0, offset], [0, 1, offset]]), (width, height), borderMode=cv2.BORDER_REPLICATE)
     full = full[y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     return xs + full[..., 0], ys + full[..., 1]
