@@ -76,13 +76,13 @@ def cell_sums(image: np.ndarray, rows: slice, columns: slice) -> float:
                  - image[rows.stop, columns.start] + image[rows.start, columns.start])
 
 
-def cell_grid(skin: np.ndarray) -> typing.List[typing.Tuple[int, int, slice, slice]]:
+def cell_grid(skin: np.ndarray, counts: typing.Optional[np.ndarray] = None) -> typing.List[typing.Tuple[int, int, slice, slice]]:
     """`(row, column, rows, columns)` of the cells of a CELLS × CELLS grid on the skin's bounding box
-    that hold at least 1/(2 CELLS²) of the skin."""
+    that hold at least 1/(2 CELLS²) of the skin; `counts`: the skin's integral image, if made already."""
     x, y, w, h = cv2.boundingRect(skin.astype(np.uint8))
     rows = np.linspace(y, y + h, CELLS + 1).astype(int)
     cols = np.linspace(x, x + w, CELLS + 1).astype(int)
-    counts = cv2.integral(skin.astype(np.uint8))
+    counts = cv2.integral(skin.astype(np.uint8)) if counts is None else counts
     least = max(16, int(counts[-1, -1]) // (2 * CELLS * CELLS))
     cells = [(i, j, slice(rows[i], rows[i + 1]), slice(cols[j], cols[j + 1])) for i in range(CELLS) for j in range(CELLS)]
     return [cell for cell in cells if cell_sums(counts, cell[2], cell[3]) >= least]
@@ -120,7 +120,7 @@ def flattest_cell(detail_out: np.ndarray, detail_src: np.ndarray, skin: np.ndarr
     out_sums = cv2.integral(cv2.multiply(detail_out, weight), sdepth=cv2.CV_64F)
     src_sums = cv2.integral(cv2.multiply(detail_src, weight), sdepth=cv2.CV_64F)
     return min((cell_sums(out_sums, r, c) / max(cell_sums(src_sums, r, c), 1e-3 * cell_sums(counts, r, c))
-                for _, _, r, c in cell_grid(skin)), default=1.0)
+                for _, _, r, c in cell_grid(skin, counts)), default=1.0)
 
 
 class ArtifactCheck:

@@ -34,9 +34,8 @@ from avatar.motion.model import ClosureGated, MotionBlend, MotionModel
 from training.closures import CLOSED_PCT_IOD
 from training.linear_motion import fit
 from training.motion_data import MotionClip, clip_features, load_motion_clips
-from training.readout import person_folds, stacked
+from training.readout import LAGS, person_folds, stacked
 
-LAGS = 5  # the frames `training.readout.stacked` gives each one (centred offline, the frame and 4 before live)
 LAMBDAS = (1e3, 1e4, 3e4, 1e5)
 THRESHOLD = 0.25
 LIVE_THRESHOLD = 0.15  # the best opening r of `--fold-networks` (assets/MODELS.md)

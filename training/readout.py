@@ -28,12 +28,14 @@ from avatar.metrics import pearson
 from training.cache import open_cache
 from training.motion_data import MotionClip, clip_features, load_motion_clips
 
+LAGS = 5  # the frames the read-out sees for each one (`stacked`)
 LAMBDAS = (3e3, 3e4, 1e5)
 
 
 def stacked(features: np.ndarray, live: bool) -> np.ndarray:
-    """`(T, D)` → `(T, 5 D)`: each frame with its neighbours (clamped at the ends)."""
-    lags = (-4, -3, -2, -1, 0) if live else (-2, -1, 0, 1, 2)
+    """`(T, D)` → `(T, LAGS·D)`: each frame with its neighbours, oldest first (clamped at the ends):
+    centred offline, the frame and the LAGS − 1 before it live (causal)."""
+    lags = range(1 - LAGS, 1) if live else range(-(LAGS // 2), LAGS - LAGS // 2)
     index = np.arange(len(features))
     return np.concatenate([features[np.clip(index + lag, 0, len(features) - 1)] for lag in lags], axis=1)
 
