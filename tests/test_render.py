@@ -388,6 +388,37 @@ def test_warp_to_its_own_mouth_changes_nothing(grid_frames):
     assert np.abs(out.astype(np.float32) - frames[10].crop)[region].mean() < 1.5
 
 
+def test_the_warps_map_is_scipys_spline_on_its_grid_and_linear_between(grid_frames):
+    """`backward_map` samples where scipy's RBFInterpolator's thin-plate spline says (within 1e-4 px)
+    on every coarse grid point of a real face's control points closing its open mouth (both warps, a
+    256 crop), and midway between two grid points at the mean of their values (linear, not shifted);
+    and on control points that nearly meet (0.3 px apart with 4 px between their values)."""
+    from scipy.interpolate import RBFInterpolator
+
+    from avatar.render import warp
+
+    frames, openings = grid_frames
+    source, target = frames[int(np.argmax(openings))], frames[int(np.argmin(openings))]
+    mouth = target.landmarks[lm.MOUTH_AND_JAW, :2] - lm.mouth_anchor(target.landmarks) + lm.mouth_anchor(source.landmarks)
+    mask = FaceAligner(AlignConfig(crop_size=256)).repaint_mask(source.landmarks, lm.with_mouth(source.landmarks, mouth))
+    ys, xs = np.nonzero(mask > 0)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    step = warp.GRID_STEP  # the coarse grid's points, on multiples of its step: the spline's own values there
+    grid = np.stack(np.meshgrid(np.arange(-(-box[0] // step) * step, box[2], step), np.arange(-(-box[1] // step) * step, box[3], step)), -1)
+    at = (grid[..., 1] - box[1], grid[..., 0] - box[0])
+    close = [warp.warp_points(source.landmarks[:, :2], mouth, mask)[0]]
+    meeting = close[0][0].copy(), close[0][1].copy()
+    meeting[0][1] = meeting[0][0] + (0.3, 0.05)
+    meeting[1][1] = meeting[1][0] + (0.0, 4.0)
+    for points, moved in warp.warp_points(source.landmarks[:, :2], mouth, mask) + [meeting]:
+        map_x, map_y = warp.backward_map(points, moved, 256, box)
+        spline = RBFInterpolator(*warp.spline_points(points, moved), kernel="thin_plate_spline", smoothing=warp.SMOOTHING)
+        expected = grid + spline(grid.reshape(-1, 2).astype(np.float64)).reshape(grid.shape)
+        assert np.abs(map_x[at] - expected[..., 0]).max() < 1e-4 and np.abs(map_y[at] - expected[..., 1]).max() < 1e-4
+        between = (at[0][:-1, :-1], at[1][:-1, :-1] + step // 2)  # halfway along x: the two neighbours' mean
+        assert np.allclose(map_y[between], (map_y[at][:-1, :-1] + map_y[at][:-1, 1:]) / 2, atol=1e-3)
+
+
 @pytest.mark.parametrize("direction", ["open", "close"])
 def test_warp_opens_and_closes_a_real_mouth_and_stays_sharp(grid_frames, tracker, direction):
     """From the most closed frame to the most open one's mouth and back: the re-detected mouth

@@ -49,7 +49,8 @@ from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import landmark_sketch
 from avatar.render.renderers import RetrievalRenderer, frame_references
 from avatar.render.retrieval import lips_region
-from avatar.render.warp import INNER, SMOOTHING, InnerMouth, lip_band, mouth_hole, row_box, row_columns, upper_side, warp_points
+from avatar.render.warp import (INNER, InnerMouth, lip_band, mouth_hole, row_box, row_columns, spline_points, spline_system,
+                                upper_side, warp_points)
 
 # per graph kind: the renderers' ("warp", "retrieval", "diffusion") and "diffusion_plain", the diffusion
 # graph without the bank entry's path, which a diffusion batch with no entry to draw runs instead (a
@@ -77,14 +78,6 @@ def has_entry(kind: str) -> bool:
     return kind in ("retrieval", "diffusion")
 
 
-def spline_points(target: np.ndarray, source: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
-    """The thin-plate spline through `target (N, 2)` → `source (N, 2)`, as `backward_map`'s: its
-    points `(n, 2)` (duplicates dropped) and their values, the shift source − target `(n, 2)`."""
-    _, keep = np.unique(np.round(target, 2), axis=0, return_index=True)
-    points = np.asarray(target, np.float64)[np.sort(keep)]
-    return points, np.asarray(source, np.float64)[np.sort(keep)] - points
-
-
 def solve_splines(splines: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]], size: int = 0) -> typing.Tuple[np.ndarray, ...]:
     """Many splines' weights in one batched solve: `splines` of `(points (n, 2), values (n, 2))` →
     points `(M, N, 2)`, kernel weights `(M, N, 2)` and affine parts `(M, 3, 2)` for (1, x, y), with N
@@ -97,11 +90,9 @@ def solve_splines(splines: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]]
     padded = np.zeros((len(splines), count, 2))
     for k, (points, values) in enumerate(splines):
         n = len(points)
-        d2 = ((points[:, None] - points[None]) ** 2).sum(-1)
-        systems[k, :n, :n] = 0.5 * d2 * np.log(np.maximum(d2, 1e-300)) + SMOOTHING * np.eye(n)
-        systems[k, range(n, count), range(n, count)] = 1.0
-        polynomial = np.concatenate([np.ones((n, 1)), points], 1)
-        systems[k, :n, count:], systems[k, count:, :n] = polynomial, polynomial.T
+        system = spline_system(points)
+        systems[k, :n, :n], systems[k, range(n, count), range(n, count)] = system[:n, :n], 1.0
+        systems[k, :n, count:], systems[k, count:, :n] = system[:n, n:], system[n:, :n]
         rhs[k, :n] = values
         padded[k, :n], padded[k, n:] = points, points[-1]
     solved = np.linalg.solve(systems, rhs)

@@ -129,7 +129,7 @@ class WarpRenderer:
         return region
 
     def warm_up(self, batch: int) -> None:
-        """The first call loads scipy's spline code."""
+        """The first call loads the spline's linear algebra."""
         face = crop_template(self.crop_size)
         crop = np.full((self.crop_size, self.crop_size, 3), 128, np.uint8)
         render_warp(crop, face, face[lm.MOUTH_AND_JAW], self.aligners(self.crop_size).lower_face_mask(face), InnerMouth(None, None))
