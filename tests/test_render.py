@@ -411,7 +411,8 @@ def test_the_warps_map_is_scipys_spline_on_its_grid_and_linear_between(grid_fram
     meeting[0][1] = meeting[0][0] + (0.3, 0.05)
     meeting[1][1] = meeting[1][0] + (0.0, 4.0)
     for points, moved in warp.warp_points(source.landmarks[:, :2], mouth, mask) + [meeting]:
-        map_x, map_y = warp.backward_map(points, moved, 256, box)
+        sample_at = warp.backward_map(points, moved, 256, box)
+        map_x, map_y = sample_at[..., 0], sample_at[..., 1]
         spline = RBFInterpolator(*warp.spline_points(points, moved), kernel="thin_plate_spline", smoothing=warp.SMOOTHING)
         expected = grid + spline(grid.reshape(-1, 2).astype(np.float64)).reshape(grid.shape)
         assert np.abs(map_x[at] - expected[..., 0]).max() < 1e-4 and np.abs(map_y[at] - expected[..., 1]).max() < 1e-4

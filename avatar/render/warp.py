@@ -160,12 +160,16 @@ def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
     border = np.linspace(0, size - 1, 9)
     points = [np.stack([border, np.zeros(9)], 1), np.stack([border, np.full(9, size - 1.0)], 1),
               np.stack([np.zeros(7), border[1:-1]], 1), np.stack([np.full(7, size - 1.0), border[1:-1]], 1)]
-    region = (mask > 0.02).astype(np.uint8)
+    region = (mask > 0.02).view(np.uint8)
     grow = max(2, size // 24)
-    ring = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-    contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    # dilated and traced in the region's box grown by the dilation and a pixel (the same contour as on the whole crop)
+    x, y, w, h = cv2.boundingRect(region)
+    x0, y0 = max(0, x - grow - 1), max(0, y - grow - 1)
+    x1, y1 = min(size, x + w + grow + 1), min(size, y + h + grow + 1)
+    ring = cv2.dilate(region[y0:y1, x0:x1], cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE) if w else ((), None)
     if contours:
-        contour = max(contours, key=len)[:, 0, :].astype(np.float64)
+        contour = max(contours, key=len)[:, 0, :].astype(np.float64) + (x0, y0)
         points.append(contour[np.linspace(0, len(contour) - 1, 24, endpoint=False).astype(int)])
     return np.concatenate(points)
 
@@ -222,27 +226,24 @@ def spline_at(points: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndar
 
 
 def backward_map(target: np.ndarray, source: np.ndarray, size: int,
-                 box: typing.Optional[typing.Tuple[int, int, int, int]] = None) -> typing.Tuple[np.ndarray, np.ndarray]:
+                 box: typing.Optional[typing.Tuple[int, int, int, int]] = None) -> np.ndarray:
     """Thin-plate spline through `target (N, 2)` → `source (N, 2)`: for every output pixel, where to
-    sample the source. Returns `(map_x, map_y)`, each `(S, S) float32` for cv2.remap, or only the
-    pixels of `box` `(x0, y0, x1, y1)` (the same values there: the coarse grid stays on multiples of
-    GRID_STEP, with a step to spare round the box)."""
+    sample the source. Returns `(S, S, 2) float32` (x, y), the map of cv2.remap, or only the pixels of
+    `box` `(x0, y0, x1, y1)` (the same values there: the coarse grid stays on multiples of GRID_STEP,
+    with a step to spare round the box, and always reaches past the box's last pixel)."""
     x0, y0, x1, y1 = box or (0, 0, size, size)
     gx0, gy0 = max(0, (x0 // GRID_STEP - 2) * GRID_STEP), max(0, (y0 // GRID_STEP - 2) * GRID_STEP)
     gx1, gy1 = min(size, (x1 // GRID_STEP + 2) * GRID_STEP), min(size, (y1 // GRID_STEP + 2) * GRID_STEP)
     coarse_x = np.arange(gx0, gx1 + GRID_STEP, GRID_STEP, dtype=np.float64)
     coarse_y = np.arange(gy0, gy1 + GRID_STEP, GRID_STEP, dtype=np.float64)
     gx, gy = np.meshgrid(coarse_x, coarse_y)
-    shift = spline_at(*spline_points(target, source), np.stack([gx.ravel(), gy.ravel()], 1))
-    shift = shift.reshape(len(coarse_y), len(coarse_x), 2).astype(np.float32)
-    width, height = len(coarse_x) * GRID_STEP, len(coarse_y) * GRID_STEP
-    # pixel x of the grid's box reads the coarse grid at x / STEP, linearly: one affine sampling, exact on the
-    # grid's points (a resize then a half-step shift read it at x / STEP - 0.75 and smoothed it)
-    full = cv2.warpAffine(shift, np.float32([[GRID_STEP, 0, 0], [0, GRID_STEP, 0]]), (width, height),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    full = full[y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
-    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    return xs + full[..., 0], ys + full[..., 1]
+    grid = np.stack([gx.ravel(), gy.ravel()], 1)
+    sampled = (grid + spline_at(*spline_points(target, source), grid)).reshape(len(coarse_y), len(coarse_x), 2)
+    # pixel x reads the coarse grid at (x - gx0) / STEP, linearly: one affine sampling, exact on the grid's
+    # points (a resize then a half-step shift read it at x / STEP - 0.75 and smoothed it until 2026-12-01);
+    # the grid holds where to sample, so the pixel's own position is interpolated with the shift
+    affine = np.float32([[GRID_STEP, 0, gx0 - x0], [0, GRID_STEP, gy0 - y0]])
+    return cv2.warpAffine(sampled.astype(np.float32), affine, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def _polygon_mask(points: np.ndarray, size: int, feather: float) -> np.ndarray:
@@ -438,8 +439,8 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
         if rows.size == 0:
             continue
         top, bottom = int(rows[0]), int(rows[-1]) + 1
-        map_x, map_y = backward_map(target, source, size, (x0, y0 + top, x1, y0 + bottom))
-        piece = cv2.remap(crop, map_x, map_y, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        sample_at = backward_map(target, source, size, (x0, y0 + top, x1, y0 + bottom))
+        piece = cv2.remap(crop, sample_at, None, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
         region[top:bottom] += piece * weight[top:bottom, :, None]
     moved[y0:y1, x0:x1] = region
 
