@@ -178,6 +178,9 @@ def test_lower_face_mask_covers_mouth_and_jaw_not_eyes():
 
 
 def test_lower_face_mask_drawn_in_its_box_is_the_whole_crops_mask():
+    """The mask drawn in its polygon's box, with the wide dilation by rows and the wide blur at half
+    resolution, against OpenCV's own steps on the whole crop: equal at 128 (within 1e-4); at larger
+    crops within 0.005, and 0.05 within 4σ of the crop's edge (measured 0.003 and 0.039)."""
     import cv2
 
     face = track(GRID_CLIP, n=1)[0].aligned.landmarks[:, :2]
@@ -189,8 +192,29 @@ def test_lower_face_mask_drawn_in_its_box_is_the_whole_crops_mask():
         grow = max(1, round(aligner.config.lower_face_dilate_frac * size))
         whole = cv2.dilate(whole, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
         whole = np.maximum(whole, np.pad(whole, ((grow, 0), (0, 0)))[:size]).astype(np.float32) / 255
-        whole = np.clip(cv2.GaussianBlur(whole, (0, 0), max(0.5, aligner.config.feather_frac * size / 2)), 0, 1)
-        assert np.abs(aligner.lower_face_mask(points) - whole).max() < 1e-4, (size, shift)
+        sigma = max(0.5, aligner.config.feather_frac * size / 2)
+        whole = np.clip(cv2.GaussianBlur(whole, (0, 0), sigma), 0, 1)
+        error = np.abs(aligner.lower_face_mask(points) - whole)
+        edge = int(np.ceil(4 * sigma))
+        inside = error[edge:-edge, edge:-edge].max()
+        assert (inside < 1e-4 and error.max() < 1e-4) if size == 128 else (inside < 0.005 and error.max() < 0.05), (size, shift, inside, error.max())
+
+
+def test_the_wide_dilation_is_opencvs():
+    """`dilate_disc` by rows equals cv2.dilate with the elliptical element, on scattered points and a
+    filled face polygon, small and wide elements."""
+    import cv2
+
+    from avatar.face.align import dilate_disc
+
+    dots = (np.random.default_rng(0).random((200, 300)) > 0.995).astype(np.uint8) * 255
+    polygon = np.zeros((384, 384), np.uint8)
+    cv2.fillPoly(polygon, [np.round(lm.lower_face_polygon(track(GRID_CLIP, n=1)[0].aligned.landmarks[:, :2] * 3) * 16).astype(np.int32)],
+                 255, cv2.LINE_AA, shift=4)
+    for image in (dots, polygon):
+        for grow in (2, 5, 8, 15, 16):
+            expected = cv2.dilate(image, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+            assert np.array_equal(dilate_disc(image, grow), expected), grow
 
 
 def test_crop_sizes_agree():

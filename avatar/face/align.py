@@ -49,6 +49,37 @@ def crop_template(crop_size: int) -> np.ndarray:
     return np.stack([x, y], axis=1) - 0.5
 
 
+HALF_SCALE_SIGMA = 6.0  # a feathering blur at least this wide (px) runs at half resolution (`wide_blur`)
+
+
+def dilate_disc(mask: np.ndarray, grow: int) -> np.ndarray:
+    """`cv2.dilate` of `mask (H, W) uint8` by OpenCV's elliptical element of side 2·grow + 1, exactly;
+    a wide one (grow ≥ 8) as the maximum of its rows, each a horizontal run (a separable dilation)
+    shifted by its row: about twice as fast at grow 15."""
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    if grow < 8:
+        return cv2.dilate(mask, element)
+    padded = cv2.copyMakeBorder(mask, grow, grow, 0, 0, cv2.BORDER_CONSTANT, value=0)
+    runs: typing.Dict[int, np.ndarray] = {}
+    out = np.zeros_like(mask)
+    for row, width in enumerate(element.sum(1)):  # row `row` of the element reaches `row - grow` rows down
+        if width not in runs:
+            runs[width] = cv2.dilate(padded, cv2.getStructuringElement(cv2.MORPH_RECT, (int(width), 1)))
+        np.maximum(out, runs[width][row:row + mask.shape[0]], out=out)
+    return out
+
+
+def wide_blur(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """`cv2.GaussianBlur` of `mask (H, W) float32` by `sigma` px; one at least HALF_SCALE_SIGMA wide at half
+    resolution (area-averaged, blurred by sigma / 2, resized back linearly): within 0.002 of the full
+    blur where the mask stays clear of the image's edge (4σ), 0.04 at the edge; 4-7× faster."""
+    if sigma < HALF_SCALE_SIGMA:
+        return cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma)
+    height, width = mask.shape
+    small = cv2.resize(mask, ((width + 1) // 2, (height + 1) // 2), interpolation=cv2.INTER_AREA)
+    return cv2.resize(cv2.GaussianBlur(small, (0, 0), sigmaX=sigma / 2), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
 def rescale_transform(matrix: np.ndarray, from_size: int, to_size: int) -> np.ndarray:
     """The frame → crop transform for a crop of side `to_size`, given the one for `from_size`."""
     k = to_size / from_size
@@ -224,13 +255,12 @@ class FaceAligner:
             return out
         mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
         cv2.fillPoly(mask, [polygon - 16 * np.array([x0, y0], np.int32)], 255, lineType=cv2.LINE_AA, shift=4)
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
-        mask = cv2.dilate(mask, kernel)
+        mask = dilate_disc(mask, grow)
         shifted = np.zeros_like(mask)
         shifted[grow:] = mask[:-grow]  # the jaw drops when the mouth opens
         mask = np.maximum(mask, shifted).astype(np.float32) / 255.0
         if feather:
-            mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma)
+            mask = wide_blur(mask, sigma)
         out[y0:y1, x0:x1] = np.clip(mask, 0.0, 1.0)
         return out
 
@@ -242,8 +272,8 @@ class FaceAligner:
         for points in crop_landmarks:
             cv2.fillPoly(hull, [np.round(np.asarray(points)[lm.FACE_OVAL, :2] * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
         grow = max(1, int(round(self.config.lower_face_dilate_frac * self.size)))
-        hull = cv2.dilate(hull, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))).astype(np.float32) / 255.0
-        return cv2.GaussianBlur(hull, (0, 0), sigmaX=max(0.5, self.config.feather_frac * self.size / 2.0))
+        hull = dilate_disc(hull, grow).astype(np.float32) / 255.0
+        return wide_blur(hull, max(0.5, self.config.feather_frac * self.size / 2.0))
 
     def repaint_mask(self, *crop_landmarks: np.ndarray) -> np.ndarray:
         """The union of the lower-face masks of several landmark sets `(478, 2+)` (the face as it is

@@ -35,6 +35,7 @@ import typing
 import cv2
 import numpy as np
 
+from avatar.face.align import dilate_disc
 from avatar.face import landmarks as lm
 from avatar.face.landmarks import inner_gap_ratio, mouth_width
 
@@ -166,7 +167,7 @@ def _anchor_ring(size: int, mask: np.ndarray) -> np.ndarray:
     x, y, w, h = cv2.boundingRect(region)
     x0, y0 = max(0, x - grow - 1), max(0, y - grow - 1)
     x1, y1 = min(size, x + w + grow + 1), min(size, y + h + grow + 1)
-    ring = cv2.dilate(region[y0:y1, x0:x1], cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    ring = dilate_disc(region[y0:y1, x0:x1], grow)
     contours, _ = cv2.findContours(ring, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE) if w else ((), None)
     if contours:
         contour = max(contours, key=len)[:, 0, :].astype(np.float64) + (x0, y0)
