@@ -144,7 +144,7 @@ def test_one_call_renders_several_people_as_each_alone():
 
 def test_the_spline_solved_on_the_host_is_scipys():
     """The graph's spline weights (a linear solve on the host, evaluated in the graph) give scipy's
-    RBFInterpolator's values (the per-frame path's), duplicates dropped alike."""
+    RBFInterpolator's values (as the per-frame path's `spline_at` does), duplicates dropped alike."""
     from scipy.interpolate import RBFInterpolator
 
     from avatar.render.graph import solve_splines

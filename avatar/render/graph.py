@@ -82,8 +82,8 @@ def solve_splines(splines: typing.Sequence[typing.Tuple[np.ndarray, np.ndarray]]
     """Many splines' weights in one batched solve: `splines` of `(points (n, 2), values (n, 2))` →
     points `(M, N, 2)`, kernel weights `(M, N, 2)` and affine parts `(M, 3, 2)` for (1, x, y), with N
     the most points (at least `size`); a shorter spline repeats its last point with weight 0 (its
-    system grown by identity rows, so the weights solve to 0). scipy's RBFInterpolator solves the same
-    system with a scaled polynomial basis."""
+    system grown by identity rows, so the weights solve to 0); each system is `spline_system`'s, the
+    per-frame path's."""
     count = max([size] + [len(points) for points, _ in splines])
     systems = np.zeros((len(splines), count + 3, count + 3))
     rhs = np.zeros((len(splines), count + 3, 2))

@@ -35,8 +35,8 @@ import typing
 import cv2
 import numpy as np
 
-from avatar.face.align import dilate_disc
 from avatar.face import landmarks as lm
+from avatar.face.align import dilate_disc
 from avatar.face.landmarks import inner_gap_ratio, mouth_width
 
 N_OUTER, N_INNER = len(lm.LIPS_OUTER), len(lm.LIPS_INNER)
