@@ -117,6 +117,7 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
     """Track the face through a video once (`avatar.face.video.align_video` with the pipeline's face
     settings), keeping its frames on disk (its first `max_frames` only, when given); one-line errors
     for a video without frames or faces."""
+    import contextlib
     import itertools
 
     from avatar.face.video import align_video
@@ -127,14 +128,16 @@ def track_video(pipeline, path: PathLike, progress: bool = True, with_audio: boo
     store = FrameStore()
     try:
         valid, transforms, crop_lms, frame_lms, times = [], [], [], [], []
-        tracked = align_video(itertools.islice(media.iter_video_frames(path), max_frames), pipeline.face_config, AlignConfig(crop_size=pipeline.crop_size), what=str(path))
-        for item in tqdm(tracked, total=min(info.n_frames or max_frames or 0, max_frames or info.n_frames or 0) or None, desc="tracking", unit="frame", disable=not progress):
-            store.append(item.image)
-            valid.append(item.valid)
-            transforms.append(item.aligned.transform if item.aligned is not None else None)
-            crop_lms.append(item.aligned.landmarks if item.valid else None)
-            frame_lms.append(item.frame_landmarks)
-            times.append(item.timestamp)
+        # the next frames are decoded on a thread of their own while this one is tracked
+        with contextlib.closing(media.read_ahead(itertools.islice(media.iter_video_frames(path), max_frames))) as frames:
+            tracked = align_video(frames, pipeline.face_config, AlignConfig(crop_size=pipeline.crop_size), what=str(path))
+            for item in tqdm(tracked, total=min(info.n_frames or max_frames or 0, max_frames or info.n_frames or 0) or None, desc="tracking", unit="frame", disable=not progress):
+                store.append(item.image)
+                valid.append(item.valid)
+                transforms.append(item.aligned.transform if item.aligned is not None else None)
+                crop_lms.append(item.aligned.landmarks if item.valid else None)
+                frame_lms.append(item.frame_landmarks)
+                times.append(item.timestamp)
         if store.count == 0:
             raise MediaError(f"{path}: no frame could be decoded; the file may be corrupt")
         if not any(valid):

@@ -145,6 +145,60 @@ def iter_video_frames(path: PathLike) -> typing.Iterator[typing.Tuple[float, np.
             raise MediaError(f"{path}: the video stream has no frames; give a video with at least one frame")
 
 
+T = typing.TypeVar("T")
+
+
+def read_ahead(items: typing.Iterable[T], depth: int = 8) -> typing.Iterator[T]:
+    """`items` in order, made on a thread of their own up to `depth` ahead of the caller (a video
+    decoded and converted to RGB while the caller tracks the frame before). An error of `items` is
+    raised here, where the item would have come; closing this iterator early (or leaving it)
+    stops the producer and closes `items` on its own thread."""
+    import queue
+    import threading
+
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    ready: "queue.Queue[typing.Tuple[bool, typing.Any]]" = queue.Queue(depth)
+    stop = threading.Event()
+
+    def offer(entry) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not offer((True, item)):
+                    return
+            offer((False, None))
+        except Exception as exc:  # raised on the consumer's side, where the item would have come
+            offer((False, exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            more, value = ready.get()
+            if not more:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        producer.join()
+
+
 def read_video(
     path: PathLike, with_audio: bool = True, sample_rate: int = 16000, max_frames: typing.Optional[int] = None,
 ) -> VideoClip:

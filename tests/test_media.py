@@ -181,6 +181,46 @@ def test_reads_real_clips_mpeg1_and_hevc():
     assert clip.frames.shape == (10, 1920, 1080, 3)
 
 
+def test_frames_read_ahead_on_a_thread_are_the_same_frames_errors_and_all():
+    """`read_ahead` gives a real clip's frames and timestamps exactly as the decoder does; an error of
+    the source comes at its place; leaving early stops the producer and closes the source there."""
+    import threading
+
+    ahead = list(media.read_ahead(media.iter_video_frames(GRID_CLIP), depth=3))
+    direct = list(media.iter_video_frames(GRID_CLIP))
+    assert len(ahead) == len(direct) == 75
+    assert [t for t, _ in ahead] == [t for t, _ in direct]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(ahead, direct))
+
+    def failing():
+        yield from range(5)
+        raise MediaError("broken at 5")
+
+    got = []
+    with pytest.raises(MediaError, match="broken at 5"):
+        for item in media.read_ahead(failing(), depth=2):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+
+    closed_on = []
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed_on.append(threading.current_thread().name)
+
+    stream = media.read_ahead(endless(), depth=4)
+    assert [next(stream) for _ in range(10)] == list(range(10))
+    stream.close()  # joins the producer: it has stopped and closed the source on its own thread
+    assert closed_on == ["read-ahead"] and not any(t.name == "read-ahead" for t in threading.enumerate())
+    with pytest.raises(ValueError, match="depth"):
+        next(media.read_ahead(range(3), depth=0))
+
+
 @pytest.mark.parametrize("fps,audio_seconds", [(25, 3.0), (29.97, 2.0), (30, 4.5), (60, 1.0)])
 def test_written_mp4_has_h264_aac_and_av_durations_within_a_frame(tmp_path, lrs2_clip, fps, audio_seconds):
     frames = lrs2_clip.frames[:75]  # 75 frames: 3 s at 25 fps, 2.5 s at 30 fps...
