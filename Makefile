@@ -22,11 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/avatar animate --image assets/samples/portrait.jpg --audio assets/samples/speech.flac \
 		--output out/demo.mp4 --report out/demo_report.json
 
-# Tests marked `alone` time what a user sees as played (the browser's lip sync): they run after the
-# others, with the machine to themselves (exit 5: the arguments selected none of them).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m "not alone" $(PYTEST_ARGS)
-	$(PY) -m pytest -q -m alone $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.frontends

@@ -8,7 +8,9 @@ the time from the answer to the first frame shown; the server's audio → frame 
 moment a frame's audio, look-ahead included, had arrived → the frame handed to the RTP sender); the
 browser's current video and audio buffer delays (Chrome's jitter buffers, which its lip sync also
 uses); decode time; the A/V offset as played (video minus audio playout time, both on the
-sender's clock; > 0: the picture leads); frames shown and distinct. Needs `chromium` on PATH.
+sender's clock; > 0: the picture leads); frames shown and distinct. Over WebRTC a last line says
+when the A/V offset settled within one frame (the target) and its spread over the last 10 reports.
+Needs `chromium` on PATH.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
         print(f"{args.transport}, {args.renderer} renderer, one session, {args.seconds:g} s")
         print(f"{'s':>4} {'first frame':>11} {'server p50':>10} {'p95':>5} {'video buf':>9} {'audio buf':>9} {'decode':>6} "
               f"{'A/V':>5} {'shown':>6} {'distinct':>8} {'repeated':>8}")
-        started, last = time.time(), [0.0]
+        started, last, offsets = time.time(), [0.0], []  # offsets: (s, A/V offset as played, ms)
         number = lambda value, digits=0: "-" if value is None else f"{value:.{digits}f}"
 
         def report():
@@ -95,10 +97,26 @@ def main(argv=None) -> None:
                       f"{number(page.get('audio_jitter_buffer_ms')):>9} {number(page.get('decode_ms'), 1):>6} "
                       f"{number(page.get('av_offset_ms')):>5} {page.get('decoded', 0):>6} {page.get('distinct', 0):>8} "
                       f"{stats['dropped']:>8}", flush=True)
+                if page.get("av_offset_ms") is not None:
+                    offsets.append((now, page["av_offset_ms"]))
             return now > args.seconds
 
         page = server.page + "&autostart=1" + ("&transport=ws" if args.transport == "ws" else "")
         run_page(page, wav, report, args.seconds + 30)
+    if args.transport == "webrtc":
+        print(av_summary(offsets, 1000 / config.fps))
+
+
+def av_summary(offsets: typing.Sequence[typing.Tuple[float, float]], frame_ms: float) -> str:
+    """One line on the A/V offset as played: `offsets` (seconds since the start, offset in ms), one a report.
+    Settled: from the first report after which every offset stayed within one frame."""
+    if not offsets:
+        return "A/V offset as played: no report"
+    settled = next((k for k in range(len(offsets)) if all(abs(x) <= frame_ms for _, x in offsets[k:])), None)
+    tail = [abs(x) for _, x in offsets[-10:]]
+    return (f"A/V offset as played: last {len(tail)} reports median |offset| {sorted(tail)[len(tail) // 2]:.0f} ms, "
+            f"max {max(tail):.0f} ms; " + (f"within one frame ({frame_ms:.0f} ms) from {offsets[settled][0]:.0f} s on"
+                                          if settled is not None else f"not settled within one frame ({frame_ms:.0f} ms)"))
 
 
 if __name__ == "__main__":
