@@ -8,9 +8,13 @@ the time from the answer to the first frame shown; the server's audio → frame 
 moment a frame's audio, look-ahead included, had arrived → the frame handed to the RTP sender); the
 browser's current video and audio buffer delays (Chrome's jitter buffers, which its lip sync also
 uses); decode time; the A/V offset as played (video minus audio playout time, both on the
-sender's clock; > 0: the picture leads); frames shown and distinct. Over WebRTC a last line says
-when the A/V offset settled within one frame (the target) and its spread over the last 10 reports.
-Needs `chromium` on PATH.
+sender's clock; > 0: the picture leads); frames shown and distinct; the server's voice behind its
+pictures (p95 over the last 500 packets: how late a packet went out after its due time, 20 ms steps
+from its frame's picture). Chrome aligns the two streams by the sender reports, which stamp each at
+sending, so a voice sent late plays late against the pictures by as much while the A/V offset as
+played (on those stamps) still reads 0: the two figures measure different halves of lip sync. Over
+WebRTC a last line says when the A/V offset settled within one frame (the target) and its spread over
+the last 10 reports. Needs `chromium` on PATH.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def main(argv=None) -> None:
         media.write_audio(wav, media.read_audio(SPEECH, 48000), 48000)
         print(f"{args.transport}, {args.renderer} renderer, one session, {args.seconds:g} s")
         print(f"{'s':>4} {'first frame':>11} {'server p50':>10} {'p95':>5} {'video buf':>9} {'audio buf':>9} {'decode':>6} "
-              f"{'A/V':>5} {'shown':>6} {'distinct':>8} {'repeated':>8}")
+              f"{'A/V':>5} {'shown':>6} {'distinct':>8} {'repeated':>8} {'voice behind':>12}")
         started, last, offsets = time.time(), [0.0], []  # offsets: (s, A/V offset as played, ms)
         number = lambda value, digits=0: "-" if value is None else f"{value:.{digits}f}"
 
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
                       f"{number(stats['latency_p95_ms']):>5} {number(page.get('video_jitter_buffer_ms')):>9} "
                       f"{number(page.get('audio_jitter_buffer_ms')):>9} {number(page.get('decode_ms'), 1):>6} "
                       f"{number(page.get('av_offset_ms')):>5} {page.get('decoded', 0):>6} {page.get('distinct', 0):>8} "
-                      f"{stats['dropped']:>8}", flush=True)
+                      f"{stats['dropped']:>8} {number(stats['voice_behind_p95_ms']):>12}", flush=True)
                 if page.get("av_offset_ms") is not None:
                     offsets.append((now, page["av_offset_ms"]))
             return now > args.seconds

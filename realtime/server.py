@@ -308,9 +308,11 @@ class AvatarServer:
 
     def _stats(self, client: Client) -> typing.Dict[str, typing.Any]:
         latencies = list(client.latencies)
+        behind = list(client.peer.audio.behind) if client.peer is not None else []  # WebRTC: the voice's lag behind the pictures
         return {"type": "stats", **client.session.stats(), "queue_dropped": client.queue_dropped, "late_dropped": client.late_dropped,
                 "latency_p50_ms": 1000 * float(np.median(latencies)) if latencies else None,
                 "latency_p95_ms": 1000 * float(np.percentile(latencies, 95)) if latencies else None,
+                "voice_behind_p95_ms": 1000 * float(np.percentile(behind, 95)) if behind else None,
                 "encode_ms": 1000 * client.encode_seconds / client.encoded if client.encoded else None,
                 "sessions": len(self.clients), "client": client.reported}
 

@@ -7,9 +7,11 @@ voice back) and may ask for video (recvonly). The server answers with two tracks
 engine's frames: video (VP8 or H.264, as negotiated) and audio (Opus: the speech the frames were
 made from, at the rate it came in). A/V sync: frame `i` goes out with RTP time `i / fps` on the
 video clock, and its own audio (`[pts, pts + 1/fps)` of the session's audio clock) with the matching
-Opus time, in 20 ms packets sent once the picture has gone out (`_VideoSent`): aiortc's RTCP sender
-reports map RTP time to the wall clock at sending, so both streams then carry the same delays
-(render, encode, load) and browsers, which lip-sync by those reports, keep picture and voice together. An optional data channel (any label) carries the page's
+Opus time, in 20 ms packets sent from when the picture has gone out (`_VideoSent`), 20 ms apart, and
+at once when already due: aiortc's RTCP sender reports map RTP time to the wall clock at sending, so
+both streams then carry the same delays (render, encode, load) and browsers, which lip-sync by those
+reports, keep picture and voice together (before 2026-12-01 a late audio sender only caught up at 20 ms
+a frame, and under load the voice fell 20-535 ms behind the pictures). An optional data channel (any label) carries the page's
 `client_stats` JSON in and the server's stats out, once for each message in.
 
 Same token, session limit and admission control as the WebSocket (`realtime/server.py`); the
@@ -21,6 +23,7 @@ reach each other directly (the same machine or network).
 from __future__ import annotations
 
 import asyncio
+import collections
 import fractions
 import json
 import typing
@@ -44,19 +47,27 @@ class _VideoSent:
     def __init__(self):
         self.index = -1
         self.condition = asyncio.Condition()
+        # (index, loop time) of the marks, in order; the audio lets go of those it has passed (40 s kept at most)
+        self.marks: typing.Deque[typing.Tuple[int, float]] = collections.deque(maxlen=1000)
 
     async def mark(self, index: int) -> None:
         async with self.condition:
-            self.index = max(self.index, index)
+            if index > self.index:
+                self.index = index
+                self.marks.append((index, asyncio.get_running_loop().time()))
             self.condition.notify_all()
 
-    async def wait(self, index: int) -> None:
-        """Until frame `index`'s picture has gone out, or AUDIO_WAITS_FOR_VIDEO_S."""
+    async def wait(self, index: int) -> typing.Optional[float]:
+        """Until frame `index`'s picture has gone out, or AUDIO_WAITS_FOR_VIDEO_S: the loop time it went out
+        (or None: it had not). Frames are waited for in order (the marks before `index` are let go)."""
         try:
             async with self.condition:
                 await asyncio.wait_for(self.condition.wait_for(lambda: self.index >= index), AUDIO_WAITS_FOR_VIDEO_S)
+                while self.marks[0][0] < index:
+                    self.marks.popleft()
+                return self.marks[0][1]
         except asyncio.TimeoutError:
-            pass
+            return None
 
 
 class _QueuedTrack(MediaStreamTrack):
@@ -116,7 +127,10 @@ class AvatarVideoTrack(_QueuedTrack):
 class AvatarAudioTrack(_QueuedTrack):
     """The frames' audio, in 20 ms packets: `(samples (n,) float32 at `rate`, its first sample's index, its frame's
     index)` in, `av.AudioFrame` s16 mono out, each after its frame's picture has gone out (when `sent` is given: the
-    peer asked for video) and paced 20 ms apart."""
+    peer asked for video), paced 20 ms apart from then; a packet already due (the audio sender was held up) goes
+    at once, so the voice does not fall behind the pictures. `behind`: how late recent packets went out after
+    they were due (s; the RTP sender reports stamp each stream at sending, so this is how far the voice's
+    timeline lags the pictures' for the browser's lip sync, which its own A/V offset as played cannot show)."""
 
     kind = "audio"
 
@@ -124,20 +138,23 @@ class AvatarAudioTrack(_QueuedTrack):
         super().__init__(AUDIO_QUEUE)
         self.rate, self.sent = rate, sent
         self._frame: typing.Optional[typing.Tuple[int, float, int]] = None  # (frame index, loop time, first sample) of its first packet
+        self.behind: typing.Deque[float] = collections.deque(maxlen=500)
+        self.sleep = asyncio.sleep
 
     async def recv(self):
         import av
 
         samples, first, index = await self._next()
-        if self.sent is not None:
-            await self.sent.wait(index)
         loop = asyncio.get_running_loop()
+        picture_at = await self.sent.wait(index) if self.sent is not None else None
         if self._frame is None or self._frame[0] != index:  # a frame's first packet goes at once (with its picture)
-            self._frame = (index, loop.time(), first)
-        else:  # its next ones 20 ms apart, not in one burst (a burst grows the browser's audio buffer)
-            due = self._frame[1] + (first - self._frame[2]) / self.rate
-            if due > loop.time():
-                await asyncio.sleep(due - loop.time())
+            self._frame = (index, loop.time() if picture_at is None else picture_at, first)
+        # its next ones 20 ms apart from when its picture went out, not in one burst (a burst grows the browser's
+        # audio buffer); packets later than that go at once, so the voice does not fall behind the pictures
+        due = self._frame[1] + (first - self._frame[2]) / self.rate
+        if due > loop.time():
+            await self.sleep(due - loop.time())
+        self.behind.append(max(0.0, loop.time() - due))
         pcm = (np.clip(samples, -1, 1) * 32767).round().astype(np.int16)[None, :]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.sample_rate = self.rate

@@ -523,20 +523,38 @@ def test_webrtc_tracks_send_each_frames_voice_after_its_picture_on_one_timeline(
     """The server's side of A/V sync over WebRTC (what a browser's lip sync reads): frame i's picture goes
     out with RTP time i / fps and its voice with the same content time on the audio clock; no packet of
     a frame's voice leaves before the sender has sent that frame's picture (it asks for the next one); a
-    frame too late to send is skipped and does not hold its voice back. Stepped by hand: no wall clock
-    decides the outcome (the hold's own time limit is lifted)."""
+    frame too late to send is skipped and does not hold its voice back; a frame's packets are paced 20 ms
+    apart from its picture's departure, and packets already due (the audio sender was held up) go at
+    once, counted as behind. Stepped by hand: no wall clock decides the outcome (the hold's own time
+    limit is lifted, the pacing's sleeps are recorded, not slept)."""
     from aiortc.mediastreams import MediaStreamError
 
     from realtime import webrtc
 
     monkeypatch.setattr(webrtc, "AUDIO_WAITS_FOR_VIDEO_S", 600.0)
     rate, fps, packet = 16000, 25, 320
+    paced = []  # the pacing's sleeps, in seconds
+
+    async def pause(seconds):
+        paced.append(seconds)
+        await asyncio.sleep(0)
+
+    async def held_up():  # a frame's picture went out 1 s ago and its voice only now reaches the sender
+        sent = webrtc._VideoSent()
+        voice = webrtc.AvatarAudioTrack(rate, sent)
+        voice.sleep = pause
+        await sent.mark(0)
+        sent.marks[-1] = (0, asyncio.get_running_loop().time() - 1.0)
+        for first in (0, packet):
+            voice.put((np.zeros(packet, np.float32), first, 0))
+        return [(await voice.recv()).pts for _ in range(2)], list(voice.behind)
 
     async def scenario():
         now = 100.0
         sent, latencies = webrtc._VideoSent(), []
         video = webrtc.AvatarVideoTrack(fps, 8, lambda: now, 1.0, latencies.append, sent)
         voice = webrtc.AvatarAudioTrack(rate, sent)
+        voice.sleep = pause
         for index in range(4):  # frame 2's audio reached the server 1.5 s ago: too late to send
             video.put((np.full((32, 32, 3), 40 * index, np.uint8), index, now - (1.5 if index == 2 else 0.01)))
             for first in range(index * rate // fps, (index + 1) * rate // fps, packet):
@@ -584,6 +602,10 @@ def test_webrtc_tracks_send_each_frames_voice_after_its_picture_on_one_timeline(
         index = round(picture.pts * fps / 90000)
         assert picture.pts / 90000 == released[2 * index][0] / rate
     assert latencies == pytest.approx([0.01, 0.01, None, 0.01])  # frame 2 counted as too late to send
+    assert len(paced) <= 4 and all(0 < s <= 0.02 for s in paced)  # at most each frame's second packet waited, ≤ 20 ms
+    paced.clear()
+    sent_pts, behind = asyncio.run(held_up())
+    assert sent_pts == [0, packet] and paced == [] and min(behind) >= 0.9  # both at once, about 1 s behind
 
 
 needs_browser = pytest.mark.skipif(browser() is None and os.environ.get("AVATAR_REQUIRE_BROWSER") != "1",
