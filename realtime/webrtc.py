@@ -10,8 +10,7 @@ video clock, and its own audio (`[pts, pts + 1/fps)` of the session's audio cloc
 Opus time, in 20 ms packets sent from when the picture has gone out (`_VideoSent`), 20 ms apart, and
 at once when already due: aiortc's RTCP sender reports map RTP time to the wall clock at sending, so
 both streams then carry the same delays (render, encode, load) and browsers, which lip-sync by those
-reports, keep picture and voice together (before 2026-12-01 a late audio sender only caught up at 20 ms
-a frame, and under load the voice fell 20-535 ms behind the pictures). An optional data channel (any label) carries the page's
+reports, keep picture and voice together. An optional data channel (any label) carries the page's
 `client_stats` JSON in and the server's stats out, once for each message in.
 
 Same token, session limit and admission control as the WebSocket (`realtime/server.py`); the
