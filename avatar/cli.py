@@ -101,7 +101,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.json:
         media.check_output_path(args.json, [args.generated, args.real] + ([args.reference] if args.reference else []))
-    result = evaluate_pair(args.generated, args.real, args.reference, progress=not args.quiet)
+    result = evaluate_pair(args.generated, args.real, args.reference, progress=not args.quiet, second_tracker=args.second_tracker)
     print(format_evaluation(result))
     if args.json:
         with media.atomic_output(args.json) as tmp:
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--generated", required=True, help="the generated video")
     evaluate.add_argument("--real", required=True, help="the real video of the same speech")
     evaluate.add_argument("--reference", help="a photo of the person for the identity distance (default: frames of --real)")
+    evaluate.add_argument("--second-tracker", action="store_true",
+                          help="also measure the mouth-opening r with dlib's 68-point tracker, independent of the engine's own")
     evaluate.add_argument("--json", help="also write the metrics as JSON here")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_run_eval)

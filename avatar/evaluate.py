@@ -9,6 +9,9 @@ of one is compared with frame i of the other (up to the shorter). Metrics:
   out through the mesh's 3D points (`mouth_distance_in_head`), so that two videos whose heads turn
   differently (a dub of a picture played backwards against the real video) differ by the mouth alone;
 - mouth_opening_r: Pearson r of the inner-lip gaps (over the inter-ocular distance);
+- mouth_opening_r_second_tracker (with `second_tracker`): the same r through an independent tracker,
+  dlib's 68 points (`avatar.face.dlib_shape`), so that a mouth only the engine's own tracker reads
+  does not score;
 - identity_distance: dlib embedding distance of sampled generated frames to the reference photo
   (or, without one, to sampled frames of the real video); same person typically < 0.6;
 - sharpness_ratio: Laplacian variance of the lower face, generated / real (≥ 0.8 is sharp enough);
@@ -164,8 +167,15 @@ def mouth_distance_in_head(generated: np.ndarray, real: np.ndarray) -> typing.Tu
     return mouth_landmark_distance(ours, theirs, iod), pearson(gap(ours), gap(theirs))
 
 
+def second_tracker_openings(tracker, path: PathLike, max_frames: int, progress: bool = False) -> np.ndarray:
+    """The first `max_frames` frames' mouth openings `(T,) float64` through `tracker`, dlib's 68 points
+    (`avatar.face.dlib_shape.DlibMouthTracker`), NaN where it finds no face."""
+    frames = (image for _, (_, image) in zip(range(max_frames), media.iter_video_frames(path)))
+    return tracker.openings(tqdm(frames, desc=f"dlib {os.path.basename(str(path))}", unit="frame", disable=not progress))
+
+
 def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optional[PathLike] = None,
-                  max_frames: int = 1500, progress: bool = False) -> typing.Dict[str, typing.Any]:
+                  max_frames: int = 1500, progress: bool = False, second_tracker: bool = False) -> typing.Dict[str, typing.Any]:
     """The metrics of the module docstring (JSON-ready)."""
     from avatar.identity import FaceEmbedder
     from avatar.motion.runner import MotionPredictor
@@ -202,6 +212,15 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
         reference_embeddings = [embedder.embed(image, points) for image, points in ref.samples]
     identity = [min(float(np.linalg.norm(embedder.embed(image, points) - e)) for e in reference_embeddings) for image, points in gen.samples]
     predictor = MotionPredictor()
+    second = {}
+    if second_tracker:
+        from avatar.face.dlib_shape import DlibMouthTracker
+
+        tracker = DlibMouthTracker()
+        ours, theirs = (second_tracker_openings(tracker, path, n, progress) for path in (generated, real))
+        found = np.isfinite(ours) & np.isfinite(theirs)
+        second = {"mouth_opening_r_second_tracker": pearson(ours[found], theirs[found]) if found.sum() >= 2 else float("nan"),
+                  "frames_compared_second_tracker": int(found.sum())}
     return {
         "generated": str(generated), "real": str(real), "reference": str(reference) if reference else None,
         "frames_compared": int(both.sum()), "frames_generated": len(gen.landmarks), "frames_real": len(ref.landmarks),
@@ -210,6 +229,7 @@ def evaluate_pair(generated: PathLike, real: PathLike, reference: typing.Optiona
         "identity_distance": float(np.mean(identity)), "identity_distance_max": float(np.max(identity)),
         "sharpness_ratio": float(sharp), "flicker_ratio": float(flicker), "artifact_frames": artifacts,
         "av_offset_generated": estimate_av_offset(gen, predictor), "av_offset_real": estimate_av_offset(ref, predictor),
+        **second,
     }
 
 
@@ -221,7 +241,9 @@ def format_evaluation(result: typing.Dict[str, typing.Any]) -> str:
         f"frames compared: {result['frames_compared']} (generated {result['frames_generated']}, real {result['frames_real']})",
         f"mouth landmark distance: {result['mouth_landmark_distance_pct_iod']:.2f} % of the inter-ocular distance "
         f"(lips alone {result['lips_distance_pct_iod']:.2f} %; head pose taken out {result['mouth_distance_in_head_pct_iod']:.2f} %)",
-        f"mouth-opening correlation: r = {result['mouth_opening_r']:.3f}",
+        f"mouth-opening correlation: r = {result['mouth_opening_r']:.3f}"
+        + (f" (dlib's 68 points: r = {result['mouth_opening_r_second_tracker']:.3f} over {result['frames_compared_second_tracker']} frames)"
+           if "mouth_opening_r_second_tracker" in result else ""),
         f"identity distance: {result['identity_distance']:.3f} mean, {result['identity_distance_max']:.3f} worst (same person < 0.6)",
         f"sharpness ratio: {result['sharpness_ratio']:.2f} (≥ 0.8 is sharp enough)",
         f"flicker ratio: {result['flicker_ratio']:.2f} (1 = as steady as the real video)",

@@ -38,7 +38,7 @@ SHAPE_MODEL = "face_recognition_models/models/shape_predictor_5_face_landmarks.d
 KINDS = ("identity", "geometry", "colour")
 
 
-def _model_file(relative: str) -> pathlib.Path:
+def face_model_file(relative: str) -> pathlib.Path:
     """A file of the face-recognition-models distribution, found without importing the package
     (its __init__ imports the deprecated pkg_resources)."""
     try:
@@ -63,8 +63,8 @@ class FaceEmbedder:
         from avatar.runtime import OnnxSession
 
         self._dlib = dlib
-        self.shape_predictor = dlib.shape_predictor(str(_model_file(SHAPE_MODEL)))
-        weights = _model_file(EMBEDDING_MODEL)
+        self.shape_predictor = dlib.shape_predictor(str(face_model_file(SHAPE_MODEL)))
+        weights = face_model_file(EMBEDDING_MODEL)
         self.recogniser = OnnxSession(weights, providers=providers, threads=threads, model=resnet_onnx(read_dlib_resnet(weights)))
 
     def embed(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from avatar import audio, media
 from avatar.config import AlignConfig
 from avatar.face.align import FaceAligner
 from avatar.face.video import align_video
-from avatar.identity import EMBEDDING_MODEL, FaceEmbedder, _model_file
+from avatar.identity import EMBEDDING_MODEL, FaceEmbedder, face_model_file
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     faces = [a for a in aligned if a.valid]
     t, _ = timed(lambda: [embedder.embed(a.image, a.frame_landmarks) for a in faces])
     report("identity embedding, every frame (onnxruntime)", t, len(faces) / info.fps, f"{1000 * t / len(faces):.1f} ms a face")
-    dlib_network = dlib.face_recognition_model_v1(str(_model_file(EMBEDDING_MODEL)))
+    dlib_network = dlib.face_recognition_model_v1(str(face_model_file(EMBEDDING_MODEL)))
 
     def through_dlib():  # the same chips through dlib's own network (the wheel has no BLAS)
         for a in faces:

@@ -240,3 +240,21 @@ def test_mediapipe_is_imported_without_matplotlib_which_other_code_still_gets_wh
             "assert type(plt).__name__ == 'module' and drawing_utils.plt.figure is plt.figure\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_second_tracker_reads_the_same_mouth_as_the_mesh_and_nothing_where_there_is_no_face():
+    """dlib's 68 points (`avatar eval --second-tracker`) follow a real speaker's inner-lip gap as the
+    mesh does, on its own detections; a frame without a face gives NaN, not a number."""
+    from avatar.face.dlib_shape import DlibMouthTracker
+    from avatar.metrics import pearson
+
+    frames = media.read_video(GRID_CLIP, max_frames=75).frames
+    tracker = DlibMouthTracker()
+    ours = tracker.openings(frames)
+    assert np.isfinite(ours).all()
+    mesh = np.stack([item.frame_landmarks for item in align_video(((i / 25, f) for i, f in enumerate(frames)))])
+    theirs = lm.mouth_opening(mesh) / lm.interocular(mesh)
+    assert pearson(ours, theirs) > 0.8
+    assert 0.67 < ours.max() / theirs.max() < 1.5  # the same measure: the widest opening of the clip on the same scale
+    blank = np.full((288, 360, 3), 128, np.uint8)
+    assert np.isnan(tracker.openings([blank, frames[0][::-1, ::-1].copy() * 0])).all()

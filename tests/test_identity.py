@@ -45,9 +45,9 @@ def test_the_onnx_network_gives_dlibs_descriptors(person_a, person_b, embedder):
     rounding); the two people stay apart and one person's frames together."""
     import dlib
 
-    from avatar.identity import EMBEDDING_MODEL, _model_file
+    from avatar.identity import EMBEDDING_MODEL, face_model_file
 
-    reference = dlib.face_recognition_model_v1(str(_model_file(EMBEDDING_MODEL)))
+    reference = dlib.face_recognition_model_v1(str(face_model_file(EMBEDDING_MODEL)))
     descriptors = {}
     for name, person in (("a", person_a[::40]), ("b", person_b[::20])):
         for f in person:
@@ -127,9 +127,9 @@ def test_a_damaged_network_file_gives_one_line(tmp_path):
     """dlib's network file cut short, or another file: a one-line AvatarError naming it."""
     from avatar.errors import AvatarError
     from avatar.face.dlib_resnet import read_dlib_resnet
-    from avatar.identity import EMBEDDING_MODEL, _model_file
+    from avatar.identity import EMBEDDING_MODEL, face_model_file
 
-    data = _model_file(EMBEDDING_MODEL).read_bytes()
+    data = face_model_file(EMBEDDING_MODEL).read_bytes()
     for name, content in (("cut.dat", data[: len(data) // 2]), ("other.dat", b"\x01\x05hello" * 100)):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(AvatarError) as error:

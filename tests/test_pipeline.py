@@ -274,8 +274,9 @@ def test_dub_cli_verify_and_eval(tmp_path, inputs):
     assert 0 < data["mouth_landmark_distance_pct_iod"] < 20 and 0 < data["sharpness_ratio"] < 2
     assert 0 < data["mouth_distance_in_head_pct_iod"] < 20
     assert data["artifact_frames"] == [] and "artifact check: 0 of 30 frames fail" in evaluated.stdout
-    same = avatar("eval", "--generated", inputs / "clip.mp4", "--real", inputs / "clip.mp4", "--quiet")
+    same = avatar("eval", "--generated", inputs / "clip.mp4", "--real", inputs / "clip.mp4", "--quiet", "--second-tracker")
     assert "distance: 0.00 %" in same.stdout and "taken out 0.00 %" in same.stdout and "r = 1.000" in same.stdout
+    assert "dlib's 68 points: r = 1.000 over 30 frames" in same.stdout
 
 
 def test_watermark_survives_crf28_and_half_size_and_real_videos_stay_clean(pipeline, tmp_path):
