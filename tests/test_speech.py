@@ -73,6 +73,36 @@ def test_live_stream_equals_live_features_of_the_whole_file(encoder, speech):
         np.testing.assert_allclose(rows, whole, atol=1e-4)  # batched vs single windows: float rounding only
 
 
+def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(encoder, speech):
+    """The live graph (`avatar.speech.live_graph`: the last block's queries and residual gathered to the
+    rows a window gives) is the full encoder on those rows, on speech and on silence, batched or not."""
+    c = encoder.config
+    mel = encoder.mel(speech[:16000 * 3])
+    windows = np.stack([encoder._padded(mel, start, start + 2 * c.live_window) for start in (-60, 0, 37, 120, 200)])
+    rows = encoder.live_window_rows()
+    assert list(rows) == [c.live_window - c.live_right - 1, c.live_window - c.live_right]  # 2 frames, 4 before the end
+    full = encoder.encode(windows)[:, rows]
+    live = encoder.encode_windows(windows)
+    assert live.shape == (5, c.live_hop, encoder.width)
+    np.testing.assert_allclose(live, full, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_windows(windows[2:3]), full[2:3], atol=1e-5)
+    assert encoder.encode_windows(windows[:0]).shape == (0, c.live_hop, encoder.width)
+
+
+def test_a_speech_graph_of_another_shape_is_refused_in_one_line():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from avatar.errors import AvatarError
+    from avatar.speech.live_graph import rows_only_graph
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["mel"], ["features"])], "g",
+                              [helper.make_tensor_value_info("mel", TensorProto.FLOAT, [1, 80, 100])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 80, 100])])
+    with pytest.raises(AvatarError, match="not the exported Whisper encoder"):
+        rows_only_graph(helper.make_model(graph), [45, 46])
+
+
 def test_stated_lookahead_is_exactly_what_the_stream_needs(encoder, speech):
     """Encoder frame k (centred on 20 k ms) is out once audio reaches its centre + its look-ahead;
     the worst frame needs exactly `lookahead_ms`, and none comes a sample early."""

@@ -89,6 +89,8 @@ class MotionPredictor:
         self.silence = silence
         if self.encoder.width != self.config.features:
             raise ValueError(f"the motion model reads {self.config.features}-wide features, the speech encoder gives {self.encoder.width}")
+        if self.live:
+            _ = self.encoder.live_session  # built here, not on a stream's first window
 
     @property
     def live(self) -> bool:

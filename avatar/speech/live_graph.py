@@ -1,0 +1,96 @@
+"""The speech encoder's graph made for live windows: the last transformer block computes only the rows
+a live window gives (`SpeechConfig.live_hop` frames, `live_right` before its end).
+
+A live window (`SpeechEncoder.live_windows`) is encoded whole but only `live_hop` of its
+`live_window` frames are kept. Every block's keys and values need all the frames, and so does every
+block but the last; the last block's queries, its output projection, its MLP and the final norm only
+matter for the kept rows. This rewrites the exported encoder (`assets/speech.onnx`, the same nodes
+and weights; nothing is written to disk) so that the last block's queries and residual are gathered
+to those rows first: with the 2 shipped blocks, about a third of a window's arithmetic is skipped,
+and the kept rows are the full graph's to float rounding (tested).
+
+    model = rows_only_graph(onnx.load("assets/speech.onnx"), rows=[45, 46])   # bytes for onnxruntime
+    # mel (B, 80, 2·live_window) → features (B, len(rows), D): rows [45, 46] of the full output
+"""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+
+from avatar.errors import AvatarError
+
+
+def rows_only_graph(proto, rows: typing.Sequence[int]) -> bytes:
+    """`proto`: the encoder's `onnx.ModelProto` (input `mel (B, 80, M)`, output `features (B, M/2, D)`);
+    `rows`: encoder frames to keep → the serialised model giving `features (B, len(rows), D)`."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: typing.Dict[str, typing.List] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def only_consumer(tensor: str, op: str):
+        users = consumers.get(tensor, [])
+        if len(users) != 1 or users[0].op_type != op:
+            raise AvatarError(f"the speech encoder's graph is not the exported Whisper encoder this expects "
+                              f"({tensor} feeds {[u.op_type for u in users]}, expected one {op}); export it again")
+        return users[0]
+
+    def made_by(tensor: str, op: str):
+        node = producer.get(tensor)
+        if node is None or node.op_type != op:
+            raise AvatarError(f"the speech encoder's graph is not the exported Whisper encoder this expects "
+                              f"({tensor} is not made by a {op}); export it again")
+        return node
+
+    softmaxes = [node for node in graph.node if node.op_type == "Softmax"]
+    if not softmaxes:
+        raise AvatarError("the speech encoder's graph is not the exported Whisper encoder this expects (no attention); export it again")
+    softmax = softmaxes[-1]  # the last block's attention
+    scaled_query = made_by(made_by(softmax.input[0], "MatMul").input[0], "Mul")
+    attended = only_consumer(softmax.output[0], "MatMul")
+    heads_last = only_consumer(attended.output[0], "Transpose")
+    merged = only_consumer(heads_last.output[0], "Reshape")
+    projected = only_consumer(only_consumer(merged.output[0], "MatMul").output[0], "Add")
+    residual_add = only_consumer(projected.output[0], "Add")
+    width = int(next(numpy_helper.to_array(t) for t in graph.initializer if t.name == projected.input[1]).shape[0])
+
+    kept = "live_rows"
+    graph.initializer.append(numpy_helper.from_array(np.asarray(rows, np.int64), kept))
+    graph.initializer.append(numpy_helper.from_array(np.array([0, -1, width], np.int64), "live_rows_shape"))
+    query = scaled_query.input[0]  # (B, heads, T, head width)
+    graph.node.append(helper.make_node("Gather", [query, kept], ["live_query"], axis=2))
+    scaled_query.input[0] = "live_query"
+    merged.input[1] = "live_rows_shape"  # (B, rows, heads, head width) → (B, rows, D)
+    for attribute in merged.attribute:
+        if attribute.name == "allowzero":
+            attribute.i = 0  # 0 in the shape copies the batch size
+    residual = next(name for name in residual_add.input if name != projected.output[0])
+    graph.node.append(helper.make_node("Gather", [residual, kept], ["live_residual"], axis=1))
+    residual_add.input[list(residual_add.input).index(residual)] = "live_residual"
+    sort_topologically(graph)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def sort_topologically(graph) -> None:
+    """Reorder `graph.node` so that every node comes after the nodes its inputs come from."""
+    available = {t.name for t in graph.initializer} | {t.name for t in graph.input} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:
+            raise AvatarError("the speech encoder's graph has a cycle")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        done = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in done]
+    del graph.node[:]
+    graph.node.extend(ordered)
