@@ -36,7 +36,8 @@ import numpy as np
 
 from avatar import media
 from avatar.config import DubConfig, PipelineConfig
-from avatar.evaluate import evaluate_pair, track_video
+from avatar.evaluate import evaluate_pair, second_tracker_openings, track_video
+from avatar.face.dlib_shape import DlibMouthTracker
 from avatar.face import landmarks as lm
 from avatar.metrics import pearson
 from avatar.pipeline import AvatarPipeline
@@ -97,6 +98,8 @@ def main(argv=None) -> None:
     clips = talking_clips(args.clips, args.seconds)
     results = {m: [] for m in METHODS}
     leaks = []  # each model dub's source leak (`source_leak`)
+    agreement = []  # the two trackers' opening r on each real clip: how far apart they read the same mouth
+    second = DlibMouthTracker()
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         speech = {}
@@ -110,6 +113,9 @@ def main(argv=None) -> None:
             media.write_video(folder / f"real25_{k}.mp4", clip.frames[at_25], 25.0, crf=12)  # what an animated photo is compared with
             cv2.imwrite(str(folder / f"photo{k}.png"), cv2.cvtColor(clip.frames[0], cv2.COLOR_RGB2BGR))
             speech[k] = media.read_audio(real)[:n_samples]
+            theirs, ours = opening(real), second_tracker_openings(second, real, len(clip.frames))
+            found = np.isfinite(theirs) & np.isfinite(ours)
+            agreement.append(pearson(theirs[found], ours[found]))
         for k, (person, path) in enumerate(clips):
             real = folder / f"real{k}.mp4"
             own = speech[k]
@@ -136,6 +142,8 @@ def main(argv=None) -> None:
     print(f"{'':<20}" + "".join(f"{k.split('_pct')[0].replace('second_tracker', 'dlib'):>24}" for k in KEYS))
     for method in METHODS:
         print(f"{method:<20}" + "".join(f"{np.nanmean([r[k] for r in results[method]]):>24.3f}" for k in KEYS))
+    print(f"the two trackers on the real clips (mediapipe's mesh against dlib's 68 points): opening r {np.mean(agreement):.3f} "
+          f"(per clip {', '.join(f'{r:.2f}' for r in agreement)})")
     print(f"source leak: the dub's mouth opening against the picture's own (0: it does not show through): "
           f"r {np.nanmean(leaks):.3f} (per clip {', '.join(f'{r:.2f}' for r in leaks)})")
     offsets = [r["av_offset_generated"]["ms"] for r in results["model"] if r["av_offset_generated"]]

@@ -30,6 +30,7 @@ POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.mod
 OFFLINE_MODEL = "motion_offline.onnx"
 VAD_WINDOW = 16000 * 60  # samples pushed through the voice-activity measure at a time
 LIVE_MODEL = "motion_live.onnx"
+POSITION_BLOCK = 256  # video frames whose encoder positions a stream computes at once
 
 
 REST_QUANTILE = 10.0  # percent of most-closed frames that define the rest shape
@@ -259,9 +260,18 @@ class MotionStream:
         self.vad = audio_frontend.EnergyVad(fps, predictor.sample_rate)
         self.vad_scores = np.zeros(0, np.float32)  # of frames from `next_frame` on
         self.hold = SilenceHold(fps, predictor.silence)
+        self._table = (0, predictor.positions(fps, POSITION_BLOCK))  # frames' encoder positions, a block at a time
+
+    def _positions(self, first: int, n: int) -> np.ndarray:
+        """Encoder positions of frames [first, first + n) `(n,) float64` (`MotionPredictor.positions`)."""
+        start, table = self._table
+        if first < start or first + n > start + len(table):
+            start, table = first, self.predictor.positions(self.fps, max(n, POSITION_BLOCK), first)
+            self._table = (start, table)
+        return table[first - start: first - start + n]
 
     def _position(self, i: int) -> float:
-        return float(self.predictor.positions(self.fps, 1, i)[0])
+        return float(self._positions(i, 1)[0])
 
     @property
     def lookahead_ms(self) -> float:
@@ -282,7 +292,7 @@ class MotionStream:
             i += 1
         if not indices:
             return np.zeros(0, np.int64), np.zeros((0, len(POINTS), 2), np.float32)
-        rows = interpolate_frames(self.encoded, self.predictor.positions(self.fps, len(indices), indices[0]) - self.encoded_start)
+        rows = interpolate_frames(self.encoded, self._positions(indices[0], len(indices)) - self.encoded_start)
         stack = np.concatenate([self.history, rows])
         if self.vad_scores.size < len(indices):  # frame i's score needs audio up to (i + 1) / fps only: never
             raise RuntimeError("voice activity lags the motion frames")
