@@ -120,6 +120,47 @@ def test_yawed_clip_reports_large_yaw_or_loses_the_face():
     assert any(not f.valid for f in frames) or np.max(yaws) > 40
 
 
+@pytest.mark.parametrize("path, n", [(LRS2_YAW_CLIP, 86), (SMALL_FACE_CLIP, 75)])
+def test_meshing_the_next_frame_ahead_gives_exactly_the_landmarks_of_one_frame_after_the_other(path, n):
+    """`mesh_workers` 2 (the default) meshes frame t+1 in frame t's region on a second mesh while frame t
+    is meshed, and again where frame t moved the region: the same frames, faces and numbers as one at a
+    time, through a face lost and found again (the turned clip) and a moving head; the regions did
+    move (so the redo path ran)."""
+    import dataclasses
+
+    frames = media.read_video(path, max_frames=n).frames
+    results = {}
+    for workers in (1, 2):
+        with FaceTracker(dataclasses.replace(FaceConfig(), mesh_workers=workers)) as tracker:
+            results[workers] = list(tracker.track((i / 25, f) for i, f in enumerate(frames)))
+    one, two = results[1], results[2]
+    assert [t.index for t in one] == [t.index for t in two] == list(range(len(frames)))
+    for a, b in zip(one, two):
+        assert (a.face is None) == (b.face is None)
+        if a.face is not None:
+            np.testing.assert_array_equal(a.face.landmarks, b.face.landmarks)
+            np.testing.assert_array_equal(a.face.region, b.face.region)
+    regions = {tuple(t.face.region) for t in one if t.face is not None}
+    assert len(regions) > 1
+    if path == LRS2_YAW_CLIP:
+        assert any(t.face is None for t in one)
+
+
+def test_a_failing_source_gives_every_frame_before_its_error_when_meshing_ahead():
+    frames = media.read_video(GRID_CLIP, max_frames=6).frames
+
+    def source():
+        for i, frame in enumerate(frames):
+            yield i / 25, frame
+        raise OSError("the file ends in garbage")
+
+    got = []
+    with FaceTracker() as tracker, pytest.raises(OSError, match="garbage"):
+        for item in tracker.track(source()):
+            got.append(item.index)
+    assert got == list(range(6))
+
+
 def test_two_people_clip_needs_a_face_index():
     with pytest.raises(SeveralFacesError):
         track(TWO_PEOPLE_CLIP, n=3)
