@@ -65,10 +65,10 @@ def run_offline(engine, session, chunks, now=0.0):
 def test_the_speech_encoder_hears_every_session_in_one_call(engine, avatar, speech, monkeypatch):
     """Two sessions' new audio goes through the speech encoder in one batched call per step, and each
     session's mouths are those its audio alone gives (up to the float rounding of batched kernels)."""
-    encoder = engine.pipeline.encoder
+    live_encoder = engine.pipeline.encoder.live_session  # the graph live windows go through
     batches = []
-    encode = encoder.encode
-    monkeypatch.setattr(encoder, "encode", lambda mel: batches.append(len(mel)) or encode(mel))
+    run = live_encoder.run
+    monkeypatch.setattr(live_encoder, "run", lambda **inputs: batches.append(len(inputs["mel"])) or run(**inputs))
     audio = [speech[:16000], speech[16000 * 3:16000 * 4]]
     sessions = [engine.open(avatar, 16000, now=0.0) for _ in audio]
     alone = [engine.pipeline.live_motion.stream(25, avatar.identity.rest, avatar.identity.adaptation) for _ in audio]
