@@ -31,7 +31,6 @@ class DlibMouthTracker:
 
         from avatar.identity import face_model_file
 
-        self._dlib = dlib
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(face_model_file(SHAPE_MODEL_68)))
 
