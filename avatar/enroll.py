@@ -353,7 +353,7 @@ def build_avatar(pipeline, footages: typing.Sequence[Footage], progress: bool = 
     mouths = crop_lms[:, POINTS, :2]
     candidates = np.flatnonzero((np.abs(yaw) <= BANK_MAX_YAW) & bank)
     if candidates.size:
-        sharp = np.array([_mouth_sharpness(pipeline, frame_of(j), transform_of(j), mouths[j]) for j in candidates])
+        sharp = np.array(pipeline.pool.map(lambda j: _mouth_sharpness(pipeline, frame_of(j), transform_of(j), mouths[j]), candidates))
         candidates = candidates[sharp >= np.quantile(sharp, 0.3)]
     chosen = choose_bank(lip_shape(mouths), candidates)
     if chosen.size:

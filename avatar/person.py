@@ -60,6 +60,8 @@ class IdentityBuilder:
 
     def reference_photos(self, paths: typing.Sequence[PathLike]) -> typing.List[typing.Tuple[np.ndarray, np.ndarray]]:
         """`(image, landmarks (478, 3))` of extra photos of the person, for the drift monitor."""
+        if not paths:
+            return []
         out = []
         with self.face_tracker() as tracker:
             for path in paths:
