@@ -157,7 +157,7 @@ class FaceConfig:
     ambiguity_ratio: float = 0.8  # a second face this close in size to the largest needs face_index
     min_detection_confidence: float = 0.5
     mesh_input_size: int = 256  # px: face region is resized to this before the mesh model
-    mesh_workers: int = 2  # video: 2 meshes the next frame ahead in the same region (the same landmarks, ~1.6x faster)
+    mesh_workers: int = 2  # video: 2 meshes the next frame ahead in the same region (the same landmarks, ~1.5x faster)
     # Temporal smoothing in video (one-euro filters; units: inter-ocular distances and seconds).
     smooth: bool = True
     landmark_min_cutoff_hz: float = 8.0  # lips must keep their motion: r > 0.98 with raw on real clips

@@ -12,7 +12,7 @@ the face nearest the last known place is kept.
 Because the region seldom moves, frame t+1 is meshed in frame t's region on a second mesh (a thread
 of its own: mediapipe works without the GIL) while frame t is meshed; where frame t then leaves the
 region where it was, frame t+1 is meshed again in the new one. The landmarks are exactly those of
-one frame after the other (`FaceConfig.mesh_workers` 1), about 1.6 times as fast on two cores.
+one frame after the other (`FaceConfig.mesh_workers` 1), about 1.5 times as fast on two cores.
 """
 
 from __future__ import annotations

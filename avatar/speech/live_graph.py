@@ -59,7 +59,10 @@ def rows_only_graph(proto, rows: typing.Sequence[int]) -> bytes:
     merged = only_consumer(heads_last.output[0], "Reshape")
     projected = only_consumer(only_consumer(merged.output[0], "MatMul").output[0], "Add")
     residual_add = only_consumer(projected.output[0], "Add")
-    width = int(next(numpy_helper.to_array(t) for t in graph.initializer if t.name == projected.input[1]).shape[0])
+    width = next((int(t.dims[0]) for t in graph.initializer if t.name in projected.input), None)  # the projection's bias
+    if width is None:
+        raise AvatarError("the speech encoder's graph is not the exported Whisper encoder this expects "
+                          "(its last attention projection has no bias); export it again")
 
     kept = "live_rows"
     graph.initializer.append(numpy_helper.from_array(np.asarray(rows, np.int64), kept))
