@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from avatar import __version__
+from avatar.face.align import nonzero_box
 
 WATERMARK_KEY = 0x5EA1_F00D  # the pattern's seed; decoys use other seeds
 PATTERN_SIZE = 128  # the pattern is defined on a 128² crop and resized for other crop sizes
@@ -67,8 +68,14 @@ def embed_watermark(crop: np.ndarray, region: np.ndarray, frame_index: int) -> n
     `(S, S, 3) uint8`."""
     size = crop.shape[0]
     strength = AMPLITUDE * np.sin(2 * np.pi * frame_index / PERIOD_FRAMES)
-    delta = strength * watermark_pattern(size) * np.asarray(region, np.float32)
-    return np.clip(crop.astype(np.float32) + delta[..., None] + 0.5, 0, 255).astype(np.uint8)
+    out = crop.copy()
+    box = nonzero_box(region)
+    if box is None:
+        return out
+    x0, y0, x1, y1 = box  # outside the region the pattern adds nothing
+    delta = strength * watermark_pattern(size)[y0:y1, x0:x1] * np.asarray(region, np.float32)[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = np.clip(crop[y0:y1, x0:x1].astype(np.float32) + delta[..., None] + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def _high_pass(crop: np.ndarray) -> np.ndarray:

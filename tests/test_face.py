@@ -258,6 +258,38 @@ def test_the_wide_dilation_is_opencvs():
             assert np.array_equal(dilate_disc(image, grow), expected), grow
 
 
+def test_masks_drawn_in_their_box_are_the_whole_crops():
+    """The mouth hole (`_polygon_mask`) and the bank entry's lips region (`lips_region`), drawn and
+    blurred in their polygon's box only, equal OpenCV's steps on the whole crop (to 1e-6: the blur's
+    float rounding moves with the box, 3e-11 measured), also where the polygon meets the crop's edge;
+    `nonzero_box` bounds exactly the pixels above 0."""
+    import cv2
+
+    from avatar.face.align import nonzero_box
+    from avatar.render.retrieval import LIPS_FEATHER, LIPS_GROW, lips_region
+    from avatar.render.warp import INNER, N_OUTER, _polygon_mask, mouth_width
+
+    mouth = track(GRID_CLIP, n=1)[0].aligned.landmarks[lm.MOUTH_AND_JAW, :2]
+    for size, shift in ((128, (0, 0)), (256, (70, 40)), (256, (110, 80)), (128, (-50, 0))):
+        points = mouth * size / 128 + shift
+        width = mouth_width(points)
+        for sigma in (0.6, 3.0):
+            whole = np.zeros((size, size), np.uint8)
+            cv2.fillPoly(whole, [np.round(points[INNER] * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+            expected = cv2.GaussianBlur(whole.astype(np.float32) / 255, (0, 0), sigma)
+            assert np.abs(_polygon_mask(points[INNER], size, sigma) - expected).max() < 1e-6, (size, shift, sigma)
+        whole = np.zeros((size, size), np.uint8)
+        cv2.fillPoly(whole, [np.round(points[:N_OUTER] * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+        grow = max(1, round(LIPS_GROW * width))
+        whole = cv2.dilate(whole, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+        expected = cv2.GaussianBlur(whole.astype(np.float32) / 255, (0, 0), max(0.5, LIPS_FEATHER * width))
+        region = lips_region(points, size)
+        assert np.abs(region - expected).max() < 1e-6, (size, shift)
+        ys, xs = np.nonzero(expected > 0)
+        assert nonzero_box(region) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert nonzero_box(np.zeros((8, 8), np.float32)) is None
+
+
 def test_crop_sizes_agree():
     frames = track(LRS2_CLIP, n=5)
     f = frames[-1]

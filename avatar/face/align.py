@@ -69,6 +69,34 @@ def dilate_disc(mask: np.ndarray, grow: int) -> np.ndarray:
     return out
 
 
+def nonzero_box(mask: np.ndarray) -> typing.Optional[typing.Tuple[int, int, int, int]]:
+    """`(x0, y0, x1, y1)` (ends exclusive) bounding the pixels of `mask (H, W)` above 0, or None when
+    there are none (`cv2.boundingRect`: a tenth of the time of `np.nonzero` on a crop)."""
+    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(np.asarray(mask) > 0).view(np.uint8))
+    return (x, y, x + w, y + h) if w else None
+
+
+def blur_in_box(draw: typing.Callable[[np.ndarray, np.ndarray], None], points: np.ndarray, size: int, reach: int,
+                sigma: float) -> np.ndarray:
+    """`(S, S) float32`: what `draw(canvas, offset)` puts on a blank `(h, w) uint8` canvas (the
+    part of the crop `offset` (x, y) on, bounding `points (N, 2)` crop px grown by `reach` px), over
+    255 and blurred by a Gaussian of `sigma` (0: none), placed in a crop of zeros: the same values as
+    drawn and blurred on the whole crop, where `reach` covers all `draw` may add beyond the points
+    (the blur's own reach is added here)."""
+    margin = reach + (int(np.ceil(4 * sigma)) + 2 if sigma > 0 else 1)
+    points = np.asarray(points, np.float64)
+    x0, y0 = np.maximum(np.floor(points.min(axis=0)).astype(int) - margin, 0)
+    x1, y1 = np.minimum(np.ceil(points.max(axis=0)).astype(int) + margin + 1, size)
+    out = np.zeros((size, size), np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    canvas = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    draw(canvas, np.array([x0, y0]))
+    mask = canvas.astype(np.float32) / 255.0
+    out[y0:y1, x0:x1] = cv2.GaussianBlur(mask, (0, 0), sigma) if sigma > 0 else mask
+    return out
+
+
 def wide_blur(mask: np.ndarray, sigma: float) -> np.ndarray:
     """`cv2.GaussianBlur` of `mask (H, W) float32` by `sigma` px; one at least HALF_SCALE_SIGMA wide at half
     resolution (area-averaged, blurred by sigma / 2, resized back linearly): within 0.002 of the full

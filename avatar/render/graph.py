@@ -44,7 +44,7 @@ from avatar import provenance
 from avatar.config import AlignConfig, PipelineConfig
 from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
-from avatar.face.align import FaceRegion, invert_transform, transform_scale
+from avatar.face.align import FaceRegion, invert_transform, nonzero_box, transform_scale
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import landmark_sketch
 from avatar.render.renderers import RetrievalRenderer, frame_references
@@ -231,8 +231,7 @@ class GraphRenderer(RetrievalRenderer):
             out[prefix + "hole"] = np.zeros((size, size), np.float32) if hole is None else hole
             hx0 = hy0 = hx1 = hy1 = 0
             if hole is not None:
-                ys, xs = np.nonzero(hole > 0)
-                hx0, hy0, hx1, hy1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+                hx0, hy0, hx1, hy1 = nonzero_box(hole)
             for name, layer in layers.items():
                 key = prefix + ("lower" if name == "lower_row" else "inner")
                 box = np.zeros((size, size), np.float32)

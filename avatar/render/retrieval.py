@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.face.align import rescale_points
+from avatar.face.align import blur_in_box, nonzero_box, rescale_points
 from avatar.motion.pose import HEAD_POINTS, similarity_3d
 from avatar.render.warp import MIN_OPEN, N_LIPS, N_OUTER, InnerMouth, mouth_width, open_inner, render_warp
 
@@ -66,11 +66,14 @@ def lips_region(mouth: np.ndarray, size: int) -> np.ndarray:
     """Where a bank entry is drawn for the target `mouth (59, 2)` (crop px): `(S, S) float32` in [0, 1],
     its outer lips grown by LIPS_GROW and feathered by LIPS_FEATHER of its width."""
     width = max(mouth_width(mouth), 1.0)
-    region = np.zeros((size, size), np.uint8)
-    cv2.fillPoly(region, [np.round(np.asarray(mouth)[:N_OUTER] * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    lips = np.asarray(mouth, np.float64)[:N_OUTER]
     grow = max(1, int(round(LIPS_GROW * width)))
-    region = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-    return cv2.GaussianBlur(region.astype(np.float32) / 255.0, (0, 0), max(0.5, LIPS_FEATHER * width))
+
+    def draw(canvas: np.ndarray, offset: np.ndarray) -> None:
+        cv2.fillPoly(canvas, [np.round(lips * 16).astype(np.int32) - 16 * offset.astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+        canvas[:] = cv2.dilate(canvas, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+
+    return blur_in_box(draw, lips, size, grow + 1, max(0.5, LIPS_FEATHER * width))
 
 
 def shape_neighbours(shapes: np.ndarray, first: int, count: int) -> np.ndarray:
@@ -160,10 +163,10 @@ class MouthBank:
         size = face.shape[0]
         crop, mouth = self.scaled(index, size)
         region = lips_region(target_mouth, size)
-        ys, xs = np.nonzero(region > 0)
-        if not ys.size:
+        bounds = nonzero_box(region)
+        if bounds is None:
             return face
-        box = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)  # outside it the face stays as it is
+        box = slice(bounds[1], bounds[3]), slice(bounds[0], bounds[2])  # outside it the face stays as it is
         drawn = render_warp(crop, lm.with_mouth(np.asarray(crop_landmarks, np.float64)[:, :2], mouth), target_mouth, region,
                             self.inner(index).at(size))[box].astype(np.float32)
         alpha, under = region[box], face[box].astype(np.float32)
