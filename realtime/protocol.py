@@ -31,6 +31,8 @@ import typing
 
 import numpy as np
 
+from avatar import media
+
 PROTOCOL = 1
 FRAME_MAGIC = b"AVF1"
 FRAME_HEADER = struct.Struct("<4sIdBI")  # magic, index, pts, repeated, picture length
@@ -174,7 +176,7 @@ class H264Encoder:
             self.context.pix_fmt = "yuv420p"
             self.context.time_base = fractions.Fraction(1, round(self.fps))
             self.context.options = {"preset": "ultrafast", "tune": "zerolatency", "crf": str(self.crf)}
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame = media.yuv420_frame(image)
         frame.pts = self.count
         if keyframe:
             frame.pict_type = av.video.frame.PictureType.I
@@ -198,4 +200,4 @@ class H264Decoder:
             frames = self.context.decode(av.Packet(access_unit))
         except av.error.FFmpegError:
             return None
-        return frames[-1].to_ndarray(format="rgb24") if frames else None
+        return media.frame_rgb(frames[-1]) if frames else None

@@ -32,6 +32,8 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from avatar import media
+
 VIDEO_CLOCK = 90000  # RTP's video clock (Hz)
 PACKET_S = 0.02  # audio goes out in 20 ms packets (one Opus frame each)
 AUDIO_QUEUE = 500  # 10 s of packets waiting for the sender at most
@@ -117,7 +119,10 @@ class AvatarVideoTrack(_QueuedTrack):
             await self.sent.mark(index)
         self.on_sent(late)
         self._previous = index
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        if image.shape[0] % 2 or image.shape[1] % 2:  # the encoder pads odd sides itself
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        else:  # in the encoder's format already (OpenCV's conversion, `media.yuv420_frame`)
+            frame = media.yuv420_frame(image)
         frame.pts = round(index * VIDEO_CLOCK / self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         return frame

@@ -202,7 +202,14 @@ def test_a_frame_that_fails_the_check_shows_its_input_and_is_reported(tmp_path):
     assert 0 < result.report["artifacts"]["ms_per_frame"] < 50
     source = media.read_video(tmp_path / "clip.mp4").frames
     out = media.read_video(tmp_path / "out.mp4").frames
-    assert np.abs(out[6].astype(int) - source[6]).mean() < np.abs(out[5].astype(int) - source[5]).mean()
+
+    def worst_block(k: int) -> float:  # the largest mean difference from the source in a 16x8 block: where the mouth was drawn
+        error = np.abs(out[k].astype(int) - source[k]).mean(-1)
+        h, w = error.shape[0] // 16 * 16, error.shape[1] // 8 * 8
+        return float(error[:h, :w].reshape(h // 16, 16, w // 8, 8).mean(axis=(1, 3)).max())
+
+    # the frame as it came (only the encoder's noise: 5.4 levels at worst here), its rendered neighbours 9.2-9.3
+    assert worst_block(6) < 0.8 * min(worst_block(5), worst_block(7)), [worst_block(k) for k in (5, 6, 7)]
 
 
 def test_eval_runs_the_same_check_on_any_pair_of_videos(tmp_path):
