@@ -80,9 +80,10 @@ def blur_in_box(draw: typing.Callable[[np.ndarray, np.ndarray], None], points: n
                 sigma: float) -> np.ndarray:
     """`(S, S) float32`: what `draw(canvas, offset)` puts on a blank `(h, w) uint8` canvas (the
     part of the crop `offset` (x, y) on, bounding `points (N, 2)` crop px grown by `reach` px), over
-    255 and blurred by a Gaussian of `sigma` (0: none), placed in a crop of zeros: the same values as
-    drawn and blurred on the whole crop, where `reach` covers all `draw` may add beyond the points
-    (the blur's own reach is added here)."""
+    255 and blurred by a Gaussian of `sigma` (0: none), placed in a crop of zeros: the values of
+    drawing and blurring on the whole crop (to the blur's float rounding, 3e-11 measured) at a
+    fraction of the cost, where `reach` covers all `draw` may add beyond the points (the blur's own
+    reach is added here)."""
     margin = reach + (int(np.ceil(4 * sigma)) + 2 if sigma > 0 else 1)
     points = np.asarray(points, np.float64)
     x0, y0 = np.maximum(np.floor(points.min(axis=0)).astype(int) - margin, 0)
