@@ -48,9 +48,13 @@ def run_page(page: str, speech_wav: typing.Union[str, pathlib.Path], until: typi
     """Headless Chromium on `page` with a fake microphone playing `speech_wav` (48 kHz WAV, looped), until
     `until()` gives a truthy value (polled twice a second) or `seconds` pass; returns its last value."""
     profile = tempfile.mkdtemp()
+    # the page is never in front of anyone: without the three --disable-back... flags (puppeteer's defaults too)
+    # Chromium may throttle its timers and stop painting it, and the video frame callbacks that count the
+    # frames drawn stop with the painting
     command = [browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
                "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={speech_wav}",
-               "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}", page]
+               "--autoplay-policy=no-user-gesture-required", "--disable-background-timer-throttling",
+               "--disable-backgrounding-occluded-windows", "--disable-renderer-backgrounding", f"--user-data-dir={profile}", page]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, result = time.time() + seconds, None
