@@ -117,9 +117,11 @@ def mouth_bank() -> typing.Tuple[InnerMouth, ...]:
     return tuple(InnerMouth(patch, mouth.astype(np.float64), size, True) for patch, mouth in zip(data["patches"], data["mouths"]))
 
 
-def lip_band(mouth: np.ndarray, shape: typing.Tuple[int, int]) -> np.ndarray:
-    """`(h, w) bool`: the lips of `mouth (59, 2)`, between its outer and inner contours."""
-    fill = lambda points: cv2.fillPoly(np.zeros(shape, np.uint8), [np.round(np.asarray(points) * 16).astype(np.int32)], 1,
+def lip_band(mouth: np.ndarray, shape: typing.Tuple[int, int], origin: typing.Tuple[int, int] = (0, 0)) -> np.ndarray:
+    """`(h, w) bool`: the lips of `mouth (59, 2)`, between its outer and inner contours, on an image
+    whose pixel (0, 0) is pixel `origin` (x, y) of the mouth's."""
+    shift = 16 * np.array(origin, np.int32)
+    fill = lambda points: cv2.fillPoly(np.zeros(shape, np.uint8), [np.round(np.asarray(points) * 16).astype(np.int32) - shift], 1,
                                        cv2.LINE_8, shift=4) > 0
     return fill(np.asarray(mouth)[:N_OUTER]) & ~fill(np.asarray(mouth)[INNER])
 
@@ -128,6 +130,14 @@ def lip_colour(image: np.ndarray, mouth: np.ndarray) -> np.ndarray:
     """Mean RGB `(3,)` of the lips (`lip_band`; the whole image when they cover no pixel)."""
     band = lip_band(mouth, image.shape[:2])
     return image[band].reshape(-1, 3).astype(np.float64).mean(axis=0) if band.any() else image.reshape(-1, 3).mean(axis=0)
+
+
+def lips_box(mouth: np.ndarray, size: int) -> typing.Tuple[int, int, int, int]:
+    """`(x0, y0, x1, y1)`: a box of the crop of side `size` holding every pixel of `lip_band(mouth)`."""
+    outer = np.asarray(mouth, np.float64)[:N_OUTER]
+    x0, y0 = np.clip(np.floor(outer.min(axis=0)).astype(int) - 1, 0, size)
+    x1, y1 = np.clip(np.ceil(outer.max(axis=0)).astype(int) + 2, 0, size)
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 def borrowed_mouth(image: np.ndarray, mouth: np.ndarray) -> InnerMouth:
@@ -433,7 +443,6 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
     # the upper warp shows above the mouth line, the lower one below: each is evaluated only on the
     # box's rows where its weight is not 0 (elsewhere it adds exactly 0)
     above = upper_side(target_mouth, size)[y0:y1, x0:x1]
-    moved = crop.astype(np.float32)
     region = np.zeros((y1 - y0, x1 - x0, 3), np.float32)
     for (target, source), weight in zip(warp_points(crop_landmarks, target_mouth, mask), (above, 1 - above)):
         rows = np.flatnonzero(weight.max(1) > 0)
@@ -443,20 +452,33 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
         sample_at = backward_map(target, source, size, (x0, y0 + top, x1, y0 + bottom))
         piece = cv2.remap(crop, sample_at, None, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
         region[top:bottom] += piece * weight[top:bottom, :, None]
-    moved[y0:y1, x0:x1] = region
 
     # The inside of the mouth, composed of rows (`teeth_rows`, `mouth_hole`).
     hole = mouth_hole(np.asarray(crop_landmarks, np.float64)[lm.MOUTH_AND_JAW, :2], target_mouth, inner, size)
+    # the pixels that can change (the warped box, the hole's) and the target's lips, whose colour the hole
+    # takes, lie in box U; in float there only (outside it the crop's own pixels come back as they were)
+    boxes = [(x0, y0, x1, y1)] + ([nonzero_box(hole), lips_box(target_mouth, size)] if hole is not None else [])
+    ux0, uy0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    ux1, uy1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    moved = crop[uy0:uy1, ux0:ux1].astype(np.float32)
+    moved[y0 - uy0:y1 - uy0, x0 - ux0:x1 - ux0] = region
     if hole is not None:  # composed and blended only in the hole's box
         hx0, hy0, hx1, hy1 = nonzero_box(hole)
-        inside = slice(hy0, hy1), slice(hx0, hx1)
-        origin = (hx0, hy0)
-        lips_rgb = lip_colour(moved, target_mouth)
-        fill = cavity(lips_rgb, target_mouth, inside[0], inside[1].stop - inside[1].start)
+        inside = slice(hy0 - uy0, hy1 - uy0), slice(hx0 - ux0, hx1 - ux0)
+        band = lip_band(target_mouth, moved.shape[:2], (ux0, uy0))
+        if band.any():
+            lips_rgb = moved[band].reshape(-1, 3).astype(np.float64).mean(axis=0)
+        else:  # (`lip_colour`'s whole image)
+            whole = crop.astype(np.float32)
+            whole[uy0:uy1, ux0:ux1] = moved
+            lips_rgb = lip_colour(whole, target_mouth)
+        fill = cavity(lips_rgb, target_mouth, slice(hy0, hy1), hx1 - hx0)
         if inner.usable:
             if inner.lower_row is not None and inner.lower_row.usable:
-                fill = teeth_rows(inner.lower_row, target_mouth, fill, origin, lips_rgb, upper=False)
-            fill = teeth_rows(inner, target_mouth, fill, origin, lips_rgb)
-        alpha = hole[inside][..., None]
+                fill = teeth_rows(inner.lower_row, target_mouth, fill, (hx0, hy0), lips_rgb, upper=False)
+            fill = teeth_rows(inner, target_mouth, fill, (hx0, hy0), lips_rgb)
+        alpha = hole[hy0:hy1, hx0:hx1][..., None]
         moved[inside] = moved[inside] * (1 - alpha) + fill * alpha
-    return np.clip(moved + 0.5, 0, 255).astype(np.uint8)
+    out = crop.copy()
+    out[uy0:uy1, ux0:ux1] = np.clip(moved + 0.5, 0, 255).astype(np.uint8)
+    return out
