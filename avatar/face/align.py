@@ -71,28 +71,27 @@ def dilate_disc(mask: np.ndarray, grow: int) -> np.ndarray:
 
 def nonzero_box(mask: np.ndarray) -> typing.Optional[typing.Tuple[int, int, int, int]]:
     """`(x0, y0, x1, y1)` (ends exclusive) bounding the pixels of `mask (H, W)` above 0, or None when
-    there are none (`cv2.boundingRect`: a tenth of the time of `np.nonzero` on a crop)."""
+    there are none (`cv2.boundingRect`: 8 µs on a 256² crop, `np.nonzero` 134)."""
     x, y, w, h = cv2.boundingRect(np.ascontiguousarray(np.asarray(mask) > 0).view(np.uint8))
     return (x, y, x + w, y + h) if w else None
 
 
-def blur_in_box(draw: typing.Callable[[np.ndarray, np.ndarray], None], points: np.ndarray, size: int, reach: int,
-                sigma: float) -> np.ndarray:
-    """`(S, S) float32`: what `draw(canvas, offset)` puts on a blank `(h, w) uint8` canvas (the
-    part of the crop `offset` (x, y) on, bounding `points (N, 2)` crop px grown by `reach` px), over
-    255 and blurred by a Gaussian of `sigma` (0: none), placed in a crop of zeros: the values of
-    drawing and blurring on the whole crop (to the blur's float rounding, 3e-11 measured) at a
-    fraction of the cost, where `reach` covers all `draw` may add beyond the points (the blur's own
-    reach is added here)."""
-    margin = reach + (int(np.ceil(4 * sigma)) + 2 if sigma > 0 else 1)
+def feathered_polygon(points: np.ndarray, size: int, sigma: float, grow: int = 0) -> np.ndarray:
+    """`(S, S) float32` in [0, 1]: the polygon `points (N, 2)` (crop px) filled anti-aliased, grown by
+    OpenCV's elliptical element of side 2·grow + 1 (0: not) and blurred by a Gaussian of `sigma` px (0:
+    not), all in the polygon's box grown by what can reach out of it: the whole crop's values (to the
+    blur's float rounding, 3e-11 measured) at a fraction of the cost."""
     points = np.asarray(points, np.float64)
+    margin = grow + 1 + (int(np.ceil(4 * sigma)) + 2 if sigma > 0 else 1)
     x0, y0 = np.maximum(np.floor(points.min(axis=0)).astype(int) - margin, 0)
     x1, y1 = np.minimum(np.ceil(points.max(axis=0)).astype(int) + margin + 1, size)
     out = np.zeros((size, size), np.float32)
     if x1 <= x0 or y1 <= y0:
         return out
     canvas = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    draw(canvas, np.array([x0, y0]))
+    cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32) - 16 * np.array([x0, y0], np.int32)], 255, cv2.LINE_AA, shift=4)
+    if grow:
+        canvas = cv2.dilate(canvas, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
     mask = canvas.astype(np.float32) / 255.0
     out[y0:y1, x0:x1] = cv2.GaussianBlur(mask, (0, 0), sigma) if sigma > 0 else mask
     return out
@@ -334,10 +333,11 @@ class FaceAligner:
             mask = self.border_mask
         else:
             mask = np.asarray(mask, np.float32)
-            x, y, w, h = cv2.boundingRect((mask > 0).view(np.uint8))
-            if w == 0:
+            bounds = nonzero_box(mask)
+            if bounds is None:
                 return FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
-            box = np.array([[x - 1, y - 1], [x + w, y - 1], [x - 1, y + h], [x + w, y + h]], np.float64)
+            bx0, by0, bx1, by1 = bounds
+            box = np.array([[bx0 - 1, by0 - 1], [bx1, by0 - 1], [bx0 - 1, by1], [bx1, by1]], np.float64)
             corners = apply_transform(box, invert_transform(transform))
             reach = 2 + pad  # the mask's bilinear support, and the caller's pad
             x0 = max(x0, int(np.floor(corners[:, 0].min())) - reach)

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.face.align import blur_in_box, nonzero_box, rescale_points
+from avatar.face.align import feathered_polygon, nonzero_box, rescale_points
 from avatar.motion.pose import HEAD_POINTS, similarity_3d
 from avatar.render.warp import MIN_OPEN, N_LIPS, N_OUTER, InnerMouth, mouth_width, open_inner, render_warp
 
@@ -66,14 +66,7 @@ def lips_region(mouth: np.ndarray, size: int) -> np.ndarray:
     """Where a bank entry is drawn for the target `mouth (59, 2)` (crop px): `(S, S) float32` in [0, 1],
     its outer lips grown by LIPS_GROW and feathered by LIPS_FEATHER of its width."""
     width = max(mouth_width(mouth), 1.0)
-    lips = np.asarray(mouth, np.float64)[:N_OUTER]
-    grow = max(1, int(round(LIPS_GROW * width)))
-
-    def draw(canvas: np.ndarray, offset: np.ndarray) -> None:
-        cv2.fillPoly(canvas, [np.round(lips * 16).astype(np.int32) - 16 * offset.astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        canvas[:] = cv2.dilate(canvas, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
-
-    return blur_in_box(draw, lips, size, grow + 1, max(0.5, LIPS_FEATHER * width))
+    return feathered_polygon(np.asarray(mouth)[:N_OUTER], size, max(0.5, LIPS_FEATHER * width), max(1, int(round(LIPS_GROW * width))))
 
 
 def shape_neighbours(shapes: np.ndarray, first: int, count: int) -> np.ndarray:

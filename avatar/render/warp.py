@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.face.align import blur_in_box, dilate_disc, nonzero_box
+from avatar.face.align import dilate_disc, feathered_polygon, nonzero_box
 from avatar.face.landmarks import inner_gap_ratio, mouth_width
 
 N_OUTER, N_INNER = len(lm.LIPS_OUTER), len(lm.LIPS_INNER)
@@ -126,9 +126,10 @@ def lip_band(mouth: np.ndarray, shape: typing.Tuple[int, int], origin: typing.Tu
     return fill(np.asarray(mouth)[:N_OUTER]) & ~fill(np.asarray(mouth)[INNER])
 
 
-def lip_colour(image: np.ndarray, mouth: np.ndarray) -> np.ndarray:
-    """Mean RGB `(3,)` of the lips (`lip_band`; the whole image when they cover no pixel)."""
-    band = lip_band(mouth, image.shape[:2])
+def lip_colour(image: np.ndarray, mouth: np.ndarray, origin: typing.Tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Mean RGB `(3,)` of the lips (`lip_band`; the whole image when they cover no pixel), on an image
+    whose pixel (0, 0) is pixel `origin` (x, y) of the mouth's."""
+    band = lip_band(mouth, image.shape[:2], origin)
     return image[band].reshape(-1, 3).astype(np.float64).mean(axis=0) if band.any() else image.reshape(-1, 3).mean(axis=0)
 
 
@@ -260,10 +261,7 @@ def backward_map(target: np.ndarray, source: np.ndarray, size: int,
 
 def _polygon_mask(points: np.ndarray, size: int, feather: float) -> np.ndarray:
     """`(S, S) float32` in [0, 1]: the polygon `points (N, 2)` (crop px), anti-aliased, blurred by `feather` px."""
-    def draw(canvas: np.ndarray, offset: np.ndarray) -> None:
-        cv2.fillPoly(canvas, [np.round(points * 16).astype(np.int32) - 16 * offset.astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-
-    return blur_in_box(draw, points, size, 1, feather)
+    return feathered_polygon(points, size, feather)
 
 
 def upper_side(target_mouth: np.ndarray, size: int) -> np.ndarray:
@@ -465,13 +463,7 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
     if hole is not None:  # composed and blended only in the hole's box
         hx0, hy0, hx1, hy1 = nonzero_box(hole)
         inside = slice(hy0 - uy0, hy1 - uy0), slice(hx0 - ux0, hx1 - ux0)
-        band = lip_band(target_mouth, moved.shape[:2], (ux0, uy0))
-        if band.any():
-            lips_rgb = moved[band].reshape(-1, 3).astype(np.float64).mean(axis=0)
-        else:  # (`lip_colour`'s whole image)
-            whole = crop.astype(np.float32)
-            whole[uy0:uy1, ux0:ux1] = moved
-            lips_rgb = lip_colour(whole, target_mouth)
+        lips_rgb = lip_colour(moved, target_mouth, (ux0, uy0))  # (lips covering no pixel: box U's mean colour)
         fill = cavity(lips_rgb, target_mouth, slice(hy0, hy1), hx1 - hx0)
         if inner.usable:
             if inner.lower_row is not None and inner.lower_row.usable:
