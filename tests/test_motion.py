@@ -88,6 +88,13 @@ def test_the_closure_gate_pulls_the_mouth_to_rest_where_its_read_out_says_closed
         with torch.no_grad():
             mouth, alone = gated(features, rest), network(features, rest)
         torch.testing.assert_close(mouth, alone + share * (rest[:, None] - alone))
+    for level, share in ((0.25, 0.0), (0.375, 0.5), (0.5, 1.0), (0.9, 1.0)):  # fully at rest from `full` on
+        gated = ClosureGated.from_ridge(network, weights, np.zeros_like(weights), level, threshold=0.25, full=0.5).eval()
+        with torch.no_grad():
+            mouth, alone = gated(features, rest), network(features, rest)
+        torch.testing.assert_close(mouth, alone + share * (rest[:, None] - alone))
+    with pytest.raises(ValueError, match="above its threshold"):
+        ClosureGated(network, network.config.features, threshold=0.5, full=0.5)
     weights[2 * network.config.features] = 1.0  # the read-out: the centre frame's first feature
     gated = ClosureGated.from_ridge(network, weights, np.zeros_like(weights), 0.0, threshold=0.25).eval()
     changed = features.clone()
@@ -309,6 +316,38 @@ def test_closure_measure_finds_the_bilabials_and_the_real_lips_closing():
     assert closure_rate(np.zeros_like(gap_pct), spans, 25.0) == (2, 2)
 
 
+def test_closure_events_are_the_real_lips_short_closures_in_speech():
+    """Runs of closed real lips count when short, bounded by open lips and near the voice; a
+    prediction closes one when it closes on the run or a frame either side; false closures count
+    clearly open voiced frames that a prediction closes."""
+    from training.closures import CLOSED_PCT_IOD, closure_events, events_closed, false_closures
+
+    fps, n = 25.0, 100
+    real = np.full(n, 10.0)
+    voice = np.ones(n)
+    real[10:13] = 1.0  # a /p/: 3 frames, in speech
+    real[30:31] = 2.0  # a /m/ of one frame
+    real[50:70] = 0.5  # 0.8 s closed: a pause, not a consonant
+    real[80:82] = 1.0  # closed, but no voice anywhere near
+    voice[72:92] = 0.0
+    real[97:] = 1.0  # closed up to the end: not bounded by open lips
+    assert closure_events(real, voice, fps) == [(10, 12), (30, 30)]
+    keep = np.ones(n, bool)
+    keep[9] = False  # the frame before the /p/ untracked: the run is not known to be bounded
+    assert closure_events(real, voice, fps, keep) == [(30, 30)]
+    events = closure_events(real, voice, fps)
+    predicted = np.full(n, 10.0)
+    assert events_closed(predicted, events) == 0
+    predicted[13] = CLOSED_PCT_IOD - 0.1  # a frame late: still counted
+    assert events_closed(predicted, events) == 1
+    predicted[32] = 0.0  # two frames late: not
+    assert events_closed(predicted, events) == 1
+    closed, counted = false_closures(predicted, real, voice)
+    assert counted == int(((real >= 2 * CLOSED_PCT_IOD) & (voice >= 0.5)).sum())
+    assert closed == 2  # frames 13 and 32, where the real lips are open
+    assert false_closures(np.zeros(n), real, voice) == (counted, counted)
+
+
 def test_the_mouth_comes_to_rest_after_the_speech_and_moves_again_when_it_returns(predictor, rest):
     """Both models: within `hold_after_s` + hangover + `ease_s` of the last word the mouth is exactly at rest
     (SilenceHold), and speech after the silence opens it again; with the hold off it is not forced."""
@@ -346,7 +385,7 @@ def test_closure_gate_training_writes_a_gated_model(tiny_cache, tmp_path):
     assert closure_gate.main(["--cache", str(tiny_cache), "--network", str(ASSETS / "motion_offline.pt"), "--out", str(out),
                               "--torch-copy", str(copy)]) == 0
     gated = load_model(copy)
-    assert isinstance(gated, ClosureGated) and gated.threshold == closure_gate.THRESHOLD
+    assert isinstance(gated, ClosureGated) and (gated.threshold, gated.full) == (closure_gate.THRESHOLD, closure_gate.FULL)
     rng = np.random.default_rng(1)
     features = rng.normal(0, 1, (1, 80, gated.config.features)).astype(np.float32)
     rest = (64 + rng.normal(0, 8, (1, N_POINTS, 2))).astype(np.float32)
@@ -375,7 +414,7 @@ def test_closure_gate_training_gates_the_live_blend(tiny_cache, tmp_path):
                               "--torch-copy", str(copy)]) == 0
     gated = load_model(copy)
     assert isinstance(gated, ClosureGated) and isinstance(gated.network, MotionBlend)
-    assert gated.threshold == closure_gate.LIVE_THRESHOLD and gated.config.causal
+    assert (gated.threshold, gated.full) == (closure_gate.LIVE_THRESHOLD, closure_gate.LIVE_FULL) and gated.config.causal
     rng = np.random.default_rng(2)
     features = rng.normal(0, 1, (1, 80, gated.config.features)).astype(np.float32)
     rest = (64 + rng.normal(0, 8, (1, N_POINTS, 2))).astype(np.float32)

@@ -5,16 +5,17 @@ close, the predicted mouth is pulled to rest (`avatar.motion.model.ClosureGated`
         --torch-copy assets/motion_offline.pt
     python -m training.closure_gate --cache cache --network runs/motion_live/blend.pt --out assets/motion_live.onnx \
         --torch-copy assets/motion_live.pt                      # the live blend (training.linear_motion --blend)
-    python -m training.closure_gate --cache cache --fold-networks runs/live_fold{0,1,2,3}/last.pt   # the live threshold
+    python -m training.closure_gate --cache cache --fold-networks runs/live_fold{0,1,2,3}/last.pt   # the live gate's study
 
 The read-out: ridge regression, on the training people's kept frames, from 5 frames of features
 (offline: whole-utterance features, centred on the frame; live: live features, the frame and the 4
 before it, so the live model stays causal) to "the real inner-lip gap is under 3 % of the
 inter-ocular distance" (1, else 0; `training.closures.CLOSED_PCT_IOD`); λ by leave-people-out
-ranking (AUC) on the training people. The gates' thresholds were chosen on the training people too:
-4 networks each trained without a quarter of them (`training.train_motion --fold k/4`, the shipped
-recipe), each gated by a read-out fitted without the same quarter, scored on it (`assets/MODELS.md`;
-live: `--fold-networks`, with the blend's read-out also fitted without the quarter). The networks
+ranking (AUC) on the training people. Where the read-out passes the threshold the mouth starts
+towards rest, and it is there at `full`. Both were chosen on the training people too (`--fold-networks`,
+`gate_study`): 4 networks each trained without a quarter of them (`training.train_motion --fold k/4`,
+the shipped recipe), each gated by a read-out fitted without the same quarter, scored on it (live:
+with the blend's read-out also fitted without the quarter; `assets/MODELS.md`). The networks
 are unchanged (their weights from the torch copy); the torch copy then holds the gate too (the live
 model's teacher is the offline network alone).
 """
@@ -37,8 +38,8 @@ from training.motion_data import MotionClip, clip_features, load_motion_clips
 from training.readout import LAGS, person_folds, stacked
 
 LAMBDAS = (1e3, 1e4, 3e4, 1e5)
-THRESHOLD = 0.25
-LIVE_THRESHOLD = 0.15  # the best opening r of `--fold-networks` (assets/MODELS.md)
+THRESHOLD, FULL = 0.25, 0.6  # offline: the mouth starts towards rest at 0.25 and is there from 0.6 (assets/MODELS.md)
+LIVE_THRESHOLD, LIVE_FULL = 0.15, 0.6  # live; both chosen by `--fold-networks` (the best opening r)
 
 
 def design(clips: typing.Sequence[MotionClip], live: bool = False) -> typing.Tuple[np.ndarray, np.ndarray]:
@@ -77,17 +78,23 @@ def choose_lambda(clips: typing.Sequence[MotionClip], folds: int = 4, live: bool
     return max(means, key=means.get), means
 
 
-STUDY_THRESHOLDS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.0)
+STUDY_GATES = ((0.5, 1.0), (0.4, 1.0), (0.3, 1.0), (0.25, 1.0), (0.2, 1.0), (0.15, 1.0), (0.1, 1.0), (0.0, 1.0),
+               (0.25, 0.75), (0.25, 0.6), (0.25, 0.5), (0.15, 0.75), (0.15, 0.6), (0.15, 0.5), (0.15, 0.4),
+               (0.3, 0.6), (0.3, 0.5), (0.35, 0.5), (0.35, 0.6), (0.4, 0.6))
+STUDY_KEYS = ("opening_r_model", "lips_model", "events_model", "false_closures_model")
 
 
-def live_threshold_study(clips: typing.Sequence[MotionClip], networks: typing.Sequence[pathlib.Path],
-                         noise: typing.Sequence[np.ndarray],
-                         thresholds: typing.Sequence[float] = STUDY_THRESHOLDS) -> typing.Dict[typing.Optional[float], typing.Tuple[float, float]]:
-    """The live gate's threshold, chosen on the training people alone: `networks[k]` is a live network
-    trained without the k-th of len(networks) person folds (`training.train_motion --fold k/K`); its
-    fold's people are scored with the model as shipped (the network, the read-out fitted without them
-    weighed in by voice, `avatar.motion.runner.READOUT_WEIGHT`) and a causal closure gate fitted without
-    them, at each threshold (None: no gate). Returns threshold → (opening r, lips L1 %IOD), frame-weighted."""
+def gate_study(clips: typing.Sequence[MotionClip], networks: typing.Sequence[pathlib.Path],
+               noise: typing.Sequence[np.ndarray], gates: typing.Sequence[typing.Tuple[float, float]] = STUDY_GATES,
+               ) -> typing.Dict[typing.Optional[typing.Tuple[float, float]], typing.Dict[str, float]]:
+    """The gate's threshold and full pull, chosen on the training people alone: `networks[k]` is a
+    network trained without the k-th of len(networks) person folds (`training.train_motion --fold
+    k/K`); its fold's people are scored with the model as shipped (offline: the network; live: the
+    network and the read-out fitted without them, weighed in by voice,
+    `avatar.motion.runner.READOUT_WEIGHT`) and a closure gate fitted without them (centred offline,
+    causal live), for each (threshold, full) (None: no gate). Returns each gate's frame-weighted
+    opening r, lips L1 (%IOD), share of the real closures in speech closed, share of clearly open
+    voiced frames closed (`training.motion_eval`)."""
     import torch
 
     from avatar.motion.runner import READOUT_WEIGHT
@@ -96,38 +103,47 @@ def live_threshold_study(clips: typing.Sequence[MotionClip], networks: typing.Se
     from training.motion_data import width_of
     from training.motion_eval import evaluate_motion
 
-    rows: typing.Dict[typing.Optional[float], typing.List[typing.Tuple[float, float, int]]] = {}
+    rows: typing.Dict[typing.Optional[typing.Tuple[float, float]], typing.List[typing.Tuple[typing.Dict[str, float], int, int]]] = {}
     for (fitted, held), path in zip(person_folds(clips, len(networks)), networks):
         network = load_model(path)
         while not isinstance(network, MotionModel):  # a shipped copy: its network alone (gate and read-out are refitted)
             network = network.network
-        lam, _ = linear_motion.choose_lambda(fitted, noise)
-        readout = linear_motion.fit(*linear_motion.design(fitted, noise), lam)
-        gate_lam, _ = choose_lambda(fitted, live=True)
-        weights, x_mean, y_mean = fit(*design(fitted, live=True), gate_lam)
+        live = network.config.causal
+        if live:
+            lam, _ = linear_motion.choose_lambda(fitted, noise)
+            readout = linear_motion.fit(*linear_motion.design(fitted, noise), lam)
+        gate_lam, _ = choose_lambda(fitted, live=live)
+        weights, x_mean, y_mean = fit(*design(fitted, live=live), gate_lam)
 
-        def blend(features: np.ndarray, rest: np.ndarray, voice: np.ndarray) -> np.ndarray:
+        def shipped(features: np.ndarray, rest: np.ndarray, voice: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 own = network(torch.from_numpy(features)[None], torch.from_numpy(rest)[None])[0].numpy()
+            if not live:
+                return own
             offsets = (stacked(features, live=True) - readout[1]) @ readout[0] + readout[2]
             linear = rest[None] + offsets.reshape(len(features), -1, 2) * width_of(rest)
             return own + READOUT_WEIGHT * voice[:, None, None] * (linear - own)
 
-        for threshold in (None, *thresholds):
-            def predict(features, rest, voice, threshold=threshold):
-                out = blend(features, rest, np.asarray(voice, np.float64))
-                if threshold is None:
+        for gate in (None, *gates):
+            def predict(features, rest, voice, gate=gate):
+                out = shipped(features, rest, np.asarray(voice, np.float64))
+                if gate is None:
                     return out
-                closed = (stacked(features, live=True) - x_mean) @ weights + y_mean
-                gate = np.clip((closed - threshold) / (1.0 - threshold), 0.0, 1.0)
-                return out + gate[:, None, None] * (rest[None] - out)
+                closed = (stacked(features, live=live) - x_mean) @ weights + y_mean
+                pull = np.clip((closed - gate[0]) / (gate[1] - gate[0]), 0.0, 1.0)
+                return out + pull[:, None, None] * (rest[None] - out)
 
             summary = evaluate_motion(predict, held, network.config, shifts=(0,))["summary"]
-            rows.setdefault(threshold, []).append((summary["opening_r_model"], summary["lips_model"], summary["frames"]))
-        print(f"fold {path}: " + ", ".join(f"{'none' if t is None else t}: r {v[-1][0]:.3f} lips {v[-1][1]:.3f}" for t, v in rows.items()),
-              flush=True)
-    return {t: (float(np.average([r for r, _, _ in v], weights=[n for _, _, n in v])),
-                float(np.average([l for _, l, _ in v], weights=[n for _, _, n in v]))) for t, v in rows.items()}
+            rows.setdefault(gate, []).append(({k: summary[k] for k in STUDY_KEYS}, summary["frames"], summary["events_count"]))
+        print(f"fold {path}: " + ", ".join(f"{gate_name(g)}: r {v[-1][0]['opening_r_model']:.3f} lips {v[-1][0]['lips_model']:.3f} "
+                                           f"closed {v[-1][0]['events_model']:.2f}" for g, v in rows.items()), flush=True)
+    # r and lips weighted by frames, the closure shares by the runs and frames they count
+    return {g: {k: float(np.average([m[k] for m, _, _ in v], weights=[e if k == "events_model" else n for _, n, e in v]))
+                for k in STUDY_KEYS} for g, v in rows.items()}
+
+
+def gate_name(gate: typing.Optional[typing.Tuple[float, float]]) -> str:
+    return "none" if gate is None else f"{gate[0]:g}-{gate[1]:g}"
 
 
 def main(argv=None) -> int:
@@ -140,8 +156,11 @@ def main(argv=None) -> int:
                         f"(default: offline {THRESHOLD}, live {LIVE_THRESHOLD})")
     parser.add_argument("--torch-copy", type=pathlib.Path, help="also save the gated model's torch copy here (the network's fp16 "
                         "state dict and config, a blend's read-out, the gate's weights; training.export_motion.load_model reads it)")
-    parser.add_argument("--fold-networks", type=pathlib.Path, nargs="+", help="instead: choose the live gate's threshold "
-                        "with K live networks, the k-th trained without the k-th of K person folds (train_motion --fold k/K)")
+    parser.add_argument("--full", type=float, help="read-out value at which the mouth is fully at rest "
+                        f"(default: offline {FULL}, live {LIVE_FULL})")
+    parser.add_argument("--fold-networks", type=pathlib.Path, nargs="+", help="instead: study the gate's threshold and "
+                        "full pull with K networks (offline or live), the k-th trained without the k-th of K person folds "
+                        "(train_motion --fold k/K)")
     args = parser.parse_args(argv)
     import torch
 
@@ -156,12 +175,15 @@ def main(argv=None) -> int:
         from training.motion_data import load_noise_features
 
         try:
-            results = live_threshold_study(clips, args.fold_networks, load_noise_features(args.cache, "live"))
+            results = gate_study(clips, args.fold_networks, load_noise_features(args.cache, "live"))
         except ValueError as exc:  # too few people for the folds, or for choosing λ within one
             print(f"error: {exc}; the study needs at least 5 training people in every fold's fitted part", file=sys.stderr)
             return 2
-        print("live gate on the training people's folds (opening r, lips L1 %IOD): "
-              + ", ".join(f"{'none' if t is None else t}: {r:.4f} {lips:.3f}" for t, (r, lips) in results.items()))
+        print("gate (threshold-full) on the training people's folds: opening r, lips L1 %IOD, real closures in speech "
+              "closed, clearly open voiced frames closed")
+        for gate, m in results.items():
+            print(f"{gate_name(gate):>10s} {m['opening_r_model']:.4f} {m['lips_model']:.3f} {100 * m['events_model']:5.1f}% "
+                  f"{100 * m['false_closures_model']:5.2f}%")
         return 0
     if args.network is None or args.out is None:
         print("error: give --network and --out (or --fold-networks)", file=sys.stderr)
@@ -174,11 +196,12 @@ def main(argv=None) -> int:
         print(f"error: {args.network} is neither an offline network (MotionModel) nor a live blend (MotionBlend)", file=sys.stderr)
         return 2
     threshold = args.threshold if args.threshold is not None else (LIVE_THRESHOLD if live else THRESHOLD)
+    full = args.full if args.full is not None else (LIVE_FULL if live else FULL)
     lam, means = choose_lambda(clips, live=live)
     print("leave-people-out AUC of the closure read-out on the training people: "
           + ", ".join(f"λ {k:g}: {v:.3f}" for k, v in means.items()))
     weights, x_mean, y_mean = fit(*design(clips, live), lam)
-    model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, threshold, LAGS).eval()
+    model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, threshold, LAGS, full).eval()
     worst = export_checked(model, args.out, 1e-3)
     if worst is None:
         return 1
@@ -187,14 +210,14 @@ def main(argv=None) -> int:
         copy = {"model": {k: v.half() if v.is_floating_point() else v for k, v in base.state_dict().items()},
                 "model_config": dataclasses.asdict(base.config),
                 "closure": {f"conv.{k}": v for k, v in model.conv.state_dict().items()},
-                "closure_threshold": threshold, "closure_lambda": lam}
+                "closure_threshold": threshold, "closure_full": full, "closure_lambda": lam}
         if live:  # the read-out as linear_motion saved it (fp32), and its λ
             copy["linear"] = network.linear.state_dict()
             state = torch.load(args.network, map_location="cpu", weights_only=False)
             if "lambda" in state:
                 copy["lambda"] = state["lambda"]
         torch.save(copy, args.torch_copy)
-    print(f"{'live' if live else 'offline'}: λ {lam:g} (cross-validated), threshold {threshold:g}; wrote {args.out} "
+    print(f"{'live' if live else 'offline'}: λ {lam:g} (cross-validated), threshold {threshold:g}, full {full:g}; wrote {args.out} "
           f"(ONNX parity {worst:.1e})")
     return 0
 

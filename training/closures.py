@@ -7,6 +7,13 @@ gives each phone's start and length at 100 frames/s. A bilabial counts as closed
 gap, in % of the inter-ocular distance, is below `CLOSED_PCT_IOD` on at least one video frame from
 its start to its end (one frame of slack each side: the lips close before the release that the
 aligner hears). The same rule is applied to the real video, which sets what "closed" means there.
+
+Seven held-out bilabials are too few to choose anything by, and most clips have no transcript, so
+`closure_events` also counts the real video's own closures in speech, on every clip: each short run
+of frames whose real inner-lip gap is under the threshold, with open lips on both sides and the voice
+on around it (in running speech nearly all of these are /p b m/). `events_closed` is the share of
+them that a prediction closes too; `false_closures` the share of clearly open real frames (twice the
+threshold) that it closes, so that a mouth which shuts all the time cannot score.
 """
 
 from __future__ import annotations
@@ -55,6 +62,52 @@ def closure_rate(gap_pct_iod: np.ndarray, spans: typing.Sequence[typing.Tuple[st
         counted += 1
         closed += int(gap_pct_iod[frames].min() < CLOSED_PCT_IOD)
     return closed, counted
+
+
+EVENT_MAX_S = 0.4  # a longer run of closed real lips is a pause, not a consonant
+EVENT_VOICE = 0.5  # voice activity that must be reached within EVENT_VOICE_S of the run
+EVENT_VOICE_S = 0.12
+
+
+def closure_events(gap_pct_iod: np.ndarray, voice: np.ndarray, fps: float,
+                   keep: typing.Optional[np.ndarray] = None) -> typing.List[typing.Tuple[int, int]]:
+    """The real video's closures in speech: `[(first, last)]` frames of each run of kept frames whose
+    inner-lip gap (`(T,)`, % IOD) is under `CLOSED_PCT_IOD`, at most `EVENT_MAX_S` long, with open kept
+    frames right before and after it, and voice activity (`voice: (T,)` in [0, 1]) of at least
+    `EVENT_VOICE` within `EVENT_VOICE_S` of it."""
+    keep = np.ones(gap_pct_iod.shape, bool) if keep is None else keep
+    closed = keep & (gap_pct_iod < CLOSED_PCT_IOD)
+    opened = keep & (gap_pct_iod >= CLOSED_PCT_IOD)
+    reach, longest = int(round(EVENT_VOICE_S * fps)), int(round(EVENT_MAX_S * fps))
+    events, t, n = [], 0, gap_pct_iod.size
+    while t < n:
+        if not closed[t]:
+            t += 1
+            continue
+        first = t
+        while t < n and closed[t]:
+            t += 1
+        last = t - 1
+        bounded = first > 0 and opened[first - 1] and t < n and opened[t]
+        voiced = voice[max(0, first - reach):min(n, last + reach + 1)].max(initial=0.0) >= EVENT_VOICE
+        if bounded and voiced and last - first + 1 <= longest:
+            events.append((first, last))
+    return events
+
+
+def events_closed(gap_pct_iod: np.ndarray, events: typing.Sequence[typing.Tuple[int, int]]) -> int:
+    """How many `closure_events` a predicted gap `(T,)` (% IOD) also closes: under `CLOSED_PCT_IOD` on
+    some frame of the run or one frame either side."""
+    return sum(int(gap_pct_iod[max(0, first - 1):last + 2].min() < CLOSED_PCT_IOD) for first, last in events)
+
+
+def false_closures(gap_pct_iod: np.ndarray, real_gap_pct_iod: np.ndarray, voice: np.ndarray,
+                   keep: typing.Optional[np.ndarray] = None) -> typing.Tuple[int, int]:
+    """(closed by the prediction, counted): voiced kept frames (`voice` ≥ `EVENT_VOICE`) whose real lips
+    are clearly open (gap ≥ 2 × `CLOSED_PCT_IOD`), and how many of them the prediction closes."""
+    keep = np.ones(gap_pct_iod.shape, bool) if keep is None else keep
+    opened = keep & (voice >= EVENT_VOICE) & (real_gap_pct_iod >= 2 * CLOSED_PCT_IOD)
+    return int((gap_pct_iod[opened] < CLOSED_PCT_IOD).sum()), int(opened.sum())
 
 
 def grid_code(file: str) -> typing.Optional[str]:

@@ -39,7 +39,7 @@ def load_model(checkpoint: pathlib.Path) -> torch.nn.Module:
         model = MotionBlend(model, linear)
     if "closure" in state:  # the model with its closure gate (training.closure_gate)
         weight = state["closure"]["conv.weight"]
-        gated = ClosureGated(model, weight.shape[1], weight.shape[2], state["closure_threshold"])
+        gated = ClosureGated(model, weight.shape[1], weight.shape[2], state["closure_threshold"], state.get("closure_full", 1.0))
         gated.conv.load_state_dict({k.removeprefix("conv."): v.float() for k, v in state["closure"].items()})
         return gated.eval()
     return model.eval()

@@ -11,7 +11,9 @@ dubbing, where the pose comes from the video), so the comparison is about speech
   fitted on the training people (`opening_oracle`): what a model that knew the opening exactly, and
   nothing else about the lips, would score (the distance the opening alone cannot explain).
 Metrics on kept frames: lip landmark distance (mean L1 per coordinate, % of inter-ocular distance),
-jaw distance, and the correlation of the inner-lip gap with the real video's.
+jaw distance, and the correlation of the inner-lip gap with the real video's; the share of the real
+video's closures in speech that the prediction closes too, and of its clearly open voiced frames that
+the prediction closes (`training.closures.closure_events`, `false_closures`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from avatar.face import landmarks as lm
 from avatar.metrics import mouth_landmark_distance, pearson
 from avatar.motion.model import POINTS
 from avatar.motion.runner import SilenceHold
-from training.closures import CLOSED_PCT_IOD, closure_rate
+from training.closures import CLOSED_PCT_IOD, closure_events, closure_rate, events_closed, false_closures
 from training.motion_data import MotionClip, clip_features
 
 LIPS = np.arange(len(lm.LIPS_OUTER) + len(lm.LIPS_INNER))  # first 40 of POINTS
@@ -89,6 +91,12 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         for s in shifts:
             pred = own if s == 0 else run(shifted(features[i], s), shifted(clip.vad, s))
             row[f"lips_shift_{s:+d}"] = mouth_landmark_distance(pred[:, LIPS], real[:, LIPS], clip.iod, keep)
+        real_gap = lm.inner_gap(real) / clip.iod * 100
+        events = closure_events(real_gap, clip.vad, clip.fps, keep)
+        for name, points in (("model", own), ("mismatched", mismatched)):
+            gap = lm.inner_gap(points) / clip.iod * 100
+            row[f"events_{name}"] = (events_closed(gap, events), len(events))
+            row[f"false_closures_{name}"] = false_closures(gap, real_gap, clip.vad, keep)
         if clip.clip_id in bilabials:
             for name, points in (("model", own), ("real", real), ("mismatched", mismatched)):
                 gap = lm.inner_gap(points) / clip.iod * 100
@@ -107,6 +115,11 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         if counts and sum(c[1] for c in counts):
             summary[f"closure_rate_{name}"] = sum(c[0] for c in counts) / sum(c[1] for c in counts)
             summary["closure_count"] = sum(c[1] for c in counts)
+    for name in ("model", "mismatched"):
+        for key in ("events", "false_closures"):
+            hits, counted = (sum(row[f"{key}_{name}"][k] for row in per_clip) for k in (0, 1))
+            summary[f"{key}_{name}"] = hits / max(counted, 1)
+            summary[f"{key}_count"] = counted
     return {"summary": summary, "clips": per_clip}
 
 
@@ -124,6 +137,11 @@ def format_summary(summary: typing.Dict[str, typing.Any]) -> str:
             f"{s:+d}: {summary[f'lips_shift_{s:+d}']:.3f}" for s in SHIFTS if f"lips_shift_{s:+d}" in summary),
         f"lowest error at shift {summary['best_shift']:+d}",
     ]
+    if "events_model" in summary:
+        lines.append(f"real closures in speech closed too ({summary['events_count']} runs under {CLOSED_PCT_IOD:g}% IOD): "
+                     f"model {100 * summary['events_model']:.0f}%, mismatched {100 * summary['events_mismatched']:.0f}%; "
+                     f"clearly open voiced frames closed ({summary['false_closures_count']}): "
+                     f"model {100 * summary['false_closures_model']:.1f}%, mismatched {100 * summary['false_closures_mismatched']:.1f}%")
     if "closure_rate_model" in summary:
         lines.append(f"/p b m/ closed (inner-lip gap < {CLOSED_PCT_IOD:g}% IOD at the aligned phone, {summary['closure_count']} phones): "
                      f"model {100 * summary['closure_rate_model']:.0f}%, real video {100 * summary['closure_rate_real']:.0f}%, "

@@ -141,26 +141,31 @@ class ClosureGated(nn.Module):
     read-out of the speech features says the real lips close (`training.closure_gate`: a ridge fit of
     "inner-lip gap < 3 % of the inter-ocular distance" on `lags` frames, centred on each one for an
     offline network, the frame and those before it for a live one): with p the read-out, the landmarks
-    move `clamp((p - threshold) / (1 - threshold), 0, 1)` of the way to rest. Same contract as the
+    move `clamp((p - threshold) / (full - threshold), 0, 1)` of the way to rest (a ridge fit of a 0/1
+    label seldom reads 1 even where the lips close, so `full` < 1 lets the lips meet). Same contract as the
     model it gates: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) → `(B, T, N_POINTS, 2)`, or a
     `MotionBlend`'s pair, each gated (so the runner's blend of the two is gated too); `config`: the
     network's."""
 
-    def __init__(self, network: nn.Module, features: int, lags: int = 5, threshold: float = 0.25):
+    def __init__(self, network: nn.Module, features: int, lags: int = 5, threshold: float = 0.25, full: float = 1.0):
         super().__init__()
-        self.network, self.config, self.lags, self.threshold = network, network.config, lags, float(threshold)
+        if not full > threshold:
+            raise ValueError(f"the gate's full pull ({full}) must come above its threshold ({threshold})")
+        self.network, self.config, self.lags = network, network.config, lags
+        self.threshold, self.full = float(threshold), float(full)
         self.pad = (lags - 1, 0) if network.config.causal else ((lags - 1) // 2, lags - 1 - (lags - 1) // 2)
         if network.config.causal and network.config.receptive_frames < lags:
             raise ValueError(f"the network sees {network.config.receptive_frames} frames, the gate {lags}")
         self.conv = nn.Conv1d(features, 1, lags)
 
     @classmethod
-    def from_ridge(cls, network: nn.Module, weights, x_mean, y_mean, threshold: float, lags: int = 5) -> "ClosureGated":
+    def from_ridge(cls, network: nn.Module, weights, x_mean, y_mean, threshold: float, lags: int = 5,
+                   full: float = 1.0) -> "ClosureGated":
         """From a ridge fit on `lags` stacked frames, oldest first: `weights (lags·D,)`, their mean
         `(lags·D,)`, the target's mean."""
         weights = torch.as_tensor(weights, dtype=torch.float64)
         x_mean = torch.as_tensor(x_mean, dtype=torch.float64)
-        model = cls(network, weights.shape[0] // lags, lags, threshold)
+        model = cls(network, weights.shape[0] // lags, lags, threshold, full)
         with torch.no_grad():
             model.conv.weight.copy_(weights.reshape(lags, -1, 1).permute(2, 1, 0).float())
             model.conv.bias.copy_(torch.tensor([float(y_mean) - float(x_mean @ weights)]).float())
@@ -172,7 +177,7 @@ class ClosureGated(nn.Module):
 
     def forward(self, features: torch.Tensor, rest: torch.Tensor):
         out = self.network(features, rest)
-        gate = ((self.closure(features) - self.threshold) / (1.0 - self.threshold)).clamp(0.0, 1.0)[..., None, None]
+        gate = ((self.closure(features) - self.threshold) / (self.full - self.threshold)).clamp(0.0, 1.0)[..., None, None]
         if isinstance(out, tuple):
             return tuple(landmarks + gate * (rest[:, None] - landmarks) for landmarks in out)
         return out + gate * (rest[:, None] - out)
