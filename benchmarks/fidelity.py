@@ -12,7 +12,9 @@ the real clip. Printed per clip and on average:
 - source leak: the re-tracked opening's partial correlation with the picture's own, the real one
   held fixed (`benchmarks.sync.source_leak`; perfect: 0);
 - closed: the mean re-tracked opening over the frames whose real lips are closed (< 0.02 of the
-  inter-ocular distance), next to the real one.
+  inter-ocular distance), next to the real one;
+- no entry: the share of frames with a face for which the person's bank had no mouth near the
+  frame's head pose (`MouthBank.candidates`), drawn by the warp alone.
 Tune renderers on the training people (the default); judge them on the validation people with
 `benchmarks.sync`, where the motion model's mouths are drawn.
 """
@@ -50,16 +52,19 @@ def real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, rest: np.ndarray, 
         footage.close()
 
 
-def draw_real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, backwards: pathlib.Path, out: pathlib.Path) -> None:
-    """`backwards` drawn with `real`'s mouths (the first N frames of each, N the shorter), written to `out`."""
+def draw_real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, backwards: pathlib.Path, out: pathlib.Path) -> float:
+    """`backwards` drawn with `real`'s mouths (the first N frames of each, N the shorter), written to
+    `out`; returns the share of its frames with a face that got no bank entry."""
     footage = track_video(pipeline, backwards, progress=False, with_audio=False)
     try:
         identity = build_avatar(pipeline, [footage], progress=False, adapt=False, idle=False, strict=False).identity
         mouths = real_mouths(pipeline, real, identity.rest, identity.rest_anchor)
         n = min(len(mouths), len(footage.valid))
-        jobs = pipeline.footage_jobs(identity, footage.store.__getitem__, footage.valid, footage.transforms, footage.crop_landmarks,
-                                     footage.frame_landmarks, np.arange(n), mouths[:n], footage.fps, [])
+        jobs = list(pipeline.footage_jobs(identity, footage.store.__getitem__, footage.valid, footage.transforms,
+                                          footage.crop_landmarks, footage.frame_landmarks, np.arange(n), mouths[:n], footage.fps, []))
         media.write_video(out, list(pipeline.render_jobs(identity, jobs, footage.fps)), footage.fps, crf=12)
+        faces = [job for job in jobs if job.mouth is not None]
+        return float(np.mean([job.bank_index is None or job.bank_index < 0 for job in faces])) if faces else float("nan")
     finally:
         footage.close()
 
@@ -86,7 +91,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(drift=False, renderer=args.renderer))
     rows = []
-    print(f"{'person':<20}{'opening r':>10}{'asked':>8}{'own':>8}{'leak':>8}{'closed: real / drawn':>24}")
+    print(f"{'person':<20}{'opening r':>10}{'asked':>8}{'own':>8}{'leak':>8}{'closed: real / drawn':>24}{'no entry':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         for k, (person, path) in enumerate(talking_clips(args.clips, args.seconds, validation=args.people == "validation")):
@@ -94,14 +99,14 @@ def main(argv=None) -> None:
             real, backwards, drawn = folder / f"real{k}.mp4", folder / f"backwards{k}.mp4", folder / f"drawn{k}.mp4"
             media.write_video(real, clip.frames, clip.fps, crf=12)
             media.write_video(backwards, clip.frames[::-1], clip.fps, crf=12)
-            draw_real_mouths(pipeline, real, backwards, drawn)
-            row = measure(opening(drawn), opening(backwards), opening(real))
+            no_entry = draw_real_mouths(pipeline, real, backwards, drawn)
+            row = {**measure(opening(drawn), opening(backwards), opening(real)), "no_entry": no_entry}
             rows.append(row)
             print(f"{person:<20}{row['r']:>10.3f}{row['asked']:>8.2f}{row['own']:>8.2f}{row['leak']:>8.3f}"
-                  f"{row['closed_real']:>14.3f} / {row['closed_drawn']:.3f}", flush=True)
+                  f"{row['closed_real']:>14.3f} / {row['closed_drawn']:.3f}{100 * row['no_entry']:>9.0f}%", flush=True)
     mean = {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
     print(f"{'mean':<20}{mean['r']:>10.3f}{mean['asked']:>8.2f}{mean['own']:>8.2f}{mean['leak']:>8.3f}"
-          f"{mean['closed_real']:>14.3f} / {mean['closed_drawn']:.3f}")
+          f"{mean['closed_real']:>14.3f} / {mean['closed_drawn']:.3f}{100 * mean['no_entry']:>9.0f}%")
     print(f"{len(rows)} {args.people} people, {args.seconds:g} s each, the {args.renderer} renderer drawing each clip's real mouths "
           f"on it played backwards, re-tracked (perfect: r 1, asked 1, own 0, leak 0, closed as real)")
 

@@ -103,7 +103,7 @@ def gate_study(clips: typing.Sequence[MotionClip], networks: typing.Sequence[pat
     from training.motion_data import width_of
     from training.motion_eval import evaluate_motion
 
-    rows: typing.Dict[typing.Optional[typing.Tuple[float, float]], typing.List[typing.Tuple[typing.Dict[str, float], int, int]]] = {}
+    rows: typing.Dict[typing.Optional[typing.Tuple[float, float]], typing.List[typing.Tuple[typing.Dict[str, float], typing.Dict[str, int]]]] = {}
     for (fitted, held), path in zip(person_folds(clips, len(networks)), networks):
         network = load_model(path)
         while not isinstance(network, MotionModel):  # a shipped copy: its network alone (gate and read-out are refitted)
@@ -134,12 +134,12 @@ def gate_study(clips: typing.Sequence[MotionClip], networks: typing.Sequence[pat
                 return out + pull[:, None, None] * (rest[None] - out)
 
             summary = evaluate_motion(predict, held, network.config, shifts=(0,))["summary"]
-            rows.setdefault(gate, []).append(({k: summary[k] for k in STUDY_KEYS}, summary["frames"], summary["events_count"]))
+            counts = {"events_model": summary["events_count"], "false_closures_model": summary["false_closures_count"]}
+            rows.setdefault(gate, []).append(({k: summary[k] for k in STUDY_KEYS}, {k: counts.get(k, summary["frames"]) for k in STUDY_KEYS}))
         print(f"fold {path}: " + ", ".join(f"{gate_name(g)}: r {v[-1][0]['opening_r_model']:.3f} lips {v[-1][0]['lips_model']:.3f} "
                                            f"closed {v[-1][0]['events_model']:.2f}" for g, v in rows.items()), flush=True)
     # r and lips weighted by frames, the closure shares by the runs and frames they count
-    return {g: {k: float(np.average([m[k] for m, _, _ in v], weights=[e if k == "events_model" else n for _, n, e in v]))
-                for k in STUDY_KEYS} for g, v in rows.items()}
+    return {g: {k: float(np.average([m[k] for m, _ in v], weights=[n[k] for _, n in v])) for k in STUDY_KEYS} for g, v in rows.items()}
 
 
 def gate_name(gate: typing.Optional[typing.Tuple[float, float]]) -> str:
