@@ -66,7 +66,8 @@ def test_shipped_encoder_is_the_pinned_wheels_whisper_exported_by_our_code(tmp_p
 def test_live_stream_equals_live_features_of_the_whole_file(encoder, speech):
     samples = speech[:16000 * 4 + 123]
     whole = encoder.features(samples, live=True)
-    assert whole.shape == (-(-(-(-samples.size // 160)) // 2), encoder.width)
+    assert whole.shape == (-(-(-(-samples.size // 160)) // 2), encoder.live_width)
+    assert encoder.live_width == (1 + encoder.config.live_ahead) * encoder.width
     for seed in range(2):
         indices, rows = feed_in_chunks(encoder.stream(), samples, np.random.default_rng(seed))
         np.testing.assert_array_equal(indices, np.arange(len(whole)))
@@ -80,13 +81,31 @@ def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(enc
     mel = encoder.mel(speech[:16000 * 3])
     windows = np.stack([encoder._padded(mel, start, start + 2 * c.live_window) for start in (-60, 0, 37, 120, 200)])
     rows = encoder.live_window_rows()
-    assert list(rows) == [c.live_window - c.live_right - 1, c.live_window - c.live_right]  # 2 frames, 4 before the end
+    # the 2 frames a window gives, 4 before its end, and the 4 after the first (the window's last rows)
+    assert list(rows) == list(range(c.live_window - c.live_right - 1, c.live_window))
     full = encoder.encode(windows)[:, rows]
     live = encoder.encode_windows(windows)
-    assert live.shape == (5, c.live_hop, encoder.width)
+    assert live.shape == (5, len(rows), encoder.width)
     np.testing.assert_allclose(live, full, atol=1e-5)
     np.testing.assert_allclose(encoder.encode_windows(windows[2:3]), full[2:3], atol=1e-5)
-    assert encoder.encode_windows(windows[:0]).shape == (0, c.live_hop, encoder.width)
+    assert encoder.encode_windows(windows[:0]).shape == (0, len(rows), encoder.width)
+
+
+def test_a_live_frame_holds_its_own_row_and_the_rows_after_it_in_its_window(encoder, speech):
+    """`SpeechConfig.live_ahead`: frame k's features are rows k, k+1, ..., k+4 of the window it comes
+    from (the window's last row repeated for the second frame, which has 3 after it): no frame needs
+    audio past that window, so the look-ahead stays 102.5 ms."""
+    c = encoder.config
+    samples = speech[:16000 * 2]
+    whole = encoder.features(samples, live=True)
+    mel = encoder.mel(samples)
+    for k in (30, 31):
+        end = encoder.window_end(k)
+        window = encoder.encode(encoder._padded(mel, 2 * (end - c.live_window), 2 * end)[None])[0]  # the full graph
+        j = k - (end - c.live_window)
+        expected = np.concatenate([window[min(j + a, c.live_window - 1)] for a in range(1 + c.live_ahead)])
+        np.testing.assert_allclose(whole[k], expected, atol=1e-4)
+    assert encoder.lookahead_ms == pytest.approx(102.5)
 
 
 def test_a_speech_graph_of_another_shape_is_refused_in_one_line():
@@ -122,7 +141,7 @@ def test_stated_lookahead_is_exactly_what_the_stream_needs(encoder, speech):
 
 def test_offline_features_use_the_whole_utterance_and_chunk_long_audio(encoder, speech):
     samples = speech
-    offline, live = encoder.features(samples), encoder.features(samples, live=True)
+    offline, live = encoder.features(samples), encoder.features(samples, live=True)[:, :encoder.width]  # each frame's own row
     assert offline.shape == live.shape and np.abs(offline - live).mean() > 0.1  # future context changes them
     chunked = SpeechEncoder(config=SpeechConfig(offline_chunk=150, offline_context=40)).features(samples)
     assert chunked.shape == offline.shape

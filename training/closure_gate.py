@@ -33,6 +33,7 @@ import numpy as np
 from avatar.face import landmarks as lm
 from avatar.motion.model import ClosureGated, MotionBlend, MotionModel
 from training.closures import CLOSED_PCT_IOD
+from training.common import FP16_MIN_ELEMENTS, store_weights_fp16
 from training.linear_motion import fit
 from training.motion_data import MotionClip, clip_features, load_motion_clips
 from training.readout import LAGS, person_folds, stacked
@@ -202,17 +203,22 @@ def main(argv=None) -> int:
           + ", ".join(f"λ {k:g}: {v:.3f}" for k, v in means.items()))
     weights, x_mean, y_mean = fit(*design(clips, live), lam)
     model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, threshold, LAGS, full).eval()
+    with torch.no_grad():  # the large weights are stored as float16 (both files): the torch model rounded alike
+        for weight in model.parameters():
+            if weight.numel() >= FP16_MIN_ELEMENTS:
+                weight.copy_(weight.half().float())
     worst = export_checked(model, args.out, 1e-3)
     if worst is None:
         return 1
+    store_weights_fp16(args.out)
     if args.torch_copy:
         base = network.network if live else network
         copy = {"model": {k: v.half() if v.is_floating_point() else v for k, v in base.state_dict().items()},
                 "model_config": dataclasses.asdict(base.config),
                 "closure": {f"conv.{k}": v for k, v in model.conv.state_dict().items()},
                 "closure_threshold": threshold, "closure_full": full, "closure_lambda": lam}
-        if live:  # the read-out as linear_motion saved it (fp32), and its λ
-            copy["linear"] = network.linear.state_dict()
+        if live:  # the read-out (its large weights as float16, as in the ONNX), and its λ
+            copy["linear"] = {k: v.half() if v.numel() >= FP16_MIN_ELEMENTS else v for k, v in network.linear.state_dict().items()}
             state = torch.load(args.network, map_location="cpu", weights_only=False)
             if "lambda" in state:
                 copy["lambda"] = state["lambda"]

@@ -143,7 +143,10 @@ def torch_copy(model: torch.nn.Module, path: pathlib.Path) -> None:
     torch.save(state, path)
 
 
-def store_weights_fp16(path: pathlib.Path, min_elements: int = 16384) -> int:
+FP16_MIN_ELEMENTS = 16384  # the smallest weight `store_weights_fp16` stores as float16
+
+
+def store_weights_fp16(path: pathlib.Path, min_elements: int = FP16_MIN_ELEMENTS) -> int:
     """Rewrite an ONNX file so that its large float32 weights (initialisers of at least `min_elements`
     values; the small ones, like biases and the output layer, stay fp32 and keep parity) are stored as
     float16 and cast back to float32 when the graph loads: half the file, fp32 arithmetic

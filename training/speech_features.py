@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     model = args.model or asset_path(DEFAULT_MODEL)
     encoder = SpeechEncoder(model)
     config = encoder.config
-    digest = (f"{file_sha256(model)} live {config.live_window}/{config.live_hop}/{config.live_right}/{config.live_phase} "
+    digest = (f"{file_sha256(model)} live {config.live_window}/{config.live_hop}/{config.live_right}/{config.live_phase}/{config.live_ahead} "
               f"floor {config.log_floor}")  # what the features depend on
     clips = [c for c in open_cache(args.cache, kind="video") if c.has_audio]
     if not clips:

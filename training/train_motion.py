@@ -151,6 +151,13 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
         print(f"error: no training clips with speech features in {args.cache}; run training.preprocess, then "
               "training.speech_features", file=sys.stderr)
         return 2
+    kind = "live" if model_cfg.causal else "offline"
+    width = train_clips[0].speech[f"{kind}_0"].shape[1]  # live: each frame's row and those after it (SpeechConfig.live_ahead)
+    if model_cfg.features == MotionConfig().features and width != model_cfg.features:  # not given: the cache's width
+        model_cfg = dataclasses.replace(model_cfg, features=width)
+    elif width != model_cfg.features:
+        print(f"error: --model.features {model_cfg.features}, but the cache's {kind} features are {width} wide", file=sys.stderr)
+        return 2
     noise = load_noise_features(args.cache, "live" if model_cfg.causal else "offline")
     speech_only = load_speech_only(args.cache, teacher_offsets(cfg.teacher)) if cfg.teacher else []
     sampler = MotionSampler(train_clips, model_cfg, cfg.seq_len, silence_prob=cfg.silence_prob, seed=cfg.seed * 1000 + rank,

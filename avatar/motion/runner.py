@@ -88,8 +88,10 @@ class MotionPredictor:
                                    temporal_layers=int(meta.get("temporal_layers", 4)), causal=meta.get("causal") == "True")
         self.encoder = encoder or SpeechEncoder(threads=threads, providers=providers)
         self.silence = silence
-        if self.encoder.width != self.config.features:
-            raise ValueError(f"the motion model reads {self.config.features}-wide features, the speech encoder gives {self.encoder.width}")
+        given = self.encoder.live_width if self.live else self.encoder.width
+        if given != self.config.features:
+            raise ValueError(f"the {'live' if self.live else 'offline'} motion model reads {self.config.features}-wide features, "
+                             f"the speech encoder gives {given}")
         if self.live:
             _ = self.encoder.live_session  # built here, not on a stream's first window
 
@@ -167,8 +169,8 @@ class MotionPredictor:
         if self.live:
             features = self.features_for(samples, fps, n)
             landmarks = self.predict(features, rest, voice=vad_scores)
-            if adaptation is not None:
-                landmarks = adaptation.apply(features, landmarks, rest, smooth=True)
+            if adaptation is not None:  # it reads one row per frame: the frame's own (`SpeechConfig.live_ahead`)
+                landmarks = adaptation.apply(features[:, :self.encoder.width], landmarks, rest, smooth=True)
         else:
             landmarks = self._offline_landmarks(samples, fps, rest, n, adaptation, vad_scores)
         if not self.silence.enabled:
@@ -299,7 +301,7 @@ class MotionStream:
         voice = np.r_[np.ones(len(self.history), np.float32), self.vad_scores[: len(indices)]]  # the history's outputs are not kept
         out = self.predictor.predict(stack, self.rest, voice=voice)[-len(indices):]
         if self.adaptation is not None:
-            out = self.adaptation.apply(rows, out, self.rest, smooth=False)
+            out = self.adaptation.apply(rows[:, :self.predictor.encoder.width], out, self.rest, smooth=False)
         out = self.hold.apply(out, self.rest, self.vad_scores[: len(indices)])
         self.vad_scores = self.vad_scores[len(indices):]
         self.history = stack[-self.context:] if self.context else stack[:0]

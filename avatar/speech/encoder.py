@@ -135,10 +135,17 @@ class SpeechEncoder:
         return OnnxSession(self.session.path, providers=self._providers, threads=self._threads, model=model)
 
     def live_window_rows(self) -> np.ndarray:
-        """Which frames of a live window it gives `(live_hop,) int64`: the `live_hop` frames ending
-        `live_right` before its end."""
+        """Which rows of a live window are computed `(R,) int64`: the `live_hop` frames it gives (ending
+        `live_right` before its end) and the `live_ahead` after them that their features hold, up to
+        the window's last."""
         c = self.config
-        return np.arange(c.live_window - c.live_hop - c.live_right + 1, c.live_window - c.live_right + 1)
+        first = c.live_window - c.live_hop - c.live_right + 1
+        return np.arange(first, min(c.live_window, c.live_window - c.live_right + 1 + c.live_ahead))
+
+    @property
+    def live_width(self) -> int:
+        """The width of a live frame's features: its own row and `SpeechConfig.live_ahead` after it."""
+        return self.width * (1 + self.config.live_ahead)
 
     @property
     def lookahead_ms(self) -> float:
@@ -238,25 +245,27 @@ class SpeechEncoder:
 
     def encode_windows(self, windows: np.ndarray) -> np.ndarray:
         """`(W, 2·live_window, 80)` live windows (any number, those of several streams at once: one call per
-        LIVE_BATCH) → the frames each gives (`live_window_rows`), `(W, live_hop, D) float32`."""
+        LIVE_BATCH) → the rows each computes (`live_window_rows`), `(W, R, D) float32`."""
         if len(windows) == 0:
-            return np.zeros((0, self.config.live_hop, self.width), np.float32)
+            return np.zeros((0, len(self.live_window_rows()), self.width), np.float32)
         mel = np.ascontiguousarray(np.asarray(windows, np.float32).transpose(0, 2, 1))
         return np.concatenate([self.live_session.run(mel=mel[k:k + LIVE_BATCH])["features"] for k in range(0, len(mel), LIVE_BATCH)])
 
     def live_rows(self, plan: "LiveWindows", outputs: np.ndarray) -> np.ndarray:
-        """Frames [plan.first, plan.stop) `(k, D) float32` from the encoded windows `outputs` (`encode_windows`)."""
+        """Frames [plan.first, plan.stop) `(k, live_width) float32` from the encoded windows `outputs`
+        (`encode_windows`): each frame's row and the `live_ahead` after it (the window's last repeated)."""
         c = self.config
-        rows = [np.zeros((0, self.width), np.float32)]
+        ahead = np.minimum(np.arange(c.live_hop)[:, None] + np.arange(1 + c.live_ahead)[None], outputs.shape[1] - 1)  # (hop, 1 + ahead)
+        rows = [np.zeros((0, self.live_width), np.float32)]
         for end, out in zip(plan.ends, outputs):
-            ks = np.arange(end - c.live_hop - c.live_right + 1, end - c.live_right + 1)  # the frames `out` holds
+            ks = np.arange(end - c.live_hop - c.live_right + 1, end - c.live_right + 1)  # the frames `out` gives
             keep = (ks >= plan.first) & (ks < plan.stop)
-            rows.append(out[keep])
+            rows.append(out[ahead[keep]].reshape(int(keep.sum()), -1))
         return np.concatenate(rows)
 
     def live_frames(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> np.ndarray:
         """Frames [first, stop) from their live windows (`live_windows`), encoded LIVE_BATCH at a time."""
-        rows = [np.zeros((0, self.width), np.float32)]
+        rows = [np.zeros((0, self.live_width), np.float32)]
         step = LIVE_BATCH * self.config.live_hop  # bounded memory for long files
         for start in range(first, stop, step):
             plan = self.live_windows(mel, start, min(stop, start + step), base)

@@ -1,16 +1,17 @@
 """The speech encoder's graph made for live windows: the last transformer block computes only the rows
-a live window gives (`SpeechConfig.live_hop` frames, `live_right` before its end).
+a live window gives (`SpeechConfig.live_hop` frames, `live_right` before its end, and the `live_ahead`
+after them that their features hold: `SpeechEncoder.live_window_rows`).
 
-A live window (`SpeechEncoder.live_windows`) is encoded whole but only `live_hop` of its
-`live_window` frames are kept. Every block's keys and values need all the frames, and so does every
-block but the last; the last block's queries, its output projection, its MLP and the final norm only
-matter for the kept rows. This rewrites the exported encoder (`assets/speech.onnx`, the same nodes
-and weights; nothing is written to disk) so that the last block's queries and residual are gathered
-to those rows first: with the 2 shipped blocks, about a third of a window's arithmetic is skipped,
-and the kept rows are the full graph's to float rounding (tested).
+A live window (`SpeechEncoder.live_windows`) is encoded whole but only a few of its `live_window`
+frames are kept (5 of 50 at the defaults). Every block's keys and values need all the frames, and so
+does every block but the last; the last block's queries, its output projection, its MLP and the final
+norm only matter for the kept rows. This rewrites the exported encoder (`assets/speech.onnx`, the
+same nodes and weights; nothing is written to disk) so that the last block's queries and residual
+are gathered to those rows first: with the 2 shipped blocks and 2 rows kept, about a third of a
+window's arithmetic was skipped; the kept rows are the full graph's to float rounding (tested).
 
-    model = rows_only_graph(onnx.load("assets/speech.onnx"), rows=[45, 46])   # bytes for onnxruntime
-    # mel (B, 80, 2·live_window) → features (B, len(rows), D): rows [45, 46] of the full output
+    model = rows_only_graph(onnx.load("assets/speech.onnx"), rows=[45, 46, 47, 48, 49])   # bytes for onnxruntime
+    # mel (B, 80, 2·live_window) → features (B, len(rows), D): those rows of the full output
 """
 
 from __future__ import annotations
