@@ -316,6 +316,20 @@ def test_closure_measure_finds_the_bilabials_and_the_real_lips_closing():
     assert closure_rate(np.zeros_like(gap_pct), spans, 25.0) == (2, 2)
 
 
+def test_a_live_model_made_for_one_row_per_frame_is_refused_in_one_line(tmp_path):
+    """The live features hold each frame's row and the window's look-ahead rows (1,920 wide): a live
+    model made before, reading 384, is refused with what to do, not a traceback."""
+    from avatar.errors import AvatarError
+    from training.export_motion import export
+
+    network = MotionModel(MotionConfig(causal=True, features=384), torch.randn(12, N_POINTS * 2) * 0.01).eval()
+    old = tmp_path / "motion_live.onnx"
+    export(network, old)
+    with pytest.raises(AvatarError, match="reads 384-wide features, but the speech encoder gives 1920") as info:
+        MotionPredictor(old, live=True)
+    assert "\n" not in str(info.value)
+
+
 def test_closure_events_are_the_real_lips_short_closures_in_speech():
     """Runs of closed real lips count when short, bounded by open lips and near the voice; a
     prediction closes one when it closes on the run or a frame either side; false closures count

@@ -89,9 +89,10 @@ class MotionPredictor:
         self.encoder = encoder or SpeechEncoder(threads=threads, providers=providers)
         self.silence = silence
         given = self.encoder.live_width if self.live else self.encoder.width
-        if given != self.config.features:
-            raise ValueError(f"the {'live' if self.live else 'offline'} motion model reads {self.config.features}-wide features, "
-                             f"the speech encoder gives {given}")
+        if given != self.config.features:  # e.g. a live model made before its features held the window's look-ahead rows
+            raise AvatarError(f"{self.session.path}: the {'live' if self.live else 'offline'} motion model reads "
+                              f"{self.config.features}-wide features, but the speech encoder gives {given}; use motion "
+                              f"models made for this version (the bundled ones, or train them again)")
         if self.live:
             _ = self.encoder.live_session  # built here, not on a stream's first window
 
