@@ -11,8 +11,8 @@ aligner hears). The same rule is applied to the real video, which sets what "clo
 Seven held-out bilabials are too few to choose anything by, and most clips have no transcript, so
 `closure_events` also counts the real video's own closures in speech, on every clip: each short run
 of frames whose real inner-lip gap is under the threshold, with open lips on both sides and the voice
-on around it (in running speech nearly all of these are /p b m/). `events_closed` is the share of
-them that a prediction closes too; `false_closures` the share of clearly open real frames (twice the
+on around it (in running speech nearly all of these are /p b m/). `events_closed` counts those a
+prediction closes too; `false_closures` counts the clearly open voiced real frames (twice the
 threshold) that it closes, so that a mouth which shuts all the time cannot score.
 """
 
