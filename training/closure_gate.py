@@ -31,7 +31,7 @@ import typing
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.motion.model import ClosureGated, MotionBlend, MotionModel
+from avatar.motion.model import ClosureGated, MotionBlend, MotionModel, closure_pull
 from training.closures import CLOSED_PCT_IOD
 from training.common import FP16_MIN_ELEMENTS, store_weights_fp16
 from training.linear_motion import fit
@@ -131,7 +131,7 @@ def gate_study(clips: typing.Sequence[MotionClip], networks: typing.Sequence[pat
                 if gate is None:
                     return out
                 closed = (stacked(features, live=live) - x_mean) @ weights + y_mean
-                pull = np.clip((closed - gate[0]) / (gate[1] - gate[0]), 0.0, 1.0)
+                pull = closure_pull(closed, *gate)
                 return out + pull[:, None, None] * (rest[None] - out)
 
             summary = evaluate_motion(predict, held, network.config, shifts=(0,))["summary"]

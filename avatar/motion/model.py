@@ -136,12 +136,18 @@ class MotionBlend(nn.Module):
         return self.network(features, rest), self.linear(features, rest)
 
 
+def closure_pull(read, threshold: float, full: float):
+    """How far a closure gate moves the mouth to rest (0 to 1) for its read-out `read` (a numpy array or
+    a torch tensor, any shape): nothing up to `threshold`, all of the way from `full`, linear between."""
+    return ((read - threshold) / (full - threshold)).clip(0.0, 1.0)
+
+
 class ClosureGated(nn.Module):
     """A motion model whose mouth is pulled to the rest shape (closed lips, jaw up) where a linear
     read-out of the speech features says the real lips close (`training.closure_gate`: a ridge fit of
     "inner-lip gap < 3 % of the inter-ocular distance" on `lags` frames, centred on each one for an
     offline network, the frame and those before it for a live one): with p the read-out, the landmarks
-    move `clamp((p - threshold) / (full - threshold), 0, 1)` of the way to rest (a ridge fit of a 0/1
+    move `closure_pull(p, threshold, full)` of the way to rest (a ridge fit of a 0/1
     label seldom reads 1 even where the lips close, so `full` < 1 lets the lips meet). Same contract as the
     model it gates: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) → `(B, T, N_POINTS, 2)`, or a
     `MotionBlend`'s pair, each gated (so the runner's blend of the two is gated too); `config`: the
@@ -177,7 +183,7 @@ class ClosureGated(nn.Module):
 
     def forward(self, features: torch.Tensor, rest: torch.Tensor):
         out = self.network(features, rest)
-        gate = ((self.closure(features) - self.threshold) / (self.full - self.threshold)).clamp(0.0, 1.0)[..., None, None]
+        gate = closure_pull(self.closure(features), self.threshold, self.full)[..., None, None]
         if isinstance(out, tuple):
             return tuple(landmarks + gate * (rest[:, None] - landmarks) for landmarks in out)
         return out + gate * (rest[:, None] - out)

@@ -171,7 +171,7 @@ class MotionPredictor:
             features = self.features_for(samples, fps, n)
             landmarks = self.predict(features, rest, voice=vad_scores)
             if adaptation is not None:  # it reads one row per frame: the frame's own (`SpeechConfig.live_ahead`)
-                landmarks = adaptation.apply(features[:, :self.encoder.width], landmarks, rest, smooth=True)
+                landmarks = adaptation.apply(self.encoder.own_rows(features), landmarks, rest, smooth=True)
         else:
             landmarks = self._offline_landmarks(samples, fps, rest, n, adaptation, vad_scores)
         if not self.silence.enabled:
@@ -302,7 +302,7 @@ class MotionStream:
         voice = np.r_[np.ones(len(self.history), np.float32), self.vad_scores[: len(indices)]]  # the history's outputs are not kept
         out = self.predictor.predict(stack, self.rest, voice=voice)[-len(indices):]
         if self.adaptation is not None:
-            out = self.adaptation.apply(rows[:, :self.predictor.encoder.width], out, self.rest, smooth=False)
+            out = self.adaptation.apply(self.predictor.encoder.own_rows(rows), out, self.rest, smooth=False)
         out = self.hold.apply(out, self.rest, self.vad_scores[: len(indices)])
         self.vad_scores = self.vad_scores[len(indices):]
         self.history = stack[-self.context:] if self.context else stack[:0]

@@ -147,6 +147,11 @@ class SpeechEncoder:
         """The width of a live frame's features: its own row and `SpeechConfig.live_ahead` after it."""
         return self.width * (1 + self.config.live_ahead)
 
+    def own_rows(self, live_features: np.ndarray) -> np.ndarray:
+        """`(T, live_width)` live features → `(T, D)`: each frame's own row (what reads one row a frame,
+        as a person's motion adaptation)."""
+        return live_features[:, :self.width]
+
     @property
     def lookahead_ms(self) -> float:
         """Audio a live frame needs past its centre, at most (over the `live_hop` frames of a window)."""
