@@ -2,6 +2,8 @@
 converter makes from the pinned wheel), and the streaming contract (live features as the audio
 arrives = the same features computed on the whole file; the stated look-ahead is exact)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,12 @@ from conftest import feed_in_chunks
 @pytest.fixture(scope="module")
 def encoder():
     return SpeechEncoder()
+
+
+@pytest.fixture(scope="module")
+def float_encoder():
+    """Live windows through the float graph on the CPU too (`SpeechConfig.live_int8` off)."""
+    return SpeechEncoder(config=dataclasses.replace(SpeechConfig(), live_int8=False))
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +82,10 @@ def test_live_stream_equals_live_features_of_the_whole_file(encoder, speech):
         np.testing.assert_allclose(rows, whole, atol=1e-4)  # batched vs single windows: float rounding only
 
 
-def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(encoder, speech):
+def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(float_encoder, speech):
     """The live graph (`avatar.speech.live_graph`: the last block's queries and residual gathered to the
     rows a window gives) is the full encoder on those rows, on speech and on silence, batched or not."""
+    encoder = float_encoder
     c = encoder.config
     mel = encoder.mel(speech[:16000 * 3])
     windows = np.stack([encoder._padded(mel, start, start + 2 * c.live_window) for start in (-60, 0, 37, 120, 200)])
@@ -91,10 +100,40 @@ def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(enc
     assert encoder.encode_windows(windows[:0]).shape == (0, len(rows), encoder.width)
 
 
-def test_a_live_frame_holds_its_own_row_and_the_rows_after_it_in_its_window(encoder, speech):
+def test_live_windows_run_in_int8_on_the_cpu_near_the_float_graph_and_alone(encoder, float_encoder, speech):
+    """On the CPU the live graph's weight MatMuls run in int8 (`SpeechConfig.live_int8`): near the float
+    graph's numbers on speech and silence, and a window's rows do not depend on the other windows
+    encoded with it (dynamic quantization scales each call's activations as a whole, so each window
+    is run alone). Building it leaves the root logger as it was."""
+    import logging
+
+    import onnx
+
+    from avatar.speech.live_graph import int8_graph, rows_only_graph
+
+    assert encoder.live_int8 and not float_encoder.live_int8
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    model = onnx.load_from_string(int8_graph(rows_only_graph(onnx.load(str(encoder.session.path)), encoder.live_window_rows())))
+    assert root.handlers == handlers and root.level == level
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("MatMulInteger") == 8 and ops.count("MatMul") == 4  # every weight MatMul; attention's 2 a block stay float
+    c = encoder.config
+    mel = encoder.mel(speech[:16000 * 5])
+    windows = np.stack([encoder._padded(mel, start, start + 2 * c.live_window) for start in range(-60, 400, 23)])
+    int8, exact = encoder.encode_windows(windows), float_encoder.encode_windows(windows)
+    assert np.corrcoef(int8.ravel(), exact.ravel())[0, 1] > 0.995
+    assert np.abs(int8 - exact).mean() < 0.1 * np.abs(exact).mean()
+    assert np.abs(int8 - exact).max() > 1e-3  # it is not the float graph
+    alone = np.concatenate([encoder.encode_windows(windows[k:k + 1]) for k in range(len(windows))])
+    np.testing.assert_array_equal(int8, alone)
+
+
+def test_a_live_frame_holds_its_own_row_and_the_rows_after_it_in_its_window(float_encoder, speech):
     """`SpeechConfig.live_ahead`: frame k's features are rows k, k+1, ..., k+4 of the window it comes
     from (the window's last row repeated for the second frame, which has 3 after it): no frame needs
     audio past that window, so the look-ahead stays 102.5 ms."""
+    encoder = float_encoder
     c = encoder.config
     samples = speech[:16000 * 2]
     whole = encoder.features(samples, live=True)

@@ -1,13 +1,15 @@
 """Speech-encoder features of every cached talking clip, and of background noise, for motion training.
 
-    python -m training.speech_features --src ../shared/data --cache cache [--variants 3] [--model assets/speech.onnx]
+    python -m training.speech_features --src ../shared/data --cache cache [--variants 3] [--model assets/speech.onnx] [--live-int8]
 
 Per talking clip with audio, `<clip>/speech.npz` holds, for each variant v (0: the clip's own audio;
 1..: the same audio at another level with a background-noise recording mixed in at 5-30 dB SNR):
 `offline_<v>` and `live_<v>`, `(K, D) float16` encoder frames at 50 frames/s, exactly what the engine
-computes (`SpeechEncoder.features(..., live=False/True)`), of the clip's audio with `PAD_S` seconds of
-digital silence before and after it (noise, in the noisy variants, runs through the pads): frame k is
-at 20 k ms − PAD_S[0] of the clip's time, so the video frame at time t reads position 50 (t + PAD_S[0]).
+computes (`SpeechEncoder.features(..., live=False/True)`; live windows through the float graph, as on
+a GPU, unless `--live-int8`: the CPU's int8 approximation, `SpeechConfig.live_int8`), of the clip's
+audio with `PAD_S` seconds of digital silence before and after it (noise, in the noisy variants, runs
+through the pads): frame k is at 20 k ms − PAD_S[0] of the clip's time, so the video frame at time t
+reads position 50 (t + PAD_S[0]).
 The pads teach the motion models that the mouth rests when speech stops (`pad_s` is stored too).
 
 With `--speech-only` (default), the speech clips of the manifest (no video: 9 languages) get
@@ -21,6 +23,7 @@ Resumable: clips whose file has the requested variants and model hash are skippe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from avatar import media
 from avatar.provenance import file_sha256
+from avatar.config import SpeechConfig
 from avatar.runtime import asset_path
 from avatar.speech.encoder import DEFAULT_MODEL, SpeechEncoder
 from training.cache import open_cache
@@ -119,12 +123,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speech-only", action=argparse.BooleanOptionalAction, default=True,
                         help="also the manifest's speech clips without video (for distillation)")
+    parser.add_argument("--live-int8", action="store_true",
+                        help="live features in int8 as the engine computes them on the CPU (SpeechConfig.live_int8), to "
+                             "measure the engine's figures; default: the float graph's, which the models are trained on")
     args = parser.parse_args(argv)
     model = args.model or asset_path(DEFAULT_MODEL)
-    encoder = SpeechEncoder(model)
+    encoder = SpeechEncoder(model, config=dataclasses.replace(SpeechConfig(), live_int8=args.live_int8),
+                            providers=["CPUExecutionProvider"] if args.live_int8 else None)
     config = encoder.config
     digest = (f"{file_sha256(model)} live {config.live_window}/{config.live_hop}/{config.live_right}/{config.live_phase}/{config.live_ahead} "
-              f"floor {config.log_floor}")  # what the features depend on
+              f"floor {config.log_floor} int8 {encoder.live_int8}")  # what the features depend on
     clips = [c for c in open_cache(args.cache, kind="video") if c.has_audio]
     if not clips:
         print(f"error: no cached clips with audio in {args.cache}; run training.preprocess first", file=sys.stderr)

@@ -124,15 +124,23 @@ class SpeechEncoder:
     @functools.cached_property
     def live_session(self) -> OnnxSession:
         """The encoder for live windows (`avatar.speech.live_graph`): mel `(W, 80, 2·live_window)` → the
-        `live_hop` frames each window gives, `(W, live_hop, D)`; the same numbers as `encode` gives for
-        those rows, a quarter less work. Built from the encoder's file on first use (~0.2 s; the live
-        motion model builds it when it loads)."""
+        rows each window gives (`live_window_rows`), `(W, R, D)`; the same numbers as `encode` gives for
+        those rows, a quarter less work, or on the CPU their int8 approximation (`live_int8`). Built
+        from the encoder's file on first use (~0.2 s, ~0.5 s with int8; the live motion model builds
+        it when it loads)."""
         import onnx
 
-        from avatar.speech.live_graph import rows_only_graph
+        from avatar.speech.live_graph import int8_graph, rows_only_graph
 
         model = rows_only_graph(onnx.load(str(self.session.path)), self.live_window_rows())
+        if self.live_int8:
+            model = int8_graph(model)
         return OnnxSession(self.session.path, providers=self._providers, threads=self._threads, model=model)
+
+    @property
+    def live_int8(self) -> bool:
+        """Whether live windows run in int8 (`SpeechConfig.live_int8`, on the CPU provider only)."""
+        return self.config.live_int8 and self.session.providers[0] == "CPUExecutionProvider"
 
     def live_window_rows(self) -> np.ndarray:
         """Which rows of a live window are computed `(R,) int64`: the `live_hop` frames it gives (ending
@@ -250,11 +258,13 @@ class SpeechEncoder:
 
     def encode_windows(self, windows: np.ndarray) -> np.ndarray:
         """`(W, 2·live_window, 80)` live windows (any number, those of several streams at once: one call per
-        LIVE_BATCH) → the rows each computes (`live_window_rows`), `(W, R, D) float32`."""
+        LIVE_BATCH, or per window in int8, `live_int8`) → the rows each computes (`live_window_rows`),
+        `(W, R, D) float32`."""
         if len(windows) == 0:
             return np.zeros((0, len(self.live_window_rows()), self.width), np.float32)
         mel = np.ascontiguousarray(np.asarray(windows, np.float32).transpose(0, 2, 1))
-        return np.concatenate([self.live_session.run(mel=mel[k:k + LIVE_BATCH])["features"] for k in range(0, len(mel), LIVE_BATCH)])
+        batch = 1 if self.live_int8 else LIVE_BATCH
+        return np.concatenate([self.live_session.run(mel=mel[k:k + batch])["features"] for k in range(0, len(mel), batch)])
 
     def live_rows(self, plan: "LiveWindows", outputs: np.ndarray) -> np.ndarray:
         """Frames [plan.first, plan.stop) `(k, live_width) float32` from the encoded windows `outputs`

@@ -12,10 +12,13 @@ window's arithmetic was skipped; the kept rows are the full graph's to float rou
 
     model = rows_only_graph(onnx.load("assets/speech.onnx"), rows=[45, 46, 47, 48, 49])   # bytes for onnxruntime
     # mel (B, 80, 2·live_window) → features (B, len(rows), D): those rows of the full output
+    model = int8_graph(model)   # the same on the CPU in int8 arithmetic (`SpeechConfig.live_int8`)
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import typing
 
 import numpy as np
@@ -81,6 +84,60 @@ def rows_only_graph(proto, rows: typing.Sequence[int]) -> bytes:
     sort_topologically(graph)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
+
+
+def int8_graph(model: bytes) -> bytes:
+    """The serialised encoder graph `model` with its weight MatMuls in int8 (onnxruntime's
+    `quantize_dynamic`: weights per output channel in 7 bits, so no int16 sum saturates on CPUs
+    without VNNI; activations quantized per tensor at run time, so a window's numbers depend on the
+    other windows of the same call: run one window a call). Weights stored in float16 behind a Cast
+    (`training.export_speech`) are made float32 initializers first, which the quantizer needs."""
+    import tempfile
+
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    stored = {t.name: t for t in graph.initializer}
+    kept, widened = [], set()
+    for node in graph.node:
+        source = stored.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if source is not None and source.data_type == onnx.TensorProto.FLOAT16:
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(source).astype(np.float32), node.output[0]))
+            widened.add(source.name)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input}
+    unused = [t for t in graph.initializer if t.name in widened and t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    with tempfile.TemporaryDirectory() as folder:
+        source_path, target_path = f"{folder}/float.onnx", f"{folder}/int8.onnx"
+        onnx.save(proto, source_path)
+        with root_logger_untouched():  # it advises its pre-processing (no faster here, measured) on the root logger
+            quantize_dynamic(source_path, target_path, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                             weight_type=QuantType.QInt8)
+        with open(target_path, "rb") as file:
+            return file.read()
+
+
+@contextlib.contextmanager
+def root_logger_untouched():
+    """Within: the root logger says only errors; after: its level and handlers as before (a library's
+    `logging.warning` gives the root logger a handler the application did not ask for)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
 
 
 def sort_topologically(graph) -> None:
