@@ -80,6 +80,40 @@ def test_live_stream_equals_live_features_of_the_whole_file(encoder, speech):
         indices, rows = feed_in_chunks(encoder.stream(), samples, np.random.default_rng(seed))
         np.testing.assert_array_equal(indices, np.arange(len(whole)))
         np.testing.assert_allclose(rows, whole, atol=1e-4)  # batched vs single windows: float rounding only
+    indices, rows = feed_in_chunks(encoder.stream(), samples, np.random.default_rng(2))
+    np.testing.assert_array_equal(rows, whole)  # in int8 each window runs alone in either case: the same to the bit
+
+
+def window_convolutions(encoder, windows):
+    """The encoder's convolutions on whole live windows `(W, 2·live_window, 80)` → `(W, D, live_window)`."""
+    return encoder.live_conv_session.run(mel=np.ascontiguousarray(windows.transpose(0, 2, 1)))["conv"]
+
+
+def test_a_stream_carries_its_convolutions_from_window_to_window(encoder, float_encoder, speech):
+    """`SpeechEncoder.conv_windows`: the convolutions of a stream's live windows, each frame computed
+    once (the windows overlap in all but 2 frames), are those of each window's whole log-mel (zero
+    padding at its ends included), from the first window (silence before the audio) to the last
+    (silence after it), whatever the chunking; and convolutions then blocks are the whole encoder."""
+    c = encoder.config
+    samples = speech[:16000 * 3 + 555]
+    mel = encoder.mel(samples)
+    for seed in range(2):
+        stream, rng, plans, k = encoder.stream(), np.random.default_rng(seed), [], 0
+        while k < samples.size:
+            size = int(rng.choice([1, 160, 320, 999, 4800]))
+            plans.append(stream.plan(samples[k:k + size]))
+            k += size
+        stream.mel = np.concatenate([stream.mel, stream.mel_stream.flush()])
+        plans.append(stream._plan(final=True))
+        ends = [end for plan in plans for end in plan.ends]
+        assert ends == list(range(ends[0], ends[-1] + 1, c.live_hop)) and ends[-1] >= mel.shape[0] // 2
+        carried = np.concatenate([plan.windows for plan in plans])
+        whole = window_convolutions(encoder, np.stack([encoder._padded(mel, 2 * (e - c.live_window), 2 * e) for e in ends]))
+        np.testing.assert_allclose(carried, whole, atol=1e-5)
+    windows = np.stack([encoder._padded(mel, start, start + 2 * c.live_window) for start in (-60, 0, 37)])
+    assert encoder.live_session.input_names == ["conv"]
+    np.testing.assert_allclose(float_encoder.encode_windows(window_convolutions(float_encoder, windows)),
+                               float_encoder.encode(windows)[:, float_encoder.live_window_rows()], atol=1e-5)
 
 
 def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(float_encoder, speech):
@@ -93,6 +127,7 @@ def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(flo
     # the 2 frames a window gives, 4 before its end, and the 4 after the first (the window's last rows)
     assert list(rows) == list(range(c.live_window - c.live_right - 1, c.live_window))
     full = encoder.encode(windows)[:, rows]
+    windows = window_convolutions(encoder, windows)
     live = encoder.encode_windows(windows)
     assert live.shape == (5, len(rows), encoder.width)
     np.testing.assert_allclose(live, full, atol=1e-5)
@@ -109,18 +144,20 @@ def test_live_windows_run_in_int8_on_the_cpu_near_the_float_graph_and_alone(enco
 
     import onnx
 
-    from avatar.speech.live_graph import int8_graph, rows_only_graph
+    from avatar.speech.live_graph import int8_graph, rows_only_graph, split_at_convolutions
 
     assert encoder.live_int8 and not float_encoder.live_int8
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    model = onnx.load_from_string(int8_graph(rows_only_graph(onnx.load(str(encoder.session.path)), encoder.live_window_rows())))
+    blocks = split_at_convolutions(onnx.load(str(encoder.session.path)))[1]
+    model = onnx.load_from_string(int8_graph(rows_only_graph(blocks, encoder.live_window_rows())))
     assert root.handlers == handlers and root.level == level
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("MatMulInteger") == 8 and ops.count("MatMul") == 4  # every weight MatMul; attention's 2 a block stay float
     c = encoder.config
     mel = encoder.mel(speech[:16000 * 5])
     windows = np.stack([encoder._padded(mel, start, start + 2 * c.live_window) for start in range(-60, 400, 23)])
+    windows = window_convolutions(encoder, windows)
     int8, exact = encoder.encode_windows(windows), float_encoder.encode_windows(windows)
     assert np.corrcoef(int8.ravel(), exact.ravel())[0, 1] > 0.995
     assert np.abs(int8 - exact).mean() < 0.1 * np.abs(exact).mean()

@@ -122,20 +122,30 @@ class SpeechEncoder:
         self._providers, self._threads = providers, threads
 
     @functools.cached_property
-    def live_session(self) -> OnnxSession:
-        """The encoder for live windows (`avatar.speech.live_graph`): mel `(W, 80, 2·live_window)` → the
-        rows each window gives (`live_window_rows`), `(W, R, D)`; the same numbers as `encode` gives for
-        those rows, a quarter less work, or on the CPU their int8 approximation (`live_int8`). Built
-        from the encoder's file on first use (~0.2 s, ~0.5 s with int8; the live motion model builds
-        it when it loads)."""
+    def _live_graphs(self) -> typing.Tuple[bytes, bytes]:
+        """The encoder cut after its convolutions (`avatar.speech.live_graph`): (the convolutions, the
+        blocks computing only the rows a live window gives, in int8 where `live_int8`)."""
         import onnx
 
-        from avatar.speech.live_graph import int8_graph, rows_only_graph
+        from avatar.speech.live_graph import int8_graph, rows_only_graph, split_at_convolutions
 
-        model = rows_only_graph(onnx.load(str(self.session.path)), self.live_window_rows())
-        if self.live_int8:
-            model = int8_graph(model)
-        return OnnxSession(self.session.path, providers=self._providers, threads=self._threads, model=model)
+        convolutions, blocks = split_at_convolutions(onnx.load(str(self.session.path)))
+        model = rows_only_graph(blocks, self.live_window_rows())
+        return convolutions.SerializeToString(), int8_graph(model) if self.live_int8 else model
+
+    @functools.cached_property
+    def live_conv_session(self) -> OnnxSession:
+        """The encoder's convolutions: mel `(B, 80, M)` → `conv (B, D, M/2)` (before the positions)."""
+        return OnnxSession(self.session.path, providers=self._providers, threads=self._threads, model=self._live_graphs[0])
+
+    @functools.cached_property
+    def live_session(self) -> OnnxSession:
+        """The encoder's blocks for live windows: the convolutions' output `conv (W, D, live_window)` →
+        the rows each window gives (`live_window_rows`), `(W, R, D)`; the same numbers as `encode`
+        gives for those rows, a quarter less work, or on the CPU their int8 approximation
+        (`live_int8`). Built from the encoder's file on first use (~0.2 s, ~0.5 s with int8; the live
+        motion model builds it when it loads)."""
+        return OnnxSession(self.session.path, providers=self._providers, threads=self._threads, model=self._live_graphs[1])
 
     @property
     def live_int8(self) -> bool:
@@ -247,24 +257,56 @@ class SpeechEncoder:
         c = self.config
         return int(math.ceil((k + c.live_right - c.live_phase) / c.live_hop) * c.live_hop) + c.live_phase
 
-    def live_windows(self, mel: np.ndarray, first: int, stop: int, base: int = 0) -> "LiveWindows":
-        """The live windows that give frames [first, stop); `mel` holds mel frames from `base` on, silence
-        stands for any frame outside it (before the audio's start and after its end)."""
+    def live_windows(self, mel: np.ndarray, first: int, stop: int, base: int = 0,
+                     carry: typing.Optional["ConvCarry"] = None) -> "LiveWindows":
+        """The live windows that give frames [first, stop), their convolutions computed
+        (`conv_windows`, with the stream's `carry`; None: a new one); `mel` holds mel frames from
+        `base` on, silence stands for any frame outside it (before the audio's start and after its end)."""
         c = self.config
         ends = list(range(self.window_end(first), self.window_end(stop - 1) + 1, c.live_hop)) if stop > first else []
-        windows = np.stack([self._padded(mel, 2 * (e - c.live_window) - base, 2 * e - base) for e in ends]) if ends else \
-            np.zeros((0, 2 * c.live_window, c.n_mels), np.float32)
-        return LiveWindows(first, stop, ends, windows)
+        return LiveWindows(first, stop, ends, self.conv_windows(mel, ends, base, ConvCarry() if carry is None else carry))
+
+    def conv_windows(self, mel: np.ndarray, ends: typing.Sequence[int], base: int, carry: "ConvCarry") -> np.ndarray:
+        """The convolutions' output `(W, D, live_window) float32` of the live windows ending at encoder
+        frames `ends` (`live_hop` apart): what the convolutions give on each window's log-mel
+        (`_padded(mel, 2·(end − live_window), 2·end)`), to float rounding. A window's inner frames are
+        the same in every window that holds them (only its first and last see the zero padding at its
+        ends), so each is computed once and kept in `carry`: the window ending at e adds frames e − 3
+        and e − 2 and gives its last frame, all from mel frames [2e − 8, 2e); its first frame comes
+        from its first 8 mel frames. Every piece is 8 mel frames and is computed alone whatever the
+        call (a batch item each), so a stream gets the numbers a whole file gets, to the bit. `mel`
+        holds mel frames from `base` on (silence outside it)."""
+        c, size = self.config, self.config.live_window
+        if not ends:
+            return np.zeros((0, self.width, size), np.float32)
+        if c.live_hop != 2:
+            raise ValueError(f"the convolutions are carried over windows 2 encoder frames apart, not {c.live_hop}")
+        lo = ends[0] - size + 1  # the first window's first inner frame
+        if carry.frames is None or carry.end < lo or (carry.end - lo) % 2:
+            carry.start, carry.frames = lo, np.zeros((self.width, 0), np.float32)
+        pairs = list(range(carry.end + 3, ends[-1] + 1, 2))  # the windows (by end) whose two frames are added
+        pieces = [self._padded(mel, 2 * p - 8 - base, 2 * p - base) for p in pairs] + \
+                 [self._padded(mel, 2 * (e - size) - base, 2 * (e - size) + 8 - base) for e in ends]
+        conv = self.live_conv_session.run(mel=np.ascontiguousarray(np.stack(pieces).transpose(0, 2, 1)))["conv"]  # (P + W, D, 4)
+        added, firsts = conv[:len(pairs)], conv[len(pairs):]
+        carry.frames = np.concatenate([carry.frames, *added[:, :, 1:3]], axis=1)
+        out = np.empty((len(ends), self.width, size), np.float32)
+        for k, end in enumerate(ends):
+            out[k, :, 0], out[k, :, -1] = firsts[k, :, 0], added[(end - pairs[0]) // 2, :, 3]
+            out[k, :, 1:-1] = carry.frames[:, end - size + 1 - carry.start: end - 1 - carry.start]
+        keep = ends[-1] + c.live_hop - size + 1 - carry.start  # the next window's first inner frame
+        carry.frames, carry.start = carry.frames[:, max(0, keep):], carry.start + max(0, keep)
+        return out
 
     def encode_windows(self, windows: np.ndarray) -> np.ndarray:
-        """`(W, 2·live_window, 80)` live windows (any number, those of several streams at once: one call per
-        LIVE_BATCH, or per window in int8, `live_int8`) → the rows each computes (`live_window_rows`),
-        `(W, R, D) float32`."""
+        """The convolutions of live windows `(W, D, live_window)` (`conv_windows`; any number, those of
+        several streams at once: one call per LIVE_BATCH, or per window in int8, `live_int8`) → the
+        rows each computes (`live_window_rows`), `(W, R, D) float32`."""
         if len(windows) == 0:
             return np.zeros((0, len(self.live_window_rows()), self.width), np.float32)
-        mel = np.ascontiguousarray(np.asarray(windows, np.float32).transpose(0, 2, 1))
+        conv = np.ascontiguousarray(windows, np.float32)
         batch = 1 if self.live_int8 else LIVE_BATCH
-        return np.concatenate([self.live_session.run(mel=mel[k:k + batch])["features"] for k in range(0, len(mel), batch)])
+        return np.concatenate([self.live_session.run(conv=conv[k:k + batch])["features"] for k in range(0, len(conv), batch)])
 
     def live_rows(self, plan: "LiveWindows", outputs: np.ndarray) -> np.ndarray:
         """Frames [plan.first, plan.stop) `(k, live_width) float32` from the encoded windows `outputs`
@@ -282,8 +324,9 @@ class SpeechEncoder:
         """Frames [first, stop) from their live windows (`live_windows`), encoded LIVE_BATCH at a time."""
         rows = [np.zeros((0, self.live_width), np.float32)]
         step = LIVE_BATCH * self.config.live_hop  # bounded memory for long files
+        carry = ConvCarry()
         for start in range(first, stop, step):
-            plan = self.live_windows(mel, start, min(stop, start + step), base)
+            plan = self.live_windows(mel, start, min(stop, start + step), base, carry)
             rows.append(self.live_rows(plan, self.encode_windows(plan.windows)))
         return np.concatenate(rows)
 
@@ -292,9 +335,22 @@ class SpeechEncoder:
 
 
 @dataclasses.dataclass
+class ConvCarry:
+    """A stream's encoder convolutions kept between its live windows (`SpeechEncoder.conv_windows`):
+    `frames (D, n) float32`, those of encoder frames [start, start + n)."""
+
+    start: int = 0
+    frames: typing.Optional[np.ndarray] = None
+
+    @property
+    def end(self) -> int:
+        return self.start + (0 if self.frames is None else self.frames.shape[1])
+
+
+@dataclasses.dataclass
 class LiveWindows:
-    """The encoder windows that give frames [first, stop) of a stream: `windows (W, 2·live_window, 80)
-    float32` log-mel, ending at encoder frames `ends`."""
+    """The encoder windows that give frames [first, stop) of a stream, ending at encoder frames `ends`:
+    `windows (W, D, live_window) float32`, their convolutions' output (`SpeechEncoder.conv_windows`)."""
 
     first: int
     stop: int
@@ -316,6 +372,7 @@ class SpeechStream:
         self.mel = np.zeros((0, encoder.config.n_mels), np.float32)
         self.mel_start = 0  # mel frame index of self.mel[0]
         self.next_frame = 0  # next encoder frame to emit
+        self.carry = ConvCarry()
 
     def _plan(self, final: bool) -> LiveWindows:
         c, enc = self.encoder.config, self.encoder
@@ -331,7 +388,7 @@ class SpeechStream:
         if stop <= first:
             return enc.live_windows(self.mel, first, first)
         base = max(0, 2 * (enc.window_end(first) - c.live_window))  # the first mel frame any window needs
-        plan = enc.live_windows(self.mel[base - self.mel_start :], first, stop, base)
+        plan = enc.live_windows(self.mel[base - self.mel_start :], first, stop, base, self.carry)
         self.next_frame = stop
         drop = max(0, 2 * (enc.window_end(stop) - c.live_window) - self.mel_start)
         self.mel, self.mel_start = self.mel[drop:], self.mel_start + drop

@@ -10,8 +10,16 @@ same nodes and weights; nothing is written to disk) so that the last block's que
 are gathered to those rows first: with the 2 shipped blocks and 2 rows kept, about a third of a
 window's arithmetic was skipped; the kept rows are the full graph's to float rounding (tested).
 
-    model = rows_only_graph(onnx.load("assets/speech.onnx"), rows=[45, 46, 47, 48, 49])   # bytes for onnxruntime
-    # mel (B, 80, 2·live_window) → features (B, len(rows), D): those rows of the full output
+The convolutions before the blocks see 3 mel frames each and only the positions added after them
+tell the frames apart, so consecutive windows, which share all but 2 of their frames, share their
+convolution outputs too except at the window's two ends (zero padding there). `split_at_convolutions`
+cuts the encoder into the convolutions (mel → `conv`) and the rest (`conv` → features), so that a
+stream computes each frame's convolutions once (`SpeechEncoder.conv_windows`).
+
+    convolutions, blocks = split_at_convolutions(onnx.load("assets/speech.onnx"))
+    # convolutions: mel (B, 80, M) → conv (B, D, M/2); blocks: conv (B, D, T) → features (B, T, D)
+    model = rows_only_graph(blocks, rows=[45, 46, 47, 48, 49])   # bytes for onnxruntime
+    # conv (B, D, live_window) → features (B, len(rows), D): those rows of the full output
     model = int8_graph(model)   # the same on the CPU in int8 arithmetic (`SpeechConfig.live_int8`)
 """
 
@@ -84,6 +92,90 @@ def rows_only_graph(proto, rows: typing.Sequence[int]) -> bytes:
     sort_topologically(graph)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
+
+
+def split_at_convolutions(proto) -> typing.Tuple[typing.Any, typing.Any]:
+    """The encoder's `onnx.ModelProto` (input `mel (B, 80, M)`, output `features (B, M/2, D)`) cut after
+    its two convolutions and their GELUs → (convolutions: `mel` → `conv (B, D, M/2)`; the rest: `conv`
+    → `features`), two `ModelProto`s of the same nodes and weights."""
+    import copy
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    def refuse(why: str):
+        raise AvatarError(f"the speech encoder's graph is not the exported Whisper encoder this expects ({why}); export it again")
+
+    graph = proto.graph
+    if [i.name for i in graph.input] != ["mel"] or [o.name for o in graph.output] != ["features"]:
+        refuse("its input and output are not mel and features")
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    if len(convs) != 2:
+        refuse(f"{len(convs)} convolutions")
+    consumers: typing.Dict[str, typing.List] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    # from the second convolution's output through its GELU (elementwise nodes) to the Transpose after it
+    reached, frontier, cuts = {convs[1].output[0]}, [convs[1].output[0]], set()
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type == "Transpose":
+                cuts.add(node.input[0])
+            elif node.op_type in ("Div", "Erf", "Add", "Mul") and node.output[0] not in reached:
+                reached.add(node.output[0])
+                frontier.append(node.output[0])
+    if len(cuts) != 1:
+        refuse("no single Transpose after the second convolution's GELU")
+    cut = cuts.pop()
+    shapes = [node for node in graph.node if node.op_type == "Shape" and node.input[0] in ("mel", convs[1].output[0])]
+    for node in shapes:  # the batch size from mel (dim 0) and the frames from the convolution (dim 2): conv has both
+        start = next((a.i for a in node.attribute if a.name == "start"), 0)
+        if (node.input[0] == "mel") != (start == 0):
+            refuse("a shape read from mel past its batch size")
+
+    def pruned(model, outputs: typing.Sequence[str]):
+        """`model` keeping the nodes and initializers that `outputs` need."""
+        producer = {out: node for node in model.graph.node for out in node.output}
+        needed, stack, keep = set(), list(outputs), []
+        while stack:
+            name = stack.pop()
+            node = producer.get(name)
+            if name in needed or node is None:
+                continue
+            needed.add(name)
+            keep.append(node)
+            stack.extend(node.input)
+        kept = {id(node) for node in keep}
+        nodes = [node for node in model.graph.node if id(node) in kept]
+        used = {name for node in nodes for name in node.input}
+        initializers = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.node[:], model.graph.initializer[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(initializers)
+        return model
+
+    width = graph.input[0].type.tensor_type.shape.dim[0]  # the batch dimension's name
+    conv_type = helper.make_tensor_type_proto(TensorProto.FLOAT, [width.dim_param or "batch", None, "frames"])
+    convolutions = copy.deepcopy(proto)
+    convolutions.graph.node.append(helper.make_node("Identity", [cut], ["conv"]))
+    del convolutions.graph.output[:]
+    convolutions.graph.output.append(helper.make_value_info("conv", conv_type))
+    convolutions = pruned(convolutions, ["conv"])
+    blocks = copy.deepcopy(proto)
+    for node in blocks.graph.node:
+        if node.op_type == "Shape" and node.input[0] in ("mel", convs[1].output[0]):
+            node.input[0] = "conv"
+        for i, name in enumerate(node.input):
+            if name == cut:
+                node.input[i] = "conv"
+    del blocks.graph.input[:]
+    blocks.graph.input.append(helper.make_value_info("conv", conv_type))
+    blocks = pruned(blocks, ["features"])
+    for model in (convolutions, blocks):
+        del model.graph.value_info[:]
+        onnx.checker.check_model(model)
+    return convolutions, blocks
 
 
 def int8_graph(model: bytes) -> bytes:
