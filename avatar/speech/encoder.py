@@ -135,8 +135,10 @@ class SpeechEncoder:
 
     @functools.cached_property
     def live_conv_session(self) -> OnnxSession:
-        """The encoder's convolutions: mel `(B, 80, M)` → `conv (B, D, M/2)` (before the positions)."""
-        return OnnxSession(self.session.path, providers=self._providers, threads=self._threads, model=self._live_graphs[0])
+        """The encoder's convolutions: mel `(B, 80, M)` → `conv (B, D, M/2)` (before the positions). On
+        the CPU whatever the provider: a live window needs only 2 pieces of 8 mel frames
+        (`conv_windows`), less work than a round trip to a GPU."""
+        return OnnxSession(self.session.path, providers=["CPUExecutionProvider"], threads=self._threads, model=self._live_graphs[0])
 
     @functools.cached_property
     def live_session(self) -> OnnxSession:
