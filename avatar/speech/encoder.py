@@ -287,14 +287,15 @@ class SpeechEncoder:
         if carry.frames is None or carry.end < lo or (carry.end - lo) % 2:
             carry.start, carry.frames = lo, np.zeros((self.width, 0), np.float32)
         pairs = list(range(carry.end + 3, ends[-1] + 1, 2))  # the windows (by end) whose two frames are added
-        pieces = [self._padded(mel, 2 * p - 8 - base, 2 * p - base) for p in pairs] + \
+        lasts = sorted(set(pairs) | set(ends))  # the ends whose last 8 mel frames are convolved
+        pieces = [self._padded(mel, 2 * e - 8 - base, 2 * e - base) for e in lasts] + \
                  [self._padded(mel, 2 * (e - size) - base, 2 * (e - size) + 8 - base) for e in ends]
-        conv = self.live_conv_session.run(mel=np.ascontiguousarray(np.stack(pieces).transpose(0, 2, 1)))["conv"]  # (P + W, D, 4)
-        added, firsts = conv[:len(pairs)], conv[len(pairs):]
-        carry.frames = np.concatenate([carry.frames, *added[:, :, 1:3]], axis=1)
+        conv = self.live_conv_session.run(mel=np.ascontiguousarray(np.stack(pieces).transpose(0, 2, 1)))["conv"]  # (L + W, D, 4)
+        last, firsts = {e: conv[i] for i, e in enumerate(lasts)}, conv[len(lasts):]
+        carry.frames = np.concatenate([carry.frames, *(last[p][:, 1:3] for p in pairs)], axis=1)
         out = np.empty((len(ends), self.width, size), np.float32)
         for k, end in enumerate(ends):
-            out[k, :, 0], out[k, :, -1] = firsts[k, :, 0], added[(end - pairs[0]) // 2, :, 3]
+            out[k, :, 0], out[k, :, -1] = firsts[k, :, 0], last[end][:, 3]
             out[k, :, 1:-1] = carry.frames[:, end - size + 1 - carry.start: end - 1 - carry.start]
         keep = ends[-1] + c.live_hop - size + 1 - carry.start  # the next window's first inner frame
         carry.frames, carry.start = carry.frames[:, max(0, keep):], carry.start + max(0, keep)

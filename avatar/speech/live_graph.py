@@ -35,7 +35,8 @@ from avatar.errors import AvatarError
 
 
 def rows_only_graph(proto, rows: typing.Sequence[int]) -> bytes:
-    """`proto`: the encoder's `onnx.ModelProto` (input `mel (B, 80, M)`, output `features (B, M/2, D)`);
+    """`proto`: the encoder's `onnx.ModelProto` (input `mel (B, 80, M)`, output `features (B, M/2, D)`), or
+    its blocks (`split_at_convolutions`: input `conv (B, D, M/2)`);
     `rows`: encoder frames to keep → the serialised model giving `features (B, len(rows), D)`."""
     import onnx
     from onnx import helper, numpy_helper
@@ -155,8 +156,8 @@ def split_at_convolutions(proto) -> typing.Tuple[typing.Any, typing.Any]:
         model.graph.initializer.extend(initializers)
         return model
 
-    width = graph.input[0].type.tensor_type.shape.dim[0]  # the batch dimension's name
-    conv_type = helper.make_tensor_type_proto(TensorProto.FLOAT, [width.dim_param or "batch", None, "frames"])
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    conv_type = helper.make_tensor_type_proto(TensorProto.FLOAT, [batch.dim_param or "batch", None, "frames"])
     convolutions = copy.deepcopy(proto)
     convolutions.graph.node.append(helper.make_node("Identity", [cut], ["conv"]))
     del convolutions.graph.output[:]
