@@ -4,8 +4,8 @@
 
 Offline (files): the speech encoder on the whole utterance + the offline motion model, one call
 each. Live: 20 ms audio chunks through the live model's MotionStream (Whisper log-mel, the encoder
-on its sliding windows, the causal motion model on the newest frames), the path `serve` and `webcam`
-run. Everything uses onnxruntime with one intra-op thread.
+on its sliding windows, in int8 on the CPU, the causal motion model on the newest frames), the path
+`serve` and `webcam` run. Everything uses onnxruntime with one intra-op thread.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main(argv=None) -> None:
     print(f"{'live, 20 ms chunks':40s} {seconds / streaming:8.1f}x real time  "
           f"(per chunk p50 {1000 * np.median(latencies):.2f} ms, p95 {1000 * np.percentile(latencies, 95):.2f} ms; "
           f"look-ahead {stream.lookahead_ms:.1f} ms)")
+    print(f"live windows: the encoder's blocks in {'int8' if encoder.live_int8 else 'float32'} (SpeechConfig.live_int8), "
+          f"its convolutions carried from window to window")
 
 
 if __name__ == "__main__":
