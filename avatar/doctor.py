@@ -64,8 +64,11 @@ def _model(name: str) -> typing.Callable[[], str]:
         if name.startswith("speech"):
             from avatar.speech.encoder import SpeechEncoder
 
-            out = SpeechEncoder(path).features(np.zeros(8000, np.float32))
+            encoder = SpeechEncoder(path)
+            out = encoder.features(np.zeros(8000, np.float32))
             assert out.shape[0] == 25 and np.isfinite(out).all(), "bad output"
+            live = encoder.features(np.zeros(8000, np.float32), live=True)  # the live graphs (int8 on the CPU) built and run
+            assert live.shape == (25, encoder.live_width) and np.isfinite(live).all(), "bad live output"
         elif name.startswith("motion"):
             from avatar.motion.runner import POINTS, MotionPredictor
 
