@@ -158,7 +158,7 @@ def main(argv: typing.Optional[typing.Sequence[str]] = None) -> int:
     elif width != model_cfg.features:
         print(f"error: --model.features {model_cfg.features}, but the cache's {kind} features are {width} wide", file=sys.stderr)
         return 2
-    noise = load_noise_features(args.cache, "live" if model_cfg.causal else "offline")
+    noise = load_noise_features(args.cache, kind)
     speech_only = load_speech_only(args.cache, teacher_offsets(cfg.teacher)) if cfg.teacher else []
     sampler = MotionSampler(train_clips, model_cfg, cfg.seq_len, silence_prob=cfg.silence_prob, seed=cfg.seed * 1000 + rank,
                             noise=noise, noisy_share=cfg.noisy_share, speech_only=speech_only,

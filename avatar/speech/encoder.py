@@ -149,7 +149,7 @@ class SpeechEncoder:
         motion model builds it when it loads)."""
         return OnnxSession(self.session.path, providers=self._providers, threads=self._threads, model=self._live_graphs[1])
 
-    @property
+    @functools.cached_property
     def live_int8(self) -> bool:
         """Whether live windows run in int8 (`SpeechConfig.live_int8`, on the CPU provider only)."""
         return self.config.live_int8 and self.session.providers[0] == "CPUExecutionProvider"
