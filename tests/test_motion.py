@@ -142,10 +142,10 @@ def test_onnx_export_parity(tmp_path, name):
     model = load_model(ASSETS / f"{name}.pt")
     export(model, tmp_path / f"{name}.onnx")
     rng = np.random.default_rng(0)
-    for length in (1, 9, 100):
+    for length, first in ((1, 0), (9, 0), (9, 6), (100, 0)):
         features = rng.normal(0, 1, (1, length, model.config.features)).astype(np.float32)
         rest = (64 + rng.normal(0, 8, (1, N_POINTS, 2))).astype(np.float32)
-        assert parity(model, tmp_path / f"{name}.onnx", features, rest) <= 1e-4
+        assert parity(model, tmp_path / f"{name}.onnx", features, rest, np.arange(first, length)) <= 1e-4
     shipped = MotionPredictor(ASSETS / f"{name}.onnx")
     assert shipped.live == (name == "motion_live")
     with torch.no_grad():
@@ -161,6 +161,45 @@ def test_onnx_export_parity(tmp_path, name):
     else:
         expected = expected.numpy()[0]
         assert np.abs(shipped.predict(features[0], rest[0]) - expected).max() < 5e-3  # px: fp16 copy vs fp32 export
+
+
+def test_a_model_computes_the_wanted_frames_alone_with_the_numbers_of_all_frames():
+    """`frames`: the network, the linear read-out and the closure gate (causal and centred) give at
+    the wanted frames what they give there when every frame is computed."""
+    from avatar.motion.model import ClosureGated, LinearMotionModel, MotionBlend
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for causal in (True, False):
+        network = MotionModel(MotionConfig(causal=causal), torch.randn(12, N_POINTS * 2) * 0.01).eval()
+        d = network.config.features
+        linear = LinearMotionModel.from_ridge(rng.normal(0, 1e-3, (5 * d, N_POINTS * 2)), rng.normal(0, 1, 5 * d),
+                                              np.zeros(N_POINTS * 2), causal=causal)
+        gated = ClosureGated.from_ridge(MotionBlend(network, linear), rng.normal(0, 1e-2, 5 * d), np.zeros(5 * d), 0.3,
+                                        threshold=0.25).eval()
+        features, rest = torch.randn(2, 30, d), torch.rand(2, N_POINTS, 2) * 128
+        for frames in (torch.tensor([29]), torch.arange(23, 30), torch.tensor([0, 4, 17])):
+            with torch.no_grad():
+                for model in (network, linear, gated):
+                    every, wanted = model(features, rest), model(features, rest, frames)
+                    for all_frames, some in zip(every if isinstance(every, tuple) else (every,),
+                                                wanted if isinstance(wanted, tuple) else (wanted,)):
+                        assert some.shape == (2, len(frames), N_POINTS, 2)
+                        torch.testing.assert_close(some, all_frames[:, frames], atol=1e-4, rtol=0)
+
+
+def test_a_streams_newest_frames_are_the_last_frames_of_the_whole_prediction(predictor, rest):
+    """`predict(..., newest=k)`: the shipped models (the live one computes those frames alone; a file
+    without the `frames` input, as the offline one, computes them all and keeps the last), with their
+    voice activity."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(0, 1, (12, predictor.config.features)).astype(np.float32)
+    voice = rng.uniform(0, 1, 12).astype(np.float32)
+    whole = predictor.predict(features, rest, voice=voice)
+    for k in (1, 2, 5):
+        np.testing.assert_allclose(predictor.predict(features, rest, voice=voice[-k:], newest=k), whole[-k:], atol=1e-4)
+    if predictor.live:
+        assert "frames" in predictor.session.input_names
 
 
 def test_streaming_equals_offline(live_predictor, rest):

@@ -33,7 +33,7 @@ import numpy as np
 from avatar.face import landmarks as lm
 from avatar.motion.model import ClosureGated, MotionBlend, MotionModel, closure_pull
 from training.closures import CLOSED_PCT_IOD
-from training.common import FP16_MIN_ELEMENTS, store_weights_fp16
+from training.common import FP16_MIN_ELEMENTS
 from training.linear_motion import fit
 from training.motion_data import MotionClip, clip_features, load_motion_clips
 from training.readout import LAGS, person_folds, stacked
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from training.export_motion import export_checked, load_model
+    from training.export_motion import export_half_weights, load_model
 
     clips = load_motion_clips(args.cache, "train")
     if len({c.person for c in clips}) < 2:
@@ -203,14 +203,9 @@ def main(argv=None) -> int:
           + ", ".join(f"λ {k:g}: {v:.3f}" for k, v in means.items()))
     weights, x_mean, y_mean = fit(*design(clips, live), lam)
     model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, threshold, LAGS, full).eval()
-    with torch.no_grad():  # the large weights are stored as float16 (both files): the torch model rounded alike
-        for weight in model.parameters():
-            if weight.numel() >= FP16_MIN_ELEMENTS:
-                weight.copy_(weight.half().float())
-    worst = export_checked(model, args.out, 1e-3)
+    worst = export_half_weights(model, args.out, 1e-3)  # the large weights stored as float16 (both files)
     if worst is None:
         return 1
-    store_weights_fp16(args.out)
     if args.torch_copy:
         base = network.network if live else network
         copy = {"model": {k: v.half() if v.is_floating_point() else v for k, v in base.state_dict().items()},

@@ -1,8 +1,9 @@
 """Export a trained motion model to ONNX (dynamic batch and time), check parity, keep a compact torch copy.
 
-    python -m training.export_motion --checkpoint runs/motion_live/last.pt --out assets/motion_live.onnx [--torch-copy assets/motion_live.pt]
+    python -m training.export_motion --checkpoint runs/motion_live/last.pt --out runs/motion_live/network.onnx [--torch-copy runs/motion_live/network.pt]
+    python -m training.export_motion --checkpoint assets/motion_live.pt --out assets/motion_live.onnx   # a shipped file again from its torch copy
 
-Parity: torch vs onnxruntime on random features must agree within 1e-4.
+Parity: torch vs onnxruntime on random features must agree within 1e-4 (1e-3 for a gated model, its large weights in float16).
 The torch copy (fp16 state dict + configs) is what later training runs start from (`--init`).
 """
 
@@ -20,7 +21,7 @@ import torch
 from avatar.config import MotionConfig
 from avatar.motion.model import N_POINTS, ClosureGated, LinearMotionModel, MotionBlend, MotionModel
 from avatar.runtime import OnnxSession
-from training.common import accept_export, torch_copy
+from training.common import FP16_MIN_ELEMENTS, accept_export, store_weights_fp16, torch_copy
 
 OPSET = 18
 
@@ -46,18 +47,22 @@ def load_model(checkpoint: pathlib.Path) -> torch.nn.Module:
 
 
 def export(model: torch.nn.Module, out: pathlib.Path) -> None:
-    """A `MotionModel`, `LinearMotionModel` or `MotionBlend` → ONNX (dynamic batch and time), with the
-    metadata `MotionPredictor` reads from its `config` (features, causal, receptive field)."""
+    """A `MotionModel`, `LinearMotionModel`, `MotionBlend` or `ClosureGated` → ONNX (dynamic batch, time
+    and wanted frames: inputs `features (B, T, D)`, `rest (B, N_POINTS, 2)`, `frames (K,) int64`), with
+    the metadata `MotionPredictor` reads from its `config` (features, causal, receptive field)."""
     c = model.config
     features = torch.zeros(2, 12, c.features)  # sizes > 1: the exporter specialises 0 and 1
     rest = torch.zeros(2, N_POINTS, 2)
+    frames = torch.arange(3, 12)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_path = pathlib.Path(tmp) / out.name
         batch = torch.export.Dim("batch", min=1, max=1024)
         time = torch.export.Dim("time", min=1, max=1_000_000)
-        torch.onnx.export(model, (features, rest), str(tmp_path), input_names=["features", "rest"], output_names=outputs(model),
-                          dynamic_shapes={"features": {0: batch, 1: time}, "rest": {0: batch}}, opset_version=OPSET,
+        wanted = torch.export.Dim("frames", min=1, max=1_000_000)
+        torch.onnx.export(model, (features, rest, frames), str(tmp_path), input_names=["features", "rest", "frames"],
+                          output_names=outputs(model), opset_version=OPSET,
+                          dynamic_shapes={"features": {0: batch, 1: time}, "rest": {0: batch}, "frames": {0: wanted}},
                           dynamo=True, verbose=False)
         import onnx
 
@@ -78,13 +83,14 @@ def outputs(model: torch.nn.Module) -> typing.List[str]:
     return ["landmarks", "readout"] if isinstance(blend, MotionBlend) else ["landmarks"]
 
 
-def parity(model: torch.nn.Module, onnx_path: pathlib.Path, features: np.ndarray, rest: np.ndarray) -> float:
-    """Largest |ONNX − torch| over the model's outputs."""
+def parity(model: torch.nn.Module, onnx_path: pathlib.Path, features: np.ndarray, rest: np.ndarray,
+           frames: np.ndarray) -> float:
+    """Largest |ONNX − torch| over the model's outputs at `frames`."""
     session = OnnxSession(onnx_path, providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        expected = model(torch.from_numpy(features), torch.from_numpy(rest))
+        expected = model(torch.from_numpy(features), torch.from_numpy(rest), torch.from_numpy(frames))
     expected = expected if isinstance(expected, tuple) else (expected,)
-    got = session.run(features=features, rest=rest)
+    got = session.run(features=features, rest=rest, frames=frames)
     return max(float(np.abs(got[name] - want.numpy()).max()) for name, want in zip(outputs(model), expected))
 
 
@@ -96,11 +102,25 @@ def export_checked(model: torch.nn.Module, out: pathlib.Path, limit: float) -> t
     with tempfile.TemporaryDirectory() as tmp:
         candidate = pathlib.Path(tmp) / out.name
         export(model, candidate)
-        for batch, length in ((1, 1), (1, 57), (3, 20)):
+        for batch, length, first in ((1, 1, 0), (1, 57, 0), (3, 20, 0), (1, 9, 6), (2, 30, 29)):
             features = rng.standard_normal((batch, length, model.config.features)).astype(np.float32)
             rest = rng.uniform(40, 90, (batch, N_POINTS, 2)).astype(np.float32)
-            worst = max(worst, parity(model, candidate, features, rest))
+            worst = max(worst, parity(model, candidate, features, rest, np.arange(first, length)))
         return worst if accept_export(candidate, out, worst, limit) else None
+
+
+def export_half_weights(model: torch.nn.Module, out: pathlib.Path, limit: float) -> typing.Optional[float]:
+    """`export_checked` with the large weights (`FP16_MIN_ELEMENTS` and up) stored as float16 and computed
+    in float32, as the shipped motion files are: the torch model's own weights are rounded alike first,
+    so parity holds. Returns the largest difference, or None (said, `out` left as it was)."""
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.numel() >= FP16_MIN_ELEMENTS:
+                weight.copy_(weight.half().float())
+    worst = export_checked(model, out, limit)
+    if worst is not None:
+        store_weights_fp16(out)
+    return worst
 
 
 def main(argv=None) -> int:
@@ -114,7 +134,8 @@ def main(argv=None) -> int:
         print(f"error: {args.checkpoint} holds a blend or a closure gate: its torch copy is written by training.linear_motion "
               "or training.closure_gate", file=sys.stderr)
         return 2
-    worst = export_checked(model, args.out, 1e-4)
+    # A gated model is a shipped file's torch copy (training.closure_gate): exported as that file is.
+    worst = export_half_weights(model, args.out, 1e-3) if isinstance(model, ClosureGated) else export_checked(model, args.out, 1e-4)
     if worst is None:
         return 1
     if args.torch_copy:

@@ -23,6 +23,22 @@ def mouth_width(rest: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rest[..., CORNERS[1], :] - rest[..., CORNERS[0], :], dim=-1)
 
 
+def all_frames(features: torch.Tensor) -> torch.Tensor:
+    """`(B, T, D)` → `(T,) int64`: every frame (the `frames` argument's default)."""
+    return torch.arange(features.shape[1], device=features.device)
+
+
+def lagged_conv(conv: nn.Conv1d, features: torch.Tensor, pad: typing.Tuple[int, int], frames: torch.Tensor) -> torch.Tensor:
+    """`conv` (kernel L, no dilation) over `features (B, T, D)` with the end frames repeated `pad` times
+    past the ends, computed at `frames (K,) int64` only → `(B, K, out_channels)`: the L frames each
+    output reads (indices clamped to the clip: the repeated ends) are gathered and multiplied with the
+    kernel at once, so a stream that wants its newest frames pays for those alone."""
+    lags = conv.kernel_size[0]
+    reads = (frames[:, None] + torch.arange(lags, device=frames.device) - pad[0]).clamp(0, features.shape[1] - 1)
+    stacked = features.index_select(1, reads.reshape(-1)).unflatten(1, (-1, lags)).flatten(2)  # (B, K, L·D), oldest first
+    return stacked @ conv.weight.transpose(1, 2).flatten(1).T + conv.bias  # the kernel (out, D, L) in the same order
+
+
 class TemporalBlock(nn.Module):
     """Dilated Conv1d over video frames, residual: causal (sees the present and the past only) or
     centred (as many frames ahead as behind)."""
@@ -48,7 +64,9 @@ class MotionModel(nn.Module):
             (`avatar.speech.encoder.frame_features`; live or offline features, as `config.causal` says).
         rest: `(B, N_POINTS, 2) float32`, the person's closed, relaxed mouth and jaw in crop pixels
             (any crop size), in `POINTS` order.
-        returns `(B, T, N_POINTS, 2) float32`: predicted landmarks in the same pixels.
+        frames: `(K,) int64`, the frames whose landmarks are wanted (default: all); a stream gives its
+            newest frames after the past ones they need (`config.receptive_frames`).
+        returns `(B, K, N_POINTS, 2) float32`: predicted landmarks in the same pixels.
 
     Per frame the features are normalised and projected; dilated temporal convolutions (causal for
     the live model, centred for the offline one) mix neighbouring frames; the head predicts
@@ -76,10 +94,12 @@ class MotionModel(nn.Module):
         flat = coefficients @ self.basis + self.mean
         return flat.reshape(*coefficients.shape[:-1], N_POINTS, 2)
 
-    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        offsets = self.offsets(self.coefficients(features))
+    def forward(self, features: torch.Tensor, rest: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        coefficients = self.coefficients(features)
+        if frames is not None:
+            coefficients = coefficients.index_select(1, frames)
         width = mouth_width(rest)[:, None, None, None]
-        return rest[:, None] + offsets * width
+        return rest[:, None] + self.offsets(coefficients) * width
 
 
 class LinearMotionModel(nn.Module):
@@ -87,8 +107,8 @@ class LinearMotionModel(nn.Module):
     mouth widths) are a linear function of its features and those of the `lags - 1` frames before
     (`causal`; else centred on it), the end frames repeated past the ends, and the landmarks are
     rest + offsets × mouth width.
-    Same contract as `MotionModel`: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) →
-    `(B, T, N_POINTS, 2)`."""
+    Same contract as `MotionModel`: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`, frames `(K,)`
+    or None) → `(B, K, N_POINTS, 2)`."""
 
     def __init__(self, features: int, lags: int = 5, causal: bool = True):
         super().__init__()
@@ -111,9 +131,8 @@ class LinearMotionModel(nn.Module):
             model.conv.bias.copy_((y_mean - x_mean @ weights).float())
         return model
 
-    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.pad(features.transpose(1, 2), self.pad, mode="replicate")
-        offsets = self.conv(x).transpose(1, 2)
+    def forward(self, features: torch.Tensor, rest: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        offsets = lagged_conv(self.conv, features, self.pad, all_frames(features) if frames is None else frames)
         offsets = offsets.reshape(*offsets.shape[:-1], N_POINTS, 2)
         width = mouth_width(rest)[:, None, None, None]
         return rest[:, None] + offsets * width
@@ -132,8 +151,9 @@ class MotionBlend(nn.Module):
             raise ValueError(f"the network sees {network.config.receptive_frames} frames, the read-out {linear.lags}")
         self.network, self.linear, self.config = network, linear, network.config
 
-    def forward(self, features: torch.Tensor, rest: torch.Tensor) -> typing.Tuple[torch.Tensor, torch.Tensor]:
-        return self.network(features, rest), self.linear(features, rest)
+    def forward(self, features: torch.Tensor, rest: torch.Tensor,
+                frames: torch.Tensor | None = None) -> typing.Tuple[torch.Tensor, torch.Tensor]:
+        return self.network(features, rest, frames), self.linear(features, rest, frames)
 
 
 def closure_pull(read, threshold: float, full: float):
@@ -149,7 +169,8 @@ class ClosureGated(nn.Module):
     offline network, the frame and those before it for a live one): with p the read-out, the landmarks
     move `closure_pull(p, threshold, full)` of the way to rest (a ridge fit of a 0/1
     label seldom reads 1 even where the lips close, so `full` < 1 lets the lips meet). Same contract as the
-    model it gates: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`) → `(B, T, N_POINTS, 2)`, or a
+    model it gates: forward(features `(B, T, D)`, rest `(B, N_POINTS, 2)`, frames `(K,)` or None) →
+    `(B, K, N_POINTS, 2)`, or a
     `MotionBlend`'s pair, each gated (so the runner's blend of the two is gated too); `config`: the
     network's."""
 
@@ -177,13 +198,14 @@ class ClosureGated(nn.Module):
             model.conv.bias.copy_(torch.tensor([float(y_mean) - float(x_mean @ weights)]).float())
         return model
 
-    def closure(self, features: torch.Tensor) -> torch.Tensor:
-        """`(B, T, D)` → `(B, T)`: the read-out (about 1 where the lips close, 0 where they are open)."""
-        return self.conv(nn.functional.pad(features.transpose(1, 2), self.pad, mode="replicate"))[:, 0]
+    def closure(self, features: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, T, D)` → `(B, K)` at `frames (K,)` (default: all): the read-out (about 1 where the lips
+        close, 0 where they are open)."""
+        return lagged_conv(self.conv, features, self.pad, all_frames(features) if frames is None else frames)[..., 0]
 
-    def forward(self, features: torch.Tensor, rest: torch.Tensor):
-        out = self.network(features, rest)
-        gate = closure_pull(self.closure(features), self.threshold, self.full)[..., None, None]
+    def forward(self, features: torch.Tensor, rest: torch.Tensor, frames: torch.Tensor | None = None):
+        out = self.network(features, rest, frames)
+        gate = closure_pull(self.closure(features, frames), self.threshold, self.full)[..., None, None]
         if isinstance(out, tuple):
             return tuple(landmarks + gate * (rest[:, None] - landmarks) for landmarks in out)
         return out + gate * (rest[:, None] - out)

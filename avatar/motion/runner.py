@@ -126,11 +126,14 @@ class MotionPredictor:
         """Whether the model gives a linear read-out beside its landmarks (`MotionBlend`)."""
         return "readout" in self.session.output_names
 
-    def predict(self, features: np.ndarray, rest: np.ndarray, voice: typing.Optional[np.ndarray] = None) -> np.ndarray:
-        """`features: (T, D) float32` at video frames, `rest: (K, 2)` → `(T, K, 2) float32` landmarks.
+    def predict(self, features: np.ndarray, rest: np.ndarray, voice: typing.Optional[np.ndarray] = None,
+                newest: typing.Optional[int] = None) -> np.ndarray:
+        """`features: (T, D) float32` at video frames, `rest: (K, 2)` → `(T, K, 2) float32` landmarks, or
+        those of the `newest` N frames only `(N, K, 2)` (a stream's: the frames before them only feed
+        them, and the model computes what it can for those N alone).
         A model with a read-out (`has_readout`) moves the landmarks READOUT_WEIGHT of the way to the
-        read-out's, times `voice (T,)` in [0, 1] (voice activity: the network alone in silence and
-        noise, where the read-out jitters; None: speech everywhere)."""
+        read-out's, times `voice` in [0, 1] of the frames returned (voice activity: the network alone in
+        silence and noise, where the read-out jitters; None: speech everywhere)."""
         features = np.ascontiguousarray(features, np.float32)
         if features.ndim != 2 or features.shape[1] != self.config.features:
             raise ValueError(f"features must be (T, {self.config.features}), got {features.shape}")
@@ -139,10 +142,17 @@ class MotionPredictor:
             raise ValueError(f"rest must be ({len(POINTS)}, 2), got {rest.shape}")
         if features.shape[0] == 0:
             return np.zeros((0, len(POINTS), 2), np.float32)
-        out = self.session.run(features=features[None], rest=rest[None])
+        first = len(features) - (len(features) if newest is None else newest)
+        if not 0 <= first < len(features) or (voice is not None and len(voice) != len(features) - first):
+            raise ValueError(f"newest must be 1..{len(features)} and voice one value per frame returned, "
+                             f"got newest={newest} and {None if voice is None else len(voice)} values")
+        if "frames" in self.session.input_names:
+            out = self.session.run(features=features[None], rest=rest[None], frames=np.arange(first, len(features)))
+        else:  # a file exported before the `frames` input (the shipped motion_offline.onnx): all computed
+            out = {k: v[:, first:] for k, v in self.session.run(features=features[None], rest=rest[None]).items()}
         if "readout" not in out:
             return out["landmarks"][0]
-        weight = READOUT_WEIGHT * (np.ones(len(features), np.float32) if voice is None else np.asarray(voice, np.float32))
+        weight = READOUT_WEIGHT * (np.ones(len(features) - first, np.float32) if voice is None else np.asarray(voice, np.float32))
         return (out["landmarks"][0] + weight[:, None, None] * (out["readout"][0] - out["landmarks"][0])).astype(np.float32)
 
     def features_for(self, samples: np.ndarray, fps: float, n_frames: typing.Optional[int] = None) -> np.ndarray:
@@ -299,8 +309,7 @@ class MotionStream:
         stack = np.concatenate([self.history, rows])
         if self.vad_scores.size < len(indices):  # frame i's score needs audio up to (i + 1) / fps only: never
             raise RuntimeError("voice activity lags the motion frames")
-        voice = np.r_[np.ones(len(self.history), np.float32), self.vad_scores[: len(indices)]]  # the history's outputs are not kept
-        out = self.predictor.predict(stack, self.rest, voice=voice)[-len(indices):]
+        out = self.predictor.predict(stack, self.rest, voice=self.vad_scores[: len(indices)], newest=len(indices))
         if self.adaptation is not None:
             out = self.adaptation.apply(self.predictor.encoder.own_rows(rows), out, self.rest, smooth=False)
         out = self.hold.apply(out, self.rest, self.vad_scores[: len(indices)])
@@ -322,6 +331,8 @@ class MotionStream:
     def take(self, plan, outputs: np.ndarray) -> typing.Tuple[np.ndarray, np.ndarray]:
         """A plan and its windows encoded (`SpeechEncoder.encode_windows`) → (frame indices `(k,)`,
         landmarks `(k, K, 2)`)."""
+        if not plan.ends:  # no new encoder frame: no new video frame
+            return np.zeros(0, np.int64), np.zeros((0, len(POINTS), 2), np.float32)
         _, rows = self.speech.rows(plan, outputs)
         self.encoded = np.concatenate([self.encoded, rows])
         return self._take(final=False)

@@ -315,6 +315,8 @@ class SpeechEncoder:
         """Frames [plan.first, plan.stop) `(k, live_width) float32` from the encoded windows `outputs`
         (`encode_windows`): each frame's row and the `live_ahead` after it (the window's last repeated)."""
         c = self.config
+        if not plan.ends:
+            return np.zeros((0, self.live_width), np.float32)
         ahead = np.minimum(np.arange(c.live_hop)[:, None] + np.arange(1 + c.live_ahead)[None], outputs.shape[1] - 1)  # (hop, 1 + ahead)
         rows = [np.zeros((0, self.live_width), np.float32)]
         for end, out in zip(plan.ends, outputs):
