@@ -559,3 +559,61 @@ def test_the_memory_of_hearing_does_not_grow_with_the_length(offline_predictor, 
         peaks[minutes] = tracemalloc.get_traced_memory()[1] / 2 ** 20
         tracemalloc.stop()
     assert peaks[4] - peaks[1] < 2.1 + 3, peaks  # the landmarks of 3 more minutes, and slack
+
+
+def test_ridge_sums_solve_the_ridge_fit_of_the_rows_they_sum():
+    """`RidgeSums`: the union of two sets of rows, and a set weighted 2, give `fit`'s read-out of the
+    rows stacked (the weighted set twice)."""
+    from training.closure_gate import RidgeSums
+    from training.linear_motion import fit
+
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.normal(1, 1, (40, 6)), rng.normal(-1, 2, (30, 6))
+    y1, y2 = x1 @ rng.normal(0, 1, 6) + rng.normal(0, 0.1, 40), rng.uniform(0, 1, 30)
+    for weight, rows, targets in ((1.0, np.r_[x1, x2], np.r_[y1, y2]), (2.0, np.r_[x1, x2, x2], np.r_[y1, y2, y2])):
+        got = (RidgeSums.of(x1, y1) + RidgeSums.of(x2, y2, weight)).solve(3.0)
+        want = fit(rows, targets, 3.0)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_the_live_gate_taught_on_speech_only_clips(tiny_cache, tmp_path):
+    """`--teacher`: the live read-out is fitted on the videos' frames and on the speech-only clips'
+    frames labelled by the offline model's closure read-out (a different read-out from the videos
+    alone), the gate at the taught operating point, the teacher named in the copy; `--teacher-study`
+    prints each weight's fold AUC and matched gate; an offline network or a cache without speech-only
+    clips is one line."""
+    import shutil
+
+    from training import closure_gate
+    from training.export_motion import load_model
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    arguments = ["--cache", str(cache), "--network", str(ASSETS / "motion_live.pt"), "--teacher", str(ASSETS / "motion_offline.pt")]
+    assert closure_gate.main([*arguments, "--out", str(tmp_path / "x.onnx")]) == 2  # no speech-only clips yet
+    assert not (tmp_path / "x.onnx").exists()
+    (cache / "speech_only").mkdir(exist_ok=True)
+    for clip in sorted((cache / "clips").iterdir()):  # the clips' own speech stands for speech-only clips
+        with np.load(clip / "speech.npz") as data:
+            np.savez(cache / "speech_only" / f"{clip.name}.npz", offline_0=data["offline_0"], live_0=data["live_0"])
+    taught = tmp_path / "taught.pt"
+    assert closure_gate.main([*arguments, "--out", str(tmp_path / "taught.onnx"), "--torch-copy", str(taught)]) == 0
+    gated, state = load_model(taught), torch.load(taught, weights_only=False)
+    assert (gated.threshold, gated.full) == (closure_gate.TAUGHT_THRESHOLD, closure_gate.TAUGHT_FULL)
+    assert state["closure_teacher_weight"] == closure_gate.TEACHER_WEIGHT
+    videos = closure_gate.RidgeSums.of(*closure_gate.design(closure_gate.load_motion_clips(cache, "train"), live=True))
+    live_so, offline_so = closure_gate.speech_only_design(cache)
+    teacher, bias = closure_gate.teacher_readout(ASSETS / "motion_offline.pt")
+    taught_sums = videos + closure_gate.RidgeSums.of(live_so, offline_so @ teacher + bias, closure_gate.TEACHER_WEIGHT)
+    def read_out(sums):  # the gate's kernel, as `ClosureGated.from_ridge` lays it out
+        weights = sums.solve(state["closure_lambda"])[0]
+        return torch.from_numpy(weights.reshape(5, -1, 1).transpose(2, 1, 0)).float()
+    torch.testing.assert_close(gated.conv.weight, read_out(taught_sums), atol=1e-5, rtol=1e-4)
+    assert (gated.conv.weight - read_out(videos)).abs().max() > 1e-4  # the teacher's frames change the read-out
+    assert closure_gate.main(["--cache", str(cache), "--network", str(ASSETS / "motion_offline.pt"), "--teacher",
+                              str(ASSETS / "motion_offline.pt"), "--out", str(tmp_path / "y.onnx")]) == 2
+    lam = 3e4
+    results = closure_gate.teacher_study(closure_gate.load_motion_clips(cache, "train"), cache, lam, weights=(0.0, 4.0), folds=2)
+    assert set(results) == {0.0, 4.0} and all(0.0 <= r["auc"] <= 1.0 and len(r["folds"]) == 2 for r in results.values())
+    assert all(r["gate"][0] <= r["gate"][1] for r in results.values())

@@ -3,9 +3,10 @@ close, the predicted mouth is pulled to rest (`avatar.motion.model.ClosureGated`
 
     python -m training.closure_gate --cache cache --network assets/motion_offline.pt --out assets/motion_offline.onnx \
         --torch-copy assets/motion_offline.pt
-    python -m training.closure_gate --cache cache --network runs/motion_live/blend.pt --out assets/motion_live.onnx \
-        --torch-copy assets/motion_live.pt                      # the live blend (training.linear_motion --blend)
+    python -m training.closure_gate --cache cache --network runs/motion_live/blend.pt --teacher assets/motion_offline.pt \
+        --out assets/motion_live.onnx --torch-copy assets/motion_live.pt   # the live blend (training.linear_motion --blend)
     python -m training.closure_gate --cache cache --fold-networks runs/live_fold{0,1,2,3}/last.pt   # the live gate's study
+    python -m training.closure_gate --cache cache --teacher-study        # the live read-out's teacher: weight, matched gate
 
 The read-out: ridge regression, on the training people's kept frames, from 5 frames of features
 (offline: whole-utterance features, centred on the frame; live: live features, the frame and the 4
@@ -18,6 +19,11 @@ the shipped recipe), each gated by a read-out fitted without the same quarter, s
 with the blend's read-out also fitted without the quarter; `assets/MODELS.md`). The networks
 are unchanged (their weights from the torch copy); the torch copy then holds the gate too (the live
 model's teacher is the offline network alone).
+
+The live read-out may also learn from the speech-only clips (`--teacher`): the offline model's
+closure read-out, which hears the whole utterance, labels their frames, and the live read-out is fitted
+on the videos' frames and those together (`TEACHER_WEIGHT` a speech-only frame). The weight and the
+gate's operating point come from `--teacher-study` on the training people alone (`teacher_study`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ from training.readout import LAGS, person_folds, stacked
 LAMBDAS = (1e3, 1e4, 3e4, 1e5)
 THRESHOLD, FULL = 0.25, 0.6  # offline: the mouth starts towards rest at 0.25 and is there from 0.6 (assets/MODELS.md)
 LIVE_THRESHOLD, LIVE_FULL = 0.15, 0.6  # live; both chosen by `--fold-networks` (the best opening r)
+# Live with a teacher (`--teacher`): the speech-only frames' weight in the read-out's fit, the best of
+# TEACHER_WEIGHTS by the folds' AUC, and the gate's operating point matched to LIVE_THRESHOLD-LIVE_FULL
+# on the folds' pooled scores (`--teacher-study`; assets/MODELS.md). The operating point was matched at
+# λ 30,000; at the λ the rebuilt cache chose (100,000) the study gives 0.144-0.493 (not yet shipped).
+TEACHER_WEIGHTS = (0.0, 1.0, 2.0, 4.0)
+TEACHER_WEIGHT = 4.0
+TAUGHT_THRESHOLD, TAUGHT_FULL = 0.14, 0.528
 
 
 def design(clips: typing.Sequence[MotionClip], live: bool = False) -> typing.Tuple[np.ndarray, np.ndarray]:
@@ -53,6 +66,102 @@ def design(clips: typing.Sequence[MotionClip], live: bool = False) -> typing.Tup
         xs.append(stacked(clip_features(clip, live=live), live)[keep])
         ys.append((gap[keep] < CLOSED_PCT_IOD).astype(np.float64))
     return np.concatenate(xs).astype(np.float64), np.concatenate(ys)
+
+
+@dataclasses.dataclass
+class RidgeSums:
+    """What a ridge fit needs of weighted rows (x, y): Σ w·x xᵀ, Σ w·x, Σ w·x y, Σ w·y, Σ w. Sums of
+    two sets add; `solve` is `training.linear_motion.fit` on their union."""
+
+    xx: np.ndarray
+    x: np.ndarray
+    xy: np.ndarray
+    y: float
+    n: float
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> "RidgeSums":
+        """Of rows `x (N, F) float64`, targets `y (N,)`, each with `weight`."""
+        return cls(x.T @ x, x.sum(0), x.T @ y, float(y.sum()), float(len(y))).scaled(weight)
+
+    def scaled(self, weight: float) -> "RidgeSums":
+        """The same rows, each weighted `weight` times more."""
+        return RidgeSums(weight * self.xx, weight * self.x, weight * self.xy, weight * self.y, weight * self.n)
+
+    def __add__(self, other: "RidgeSums") -> "RidgeSums":
+        return RidgeSums(self.xx + other.xx, self.x + other.x, self.xy + other.xy, self.y + other.y, self.n + other.n)
+
+    def solve(self, lam: float) -> typing.Tuple[np.ndarray, np.ndarray, float]:
+        """Ridge on centred data → (weights `(F,)`, x mean `(F,)`, y mean)."""
+        x_mean, y_mean = self.x / self.n, self.y / self.n
+        centred = self.xx - self.n * np.outer(x_mean, x_mean)
+        return np.linalg.solve(centred + lam * np.eye(len(centred)), self.xy - x_mean * self.y), x_mean, y_mean
+
+
+def speech_only_design(cache_root: pathlib.Path, fps: float = 25.0) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """The speech-only clips of `training.speech_features` (clean variant) at `fps` video frames, as
+    `training.motion_data.load_speech_only` places them: the live read-out's stacked features
+    `(N, LAGS·D_live) float64` and the offline read-out's `(N, LAGS·D_offline) float64`."""
+    from avatar.speech.encoder import interpolate_frames
+
+    lives, offlines = [], []
+    for path in sorted((pathlib.Path(cache_root) / "speech_only").glob("*.npz")):
+        with np.load(path) as data:
+            offline, live = data["offline_0"].astype(np.float32), data["live_0"].astype(np.float32)
+        n = int(offline.shape[0] * fps * 0.02)
+        if n < 16:  # as load_speech_only
+            continue
+        at = np.arange(n) * 50.0 / fps
+        lives.append(stacked(interpolate_frames(live, at), live=True))
+        offlines.append(stacked(interpolate_frames(offline, at), live=False))
+    if not lives:
+        raise ValueError(f"no speech-only clips in {cache_root}; run training.speech_features without --no-speech-only")
+    return np.concatenate(lives).astype(np.float64), np.concatenate(offlines).astype(np.float64)
+
+
+def teacher_readout(path: pathlib.Path) -> typing.Tuple[np.ndarray, float]:
+    """An offline model's closure read-out from its gated torch copy (`--torch-copy` of this script):
+    (weights `(LAGS·D,)` on `stacked` offline features, bias)."""
+    from training.export_motion import load_model
+
+    model = load_model(path)
+    if not isinstance(model, ClosureGated) or model.config.causal:
+        raise ValueError(f"{path} is not an offline model with a closure gate (training.closure_gate --torch-copy)")
+    weight = model.conv.weight.detach().double().numpy()[0]  # (D, LAGS), oldest lag first
+    return weight.T.reshape(-1), float(model.conv.bias.detach().double()[0])
+
+
+def teacher_study(clips: typing.Sequence[MotionClip], cache_root: pathlib.Path, lam: float,
+                  weights: typing.Sequence[float] = TEACHER_WEIGHTS, folds: int = 4) -> typing.Dict[float, typing.Dict[str, typing.Any]]:
+    """The live read-out fitted also on the speech-only clips, labelled by the offline read-out, on the
+    training people alone: in each of `folds` person folds the offline read-out is fitted on the other
+    people (λ `lam`) and its values label the speech-only frames; the live read-out is fitted on those
+    people's frames plus the speech-only ones at each weight (0: the videos alone) and ranks the fold's
+    frames. Returns, per weight: `auc` (frame-weighted mean), `folds` (each fold's AUC), and `gate`, the
+    (threshold, full) whose shares of the pooled out-of-fold scores above them equal those of the
+    weight-0 scores above LIVE_THRESHOLD and LIVE_FULL (the shipped gate's operating point)."""
+    live_so, offline_so = speech_only_design(cache_root)
+    so = RidgeSums.of(live_so, np.zeros(len(live_so)))  # the speech-only Gram once; labels per fold
+    scores: typing.Dict[float, typing.List[np.ndarray]] = {w: [] for w in weights}
+    rows: typing.Dict[float, typing.List[typing.Tuple[float, int]]] = {w: [] for w in weights}
+    for fitted, held in person_folds(clips, folds):
+        teacher, t_mean, t_y = fit(*design(fitted, live=False), lam)
+        taught = (offline_so - t_mean) @ teacher + t_y
+        fold_so = dataclasses.replace(so, xy=live_so.T @ taught, y=float(taught.sum()))
+        videos = RidgeSums.of(*design(fitted, live=True))
+        x_held, y_held = design(held, live=True)
+        for w in weights:
+            read, x_mean, y_mean = (videos + fold_so.scaled(w)).solve(lam)
+            scores[w].append((x_held - x_mean) @ read + y_mean)
+            rows[w].append((auc(scores[w][-1], y_held), len(y_held)))
+    plain = np.concatenate(scores[weights[0]])
+    results = {}
+    for w in weights:
+        pooled = np.concatenate(scores[w])
+        gate = tuple(float(np.quantile(pooled, np.mean(plain <= level))) for level in (LIVE_THRESHOLD, LIVE_FULL))
+        results[w] = {"auc": float(np.average([a for a, _ in rows[w]], weights=[n for _, n in rows[w]])),
+                      "folds": [a for a, _ in rows[w]], "gate": gate}
+    return results
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -159,6 +268,13 @@ def main(argv=None) -> int:
                         "state dict and config, a blend's read-out, the gate's weights; training.export_motion.load_model reads it)")
     parser.add_argument("--full", type=float, help="read-out value at which the mouth is fully at rest "
                         f"(default: offline {FULL}, live {LIVE_FULL})")
+    parser.add_argument("--teacher", type=pathlib.Path, help="live gate: fit its read-out also on the cache's speech-only clips, "
+                        "labelled by this offline model's closure read-out (its gated torch copy, e.g. assets/motion_offline.pt); "
+                        f"the gate then defaults to {TAUGHT_THRESHOLD}-{TAUGHT_FULL}")
+    parser.add_argument("--teacher-weight", type=float, default=TEACHER_WEIGHT,
+                        help="a speech-only frame's weight against a video frame's in that fit")
+    parser.add_argument("--teacher-study", action="store_true", help="instead: study the teacher's weight on the training "
+                        "people's folds (AUC) and the gate matched to the shipped one")
     parser.add_argument("--fold-networks", type=pathlib.Path, nargs="+", help="instead: study the gate's threshold and "
                         "full pull with K networks (offline or live), the k-th trained without the k-th of K person folds "
                         "(train_motion --fold k/K)")
@@ -172,6 +288,18 @@ def main(argv=None) -> int:
         print(f"error: fewer than two training people with speech features in {args.cache}; run training.preprocess and "
               "training.speech_features", file=sys.stderr)
         return 2
+    if args.teacher_study:
+        lam, _ = choose_lambda(clips, live=True)
+        try:
+            results = teacher_study(clips, args.cache, lam)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"live closure read-out taught on the speech-only clips (λ {lam:g}), training people's folds: weight, AUC "
+              f"(each fold), the gate matched to {LIVE_THRESHOLD}-{LIVE_FULL}")
+        for w, m in results.items():
+            print(f"{w:6g} {m['auc']:.4f} ({' / '.join(f'{a:.3f}' for a in m['folds'])})  {m['gate'][0]:.3f}-{m['gate'][1]:.3f}")
+        return 0
     if args.fold_networks:
         from training.motion_data import load_noise_features
 
@@ -196,12 +324,27 @@ def main(argv=None) -> int:
     if not isinstance(network, MotionBlend if live else MotionModel):
         print(f"error: {args.network} is neither an offline network (MotionModel) nor a live blend (MotionBlend)", file=sys.stderr)
         return 2
-    threshold = args.threshold if args.threshold is not None else (LIVE_THRESHOLD if live else THRESHOLD)
-    full = args.full if args.full is not None else (LIVE_FULL if live else FULL)
+    if args.teacher and not live:
+        print("error: --teacher is for the live gate (an offline gate would be its own teacher)", file=sys.stderr)
+        return 2
+    taught = (TAUGHT_THRESHOLD, TAUGHT_FULL) if args.teacher else (LIVE_THRESHOLD, LIVE_FULL)
+    threshold = args.threshold if args.threshold is not None else (taught[0] if live else THRESHOLD)
+    full = args.full if args.full is not None else (taught[1] if live else FULL)
     lam, means = choose_lambda(clips, live=live)
     print("leave-people-out AUC of the closure read-out on the training people: "
           + ", ".join(f"λ {k:g}: {v:.3f}" for k, v in means.items()))
-    weights, x_mean, y_mean = fit(*design(clips, live), lam)
+    sums = RidgeSums.of(*design(clips, live))
+    if args.teacher:
+        try:
+            teacher, bias = teacher_readout(args.teacher)
+            live_so, offline_so = speech_only_design(args.cache)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        sums = sums + RidgeSums.of(live_so, offline_so @ teacher + bias, args.teacher_weight)
+        print(f"taught by {args.teacher} on {len(live_so)} speech-only frames (weight {args.teacher_weight:g})")
+        del live_so, offline_so
+    weights, x_mean, y_mean = sums.solve(lam)
     model = ClosureGated.from_ridge(network, weights, x_mean, y_mean, threshold, LAGS, full).eval()
     worst = export_half_weights(model, args.out, 1e-3)  # the large weights stored as float16 (both files)
     if worst is None:
@@ -212,6 +355,8 @@ def main(argv=None) -> int:
                 "model_config": dataclasses.asdict(base.config),
                 "closure": {f"conv.{k}": v for k, v in model.conv.state_dict().items()},
                 "closure_threshold": threshold, "closure_full": full, "closure_lambda": lam}
+        if args.teacher:
+            copy.update(closure_teacher=str(args.teacher), closure_teacher_weight=args.teacher_weight)
         if live:  # the read-out (its large weights as float16, as in the ONNX), and its λ
             copy["linear"] = {k: v.half() if v.numel() >= FP16_MIN_ELEMENTS else v for k, v in network.linear.state_dict().items()}
             state = torch.load(args.network, map_location="cpu", weights_only=False)
