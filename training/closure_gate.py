@@ -41,7 +41,7 @@ from avatar.motion.model import ClosureGated, MotionBlend, MotionModel, closure_
 from training.closures import CLOSED_PCT_IOD
 from training.common import FP16_MIN_ELEMENTS
 from training.linear_motion import fit
-from training.motion_data import MotionClip, clip_features, load_motion_clips
+from training.motion_data import MotionClip, clip_features, iter_speech_only, load_motion_clips
 from training.readout import LAGS, person_folds, stacked
 
 LAMBDAS = (1e3, 1e4, 3e4, 1e5)
@@ -99,21 +99,15 @@ class RidgeSums:
 
 
 def speech_only_design(cache_root: pathlib.Path, fps: float = 25.0) -> typing.Tuple[np.ndarray, np.ndarray]:
-    """The speech-only clips of `training.speech_features` (clean variant) at `fps` video frames, as
-    `training.motion_data.load_speech_only` places them: the live read-out's stacked features
-    `(N, LAGS·D_live) float64` and the offline read-out's `(N, LAGS·D_offline) float64`."""
+    """The speech-only clips (`training.motion_data.iter_speech_only`, clean variant) at `fps` video
+    frames: the live read-out's stacked features `(N, LAGS·D_live) float64` and the offline read-out's
+    `(N, LAGS·D_offline) float64`."""
     from avatar.speech.encoder import interpolate_frames
 
     lives, offlines = [], []
-    for path in sorted((pathlib.Path(cache_root) / "speech_only").glob("*.npz")):
-        with np.load(path) as data:
-            offline, live = data["offline_0"].astype(np.float32), data["live_0"].astype(np.float32)
-        n = int(offline.shape[0] * fps * 0.02)
-        if n < 16:  # as load_speech_only
-            continue
-        at = np.arange(n) * 50.0 / fps
-        lives.append(stacked(interpolate_frames(live, at), live=True))
-        offlines.append(stacked(interpolate_frames(offline, at), live=False))
+    for _, speech, at in iter_speech_only(cache_root, fps):
+        lives.append(stacked(interpolate_frames(speech["live_0"].astype(np.float32), at), live=True))
+        offlines.append(stacked(interpolate_frames(speech["offline_0"].astype(np.float32), at), live=False))
     if not lives:
         raise ValueError(f"no speech-only clips in {cache_root}; run training.speech_features without --no-speech-only")
     return np.concatenate(lives).astype(np.float64), np.concatenate(offlines).astype(np.float64)

@@ -136,20 +136,27 @@ class SpeechOnlyClip:
     targets: np.ndarray
 
 
-def load_speech_only(cache_root, teacher: typing.Callable[[np.ndarray], np.ndarray], fps: float = 25.0) -> typing.List[SpeechOnlyClip]:
-    """The speech-only clips of `training.speech_features`, labelled by `teacher` (offline features
-    `(T, D)` at `fps` → offsets `(T, N_POINTS, 2)`), the labels resampled to encoder frames."""
-    clips = []
+def iter_speech_only(cache_root, fps: float = 25.0) -> typing.Iterator[typing.Tuple[str, typing.Dict[str, np.ndarray], np.ndarray]]:
+    """The speech-only clips of `training.speech_features` of at least 16 video frames at `fps`: (clip id,
+    its features by kind and variant (`offline_0`, `live_0`, ...), the video frames' encoder positions `(n,)`)."""
     for path in sorted((pathlib.Path(cache_root) / "speech_only").glob("*.npz")):
         with np.load(path) as data:
             speech = {k: data[k] for k in data.files if k.startswith(("offline_", "live_"))}
+        n = int(speech["offline_0"].shape[0] * fps * 0.02)
+        if n >= 16:
+            yield path.stem, speech, np.arange(n) * 50.0 / fps
+
+
+def load_speech_only(cache_root, teacher: typing.Callable[[np.ndarray], np.ndarray], fps: float = 25.0) -> typing.List[SpeechOnlyClip]:
+    """The speech-only clips of `training.speech_features` (`iter_speech_only`), labelled by `teacher`
+    (offline features `(T, D)` at `fps` → offsets `(T, N_POINTS, 2)`), the labels resampled to encoder frames."""
+    clips = []
+    for clip_id, speech, at in iter_speech_only(cache_root, fps):
         offline = speech["offline_0"].astype(np.float32)
-        n = int(offline.shape[0] * fps * 0.02)
-        if n < 16:
-            continue
-        at_frames = teacher(interpolate_frames(offline, np.arange(n) * 50.0 / fps)).reshape(n, -1)  # (n, K * 2)
+        n = len(at)
+        at_frames = teacher(interpolate_frames(offline, at)).reshape(n, -1)  # (n, K * 2)
         at_encoder_frames = interpolate_frames(at_frames, np.arange(offline.shape[0]) * fps / 50.0)
-        clips.append(SpeechOnlyClip(path.stem, speech, at_encoder_frames.reshape(offline.shape[0], -1, 2)))
+        clips.append(SpeechOnlyClip(clip_id, speech, at_encoder_frames.reshape(offline.shape[0], -1, 2)))
     return clips
 
 

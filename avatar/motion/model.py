@@ -23,17 +23,15 @@ def mouth_width(rest: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rest[..., CORNERS[1], :] - rest[..., CORNERS[0], :], dim=-1)
 
 
-def all_frames(features: torch.Tensor) -> torch.Tensor:
-    """`(B, T, D)` → `(T,) int64`: every frame (the `frames` argument's default)."""
-    return torch.arange(features.shape[1], device=features.device)
-
-
-def lagged_conv(conv: nn.Conv1d, features: torch.Tensor, pad: typing.Tuple[int, int], frames: torch.Tensor) -> torch.Tensor:
+def lagged_conv(conv: nn.Conv1d, features: torch.Tensor, pad: typing.Tuple[int, int],
+                frames: torch.Tensor | None = None) -> torch.Tensor:
     """`conv` (kernel L, no dilation) over `features (B, T, D)` with the end frames repeated `pad` times
-    past the ends, computed at `frames (K,) int64` only → `(B, K, out_channels)`: the L frames each
+    past the ends, computed at `frames (K,) int64` only (None: all) → `(B, K, out_channels)`: the L frames each
     output reads (indices clamped to the clip: the repeated ends) are gathered and multiplied with the
     kernel at once, so a stream that wants its newest frames pays for those alone."""
     lags = conv.kernel_size[0]
+    if frames is None:
+        frames = torch.arange(features.shape[1], device=features.device)
     reads = (frames[:, None] + torch.arange(lags, device=frames.device) - pad[0]).clamp(0, features.shape[1] - 1)
     stacked = features.index_select(1, reads.reshape(-1)).unflatten(1, (-1, lags)).flatten(2)  # (B, K, L·D), oldest first
     return stacked @ conv.weight.transpose(1, 2).flatten(1).T + conv.bias  # the kernel (out, D, L) in the same order
@@ -132,7 +130,7 @@ class LinearMotionModel(nn.Module):
         return model
 
     def forward(self, features: torch.Tensor, rest: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
-        offsets = lagged_conv(self.conv, features, self.pad, all_frames(features) if frames is None else frames)
+        offsets = lagged_conv(self.conv, features, self.pad, frames)
         offsets = offsets.reshape(*offsets.shape[:-1], N_POINTS, 2)
         width = mouth_width(rest)[:, None, None, None]
         return rest[:, None] + offsets * width
@@ -201,7 +199,7 @@ class ClosureGated(nn.Module):
     def closure(self, features: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """`(B, T, D)` → `(B, K)` at `frames (K,)` (default: all): the read-out (about 1 where the lips
         close, 0 where they are open)."""
-        return lagged_conv(self.conv, features, self.pad, all_frames(features) if frames is None else frames)[..., 0]
+        return lagged_conv(self.conv, features, self.pad, frames)[..., 0]
 
     def forward(self, features: torch.Tensor, rest: torch.Tensor, frames: torch.Tensor | None = None):
         out = self.network(features, rest, frames)
