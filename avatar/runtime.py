@@ -11,6 +11,8 @@ TensorRT: its fp16 mode); on CPU it has no effect.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
 import typing
@@ -78,6 +80,55 @@ def half_precision_graph(path: typing.Union[str, os.PathLike, bytes]) -> bytes:
     del half.graph.value_info[:]
     half.graph.value_info.extend(kept)
     return half.SerializeToString()
+
+
+def weight_only_int8(path: typing.Union[str, os.PathLike], min_weights: int) -> bytes:
+    """The model at `path` with each MatMul whose weight (a constant, once onnxruntime has folded the
+    graph's constants) holds ≥ `min_weights` numbers as onnxruntime's `MatMulNBits`: weights in 8 bits
+    (symmetric, a scale per 32 inputs of an output), arithmetic in int8 with each row's activations
+    quantized by blocks of its own (accuracy level 4), so a row's numbers never depend on the other
+    rows of a call. For weights read once per call (a stream's newest frame), 4× less memory to
+    read. For the CPU provider; returns the serialised model."""
+    import tempfile
+
+    import onnx
+    import onnxruntime
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC  # standard ops: constants folded
+        options.optimized_model_filepath = f"{folder}/folded.onnx"
+        options.log_severity_level = 3
+        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(f"{folder}/folded.onnx")
+    weights = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+    for k, node in enumerate(matmuls):
+        node.name = node.name or f"matmul_{k}"
+    small = [node.name for node in matmuls if weights.get(node.input[1], 0) < min_weights]
+    if len(small) == len(matmuls):
+        raise AvatarError(f"{path}: no MatMul with a weight of {min_weights} numbers or more to store in 8 bits")
+    with root_logger_untouched():  # the quantizer reports on the root logger
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_exclude=small)
+        quantizer.process()
+    return quantizer.model.model.SerializeToString()
+
+
+@contextlib.contextmanager
+def root_logger_untouched():
+    """Within: the root logger says only errors; after: its level and handlers as before (a library's
+    `logging.warning` gives the root logger a handler the application did not ask for)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
 
 
 class OnnxSession:

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from avatar import media
-from avatar.config import MotionConfig
+from avatar.config import MotionConfig, SpeechConfig
+from avatar.errors import AvatarError
 from avatar.motion.model import N_POINTS, MotionModel
 from avatar.motion.runner import MotionPredictor, rest_pose
 from avatar.runtime import ASSETS
+from avatar.speech.encoder import SpeechEncoder
 from conftest import GRID_CLIP, REPO, feed_in_chunks
 from avatar.face.landmarks import inner_gap as gap
 
@@ -200,6 +202,30 @@ def test_a_streams_newest_frames_are_the_last_frames_of_the_whole_prediction(pre
         np.testing.assert_allclose(predictor.predict(features, rest, voice=voice[-k:], newest=k), whole[-k:], atol=1e-4)
     if predictor.live:
         assert "frames" in predictor.session.input_names
+
+
+def test_the_live_read_out_runs_in_8_bits_on_the_cpu_near_the_float_file_and_row_by_row(live_predictor, rest):
+    """With `SpeechConfig.live_int8` the live model's read-out (its one MatMul of ≥ READOUT_INT8_MIN_WEIGHTS
+    weights) is onnxruntime's MatMulNBits in 8 bits (`avatar.runtime.weight_only_int8`): landmarks near
+    the float file's, the network's layers untouched, and a frame's numbers the same to the bit whether
+    it is computed alone (a stream) or with the others (a whole file)."""
+    import onnx
+
+    from avatar.motion.runner import READOUT_INT8_MIN_WEIGHTS
+    from avatar.runtime import weight_only_int8
+
+    model = onnx.load_from_string(weight_only_int8(live_predictor.session.path, READOUT_INT8_MIN_WEIGHTS))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMul") >= 2  # the read-out; the network's and the gate's stay float
+    float_predictor = MotionPredictor(live=True, encoder=SpeechEncoder(config=dataclasses.replace(SpeechConfig(), live_int8=False)))
+    rng = np.random.default_rng(3)
+    features = rng.normal(0, 1, (40, live_predictor.config.features)).astype(np.float32)
+    int8, exact = live_predictor.predict(features, rest), float_predictor.predict(features, rest)
+    assert 1e-4 < np.abs(int8 - exact).max() < 0.02  # pixels of the 128² crop; not the float file
+    alone = np.concatenate([live_predictor.predict(features[:k + 1], rest, newest=1) for k in range(len(features))])
+    np.testing.assert_array_equal(alone, int8)
+    with pytest.raises(AvatarError, match="no MatMul"):
+        weight_only_int8(live_predictor.session.path, 10 ** 9)
 
 
 def test_streaming_equals_offline(live_predictor, rest):
@@ -471,7 +497,8 @@ def test_closure_gate_training_gates_the_live_blend(tiny_cache, tmp_path):
     rng = np.random.default_rng(2)
     features = rng.normal(0, 1, (1, 80, gated.config.features)).astype(np.float32)
     rest = (64 + rng.normal(0, 8, (1, N_POINTS, 2))).astype(np.float32)
-    predictor = MotionPredictor(out, live=True)
+    float_readout = SpeechEncoder(config=dataclasses.replace(SpeechConfig(), live_int8=False))  # torch's numbers, not 8 bits
+    predictor = MotionPredictor(out, live=True, encoder=float_readout)
     assert predictor.has_readout
     with torch.no_grad():
         network, readout = (o.numpy()[0] for o in gated(torch.from_numpy(features), torch.from_numpy(rest)))

@@ -116,6 +116,29 @@ def test_a_stream_carries_its_convolutions_from_window_to_window(encoder, float_
                                float_encoder.encode(windows)[:, float_encoder.live_window_rows()], atol=1e-5)
 
 
+def test_the_live_convolutions_are_one_matmul_each_with_the_conv_graphs_numbers_frame_by_frame(encoder, speech):
+    """`matmul_convolutions`: the encoder's two convolutions as one MatMul each over the call's frames
+    are its Conv nodes' numbers to float rounding, on live pieces (8 mel frames) and whole windows, and
+    a piece's numbers are the same to the bit alone or with others (what lets a stream carry them)."""
+    import onnxruntime
+    import onnx
+
+    from avatar.speech.live_graph import matmul_convolutions, split_at_convolutions
+
+    convolutions = split_at_convolutions(onnx.load(str(encoder.session.path)))[0]
+    conv_graph = onnxruntime.InferenceSession(convolutions.SerializeToString(), providers=["CPUExecutionProvider"])
+    model = onnx.load_from_string(matmul_convolutions(convolutions))
+    assert [node.op_type for node in model.graph.node].count("MatMul") == 2 and "Conv" not in [n.op_type for n in model.graph.node]
+    mel = encoder.mel(speech[:16000 * 3])
+    pieces = np.stack([encoder._padded(mel, start, start + 8) for start in range(-8, 300, 13)]).transpose(0, 2, 1)
+    windows = np.stack([encoder._padded(mel, start, start + 100) for start in (-60, 0, 37)]).transpose(0, 2, 1)
+    for mels in (np.ascontiguousarray(pieces), np.ascontiguousarray(windows)):
+        np.testing.assert_allclose(encoder.live_conv_session.run(mel=mels)["conv"], conv_graph.run(None, {"mel": mels})[0], atol=1e-5)
+    together = encoder.live_conv_session.run(mel=np.ascontiguousarray(pieces))["conv"]
+    alone = np.concatenate([encoder.live_conv_session.run(mel=np.ascontiguousarray(pieces[k:k + 1]))["conv"] for k in range(len(pieces))])
+    np.testing.assert_array_equal(alone, together)
+
+
 def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(float_encoder, speech):
     """The live graph (`avatar.speech.live_graph`: the last block's queries and residual gathered to the
     rows a window gives) is the full encoder on those rows, on speech and on silence, batched or not."""

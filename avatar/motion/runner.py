@@ -23,7 +23,7 @@ from avatar.config import MotionConfig, SilenceConfig
 from avatar.errors import AvatarError
 from avatar.face import landmarks as lm
 from avatar.provenance import file_sha256
-from avatar.runtime import OnnxSession, asset_path
+from avatar.runtime import OnnxSession, asset_path, weight_only_int8
 from avatar.speech.encoder import FRAME_S, SpeechEncoder, frame_positions, interpolate_frames
 
 POINTS = lm.MOUTH_AND_JAW  # the model's points (same order as avatar.motion.model.POINTS)
@@ -68,6 +68,7 @@ def rest_pose(landmarks: np.ndarray, keep: typing.Optional[np.ndarray] = None) -
     return np.median(mouth[closed], axis=0).astype(np.float32), anchor.astype(np.float32)
 
 
+READOUT_INT8_MIN_WEIGHTS = 500_000  # the live read-out's MatMul (1.13 M weights) in 8 bits on the CPU; the network's (≤ 123 k) stay float
 READOUT_WEIGHT = 0.5  # how far a blend model's landmarks go to its linear read-out's where the voice is on
 
 
@@ -95,6 +96,10 @@ class MotionPredictor:
                               f"models made for this version (the bundled ones, or train them again)")
         if self.live:
             _ = self.encoder.live_session  # built here, not on a stream's first window
+            if self.encoder.live_int8 and self.session.providers[0] == "CPUExecutionProvider" and self.has_readout:
+                # the read-out's 1.13 M weights, read once a frame in a stream, in 8 bits (SpeechConfig.live_int8)
+                self.session = OnnxSession(self.session.path, providers=providers, threads=threads,
+                                           model=weight_only_int8(self.session.path, READOUT_INT8_MIN_WEIGHTS))
 
     @property
     def live(self) -> bool:

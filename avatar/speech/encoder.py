@@ -123,21 +123,23 @@ class SpeechEncoder:
 
     @functools.cached_property
     def _live_graphs(self) -> typing.Tuple[bytes, bytes]:
-        """The encoder cut after its convolutions (`avatar.speech.live_graph`): (the convolutions, the
-        blocks computing only the rows a live window gives, in int8 where `live_int8`)."""
+        """The encoder cut after its convolutions (`avatar.speech.live_graph`): (the convolutions, each
+        one MatMul over the call's frames, the blocks computing only the rows a live window gives, in
+        int8 where `live_int8`)."""
         import onnx
 
-        from avatar.speech.live_graph import int8_graph, rows_only_graph, split_at_convolutions
+        from avatar.speech.live_graph import int8_graph, matmul_convolutions, rows_only_graph, split_at_convolutions
 
         convolutions, blocks = split_at_convolutions(onnx.load(str(self.session.path)))
         model = rows_only_graph(blocks, self.live_window_rows())
-        return convolutions.SerializeToString(), int8_graph(model) if self.live_int8 else model
+        return matmul_convolutions(convolutions), int8_graph(model) if self.live_int8 else model
 
     @functools.cached_property
     def live_conv_session(self) -> OnnxSession:
-        """The encoder's convolutions: mel `(B, 80, M)` → `conv (B, D, M/2)` (before the positions). On
-        the CPU whatever the provider: a live window needs only 2 pieces of 8 mel frames
-        (`conv_windows`), less work than a round trip to a GPU."""
+        """The encoder's convolutions: mel `(B, 80, M)` → `conv (B, D, M/2)` (before the positions), each
+        one MatMul over the call's frames (`matmul_convolutions`). On the CPU whatever the provider: a
+        live window needs only 2 pieces of 8 mel frames (`conv_windows`), less work than a round trip
+        to a GPU."""
         return OnnxSession(self.session.path, providers=["CPUExecutionProvider"], threads=self._threads, model=self._live_graphs[0])
 
     @functools.cached_property
@@ -275,8 +277,9 @@ class SpeechEncoder:
         the same in every window that holds them (only its first and last see the zero padding at its
         ends), so each is computed once and kept in `carry`: the window ending at e adds frames e − 3
         and e − 2 and gives its last frame, all from mel frames [2e − 8, 2e); its first frame comes
-        from its first 8 mel frames. Every piece is 8 mel frames and is computed alone whatever the
-        call (a batch item each), so a stream gets the numbers a whole file gets, to the bit. `mel`
+        from its first 8 mel frames. Every piece is 8 mel frames (a batch item each) whose numbers do
+        not depend on the others in the call, so a stream gets the numbers a whole file gets, to the
+        bit. `mel`
         holds mel frames from `base` on (silence outside it)."""
         c, size = self.config, self.config.live_window
         if not ends:

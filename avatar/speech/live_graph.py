@@ -14,10 +14,12 @@ The convolutions before the blocks see 3 mel frames each and only the positions 
 tell the frames apart, so consecutive windows, which share all but 2 of their frames, share their
 convolution outputs too except at the window's two ends (zero padding there). `split_at_convolutions`
 cuts the encoder into the convolutions (mel → `conv`) and the rest (`conv` → features), so that a
-stream computes each frame's convolutions once (`SpeechEncoder.conv_windows`).
+stream computes each frame's convolutions once (`SpeechEncoder.conv_windows`); `matmul_convolutions`
+computes each convolution as one matrix product over all the frames of a call.
 
     convolutions, blocks = split_at_convolutions(onnx.load("assets/speech.onnx"))
     # convolutions: mel (B, 80, M) → conv (B, D, M/2); blocks: conv (B, D, T) → features (B, T, D)
+    convolutions = matmul_convolutions(convolutions)   # bytes for onnxruntime: the same numbers
     model = rows_only_graph(blocks, rows=[45, 46, 47, 48, 49])   # bytes for onnxruntime
     # conv (B, D, live_window) → features (B, len(rows), D): those rows of the full output
     model = int8_graph(model)   # the same on the CPU in int8 arithmetic (`SpeechConfig.live_int8`)
@@ -25,13 +27,12 @@ stream computes each frame's convolutions once (`SpeechEncoder.conv_windows`).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import typing
 
 import numpy as np
 
 from avatar.errors import AvatarError
+from avatar.runtime import root_logger_untouched
 
 
 def rows_only_graph(proto, rows: typing.Sequence[int]) -> bytes:
@@ -179,6 +180,77 @@ def split_at_convolutions(proto) -> typing.Tuple[typing.Any, typing.Any]:
     return convolutions, blocks
 
 
+def matmul_convolutions(convolutions) -> bytes:
+    """The encoder's convolutions (`split_at_convolutions`' first part: `mel (B, 80, M)` → `conv (B, D,
+    M/2)`) with each Conv computed as one MatMul over all the call's frames: frames channel-last, each
+    output frame's 3 taps (zero padding at both ends; every second frame for the stride-2 one) side by
+    side, times the kernel as a `(3·C, D)` matrix; the GELUs after them are the graph's own nodes.
+    onnxruntime's Conv multiplies each batch item apart, reading the kernels (2.2 MB) once per item: a
+    live window's 2 pieces of 8 mel frames (`SpeechEncoder.conv_windows`) took twice as long as this.
+    The same numbers to float rounding, and a frame's numbers do not depend on the other frames of the
+    call (each output row is its own dot products; tested bitwise). Returns the serialised model."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = convolutions.graph
+    stored = {t.name: t for t in graph.initializer}
+    casts = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Cast"}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    last = [node for node in graph.node if "conv" in node.output]
+    if len(convs) != 2 or [i.name for i in graph.input] != ["mel"] or len(last) != 1 or last[0].op_type != "Identity":
+        raise AvatarError("the speech encoder's convolutions are not the two this expects; export it again")
+
+    def weight(name: str) -> np.ndarray:
+        tensor = stored.get(casts.get(name, name))
+        if tensor is None:
+            raise AvatarError(f"the speech encoder's convolution weight {name} is not stored in its graph; export it again")
+        return numpy_helper.to_array(tensor).astype(np.float32)
+
+    nodes, initializers = [], []
+    for node in graph.node:
+        if node.op_type == "Cast" and node.input[0] in stored:
+            continue  # the kernels are stored again below, as matrices
+        if node is last[0]:  # (B, M/2, D) → (B, D, M/2)
+            nodes.append(helper.make_node("Transpose", list(node.input), ["conv"], perm=[0, 2, 1]))
+            continue
+        if node.op_type != "Conv":
+            nodes.append(node)
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = weight(node.input[1])  # (D, C, 3)
+        stride = list(attributes.get("strides", [1]))[0]
+        if kernel.shape[2] != 3 or list(attributes.get("pads", [])) != [1, 1] or list(attributes.get("dilations", [1])) != [1] \
+                or attributes.get("group", 1) != 1 or len(node.input) != 3:
+            raise AvatarError("the speech encoder's convolutions are not Whisper's (kernel 3, padding 1, a bias); export it again")
+        name = node.output[0]
+        frames = node.input[0]
+        if frames == "mel":  # (B, 80, M) → (B, M, 80)
+            nodes.append(helper.make_node("Transpose", ["mel"], ["mel_frames"], perm=[0, 2, 1]))
+            frames = "mel_frames"
+        initializers += [numpy_helper.from_array(kernel.transpose(2, 1, 0).reshape(-1, kernel.shape[0]), f"{name}_kernel"),
+                         numpy_helper.from_array(weight(node.input[2]), f"{name}_bias"),
+                         numpy_helper.from_array(np.array([0, 1, 0, 0, 1, 0], np.int64), f"{name}_pads")]
+        nodes.append(helper.make_node("Pad", [frames, f"{name}_pads"], [f"{name}_padded"]))  # (B, M + 2, C)
+        taps = []
+        for tap, (start, end) in enumerate([(0, -2), (1, -1), (2, np.iinfo(np.int64).max)]):
+            bounds = [f"{name}_tap{tap}_{what}" for what in ("starts", "ends", "axes", "steps")]
+            for what, value in zip(bounds, (start, end, 1, stride)):
+                initializers.append(numpy_helper.from_array(np.array([value], np.int64), what))
+            nodes.append(helper.make_node("Slice", [f"{name}_padded", *bounds], [f"{name}_tap{tap}"]))
+            taps.append(f"{name}_tap{tap}")
+        nodes.append(helper.make_node("Concat", taps, [f"{name}_columns"], axis=-1))  # (B, M', 3·C): tap-major
+        nodes.append(helper.make_node("MatMul", [f"{name}_columns", f"{name}_kernel"], [f"{name}_product"]))
+        nodes.append(helper.make_node("Add", [f"{name}_product", f"{name}_bias"], [name]))  # (B, M', D)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.node[:], graph.initializer[:], graph.value_info[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept + initializers)
+    sort_topologically(graph)
+    onnx.checker.check_model(convolutions)
+    return convolutions.SerializeToString()
+
+
 def int8_graph(model: bytes) -> bytes:
     """The serialised encoder graph `model` with its weight MatMuls in int8 (onnxruntime's
     `quantize_dynamic`: weights per output channel in 7 bits, so no int16 sum saturates on CPUs
@@ -216,21 +288,6 @@ def int8_graph(model: bytes) -> bytes:
                              weight_type=QuantType.QInt8)
         with open(target_path, "rb") as file:
             return file.read()
-
-
-@contextlib.contextmanager
-def root_logger_untouched():
-    """Within: the root logger says only errors; after: its level and handlers as before (a library's
-    `logging.warning` gives the root logger a handler the application did not ask for)."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
 
 
 def sort_topologically(graph) -> None:
