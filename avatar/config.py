@@ -121,7 +121,7 @@ class SpeechConfig:
     must not depend on other windows in the same call). The live motion model's linear read-out
     (1.13 M weights, read once a frame in a stream) then runs in 8 bits too (`MotionPredictor`,
     `avatar.runtime.weight_only_int8`: landmarks within 0.003 px of the float file's on speech, each frame
-    computed on its own). Other providers run the float graphs.
+    computed on its own; ~0.5 s more when the live model loads). Other providers run the float graphs.
     """
 
     sample_rate: int = 16000

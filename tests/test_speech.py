@@ -120,8 +120,8 @@ def test_the_live_convolutions_are_one_matmul_each_with_the_conv_graphs_numbers_
     """`matmul_convolutions`: the encoder's two convolutions as one MatMul each over the call's frames
     are its Conv nodes' numbers to float rounding, on live pieces (8 mel frames) and whole windows, and
     a piece's numbers are the same to the bit alone or with others (what lets a stream carry them)."""
-    import onnxruntime
     import onnx
+    import onnxruntime
 
     from avatar.speech.live_graph import matmul_convolutions, split_at_convolutions
 

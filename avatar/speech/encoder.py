@@ -279,8 +279,7 @@ class SpeechEncoder:
         and e − 2 and gives its last frame, all from mel frames [2e − 8, 2e); its first frame comes
         from its first 8 mel frames. Every piece is 8 mel frames (a batch item each) whose numbers do
         not depend on the others in the call, so a stream gets the numbers a whole file gets, to the
-        bit. `mel`
-        holds mel frames from `base` on (silence outside it)."""
+        bit. `mel` holds mel frames from `base` on (silence outside it)."""
         c, size = self.config, self.config.live_window
         if not ends:
             return np.zeros((0, self.width, size), np.float32)
