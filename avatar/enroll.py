@@ -22,7 +22,7 @@ What an avatar holds (`Avatar`):
 The file (FORMAT_VERSION 2, suffix `.avatar`) is a zip read without pickle:
 - `manifest.json`: {"format": "avatar", "version", "engine", "created", "summary", "identity",
   "bank", "idle", "still", "adaptation" (with the sha256 of the speech encoder and motion model it
-  was fitted with), "files": {member: sha256}};
+  was fitted with, and its amplitude "gain": files written before it read as 1), "files": {member: sha256}};
 - `.npy` arrays (`np.load(allow_pickle=False)`): identity/rest, identity/rest_anchor,
   identity/inner_mouth, identity/drift_landmarks_K, bank/mouths, bank/heads (each entry's head
   pose: its 3D head points; files without them still load, their entries drawn at any pose), idle/transforms,
@@ -223,7 +223,11 @@ class Avatar:
         if self.idle is not None:
             parts.append(f"idle loop {len(self.idle) / self.idle.fps:.1f} s")
         parts.append(f"speech {s['speech_seconds']:.1f} s" if s.get("speech_seconds") else "no speech found")
-        parts.append("motion adapted" if self.identity.adaptation is not None else f"motion not adapted ({s.get('adaptation_skipped', 'no speech')})")
+        adaptation = self.identity.adaptation
+        if adaptation is None:
+            parts.append(f"motion not adapted ({s.get('adaptation_skipped', 'no speech')})")
+        else:
+            parts.append(f"motion adapted ({'a correction' if np.isfinite(adaptation.lam) else f'its amplitude × {adaptation.gain:.2f}'})")
         return ", ".join(parts)
 
 

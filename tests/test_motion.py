@@ -478,6 +478,12 @@ def test_closure_gate_training_writes_a_gated_model(tiny_cache, tmp_path):
     with torch.no_grad():
         taught = gated.network.offsets(gated.network.coefficients(torch.from_numpy(features)))[0].numpy()
     np.testing.assert_array_equal(teacher_offsets(str(copy))(features[0]), taught)
+    state = torch.load(copy, weights_only=False)  # a second teacher: the head's weights halved
+    state["model"]["head.weight"] = state["model"]["head.weight"] / 2
+    torch.save(state, tmp_path / "second.pt")
+    second = teacher_offsets(str(tmp_path / "second.pt"))(features[0])
+    assert np.abs(second - taught).max() > 1e-3
+    np.testing.assert_allclose(teacher_offsets(f"{copy},{tmp_path / 'second.pt'}")(features[0]), (taught + second) / 2, atol=1e-6)
 
 
 def test_closure_gate_training_gates_the_live_blend(tiny_cache, tmp_path):

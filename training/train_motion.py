@@ -6,7 +6,7 @@
 
 Needs the speech features in the cache (`python -m training.speech_features --cache cache`).
 Reads top to bottom: data → PCA basis → model → loop (loss = landmark error + velocity + acceleration +
-amplitude (+ closure); with `--teacher`, speech-only clips labelled by the offline model; an exponential
+amplitude (+ closure); with `--teacher`, speech-only clips labelled by the offline model (or a mean of several); an exponential
 moving average of the weights is kept) → validation of the averaged weights
 on held-out people every `--val-every` steps → checkpoints (`last.pt`, and `best.pt` by held-out lip
 distance; "model" holds the averaged weights, "raw" the trained ones) → TensorBoard logs in `<out>/tb`. `--resume` continues from
@@ -53,7 +53,7 @@ class TrainConfig:
     closed_below: float = 0.04  # real inner-lip opening beyond rest (mouth widths) under which a frame counts as closed
     silence_prob: float = 0.08
     noisy_share: float = 0.67  # sequences whose audio is a noisy variant (training.speech_features)
-    teacher: str = ""  # a motion model's torch copy (e.g. assets/motion_offline.pt) that labels the speech-only clips
+    teacher: str = ""  # motion models' torch copies, comma-separated (e.g. assets/motion_offline.pt): their mean offsets label the speech-only clips
     speech_only_share: float = 0.5  # with a teacher: share of sequences from speech-only clips, its offsets as targets
     ema: float = 0.995  # weights are averaged over steps; validation, best.pt and export use the average
     val_every: int = 50
@@ -114,20 +114,25 @@ def torch_predictor(model: MotionModel, device: torch.device):
     return predict
 
 
-def teacher_offsets(path: str):
-    """The teacher's offsets in rest mouth widths, `(T, D)` features → `(T, K, 2)` (a motion model's torch copy)."""
+def teacher_offsets(paths: str):
+    """The teachers' mean offsets in rest mouth widths, `(T, D)` features → `(T, K, 2)`; `paths`: one
+    motion model's torch copy or checkpoint, or several, comma-separated (an ensemble taught as one)."""
     import pathlib
 
     from avatar.motion.model import ClosureGated
     from training.export_motion import load_model
 
-    teacher = load_model(pathlib.Path(path))
-    if isinstance(teacher, ClosureGated):  # the network alone: the shipped live model was taught by it (the gate came later)
-        teacher = teacher.network
+    teachers = []
+    for path in paths.split(","):
+        teacher = load_model(pathlib.Path(path))
+        if isinstance(teacher, ClosureGated):  # the network alone: the shipped live model was taught by it (the gate came later)
+            teacher = teacher.network
+        teachers.append(teacher)
 
     def label(features: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return teacher.offsets(teacher.coefficients(torch.from_numpy(features[None])))[0].numpy()
+            batch = torch.from_numpy(features[None])
+            return torch.stack([t.offsets(t.coefficients(batch))[0] for t in teachers]).mean(0).numpy()
     return label
 
 
