@@ -46,8 +46,8 @@ FIT = "head"  # what the tracked mouths were fitted in: the head's own coordinat
 
 @dataclasses.dataclass
 class MotionAdaptation:
-    """`x_mean (D + 2K,)`, `y_mean (2K,)`, `weights (D + 2K, 2K)` float32; `lam`: the ridge strength
-    chosen (inf: no correction); `frames`: the frames it was fitted on; `cv_r` / `cv_r_general`:
+    """`x_mean (D + 2K,)`, `y_mean (2K,)`, `weights (D + 2K, 2K)` float32 (empty without a correction);
+    `lam`: the ridge strength chosen (inf: no correction, the amplitude gain alone); `frames`: the frames it was fitted on; `cv_r` / `cv_r_general`:
     cross-validated opening r with and without it; `speech_model` / `motion_model`: sha256 of the
     speech encoder and the offline motion model it was fitted with (it reads their features and
     mouths, so it holds for those alone: `MotionPredictor.check_adaptation`); `gain`: the corrected
@@ -73,12 +73,13 @@ class MotionAdaptation:
             return mouths
         width = float(lm.mouth_width(np.asarray(rest, np.float64)))
         offsets = (np.asarray(mouths, np.float64) - rest) / width
-        x = inputs(features, offsets)
-        change = (x - self.x_mean) @ self.weights.astype(np.float64) + self.y_mean
-        if smooth and len(change) > 2:
-            padded = np.concatenate([change[:1], change, change[-1:]])
-            change = SMOOTHING[0] * padded[:-2] + SMOOTHING[1] * padded[1:-1] + SMOOTHING[2] * padded[2:]
-        return (rest + self.gain * (offsets + change.reshape(offsets.shape)) * width).astype(np.float32)
+        if np.isfinite(self.lam):  # the correction
+            change = (inputs(features, offsets) - self.x_mean) @ self.weights.astype(np.float64) + self.y_mean
+            if smooth and len(change) > 2:
+                padded = np.concatenate([change[:1], change, change[-1:]])
+                change = SMOOTHING[0] * padded[:-2] + SMOOTHING[1] * padded[1:-1] + SMOOTHING[2] * padded[2:]
+            offsets = offsets + change.reshape(offsets.shape)
+        return (rest + self.gain * offsets * width).astype(np.float32)
 
     def arrays(self) -> typing.Dict[str, np.ndarray]:
         return {"x_mean": self.x_mean, "y_mean": self.y_mean, "weights": self.weights}
@@ -112,11 +113,10 @@ def _opening_r(offsets: np.ndarray, real_offsets: np.ndarray, rest: np.ndarray, 
     return pearson(lm.inner_gap(rest + offsets * width), lm.inner_gap(rest + real_offsets * width))
 
 
-def _amplitude_gain(offsets: np.ndarray, real_offsets: np.ndarray, rest: np.ndarray) -> float:
-    """The real inner-lip gap's spread over the general model's, on the same frames (offsets `(T, K, 2)`
-    and `rest (K, 2)` in rest mouth widths), within GAIN_RANGE."""
-    spread = float(lm.inner_gap(rest + offsets).std())
-    return float(np.clip(lm.inner_gap(rest + real_offsets).std() / spread, *GAIN_RANGE)) if spread > 0 else 1.0
+def _amplitude_gain(offsets: np.ndarray, real_offsets: np.ndarray, rest: np.ndarray, width: float) -> float:
+    """The real inner-lip gap's spread over the general model's on the same frames, within GAIN_RANGE."""
+    spread = float(lm.inner_gap(rest + offsets * width).std())
+    return float(np.clip(lm.inner_gap(rest + real_offsets * width).std() / spread, *GAIN_RANGE)) if spread > 0 else 1.0
 
 
 def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, rest: np.ndarray, keep: np.ndarray,
@@ -160,13 +160,11 @@ def fit_adaptation(features: np.ndarray, general: np.ndarray, real: np.ndarray, 
         return None, f"the general model follows these lips too little to learn their amplitude (cross-validated r {general_r:.2f})"
     distance = lambda a, b: float(np.abs(a - b).mean())  # mean L1 per coordinate, rest mouth widths
     general_distance = np.mean([distance(offsets[fold], real_offsets[fold]) for fold, _ in folds])
-    rest_widths = np.asarray(rest, np.float64) / width
-    gained_distance = np.mean([distance(_amplitude_gain(offsets[train], real_offsets[train], rest_widths) * offsets[fold],
+    gained_distance = np.mean([distance(_amplitude_gain(offsets[train], real_offsets[train], rest, width) * offsets[fold],
                                         real_offsets[fold]) for fold, train in folds])
     if not gained_distance <= (1 - MIN_DISTANCE_GAIN) * general_distance:
         return None, (f"the general model already follows these lips as well (cross-validated r {general_r:.2f}), "
                       "and at the footage's amplitude it would be no closer")
-    gain = _amplitude_gain(offsets[index], real_offsets[index], rest_widths)
-    return MotionAdaptation(np.zeros(x.shape[1], np.float32), np.zeros(y.shape[1], np.float32),
-                            np.zeros((x.shape[1], y.shape[1]), np.float32), float(np.inf), int(index.size), general_r, general_r,
-                            *models, gain=gain), ""
+    none = np.zeros(0, np.float32)  # no correction
+    return MotionAdaptation(none, none, none.reshape(0, 0), float(np.inf), int(index.size), general_r, general_r, *models,
+                            gain=_amplitude_gain(offsets[index], real_offsets[index], rest, width)), ""
