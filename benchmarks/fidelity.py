@@ -13,6 +13,9 @@ the real clip. Printed per clip and on average:
   held fixed (`benchmarks.sync.source_leak`; perfect: 0);
 - closed: the mean re-tracked opening over the frames whose real lips are closed (< 0.02 of the
   inter-ocular distance), next to the real one;
+- response: over all clips' frames, binned by the real opening asked for (`RESPONSE_BINS`, in % of
+  the inter-ocular distance), the mean re-tracked opening of the drawn mouths next to the real one's
+  (a perfect renderer: equal in every bin; a dead zone shows as small openings drawn closed);
 - no entry: the share of frames with a face for which the person's bank had no mouth near the
   frame's head pose (`MouthBank.candidates`), drawn by the warp alone.
 Tune renderers on the training people (the default); judge them on the validation people with
@@ -37,6 +40,7 @@ from avatar.render.renderers import RENDERERS
 from benchmarks.sync import opening, source_leak, talking_clips
 
 CLOSED = 0.02  # re-tracked inner-lip gap / inter-ocular distance below which real lips count as closed
+RESPONSE_BINS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.12, 0.2, np.inf)  # real openings (× inter-ocular distance) of the response
 
 
 def real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, rest: np.ndarray, rest_anchor: np.ndarray) -> np.ndarray:
@@ -71,15 +75,30 @@ def draw_real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, backwards: pa
 
 def measure(drawn: np.ndarray, picture: np.ndarray, real: np.ndarray) -> dict:
     """The figures of one clip from per-frame openings `(T,)` (NaN: no face): `drawn` the re-tracked
-    output, `picture` the backwards clip it was drawn on, `real` the clip whose mouths were asked for."""
+    output, `picture` the backwards clip it was drawn on, `real` the clip whose mouths were asked for.
+    "response" `(3, bins) float64`: per `RESPONSE_BINS` bin of the real opening, its frames and the sums
+    of their real and drawn openings (summed over clips, then divided: `format_response`)."""
     n = min(len(drawn), len(picture), len(real))
     drawn, picture, real = drawn[:n], picture[:n], real[:n]
     ok = np.isfinite(drawn) & np.isfinite(picture) & np.isfinite(real)
     weights = np.linalg.lstsq(np.stack([real[ok], picture[ok], np.ones(ok.sum())], 1), drawn[ok], rcond=None)[0]
     closed = ok & (real < CLOSED)
+    bins = np.digitize(real[ok], RESPONSE_BINS[1:-1])
     return {"r": pearson(drawn[ok], real[ok]), "asked": weights[0], "own": weights[1], "leak": source_leak(drawn, picture, real),
             "closed_real": float(real[closed].mean()) if closed.any() else np.nan,
-            "closed_drawn": float(drawn[closed].mean()) if closed.any() else np.nan}
+            "closed_drawn": float(drawn[closed].mean()) if closed.any() else np.nan,
+            "response": np.stack([np.bincount(bins, values, minlength=len(RESPONSE_BINS) - 1)
+                                  for values in (np.ones(ok.sum()), real[ok], drawn[ok])])}
+
+
+def format_response(response: np.ndarray) -> str:
+    """The summed response rows `(3, bins)` (frames, real opening, drawn opening) → one line per row."""
+    frames = np.maximum(response[0], 1)
+    edges = [f"{100 * lo:g}-{100 * hi:g}" if np.isfinite(hi) else f">{100 * lo:g}" for lo, hi in zip(RESPONSE_BINS, RESPONSE_BINS[1:])]
+    return "\n".join([f"{'real opening %IOD':<20}" + "".join(f"{e:>9}" for e in edges),
+                       f"{'frames':<20}" + "".join(f"{int(n):>9d}" for n in response[0]),
+                       f"{'real, mean':<20}" + "".join(f"{100 * v:>9.2f}" for v in response[1] / frames),
+                       f"{'drawn, mean':<20}" + "".join(f"{100 * v:>9.2f}" for v in response[2] / frames)])
 
 
 def main(argv=None) -> None:
@@ -104,11 +123,13 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"{person:<20}{row['r']:>10.3f}{row['asked']:>8.2f}{row['own']:>8.2f}{row['leak']:>8.3f}"
                   f"{row['closed_real']:>14.3f} / {row['closed_drawn']:.3f}{100 * row['no_entry']:>9.0f}%", flush=True)
-    mean = {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
+    mean = {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0] if key != "response"}
     print(f"{'mean':<20}{mean['r']:>10.3f}{mean['asked']:>8.2f}{mean['own']:>8.2f}{mean['leak']:>8.3f}"
           f"{mean['closed_real']:>14.3f} / {mean['closed_drawn']:.3f}{100 * mean['no_entry']:>9.0f}%")
     print(f"{len(rows)} {args.people} people, {args.seconds:g} s each, the {args.renderer} renderer drawing each clip's real mouths "
           f"on it played backwards, re-tracked (perfect: r 1, asked 1, own 0, leak 0, closed as real)")
+    print("response: the re-tracked opening drawn against the real opening asked for (all frames, binned)")
+    print(format_response(sum(row["response"] for row in rows)))
 
 
 if __name__ == "__main__":

@@ -512,3 +512,7 @@ def test_the_fidelity_figures_tell_a_faithful_renderer_from_one_that_keeps_the_p
     assert abs(faithful["closed_drawn"] - faithful["closed_real"]) < 1e-9
     assert abs(kept["asked"]) < 1e-6 and abs(kept["own"] - 1) < 1e-6 and kept["leak"] > 0.9
     assert kept["closed_drawn"] > 0.05
+    frames, asked, drawn = faithful["response"]  # per bin of the real opening: the drawn mean equals the real one
+    assert frames.sum() == 500 and np.allclose(asked, drawn)
+    frames, asked, drawn = kept["response"]  # the closed bin drawn open
+    assert frames[0] > 0 and drawn[0] / frames[0] > 0.05 > asked[0] / frames[0]
