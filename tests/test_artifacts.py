@@ -52,6 +52,27 @@ def test_teeth_keep_their_height_when_the_mouth_opens(pipeline, tracker):
     assert abs(rendered - photo) < 0.3 * photo, (rendered, photo)
 
 
+def test_lips_that_meet_over_teeth_show_no_teeth_between_them(pipeline, tracker):
+    """The smiling portrait with its teeth showing, asked for lips that all but meet (inner gap 2.3
+    and 2.7 % of the mouth's width): the lips close, the re-detected opening stays under 1.5 % of the
+    inter-ocular distance (measured 0.2 and 0.8; before, the teeth squashed into a lip-thin band
+    between them: 2.7 and 4.6) and no teeth show within 3 px of the lips' inner edges."""
+    portrait = media.read_image(PORTRAIT)
+    landmarks = tracker.select(portrait).landmarks
+    still_upper, still_lower = inner_lip_curves(landmarks[lm.MOUTH_AND_JAW, :2])
+    interior = cv2.cvtColor(portrait, cv2.COLOR_RGB2GRAY)[int(still_upper[:, 1].min()):int(still_lower[:, 1].max()),
+                                                           int(still_upper[0, 0]):int(still_upper[-1, 0])]
+    teeth_luma = 0.5 * (np.percentile(interior, 90) + np.percentile(interior, 10))
+    assert bright_rows(portrait, still_upper, still_lower, teeth_luma) > 4  # the photo shows teeth
+    for amount in (-0.01, -0.005):  # the rest mouth's lower lip raised towards the upper
+        out, mouth = opened(pipeline, portrait, landmarks, amount)
+        assert 0.02 < lm.inner_gap_ratio(mouth) < 0.03
+        detected = tracker.select(out).landmarks
+        assert lm.mouth_opening(detected) / lm.interocular(detected) < 0.015, amount
+        upper, lower = inner_lip_curves(mouth)
+        assert bright_rows(out, upper - [0, 3], lower + [0, 3], teeth_luma) < 0.15, amount
+
+
 @pytest.mark.parametrize("path", [PORTRAIT, CLOSED_MOUTH], ids=["own-teeth", "borrowed-mouth"])
 def test_a_grey_photo_gets_a_grey_mouth(pipeline, tracker, path):
     """Grey in, grey out: the inside of the opened mouth, the person's own or borrowed from the

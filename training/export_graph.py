@@ -54,7 +54,7 @@ def example_inputs(size: int, references: int, batch: int = 2, seed: int = 0) ->
            "level": rng.integers(0, 4, batch).astype(np.float32), "detail": np.ones(batch, np.float32),
            "mask": u(batch, size, size), "upper": u(batch, size, size),
            "hole": u(batch, size, size), "lip_band": (u(batch, size, size) > 0.5).astype(np.float32),
-           "cavity": np.tile(np.float32([[60.0, 20.0]]), (batch, 1)),
+           "cavity": np.tile(np.float32([[60.0, 20.0]]), (batch, 1)), "meet": np.linspace(0, 1, batch).astype(np.float32),
            "watermark": np.full(batch, 2.0, np.float32), "pattern": rng.standard_normal((size, size)).astype(np.float32),
            "references": rng.uniform(0, 255, (batch, 3 * references, size, size)).astype(np.float32),
            "sketch": u(batch, 3, size, size), "noise": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}

@@ -8,9 +8,10 @@ From the frame's face region to the finished region, for a batch of frames of an
 2. the mouth warp: the two thin-plate splines of `avatar.render.warp` evaluated as sampling grids
    (on every 4th crop pixel, linear in between, as `backward_map`), blended at the target's mouth line;
 3. the inside of the mouth (`teeth_rows`, `cavity`): rows of the person's open mouth hung from the
-   target's inner lips, the dark of the mouth between them, a borrowed mouth brought to the photo's
-   lips in CIELAB (`match_lighting`); retrieval only: the person's bank entry for the frame, moved
-   and filled the same way, blended over the lips with its brightness matched (`MouthBank.draw`);
+   target's inner lips, the dark of the mouth between them (the lips' colour where they meet,
+   `lips_meet`), a borrowed mouth brought to the photo's lips in CIELAB (`match_lighting`);
+   retrieval only: the person's bank entry for the frame, moved and filled the same way, blended
+   over the lips with its brightness matched (`MouthBank.draw`);
 4. diffusion only: the condition, the draft noised to the start time and the denoiser's DDIM steps;
 5. colour match (diffusion) and the watermark;
 6. the feathered composite into the region at the frame's own resolution, with the frame's fine
@@ -29,7 +30,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from avatar.render.warp import GRID_STEP
+from avatar.render.warp import GRID_STEP, MEETING_SHADE
 from avatar.render.sampling import alpha_sigma, clean_from_v, noise_from_v, noised, timesteps
 
 LEVELS = 3  # mip-map levels (halvings) for crops that shrink the face
@@ -196,6 +197,8 @@ class FrameGraph(torch.nn.Module):
                          srgb_to_lab(inputs["lower_lips"]), inputs["lower_borrowed"], upper=False)
         fill = self.rows(inputs["inner"], inputs["inner_columns"], inputs[prefix + "inner_box"], fill, lips_lab,
                          srgb_to_lab(inputs["inner_lips"]), inputs["inner_borrowed"], upper=True)
+        meet = inputs["meet"][:, None, None, None]  # lips that meet: their own colour, not rows (`lips_meet`)
+        fill = fill * (1.0 - meet) + lips[:, :, None, None] * (MEETING_SHADE * meet)
         hole = inputs[prefix + "hole"][:, None]
         return (moved * (1.0 - hole) + fill * hole + 0.5).floor().clamp(0.0, 255.0)
 

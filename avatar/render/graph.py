@@ -19,6 +19,7 @@ M: open-mouth image side):
 | upper_weights, lower_weights; upper_affine, lower_affine | (B, N, 2); (B, 3, 2) float32 | their solved weights |
 | hole, lip_band | (B, S, S) float32 | where rows are composed (`mouth_hole`, 0 for none); the target's lips (`lip_colour`) |
 | cavity | (B, 2) float32 | the inside's top row and height (`cavity`) |
+| meet | (B,) float32 | how far the target's lips meet (`lips_meet`): the hole takes the lips' colour instead of rows |
 | inner, lower_row | (B, M, M, 3) → (B, 3, M, M) float32 | the open mouths the rows come from (edges repeated) |
 | inner_columns, lower_columns | (B, 4, S) float32 | `row_columns` per crop column |
 | inner_box, lower_box | (B, S, S) float32 | 1 where the rows are composed (`row_box`; 0: no usable mouth) |
@@ -49,7 +50,7 @@ from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import landmark_sketch
 from avatar.render.renderers import RetrievalRenderer, frame_references
 from avatar.render.retrieval import lips_region
-from avatar.render.warp import (INNER, InnerMouth, lip_band, mouth_hole, row_box, row_columns, spline_points, spline_system,
+from avatar.render.warp import (INNER, InnerMouth, lip_band, lips_meet, mouth_hole, row_box, row_columns, spline_points, spline_system,
                                 upper_side, warp_points)
 
 # per graph kind: the renderers' ("warp", "retrieval", "diffusion") and "diffusion_plain", the diffusion
@@ -61,7 +62,7 @@ SPLINES = ("upper_points", "upper_weights", "upper_affine", "lower_points", "low
 ENTRY_INPUTS = ("entry", *("entry_" + name for name in SPLINES), "entry_hole", "entry_inner_box", "entry_lower_box", "entry_region")
 DIFFUSION_INPUTS = ("references", "sketch", "noise")
 GRAPH_INPUTS = ("patch", "patch_from_crop", "crop_from_patch", "level", "detail", "mask", "upper", *SPLINES,
-                "hole", "lip_band", "cavity", "inner", "inner_columns", "inner_box", "inner_lips", "inner_borrowed",
+                "hole", "lip_band", "cavity", "meet", "inner", "inner_columns", "inner_box", "inner_lips", "inner_borrowed",
                 "lower_row", "lower_columns", "lower_box", "lower_lips", "lower_borrowed", "watermark", "pattern",
                 *ENTRY_INPUTS, *DIFFUSION_INPUTS)
 
@@ -209,6 +210,7 @@ class GraphRenderer(RetrievalRenderer):
             out[f"{name}_spline"] = spline_points(target, source)  # solved for the whole batch at once (`stack`)
         top, bottom = mouth[INNER, 1].min(), mouth[INNER, 1].max()
         out["cavity"] = (top, max(bottom - top, 1.0))
+        out["meet"] = lips_meet(mouth)
         # the rows composed into the frame's warp (and into the entry's, from its own opening)
         layers = {"lower_row": inner.lower_row if inner.usable and inner.lower_row is not None and inner.lower_row.usable else None,
                   "inner": inner if inner.usable else None}

@@ -14,11 +14,12 @@ pixel's sharpness and the person's identity, because it only moves what is there
    lower inner lip, each keeping its height, with the dark of the mouth (the lips' colour darkened)
    between them; this happens where the target's lips part wider than the source's could supply,
    and where they part less than an open source's (the lips close over the teeth instead of
-   squashing them). The rows come from the person's open-mouth reference; a smile showing only
-   upper teeth borrows its lower row, and a person with no open mouth anywhere (most portraits) both
-   rows, from `assets/mouth_bank.npz` (real open mouths of training people,
-   `training/make_mouth_bank.py`), picked by lip colour and brought to the photo's lightness and
-   chroma (`match_lighting`); with no bank either, the dark of the mouth alone;
+   squashing them; where they meet, `lips_meet`, the lips' own colour fills the hole). The rows
+   come from the person's open-mouth reference; a smile showing only upper teeth borrows its lower
+   row, and a person with no open mouth anywhere (most portraits) both rows, from
+   `assets/mouth_bank.npz` (real open mouths of training people, `training/make_mouth_bank.py`),
+   picked by lip colour and brought to the photo's lightness and chroma (`match_lighting`); with no
+   bank either, the dark of the mouth alone;
 3. the caller blends the result into the frame under the repaint mask (`mask` here only places
    the ring of fixed anchors).
 
@@ -51,6 +52,7 @@ FIXED_POINTS = np.array([1, 2, 4, 5, 6, 168, 33, 133, 263, 362, 98, 327, 64, 294
 GRID_STEP = 4  # the spline is evaluated every GRID_STEP px and interpolated in between
 SMOOTHING = 1e-3  # the splines' smoothing (added to their kernel's diagonal)
 MIN_OPEN = 0.04  # inner-lip gap (× mouth width) below which a mouth counts as closed
+MEETING_SHADE = 0.8  # the lips' colour × this fills the hole where the target's lips meet (`lips_meet`)
 
 
 @dataclasses.dataclass
@@ -430,6 +432,14 @@ def mouth_hole(source_mouth: np.ndarray, target_mouth: np.ndarray, inner: InnerM
     return hole if (hole > 0).any() else None
 
 
+def lips_meet(target_mouth: np.ndarray) -> float:
+    """How far the target's lips meet, in [0, 1]: 1 at an inner-lip gap of `MIN_OPEN` / 2 of the mouth's
+    width and less, 0 from `MIN_OPEN` on (linear between). Where they meet over an open source's mouth,
+    its hole is filled with the lips' colour (`MEETING_SHADE`) instead of rows: the teeth squashed
+    into a lip-thin band read as a mouth left ajar."""
+    return float(np.clip((MIN_OPEN - inner_gap_ratio(target_mouth)) / (MIN_OPEN / 2), 0.0, 1.0))
+
+
 def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.ndarray, mask: np.ndarray,
                 inner: InnerMouth) -> np.ndarray:
     """The crop with its lower face moved to `target_mouth` (see the module docstring); the caller
@@ -465,10 +475,13 @@ def render_warp(crop: np.ndarray, crop_landmarks: np.ndarray, target_mouth: np.n
         inside = slice(hy0 - uy0, hy1 - uy0), slice(hx0 - ux0, hx1 - ux0)
         lips_rgb = lip_colour(moved, target_mouth, (ux0, uy0))  # (lips covering no pixel: box U's mean colour)
         fill = cavity(lips_rgb, target_mouth, slice(hy0, hy1), hx1 - hx0)
-        if inner.usable:
+        meet = lips_meet(target_mouth)
+        if inner.usable and meet < 1:
             if inner.lower_row is not None and inner.lower_row.usable:
                 fill = teeth_rows(inner.lower_row, target_mouth, fill, (hx0, hy0), lips_rgb, upper=False)
             fill = teeth_rows(inner, target_mouth, fill, (hx0, hy0), lips_rgb)
+        if meet > 0:  # lips that meet over an open source's mouth: no squashed teeth between them
+            fill = fill * (1 - meet) + np.asarray(lips_rgb, np.float32) * (MEETING_SHADE * meet)
         alpha = hole[hy0:hy1, hx0:hx1][..., None]
         moved[inside] = moved[inside] * (1 - alpha) + fill * alpha
     out = crop.copy()
