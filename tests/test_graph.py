@@ -2,6 +2,7 @@
 frames' regions to their finished regions. On CPU here: its parity with the per-frame path (within
 stated tolerances, on real faces), batching across people, its spline against scipy's, the export."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -67,6 +68,41 @@ def test_the_graph_renders_what_the_per_frame_path_renders(renderer):
     # the mouth did move: the last frame differs from its input where repainted
     last = got[-1]
     assert np.abs(last.pixels.astype(int) - jobs[-1].frame[last.box]).max() > 40
+
+
+def test_the_graph_closes_lips_over_an_open_mouth_as_the_per_frame_path_does():
+    """LRS2 frames whose mouth is open (0.13-0.25 of its width) asked for lips that meet (inner gap
+    0.5 % of the width) or nearly (3 %): where the lips' own colour fills the hole between them
+    (`lips_meet`), the graph within the warp's tolerances above of the per-frame path, and between
+    the lips within 7 levels."""
+    from avatar.render.graph import GraphRenderer
+    from avatar.render.renderers import make_renderer
+    from avatar.render.warp import lips_meet, mouth_hole
+
+    config = PipelineConfig(renderer="warp", warp_max_size=128, workers=1)
+    pipeline = AvatarPipeline.from_pretrained(config=config)
+    jobs, identity = opening_jobs(pipeline, LRS2_CLIP)
+    widest = jobs[-1]  # the open mouth whose rows the hole would take (`dub` takes the footage's most open)
+    identity.inner = pipeline.open_mouth(widest.frame, widest.transform, widest.crop_landmarks)
+    closing = []
+    for k, job in enumerate(jobs[2:]):
+        mouth = identity.rest + (lm.mouth_anchor(job.crop_landmarks) - identity.rest_anchor)
+        wanted = (0.005, 0.03)[k % 2] * lm.mouth_width(mouth)
+        mouth[31:40, 1] -= lm.inner_gap(mouth) - wanted  # the lower inner lip raised to that gap
+        closing.append(FrameJob(job.frame, job.transform, job.crop_landmarks, job.frame_landmarks, mouth))
+        source = np.asarray(job.crop_landmarks, np.float64)[lm.MOUTH_AND_JAW, :2]
+        assert lips_meet(mouth) > 0.4 and mouth_hole(source, mouth, identity.inner, 128) is not None
+    batch = RenderBatch(closing, [identity] * len(closing), range(len(closing)))
+    expected = make_renderer(config, ASSETS).render(batch)
+    got = GraphRenderer(ASSETS, config).render(batch)
+    found = differences(expected, got, closing)
+    between = []  # the largest |Δ| between the lips (their inner polygon grown by 2 px, in frame pixels)
+    for a, b, job in zip(expected, got, closing):
+        inner = cv2.transform(job.mouth[None, 20:40].astype(np.float64), cv2.invertAffineTransform(job.transform))[0]
+        region = cv2.dilate(cv2.fillPoly(np.zeros(job.frame.shape[:2], np.uint8), [np.round(inner).astype(np.int32)], 1), np.ones((5, 5), np.uint8))
+        between.append(np.abs(a.place(job.frame).astype(int) - b.place(job.frame).astype(int))[region > 0].max())
+    assert (found[:, 0] < 1.5).all() and (found[:, 1] <= 8).all() and (found[:, 2] <= 1).all(), found
+    assert max(between) <= 7, between  # measured 3-5 (the graph filling with rows instead: 9-15)
 
 
 def test_the_retrieval_graph_draws_the_persons_bank_entry_as_the_per_frame_path_does():
