@@ -37,9 +37,8 @@ from avatar.face import landmarks as lm
 from avatar.metrics import pearson
 from avatar.pipeline import AvatarPipeline
 from avatar.render.renderers import RENDERERS
-from benchmarks.sync import opening, source_leak, talking_clips
+from benchmarks.sync import CLOSED, opening, source_leak, talking_clips
 
-CLOSED = 0.02  # re-tracked inner-lip gap / inter-ocular distance below which real lips count as closed
 RESPONSE_BINS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.12, 0.2, np.inf)  # real openings (× inter-ocular distance) of the response
 
 

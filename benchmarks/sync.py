@@ -21,7 +21,10 @@ clip's the other way: `mouth_distance_in_head` (each frame's head pose taken out
 alone, where the distance in the picture also counts the heads' different poses. The source leak is
 the model dub's opening correlation with the backwards picture it was drawn on, with the real clip's
 held fixed (a partial correlation): the speech has nothing to do with that picture's mouth, so what
-remains is the original mouth showing through.
+remains is the original mouth showing through. Closures (`closures`): of the real clip's closed
+frames, the share the dub draws closed too, and of its clearly open frames, the share it draws
+closed, for the model's dub and the mismatched one (a mouth that never closes scores 0 and 0; one
+always closed 1 and 1).
 """
 
 from __future__ import annotations
@@ -72,6 +75,20 @@ def opening(path: pathlib.Path) -> np.ndarray:
     return lm.mouth_opening(points) / lm.interocular(points)
 
 
+CLOSED, OPEN = 0.02, 0.06  # re-tracked inner-lip gap / inter-ocular distance: closed below, clearly open above
+
+
+def closures(dub: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Per-frame openings `(T,)` (NaN: no face) → counts `(4,)`: the real clip's closed frames, those
+    the dub draws closed too, its clearly open frames, those the dub draws closed (sum over clips,
+    then divide)."""
+    n = min(len(dub), len(real))
+    dub, real = dub[:n], real[:n]
+    found = np.isfinite(dub) & np.isfinite(real)
+    closed, wide = found & (real < CLOSED), found & (real > OPEN)
+    return np.array([closed.sum(), (closed & (dub < CLOSED)).sum(), wide.sum(), (wide & (dub < CLOSED)).sum()], np.float64)
+
+
 def source_leak(dub: np.ndarray, picture: np.ndarray, real: np.ndarray) -> float:
     """The dub's opening correlation with the picture it was drawn on, the real clip's held fixed (partial
     correlation of the openings `(T,)`, over the frames with a face in all three): the backwards
@@ -98,6 +115,7 @@ def main(argv=None) -> None:
     clips = talking_clips(args.clips, args.seconds)
     results = {m: [] for m in METHODS}
     leaks = []  # each model dub's source leak (`source_leak`)
+    closure_counts = {"model": np.zeros(4), "mismatched_speech": np.zeros(4)}  # `closures`, summed over clips
     agreement = []  # the two trackers' opening r on each real clip: how far apart they read the same mouth
     second = DlibMouthTracker()
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,6 +139,7 @@ def main(argv=None) -> None:
             own = speech[k]
             other = speech[(k + 1) % len(clips)]
             other = np.resize(other, own.size)  # repeat or cut to the same length
+            asked = opening(real)
             inputs = {"model": own, "rest_pose": np.zeros_like(own), "mismatched_speech": other, "photo": own, "photo_mismatched": other}
             for method, audio in inputs.items():
                 wav, out = folder / f"{method}{k}.wav", folder / f"{method}{k}.mp4"
@@ -131,8 +150,11 @@ def main(argv=None) -> None:
                     continue
                 pipeline.dub(folder / f"backwards{k}.mp4", wav, out, DubConfig(audio_shorter="keep"), progress=False)
                 results[method].append(evaluate_pair(out, real, second_tracker=True))
+                if method in closure_counts:
+                    drawn = opening(out)
+                    closure_counts[method] += closures(drawn, asked)
                 if method == "model":  # the picture it was drawn on: its own mouth must not show through
-                    leaks.append(source_leak(opening(out), opening(folder / f"backwards{k}.mp4"), opening(real)))
+                    leaks.append(source_leak(drawn, opening(folder / f"backwards{k}.mp4"), asked))
             print(f"{person} ({path.name}): " + ", ".join(
                 f"{m} {results[m][-1]['mouth_landmark_distance_pct_iod']:.2f}/{results[m][-1]['mouth_opening_r']:.2f}/"
                 f"{results[m][-1]['mouth_opening_r_second_tracker']:.2f}" for m in METHODS)
@@ -146,6 +168,9 @@ def main(argv=None) -> None:
           f"(per clip {', '.join(f'{r:.2f}' for r in agreement)})")
     print(f"source leak: the dub's mouth opening against the picture's own (0: it does not show through): "
           f"r {np.nanmean(leaks):.3f} (per clip {', '.join(f'{r:.2f}' for r in leaks)})")
+    for method, (closed, kept, wide, shut) in closure_counts.items():
+        print(f"closures ({method}): the real clip's closed frames (< {CLOSED:g} IOD) drawn closed {kept / max(closed, 1):.0%} "
+              f"of {int(closed)}; its clearly open frames (> {OPEN:g}) drawn closed {shut / max(wide, 1):.0%} of {int(wide)}")
     offsets = [r["av_offset_generated"]["ms"] for r in results["model"] if r["av_offset_generated"]]
     if offsets:
         print(f"model A/V offset estimate: median {np.median(offsets):+.0f} ms over {len(offsets)} clips")

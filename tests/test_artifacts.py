@@ -518,6 +518,20 @@ def test_the_source_leak_measure_holds_the_real_mouth_fixed():
     assert source_leak(leaky, picture, real) > 0.3
 
 
+def test_the_closure_counts_tell_a_mouth_that_closes_from_one_that_never_does():
+    """benchmarks.sync's closures: a dub that copies the real openings closes every closed frame and
+    no open one; a mouth held ajar closes none; frames without a face in either are not counted."""
+    from benchmarks.sync import closures
+
+    rng = np.random.default_rng(2)
+    real = np.abs(rng.normal(0.06, 0.05, 300))
+    real[::5] = 0.005
+    real[7] = np.nan
+    faithful, ajar = closures(real.copy(), real), closures(np.full(300, 0.03), real)
+    closed, wide = int((real[np.isfinite(real)] < 0.02).sum()), int((real[np.isfinite(real)] > 0.06).sum())
+    assert faithful.tolist() == [closed, closed, wide, 0] and ajar.tolist() == [closed, 0, wide, 0]
+
+
 def test_the_fidelity_figures_tell_a_faithful_renderer_from_one_that_keeps_the_picture():
     """benchmarks.fidelity's figures on synthetic openings: drawing what was asked gives r 1, weight
     1 on the asked opening and 0 on the picture's own, and closed frames as the real ones; keeping
