@@ -38,6 +38,15 @@ LOWER = np.r_[np.arange(11, 20), np.arange(31, 40), np.arange(40, 59)]  # lower 
 TILE = (200, 180)
 
 
+def teeth_threshold(image: np.ndarray, mouth: np.ndarray) -> float:
+    """The brightness that tells a photo's teeth from the dark of its mouth: halfway between the 10th
+    and 90th percentile of the luma in the box of its inner lips (`mouth (59, 2)`, image pixels)."""
+    upper, lower = inner_lip_curves(mouth)
+    box = image[int(upper[:, 1].min()):int(lower[:, 1].max()) + 1, int(upper[0, 0]):int(upper[-1, 0]) + 1]
+    interior = cv2.cvtColor(box, cv2.COLOR_RGB2GRAY)
+    return float(0.5 * (np.percentile(interior, 90) + np.percentile(interior, 10)))
+
+
 def bright_rows(image: np.ndarray, upper: np.ndarray, lower: np.ndarray, threshold: float, not_red: bool = True) -> float:
     """Mean count per column of teeth pixels (brighter than `threshold` and, with `not_red`, not red:
     CIELAB a* < 12, where tongue and lips are redder) between the inner-lip curves, over the middle
@@ -73,9 +82,7 @@ def main(argv=None) -> None:
             landmarks = tracker.select(portrait).landmarks
             identity = pipeline.prepare_image(portrait, landmarks)
             upper0, lower0 = inner_lip_curves(landmarks[lm.MOUTH_AND_JAW, :2])
-            box = portrait[int(upper0[:, 1].min()):int(lower0[:, 1].max()) + 1, int(upper0[0, 0]):int(upper0[-1, 0]) + 1]
-            interior = cv2.cvtColor(box, cv2.COLOR_RGB2GRAY)
-            threshold = 0.5 * (np.percentile(interior, 90) + np.percentile(interior, 10))
+            threshold = teeth_threshold(portrait, landmarks[lm.MOUTH_AND_JAW, :2])
             photo_teeth = bright_rows(portrait, upper0, lower0, threshold)
             centre = landmarks[lm.MOUTH_AND_JAW, :2][:40].mean(0)
             width = float(np.ptp(landmarks[lm.LIPS_OUTER, 0])) * 1.6

@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     second = DlibMouthTracker()
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
-        speech = {}
+        speech, openings = {}, {}  # each real clip's speech and re-tracked opening
         for k, (person, path) in enumerate(clips):
             clip = media.read_video(path, max_frames=int(round(args.seconds * (media.probe(path).fps or 25))))
             real = folder / f"real{k}.mp4"
@@ -131,7 +131,8 @@ def main(argv=None) -> None:
             media.write_video(folder / f"real25_{k}.mp4", clip.frames[at_25], 25.0, crf=12)  # what an animated photo is compared with
             cv2.imwrite(str(folder / f"photo{k}.png"), cv2.cvtColor(clip.frames[0], cv2.COLOR_RGB2BGR))
             speech[k] = media.read_audio(real)[:n_samples]
-            theirs, ours = opening(real), second_tracker_openings(second, real, len(clip.frames))
+            openings[k] = theirs = opening(real)
+            ours = second_tracker_openings(second, real, len(clip.frames))
             found = np.isfinite(theirs) & np.isfinite(ours)
             agreement.append(pearson(theirs[found], ours[found]))
         for k, (person, path) in enumerate(clips):
@@ -139,7 +140,7 @@ def main(argv=None) -> None:
             own = speech[k]
             other = speech[(k + 1) % len(clips)]
             other = np.resize(other, own.size)  # repeat or cut to the same length
-            asked = opening(real)
+            asked = openings[k]
             inputs = {"model": own, "rest_pose": np.zeros_like(own), "mismatched_speech": other, "photo": own, "photo_mismatched": other}
             for method, audio in inputs.items():
                 wav, out = folder / f"{method}{k}.wav", folder / f"{method}{k}.mp4"

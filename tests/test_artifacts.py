@@ -9,7 +9,7 @@ from avatar import media
 from avatar.config import PipelineConfig
 from avatar.face import landmarks as lm
 from avatar.pipeline import AvatarPipeline
-from benchmarks.artifacts import bright_rows, inner_lip_curves
+from benchmarks.artifacts import bright_rows, inner_lip_curves, teeth_threshold
 from conftest import DATA, PORTRAIT
 
 CLOSED_MOUTH = DATA / "faces/OpenTalker__SadTalker/art_1.png"
@@ -39,10 +39,8 @@ def test_teeth_keep_their_height_when_the_mouth_opens(pipeline, tracker):
     portrait = media.read_image(PORTRAIT)
     landmarks = tracker.select(portrait).landmarks
     still_upper, still_lower = inner_lip_curves(landmarks[lm.MOUTH_AND_JAW, :2])
-    interior = cv2.cvtColor(portrait, cv2.COLOR_RGB2GRAY)[int(still_upper[:, 1].min()):int(still_lower[:, 1].max()),
-                                                           int(still_upper[0, 0]):int(still_upper[-1, 0])]
     lips = lm.mouth_opening(landmarks)
-    teeth_luma = 0.5 * (np.percentile(interior, 90) + np.percentile(interior, 10))
+    teeth_luma = teeth_threshold(portrait, landmarks[lm.MOUTH_AND_JAW, :2])
     photo = bright_rows(portrait, still_upper, still_lower, teeth_luma)
     assert photo > 4  # the photo shows teeth
     out, mouth = opened(pipeline, portrait, landmarks, 0.5)  # from the rest mouth (closed by the prior)
@@ -60,9 +58,7 @@ def test_lips_that_meet_over_teeth_show_no_teeth_between_them(pipeline, tracker)
     portrait = media.read_image(PORTRAIT)
     landmarks = tracker.select(portrait).landmarks
     still_upper, still_lower = inner_lip_curves(landmarks[lm.MOUTH_AND_JAW, :2])
-    interior = cv2.cvtColor(portrait, cv2.COLOR_RGB2GRAY)[int(still_upper[:, 1].min()):int(still_lower[:, 1].max()),
-                                                           int(still_upper[0, 0]):int(still_upper[-1, 0])]
-    teeth_luma = 0.5 * (np.percentile(interior, 90) + np.percentile(interior, 10))
+    teeth_luma = teeth_threshold(portrait, landmarks[lm.MOUTH_AND_JAW, :2])
     assert bright_rows(portrait, still_upper, still_lower, teeth_luma) > 4  # the photo shows teeth
     for amount in (-0.01, -0.005):  # the rest mouth's lower lip raised towards the upper
         out, mouth = opened(pipeline, portrait, landmarks, amount)

@@ -85,5 +85,6 @@ def format_rows(row: typing.Mapping[str, typing.Tuple[float, float, float, float
     return "\n".join(f"  {name:16s} r {r:6.3f}  lips {lips:.3f}  jaw {jaw:.3f}  amplitude {amplitude:.2f}"
                      for name, (r, lips, jaw, amplitude) in row.items())
 
+
 if __name__ == "__main__":
     sys.exit(main())
