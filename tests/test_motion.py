@@ -321,7 +321,8 @@ def test_eval_reports_model_and_baselines(tiny_cache):
     result = subprocess.run([sys.executable, "-m", "training.eval_motion", "--cache", str(tiny_cache)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for words in ("model", "rest pose", "mismatched audio", "real opening, linear", "opening r", "audio shift", "lowest error at shift"):
+    for words in ("model", "rest pose", "mismatched audio", "real opening, linear", "own mean mouth, held", "model at own place",
+                  "opening r", "audio shift", "lowest error at shift"):
         assert words in result.stdout
     live = subprocess.run([sys.executable, "-m", "training.eval_motion", "--cache", str(tiny_cache), "--live"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

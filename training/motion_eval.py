@@ -9,7 +9,11 @@ dubbing, where the pose comes from the video), so the comparison is about speech
 - offsets: the model driven by the clip's own speech shifted by ±1..5 frames (sync must peak at 0);
 - real opening (optional): every point placed from the real video's inner-lip gap alone by a linear map
   fitted on the training people (`opening_oracle`): what a model that knew the opening exactly, and
-  nothing else about the lips, would score (the distance the opening alone cannot explain).
+  nothing else about the lips, would score (the distance the opening alone cannot explain);
+- where each person keeps the lips (two more rows that know the real clip): the clip's own mean mouth
+  held still, and the model's mouths moved by the clip's own mean difference from them (a constant
+  per clip: where this person's lips sit while speaking, which the speech does not tell). Between
+  them and the model lies the distance that no speech-driven model of these people can remove.
 Metrics on kept frames: lip landmark distance (mean L1 per coordinate, % of inter-ocular distance),
 jaw distance, and the correlation of the inner-lip gap with the real video's; the share of the real
 video's closures in speech that the prediction closes too, and of its clearly open voiced frames that
@@ -77,7 +81,8 @@ def evaluate_motion(predict: Predictor, clips: typing.Sequence[MotionClip], conf
         other = (i + next((j for j in range(1, len(clips)) if clips[(i + j) % len(clips)].person != clip.person), 1)) % len(clips)
         mismatched = run(np.resize(features[other], features[i].shape), np.resize(clips[other].vad, clip.vad.shape))
         row = {"clip": clip.clip_id, "person": clip.person, "frames": n}
-        rows = [("model", own), ("rest", rest), ("mismatched", mismatched)]
+        rows = [("model", own), ("rest", rest), ("mismatched", mismatched),
+                ("held_mean", rest + (real[keep] - rest[keep]).mean(0)), ("placed", own + (real[keep] - own[keep]).mean(0))]
         if oracle is not None:
             gap = lm.inner_gap(real) / clip.width
             offsets = (np.stack([gap, np.ones_like(gap)], 1) @ oracle).reshape(real.shape)
@@ -132,6 +137,8 @@ def format_summary(summary: typing.Dict[str, typing.Any]) -> str:
         f"{'mismatched audio':22s} {summary['lips_mismatched']:13.2f} {summary['jaw_mismatched']:12.2f} {summary['opening_r_mismatched']:10.3f}",
         *([f"{'real opening, linear':22s} {summary['lips_oracle']:13.2f} {summary['jaw_oracle']:12.2f} {1:10.3f}"]
           if "lips_oracle" in summary else []),
+        f"{'own mean mouth, held':22s} {summary['lips_held_mean']:13.2f} {summary['jaw_held_mean']:12.2f} {'-':>10s}",
+        f"{'model at own place':22s} {summary['lips_placed']:13.2f} {summary['jaw_placed']:12.2f} {'-':>10s}",
         f"opening amplitude (std) model / real: {summary['opening_std_ratio']:.2f}",
         "audio shift (frames) → lips L1 %IOD: " + ", ".join(
             f"{s:+d}: {summary[f'lips_shift_{s:+d}']:.3f}" for s in SHIFTS if f"lips_shift_{s:+d}" in summary),
