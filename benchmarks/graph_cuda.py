@@ -52,6 +52,11 @@ class Autocast(torch.nn.Module):
 GRAPHS = ("warp", "diffusion", "diffusion-fp16", "diffusion_plain", "diffusion_plain-fp16")
 
 
+def input_kind(label: str) -> str:
+    """The renderer whose saved inputs a graph of GRAPHS reads ("warp" or "diffusion")."""
+    return label.split("-")[0].replace("diffusion_plain", "diffusion")
+
+
 def make_graph(name: str) -> FrameGraph:
     """One of GRAPHS, with the shipped denoiser read back from `assets/render.onnx`."""
     from training.export_render import denoiser_from_onnx
@@ -72,7 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--graphs", nargs="+", choices=GRAPHS, help="default: all on a GPU, the first two on CPU")
+    parser.add_argument("--graphs", nargs="+", choices=GRAPHS,
+                        help="default: all on a GPU, the first two on CPU (of those whose inputs the file holds)")
     parser.add_argument("--out", type=pathlib.Path, help="also write the figures here (JSON)")
     args = parser.parse_args(argv)
     if not args.inputs.exists():
@@ -80,13 +86,20 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     saved = np.load(args.inputs)
+    held = {name.split("/", 1)[0] for name in saved.files}  # the renderers whose inputs the file holds
     device = torch.device(args.device)
+    labels = args.graphs or [label for label in (GRAPHS if device.type == "cuda" else GRAPHS[:2]) if input_kind(label) in held]
+    missing = sorted({input_kind(label) for label in labels} - held)
+    if missing or not labels:
+        print(f"error: {args.inputs} holds no inputs for the {' and '.join(missing or ['warp', 'diffusion'])} graph; make it with "
+              f"python -m benchmarks.graph --renderers warp diffusion --save-inputs {args.inputs}", file=sys.stderr)
+        return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}")
     print(f"{'graph':>24} {'batch':>6} {'ms/call':>9} {'frames/s':>9} {'streams':>8}  max |Δ| against ONNX on CPU")
     rows = []
-    for label in args.graphs or (GRAPHS if device.type == "cuda" else GRAPHS[:2]):
-        graph, kind = make_graph(label), label.split("-")[0].replace("diffusion_plain", "diffusion")
+    for label in labels:
+        graph, kind = make_graph(label), input_kind(label)
         names = [k.split("/", 1)[1] for k in saved.files if k.startswith(kind + "/") and "/output_" not in k]
         inputs = {k: torch.from_numpy(saved[f"{kind}/{k}"]).to(device) for k in names}
         graph.to(device)

@@ -256,7 +256,7 @@ def test_a_dub_through_the_graph_is_watermarked_and_changes_only_the_lower_face(
 def test_the_torch_module_renders_what_the_onnx_graph_renders_on_real_inputs(tmp_path):
     """`benchmarks.graph --save-inputs` (the graph's inputs for real jobs and the ONNX outputs) and
     `benchmarks.graph_cuda` on them (the torch module, as a GPU host without onnxruntime-gpu runs it):
-    within 2 levels of 255."""
+    within 2 levels of 255; a file without a graph's inputs runs the others, or refuses in one line."""
     import json
 
     from benchmarks import graph, graph_cuda
@@ -267,3 +267,7 @@ def test_the_torch_module_renders_what_the_onnx_graph_renders_on_real_inputs(tmp
                             "--out", str(figures)]) == 0
     rows = json.loads(figures.read_text())
     assert rows and all(row["max_levels_from_onnx"] <= 2 and row["frames_per_s"] > 0 for row in rows)
+    # A file without a graph's inputs: by default the graphs it has inputs for; asked for another, one line and rc 2
+    assert graph_cuda.main(["--inputs", str(inputs), "--device", "cpu", "--batches", "1", "--seconds", "0", "--out", str(figures)]) == 0
+    assert {row["graph"] for row in json.loads(figures.read_text())} == {"warp"}
+    assert graph_cuda.main(["--inputs", str(inputs), "--device", "cpu", "--graphs", "diffusion", "--batches", "1", "--seconds", "0"]) == 2
