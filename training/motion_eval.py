@@ -12,8 +12,9 @@ dubbing, where the pose comes from the video), so the comparison is about speech
   nothing else about the lips, would score (the distance the opening alone cannot explain);
 - where each person keeps the lips (two more rows that know the real clip): the clip's own mean mouth
   held still, and the model's mouths moved by the clip's own mean difference from them (a constant
-  per clip: where this person's lips sit while speaking, which the speech does not tell). Between
-  them and the model lies the distance that no speech-driven model of these people can remove.
+  per clip: where this person's lips sit while speaking, which the speech does not tell). The
+  model's distance above the second row is that placement alone; the first is the score of a still
+  mouth that knows it.
 Metrics on kept frames: lip landmark distance (mean L1 per coordinate, % of inter-ocular distance),
 jaw distance, and the correlation of the inner-lip gap with the real video's; the share of the real
 video's closures in speech that the prediction closes too, and of its clearly open voiced frames that
