@@ -17,7 +17,12 @@ the real clip. Printed per clip and on average:
   the inter-ocular distance), the mean re-tracked opening of the drawn mouths next to the real one's
   (a perfect renderer: equal in every bin; a dead zone shows as small openings drawn closed);
 - no entry: the share of frames with a face for which the person's bank had no mouth near the
-  frame's head pose (`MouthBank.candidates`), drawn by the warp alone.
+  frame's head pose (`MouthBank.candidates`), drawn by the warp alone;
+- inside jumps: over all clips' pairs of consecutive frames open in both (re-tracked opening above
+  `OPEN`), how much the inside of the mouth (the mean grey level between the re-tracked inner lips)
+  changes from one frame to the next, mean and 95th and 99th percentiles, drawn next to real: a
+  change of bank entry between a dark mouth and one showing its teeth is seen as a pop, a tail the
+  real clip does not have.
 Tune renderers on the training people (the default); judge them on the validation people with
 `benchmarks.sync`, where the motion model's mouths are drawn.
 """
@@ -27,17 +32,20 @@ from __future__ import annotations
 import argparse
 import pathlib
 import tempfile
+import typing
 
+import cv2
 import numpy as np
 
 from avatar import media
 from avatar.config import PipelineConfig
 from avatar.enroll import build_avatar, track_video
+from avatar.evaluate import track_video as track_for_eval
 from avatar.face import landmarks as lm
 from avatar.metrics import pearson
 from avatar.pipeline import AvatarPipeline
 from avatar.render.renderers import RENDERERS
-from benchmarks.sync import CLOSED, opening, source_leak, talking_clips
+from benchmarks.sync import CLOSED, OPEN, opening, source_leak, talking_clips
 
 RESPONSE_BINS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.12, 0.2, np.inf)  # real openings (× inter-ocular distance) of the response
 
@@ -70,6 +78,29 @@ def draw_real_mouths(pipeline: AvatarPipeline, real: pathlib.Path, backwards: pa
         return float(np.mean([job.bank_index is None or job.bank_index < 0 for job in faces])) if faces else float("nan")
     finally:
         footage.close()
+
+
+def opening_and_inside(path: pathlib.Path) -> typing.Tuple[np.ndarray, np.ndarray]:
+    """A video's mouth opening per frame `(T,)` (as `benchmarks.sync.opening`) and the mean grey level
+    `(T,)` in [0, 255] between its inner lips on the aligned crop (NaN where no face was found or the
+    lips enclose no pixel)."""
+    tracked = track_for_eval(path, max_frames=1500)
+    points = tracked.landmarks
+    inside = np.full(len(points), np.nan)
+    for t, (crop, face) in enumerate(zip(tracked.crops, points)):
+        if np.isfinite(face).all():
+            mask = cv2.fillPoly(np.zeros(crop.shape[:2], np.uint8), [np.round(face[lm.LIPS_INNER, :2] * 16).astype(np.int32)], 1,
+                                cv2.LINE_8, shift=4) > 0
+            if mask.any():
+                inside[t] = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)[mask].mean()
+    return lm.mouth_opening(points) / lm.interocular(points), inside
+
+
+def inside_jumps(openings: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """|change of the inside's grey level| `(P,)` between the consecutive frames open in both
+    (`opening_and_inside`'s two arrays)."""
+    pairs = (openings[1:] > OPEN) & (openings[:-1] > OPEN) & np.isfinite(inside[1:]) & np.isfinite(inside[:-1])
+    return np.abs(np.diff(inside))[pairs]
 
 
 def measure(drawn: np.ndarray, picture: np.ndarray, real: np.ndarray) -> dict:
@@ -108,7 +139,8 @@ def main(argv=None) -> None:
     parser.add_argument("--renderer", choices=RENDERERS, default=PipelineConfig.renderer)
     args = parser.parse_args(argv)
     pipeline = AvatarPipeline.from_pretrained(config=PipelineConfig(drift=False, renderer=args.renderer))
-    rows = []
+    rows: typing.List[dict] = []
+    jumps: typing.Dict[str, typing.List[np.ndarray]] = {"drawn": [], "real": []}
     print(f"{'person':<20}{'opening r':>10}{'asked':>8}{'own':>8}{'leak':>8}{'closed: real / drawn':>24}{'no entry':>10}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
@@ -118,8 +150,11 @@ def main(argv=None) -> None:
             media.write_video(real, clip.frames, clip.fps, crf=12)
             media.write_video(backwards, clip.frames[::-1], clip.fps, crf=12)
             no_entry = draw_real_mouths(pipeline, real, backwards, drawn)
-            row = {**measure(opening(drawn), opening(backwards), opening(real)), "no_entry": no_entry}
+            (drawn_opening, drawn_inside), (real_opening, real_inside) = opening_and_inside(drawn), opening_and_inside(real)
+            row = {**measure(drawn_opening, opening(backwards), real_opening), "no_entry": no_entry}
             rows.append(row)
+            jumps["drawn"].append(inside_jumps(drawn_opening, drawn_inside))
+            jumps["real"].append(inside_jumps(real_opening, real_inside))
             print(f"{person:<20}{row['r']:>10.3f}{row['asked']:>8.2f}{row['own']:>8.2f}{row['leak']:>8.3f}"
                   f"{row['closed_real']:>14.3f} / {row['closed_drawn']:.3f}{100 * row['no_entry']:>9.0f}%", flush=True)
     mean = {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0] if key != "response"}
@@ -129,6 +164,11 @@ def main(argv=None) -> None:
           f"on it played backwards, re-tracked (perfect: r 1, asked 1, own 0, leak 0, closed as real)")
     print("response: the re-tracked opening drawn against the real opening asked for (all frames, binned)")
     print(format_response(sum(row["response"] for row in rows)))
+    print("inside jumps: the inside of the mouth's grey level, change between consecutive open frames (levels of 255)")
+    for kind in ("real", "drawn"):
+        values = np.concatenate(jumps[kind])
+        print(f"{kind + ',':<8}{len(values):>5d} pairs: mean {values.mean():.2f}, 95th percentile {np.percentile(values, 95):.2f}, "
+              f"99th {np.percentile(values, 99):.2f}")
 
 
 if __name__ == "__main__":

@@ -547,3 +547,19 @@ def test_the_fidelity_figures_tell_a_faithful_renderer_from_one_that_keeps_the_p
     assert frames.sum() == 500 and np.allclose(asked, drawn)
     frames, asked, drawn = kept["response"]  # the closed bin drawn open
     assert frames[0] > 0 and drawn[0] / frames[0] > 0.05 > asked[0] / frames[0]
+
+
+def test_the_inside_jumps_count_only_frames_open_on_both_sides_and_show_a_pop():
+    """benchmarks.fidelity's inside jumps: the change of the inside's grey level between consecutive
+    frames open in both (> OPEN) with a face; a steady inside that flips from dark to teeth once
+    shows one large jump, a closed frame or a missing face between ends a pair."""
+    from benchmarks.fidelity import inside_jumps
+    from benchmarks.sync import OPEN
+
+    openings = np.full(10, 2 * OPEN)
+    openings[4] = OPEN / 2  # closed: no pair with frame 4
+    inside = np.array([40.0, 41, 42, 43, 200, 150, 151, 152, np.nan, 152])
+    jumps = inside_jumps(openings, inside)
+    assert jumps.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0]
+    inside[4], openings[4] = 43.0, 2 * OPEN
+    assert sorted(inside_jumps(openings, inside).tolist()) == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 107.0]

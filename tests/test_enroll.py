@@ -142,6 +142,49 @@ def test_retrieval_follows_the_targets_shape_and_switches_only_when_it_pays(enro
     assert np.median(chosen_cost) < np.median(bank.costs(targets).mean(1)) / 4  # far better than a random entry
 
 
+def test_retrieval_changes_between_a_dark_and_a_toothy_inside_less_often_at_open_mouths(enrolled, pipeline, monkeypatch):
+    """A change of entry between an inside that shows teeth and a dark one is seen as a pop, so on the
+    person's own tracked mouths the path weighs it by how different the two insides look
+    (`INSIDE_COST`): against the same bank without that weight, the inside's brightness changes less
+    where a change costs (open mouths), while the chosen lips stay nearly as close to the targets.
+    Closed entries have no inside; a stream's `follow` keeps a dark entry against a toothy one that
+    fits better by less than the weighted cost."""
+    from avatar.render import retrieval
+
+    bank = enrolled[0].identity.bank
+    assert np.isnan(bank.insides[bank.gaps <= retrieval.MIN_OPEN]).all()
+    open_insides = bank.insides[bank.gaps > retrieval.MIN_OPEN]
+    assert np.isfinite(open_insides).all() and np.ptp(open_insides) > 0.2
+    footage = track_video(pipeline, KATIE, progress=False)
+    try:
+        targets = np.stack([footage.crop_landmarks[i][lm.MOUTH_AND_JAW, :2] for i in footage.good])
+    finally:
+        footage.close()
+    switch = MouthBank.switch_costs(targets)
+
+    def seen(path):  # the insides' change at each change of entry, weighted by what a change costs there
+        inside = np.nan_to_num(bank.insides[path], nan=0.0)
+        return float((np.abs(np.diff(inside)) * switch[1:]).sum())
+
+    dark, toothy = int(np.nanargmin(bank.insides)), int(np.nanargmax(bank.insides))
+    pair = lambda b: MouthBank(b.crops[[dark, toothy]], b.mouths[[dark, toothy]], b.crop_size)
+    weighted, weighted_pair = bank.path(targets), pair(bank)
+    _ = weighted_pair.switch_weights  # made now, with the module's INSIDE_COST (a cached property)
+    monkeypatch.setattr(retrieval, "INSIDE_COST", 0.0)
+    plain_bank = MouthBank(bank.crops, bank.mouths, bank.crop_size, bank.heads)
+    plain, plain_pair = plain_bank.path(targets), pair(plain_bank)
+    assert seen(weighted) < 0.8 * seen(plain)
+    costs = bank.costs(targets)
+    rows = np.arange(len(targets))
+    assert costs[rows, weighted].mean() < 1.25 * costs[rows, plain].mean()
+
+    scale = bank.crop_size / bank.size
+    steps = np.linspace(0.0, 1.0, 41)  # targets moving from the dark entry's lips to the toothy one's, a stream following
+    first = [next((a for a in steps if b.follow(((1 - a) * b.mouths[0] + a * b.mouths[1]) * scale, 0) == 1), np.inf)
+             for b in (plain_pair, weighted_pair)]
+    assert first[0] < 1.0 and first[1] > first[0], first
+
+
 def test_only_entries_at_the_faces_head_pose_are_drawn():
     """Entries whose head is turned from the face's by more than MAX_TURN_DEG are not candidates
     (measured as the rotation between the two heads, whatever their scale and place); where none is

@@ -38,10 +38,13 @@ import numpy as np
 from avatar.face import landmarks as lm
 from avatar.face.align import feathered_polygon, nonzero_box, rescale_points
 from avatar.motion.pose import HEAD_POINTS, similarity_3d
-from avatar.render.warp import MIN_OPEN, N_LIPS, N_OUTER, InnerMouth, mouth_width, open_inner, render_warp
+from avatar.render.warp import INNER, MIN_OPEN, N_LIPS, N_OUTER, InnerMouth, lip_band, mouth_width, open_inner, render_warp
 
 SWITCH_COST = 3.0  # crop-128 px² of mean squared lip distance that a change of entry must win, at full opening (a random entry is ~5 away, the nearest ~0.2-0.5)
 FULL_OPENING = 0.25  # inner-gap ratio at which a switch costs all of SWITCH_COST (0 at MIN_OPEN and below)
+# A switch between entries whose insides look different (a dark mouth and one showing its teeth) is
+# seen as a pop: it costs 1 + INSIDE_COST × the difference of their insides' brightness (`MouthBank.insides`).
+INSIDE_COST = 2.0
 # The region an entry is drawn over: the target's outer lips grown by LIPS_GROW and feathered by
 # LIPS_FEATHER (a Gaussian's sigma), both × the mouth's width.
 LIPS_GROW, LIPS_FEATHER = 0.12, 0.05
@@ -118,6 +121,30 @@ class MouthBank:
                 inner.lower_row = own
             self._inner[index] = inner
         return self._inner[index]
+
+    @functools.cached_property
+    def insides(self) -> np.ndarray:
+        """`(N,) float64`: how bright the inside of each entry's mouth is, its mean grey level between the
+        inner lips over its lips' (`lip_band`); NaN for closed entries (their inside is not seen)."""
+        out = np.full(len(self), np.nan)
+        for k in np.flatnonzero(self.gaps > MIN_OPEN):
+            grey = cv2.cvtColor(self.crops[k], cv2.COLOR_RGB2GRAY).astype(np.float64)
+            inside = cv2.fillPoly(np.zeros(grey.shape, np.uint8), [np.round(self.mouths[k][INNER] * 16).astype(np.int32)], 1,
+                                  cv2.LINE_8, shift=4) > 0
+            lips = lip_band(self.mouths[k], grey.shape)
+            if inside.any() and lips.any():
+                out[k] = grey[inside].mean() / max(grey[lips].mean(), 1.0)
+        return out
+
+    @functools.cached_property
+    def switch_weights(self) -> np.ndarray:
+        """`(N + 1, N + 1) float64`: what a change from entry i to entry j costs, in units of the switch
+        cost (`switch_costs`): 0 to stay, 1 + INSIDE_COST × the difference of their `insides` (1 to or
+        from a closed entry); the last row and column: no entry (NONE), 1 to and from any."""
+        weights = np.ones((len(self) + 1, len(self) + 1))
+        weights[:-1, :-1] += INSIDE_COST * np.nan_to_num(np.abs(self.insides[:, None] - self.insides[None]), nan=0.0)
+        np.fill_diagonal(weights, 0.0)
+        return weights
 
     @functools.cached_property
     def both_rows(self) -> typing.Optional[InnerMouth]:
@@ -216,13 +243,13 @@ class MouthBank:
         allowed = self.candidates(heads, len(targets))
         none = np.where(allowed.any(axis=1), np.inf, 0.0)  # the warp alone: only where no entry may be drawn
         costs, switch = np.c_[np.where(allowed, self.costs(targets), np.inf), none], self.switch_costs(targets)
+        weights = self.switch_weights
         total = costs[0].copy()
         back = np.zeros(costs.shape, np.int64)
         for t in range(1, len(targets)):
-            best = int(np.argmin(total))
-            change = total[best] + switch[t]
-            back[t] = np.where(total <= change, np.arange(len(self) + 1), best)
-            total = np.minimum(total, change) + costs[t]
+            arrive = total[:, None] + switch[t] * weights  # (from, to); staying costs nothing
+            back[t] = np.argmin(arrive, axis=0)
+            total = arrive[back[t], np.arange(len(total))] + costs[t]
         path = np.zeros(len(targets), np.int64)
         path[-1] = int(np.argmin(total))
         for t in range(len(targets) - 1, 0, -1):
@@ -238,7 +265,6 @@ class MouthBank:
         if not allowed.any():
             return None
         costs = np.where(allowed, self.costs(np.asarray(target, np.float64)[None])[0], np.inf)
-        best = int(np.argmin(costs))
-        if previous is None or not allowed[previous] or costs[previous] - costs[best] > self.switch_costs(np.asarray(target)[None])[0]:
-            return best
-        return previous
+        if previous is None or not allowed[previous]:
+            return int(np.argmin(costs))
+        return int(np.argmin(costs + self.switch_costs(np.asarray(target)[None])[0] * self.switch_weights[previous, :-1]))
