@@ -99,9 +99,11 @@ def main(argv=None) -> int:
     parser.add_argument("--live-right", type=int, help="with --model: encoder frames of audio each live frame waits for "
                         "(SpeechConfig.live_right)")
     parser.add_argument("--live-phase", type=int, help="with --model: where live windows end (SpeechConfig.live_phase)")
+    parser.add_argument("--live-window", type=int, help="with --model: encoder frames each live window hears "
+                        "(SpeechConfig.live_window)")
     args = parser.parse_args(argv)
-    if args.model is None and (args.live_right is not None or args.live_phase is not None):
-        print("error: --live-right and --live-phase change how features are computed: give --model too "
+    if args.model is None and any(v is not None for v in (args.live_right, args.live_phase, args.live_window)):
+        print("error: --live-right, --live-phase and --live-window change how features are computed: give --model too "
               "(the cached features are fixed)", file=sys.stderr)
         return 2
     train, val = load_motion_clips(args.cache, "train"), load_motion_clips(args.cache, "val")
@@ -118,9 +120,10 @@ def main(argv=None) -> int:
         from avatar.config import SpeechConfig
         from avatar.speech.encoder import SpeechEncoder, interpolate_frames
 
-        changes = {name: value for name, value in (("live_right", args.live_right), ("live_phase", args.live_phase))
-                   if value is not None}
-        encoder = SpeechEncoder(args.model, config=dataclasses.replace(SpeechConfig(), **changes))
+        changes = {name: value for name, value in (("live_right", args.live_right), ("live_phase", args.live_phase),
+                                                   ("live_window", args.live_window)) if value is not None}
+        # the float graph, as `training.speech_features` computes the features the models are trained on
+        encoder = SpeechEncoder(args.model, config=dataclasses.replace(SpeechConfig(), live_int8=False, **changes))
         print(f"look-ahead at most {encoder.lookahead_ms:.1f} ms")
         files = {c.clip_id: c.meta["file"] for c in open_cache(args.cache, kind="video")}
         features = {c.clip_id: interpolate_frames(encoder.features(media.read_audio(args.src / files[c.clip_id], 16000), live=args.live),

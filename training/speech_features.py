@@ -126,9 +126,12 @@ def main(argv=None) -> int:
     parser.add_argument("--live-int8", action="store_true",
                         help="live features in int8 as the engine computes them on the CPU (SpeechConfig.live_int8), to "
                              "measure the engine's figures; default: the float graph's, which the models are trained on")
+    parser.add_argument("--live-window", type=int, default=SpeechConfig.live_window,
+                        help="encoder frames each live window hears (SpeechConfig.live_window; the live motion model is "
+                             "trained on the features of one window length)")
     args = parser.parse_args(argv)
     model = args.model or asset_path(DEFAULT_MODEL)
-    encoder = SpeechEncoder(model, config=dataclasses.replace(SpeechConfig(), live_int8=args.live_int8),
+    encoder = SpeechEncoder(model, config=dataclasses.replace(SpeechConfig(), live_int8=args.live_int8, live_window=args.live_window),
                             providers=["CPUExecutionProvider"] if args.live_int8 else None)
     config = encoder.config
     digest = (f"{file_sha256(model)} live {config.live_window}/{config.live_hop}/{config.live_right}/{config.live_phase}/{config.live_ahead} "
