@@ -122,17 +122,22 @@ def test_a_damaged_or_foreign_avatar_file_is_refused_in_one_line(enrolled, tmp_p
     assert not out.exists()
 
 
-def test_retrieval_follows_the_targets_shape_and_switches_only_when_it_pays(enrolled, pipeline):
+@pytest.fixture(scope="module")
+def katie_mouths(pipeline):
+    """Katie Hill's tracked mouths `(T, 59, 2)` (crop px), the frames with a good face."""
+    footage = track_video(pipeline, KATIE, progress=False)
+    try:
+        return np.stack([footage.crop_landmarks[i][lm.MOUTH_AND_JAW, :2] for i in footage.good])
+    finally:
+        footage.close()
+
+
+def test_retrieval_follows_the_targets_shape_and_switches_only_when_it_pays(enrolled, katie_mouths):
     """On the person's own tracked mouths (Katie Hill's clip), the Viterbi path picks entries whose
     opening follows the target's, changes entries less often than the nearest entry does, and only
     while the mouth is open enough for a change to cost."""
     avatar, _ = enrolled
-    bank = avatar.identity.bank
-    footage = track_video(pipeline, KATIE, progress=False)
-    try:
-        targets = np.stack([footage.crop_landmarks[i][lm.MOUTH_AND_JAW, :2] for i in footage.good])
-    finally:
-        footage.close()
+    bank, targets = avatar.identity.bank, katie_mouths
     path = bank.path(targets)
     nearest = bank.costs(targets).argmin(1)
     height = lambda shapes: np.ptp(shapes[..., 1], axis=-1)
@@ -142,7 +147,7 @@ def test_retrieval_follows_the_targets_shape_and_switches_only_when_it_pays(enro
     assert np.median(chosen_cost) < np.median(bank.costs(targets).mean(1)) / 4  # far better than a random entry
 
 
-def test_retrieval_changes_between_a_dark_and_a_toothy_inside_less_often_at_open_mouths(enrolled, pipeline, monkeypatch):
+def test_retrieval_changes_between_a_dark_and_a_toothy_inside_less_often_at_open_mouths(enrolled, katie_mouths, monkeypatch):
     """A change of entry between an inside that shows teeth and a dark one is seen as a pop, so on the
     person's own tracked mouths the path weighs it by how different the two insides look
     (`INSIDE_COST`): against the same bank without that weight, the inside's brightness changes less
@@ -151,15 +156,10 @@ def test_retrieval_changes_between_a_dark_and_a_toothy_inside_less_often_at_open
     fits better by less than the weighted cost."""
     from avatar.render import retrieval
 
-    bank = enrolled[0].identity.bank
+    bank, targets = enrolled[0].identity.bank, katie_mouths
     assert np.isnan(bank.insides[bank.gaps <= retrieval.MIN_OPEN]).all()
     open_insides = bank.insides[bank.gaps > retrieval.MIN_OPEN]
     assert np.isfinite(open_insides).all() and np.ptp(open_insides) > 0.2
-    footage = track_video(pipeline, KATIE, progress=False)
-    try:
-        targets = np.stack([footage.crop_landmarks[i][lm.MOUTH_AND_JAW, :2] for i in footage.good])
-    finally:
-        footage.close()
     switch = MouthBank.switch_costs(targets)
 
     def seen(path):  # the insides' change at each change of entry, weighted by what a change costs there
