@@ -17,7 +17,9 @@ import dataclasses
 import fractions
 import os
 import pathlib
+import signal
 import tempfile
+import threading
 import typing
 
 import numpy as np
@@ -380,18 +382,27 @@ def _umask() -> int:
 def atomic_output(output: PathLike, inputs: typing.Sequence[PathLike] = ()) -> typing.Iterator[pathlib.Path]:
     """Yield a temporary path beside `output`; on success rename it over `output`, on failure delete it."""
     out = check_output_path(output, inputs)
+    tmp: typing.Optional[pathlib.Path] = None
+    # Signals wait while the file is made and named: an interrupt (SIGTERM raises KeyboardInterrupt in
+    # the CLI) between the two would leave it behind.
+    stopped = ({signal.SIGINT, signal.SIGTERM, signal.SIGHUP} if hasattr(signal, "pthread_sigmask")
+               and threading.current_thread() is threading.main_thread() else set())
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stopped) if stopped else None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}", dir=out.parent)
-    except OSError as exc:
-        raise MediaError(f"{out.parent}: cannot write there ({exc.strerror}); choose a writable output folder") from exc
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}", dir=out.parent)
+            tmp = pathlib.Path(tmp_name)
+            os.close(fd)
+        except OSError as exc:
+            raise MediaError(f"{out.parent}: cannot write there ({exc.strerror}); choose a writable output folder") from exc
+        finally:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, out)
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
