@@ -38,6 +38,7 @@ import numpy as np
 
 from avatar.config import ArtifactConfig
 from avatar.face import landmarks as lm
+from avatar.face.align import polygon_mask
 
 CELLS = 4  # the repainted skin is judged in a CELLS × CELLS grid of cells
 CHANNEL_SUM = np.ones((1, 3), np.float32)  # cv2.transform's matrix: the sum of three channels
@@ -61,12 +62,6 @@ class Verdict:
 
     def __str__(self) -> str:
         return "; ".join(self.failures) or "ok"
-
-
-def _polygon(points: np.ndarray, shape: typing.Tuple[int, int]) -> np.ndarray:
-    canvas = np.zeros(shape, np.uint8)
-    cv2.fillPoly(canvas, [np.round(np.asarray(points)[:, :2] * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
-    return canvas.astype(bool)
 
 
 def cell_sums(image: np.ndarray, rows: slice, columns: slice) -> float:
@@ -138,7 +133,7 @@ class ArtifactCheck:
         failures = []
         # outside the face: the repaint's distance from the face outlines, in pixels
         landmarks, target_landmarks = np.asarray(landmarks)[:, :2], np.asarray(target_landmarks)[:, :2]
-        face = _polygon(landmarks[lm.FACE_OVAL], alpha.shape) | _polygon(target_landmarks[lm.FACE_OVAL], alpha.shape)
+        face = polygon_mask(landmarks[lm.FACE_OVAL], alpha.shape) | polygon_mask(target_landmarks[lm.FACE_OVAL], alpha.shape)
         distance = cv2.distanceTransform((~face).astype(np.uint8), cv2.DIST_L2, 3)
         grow = config.face_margin * float(np.ptp(landmarks[lm.FACE_OVAL, 1]))
         outside_share = float((core & (distance > grow)).sum()) / int(core.sum())
@@ -149,7 +144,7 @@ class ArtifactCheck:
         box = slice(y, y + h), slice(x, x + w)
         offset = np.array([x, y], np.float64)
         shape = core[box].shape
-        lips = _polygon(landmarks[lm.LIPS_OUTER] - offset, shape) | _polygon(target_landmarks[lm.LIPS_OUTER] - offset, shape)
+        lips = polygon_mask(landmarks[lm.LIPS_OUTER] - offset, shape) | polygon_mask(target_landmarks[lm.LIPS_OUTER] - offset, shape)
         skin = core[box] & ~cv2.dilate(lips.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
         colour_delta, new_colour, detail_ratio, cell_detail = 0.0, 0.0, 1.0, 1.0
         if skin.sum() >= 64:

@@ -42,6 +42,7 @@ from avatar.config import PipelineConfig
 from avatar.enroll import build_avatar, track_video
 from avatar.evaluate import track_video as track_for_eval
 from avatar.face import landmarks as lm
+from avatar.face.align import polygon_mask
 from avatar.metrics import pearson
 from avatar.pipeline import AvatarPipeline
 from avatar.render.renderers import RENDERERS
@@ -89,8 +90,7 @@ def opening_and_inside(path: pathlib.Path) -> typing.Tuple[np.ndarray, np.ndarra
     inside = np.full(len(points), np.nan)
     for t, (crop, face) in enumerate(zip(tracked.crops, points)):
         if np.isfinite(face).all():
-            mask = cv2.fillPoly(np.zeros(crop.shape[:2], np.uint8), [np.round(face[lm.LIPS_INNER, :2] * 16).astype(np.int32)], 1,
-                                cv2.LINE_8, shift=4) > 0
+            mask = polygon_mask(face[lm.LIPS_INNER], crop.shape[:2])
             if mask.any():
                 inside[t] = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)[mask].mean()
     return lm.mouth_opening(points) / lm.interocular(points), inside

@@ -97,6 +97,13 @@ def feathered_polygon(points: np.ndarray, size: int, sigma: float, grow: int = 0
     return out
 
 
+def polygon_mask(points: np.ndarray, shape: typing.Tuple[int, int], origin: typing.Tuple[int, int] = (0, 0)) -> np.ndarray:
+    """`(h, w) bool`: the polygon `points (N, 2+)` (px, to 1/16 px) filled, hard-edged, on an image whose
+    pixel (0, 0) is the points' pixel `origin` (x, y)."""
+    corners = np.round(np.asarray(points, np.float64)[:, :2] * 16).astype(np.int32) - 16 * np.array(origin, np.int32)
+    return cv2.fillPoly(np.zeros(shape, np.uint8), [corners], 1, cv2.LINE_8, shift=4) > 0
+
+
 def wide_blur(mask: np.ndarray, sigma: float) -> np.ndarray:
     """`cv2.GaussianBlur` of `mask (H, W) float32` by `sigma` px; one at least HALF_SCALE_SIGMA wide at half
     resolution (area-averaged, blurred by sigma / 2, resized back linearly): within 0.002 of the full

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.face.align import feathered_polygon, nonzero_box, rescale_points
+from avatar.face.align import feathered_polygon, nonzero_box, polygon_mask, rescale_points
 from avatar.motion.pose import HEAD_POINTS, similarity_3d
 from avatar.render.warp import INNER, MIN_OPEN, N_LIPS, N_OUTER, InnerMouth, lip_band, mouth_width, open_inner, render_warp
 
@@ -129,8 +129,7 @@ class MouthBank:
         out = np.full(len(self), np.nan)
         for k in np.flatnonzero(self.gaps > MIN_OPEN):
             grey = cv2.cvtColor(self.crops[k], cv2.COLOR_RGB2GRAY).astype(np.float64)
-            inside = cv2.fillPoly(np.zeros(grey.shape, np.uint8), [np.round(self.mouths[k][INNER] * 16).astype(np.int32)], 1,
-                                  cv2.LINE_8, shift=4) > 0
+            inside = polygon_mask(self.mouths[k][INNER], grey.shape)
             lips = lip_band(self.mouths[k], grey.shape)
             if inside.any() and lips.any():
                 out[k] = grey[inside].mean() / max(grey[lips].mean(), 1.0)

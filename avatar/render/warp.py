@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from avatar.face import landmarks as lm
-from avatar.face.align import dilate_disc, feathered_polygon, nonzero_box
+from avatar.face.align import dilate_disc, feathered_polygon, nonzero_box, polygon_mask
 from avatar.face.landmarks import inner_gap_ratio, mouth_width
 
 N_OUTER, N_INNER = len(lm.LIPS_OUTER), len(lm.LIPS_INNER)
@@ -122,10 +122,8 @@ def mouth_bank() -> typing.Tuple[InnerMouth, ...]:
 def lip_band(mouth: np.ndarray, shape: typing.Tuple[int, int], origin: typing.Tuple[int, int] = (0, 0)) -> np.ndarray:
     """`(h, w) bool`: the lips of `mouth (59, 2)`, between its outer and inner contours, on an image
     whose pixel (0, 0) is pixel `origin` (x, y) of the mouth's."""
-    shift = 16 * np.array(origin, np.int32)
-    fill = lambda points: cv2.fillPoly(np.zeros(shape, np.uint8), [np.round(np.asarray(points) * 16).astype(np.int32) - shift], 1,
-                                       cv2.LINE_8, shift=4) > 0
-    return fill(np.asarray(mouth)[:N_OUTER]) & ~fill(np.asarray(mouth)[INNER])
+    mouth = np.asarray(mouth)
+    return polygon_mask(mouth[:N_OUTER], shape, origin) & ~polygon_mask(mouth[INNER], shape, origin)
 
 
 def lip_colour(image: np.ndarray, mouth: np.ndarray, origin: typing.Tuple[int, int] = (0, 0)) -> np.ndarray:
