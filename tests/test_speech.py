@@ -140,8 +140,9 @@ def test_the_live_convolutions_are_one_matmul_each_with_the_conv_graphs_numbers_
 
 
 def test_live_windows_are_encoded_by_a_graph_that_gives_only_their_kept_rows(float_encoder, speech):
-    """The live graph (`avatar.speech.live_graph`: the last block's queries and residual gathered to the
-    rows a window gives) is the full encoder on those rows, on speech and on silence, batched or not."""
+    """The live graph (`avatar.speech.live_graph.live_blocks_graph`: the blocks in fewer nodes, the last
+    block's queries and residual for the rows a window gives) is the full encoder on those rows, on
+    speech and on silence, batched or not."""
     encoder = float_encoder
     c = encoder.config
     mel = encoder.mel(speech[:16000 * 3])
@@ -167,16 +168,17 @@ def test_live_windows_run_in_int8_on_the_cpu_near_the_float_graph_and_alone(enco
 
     import onnx
 
-    from avatar.speech.live_graph import int8_graph, rows_only_graph, split_at_convolutions
+    from avatar.speech.live_graph import int8_graph, live_blocks_graph, split_at_convolutions
 
     assert encoder.live_int8 and not float_encoder.live_int8
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     blocks = split_at_convolutions(onnx.load(str(encoder.session.path)))[1]
-    model = onnx.load_from_string(int8_graph(rows_only_graph(blocks, encoder.live_window_rows())))
+    model = onnx.load_from_string(int8_graph(live_blocks_graph(blocks, encoder.live_window_rows(), encoder.config.live_window)))
     assert root.handlers == handlers and root.level == level
     ops = [node.op_type for node in model.graph.node]
-    assert ops.count("MatMulInteger") == 8 and ops.count("MatMul") == 4  # every weight MatMul; attention's 2 a block stay float
+    # every weight MatMul (the last block's queries apart from its keys and values); attention stays float
+    assert ops.count("MatMulInteger") == 9 and ops.count("MatMul") == 0 and ops.count("MultiHeadAttention") == 2
     c = encoder.config
     mel = encoder.mel(speech[:16000 * 5])
     windows = np.stack([encoder._padded(mel, start, start + 2 * c.live_window) for start in range(-60, 400, 23)])
@@ -212,13 +214,13 @@ def test_a_speech_graph_of_another_shape_is_refused_in_one_line():
     from onnx import TensorProto, helper
 
     from avatar.errors import AvatarError
-    from avatar.speech.live_graph import rows_only_graph
+    from avatar.speech.live_graph import live_blocks_graph
 
-    graph = helper.make_graph([helper.make_node("Softmax", ["mel"], ["features"])], "g",
-                              [helper.make_tensor_value_info("mel", TensorProto.FLOAT, [1, 80, 100])],
-                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 80, 100])])
+    graph = helper.make_graph([helper.make_node("Softmax", ["conv"], ["features"])], "g",
+                              [helper.make_tensor_value_info("conv", TensorProto.FLOAT, [1, 384, 50])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 50, 384])])
     with pytest.raises(AvatarError, match="not the exported Whisper encoder"):
-        rows_only_graph(helper.make_model(graph), [45, 46])
+        live_blocks_graph(helper.make_model(graph), [45, 46], 50)
 
 
 def test_stated_lookahead_is_exactly_what_the_stream_needs(encoder, speech):

@@ -1,14 +1,16 @@
-"""The speech encoder's graph made for live windows: the last transformer block computes only the rows
-a live window gives (`SpeechConfig.live_hop` frames, `live_right` before its end, and the `live_ahead`
-after them that their features hold: `SpeechEncoder.live_window_rows`).
+"""The speech encoder's graph made for live windows: the blocks written again in fewer nodes, the last
+one computing only the rows a live window gives (`SpeechConfig.live_hop` frames, `live_right` before
+its end, and the `live_ahead` after them that their features hold: `SpeechEncoder.live_window_rows`).
 
 A live window (`SpeechEncoder.live_windows`) is encoded whole but only a few of its `live_window`
 frames are kept (5 of 50 at the defaults). Every block's keys and values need all the frames, and so
 does every block but the last; the last block's queries, its output projection, its MLP and the final
-norm only matter for the kept rows. This rewrites the exported encoder (`assets/speech.onnx`, the
-same nodes and weights; nothing is written to disk) so that the last block's queries and residual
-are gathered to those rows first: with the 2 shipped blocks and 2 rows kept, about a third of a
-window's arithmetic was skipped; the kept rows are the full graph's to float rounding (tested).
+norm only matter for the kept rows. `live_blocks_graph` writes the exported encoder's blocks
+(`assets/speech.onnx`, the same weights; nothing is written to disk) as onnxruntime's attention and
+GELU nodes with the last block's queries and residual for those rows only: with the 2 shipped blocks
+and 5 rows kept, 38 % of a window's multiply-adds are skipped, and 37 nodes run instead of 92
+(on a slow CPU each node costs microseconds of its own); the kept rows are the full graph's to float
+rounding (tested).
 
 The convolutions before the blocks see 3 mel frames each and only the positions added after them
 tell the frames apart, so consecutive windows, which share all but 2 of their frames, share their
@@ -20,8 +22,8 @@ computes each convolution as one matrix product over all the frames of a call.
     convolutions, blocks = split_at_convolutions(onnx.load("assets/speech.onnx"))
     # convolutions: mel (B, 80, M) → conv (B, D, M/2); blocks: conv (B, D, T) → features (B, T, D)
     convolutions = matmul_convolutions(convolutions)   # bytes for onnxruntime: the same numbers
-    model = rows_only_graph(blocks, rows=[45, 46, 47, 48, 49])   # bytes for onnxruntime
-    # conv (B, D, live_window) → features (B, len(rows), D): those rows of the full output
+    model = live_blocks_graph(blocks, rows=[45, 46, 47, 48, 49], frames=50)   # bytes for onnxruntime
+    # conv (B, D, 50) → features (B, len(rows), D): those rows of the full output
     model = int8_graph(model)   # the same on the CPU in int8 arithmetic (`SpeechConfig.live_int8`)
 """
 
@@ -35,65 +37,131 @@ from avatar.errors import AvatarError
 from avatar.runtime import root_logger_untouched
 
 
-def rows_only_graph(proto, rows: typing.Sequence[int]) -> bytes:
-    """`proto`: the encoder's `onnx.ModelProto` (input `mel (B, 80, M)`, output `features (B, M/2, D)`), or
-    its blocks (`split_at_convolutions`: input `conv (B, D, M/2)`);
-    `rows`: encoder frames to keep → the serialised model giving `features (B, len(rows), D)`."""
-    import onnx
-    from onnx import helper, numpy_helper
+def live_blocks_graph(blocks, rows: typing.Sequence[int], frames: int) -> bytes:
+    """The encoder's blocks (`split_at_convolutions`' second part: `conv (B, D, T)` → `features (B, T,
+    D)`) written again for live windows of `frames` encoder frames, giving only `rows` of them: the
+    serialised model `conv (B, D, frames)` → `features (B, len(rows), D)`, the full graph's numbers for
+    those rows to float rounding (tested).
 
-    graph = proto.graph
-    producer = {out: node for node in graph.node for out in node.output}
+    The same weights in fewer, larger nodes (37 against 92 once the weights' Casts are folded):
+    onnxruntime's `MultiHeadAttention` for each attention (the exported graph spells it in ~25
+    Reshape, Transpose, Slice, Squeeze, Mul and MatMul nodes), `Gelu` for each MLP's five elementwise
+    nodes, the positions of the window's frames as a constant. The last block's queries are computed for the kept rows only (its keys and values
+    need every frame); its residual, attention output, MLP and final norm likewise. Reads the weights
+    from the exported graph: its LayerNormalizations (2 a block and the final one), its weight MatMuls
+    (4 a block: the fused queries, keys and values, the attention's output, the MLP's two) each with
+    a bias Add, its positions table and its attention scale; refuses a graph of another shape."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def refuse(why: str):
+        raise AvatarError(f"the speech encoder's graph is not the exported Whisper encoder this expects ({why}); export it again")
+
+    graph = blocks.graph
+    stored = {t.name: t for t in graph.initializer}
+    casts = {node.output[0]: node.input[0] for node in graph.node if node.op_type == "Cast" and node.input[0] in stored}
+
+    def constant(name: str) -> typing.Optional[np.ndarray]:
+        tensor = stored.get(casts.get(name, name))
+        return None if tensor is None else numpy_helper.to_array(tensor).astype(np.float32)
+
     consumers: typing.Dict[str, typing.List] = {}
+    producer = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-
-    def only_consumer(tensor: str, op: str):
-        users = consumers.get(tensor, [])
-        if len(users) != 1 or users[0].op_type != op:
-            raise AvatarError(f"the speech encoder's graph is not the exported Whisper encoder this expects "
-                              f"({tensor} feeds {[u.op_type for u in users]}, expected one {op}); export it again")
-        return users[0]
-
-    def made_by(tensor: str, op: str):
-        node = producer.get(tensor)
-        if node is None or node.op_type != op:
-            raise AvatarError(f"the speech encoder's graph is not the exported Whisper encoder this expects "
-                              f"({tensor} is not made by a {op}); export it again")
-        return node
-
     softmaxes = [node for node in graph.node if node.op_type == "Softmax"]
-    if not softmaxes:
-        raise AvatarError("the speech encoder's graph is not the exported Whisper encoder this expects (no attention); export it again")
-    softmax = softmaxes[-1]  # the last block's attention
-    scaled_query = made_by(made_by(softmax.input[0], "MatMul").input[0], "Mul")
-    attended = only_consumer(softmax.output[0], "MatMul")
-    heads_last = only_consumer(attended.output[0], "Transpose")
-    merged = only_consumer(heads_last.output[0], "Reshape")
-    projected = only_consumer(only_consumer(merged.output[0], "MatMul").output[0], "Add")
-    residual_add = only_consumer(projected.output[0], "Add")
-    width = next((int(t.dims[0]) for t in graph.initializer if t.name in projected.input), None)  # the projection's bias
-    if width is None:
-        raise AvatarError("the speech encoder's graph is not the exported Whisper encoder this expects "
-                          "(its last attention projection has no bias); export it again")
+    n_blocks = len(softmaxes)
+    norms = [node for node in graph.node if node.op_type == "LayerNormalization"]
+    linears = []  # (weight (D_in, D_out), bias (D_out,)) in the graph's order
+    for node in graph.node:
+        weight = constant(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None:
+            continue
+        users = consumers.get(node.output[0], [])
+        bias = [constant(name) for name in users[0].input if name != node.output[0]] if len(users) == 1 and users[0].op_type == "Add" else []
+        if len(bias) != 1 or bias[0] is None:
+            refuse("a weight MatMul without a bias Add")
+        linears.append((weight, bias[0]))
+    if n_blocks == 0 or len(norms) != 2 * n_blocks + 1 or len(linears) != 4 * n_blocks:
+        refuse(f"{n_blocks} attentions, {len(norms)} LayerNormalizations and {len(linears)} weight MatMuls")
+    width = linears[0][0].shape[0]
+    # the attention scale: the first block's queries and keys each times a scalar before their MatMul
+    scores = producer.get(softmaxes[0].input[0])
+    factors = [producer.get(name) for name in (scores.input if scores is not None and scores.op_type == "MatMul" else [])]
+    scalars = [next((c for c in map(constant, f.input) if c is not None and c.size == 1), None) for f in factors if f is not None and f.op_type == "Mul"]
+    if len(scalars) != 2 or any(s is None for s in scalars):
+        refuse("no scaled queries and keys before the first attention")
+    scale = float(scalars[0].ravel()[0] * scalars[1].ravel()[0])  # (q·s)(k·s)ᵀ: s² = 1/√(head width)
+    head_width = int(round(scale ** -2))
+    positions = [constant(node.input[0]) for node in graph.node if node.op_type == "Slice" and constant(node.input[0]) is not None
+                 and constant(node.input[0]).ndim == 2]
+    hidden = linears[2][0].shape[1]  # the MLP's
+    shapes_ok = all(w.shape == shape and b.shape == shape[1:] for (w, b), shape in zip(
+        linears, [(width, 3 * width), (width, width), (width, hidden), (hidden, width)] * n_blocks))
+    activations = [node.op_type for node in graph.node if node.op_type in ("Erf", "Tanh", "Sigmoid")]
+    if not shapes_ok or len(positions) != 1 or positions[0].shape[1] != width or width % head_width or activations != ["Erf"] * n_blocks:
+        refuse("its weights, positions or activations are not Whisper's")
+    if not 0 < frames <= positions[0].shape[0] or not len(rows) or min(rows) < 0 or max(rows) >= frames:
+        raise ValueError(f"live windows of {frames} frames keeping rows {list(rows)}: not within the encoder's {positions[0].shape[0]} positions")
 
-    kept = "live_rows"
-    graph.initializer.append(numpy_helper.from_array(np.asarray(rows, np.int64), kept))
-    graph.initializer.append(numpy_helper.from_array(np.array([0, -1, width], np.int64), "live_rows_shape"))
-    query = scaled_query.input[0]  # (B, heads, T, head width)
-    graph.node.append(helper.make_node("Gather", [query, kept], ["live_query"], axis=2))
-    scaled_query.input[0] = "live_query"
-    merged.input[1] = "live_rows_shape"  # (B, rows, heads, head width) → (B, rows, D)
-    for attribute in merged.attribute:
-        if attribute.name == "allowzero":
-            attribute.i = 0  # 0 in the shape copies the batch size
-    residual = next(name for name in residual_add.input if name != projected.output[0])
-    graph.node.append(helper.make_node("Gather", [residual, kept], ["live_residual"], axis=1))
-    residual_add.input[list(residual_add.input).index(residual)] = "live_residual"
-    sort_topologically(graph)
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
+    nodes, initializers = [], []
+
+    def stored_as(name: str, array: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def add_node(op: str, inputs: typing.Sequence[str], output: str, domain: str = "", **attributes) -> str:
+        nodes.append(helper.make_node(op, list(inputs), [output], domain=domain, **attributes))
+        return output
+
+    def norm(x: str, k: int, out: str) -> str:
+        node = norms[k]
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        gain, shift = constant(node.input[1]), constant(node.input[2])
+        if gain is None or shift is None:
+            refuse("a LayerNormalization without stored weights")
+        return add_node("LayerNormalization", [x, stored_as(f"{out}_gain", gain), stored_as(f"{out}_shift", shift)], out,
+                        axis=-1, epsilon=epsilon)
+
+    def linear(x: str, k: int, out: str, columns: slice = slice(None)) -> str:
+        weight, bias = linears[k]
+        product = add_node("MatMul", [x, stored_as(f"{out}_weight", weight[:, columns])], f"{out}_product")
+        return add_node("Add", [product, stored_as(f"{out}_bias", bias[columns])], out)
+
+    def attention(query: str, key: str, value: str, out: str) -> str:  # (B, S, D), (B, T, D), (B, T, D) → (B, S, D)
+        return add_node("MultiHeadAttention", [query, key, value], out, domain="com.microsoft",
+                        num_heads=width // head_width, scale=scale)
+
+    kept = stored_as("live_rows", np.asarray(rows, np.int64))
+    x = add_node("Transpose", ["conv"], "frames", perm=[0, 2, 1])  # (B, T, D)
+    x = add_node("Add", [x, stored_as("positions", positions[0][:frames])], "block0_input")
+    for b in range(n_blocks):
+        last = b == n_blocks - 1
+        h = norm(x, 2 * b, f"block{b}_norm")
+        if not last:
+            q, k, v = f"block{b}_query", f"block{b}_key", f"block{b}_value"
+            nodes.append(helper.make_node("Split", [linear(h, 4 * b, f"block{b}_qkv"), stored_as(f"block{b}_split", np.full(3, width, np.int64))],
+                                          [q, k, v], axis=-1))
+        else:  # keys and values of every frame, queries of the kept rows
+            k, v = f"block{b}_key", f"block{b}_value"
+            nodes.append(helper.make_node("Split", [linear(h, 4 * b, f"block{b}_kv", slice(width, None)),
+                                                    stored_as(f"block{b}_split", np.full(2, width, np.int64))], [k, v], axis=-1))
+            q = linear(add_node("Gather", [h, kept], f"block{b}_kept_norm", axis=1), 4 * b, f"block{b}_query", slice(0, width))
+            x = add_node("Gather", [x, kept], f"block{b}_kept", axis=1)
+        attended = linear(attention(q, k, v, f"block{b}_attention"), 4 * b + 1, f"block{b}_attention_out")
+        x = add_node("Add", [x, attended], f"block{b}_attended")
+        h = norm(x, 2 * b + 1, f"block{b}_mlp_norm")
+        h = add_node("Gelu", [linear(h, 4 * b + 2, f"block{b}_mlp_in")], f"block{b}_gelu", domain="com.microsoft")
+        x = add_node("Add", [x, linear(h, 4 * b + 3, f"block{b}_mlp_out")], f"block{b + 1}_input")
+    norm(x, 2 * n_blocks, "features")
+    batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    model = helper.make_model(
+        helper.make_graph(nodes, "live_blocks", [helper.make_tensor_value_info("conv", TensorProto.FLOAT, [batch, width, frames])],
+                          [helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, len(rows), width])], initializers),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=blocks.ir_version)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def split_at_convolutions(proto) -> typing.Tuple[typing.Any, typing.Any]:
@@ -285,7 +353,7 @@ def int8_graph(model: bytes) -> bytes:
         onnx.save(proto, source_path)
         with root_logger_untouched():  # it advises its pre-processing (no faster here, measured) on the root logger
             quantize_dynamic(source_path, target_path, op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                             weight_type=QuantType.QInt8)
+                             weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         with open(target_path, "rb") as file:
             return file.read()
 
