@@ -46,7 +46,7 @@ from avatar.face.align import FaceAligner, FaceRegion, apply_transform, invert_t
 from avatar.frames import fit_image, pingpong_schedule
 from avatar.motion.pose import HEAD_POINTS
 from avatar.person import IdentityBuilder
-from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch, one_blas_thread
+from avatar.render.base import FrameJob, FramePool, FrameStream, Identity, RenderBatch, one_blas_thread
 from avatar.render.renderers import RENDER_MODEL, make_renderer
 from avatar.render.warp import InnerMouth
 from avatar.report import RunResult, StageClock
@@ -242,9 +242,9 @@ class AvatarPipeline:
 
         def batches() -> typing.Iterator[typing.Tuple[int, typing.List[FrameJob]]]:
             pending: typing.List[FrameJob] = []
-            start = 0
+            start, stream = 0, FrameStream()  # this run's frames: the renderer's bank choices start afresh
             for job in jobs:
-                pending.append(job)
+                pending.append(job if job.stream is not None else dataclasses.replace(job, stream=stream))
                 if len(pending) == size:
                     yield start, pending
                     start, pending = start + size, []

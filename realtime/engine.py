@@ -498,7 +498,7 @@ class Engine:
             avatar = session.avatar
             for index, mouth, _ in items:
                 if avatar.loop is not None:  # the person's real footage, looped
-                    parts.append(avatar.loop.job(index, mouth, avatar.identity.rest))
+                    parts.append(dataclasses.replace(avatar.loop.job(index, mouth, avatar.identity.rest), stream=session))
                 else:  # the still, with synthetic blinks and sway: moved on the frame pool's threads (a warp of the portrait)
                     closure = float(session.blinks.closure(np.array([index / session.fps]))[0])
                     move = idle.head_motion(1, session.fps, self.idle_config, avatar.centre, avatar.height, start=index)[0]

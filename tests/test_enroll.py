@@ -272,7 +272,8 @@ def test_the_retrieval_renderer_draws_the_mouth_from_the_chosen_entry(enrolled, 
     mouth = rescale_points(identity.bank.mouths[0], identity.bank.size, 128)  # the most open entry's shape, at crop 128
     job = lambda k: FrameJob(loop.frames[i], loop.transforms[i], loop.crop_landmarks[i], loop.frame_landmarks[i], mouth, k)
     renderer = RetrievalRenderer(pipeline.config, pipeline.crop_size)
-    first, other = renderer.render(RenderBatch([job(0), job(len(identity.bank) - 1)], [identity] * 2, [0, 0]))
+    first = renderer.render(RenderBatch([job(0)], [identity], [0]))[0]
+    other = RetrievalRenderer(pipeline.config, pipeline.crop_size).render(RenderBatch([job(len(identity.bank) - 1)], [identity], [0]))[0]
     assert first.box == other.box
     assert np.abs(first.pixels.astype(int) - other.pixels).max() > 40
     outside = first.alpha == 0
@@ -280,6 +281,62 @@ def test_the_retrieval_renderer_draws_the_mouth_from_the_chosen_entry(enrolled, 
     plain = dataclass_copy(identity, bank=None)
     warp = WarpRenderer(pipeline.config, pipeline.crop_size).render(RenderBatch([job(None)], [plain], [0]))[0]
     np.testing.assert_array_equal(renderer.render(RenderBatch([job(None)], [plain], [0]))[0].pixels, warp.pixels)
+
+
+@pytest.mark.parametrize("path", ["per_frame", "graph"])
+def test_a_change_of_entry_at_an_open_mouth_is_shown_half_and_half(enrolled, pipeline, path):
+    """Where the bank entry changes while the mouth is open, the retrieval renderer shows the old and
+    the new entry half and half for that frame (a one-frame dissolve instead of a pop) and the new
+    one alone after it; a change while the lips are closed is a plain cut. The per-frame path and the
+    frame graph alike."""
+    from avatar.render.graph import GraphRenderer
+    from avatar.render.renderers import RetrievalRenderer
+    from avatar.runtime import ASSETS
+
+    avatar, _ = enrolled
+    identity, loop, bank = avatar.identity, avatar.idle, avatar.identity.bank
+    make = (lambda: RetrievalRenderer(pipeline.config, pipeline.crop_size)) if path == "per_frame" else \
+        (lambda: GraphRenderer(ASSETS, pipeline.config, pipeline.crop_size))
+    most_open, most_closed = int(np.argmax(bank.gaps)), int(np.argmin(bank.gaps))
+    other = next(k for k in np.argsort(-bank.gaps) if k != most_open)
+    for shape, opened in ((most_open, True), (most_closed, False)):
+        mouth = rescale_points(bank.mouths[shape], bank.size, 128)
+        assert (bank.switch_costs(mouth[None])[0] > 0) == opened
+        job = lambda entry: FrameJob(loop.frames[0], loop.transforms[0], loop.crop_landmarks[0], loop.frame_landmarks[0], mouth, entry)
+        alone = {k: make().render(RenderBatch([job(k)], [identity], [0]))[0] for k in (most_open, other)}
+        assert not opened or np.abs(alone[most_open].pixels.astype(int) - alone[other].pixels).max() > 20  # two different mouths
+        _, changed, after = make().render(RenderBatch([job(most_open), job(other), job(other)], [identity] * 3, [0] * 3))
+        half = (alone[most_open].pixels.astype(np.uint16) + alone[other].pixels + 1) // 2
+        tolerance = 0 if path == "per_frame" else 1  # the graph's batch pads its regions to the largest
+        assert np.abs(changed.pixels.astype(int) - (half if opened else alone[other].pixels)).max() <= tolerance
+        assert np.abs(after.pixels.astype(int) - alone[other].pixels).max() <= tolerance
+        np.testing.assert_array_equal(changed.alpha, np.maximum(alone[most_open].alpha, alone[other].alpha) if opened else alone[other].alpha)
+
+
+def test_live_sessions_of_one_person_keep_their_own_bank_entries(enrolled):
+    """Two live sessions of one enrolled person whose frames share render calls (`FrameJob.stream`):
+    each keeps its own entry (`MouthBank.follow` from its own last one) and neither dissolves into the
+    other's; jobs without a stream are one stream of the person, as a file's."""
+    from avatar.render.renderers import RetrievalRenderer
+
+    avatar, _ = enrolled
+    identity, loop, bank = avatar.identity, avatar.idle, avatar.identity.bank
+    most_open = int(np.argmax(bank.gaps))
+    other = next(int(k) for k in np.argsort(-bank.gaps) if k != most_open)
+    mouths = {k: rescale_points(bank.mouths[k], bank.size, 128) for k in (most_open, other)}
+
+    class Session:  # what the engine gives: any object a weak reference can name
+        pass
+
+    first, second = Session(), Session()
+    job = lambda k, stream: FrameJob(loop.frames[0], loop.transforms[0], loop.crop_landmarks[0], loop.frame_landmarks[0], mouths[k],
+                                     stream=stream)
+    interleaved = [job(most_open, first), job(other, second)] * 3
+    entries, fades = RetrievalRenderer().choose_and_fades(RenderBatch(interleaved, [identity] * 6, range(6)))
+    assert entries == [most_open, other] * 3 and fades == [None] * 6
+    shared = [dataclass_copy(j, stream=None) for j in interleaved]
+    entries, fades = RetrievalRenderer().choose_and_fades(RenderBatch(shared, [identity] * 6, range(6)))
+    assert entries == [most_open] * 6  # one stream: the second session's mouths follow the first's entry
 
 
 def test_the_diffusion_renderer_is_conditioned_on_the_persons_retrieved_mouths(enrolled, pipeline):

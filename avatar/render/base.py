@@ -64,7 +64,10 @@ class FrameJob:
     frame: `(H, W, 3) uint8`; transform: `(2, 3)` frame → crop; crop_landmarks: `(478, 3)` the face as it
     is, crop pixels; frame_landmarks: the same in frame pixels; mouth: `(59, 2)` target, crop pixels;
     bank_index: the entry of the person's mouth bank chosen for this frame (`MouthBank.path`; -1, NONE:
-    no entry, the warp alone), or None (the retrieval renderer chooses as a stream does).
+    no entry, the warp alone), or None (the retrieval renderer chooses as a stream does); stream: the
+    stream of frames the job belongs to (a `FrameStream` of one file's run, a live session: any object
+    a weak reference can name), whose last bank entry the retrieval renderer keeps apart from other
+    streams' of the same person; None: the person's own.
     """
 
     frame: np.ndarray
@@ -73,6 +76,12 @@ class FrameJob:
     frame_landmarks: typing.Optional[np.ndarray] = None
     mouth: typing.Optional[np.ndarray] = None
     bank_index: typing.Optional[int] = None
+    stream: typing.Any = None
+
+
+class FrameStream:
+    """Names one sequence of frames rendered in order (`FrameJob.stream`): a file's run, whose bank
+    choices and dissolves start afresh and never follow another run's."""
 
 
 @dataclasses.dataclass

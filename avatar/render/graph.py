@@ -48,7 +48,7 @@ from avatar.face import landmarks as lm
 from avatar.face.align import FaceRegion, invert_transform, nonzero_box, transform_scale
 from avatar.render.base import FrameJob, FramePool, Identity, RenderBatch
 from avatar.render.condition import landmark_sketch
-from avatar.render.renderers import RetrievalRenderer, frame_references
+from avatar.render.renderers import RetrievalRenderer, dissolve, frame_references
 from avatar.render.retrieval import lips_region
 from avatar.render.warp import (INNER, InnerMouth, lip_band, lips_meet, mouth_hole, row_box, row_columns, spline_points, spline_system,
                                 upper_side, warp_points)
@@ -268,17 +268,21 @@ class GraphRenderer(RetrievalRenderer):
             regions[i] = FaceRegion(0, 0, np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32))
         if not faces:
             return regions
-        entries = self.choose(batch) if has_entry(self.kind) else [None] * len(batch)  # the warp renderer draws no entry
+        # the warp renderer draws no entry; a frame where the entry changes while the mouth is open is
+        # rendered with both and shown half and half (`RetrievalRenderer.choose_and_fades`)
+        entries, fades = self.choose_and_fades(batch) if has_entry(self.kind) else ([None] * len(batch), [None] * len(batch))
         kind, session = self.kind, self.session
         if self.plain is not None and all(entries[i] is None for i in faces):  # nothing to draw: the graph without that path
             kind, session = "diffusion_plain", self.plain
-        prepared = self.pool.map(lambda i: self.prepare(batch.jobs[i], batch.identities[i], int(batch.frame_indices[i]), entries[i], boxes[i],
-                                                        kind), faces)
+        rows = [(i, entries[i]) for i in faces] + [(i, fades[i]) for i in faces if fades[i] is not None]
+        prepared = self.pool.map(lambda row: self.prepare(batch.jobs[row[0]], batch.identities[row[0]], int(batch.frame_indices[row[0]]),
+                                                          row[1], boxes[row[0]], kind), rows)
         outputs = session.run(**self.stack(prepared, kind))
-        for k, i in enumerate(faces):
+        for k, (i, _) in enumerate(rows):
             x0, y0, x1, y1 = prepared[k]["box"]
             h, w = y1 - y0, x1 - x0
-            regions[i] = FaceRegion(y0, x0, outputs["pixels"][k, :h, :w], outputs["alpha"][k, :h, :w])
+            region = FaceRegion(y0, x0, outputs["pixels"][k, :h, :w], outputs["alpha"][k, :h, :w])
+            regions[i] = region if regions[i] is None else dissolve(regions[i], region)
         return regions
 
     def stack(self, prepared: typing.Sequence[typing.Dict[str, typing.Any]], kind: typing.Optional[str] = None) -> typing.Dict[str, np.ndarray]:

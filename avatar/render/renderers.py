@@ -41,6 +41,16 @@ RENDER_MODEL = "render.onnx"
 FRAME_DETAIL_TOLERANCE, DRAFT_DETAIL_TOLERANCE = 10.0, 30.0
 
 
+def dissolve(shown: FaceRegion, faded: FaceRegion) -> FaceRegion:
+    """Two renderings of one frame's region (with two bank entries) shown half and half: the mean of
+    their `pixels` (rounded), the larger of their `alpha`; `shown` itself where the two regions are
+    not the same box."""
+    if (shown.top, shown.left, shown.pixels.shape) != (faded.top, faded.left, faded.pixels.shape):
+        return shown
+    pixels = ((shown.pixels.astype(np.uint16) + faded.pixels + 1) // 2).astype(np.uint8)
+    return FaceRegion(shown.top, shown.left, pixels, np.maximum(shown.alpha, faded.alpha))
+
+
 def frame_references(identity: Identity, entry: typing.Optional[int], count: int, retrieved: int, size: int) -> typing.List[np.ndarray]:
     """The crops `(size, size, 3) uint8` a frame is conditioned on: `count` of the person's
     references (repeated if they have fewer), then `retrieved` mouths of their bank, the frame's
@@ -83,17 +93,23 @@ class WarpRenderer:
         self.aligners = Aligners()
 
     def render(self, batch: RenderBatch) -> typing.List[typing.Optional[FaceRegion]]:
-        entries = self.choose(batch)
+        entries, fades = self.choose_and_fades(batch)
         regions: typing.List[typing.Optional[FaceRegion]] = [None] * len(batch)
         faces = batch.faces
-        for i, region in zip(faces, self.pool.map(lambda i: self.render_one(batch.jobs[i], batch.identities[i],
-                                                                            int(batch.frame_indices[i]), entry=entries[i]), faces)):
-            regions[i] = region
+        rows = [(i, entries[i]) for i in faces] + [(i, fades[i]) for i in faces if fades[i] is not None]
+        rendered = self.pool.map(lambda row: self.render_one(batch.jobs[row[0]], batch.identities[row[0]], int(batch.frame_indices[row[0]]),
+                                                             entry=row[1]), rows)
+        for (i, _), region in zip(rows, rendered):
+            regions[i] = region if regions[i] is None else dissolve(regions[i], region)
         return regions
 
     def choose(self, batch: RenderBatch) -> typing.List[typing.Optional[int]]:
         """The mouth-bank entry each job draws from (None: none, the person's own open mouth)."""
         return [None] * len(batch)
+
+    def choose_and_fades(self, batch: RenderBatch) -> typing.Tuple[typing.List[typing.Optional[int]], typing.List[typing.Optional[int]]]:
+        """(`choose`, the entry each job's frame also shows half and half, `dissolve`; None: none)."""
+        return self.choose(batch), [None] * len(batch)
 
     def inner_for(self, identity: Identity, entry: typing.Optional[int]) -> InnerMouth:
         """The open mouth the inside of the mouth is composed from: the person's own."""
@@ -138,7 +154,8 @@ class WarpRenderer:
 class RetrievalRenderer(WarpRenderer):
     """The warp renderer, then the person's bank entry chosen for the frame (`FrameJob.bank_index`, a
     whole file's Viterbi path, or, for a stream's jobs that carry none, the entry `MouthBank.follow`
-    picks; each person's last choice is kept between calls) warped to the target mouth and blended
+    picks; each stream's last choice is kept between calls, `FrameJob.stream`, or each person's for
+    jobs without one) warped to the target mouth and blended
     over the lips and the inside of the mouth (`MouthBank.draw`). A person without a bank renders as
     with the warp renderer."""
 
@@ -147,21 +164,34 @@ class RetrievalRenderer(WarpRenderer):
     def __init__(self, config: PipelineConfig = PipelineConfig(), crop_size: int = AlignConfig.crop_size,
                  pool: typing.Optional[FramePool] = None):
         super().__init__(config, crop_size, pool)
+        # the last entry drawn, by stream (`FrameJob.stream`) or, for jobs without one, by person (their bank)
         self._last: "weakref.WeakKeyDictionary[typing.Any, typing.Optional[int]]" = weakref.WeakKeyDictionary()
 
     def choose(self, batch: RenderBatch) -> typing.List[typing.Optional[int]]:
         """The bank entry of each job (None: no bank, or no face)."""
+        return self.choose_and_fades(batch)[0]
+
+    def choose_and_fades(self, batch: RenderBatch) -> typing.Tuple[typing.List[typing.Optional[int]], typing.List[typing.Optional[int]]]:
+        """The bank entry of each job (None: no bank, or no face), and the entry its frame also shows
+        half and half (`dissolve`): the person's previous entry where the entry changes while the
+        target mouth is open (`MouthBank.switch_costs` > 0; a change while the lips are closed is not
+        seen), so that the change is a one-frame dissolve instead of a pop; None elsewhere."""
         chosen: typing.List[typing.Optional[int]] = [None] * len(batch)
+        fades: typing.List[typing.Optional[int]] = [None] * len(batch)
         for i in batch.faces:
             job, bank = batch.jobs[i], batch.identities[i].bank
             if bank is None:
                 continue
+            stream = bank if job.stream is None else job.stream
+            previous = self._last.get(stream)
             if job.bank_index is not None:
                 chosen[i] = int(job.bank_index) if job.bank_index >= 0 else None  # NONE: no entry near the face's pose
             else:
-                chosen[i] = bank.follow(job.mouth, self._last.get(bank), job.crop_landmarks)
-            self._last[bank] = chosen[i]
-        return chosen
+                chosen[i] = bank.follow(job.mouth, previous, job.crop_landmarks)
+            if None not in (chosen[i], previous) and chosen[i] != previous and bank.switch_costs(np.asarray(job.mouth)[None])[0] > 0:
+                fades[i] = previous
+            self._last[stream] = chosen[i]
+        return chosen, fades
 
     def inner_for(self, identity: Identity, entry: typing.Optional[int]) -> InnerMouth:
         """The entry's open mouth (`MouthBank.inner`), or the person's own without one."""

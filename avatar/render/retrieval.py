@@ -9,7 +9,9 @@ The choice per frame is a Viterbi path over the bank's entries: the cost of an e
 lips' shape (both contours, centred on their centroid) lies from the target's, and changing entries
 costs `SWITCH_COST` scaled by how open the mouth is then (a switch while the lips are closed is not
 seen; one while the teeth show is). Live streams cannot look ahead: they keep their entry until
-another fits better by that same margin (`MouthBank.follow`).
+another fits better by that same margin (`MouthBank.follow`). Where the entry does change while the
+mouth is open, the renderer shows the old and the new entry half and half for that frame
+(`RetrievalRenderer.choose_and_fades`): a one-frame dissolve instead of a pop.
 
 An entry is a picture of a mouth at its frame's head pose; warped onto a face turned another way
 (its lips' landmarks moved onto the target's) its lips cross the face's own and the drawn region
