@@ -310,7 +310,8 @@ def test_a_change_of_entry_at_an_open_mouth_is_shown_half_and_half(enrolled, pip
         tolerance = 0 if path == "per_frame" else 1  # the graph's batch pads its regions to the largest
         assert np.abs(changed.pixels.astype(int) - (half if opened else alone[other].pixels)).max() <= tolerance
         assert np.abs(after.pixels.astype(int) - alone[other].pixels).max() <= tolerance
-        np.testing.assert_array_equal(changed.alpha, np.maximum(alone[most_open].alpha, alone[other].alpha) if opened else alone[other].alpha)
+        alpha = np.maximum(alone[most_open].alpha, alone[other].alpha) if opened else alone[other].alpha
+        np.testing.assert_array_equal(changed.alpha, alpha)
 
 
 def test_live_sessions_of_one_person_keep_their_own_bank_entries(enrolled):

@@ -132,9 +132,9 @@ def test_render_jobs_renders_ahead_in_order_with_each_failure_at_its_frame(input
     expected = pipeline.render_batch(jobs, [identity] * len(jobs), range(len(jobs)))
     check = pipeline.review
 
-    def review(job, region):  # the sixth job's region fails the check
+    def review(job, region):  # the sixth job's region fails the check (`render_jobs` names the run's stream on copies of the jobs)
         verdict = check(job, region)
-        return dataclasses.replace(verdict, failures=["a test failure"]) if job is jobs[5] else verdict
+        return dataclasses.replace(verdict, failures=["a test failure"]) if job.frame is jobs[5].frame else verdict
 
     pipeline.review = review
     failures = []

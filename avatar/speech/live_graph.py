@@ -46,8 +46,9 @@ def live_blocks_graph(blocks, rows: typing.Sequence[int], frames: int) -> bytes:
     The same weights in fewer, larger nodes (37 against 92 once the weights' Casts are folded):
     onnxruntime's `MultiHeadAttention` for each attention (the exported graph spells it in ~25
     Reshape, Transpose, Slice, Squeeze, Mul and MatMul nodes), `Gelu` for each MLP's five elementwise
-    nodes, the positions of the window's frames as a constant. The last block's queries are computed for the kept rows only (its keys and values
-    need every frame); its residual, attention output, MLP and final norm likewise. Reads the weights
+    nodes, the positions of the window's frames as a constant. The last block's queries are computed
+    for the kept rows only (its keys and values need every frame); its residual, attention output, MLP
+    and final norm likewise. Reads the weights
     from the exported graph: its LayerNormalizations (2 a block and the final one), its weight MatMuls
     (4 a block: the fused queries, keys and values, the attention's output, the MLP's two) each with
     a bias Add, its positions table and its attention scale; refuses a graph of another shape."""
@@ -79,7 +80,8 @@ def live_blocks_graph(blocks, rows: typing.Sequence[int], frames: int) -> bytes:
         if weight is None:
             continue
         users = consumers.get(node.output[0], [])
-        bias = [constant(name) for name in users[0].input if name != node.output[0]] if len(users) == 1 and users[0].op_type == "Add" else []
+        add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+        bias = [constant(name) for name in add.input if name != node.output[0]] if add is not None else []
         if len(bias) != 1 or bias[0] is None:
             refuse("a weight MatMul without a bias Add")
         linears.append((weight, bias[0]))
@@ -89,7 +91,8 @@ def live_blocks_graph(blocks, rows: typing.Sequence[int], frames: int) -> bytes:
     # the attention scale: the first block's queries and keys each times a scalar before their MatMul
     scores = producer.get(softmaxes[0].input[0])
     factors = [producer.get(name) for name in (scores.input if scores is not None and scores.op_type == "MatMul" else [])]
-    scalars = [next((c for c in map(constant, f.input) if c is not None and c.size == 1), None) for f in factors if f is not None and f.op_type == "Mul"]
+    scalars = [next((c for c in map(constant, f.input) if c is not None and c.size == 1), None)
+               for f in factors if f is not None and f.op_type == "Mul"]
     if len(scalars) != 2 or any(s is None for s in scalars):
         refuse("no scaled queries and keys before the first attention")
     scale = float(scalars[0].ravel()[0] * scalars[1].ravel()[0])  # (q·s)(k·s)ᵀ: s² = 1/√(head width)
@@ -103,7 +106,8 @@ def live_blocks_graph(blocks, rows: typing.Sequence[int], frames: int) -> bytes:
     if not shapes_ok or len(positions) != 1 or positions[0].shape[1] != width or width % head_width or activations != ["Erf"] * n_blocks:
         refuse("its weights, positions or activations are not Whisper's")
     if not 0 < frames <= positions[0].shape[0] or not len(rows) or min(rows) < 0 or max(rows) >= frames:
-        raise ValueError(f"live windows of {frames} frames keeping rows {list(rows)}: not within the encoder's {positions[0].shape[0]} positions")
+        raise ValueError(f"live windows of {frames} frames keeping rows {list(rows)}: "
+                         f"not within the encoder's {positions[0].shape[0]} positions")
 
     nodes, initializers = [], []
 
@@ -141,8 +145,8 @@ def live_blocks_graph(blocks, rows: typing.Sequence[int], frames: int) -> bytes:
         h = norm(x, 2 * b, f"block{b}_norm")
         if not last:
             q, k, v = f"block{b}_query", f"block{b}_key", f"block{b}_value"
-            nodes.append(helper.make_node("Split", [linear(h, 4 * b, f"block{b}_qkv"), stored_as(f"block{b}_split", np.full(3, width, np.int64))],
-                                          [q, k, v], axis=-1))
+            nodes.append(helper.make_node("Split", [linear(h, 4 * b, f"block{b}_qkv"),
+                                                    stored_as(f"block{b}_split", np.full(3, width, np.int64))], [q, k, v], axis=-1))
         else:  # keys and values of every frame, queries of the kept rows
             k, v = f"block{b}_key", f"block{b}_value"
             nodes.append(helper.make_node("Split", [linear(h, 4 * b, f"block{b}_kv", slice(width, None)),
