@@ -8,7 +8,7 @@ does every block but the last; the last block's queries, its output projection, 
 norm only matter for the kept rows. `live_blocks_graph` writes the exported encoder's blocks
 (`assets/speech.onnx`, the same weights; nothing is written to disk) as onnxruntime's attention and
 GELU nodes with the last block's queries and residual for those rows only: with the 2 shipped blocks
-and 5 rows kept, 38 % of a window's multiply-adds are skipped, and 37 nodes run instead of 92
+and 5 rows kept, 38 % of a window's multiply-adds are skipped, and 37 nodes run instead of the exported 101
 (on a slow CPU each node costs microseconds of its own); the kept rows are the full graph's to float
 rounding (tested).
 
@@ -43,7 +43,7 @@ def live_blocks_graph(blocks, rows: typing.Sequence[int], frames: int) -> bytes:
     serialised model `conv (B, D, frames)` → `features (B, len(rows), D)`, the full graph's numbers for
     those rows to float rounding (tested).
 
-    The same weights in fewer, larger nodes (37 against 92 once the weights' Casts are folded):
+    The same weights in fewer, larger nodes (37 against the exported 101, 92 besides the weights' Casts):
     onnxruntime's `MultiHeadAttention` for each attention (the exported graph spells it in ~25
     Reshape, Transpose, Slice, Squeeze, Mul and MatMul nodes), `Gelu` for each MLP's five elementwise
     nodes, the positions of the window's frames as a constant. The last block's queries are computed
